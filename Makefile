@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench browser-deps clean
+
+setup: $(STAMP)
+
+# The venv reuses a torch already installed for $(PYTHON); otherwise it gets
+# the CPU wheel (an unpinned `torch` would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+# Chromium for the browser tests (Debian's; Playwright cannot download its own here).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  export DEBIAN_FRONTEND=noninteractive; apt-get update -q && apt-get install -y -q chromium; }
+
+demo: setup
+	@mkdir -p build
+	$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
+	  --output-dir build --output tour notebooks/tour.ipynb
+	@echo
+	@echo "The tour, executed in a real kernel: $(CURDIR)/build/tour.html"
+
+test: setup browser-deps
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not browser and not kernel" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf build .pytest_cache

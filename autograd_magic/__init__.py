@@ -1,0 +1,35 @@
+"""See and teach PyTorch autograd in notebooks.
+
+    %load_ext autograd_magic
+
+    %%autograd
+    y = 2*x**4 + x**3 + 3*x**2 + 5*x + 1
+    y.backward()
+
+Outside IPython (or inside a cell), the same engine::
+
+    import autograd_magic as am
+    with am.trace() as t:
+        ...
+    t.records, str(t), t.to_html(), t.to_dot()
+"""
+
+from __future__ import annotations
+
+from ._api import trace
+from ._magic import AutogradMagics, load_ipython_extension, unload_ipython_extension
+from ._records import BackwardPass, BackwardStep, Preview, Record, Trace, TraceError
+
+__all__ = [
+    "trace",
+    "Trace",
+    "Record",
+    "Preview",
+    "BackwardPass",
+    "BackwardStep",
+    "TraceError",
+    "AutogradMagics",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,43 @@
+"""Choosing and publishing the view: widget, static snapshot, text.
+
+One mimebundle carries all three, so every front end shows the best it can:
+JupyterLab/Notebook 7/VS Code/Colab the widget, GitHub/nbviewer/nbconvert the
+inline-styled HTML snapshot, a terminal the text table.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ._records import Trace
+
+
+def mimebundle(trace: Trace, include=None, exclude=None, variant: Optional[Trace] = None) -> dict:
+    from ._html import render_html
+
+    shown = variant or trace
+    bundle = {"text/plain": str(shown), "text/html": render_html(trace, variant=variant)}
+    if include:
+        bundle = {k: v for k, v in bundle.items() if k in include}
+    if exclude:
+        bundle = {k: v for k, v in bundle.items() if k not in exclude}
+    return bundle
+
+
+def show(trace: Trace, variant: Optional[Trace] = None, mode: str = "widget", graph: bool = True, shell=None, source=None, layout_timeout: float = 5.0) -> None:
+    from IPython.display import display
+
+    if mode == "text":
+        print(str(variant or trace))
+        return
+    if mode == "widget" and shell is not None:
+        try:
+            from ._widget import make_view
+
+            view = make_view(trace, variant=variant, shell=shell, source=source, graph=graph, layout_timeout=layout_timeout)
+        except ImportError:
+            view = None
+        if view is not None:
+            display(view)
+            return
+    display(mimebundle(trace, variant=variant), raw=True)

@@ -1,0 +1,177 @@
+"""Run a cell's text the way IPython would, under the tracer.
+
+IPython's own pipeline without `run_cell`: `transform_cell` (so `%time`
+and `!ls` inside the cell work), `compile.cache` (tracebacks and linecache
+show the cell's lines), `ast_parse`, the shell's AST transformers, then our
+name binding; each top-level statement runs in order and the last bare
+expression is displayed by the display hook, as in a plain cell. Exceptions
+propagate; `trim_traceback` removes our frames from what the user sees.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import itertools
+import os
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Iterable, Optional
+
+import torch
+
+from ._records import Trace, TraceError
+from ._source import BIND_NAME, SourceMap, bind_names
+from ._tracer import Tracer
+
+_run_numbers = itertools.count(1)
+
+
+@dataclass
+class CellRun:
+    trace: Trace
+    error: Optional[BaseException]
+    filename: str
+    stdout: str = ""
+
+
+def _compile_nodes(shell, tree: ast.Module, filename: str, display_last: bool):
+    """One code object per top-level statement; the last expression in 'single' mode."""
+    codes = []
+    body = tree.body
+    for i, node in enumerate(body):
+        if display_last and i == len(body) - 1 and isinstance(node, ast.Expr):
+            mod = ast.Interactive(body=[node])
+            codes.append(shell.compile(mod, filename, "single"))
+        else:
+            mod = ast.Module(body=[node], type_ignores=[])
+            codes.append(shell.compile(mod, filename, "exec"))
+    return codes
+
+
+def execute(
+    shell,
+    body: str,
+    *,
+    first_line: int = 2,
+    namespace: Optional[dict] = None,
+    no_grad: bool = False,
+    detach: Iterable[str] = (),
+    detach_spans: Iterable[tuple] = (),
+    display: bool = True,
+    capture: bool = False,
+    detail_limit: int = 3,
+    output_hook=None,
+    sandbox: bool = False,
+) -> CellRun:
+    """Run `body` (a cell without its `%%autograd` line) traced.
+
+    `first_line` is the editor line of the body's first line, so records and
+    tracebacks count lines as the user sees them. `namespace` defaults to the
+    shell's user namespace; the sandbox passes a copy. With `display=False`
+    the last expression is not shown; with `capture=True` prints are kept in
+    `CellRun.stdout` instead of shown.
+    """
+    __tracebackhide__ = True
+    ns = shell.user_ns if namespace is None else namespace
+    code_text = "\n" * (first_line - 1) + shell.transform_cell(body)
+    filename = shell.compile.cache(code_text, number=shell.execution_count * 1000 + next(_run_numbers))
+    tree = shell.compile.ast_parse(code_text, filename=filename)  # SyntaxError propagates as in a plain cell
+    tree = shell.transform_ast(tree)
+    tree = bind_names(tree)
+    codes = _compile_nodes(shell, tree, filename, display_last=display)
+
+    tracer = Tracer(
+        SourceMap(filename, code_text),
+        anchor=lambda code: code.co_filename == filename,
+        namespace=ns,
+        detail_limit=detail_limit,
+        detach=detach,
+        detach_spans=detach_spans,
+        output_hook=output_hook,
+        force_retain_graph=sandbox,
+    )
+    error: Optional[BaseException] = None
+    out = io.StringIO()
+    had_bind = BIND_NAME in ns
+    ns[BIND_NAME] = tracer.bind
+    tracer.start()
+    try:
+        with contextlib.ExitStack() as stack:
+            if no_grad:
+                stack.enter_context(torch.no_grad())
+            if capture:
+                stack.enter_context(contextlib.redirect_stdout(out))
+                stack.enter_context(contextlib.redirect_stderr(out))
+            for code in codes:
+                exec(code, ns)
+    except BaseException as exc:
+        error = exc
+    finally:
+        trace = tracer.stop()
+        if not had_bind:
+            ns.pop(BIND_NAME, None)
+    trace.first_line = 1
+    trace.grad_mode = "no_grad" if no_grad else "enabled"
+    if error is not None:
+        trace.error = describe_error(error, filename, trace)
+    return CellRun(trace=trace, error=error, filename=filename, stdout=out.getvalue())
+
+
+def cell_frames(tb: Optional[TracebackType], filename: str) -> Optional[TracebackType]:
+    """The traceback from the first frame of the cell on."""
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    return tb
+
+
+def describe_error(error: BaseException, filename: str, trace: Trace) -> TraceError:
+    line = None
+    tb = cell_frames(error.__traceback__, filename)
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    message = str(error)
+    if isinstance(error, SyntaxError):
+        line = error.lineno
+    return TraceError(type=type(error).__name__, message=message, line=line, expr=trace.source_line(line).strip() or None)
+
+
+_OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DISPATCH = os.path.join("torch", "overrides.py")
+
+
+def _plain_frames(tb: Optional[TracebackType]) -> Optional[TracebackType]:
+    """The traceback a plain run shows: without our frames and torch's mode dispatch.
+
+    With a mode active, `Tensor.backward` appears twice (once routing to the
+    mode, once running); the routing entry is dropped.
+    """
+    entries = []
+    while tb is not None:
+        fn = tb.tb_frame.f_code.co_filename
+        if not (fn.startswith(_OURS) or fn.endswith(_TORCH_DISPATCH)):
+            entries.append(tb)
+        tb = tb.tb_next
+    kept = [e for i, e in enumerate(entries) if not (i + 1 < len(entries) and entries[i + 1].tb_frame is e.tb_frame)]
+    new = None
+    for e in reversed(kept):
+        new = TracebackType(new, e.tb_frame, e.tb_lasti, e.tb_lineno)
+    return new
+
+
+def trim_traceback(shell, error: BaseException, filename: str) -> None:
+    """Make the error render as if the cell had raised it with no magic around it."""
+    tb = _plain_frames(cell_frames(error.__traceback__, filename))
+    if tb is None or isinstance(error, SyntaxError):
+        return
+    try:
+        stb = shell.InteractiveTB.structured_traceback(type(error), error, tb, tb_offset=0)
+    except Exception:
+        return
+    try:
+        error._render_traceback_ = lambda: stb  # IPython's hook for custom tracebacks
+    except (AttributeError, TypeError):
+        pass

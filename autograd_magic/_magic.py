@@ -1,0 +1,101 @@
+"""`%%autograd`: a thin shell over the engine, the sandbox and the views."""
+
+from __future__ import annotations
+
+from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Float, Integer
+
+from ._execute import execute, trim_traceback
+
+
+@magics_class
+class AutogradMagics(Magics):
+    """Per-user defaults: `%config AutogradMagics.detail_limit = 5` etc."""
+
+    detail_limit = Integer(3, help="Loop iterations of one expression kept in full detail.").tag(config=True)
+    layout_timeout = Float(5.0, help="Seconds Graphviz may spend laying out a graph.").tag(config=True)
+    static = Bool(False, help="Show the static HTML snapshot instead of the widget.").tag(config=True)
+
+    @magic_arguments()
+    @argument("-o", "--output", metavar="NAME", help="Store the Trace in the variable NAME.")
+    @argument("--no-grad", action="store_true", help="Run the cell under torch.no_grad() (a variant; the namespace is untouched).")
+    @argument(
+        "--detach",
+        nargs="+",
+        default=[],
+        metavar="EXPR_OR_NAME",
+        help="Detach the tensor bound to NAME, or made by the expression EXPR (quote it), in a variant run.",
+    )
+    @argument("--no-graph", action="store_true", help="Do not draw the autograd graph.")
+    @argument("--static", action="store_true", help="Show the static snapshot only, no widget.")
+    @argument("--text", action="store_true", help="Show the plain-text table only.")
+    @argument("--check", action="store_true", help="Check every leaf's gradient by finite differences.")
+    @argument("--quiet", action="store_true", help="Show nothing; with -o, just store the Trace.")
+    @argument("--limit", type=int, default=None, metavar="N", help="Loop iterations of one expression kept in detail.")
+    @cell_magic
+    def autograd(self, line: str, cell: str):
+        """Run the cell as usual, recording every tensor op; then show the trace.
+
+        The cell's prints, its displayed last expression, its variables and its
+        errors are exactly those of a plain run. Afterwards a view shows each
+        intermediate tensor's value, grad_fn, requires_grad and gradient, with
+        toggles to re-run the cell under no_grad or with tensors detached.
+        `--no-grad` and `--detach` show such a variant right away; the real
+        run is always the plain one.
+
+        Examples::
+
+            %%autograd
+            y = 2*x**4 + x**3
+            y.backward()
+
+            %%autograd -o t --detach y
+            ...
+        """
+        __tracebackhide__ = True
+        args = parse_argstring(self.autograd, line)
+        if args.limit is not None and args.limit < 1:
+            from IPython.core.error import UsageError
+
+            raise UsageError("--limit takes a whole number of 1 or more\n" + self.autograd.parser.format_usage())
+        shell = self.shell
+        limit = args.limit or self.detail_limit
+        run = execute(shell, cell, first_line=2, detail_limit=limit)
+        trace = run.trace
+        trace_source = cell
+        variant = None
+        if args.no_grad or args.detach:
+            from ._sandbox import run_variant
+
+            variant = run_variant(shell, trace_source, trace, no_grad=args.no_grad, detach=args.detach, detail_limit=limit)
+        if args.check and run.error is None:
+            from ._gradcheck import gradcheck_cell
+
+            trace.gradcheck = gradcheck_cell(shell, trace_source, trace)
+        if args.output:
+            shell.user_ns[args.output] = variant or trace
+        if not args.quiet:
+            from ._display import show
+
+            mode = "text" if args.text else "static" if (args.static or self.static) else "widget"
+            show(
+                trace,
+                variant=variant,
+                mode=mode,
+                graph=not args.no_graph,
+                shell=shell,
+                source=trace_source,
+                layout_timeout=self.layout_timeout,
+            )
+        if run.error is not None:
+            trim_traceback(shell, run.error, run.filename)
+            raise run.error
+
+
+def load_ipython_extension(ipython) -> None:
+    ipython.register_magics(AutogradMagics)
+
+
+def unload_ipython_extension(ipython) -> None:
+    pass

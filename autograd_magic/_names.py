@@ -1,0 +1,75 @@
+"""Names for tensors the traced code did not create: the user's namespace.
+
+A tensor from an earlier cell is called by its variable name; a module's
+parameter by its path (`model.0.weight`); a module by its path (`model.0`).
+The index is built lazily, once per run, the first time a name is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class NameIndex:
+    def __init__(self, namespace: Optional[dict]):
+        self.namespace = namespace if namespace is not None else {}
+        self._tensors: Optional[dict[int, str]] = None
+        self._modules: Optional[dict[int, str]] = None
+
+    def _build(self) -> None:
+        tensors: dict[int, str] = {}
+        modules: dict[int, str] = {}
+        for name, value in list(self.namespace.items()):
+            if name.startswith("_") or not isinstance(name, str):
+                continue
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(id(value), name)
+            elif isinstance(value, torch.nn.Module):
+                try:
+                    for path, sub in value.named_modules(prefix=name):
+                        modules.setdefault(id(sub), path)
+                    for path, p in value.named_parameters(prefix=name):
+                        tensors.setdefault(id(p), path)
+                    for path, b in value.named_buffers(prefix=name):
+                        tensors.setdefault(id(b), path)
+                except Exception:
+                    continue
+        self._tensors, self._modules = tensors, modules
+
+    def tensor_name(self, t: torch.Tensor) -> Optional[str]:
+        if self._tensors is None:
+            self._build()
+        return self._tensors.get(id(t))
+
+    def module_name(self, m: torch.nn.Module) -> str:
+        if self._modules is None:
+            self._build()
+        name = self._modules.get(id(m))
+        if name is None:
+            # A module created by the traced code itself: look again once.
+            self._build()
+            name = self._modules.get(id(m))
+            if name is None:  # made inside a function: remember, don't search again
+                name = self._modules[id(m)] = type(m).__name__
+        return name
+
+    def learn(self, t: torch.Tensor, name: str) -> None:
+        if self._tensors is not None:
+            self._tensors.setdefault(id(t), name)
+
+    def requires_grad_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Namespace tensors (and parameters) that take part in autograd."""
+        if self._tensors is None:
+            self._build()
+        found = []
+        for name, value in list(self.namespace.items()):
+            if isinstance(value, torch.Tensor) and not name.startswith("_") and (value.requires_grad):
+                found.append((name, value))
+            elif isinstance(value, torch.nn.Module) and not name.startswith("_"):
+                try:
+                    found.extend((p, t) for p, t in value.named_parameters(prefix=name) if t.requires_grad)
+                except Exception:
+                    continue
+        return found

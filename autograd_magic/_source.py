@@ -1,0 +1,117 @@
+"""Where an op came from: source spans of running frames, and name binding.
+
+`SourceMap` turns a frame's current instruction into the exact text of the
+sub-expression it evaluates (`x**4`, `2*x**4`, ...) using `co_positions()`,
+cached per code object. `bind_names` rewrites `name = expr` so the tracer
+learns which record a name was bound to, without changing what runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+from types import CodeType, FrameType
+from typing import Optional
+
+BIND_NAME = "__autograd_magic_bind__"
+
+
+class SourceMap:
+    """Source text and spans for the code objects of one traced region."""
+
+    def __init__(self, filename: str, source: Optional[str] = None):
+        self.filename = filename
+        if source is None:
+            self.lines = [l.rstrip("\n") for l in linecache.getlines(filename)]
+        else:
+            self.lines = source.split("\n")
+        self._positions: dict[CodeType, list] = {}
+        self._text: dict[tuple, Optional[str]] = {}
+
+    def span(self, frame: FrameType) -> Optional[tuple[int, int, int, int]]:
+        code = frame.f_code
+        positions = self._positions.get(code)
+        if positions is None:
+            positions = self._positions[code] = list(code.co_positions())
+        i = frame.f_lasti // 2
+        if not 0 <= i < len(positions):
+            return None
+        line, end_line, col, end_col = positions[i]
+        if line is None:
+            return None
+        return (line, col or 0, end_line or line, end_col if end_col is not None else 0)
+
+    def text(self, span: Optional[tuple[int, int, int, int]]) -> Optional[str]:
+        if span is None:
+            return None
+        cached = self._text.get(span, False)
+        if cached is not False:
+            return cached
+        line, col, end_line, end_col = span
+        if not 1 <= line <= len(self.lines):
+            text = None
+        elif line == end_line:
+            text = self.lines[line - 1].encode()[col:end_col].decode(errors="replace")
+        else:
+            first = self.lines[line - 1].encode()[col:].decode(errors="replace")
+            middle = self.lines[line : end_line - 1]
+            last = self.lines[end_line - 1].encode()[:end_col].decode(errors="replace") if end_line <= len(self.lines) else ""
+            text = "\n".join([first, *middle, last])
+        self._text[span] = text
+        return text
+
+
+def _target_names(target: ast.expr) -> Optional[list[Optional[str]]]:
+    if isinstance(target, ast.Name):
+        return [target.id]
+    if isinstance(target, (ast.Tuple, ast.List)):
+        names: list[Optional[str]] = []
+        for elt in target.elts:
+            if isinstance(elt, ast.Starred):
+                return None
+            names.append(elt.id if isinstance(elt, ast.Name) else None)
+        return names
+    return None
+
+
+class _Binder(ast.NodeTransformer):
+    """`a = expr` -> `a = __bind__(('a',), expr)`; function bodies are left alone."""
+
+    def _wrap(self, names: list[Optional[str]], value: ast.expr) -> ast.expr:
+        call = ast.Call(
+            func=ast.Name(id=BIND_NAME, ctx=ast.Load()),
+            args=[ast.Tuple(elts=[ast.Constant(n) for n in names], ctx=ast.Load()), value],
+            keywords=[],
+        )
+        # The call spans exactly what the value spans, so tracebacks still
+        # point at the user's own expression.
+        return ast.copy_location(call, value)
+
+    def visit_Assign(self, node: ast.Assign) -> ast.AST:
+        self.generic_visit(node)
+        if len(node.targets) == 1:
+            names = _target_names(node.targets[0])
+            if names and any(names):
+                node.value = self._wrap(names, node.value)
+        return node
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST:
+        self.generic_visit(node)
+        if node.value is not None and isinstance(node.target, ast.Name):
+            node.value = self._wrap([node.target.id], node.value)
+        return node
+
+    # Names inside functions, lambdas and classes are locals of later calls:
+    # binding them would need the helper to outlive the cell.
+    def visit_FunctionDef(self, node):
+        return node
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+    visit_ClassDef = visit_FunctionDef
+    visit_Lambda = visit_FunctionDef
+
+
+def bind_names(tree: ast.Module) -> ast.Module:
+    tree = _Binder().visit(tree)
+    ast.fix_missing_locations(tree)
+    return tree

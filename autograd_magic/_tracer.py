@@ -1,0 +1,401 @@
+"""The tracer: a TorchFunctionMode that records every tensor op, plus hooks.
+
+For each op that produces a tensor it writes a `Record` (op, inputs,
+`grad_fn`, flags, a bounded preview, the exact source span that ran it).
+Gradients come from `Tensor.register_hook` on each recorded tensor that
+requires grad, and each backward pass's node order and per-node gradients
+from `Node.register_prehook` / `register_hook`, all removed when tracing
+stops. Nothing here changes what the traced code computes: every op is run
+exactly as called and hooks only read.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from types import CodeType
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ._backward import BackwardRecorder
+from ._names import NameIndex
+from ._preview import preview
+from ._records import Record, Trace
+from ._source import SourceMap
+
+# Files whose frames only route a call to its __torch_function__; an op seen
+# from them is not "inside" anything of interest.
+_DISPATCH_FILES = tuple(
+    f"torch{sep}{name}"
+    for sep in ("/", "\\")
+    for name in ("overrides.py", "_tensor.py", "autograd" + sep + "__init__.py", "utils" + sep + "_contextlib.py")
+)
+_OP_NAMES = {
+    "__add__": "add", "__radd__": "add", "__iadd__": "add_",
+    "__sub__": "sub", "__rsub__": "rsub", "__isub__": "sub_",
+    "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul_",
+    "__truediv__": "div", "__rtruediv__": "rdiv", "__itruediv__": "div_",
+    "__floordiv__": "floor_divide", "__rfloordiv__": "floor_divide", "__mod__": "remainder",
+    "__pow__": "pow", "__rpow__": "pow", "__ipow__": "pow_",
+    "__matmul__": "matmul", "__rmatmul__": "matmul", "__neg__": "neg", "__abs__": "abs",
+    "__getitem__": "getitem", "__setitem__": "setitem",
+    "__and__": "bitwise_and", "__or__": "bitwise_or", "__xor__": "bitwise_xor", "__invert__": "bitwise_not",
+    "__lt__": "lt", "__le__": "le", "__gt__": "gt", "__ge__": "ge", "__eq__": "eq", "__ne__": "ne",
+}
+_NOT_OPS = {"__set__", "__repr__", "__format__", "__str__", "__len__", "__bool__", "__index__",
+            "__int__", "__float__", "__hash__", "__reduce_ex__", "__deepcopy__", "register_hook",
+            "retain_grad", "__contains__", "__array__", "tolist", "item", "numpy", "data_ptr", "__dir__"}
+
+
+def _op_name(func: Callable) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if name == "__get__":  # a property such as .T or .real
+        owner = getattr(func, "__self__", None)
+        return getattr(owner, "__name__", "attribute")
+    return _OP_NAMES.get(name, name)
+
+
+def _is_inplace(func_name: str, op: str) -> bool:
+    return func_name == "__setitem__" or (func_name.startswith("__i") and func_name.endswith("__")) or (
+        op.endswith("_") and not op.endswith("__")
+    )
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 2 and isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors_in(item, depth + 1)
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracer: "Tracer"):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tracer = self.tracer
+        if func in tracer.backward_funcs:
+            return tracer.backward.run(func, args, kwargs)
+        name = getattr(func, "__name__", "")
+        if name in _NOT_OPS:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        try:
+            return tracer.on_op(func, name, args, kwargs, out)
+        except Exception as exc:  # the tracer must never break the user's code
+            tracer.note(f"tracer skipped an op ({_op_name(func)}): {type(exc).__name__}: {exc}")
+            return out
+
+
+class Tracer:
+    """Records one run of traced code into a `Trace`.
+
+    `anchor` decides which frames are the traced code itself (a cell's
+    frames, or the block of a `with trace()`); ops called from deeper frames
+    are attributed to the anchor's call site and marked `internal`.
+    """
+
+    def __init__(
+        self,
+        source_map: SourceMap,
+        anchor: Callable[[CodeType], bool],
+        namespace: Optional[dict] = None,
+        detail_limit: int = 3,
+        detach: Iterable[str] = (),
+        detach_spans: Iterable[tuple] = (),
+        output_hook: Optional[Callable[[Record, torch.Tensor], Optional[torch.Tensor]]] = None,
+        force_retain_graph: bool = False,
+    ):
+        self.source_map = source_map
+        self.anchor = anchor
+        self.trace = Trace(source="\n".join(source_map.lines))
+        self.names = NameIndex(namespace)
+        self.detail_limit = detail_limit
+        self.detach_names = {d for d in detach if d.isidentifier()}
+        self.detach_exprs = {"".join(d.split()) for d in detach}
+        self.detach_spans = set(detach_spans)
+        self.detach_hits: set[str] = set()
+        # Sandbox re-runs: may replace an op's output (perturb a leaf, flip
+        # requires_grad); returning None keeps the output as it is.
+        self.output_hook = output_hook
+        self.force_retain_graph = force_retain_graph
+        self.backward_funcs = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
+        self.backward = BackwardRecorder(self)
+        self._by_tensor: dict[int, tuple[weakref.ref, int]] = {}
+        self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
+        self._site_counts: dict[tuple, int] = {}
+        self._site_first: dict[tuple, int] = {}
+        self.repeats: dict[int, int] = {}  # first record of a site -> how many runs were not kept
+        self._hooks: list = []
+        self._module_stack: list[str] = []
+        self._mode: Optional[_Mode] = None
+        self._module_hooks: list = []
+        self._noted: set[str] = set()
+        self._final_names: dict[int, str] = {}
+        self.final_namespace: Optional[dict] = None  # set by trace() to name records at the end
+
+    # ---- lifecycle ----
+    def start(self) -> "Tracer":
+        self._mode = _Mode(self)
+        self._mode.__enter__()
+        try:
+            from torch.nn.modules import module as nn_module
+
+            self._module_hooks = [
+                nn_module.register_module_forward_pre_hook(self._enter_module),
+                nn_module.register_module_forward_hook(self._leave_module, always_call=True),
+            ]
+        except Exception:  # older torch: no attribution to modules
+            self._module_hooks = []
+        return self
+
+    def stop(self) -> Trace:
+        """Pop the mode and remove every hook; safe to call twice and on any error."""
+        try:
+            self._pop_mode()
+        finally:
+            for h in self._module_hooks:
+                h.remove()
+            self._module_hooks = []
+            try:
+                self._finish_records()
+            finally:
+                for h in self._hooks:
+                    try:
+                        h.remove()
+                    except Exception:
+                        pass
+                self._hooks = []
+                self._by_tensor.clear()
+                self._live.clear()
+        return self.trace
+
+    def _pop_mode(self) -> None:
+        mode, self._mode = self._mode, None
+        if mode is None:
+            return
+        # A user's mode entered in the traced code and never exited sits above
+        # ours: lift it off, remove ours, and put it back where it was.
+        above = []
+        try:
+            while torch._C._len_torch_function_stack() > 0:
+                top = torch._C._pop_torch_function_stack()
+                if top is mode:
+                    break
+                above.append(top)
+        finally:
+            for m in reversed(above):
+                torch._C._push_on_torch_function_stack(m)
+
+    def note(self, text: str) -> None:
+        if text not in self._noted:
+            self._noted.add(text)
+            self.trace.notes.append(text)
+
+    # ---- modules ----
+    def _enter_module(self, module, args):
+        self._module_stack.append(self.names.module_name(module))
+
+    def _leave_module(self, module, args, output):
+        if self._module_stack:
+            self._module_stack.pop()
+
+    # ---- where an op came from ----
+    def site(self, func_name: str):
+        """(span, internal) of the current op: the traced code's frame and what ran between."""
+        f = sys._getframe(3)
+        internal = None
+        anchor = self.anchor
+        while f is not None:
+            code = f.f_code
+            if anchor(code):
+                return self.source_map.span(f), internal
+            if internal is None and code.co_name != func_name and not code.co_filename.endswith(_DISPATCH_FILES):
+                internal = getattr(code, "co_qualname", code.co_name)
+            f = f.f_back
+        return None, internal or "outside the traced code"
+
+    # ---- records ----
+    def record_of(self, t: torch.Tensor) -> Optional[int]:
+        entry = self._by_tensor.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        return None
+
+    def record_for(self, t: torch.Tensor, name: Optional[str] = None) -> int:
+        """The record of `t`, creating an external one for a tensor made elsewhere."""
+        rid = self.record_of(t)
+        if rid is not None:
+            return rid
+        rec = Record(
+            id=len(self.trace.records),
+            op="external",
+            name=name or self.names.tensor_name(t),
+            external=True,
+            grad_fn=type(t.grad_fn).__name__ if t.grad_fn is not None else None,
+            requires_grad=t.requires_grad,
+            is_leaf=t.is_leaf,
+            grad_enabled=torch.is_grad_enabled(),
+            preview=preview(t),
+        )
+        self._add(rec, t, hook=True)
+        return rec.id
+
+    def _add(self, rec: Record, t: torch.Tensor, hook: bool) -> None:
+        self.trace.records.append(rec)
+        try:
+            ref = weakref.ref(t)
+        except TypeError:
+            return
+        self._by_tensor[id(t)] = (ref, rec.id)
+        self._live[rec.id] = (ref, t._version)
+        if hook and t.requires_grad:
+            try:
+                self._hooks.append(t.register_hook(self.backward.tensor_hook(rec.id)))
+            except RuntimeError:
+                pass
+
+    def on_op(self, func, func_name: str, args, kwargs, out):
+        op = _op_name(func)
+        if func_name == "__get__":
+            # Properties: only those that make a new differentiable tensor (.T, .real)
+            if not isinstance(out, torch.Tensor) or out.grad_fn is None or self.record_of(out) is not None:
+                return out
+        inplace = _is_inplace(func_name, op)
+        if isinstance(out, torch.Tensor):
+            outs = [out]
+        elif isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+            outs = list(out)
+        elif out is None and inplace and args:
+            outs = list(_tensors_in(args[0]))  # __setitem__, _foreach_*_ return nothing
+        else:
+            return out
+        span, internal = self.site(func_name)
+        count = self._site_counts.get(span, 0)
+        self._site_counts[span] = count + 1
+        if count >= self.detail_limit and span is not None:
+            first = self._site_first.get(span)
+            if first is not None:
+                self.repeats[first] = self.repeats.get(first, 0) + 1
+            return self._maybe_detach(span, None, out)
+        inputs = []
+        for a in args:
+            for t in _tensors_in(a):
+                inputs.append(self.record_for(t))
+        for a in kwargs.values():
+            for t in _tensors_in(a):
+                inputs.append(self.record_for(t))
+        expr = self.source_map.text(span)
+        grad_enabled = torch.is_grad_enabled()
+        module = self._module_stack[-1] if self._module_stack else None
+        for i, t in enumerate(outs):
+            mutated = self.record_of(t) if inplace else None
+            rec = Record(
+                id=len(self.trace.records),
+                op=op,
+                expr=expr,
+                line=span[0] if span else None,
+                span=span,
+                occurrence=count,
+                grad_fn=type(t.grad_fn).__name__ if t.grad_fn is not None else None,
+                requires_grad=t.requires_grad,
+                is_leaf=t.is_leaf,
+                grad_enabled=grad_enabled,
+                inplace=inplace,
+                mutates=mutated,
+                inputs=inputs,
+                output_index=i if len(outs) > 1 else None,
+                internal=internal,
+                module=module,
+                preview=preview(t),
+            )
+            if mutated is not None:
+                rec.name = self.trace.records[mutated].name
+            if span is not None and span not in self._site_first:
+                self._site_first[span] = rec.id
+            self._add(rec, t, hook=True)
+        if self.output_hook is not None and isinstance(out, torch.Tensor):
+            replaced = self.output_hook(self.trace.records[-1], out)
+            if replaced is not None and replaced is not out:
+                self._by_tensor[id(replaced)] = (weakref.ref(replaced), len(self.trace.records) - 1)
+                out = replaced
+        return self._maybe_detach(span, expr, out)
+
+    def _maybe_detach(self, span, expr, out):
+        if not (self.detach_exprs or self.detach_spans) or not isinstance(out, torch.Tensor):
+            return out
+        key = "".join((expr or self.source_map.text(span) or "").split())
+        if span in self.detach_spans or (key and key in self.detach_exprs):
+            self.detach_hits.add(key)
+            return self._detached(out)
+        return out
+
+    def _detached(self, t: torch.Tensor) -> torch.Tensor:
+        d = t.detach()
+        rid = self.record_of(t)
+        if rid is not None:
+            rec = self.trace.records[rid]
+            rec.detached = True
+            self._by_tensor[id(d)] = (weakref.ref(d), rid)
+        return d
+
+    def bind(self, names: tuple, value: Any) -> Any:
+        """Called by the rewritten `name = expr`: names the record, may detach it."""
+        try:
+            if isinstance(value, torch.Tensor):
+                return self._bind_one(names[0], value) if len(names) == 1 else value
+            if isinstance(value, (tuple, list)) and len(value) == len(names):
+                items = [self._bind_one(n, v) if n and isinstance(v, torch.Tensor) else v for n, v in zip(names, value)]
+                if any(a is not b for a, b in zip(items, value)):
+                    return type(value)(items) if isinstance(value, list) else tuple(items)
+        except Exception as exc:
+            self.note(f"tracer could not name a value: {type(exc).__name__}: {exc}")
+        return value
+
+    def _bind_one(self, name: Optional[str], t: torch.Tensor) -> torch.Tensor:
+        if name is None:
+            return t
+        rid = self.record_of(t)
+        if rid is None:
+            rid = self.record_for(t, name=name)
+        rec = self.trace.records[rid]
+        if rec.name is None:
+            rec.name = name
+        self.names.learn(t, name)
+        if name in self.detach_names and isinstance(t, torch.Tensor):
+            self.detach_hits.add(name)
+            return self._detached(t)
+        return t
+
+    # ---- the end of a run ----
+    def final_names(self) -> dict[int, str]:
+        """Record id -> name for live tensors found in `final_namespace` at stop."""
+        return dict(self._final_names)
+
+    def _finish_records(self) -> None:
+        records = self.trace.records
+        self._final_names = {}
+        for rid, (ref, version) in list(self._live.items()):
+            t = ref()
+            if t is None:
+                continue
+            rec = records[rid]
+            if self.final_namespace is not None and id(t) in self.final_namespace:
+                self._final_names[rid] = self.final_namespace[id(t)]
+            try:
+                if t._version != version:
+                    rec.version_changed = True
+                if t.is_leaf or t.retains_grad:
+                    rec.retains_grad = bool(t.retains_grad)
+                    g = t.grad
+                    if g is not None:
+                        rec.attr_grad = preview(g)
+            except Exception:
+                pass
+        self.trace.repeats = dict(self.repeats)
+        self.trace.detached = sorted(self.detach_hits)
