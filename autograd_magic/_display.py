@@ -24,7 +24,17 @@ def mimebundle(trace: Trace, include=None, exclude=None, variant: Optional[Trace
     return bundle
 
 
-def show(trace: Trace, variant: Optional[Trace] = None, mode: str = "widget", graph: bool = True, shell=None, source=None, layout_timeout: float = 5.0) -> None:
+def show(
+    trace: Trace,
+    variant: Optional[Trace] = None,
+    mode: str = "widget",
+    graph: bool = True,
+    shell=None,
+    source=None,
+    snapshot=None,
+    detail_limit: int = 3,
+    layout_timeout: float = 5.0,
+) -> None:
     from IPython.display import display
 
     if mode == "text":
@@ -34,7 +44,16 @@ def show(trace: Trace, variant: Optional[Trace] = None, mode: str = "widget", gr
         try:
             from ._widget import make_view
 
-            view = make_view(trace, variant=variant, shell=shell, source=source, graph=graph, layout_timeout=layout_timeout)
+            view = make_view(
+                trace,
+                variant=variant,
+                shell=shell,
+                source=source,
+                snapshot=snapshot,
+                graph=graph,
+                detail_limit=detail_limit,
+                layout_timeout=layout_timeout,
+            )
         except ImportError:
             view = None
         if view is not None:

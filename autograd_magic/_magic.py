@@ -61,6 +61,7 @@ class AutogradMagics(Magics):
             raise UsageError("--limit takes a whole number of 1 or more\n" + self.autograd.parser.format_usage())
         shell = self.shell
         limit = args.limit or self.detail_limit
+        snapshot = _snapshot(shell, cell)
         run = execute(shell, cell, first_line=2, detail_limit=limit)
         trace = run.trace
         trace_source = cell
@@ -68,11 +69,13 @@ class AutogradMagics(Magics):
         if args.no_grad or args.detach:
             from ._sandbox import run_variant
 
-            variant = run_variant(shell, trace_source, trace, no_grad=args.no_grad, detach=args.detach, detail_limit=limit)
+            variant = run_variant(
+                shell, trace_source, trace, snapshot, no_grad=args.no_grad, detach=args.detach, detail_limit=limit
+            )
         if args.check and run.error is None:
             from ._gradcheck import gradcheck_cell
 
-            trace.gradcheck = gradcheck_cell(shell, trace_source, trace)
+            trace.gradcheck = gradcheck_cell(shell, trace_source, trace, snapshot)
         if args.output:
             shell.user_ns[args.output] = variant or trace
         if not args.quiet:
@@ -86,11 +89,25 @@ class AutogradMagics(Magics):
                 graph=not args.no_graph,
                 shell=shell,
                 source=trace_source,
+                snapshot=snapshot,
+                detail_limit=limit,
                 layout_timeout=self.layout_timeout,
             )
         if run.error is not None:
             trim_traceback(shell, run.error, run.filename)
             raise run.error
+
+
+def _snapshot(shell, cell: str):
+    """What toggles need to re-run this cell later: inputs and RNG states before it runs."""
+    try:
+        from ._sandbox import take_snapshot
+    except ImportError:
+        return None
+    try:
+        return take_snapshot(shell, cell)
+    except Exception:  # never let the sandbox's bookkeeping stop the real cell
+        return None
 
 
 def load_ipython_extension(ipython) -> None:
