@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
-import itertools
 import os
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,7 +24,6 @@ from ._records import Trace, TraceError
 from ._source import BIND_NAME, SourceMap, bind_names
 from ._tracer import Tracer
 
-_run_numbers = itertools.count(1)
 
 
 @dataclass
@@ -76,7 +74,7 @@ def execute(
     __tracebackhide__ = True
     ns = shell.user_ns if namespace is None else namespace
     code_text = "\n" * (first_line - 1) + shell.transform_cell(body)
-    filename = shell.compile.cache(code_text, number=shell.execution_count * 1000 + next(_run_numbers))
+    filename = shell.compile.cache(code_text, number=shell.execution_count)
     tree = shell.compile.ast_parse(code_text, filename=filename)  # SyntaxError propagates as in a plain cell
     tree = shell.transform_ast(tree)
     tree = bind_names(tree)

@@ -1,0 +1,47 @@
+"""Shared fixtures: one IPython shell with the extension loaded, the seed notebooks."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEDS = ROOT.parent / "shared" / "seeds" / "cells.py"
+
+
+def _load_seeds():
+    if not SEEDS.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("seed_cells", SEEDS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def seeds():
+    mod = _load_seeds()
+    if mod is None:
+        pytest.skip(f"seed notebooks not found at {SEEDS}")
+    return mod
+
+
+@pytest.fixture(scope="session")
+def _ipython():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_cell("%load_ext autograd_magic", store_history=False)
+    return shell
+
+
+@pytest.fixture
+def shell(_ipython):
+    """The shell with a clean user namespace (the extension stays loaded)."""
+    _ipython.reset(new_session=False)  # magics stay registered across resets
+    yield _ipython
+    _ipython.reset(new_session=False)
