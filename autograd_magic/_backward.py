@@ -49,10 +49,14 @@ class BackwardRecorder:
     # ---- tensor hooks: the gradient each recorded tensor received ----
     def tensor_hook(self, rid: int):
         def hook(grad):
-            p = self.current if self.current is not None else self._implicit_pass()
-            rec = self.tracer.trace.records[rid]
-            rec.grads[p.index] = preview(grad)
-            self.pending.append(rid)
+            tracer = self.tracer
+            busy, tracer.busy = tracer.busy, True
+            try:
+                p = self.current if self.current is not None else self._implicit_pass()
+                tracer.trace.records[rid].grads[p.index] = preview(grad)
+                self.pending.append(rid)
+            finally:
+                tracer.busy = busy
 
         return hook
 

@@ -148,12 +148,21 @@ def _plain_frames(tb: Optional[TracebackType]) -> Optional[TracebackType]:
     mode, once running); the routing entry is dropped.
     """
     entries = []
+    routing: set[int] = set()  # entries whose callee was torch's dispatch into the mode
     while tb is not None:
         fn = tb.tb_frame.f_code.co_filename
         if not (fn.startswith(_OURS) or fn.endswith(_TORCH_DISPATCH)):
+            nxt = tb.tb_next
+            if nxt is not None and nxt.tb_frame.f_code.co_filename.endswith(_TORCH_DISPATCH):
+                routing.add(len(entries))
             entries.append(tb)
         tb = tb.tb_next
-    kept = [e for i, e in enumerate(entries) if not (i + 1 < len(entries) and entries[i + 1].tb_frame is e.tb_frame)]
+    # The routing call and the real one are two frames of the same function.
+    kept = [
+        e
+        for i, e in enumerate(entries)
+        if not (i in routing and i + 1 < len(entries) and entries[i + 1].tb_frame.f_code is e.tb_frame.f_code)
+    ]
     new = None
     for e in reversed(kept):
         new = TracebackType(new, e.tb_frame, e.tb_lasti, e.tb_lineno)

@@ -79,6 +79,8 @@ class _Mode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tracer = self.tracer
+        if tracer.busy:  # the tracer's own work (previews, naming) is not the user's
+            return func(*args, **kwargs)
         if func in tracer.backward_funcs:
             return tracer.backward.run(func, args, kwargs)
         name = getattr(func, "__name__", "")
@@ -136,6 +138,7 @@ class Tracer:
         self._mode: Optional[_Mode] = None
         self._module_hooks: list = []
         self._noted: set[str] = set()
+        self.busy = False
         self._final_names: dict[int, str] = {}
         self.final_namespace: Optional[dict] = None  # set by trace() to name records at the end
 
@@ -232,6 +235,7 @@ class Tracer:
         rid = self.record_of(t)
         if rid is not None:
             return rid
+        shown = preview(t)
         rec = Record(
             id=len(self.trace.records),
             op="external",
@@ -241,7 +245,7 @@ class Tracer:
             requires_grad=t.requires_grad,
             is_leaf=t.is_leaf,
             grad_enabled=torch.is_grad_enabled(),
-            preview=preview(t),
+            preview=shown,
         )
         self._add(rec, t, hook=True)
         return rec.id
@@ -282,6 +286,8 @@ class Tracer:
             first = self._site_first.get(span)
             if first is not None:
                 self.repeats[first] = self.repeats.get(first, 0) + 1
+                for t in outs:  # later uses link to the loop's first record of this site
+                    self._by_tensor[id(t)] = (weakref.ref(t), first)
             return self._maybe_detach(span, None, out)
         inputs = []
         for a in args:
@@ -346,6 +352,9 @@ class Tracer:
 
     def bind(self, names: tuple, value: Any) -> Any:
         """Called by the rewritten `name = expr`: names the record, may detach it."""
+        if self.busy:
+            return value
+        self.busy = True
         try:
             if isinstance(value, torch.Tensor):
                 return self._bind_one(names[0], value) if len(names) == 1 else value
@@ -355,6 +364,8 @@ class Tracer:
                     return type(value)(items) if isinstance(value, list) else tuple(items)
         except Exception as exc:
             self.note(f"tracer could not name a value: {type(exc).__name__}: {exc}")
+        finally:
+            self.busy = False
         return value
 
     def _bind_one(self, name: Optional[str], t: torch.Tensor) -> torch.Tensor:
@@ -362,7 +373,7 @@ class Tracer:
             return t
         rid = self.record_of(t)
         if rid is None:
-            rid = self.record_for(t, name=name)
+            rid = self.record_for(t)  # a namespace name (`h = w` is still w) wins
         rec = self.trace.records[rid]
         if rec.name is None:
             rec.name = name
@@ -378,6 +389,7 @@ class Tracer:
         return dict(self._final_names)
 
     def _finish_records(self) -> None:
+        self.busy = True  # the mode is popped already; this guards a user's mode below ours
         records = self.trace.records
         self._final_names = {}
         for rid, (ref, version) in list(self._live.items()):
