@@ -1,0 +1,311 @@
+"""Why-explanations: plain-language answers to "why is this grad None?" and to errors.
+
+Every sentence is tied to a record and the line it ran on, and every number
+comes from the Trace (the gradient a non-leaf received, each pass's share of
+an accumulated `.grad`). Pure: reads only the Trace.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional
+
+import numpy as np
+
+from ._format import format_short
+from ._records import BackwardPass, Preview, Record, Trace
+
+_DETACH_OPS = {"detach", "detach_"}
+
+
+def _where(r: Record) -> str:
+    return f"{_quote(r)} (line {r.line})" if r.line is not None else _quote(r)
+
+
+def _quote(r: Record) -> str:
+    return f"`{r.label}`"
+
+
+def _pass_where(p: BackwardPass) -> str:
+    if p.line is not None:
+        return f"the backward call on line {p.line}" + (f" (`{p.expr}`)" if p.expr else "")
+    return f"backward pass {p.index + 1}"
+
+
+def _grad(p: Optional[Preview]) -> str:
+    return format_short(p, 60)
+
+
+def _ancestors(trace: Trace, rid: int) -> Iterable[Record]:
+    """Every record `rid` was computed from (inputs, their inputs, ...), nearest first."""
+    seen, stack = {rid}, list(trace.records[rid].inputs)
+    while stack:
+        i = stack.pop(0)
+        if i in seen or not 0 <= i < len(trace.records):
+            continue
+        seen.add(i)
+        yield trace.records[i]
+        stack.extend(trace.records[i].inputs)
+
+
+def _mutations_of(trace: Trace, rid: int) -> list[Record]:
+    return [r for r in trace.records if r.inplace and r.mutates == rid]
+
+
+# ---- one record ----
+def explain_record(trace: Trace, record_id: int) -> list[str]:
+    """Why `record_id`'s gradient is what it is (or None), in sentences."""
+    r = trace.records[record_id]
+    out: list[str] = []
+    if r.inplace and r.mutates is not None:
+        target = trace.records[r.mutates]
+        out.append(f"`{r.expr or r.op}` on line {r.line} changed {_quote(target)} in place.")
+    if r.detached:
+        out.append(f"{_where(r)} was detached by the toggle: gradients stop here in this variant.")
+    if not r.requires_grad:
+        out.extend(_why_no_requires_grad(trace, r))
+    elif r.is_leaf:
+        out.extend(_leaf_grad(trace, r))
+    else:
+        out.extend(_non_leaf_grad(trace, r))
+    for m in _mutations_of(trace, r.id):
+        out.append(f"{_where(r)} was later modified in place by `{m.expr or m.op}` on line {m.line}.")
+    return out
+
+
+def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
+    none = f"{_quote(r)} has requires_grad=False and no grad_fn, so it has no gradient (.grad is None)."
+    if r.op in _DETACH_OPS:
+        src = trace.records[r.inputs[0]] if r.inputs else None
+        cut = f" from {_quote(src)}" if src is not None else ""
+        return [
+            f"{_quote(r)} was cut{cut} by `.detach()` on line {r.line}: it shares the values but has no history, "
+            "so no gradient flows back through it.",
+            none,
+        ]
+    grad_inputs = [trace.records[i] for i in r.inputs if trace.records[i].requires_grad]
+    if not r.grad_enabled:
+        why = f"{_quote(r)} was made under torch.no_grad() on line {r.line}"
+        if grad_inputs:
+            why += f", so it does not require grad although {_names(grad_inputs)} does; no gradient flows back through it."
+        else:
+            why += "."
+        return [why, none]
+    if not r.inputs:
+        return [
+            f"requires_grad was never set on {_where(r)}: create it with requires_grad=True "
+            f"or call {r.name or 'it'}.requires_grad_() before using it.",
+            none,
+        ]
+    return [_untracked_origin(trace, r), none]
+
+
+def _names(recs: list[Record]) -> str:
+    labels = list(dict.fromkeys(f"`{x.label}`" for x in recs))
+    return " and ".join(labels)
+
+
+def _untracked_origin(trace: Trace, r: Record) -> str:
+    """Why a computed tensor has no history: its inputs never required grad, or were cut."""
+    cuts = [a for a in _ancestors(trace, r.id) if a.op in _DETACH_OPS or (not a.grad_enabled and not a.requires_grad)]
+    if cuts:
+        c = cuts[0]
+        how = "`.detach()`" if c.op in _DETACH_OPS else "torch.no_grad()"
+        return f"{_where(r)} does not require grad: it was computed from {_where(c)}, cut from the graph by {how}."
+    leaves = [a for a in _ancestors(trace, r.id) if not a.inputs]
+    base = f"{_where(r)} does not require grad because none of its inputs do"
+    if leaves:
+        return base + f": it was computed from {_names(leaves)}, which never had requires_grad=True."
+    return base + "."
+
+
+def _leaf_grad(trace: Trace, r: Record) -> list[str]:
+    passes = [trace.passes[i] for i in sorted(r.grads) if i < len(trace.passes)]
+    if not passes:
+        if r.attr_grad is not None:
+            return [f"`{r.label}.grad` = {_grad(r.attr_grad)} was left there by backward calls before this cell."]
+        if not trace.passes:
+            return [f"{_where(r)} requires grad, but no backward() ran in this cell, so its .grad is None."]
+        return [f"{_where(r)} requires grad, but no backward pass in this cell reached it: " + _unreached(trace, r)]
+    # from here on `passes` holds the passes that delivered a gradient
+    if len(passes) == 1:
+        p = passes[0]
+        out = [f"{_quote(r)} is a leaf: {_pass_where(p)} put {_grad(r.grads[p.index])} into `{r.label}.grad`."]
+    else:
+        shares = "; ".join(f"{_pass_where(p)} gave {_grad(r.grads[p.index])}" for p in passes)
+        out = [
+            f"`{r.label}.grad` is the sum of {len(passes)} backward passes (gradients accumulate): {shares}. "
+            "Zero it between steps (x.grad = None, or optimizer.zero_grad()) if that is not what you want."
+        ]
+    extra = _earlier_share(r, passes)
+    if extra:
+        out.append(extra)
+    return out
+
+
+def _earlier_share(r: Record, passes: list[BackwardPass]) -> Optional[str]:
+    """When .grad holds more than this cell's passes gave: what an earlier cell left."""
+    total = None
+    for p in passes:
+        g = r.grads[p.index]
+        if not g.complete:
+            return None
+        total = np.asarray(g.values, dtype=np.float64) + (0 if total is None else total)
+    a = r.attr_grad
+    if a is None or not a.complete or total is None or np.shape(a.values) != np.shape(total):
+        return None
+    if np.allclose(np.asarray(a.values, dtype=np.float64), total, rtol=1e-5, atol=1e-6):
+        return None
+    return (
+        f"`{r.label}.grad` is {_grad(a)}, more than this cell's passes gave: it also holds gradients "
+        "accumulated by backward calls before this cell."
+    )
+
+
+def _unreached(trace: Trace, r: Record) -> str:
+    failed = [p for p in trace.passes if p.error]
+    if failed and len(failed) == len(trace.passes):
+        return f"{_pass_where(failed[0])} raised an error before any gradient got here."
+    uses = [u for u in trace.records if r.id in u.inputs]
+    cut = [u for u in uses if u.op in _DETACH_OPS or not u.grad_enabled]
+    if cut:
+        u = cut[0]
+        how = "`.detach()`" if u.op in _DETACH_OPS else "torch.no_grad()"
+        return f"its use on line {u.line} (`{u.expr or u.op}`) goes through {how}, which cuts the graph."
+    return "the value that was differentiated does not depend on it."
+
+
+def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
+    made = f"computed by {r.grad_fn}" if r.grad_fn else "computed from other tensors"
+    got = [(trace.passes[i], g) for i, g in sorted(r.grads.items()) if i < len(trace.passes)]
+    if r.retains_grad:
+        head = f"{_where(r)} is not a leaf ({made}), but retain_grad() was called, so its .grad is kept"
+        return [head + (f": {_grad(r.attr_grad)}." if r.attr_grad is not None else ".")]
+    keep = f"Call {r.name}.retain_grad() before backward() to keep it." if r.name else (
+        "Name it and call .retain_grad() on it before backward() to keep it."
+    )
+    out = [f"{_where(r)} is not a leaf ({made}), so PyTorch does not keep its gradient: its .grad is None. {keep}"]
+    for p, g in got:
+        out.append(f"In {_pass_where(p)} it received {_grad(g)}; with retain_grad() that is what .grad would show.")
+    if not got and trace.passes:
+        out.append("No backward pass in this cell reached it: " + _unreached(trace, r))
+    return out
+
+
+def explain_all(trace: Trace) -> dict[int, list[str]]:
+    """`explain_record` for every record."""
+    return {r.id: explain_record(trace, r.id) for r in trace.records}
+
+
+# ---- the cell's error ----
+def explain_error(trace: Trace) -> Optional[str]:
+    """A plain-language reason for the cell's autograd error, or None."""
+    e = trace.error
+    if e is None:
+        return None
+    msg = e.message
+    failed = next((p for p in trace.passes if p.error), None)
+    for key, explain in _ERRORS:
+        if key in msg:
+            return explain(trace, failed)
+    return None
+
+
+def _root(trace: Trace, p: Optional[BackwardPass]) -> Optional[Record]:
+    if p is None or not p.roots or p.roots[0] is None:
+        return None
+    return trace.records[p.roots[0]]
+
+
+def _at(trace: Trace) -> str:
+    line = trace.error.line if trace.error else None
+    return f"line {line}" if line is not None else "the failing line"
+
+
+def _non_scalar(trace: Trace, p: Optional[BackwardPass]) -> str:
+    r = _root(trace, p)
+    what = f"{_quote(r)} has shape {tuple(r.shape or ())}" if r is not None else "the tensor is not a scalar"
+    return (
+        f"backward() on {_at(trace)} was called on a tensor with more than one element: {what}. "
+        "grad can be implicitly created only for scalar outputs: reduce it first (e.g. .sum() or .mean()) "
+        "or pass a gradient of the same shape, e.g. .backward(torch.ones_like(...))."
+    )
+
+
+def _no_grad_root(trace: Trace, p: Optional[BackwardPass]) -> str:
+    r = _root(trace, p)
+    head = f"backward() on {_at(trace)} was called on "
+    if r is None:
+        return head + "a tensor that does not require grad and has no grad_fn: nothing it came from had requires_grad=True."
+    if r.external:
+        why = (
+            f"{_quote(r)} was made before this cell without a grad_fn: the tensors it was computed from "
+            "never had requires_grad=True."
+        )
+    elif r.inputs or not r.grad_enabled or r.op in _DETACH_OPS:
+        why = _why_no_requires_grad(trace, r)[0]
+    else:
+        why = f"{_where(r)} itself never had requires_grad=True."
+    return (
+        head + f"{_quote(r)}, which does not require grad and has no grad_fn (element 0 of tensors does not "
+        f"require grad). {why} Set requires_grad=True on the input you want gradients for, before computing."
+    )
+
+
+def _second_time(trace: Trace, p: Optional[BackwardPass]) -> str:
+    earlier = [q for q in trace.passes if q.error is None and (p is None or q.index < p.index) and not q.retain_graph]
+    first = (
+        f"{_pass_where(earlier[-1])} already went through this graph and freed its saved values"
+        if earlier
+        else "an earlier backward call (in a previous cell) already went through this graph and freed its saved values"
+    )
+    fix = f"pass retain_graph=True to the call on line {earlier[-1].line}" if earlier and earlier[-1].line else (
+        "pass retain_graph=True to the earlier call"
+    )
+    return (
+        f"Trying to backward through the graph a second time on {_at(trace)}: {first}. "
+        f"To differentiate it again, {fix}, or recompute the forward pass before each backward."
+    )
+
+
+def _modified_inplace(trace: Trace, p: Optional[BackwardPass]) -> str:
+    node = re.search(r"output \d+ of (\w+)", trace.error.message if trace.error else "")
+    changed = [r for r in trace.records if r.version_changed and _mutations_of(trace, r.id)]
+    if node:
+        name = node.group(1)
+        match = [r for r in changed if (r.grad_fn or "").startswith(name)]
+        changed = match or changed
+    if changed:
+        r = changed[0]
+        m = _mutations_of(trace, r.id)[0]
+        what = (
+            f"{_where(r)} was saved for the backward pass, then modified by an inplace operation, "
+            f"`{m.expr or m.op}` on line {m.line}"
+        )
+    else:
+        what = "a tensor saved for the backward pass was modified by an inplace operation"
+    return (
+        f"backward() on {_at(trace)} failed: {what}. Its gradient needs the old values. "
+        "Use an out-of-place version (y = y + 1 instead of y += 1) or clone the tensor before changing it."
+    )
+
+
+def _leaf_inplace(trace: Trace, p: Optional[BackwardPass]) -> str:
+    line = trace.error.line if trace.error else None
+    text = (trace.error.expr or "") if trace.error else ""
+    leaves = [r for r in trace.records if r.is_leaf and r.requires_grad and r.name and re.search(rf"\b{re.escape(r.name)}\b", text)]
+    who = f"{_quote(leaves[-1])} is a leaf that requires grad" if leaves else "the tensor is a leaf that requires grad"
+    return (
+        f"`{text}` on line {line} changes a leaf Variable that requires grad in place: {who}, and autograd "
+        "cannot track in-place changes to it. Do parameter updates under `with torch.no_grad():` "
+        "(as an optimizer does), or use an out-of-place expression."
+    )
+
+
+_ERRORS = [
+    ("grad can be implicitly created only for scalar outputs", _non_scalar),
+    ("does not require grad and does not have a grad_fn", _no_grad_root),
+    ("backward through the graph a second time", _second_time),
+    ("modified by an inplace operation", _modified_inplace),
+    ("a leaf Variable that requires grad", _leaf_inplace),
+]

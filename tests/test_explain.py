@@ -1,0 +1,139 @@
+"""Why-explanations, each triggered by a real %%autograd cell that produces the situation."""
+
+from __future__ import annotations
+
+import pytest
+
+from autograd_magic._explain import explain_all, explain_error, explain_record
+
+
+def run(shell, body: str, setup: str = "import torch", raises: bool = False):
+    shell.run_cell(setup)
+    shell.user_ns.pop("t", None)
+    result = shell.run_cell("%%autograd --quiet -o t\n" + body)
+    assert (result.error_in_exec is not None) == raises, result.error_in_exec
+    return shell.user_ns["t"]
+
+
+def about(t, name: str) -> str:
+    rec = t.last(name)
+    assert rec is not None, name
+    return " ".join(explain_record(t, rec.id))
+
+
+def test_non_leaf_without_retain_grad_shows_what_it_received(shell):
+    # editor lines: 1 is %%autograd, so the body starts on line 2
+    t = run(shell, "x = torch.tensor([[1.,2,3],[3,2,1]], requires_grad=True)\ny = 3*x + 2\nz = 2*y**2\nout = z.mean()\nout.backward()")
+    text = about(t, "y")
+    assert "`y` (line 3) is not a leaf" in text
+    assert "y.retain_grad()" in text
+    assert "backward call on line 6" in text
+    assert "[[3.3333, 5.3333, 7.3333], [7.3333, 5.3333, 3.3333]]" in text  # the gradient it received
+    assert "`x` is a leaf" in about(t, "x") and "[[10., 16., 22.], [22., 16., 10.]]" in about(t, "x")
+    assert shell.user_ns["y"].grad is None  # what the explanation promises
+
+
+def test_retain_grad_is_acknowledged(shell):
+    t = run(shell, "x = torch.ones(2, requires_grad=True)\ny = x * 4\ny.retain_grad()\ny.sum().backward()")
+    text = about(t, "y")
+    assert "retain_grad() was called" in text and "[1., 1.]" in text
+
+
+def test_requires_grad_never_set(shell):
+    t = run(shell, "a = torch.tensor([3.0, 2.0], requires_grad=True)\nb = torch.tensor([4.0, 7.0])\nres = (a * b).sum()\nres.backward()")
+    text = about(t, "b")
+    assert "requires_grad was never set on `b` (line 3)" in text
+    assert shell.user_ns["b"].grad is None
+
+
+def test_created_under_no_grad(shell):
+    t = run(shell, "w = torch.ones(3, requires_grad=True)\nwith torch.no_grad():\n    y = w * 2\nz = y.sum()")
+    text = about(t, "y")
+    assert "torch.no_grad() on line 4" in text and "`w`" in text
+    assert "cut from the graph by torch.no_grad()" in about(t, "z") and "line 4" in about(t, "z")
+    assert not shell.user_ns["y"].requires_grad
+
+
+def test_cut_by_detach(shell):
+    t = run(shell, "w = torch.ones(3, requires_grad=True)\nh = w * 2\nd = h.detach()\nl = (d * w).sum()\nl.backward()")
+    assert "`.detach()` on line 4" in about(t, "d") and "from `h`" in about(t, "d")
+    assert "its use on line 4 (`h.detach()`) goes through `.detach()`" in about(t, "h")
+    assert shell.user_ns["w"].grad.tolist() == [2.0, 2.0, 2.0]
+
+
+def test_backward_on_non_scalar(shell):
+    t = run(shell, "x = torch.ones(3, requires_grad=True)\ny = x * 2\ny.backward()", raises=True)
+    text = explain_error(t)
+    assert "grad can be implicitly created only for scalar outputs" in text
+    assert "line 4" in text and "`y` has shape (3,)" in text
+    assert "raised an error before any gradient got here" in about(t, "x")
+
+
+def test_backward_on_tensor_without_grad_seed_003(shell, seeds):
+    cells = seeds.NOTEBOOKS["003"]
+    for cell in cells[:9]:
+        shell.run_cell(cell)
+    t = run(shell, cells[9], setup="pass", raises=True)  # z.backward() where z came from torch.randn(4)
+    text = explain_error(t)
+    assert "element 0 of tensors does not require grad" in text
+    assert "line 2" in text and "`z`" in text and "never had requires_grad=True" in text
+
+
+def test_backward_on_tensor_without_grad_in_cell(shell):
+    t = run(shell, "x = torch.randn(4)\ny = x + 2\nz = (y*y*2).mean()\nz.backward()", raises=True)
+    text = explain_error(t)
+    assert "line 5" in text and "`z`" in text
+    assert "computed from `x`, which never had requires_grad=True" in text
+
+
+def test_backward_twice(shell):
+    t = run(shell, "x = torch.ones(3, requires_grad=True)\ny = x.exp().sum()\ny.backward()\ny.backward()", raises=True)
+    text = explain_error(t)
+    assert "backward through the graph a second time on line 5" in text
+    assert "retain_graph=True to the call on line 4" in text
+
+
+def test_inplace_change_of_saved_tensor(shell):
+    t = run(shell, "x = torch.ones(3, requires_grad=True)\ny = x.exp()\ny += 1\ny.sum().backward()", raises=True)
+    text = explain_error(t)
+    assert "modified by an inplace operation" in text
+    assert "`y` (line 3)" in text and "`y += 1` on line 4" in text
+    first_y = t.by_name("y")[0]
+    assert "later modified in place by `y += 1` on line 4" in " ".join(explain_record(t, first_y.id))
+    assert "`y += 1` on line 4 changed `y` in place" in about(t, "y")
+
+
+def test_inplace_on_leaf_that_requires_grad(shell):
+    t = run(shell, "x = torch.ones(3, requires_grad=True)\nx += 1", raises=True)
+    text = explain_error(t)
+    assert "leaf Variable that requires grad" in text
+    assert "line 3" in text and "`x`" in text and "torch.no_grad()" in text
+
+
+def test_accumulated_over_several_backward_calls(shell):
+    t = run(shell, "w = torch.ones(3, requires_grad=True)\n(w*2).sum().backward()\n(w*3).sum().backward()")
+    text = about(t, "w")
+    assert "sum of 2 backward passes" in text
+    assert "line 3" in text and "[2., 2., 2.]" in text and "line 4" in text and "[3., 3., 3.]" in text
+    assert shell.user_ns["w"].grad.tolist() == [5.0, 5.0, 5.0]
+
+
+def test_accumulated_across_cells(shell):
+    shell.run_cell("import torch\nw = torch.ones(2, requires_grad=True)\n(w*2).sum().backward()")
+    t = run(shell, "(w*3).sum().backward()", setup="pass")
+    text = about(t, "w")
+    assert "[3., 3.]" in text and "[5., 5.]" in text and "before this cell" in text
+
+
+def test_no_error_no_explanation_and_all_records_covered(shell):
+    t = run(shell, "x = torch.ones(2, requires_grad=True)\ny = (x * x).sum()\ny.backward()")
+    assert explain_error(t) is None
+    everything = explain_all(t)
+    assert set(everything) == {r.id for r in t.records}
+    assert all(everything.values())
+
+
+@pytest.mark.parametrize("body", ["x = torch.ones(2)\nprint(x.shape[5])"])
+def test_unrelated_error_has_no_explanation(shell, body):
+    t = run(shell, body, raises=True)
+    assert explain_error(t) is None
