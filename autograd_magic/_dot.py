@@ -1,0 +1,332 @@
+"""The autograd graph as Graphviz DOT text, read from a Trace alone.
+
+Tensors are micrograd-style records `name | data | grad`; each `grad_fn` is an
+op node between its inputs and its output; leaves that require grad feed an
+`AccumulateGrad` node, where `.grad` is filled. Arrows follow the data
+(forward); gradients flow back against them. DOT node names are what the
+widget maps clicks with: `r<id>` for a record, `op<id>` for its op,
+`acc<id>` for its AccumulateGrad node, `more` for the folded remainder.
+
+Every user-derived string (names, source text, value previews) goes into
+HTML-like labels through `_text`, which escapes it, so neither DOT nor the
+SVG Graphviz writes can be broken or injected into.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Iterable, Optional
+
+from ._fold import Folded, Unit, fold, has_op_node
+from ._format import format_short, format_shape
+from ._records import Record, Trace
+
+FONT = "Helvetica"
+LEGEND = "→ data flows forward · gradients flow back against the arrows · ✂ detached: no gradient crosses"
+
+# fill, border
+_RG = ("#fff3e0", "#e08a00")  # requires_grad
+_PLAIN = ("#f7f7f7", "#9e9e9e")
+_NO_GRAD = ("#eeeeee", "#bdbdbd")
+_CALL = ("#ede7f6", "#5e35b1")
+_CHANGED_FILL = "#fff59d"
+_SELECTED = "#c2185b"
+_CUT = "#d32f2f"
+_GREY_TEXT = "#757575"
+
+
+def render_dot(
+    trace: Trace,
+    variant: Optional[Trace] = None,
+    selected: Optional[int] = None,
+    unfold: Iterable = (),
+    max_nodes: int = 300,
+) -> str:
+    """DOT for `trace`, or for `variant` with what it changed against `trace` highlighted."""
+    shown, original = (variant, trace) if variant is not None else (trace, trace.variant_of)
+    changed = changed_records(original, shown) if original is not None else set()
+    folded = fold(shown, unfold=unfold, max_nodes=max_nodes)
+    out = [
+        "digraph autograd {",
+        f'  graph [rankdir=LR, nodesep=0.2, ranksep=0.3, fontname="{FONT}", fontsize=9,'
+        f' fontcolor="{_GREY_TEXT}", labeljust=l, labelloc=b, label=<{_text(LEGEND)}>];',
+        f'  node [fontname="{FONT}", fontsize=10, shape=plaintext, margin=0];',
+        f'  edge [color="#616161", arrowsize=0.6, fontname="{FONT}", fontsize=9];',
+    ]
+    records = shown.records
+    for u in folded.units:
+        out.extend(_unit_lines(records, folded, u, changed, selected))
+    out.extend(_edge_lines(records, folded))
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- escaping
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _text(value: object, limit: int = 0) -> str:
+    """Text for inside an HTML-like label: entities escaped, newlines as <BR/>."""
+    s = _CONTROL.sub("", str(value)).replace("\r\n", "\n").replace("\r", "\n")
+    if limit and len(s) > limit:
+        s = s[: limit - 1] + "…"
+    return "<BR/>".join(html.escape(line, quote=True) for line in s.split("\n"))
+
+
+def _token(value: object) -> str:
+    """A class name made only of safe characters (Graphviz copies it into SVG)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", str(value))
+
+
+def _attrs(**kw) -> str:
+    parts = []
+    for k, v in kw.items():
+        if v is None:
+            continue
+        if isinstance(v, str) and v.startswith("<") and v.endswith(">"):
+            parts.append(f"{k}={v}")  # an HTML-like label, escaped by _text
+        else:
+            parts.append(f'{k}="{str(v)}"')  # only our own fixed strings and tokens
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- nodes
+
+
+def _unit_lines(records, folded: Folded, u: Unit, changed: set[int], selected) -> list[str]:
+    is_selected = selected is not None and selected in u.records
+    is_changed = any(rid in changed for rid in u.records)
+    if u.kind == "more":
+        return [f"  more [{_attrs(label=_more_label(u), shape='note', style='filled', fillcolor='#fafafa', color='#9e9e9e', fontcolor='#424242', **{'class': 'more'})}];"]
+    r = records[u.output]
+    label = _record_label(r, u, is_changed, is_selected)
+    classes = " ".join([u.kind] + _flags(r, u, is_changed, is_selected))
+    lines = [f"  {u.key} [{_attrs(label=label, **{'class': classes})}];"]
+    if u.kind == "record":
+        if has_op_node(r) and _op_owner(records, r) == r.id:
+            lines.append(_op_line(r))
+        if r.id in folded.acc:
+            lines.append(
+                f"  acc{r.id} [{_attrs(label='<AccumulateGrad>', shape='box', style='rounded,filled', fillcolor='#e8f5e9', color='#66bb6a', fontsize=8, **{'class': 'acc'})}];"
+            )
+    return lines
+
+
+def _flags(r: Record, u: Unit, is_changed: bool, is_selected: bool) -> list[str]:
+    flags = ["requires-grad" if r.requires_grad else "no-requires-grad"]
+    for cond, name in (
+        (r.is_leaf, "leaf"),
+        (not r.grad_enabled, "no-grad"),
+        (r.external, "external"),
+        (r.inplace, "inplace"),
+        (r.detached, "detached"),
+        (is_changed, "changed"),
+        (is_selected, "selected"),
+    ):
+        if cond:
+            flags.append(name)
+    return flags
+
+
+def _colors(r: Record, u: Unit) -> tuple[str, str]:
+    if u.kind == "call" or (u.kind == "repeat" and u.title):
+        return _CALL
+    if not r.grad_enabled:
+        return _NO_GRAD
+    return _RG if r.requires_grad else _PLAIN
+
+
+def _record_label(r: Record, u: Unit, is_changed: bool, is_selected: bool) -> str:
+    fill, border = _colors(r, u)
+    if is_changed:
+        fill = _CHANGED_FILL
+    style = ' STYLE="rounded"' if (r.external or u.kind != "record") else ""
+    width = "3" if is_selected else "1"
+    color = _SELECTED if is_selected else border
+    font = f'<FONT COLOR="{_GREY_TEXT}">' if not r.grad_enabled else "<FONT>"
+    title = f"{font}<B>{_text(_title(r, u), 40)}</B>{_small(_subtitle(r, u, is_changed))}</FONT>"
+    data = f"{font}data {_text(format_short(r.preview, 28))}</FONT>"
+    grad = f"{font}grad {_text(_grad_text(r))}</FONT>"
+    return (
+        f'<<TABLE BORDER="{width}" CELLBORDER="0" CELLSPACING="0" CELLPADDING="4"'
+        f' BGCOLOR="{fill}" COLOR="{color}"{style}>'
+        f"<TR><TD>{title}</TD><VR/><TD>{data}</TD><VR/><TD>{grad}</TD></TR></TABLE>>"
+    )
+
+
+def _small(text: str) -> str:
+    return f'<BR/><FONT POINT-SIZE="8">{_text(text, 60)}</FONT>' if text else ""
+
+
+def _title(r: Record, u: Unit) -> str:
+    if u.kind == "call":
+        return f"⊞ {r.expr or r.label}"
+    if u.kind == "repeat":
+        return f"⊞ {r.expr or r.label}  ×{u.runs}"
+    return r.label
+
+
+def _subtitle(r: Record, u: Unit, is_changed: bool) -> str:
+    """The small second line: what folded, the shape, the flags."""
+    parts = []
+    if u.kind == "call":
+        parts.append(f"{u.title} · {u.ops} ops" + (f" · {u.params} params" if u.params else ""))
+    elif u.kind == "repeat":
+        parts.append(f"{u.runs} more runs folded" + (f" · {u.title}" if u.title else ""))
+    elif r.name and r.expr and r.expr != r.name:
+        parts.append(f"= {r.expr}")
+    elif r.external:
+        parts.append("from outside the cell")
+    if u.not_kept:
+        parts.append(f"+{u.not_kept} runs not recorded")
+    tags = [format_shape(r.preview)]
+    tags += [t for cond, t in ((r.inplace, "in-place"), (r.detached, "✂ detached"), (not r.grad_enabled, "no_grad"), (is_changed, "changed")) if cond]
+    parts.append(" ".join(t for t in tags if t))
+    return "\n".join(p for p in parts if p)
+
+
+def _grad_text(r: Record) -> str:
+    g = r.grad_preview
+    if g is not None:
+        return format_short(g, 28)
+    if r.is_leaf and r.requires_grad:
+        return "None"  # the answer to "why is my .grad None?" starts here
+    return "—"
+
+
+def _op_owner(records: list[Record], r: Record) -> int:
+    """Outputs of one tuple-returning op share the op node of the first output."""
+    rid = r.id
+    while rid > 0 and records[rid].output_index and records[rid - 1].inputs == records[rid].inputs:
+        prev = records[rid - 1]
+        if prev.output_index is None or prev.output_index != records[rid].output_index - 1:
+            break
+        rid -= 1
+    return rid
+
+
+def _op_line(r: Record) -> str:
+    name = r.grad_fn or r.op
+    sub = r.op if r.grad_fn else "no grad_fn"
+    if r.inplace:
+        sub += " · in-place"
+    if r.grad_fn:
+        fill, border, font = ("#e3f2fd", "#1e88e5", "#000000")
+    else:
+        fill, border, font = ("#f5f5f5", "#bdbdbd", _GREY_TEXT)
+    style = "rounded,filled" + (",dashed" if not r.grad_enabled else "")
+    classes = " ".join(["op", _token(name)] + (["no-grad"] if not r.grad_enabled else []) + (["inplace"] if r.inplace else []))
+    label = f'<{_text(name, 40)}<BR/><FONT POINT-SIZE="8">{_text(sub, 40)}</FONT>>'
+    attrs = _attrs(
+        label=label, shape="box", style=style, fillcolor=fill, color=border, fontcolor=font,
+        penwidth="2" if r.inplace else None, **{"class": classes},
+    )
+    return f"  op{r.id} [{attrs}];"
+
+
+def _more_label(u: Unit) -> str:
+    return f"<… {u.hidden_nodes} more nodes folded<BR/>" f'<FONT POINT-SIZE="8">{u.ops} tensors; raise max_nodes or unfold to see them</FONT>>'
+
+
+# ---------------------------------------------------------------- edges
+
+
+def _edge_lines(records: list[Record], folded: Folded) -> list[str]:
+    edges: dict[tuple[str, str], set[str]] = {}
+
+    def add(src: str, dst: str, kind: str = "") -> None:
+        if src != dst:
+            edges.setdefault((src, dst), set()).add(kind)
+
+    for u in folded.units:
+        if u.kind == "record":
+            r = records[u.output]
+            if r.id in folded.acc:
+                add(f"acc{r.id}", u.key, "acc")
+            if not has_op_node(r):
+                continue
+            op = f"op{_op_owner(records, r)}"
+            add(op, u.key, "" if r.grad_enabled else "no-grad")
+            if op != f"op{r.id}":
+                continue
+            _input_edges(records, folded, r, op, add)
+            continue
+        for rid in u.records:
+            _input_edges(records, folded, records[rid], u.key, add)
+    return [_edge_line(src, dst, kinds) for (src, dst), kinds in edges.items()]
+
+
+def _input_edges(records, folded: Folded, r: Record, dst: str, add) -> None:
+    cut_op = r.op in ("detach", "detach_")
+    for i in r.inputs:
+        src = folded.unit_of.get(i)
+        if src is None:
+            continue
+        kind = "cut" if (records[i].detached or cut_op) else ("no-grad" if not r.grad_enabled else "")
+        add(src.key, dst, kind)
+
+
+def _edge_line(src: str, dst: str, kinds: set[str]) -> str:
+    if "cut" in kinds:
+        attrs = _attrs(style="dashed", color=_CUT, fontcolor=_CUT, arrowhead="tee", label="✂", **{"class": "cut"})
+    elif "acc" in kinds:
+        attrs = _attrs(style="dashed", color="#66bb6a", arrowhead="empty", **{"class": "acc"})
+    elif "no-grad" in kinds and len(kinds) == 1:
+        attrs = _attrs(style="dashed", color="#bdbdbd", **{"class": "no-grad"})
+    else:
+        attrs = ""
+    return f"  {src} -> {dst}" + (f" [{attrs}];" if attrs else ";")
+
+
+# ---------------------------------------------------------------- variants
+
+
+def changed_records(original: Trace, variant: Trace) -> set[int]:
+    """Ids of `variant` records whose values, grads or graph differ from the original run."""
+    try:
+        from ._compare import changed_fields, match_records
+    except ImportError:
+        return _changed_fallback(original, variant)
+    try:
+        pairs = match_records(original, variant)
+        items = pairs.items() if isinstance(pairs, dict) else pairs
+        out = set()
+        for a, b in items:
+            ra = original.records[a] if isinstance(a, int) else a
+            rb = variant.records[b] if isinstance(b, int) else b
+            if ra is None or rb is None:
+                if rb is not None:
+                    out.add(rb.id)
+                continue
+            if changed_fields(ra, rb):
+                out.add(rb.id)
+        return out
+    except Exception:  # a comparison problem must not stop the drawing
+        return _changed_fallback(original, variant)
+
+
+def _match_key(r: Record):
+    if r.external:
+        return ("ext", r.name, r.shape)
+    return ("op", r.span, r.occurrence, r.output_index, r.op)
+
+
+def _changed_fallback(original: Trace, variant: Trace) -> set[int]:
+    before: dict = {}
+    for r in original.records:
+        before.setdefault(_match_key(r), r)
+    out = set()
+    for r in variant.records:
+        o = before.get(_match_key(r))
+        if o is None or _differs(o, r):
+            out.add(r.id)
+    return out
+
+
+def _differs(a: Record, b: Record) -> bool:
+    if (a.grad_fn, a.requires_grad, a.is_leaf, a.detached) != (b.grad_fn, b.requires_grad, b.is_leaf, b.detached):
+        return True
+    return format_short(a.preview) != format_short(b.preview) or format_short(a.grad_preview) != format_short(b.grad_preview)
