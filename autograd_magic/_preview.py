@@ -92,8 +92,9 @@ def _preview(t: torch.Tensor, with_stats: bool) -> Preview:
             if n <= FULL_LIMIT and not d.is_complex():
                 v = p.values.astype(np.float64)
                 if v.size:
-                    p.min, p.max, p.mean = float(v.min()), float(v.max()), float(v.mean())
-                    p.norm = float(np.sqrt((v * v).sum()))
+                    with np.errstate(all="ignore"):  # inf/nan values: no RuntimeWarning in the user's cell
+                        p.min, p.max, p.mean = float(v.min()), float(v.max()), float(v.mean())
+                        p.norm = float(np.sqrt((v * v).sum()))
             else:
                 p.min, p.max, p.mean, p.norm = _stat(d)
         elif with_stats:
