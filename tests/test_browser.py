@@ -1,0 +1,144 @@
+"""The widget in real JupyterLab 4 and Notebook 7, driven in Chromium.
+
+A notebook of seed cells under `%%autograd` is opened, run with Run All, and
+the view is used as a student would: read the gradients, switch no_grad on and
+off, detach `y`, select a row, click a graph node. Reference numbers come from
+plain PyTorch. A missing chromium fails the test (see `make browser-deps`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from browser_util import browser_context, jupyter_server, run_all, wait_kernel_ready
+
+pytestmark = pytest.mark.browser
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+
+CELLS = [
+    "%load_ext autograd_magic\nimport torch",
+    "x = torch.tensor(2.0, requires_grad=True)",
+    "%%autograd\ny = 2*x**4 + x**3 + 3*x**2 + 5*x + 1\ny.backward()\nprint(x.grad)",
+    "x = torch.tensor([[1.,2,3],[3,2,1]], requires_grad=True)",
+    "%%autograd\ny = 3*x + 2\nz = 2*y**2\nout = z.mean()\nout.backward()\nprint(x.grad)",
+]
+TIMEOUT = 60_000  # ms, for anything that goes through the kernel
+
+
+def _plain_grads() -> tuple[list[float], list[float]]:
+    """The reference: the same cells in plain PyTorch."""
+    x = torch.tensor(2.0, requires_grad=True)
+    y = 2 * x**4 + x**3 + 3 * x**2 + 5 * x + 1
+    y.backward()
+    poly = x.grad.flatten().tolist()
+    x = torch.tensor([[1.0, 2, 3], [3, 2, 1]], requires_grad=True)
+    y = 3 * x + 2
+    z = 2 * y**2
+    z.mean().backward()
+    return poly, x.grad.flatten().tolist()
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(m) for m in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", text)]
+
+
+def _write_notebook(path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+@pytest.fixture(scope="module")
+def jupyter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("notebooks")
+    for kind in ("lab", "notebook"):
+        _write_notebook(root / f"seed_{kind}.ipynb")
+    with jupyter_server(root, tmp_path_factory.mktemp("jupyter_state")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    with browser_context(tmp_path_factory.mktemp("chromium_profile")) as context:
+        yield context
+
+
+def _row(view, label_pattern: str):
+    return view.locator("tr.agm-row").filter(has=view.page.locator(".agm-c-label .agm-v", has_text=re.compile(label_pattern)))
+
+
+def _grad_text(view, label_pattern: str) -> str:
+    return _row(view, label_pattern).first.locator(".agm-c-grad .agm-v").inner_text()
+
+
+@pytest.mark.parametrize("kind", ["lab", "notebook"])
+def test_seed_views(jupyter, browser, kind):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    poly_grad, grid_grad = _plain_grads()
+    page = browser.new_page()
+    try:
+        page.goto(jupyter.page_url(kind, f"seed_{kind}.ipynb"))
+        wait_kernel_ready(page)
+        run_all(page)
+        views = page.locator(".jp-OutputArea-output .agm-root")
+        views.nth(1).locator("tr.agm-row").first.wait_for(timeout=TIMEOUT)
+        poly, grid = views.nth(0), views.nth(1)
+
+        # the seeds' gradients, as plain PyTorch computes them
+        assert _numbers(_grad_text(poly, r"^x$")) == pytest.approx(poly_grad)
+        assert _numbers(_grad_text(grid, r"^x$")) == pytest.approx(grid_grad)
+        grid.scroll_into_view_if_needed()
+        grid.screenshot(path=str(SCREENSHOTS / f"{kind}_seed_2x3.png"))
+
+        _check_no_grad(grid, grid_grad, kind)
+        _check_detach(grid, grid_grad, kind)
+        _check_selection(grid, kind)
+    finally:
+        page.close()
+
+
+def _check_no_grad(grid, grid_grad, kind) -> None:
+    grid.locator("input.agm-nograd").check()
+    grid.locator(".agm-variant").wait_for(timeout=TIMEOUT)
+    y_rg = _row(grid, r"^y = ").locator(".agm-c-requires-grad .agm-v")
+    y_rg.filter(has_text="False").wait_for(timeout=TIMEOUT)
+    error = grid.locator(".agm-error")
+    assert "does not require grad" in error.inner_text()
+    grid.screenshot(path=str(SCREENSHOTS / f"{kind}_no_grad.png"))
+
+    grid.locator("input.agm-nograd").uncheck()
+    grid.locator(".agm-variant").wait_for(state="detached", timeout=TIMEOUT)
+    assert y_rg.inner_text() == "True"
+    assert _numbers(_grad_text(grid, r"^x$")) == pytest.approx(grid_grad)
+
+
+def _check_detach(grid, grid_grad, kind) -> None:
+    _row(grid, r"^y = ").locator("input.agm-detach").check()
+    grid.locator(".agm-variant").wait_for(timeout=TIMEOUT)
+    x_grad = _row(grid, r"^x$").first.locator(".agm-c-grad .agm-v")
+    x_grad.filter(has_text=re.compile(r"^None$")).wait_for(timeout=TIMEOUT)
+    grid.screenshot(path=str(SCREENSHOTS / f"{kind}_detach_y.png"))
+    grid.locator("button.agm-reset").click()
+    grid.locator(".agm-variant").wait_for(state="detached", timeout=TIMEOUT)
+    assert _numbers(x_grad.inner_text()) == pytest.approx(grid_grad)
+
+
+def _check_selection(grid, kind) -> None:
+    # a row -> the detail panel
+    _row(grid, r"^z = ").locator(".agm-c-label").click()
+    grid.locator(".agm-detail h4", has_text=re.compile(r"^z$")).wait_for(timeout=TIMEOUT)
+    assert "2*y**2" in grid.locator(".agm-detail").inner_text()
+    # a graph node -> the same record's row
+    out_id = _row(grid, r"^out = ").get_attribute("data-id")
+    node = grid.locator(f".agm-graph g.agm-gnode[data-id='{out_id}']")
+    node.click()
+    grid.locator(f"tr.agm-row.agm-selected[data-id='{out_id}']").wait_for(timeout=TIMEOUT)
+    grid.locator(".agm-detail h4", has_text=re.compile(r"^out$")).wait_for(timeout=TIMEOUT)
+    grid.screenshot(path=str(SCREENSHOTS / f"{kind}_selected.png"))
