@@ -1,0 +1,344 @@
+"""The gradient check: every leaf's gradient against central finite differences.
+
+The cell is re-run in a sandbox (copies of what it reads, the RNG states it
+started from) in float64: once to read each leaf's analytic gradient from the
+first backward pass, then twice per sampled element with that element nudged
+by ±h. The function checked is the root of the first backward pass (a
+scalar). The user's namespace, tensors, grads, RNG states and default dtype
+are never touched. Work is bounded: a few elements per leaf, a few leaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ._execute import execute
+from ._records import BackwardPass, Record, Trace
+
+MAX_LEAVES = 10
+MAX_ELEMENTS = 8
+STEP = 1e-6  # central differences in float64: truncation ~h², rounding ~1e-16/h
+ATOL = 1e-5
+RTOL = 1e-3
+
+
+@dataclass
+class LeafCheck:
+    """The verdict for one leaf: `ok` is None when it could not be checked (see `note`)."""
+
+    record: int
+    name: str
+    max_abs_err: Optional[float] = None
+    max_rel_err: Optional[float] = None
+    elements_checked: int = 0
+    ok: Optional[bool] = None
+    note: str = ""
+    # (flat index, analytic, numeric) for each element checked
+    samples: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+class _RunFailed(Exception):
+    pass
+
+
+def _key(r: Record) -> tuple:
+    return (r.span, r.occurrence, r.output_index)
+
+
+def gradcheck_cell(
+    shell,
+    source: str,
+    trace: Trace,
+    snapshot,
+    *,
+    first_line: int = 2,
+    max_leaves: int = MAX_LEAVES,
+    max_elements: int = MAX_ELEMENTS,
+) -> list[LeafCheck]:
+    """Check the gradient of every leaf the first backward pass of `trace` reached."""
+    if not trace.passes:
+        return []
+    p = trace.passes[0]
+    leaves = _leaves(trace, p)[:max_leaves]
+    if not leaves:
+        return []
+    reason = _unverifiable(trace, p)
+    if reason:
+        return [LeafCheck(r.id, r.label, note=reason) for r in leaves]
+    opaque = _opaque_ancestry(trace, p.roots[0])
+    checks: dict[int, LeafCheck] = {}
+    todo = []
+    for r in leaves:
+        if r.external and opaque:
+            checks[r.id] = LeafCheck(r.id, r.label, note=f"its path to the output goes through {opaque}, computed before this cell")
+        elif not r.external and r.span is None:
+            checks[r.id] = LeafCheck(r.id, r.label, note="it was made where the tracer could not place it")
+        else:
+            todo.append(r)
+    runner = _Runner(shell, source, trace, snapshot, first_line, p)
+    try:
+        _, analytic = runner.run(None, todo)
+    except _RunFailed as exc:
+        for r in todo:
+            checks[r.id] = LeafCheck(r.id, r.label, note=f"the sandboxed re-run failed: {exc}")
+        todo = []
+    for r in todo:
+        checks[r.id] = _check_leaf(runner, r, analytic.get(r.id), max_elements)
+    return [checks[r.id] for r in leaves]
+
+
+def _leaves(trace: Trace, p: BackwardPass) -> list[Record]:
+    return [
+        r for r in trace.records
+        if r.is_leaf and r.requires_grad and p.index in r.grads and r.preview is not None and r.preview.numel > 0
+    ]
+
+
+def _unverifiable(trace: Trace, p: BackwardPass) -> Optional[str]:
+    """Why the first pass's output cannot be re-computed and checked, or None."""
+    if p.error:
+        return "the backward call failed"
+    if len(p.roots) != 1 or p.roots[0] is None:
+        return "the backward call differentiated several outputs at once"
+    root = trace.records[p.roots[0]]
+    if root.external:
+        return f"the value differentiated, {root.label}, was computed before this cell: check the cell that computes it"
+    if root.preview is None or root.preview.numel != 1:
+        return f"{root.label} is not a scalar (backward was given a gradient): only scalar outputs are checked"
+    return None
+
+
+def _opaque_ancestry(trace: Trace, root_id: int) -> Optional[str]:
+    """A tensor with history made before this cell that the root depends on, by label."""
+    seen, stack = set(), [root_id]
+    while stack:
+        i = stack.pop()
+        if i in seen or not 0 <= i < len(trace.records):
+            continue
+        seen.add(i)
+        r = trace.records[i]
+        if r.external and r.grad_fn is not None:
+            return r.label
+        stack.extend(r.inputs)
+    return None
+
+
+def _sample(n: int, k: int) -> list[int]:
+    """Up to `k` flat indices spread over `n` elements, first and last included (deterministic)."""
+    return sorted(set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist()))
+
+
+def _check_leaf(runner: "_Runner", r: Record, analytic: Optional[torch.Tensor], max_elements: int) -> LeafCheck:
+    check = LeafCheck(r.id, r.label)
+    if analytic is None:
+        check.note = "the re-run did not give it a gradient (the cell may not compute the same thing again)"
+        return check
+    flat = analytic.detach().reshape(-1).to(torch.float64)
+    try:
+        for i in _sample(flat.numel(), max_elements):
+            plus, _ = runner.run((r, i, STEP), [])
+            minus, _ = runner.run((r, i, -STEP), [])
+            check.samples.append((i, float(flat[i]), (plus - minus) / (2 * STEP)))
+    except _RunFailed as exc:
+        check.note = f"a perturbed re-run failed: {exc}"
+        return check
+    _score(check)
+    return check
+
+
+def _score(check: LeafCheck) -> None:
+    abs_errs, rel_errs, ok = [], [], True
+    for _, ana, num in check.samples:
+        err = abs(num - ana)
+        scale = max(abs(ana), abs(num))
+        abs_errs.append(err)
+        rel_errs.append(err / scale if scale > 1e-12 else 0.0)
+        ok = ok and err <= ATOL + RTOL * abs(ana)
+    check.elements_checked = len(check.samples)
+    check.max_abs_err = max(abs_errs, default=0.0)
+    check.max_rel_err = max(rel_errs, default=0.0)
+    check.ok = ok
+    if not ok:
+        check.note = "the gradient autograd computed differs from the finite-difference estimate"
+
+
+class _Runner:
+    """Re-runs the cell in float64 in a sandbox, optionally with one leaf element nudged."""
+
+    def __init__(self, shell, source: str, trace: Trace, snapshot, first_line: int, p: BackwardPass):
+        self.shell, self.source, self.snapshot, self.first_line = shell, source, snapshot, first_line
+        self.root = trace.records[p.roots[0]]
+
+    def run(self, nudge: Optional[tuple[Record, int, float]], capture: list[Record]) -> tuple[float, dict]:
+        """(the root's value, {record id: gradient from the first backward pass} for `capture`)."""
+        grads: dict[int, torch.Tensor] = {}
+        state = {"handles": [], "root": None}
+        dtype = torch.get_default_dtype()
+        try:
+            with _sandbox(self.shell, self.snapshot) as ns:
+                torch.set_default_dtype(torch.float64)
+                self.shared = _shared_ids(self.snapshot, self.shell.user_ns)
+                _double_namespace(ns, self.shared, _names_used(self.snapshot, ns))
+                self._prepare_external(ns, nudge, capture, grads, state)
+                hook = self._output_hook(nudge, capture, grads, state)
+                run = execute(
+                    self.shell, self.source, first_line=self.first_line, namespace=ns, display=False,
+                    capture=True, output_hook=hook, sandbox=True,
+                )
+                if run.error is not None:
+                    raise _RunFailed(f"{type(run.error).__name__}: {run.error}")
+                return self._root_value(state, run.trace), grads
+        finally:
+            torch.set_default_dtype(dtype)
+            for h in state["handles"]:
+                h.remove()
+
+    def _prepare_external(self, ns: dict, nudge, capture: list[Record], grads: dict, state: dict) -> None:
+        for r in capture:
+            if r.external:
+                t = self._external(ns, r)
+                state["handles"].append(t.register_hook(_first_grad(grads, r.id)))
+        if nudge is not None and nudge[0].external:
+            _nudge(self._external(ns, nudge[0]), nudge[1], nudge[2])
+
+    def _external(self, ns: dict, r: Record) -> torch.Tensor:
+        from ._sandbox import _find_tensor
+
+        t = _find_tensor(ns, r.name)
+        if t is None or not t.is_leaf:
+            raise _RunFailed(f"could not find {r.label} in the sandbox")
+        if id(t) in self.shared:
+            raise _RunFailed(f"{r.label} is shared with the real run and cannot be changed safely")
+        return t
+
+    def _output_hook(self, nudge, capture: list[Record], grads: dict, state: dict) -> Callable:
+        wanted = {_key(r): r.id for r in capture if not r.external}
+        target = _key(nudge[0]) if nudge is not None and not nudge[0].external else None
+        root_key = _key(self.root)
+
+        def hook(record: Record, t: torch.Tensor):
+            out = _as_double(record, t)
+            k = _key(record)
+            if k == target:
+                _nudge(out, nudge[1], nudge[2])
+            if k in wanted and out.requires_grad:
+                state["handles"].append(out.register_hook(_first_grad(grads, wanted[k])))
+            if k == root_key:
+                state["root"] = out
+            return out if out is not t else None
+
+        return hook
+
+    def _root_value(self, state: dict, trace: Trace) -> float:
+        t = state["root"]
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t.detach().to(torch.float64).reshape(()))
+        roots = trace.passes[0].roots if trace.passes else []
+        rec = trace.records[roots[0]] if roots and roots[0] is not None else None
+        if rec is None or rec.preview is None or not rec.preview.complete or rec.preview.numel != 1:
+            raise _RunFailed("the re-run did not compute the differentiated value again")
+        return float(np.asarray(rec.preview.values, dtype=np.float64).reshape(()))
+
+
+def _first_grad(store: dict, rid: int):
+    """A tensor hook keeping the first gradient (the first backward pass's)."""
+
+    def hook(grad):
+        if rid not in store:
+            store[rid] = grad.detach().clone()
+
+    return hook
+
+
+def _nudge(t: torch.Tensor, flat_index: int, delta: float) -> None:
+    idx = tuple(int(i) for i in np.unravel_index(flat_index, tuple(t.shape)))
+    with torch.no_grad():
+        t[idx] += delta
+
+
+def _is_low_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.dtype != torch.float64
+
+
+def _as_double(record: Record, t: torch.Tensor) -> torch.Tensor:
+    """The op's output in float64, keeping its graph (or its leafness and requires_grad)."""
+    if not _is_low_float(t):
+        return t
+    if record.inplace:
+        if t.is_leaf:
+            t.data = t.data.to(torch.float64)  # same object: the cell keeps using it
+        return t
+    if t.grad_fn is not None:
+        return t.to(torch.float64)
+    return t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+
+
+def _names_used(snapshot, ns: dict) -> list[str]:
+    """The names the cell reads (as the snapshot found them), else every name."""
+    if snapshot is None or not hasattr(snapshot, "frozen"):
+        return list(ns)
+    names = set(snapshot.read) | set(snapshot.frozen) | set(getattr(snapshot, "live", ()))
+    return [n for n in names if n in ns]
+
+
+def _shared_ids(snapshot, user_ns: dict) -> set[int]:
+    """Objects the sandbox shares with the real run: never cast or nudge these."""
+    ids = {id(v) for v in user_ns.values()}
+    ids |= set(getattr(snapshot, "shared", {}) or {})
+    return ids
+
+
+def _double_namespace(ns: dict, shared: set[int], names: list[str]) -> None:
+    """Cast the sandbox's float tensors and modules to float64, never an object of the user's."""
+    for name in names:
+        value = ns[name]
+        mine = id(value) not in shared
+        if isinstance(value, torch.Tensor) and _is_low_float(value):
+            if mine and value.is_leaf:
+                value.grad = None  # a float32 .grad cannot take float64 gradients
+                value.data = value.data.to(torch.float64)
+            elif value.grad_fn is not None:
+                ns[name] = value.to(torch.float64)  # shared non-leaf: a float64 view of its graph
+            else:
+                ns[name] = value.detach().to(torch.float64).requires_grad_(value.requires_grad)
+        elif mine and isinstance(value, torch.nn.Module):
+            tensors = list(value.parameters()) + list(value.buffers())
+            if not any(id(t) in shared for t in tensors):  # .double() changes params in place
+                value.zero_grad(set_to_none=True)
+                value.double()
+
+
+def _sandbox(shell, snapshot):
+    try:
+        from ._sandbox import Sandbox
+    except ImportError:  # pragma: no cover - the sandbox ships with the package
+        return _FallbackSandbox(shell)
+    return Sandbox(shell, snapshot)
+
+
+class _FallbackSandbox:
+    """A shallow copy of the namespace with tensors cloned, RNG states saved and restored."""
+
+    def __init__(self, shell):
+        self.shell = shell
+
+    def __enter__(self) -> dict:
+        import random
+
+        self._rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        ns = dict(self.shell.user_ns)
+        for k, v in ns.items():
+            if isinstance(v, torch.Tensor) and v.is_leaf:
+                ns[k] = v.detach().clone().requires_grad_(v.requires_grad)
+        return ns
+
+    def __exit__(self, *exc) -> None:
+        import random
+
+        torch.set_rng_state(self._rng[0])
+        np.random.set_state(self._rng[1])
+        random.setstate(self._rng[2])

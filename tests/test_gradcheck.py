@@ -1,0 +1,157 @@
+"""The gradient check: agrees with autograd on the seeds, flags a wrong backward, touches nothing."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from autograd_magic._gradcheck import LeafCheck, _sample, gradcheck_cell
+
+CUBE = '''
+class Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * 2 * x  # wrong on purpose: d(x^3)/dx is 3*x**2
+'''
+
+
+def check(shell, body: str) -> list[LeafCheck]:
+    shell.user_ns.pop("t", None)
+    result = shell.run_cell("%%autograd --quiet --check -o t\n" + body)
+    assert result.error_in_exec is None, result.error_in_exec
+    return shell.user_ns["t"].gradcheck
+
+
+def test_seed_001_exercise_agrees(shell):
+    shell.run_cell("import torch")
+    (c,) = check(shell, "x = torch.tensor([[1.,2,3],[3,2,1]], requires_grad=True)\ny = 3*x + 2\nz = 2*y**2\nout = z.mean()\nout.backward()")
+    assert c.name == "x" and c.ok is True and c.elements_checked == 6
+    assert c.max_rel_err < 1e-6
+    assert [round(a, 6) for _, a, _ in c.samples] == [10, 16, 22, 22, 16, 10]
+
+
+def test_all_seed_cells(shell, seeds):
+    """Every seed cell with a backward checks out (or says why it was not checked); none is flagged."""
+    checked = 0
+    for nb, cells in seeds.NOTEBOOKS.items():
+        shell.reset(new_session=False)
+        for i, cell in enumerate(cells):
+            shell.user_ns.pop("t", None)
+            result = shell.run_cell("%%autograd --quiet --check -o t\n" + cell)
+            assert (result.error_in_exec is None) == ((nb, i) not in seeds.RAISES), (nb, i)
+            for c in shell.user_ns["t"].gradcheck or []:
+                assert c.ok is not False, (nb, i, c)
+                if c.ok:
+                    checked += 1
+                    assert c.max_rel_err < 1e-5, (nb, i, c)
+                else:
+                    assert c.note, (nb, i, c)
+    assert checked >= 2  # most seed cells call backward() on a value an earlier cell computed
+
+
+@pytest.mark.parametrize("nb", ["000", "001", "002", "004"])
+def test_seed_notebooks_as_one_cell(shell, seeds, nb):
+    """A whole notebook in one cell: its first backward pass is re-computed and checked."""
+    cells = [c for i, c in enumerate(seeds.NOTEBOOKS[nb]) if (nb, i) not in seeds.RAISES]
+    checks = check(shell, "\n".join(cells))
+    assert checks and all(c.ok is True for c in checks), checks
+    assert all(c.max_rel_err < 1e-5 for c in checks)
+
+
+def test_flags_a_wrong_custom_function(shell):
+    shell.run_cell("import torch\n" + CUBE)
+    (c,) = check(shell, "x = torch.tensor([1., 2, 3], requires_grad=True)\ny = Cube.apply(x).sum()\ny.backward()")
+    assert c.ok is False and "differs" in c.note
+    ana = [a for _, a, _ in c.samples]
+    num = [n for _, _, n in c.samples]
+    np.testing.assert_allclose(ana, [2.0, 4.0, 6.0])  # what the wrong backward says
+    np.testing.assert_allclose(num, [3.0, 12.0, 27.0], rtol=1e-6)  # 3*x**2
+    assert c.max_abs_err == pytest.approx(21.0, rel=1e-6)
+
+
+def test_external_leaves_and_module_parameters(shell):
+    shell.run_cell(
+        "import torch\ntorch.manual_seed(1)\nmodel = torch.nn.Linear(3, 2)\n"
+        "a = torch.tensor([0.5, 1.5, -1.0], requires_grad=True)\nx_in = torch.randn(4, 3)"
+    )
+    checks = check(shell, "h = torch.tanh(model(x_in * a))\nloss = (h ** 2).mean()\nloss.backward()")
+    names = {c.name for c in checks}
+    assert {"a", "model.weight", "model.bias"} <= names, checks
+    assert all(c.ok is True for c in checks), checks
+
+
+def test_root_from_an_earlier_cell_is_not_checked(shell):
+    shell.run_cell("import torch\nx = torch.ones(2, requires_grad=True)\ny = (x * 3).sum()")
+    (c,) = check(shell, "y.backward()")
+    assert c.ok is None and "before this cell" in c.note
+
+
+def test_non_scalar_root_with_gradient_is_skipped(shell):
+    shell.run_cell("import torch")
+    (c,) = check(shell, "x = torch.ones(3, requires_grad=True)\ny = x * 2\ny.backward(torch.ones(3))")
+    assert c.ok is None and "not a scalar" in c.note
+
+
+def test_user_state_untouched(shell):
+    """Namespace objects, values, dtypes, grads, RNG and the default dtype are as a plain run leaves them."""
+    setup = (
+        "import torch, random\nimport numpy as np\ntorch.manual_seed(3)\nnp.random.seed(3)\nrandom.seed(3)\n"
+        "w = torch.randn(3, requires_grad=True)\nw.grad = torch.full((3,), 7.0)\ndrop = torch.nn.Dropout(0.5)"
+    )
+    body = "noise = torch.randn(3)\nr = np.random.rand()\nq = random.random()\nloss = (drop(w * noise) ** 2).sum() * r * q\nloss.backward()"
+    results = []
+    for flags in ("--quiet", "--quiet --check"):
+        shell.reset(new_session=False)
+        shell.run_cell(setup)
+        w = shell.user_ns["w"]
+        res = shell.run_cell(f"%%autograd {flags} -o t\n" + body)
+        assert res.error_in_exec is None
+        ns = shell.user_ns
+        assert ns["w"] is w and w.dtype == torch.float32 and w.grad.dtype == torch.float32
+        results.append(
+            (
+                w.detach().clone(), w.grad.clone(), ns["noise"].clone(), ns["r"], ns["q"], float(ns["loss"]),
+                torch.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate(),
+                torch.get_default_dtype(), next(ns["drop"].parameters(), None),
+            )
+        )
+        if "--check" in flags:
+            (c,) = ns["t"].gradcheck
+            assert c.name == "w" and c.ok is True, c
+    plain, checked = results
+    for a, b in zip(plain, checked):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b)
+        elif isinstance(a, np.ndarray):
+            assert np.array_equal(a, b)
+        else:
+            assert a == b
+    assert checked[9] == torch.float32
+
+
+def test_sample_is_bounded_and_spread():
+    assert _sample(1, 8) == [0]
+    assert _sample(6, 8) == [0, 1, 2, 3, 4, 5]
+    s = _sample(1000, 8)
+    assert len(s) == 8 and s[0] == 0 and s[-1] == 999
+
+
+def test_max_leaves_bound(shell):
+    shell.run_cell("import torch")
+    body = "\n".join(f"p{i} = torch.tensor([{i}.0 + 1], requires_grad=True)" for i in range(12))
+    body += "\ntotal = (" + " + ".join(f"p{i}**2" for i in range(12)) + ").sum()\ntotal.backward()"
+    shell.user_ns.pop("t", None)
+    shell.run_cell("%%autograd --quiet -o t\n" + body)
+    t = shell.user_ns["t"]
+    checks = gradcheck_cell(shell, body, t, None, max_leaves=3)
+    assert [c.name for c in checks] == ["p0", "p1", "p2"]
+    assert all(c.ok for c in checks)
