@@ -32,12 +32,12 @@ def _clip(text: Optional[str], limit: int = TEXT) -> Optional[str]:
 # ---- gradients in words --------------------------------------------------------------------
 
 
-def _grad_phrase(record: Record) -> str:
+def _grad_phrase(record: Record, trace: Optional[Trace] = None) -> str:
     """Why `.grad` is None, in a few words (the compare module's phrase when present)."""
     try:
         from ._compare import grad_phrase
 
-        return grad_phrase(record)
+        return grad_phrase(record, trace)
     except Exception:  # the compare module is optional for the widget
         pass
     if not record.requires_grad:
@@ -52,7 +52,7 @@ def grad_cells(record: Record, trace: Trace) -> tuple[str, Optional[str]]:
     if not trace.passes:
         return "—", None
     shown = record.grad_preview
-    note = None if record.attr_grad is not None else _grad_phrase(record)
+    note = None if record.attr_grad is not None else _grad_phrase(record, trace) or None
     if shown is None:
         return "None", note[len("None"):].strip() if note and note.startswith("None") else note
     if record.attr_grad is None and note and note.startswith("None"):
@@ -170,7 +170,7 @@ def build_payload(
             else:
                 target = rows
             if budget <= 0:
-                hidden += 1
+                hidden += target is rows  # folded ops are already counted by their call
                 continue
             budget -= 1
             row = _row(r, trace)
@@ -346,4 +346,4 @@ def _why(trace: Trace, r: Record) -> list[str]:
         pass
     if not trace.passes or r.grad_preview is not None:
         return []
-    return [_grad_phrase(r)]
+    return [_grad_phrase(r, trace)]

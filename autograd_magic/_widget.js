@@ -1,5 +1,5 @@
 // The front end of autograd_magic's view: draws what Python sends, sends back ids and switches.
-// Every string from the payload goes into the page through textContent, never innerHTML;
+// Every string from the payload goes into the page through textContent, never parsed as markup;
 // the graph SVG (made by Graphviz in Python) is parsed as SVG and stripped of scripts.
 
 function h(tag, props = {}, ...children) {

@@ -225,18 +225,26 @@ class AutogradView(anywidget.AnyWidget):
 
 
 def _gradcheck_lines(result: Any) -> Optional[list[str]]:
-    """The gradient check's findings as lines of text, whatever shape the checker returns."""
+    """The gradient check's verdicts as lines of text."""
     if result is None:
         return None
     items = result if isinstance(result, (list, tuple)) else [result]
-    lines = []
-    for item in items[:200]:
-        if hasattr(item, "__dataclass_fields__"):
-            fields = {k: getattr(item, k) for k in item.__dataclass_fields__}
-            lines.append(", ".join(f"{k}={v}" for k, v in fields.items() if not hasattr(v, "shape")))
-        else:
-            lines.append(str(item))
-    return [line[:400] for line in lines]
+    if not items:
+        return ["Nothing to check: no backward pass reached a leaf that requires grad."]
+    return [_verdict(item)[:400] for item in items[:200]]
+
+
+def _verdict(item: Any) -> str:
+    ok = getattr(item, "ok", "?")
+    if ok == "?":
+        return str(item)
+    word = {True: "ok", False: "MISMATCH", None: "not checked"}.get(ok, str(ok))
+    text = f"{getattr(item, 'name', '?')}: {word}"
+    if getattr(item, "max_abs_err", None) is not None:
+        text += f" (max abs error {item.max_abs_err:.2e}, rel {item.max_rel_err:.2e}, {item.elements_checked} elements)"
+    if getattr(item, "note", ""):
+        text += f" — {item.note}"
+    return text
 
 
 def make_view(
