@@ -16,55 +16,25 @@ sandbox closes.
 
 from __future__ import annotations
 
-import ast
 import copy
-import random
-import re
-import sys
 import types
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
 from ._execute import execute
 from ._records import Record, Trace, TraceError
+from ._sandbox_snapshot import BUDGET_BYTES, RngState, Snapshot, copy_with_grads, readable_grad, take_snapshot
 
-BUDGET_BYTES = 64 * 2**20  # copies kept per snapshot; larger objects are copied from the post-run state
-_SCAN_NODES = 20000  # objects visited when looking for tensors inside one value
-_GRAPH_NODES = 20000  # autograd nodes walked to find the leaves a shared tensor's graph reaches
-_SHELL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh", "_", "__", "___"}
-_ATOMIC = (
-    types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type, int, float, complex, str, bytes,
-    bool, type(None), range, torch.dtype, torch.device,
-)  # shared as they are: immutable, or (functions) rebound to the sandbox later
+__all__ = ["Sandbox", "SandboxError", "Snapshot", "take_snapshot", "run_variant", "BUDGET_BYTES", "RngState"]
 
 
 class SandboxError(Exception):
     """A variant cannot run faithfully (an object it reads cannot be copied)."""
 
 
-# ---- RNG and global torch state ----
-@dataclass
-class RngState:
-    torch: Any
-    numpy: Any
-    python: Any
-
-    @classmethod
-    def take(cls) -> "RngState":
-        np = sys.modules.get("numpy")
-        return cls(torch.get_rng_state(), np.random.get_state() if np is not None else None, random.getstate())
-
-    def put(self) -> None:
-        torch.set_rng_state(self.torch)
-        np = sys.modules.get("numpy")
-        if np is not None and self.numpy is not None:
-            np.random.set_state(self.numpy)
-        random.setstate(self.python)
-
-
+# ---- global torch state ----
 def _torch_globals() -> tuple:
     return (torch.is_grad_enabled(), torch.get_default_dtype(), torch.is_anomaly_enabled())
 
@@ -75,201 +45,21 @@ def _put_torch_globals(state: tuple) -> None:
     torch.set_anomaly_enabled(state[2])
 
 
-# ---- what a cell reads ----
-def names_read(shell, source: Optional[str]) -> dict[str, int]:
-    """Names the cell's text reads -> the first line (1-based in `source`) that reads it."""
-    if source is None:
-        return {}
+def _put_value(t: torch.Tensor, value: torch.Tensor, version: int) -> None:
+    """Write `value` into `t` and give it back its version counter.
+
+    The user's graphs saved `t` at that version; with the counter restored,
+    their backward still works after the sandbox changed and restored `t`.
+    """
+    with torch.no_grad():
+        t.copy_(value)
+    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if setter is None:
+        return
     try:
-        tree = ast.parse(shell.transform_cell(source) if shell is not None else source)
-    except Exception:  # the real run reports the syntax error; guess from the words
-        return {m.group(0): 1 for m in re.finditer(r"[A-Za-z_]\w*", source)}
-    found: dict[str, int] = {}
-    for node in ast.walk(tree):
-        target = None
-        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store):
-            target = node
-        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
-            target = node.target  # `x += 1` reads x first
-        if target is not None:
-            line = getattr(target, "lineno", 1)
-            found[target.id] = min(line, found.get(target.id, line))
-    return found
-
-
-def _code_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _code_names(const)
-    return names
-
-
-def _functions_of(obj: Any, user_ns: dict) -> list[types.FunctionType]:
-    """The user's functions behind `obj`: itself, or the methods of a class defined in the notebook."""
-    if isinstance(obj, types.FunctionType):
-        return [obj] if obj.__globals__ is user_ns else []
-    cls = obj if isinstance(obj, type) else type(obj)
-    found = []
-    for klass in getattr(cls, "__mro__", ()):
-        if getattr(klass, "__module__", None) != user_ns.get("__name__", "__main__"):
-            continue
-        for member in vars(klass).values():
-            fn = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
-            if isinstance(fn, types.FunctionType) and fn.__globals__ is user_ns:
-                found.append(fn)
-    return found
-
-
-def _all_names_read(shell, source: Optional[str], user_ns: dict) -> tuple[dict[str, int], set[str]]:
-    """(names the text reads, every namespace name read, transitively through the user's functions)."""
-    direct = names_read(shell, source)
-    if source is None:
-        keys = {k for k in user_ns if isinstance(k, str) and not k.startswith("_")}
-        return {}, keys - _SHELL_NAMES
-    todo = [n for n in direct if n in user_ns]
-    seen = set(todo)
-    while todo:
-        for fn in _functions_of(user_ns[todo.pop()], user_ns):
-            for n in _code_names(fn.__code__):
-                if n in user_ns and n not in seen:
-                    seen.add(n)
-                    todo.append(n)
-    return direct, seen - _SHELL_NAMES
-
-
-# ---- what's inside a value ----
-class _Inventory:
-    """The tensors (and arrays) inside values: leaves to copy, non-leaves to share, bytes."""
-
-    def __init__(self) -> None:
-        self.leaves: dict[int, torch.Tensor] = {}
-        self.nonleaves: dict[int, torch.Tensor] = {}
-        self.seen: set[int] = set()
-
-    def scan(self, obj: Any) -> int:
-        """Bytes a copy of `obj` would take (new tensors and arrays only)."""
-        nbytes, stack, visited = 0, [(obj, 0)], 0
-        while stack and visited < _SCAN_NODES:
-            value, depth = stack.pop()
-            if id(value) in self.seen or isinstance(value, _ATOMIC):
-                continue
-            self.seen.add(id(value))
-            visited += 1
-            if isinstance(value, torch.Tensor):
-                nbytes += self._tensor(value)
-                continue
-            nbytes += int(getattr(value, "nbytes", 0) or 0) if type(value).__name__ == "ndarray" else 0
-            if depth < 6:
-                stack.extend((v, depth + 1) for v in _children(value))
-        return nbytes
-
-    def _tensor(self, t: torch.Tensor) -> int:
-        if t.grad_fn is not None:
-            self.nonleaves[id(t)] = t
-            return 0
-        self.leaves[id(t)] = t
-        size = t.numel() * t.element_size()
-        g = t.grad
-        return size + (g.numel() * g.element_size() if g is not None else 0)
-
-
-def _children(value: Any) -> list:
-    if isinstance(value, dict):
-        return list(value.values())
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return list(value)
-    if isinstance(value, torch.optim.Optimizer):
-        return [list(value.state.values()), value.param_groups]
-    d = getattr(value, "__dict__", None)
-    return list(d.values()) if isinstance(d, dict) else []
-
-
-def graph_leaves(t: torch.Tensor) -> list[torch.Tensor]:
-    """The leaf tensors whose `.grad` a backward from `t` would accumulate into."""
-    stack, seen, leaves = [t.grad_fn], set(), []
-    while stack and len(seen) < _GRAPH_NODES:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        var = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
-        if isinstance(var, torch.Tensor):
-            leaves.append(var)
-        stack.extend(nxt for nxt, _ in node.next_functions)
-    return leaves
-
-
-def _grad_of(t: torch.Tensor) -> Optional[torch.Tensor]:
-    if not (t.is_leaf or t.retains_grad):
-        return None  # reading a non-leaf's .grad only warns
-    return t.grad
-
-
-def _copy(obj: Any, memo: dict, leaves: Iterable[torch.Tensor]) -> Any:
-    """deepcopy, then give copied Parameters the `.grad` Parameter.__deepcopy__ drops."""
-    result = copy.deepcopy(obj, memo)
-    for t in leaves:
-        c = memo.get(id(t))
-        if isinstance(c, torch.Tensor) and c is not t and t.grad is not None and c.grad is None:
-            c.grad = t.grad.detach().clone()
-    return result
-
-
-# ---- the snapshot ----
-@dataclass
-class Snapshot:
-    """What a variant needs to start from the state the real run started from."""
-
-    rng: RngState
-    read: dict[str, int]  # names the cell's text reads -> first line reading it
-    frozen: dict[str, Any] = field(default_factory=dict)  # pre-run copies
-    frozen_leaves: list = field(default_factory=list)  # leaf tensors inside `frozen`
-    live: list[str] = field(default_factory=list)  # too large: copied from the post-run state
-    broken: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be copied
-    shared: dict[int, torch.Tensor] = field(default_factory=dict)  # shared with the real run
-    shared_grads: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # their pre-run .grad
-    shared_names: list[str] = field(default_factory=list)  # names of shared non-leaf tensors
-    notes: list[str] = field(default_factory=list)
-    nbytes: int = 0
-
-
-def take_snapshot(shell, source: Optional[str], budget: int = BUDGET_BYTES) -> Snapshot:
-    """Copy what `source` will read, and the RNG states, before the real run."""
-    user_ns = shell.user_ns
-    direct, names = _all_names_read(shell, source, user_ns)
-    snap = Snapshot(rng=RngState.take(), read={n: l for n, l in direct.items() if n in user_ns})
-    inv = _Inventory()
-    sizes = {}
-    for name in sorted(names):
-        obj = user_ns.get(name)
-        if not isinstance(obj, _ATOMIC):
-            sizes[name] = inv.scan(obj)
-    for t in inv.nonleaves.values():
-        snap.shared[id(t)] = t
-        for leaf in graph_leaves(t):
-            snap.shared[id(leaf)] = leaf
-    for t in snap.shared.values():
-        g = _grad_of(t)
-        snap.shared_grads[id(t)] = g.detach().clone() if g is not None else None
-    snap.shared_names = sorted(n for n in sizes if isinstance(user_ns[n], torch.Tensor) and id(user_ns[n]) in inv.nonleaves)
-    memo = {id(t): t for t in snap.shared.values()}
-    copied = [t for t in inv.leaves.values() if id(t) not in snap.shared]
-    for name, size in sizes.items():
-        if snap.nbytes + size > budget:
-            snap.live.append(name)
-            snap.notes.append(
-                f"{name} is too large to copy before every run ({size / 2**20:.0f} MB): "
-                "variants start from the state the real run left it in"
-            )
-            continue
-        try:
-            snap.frozen[name] = _copy(user_ns[name], memo, copied)
-            snap.nbytes += size
-        except Exception as exc:
-            snap.broken[name] = f"a {type(user_ns[name]).__name__}, which cannot be copied ({type(exc).__name__}: {exc})"
-    snap.frozen_leaves = [memo[id(t)] for t in copied if id(t) in memo]
-    return snap
+        setter((t,), (version,))
+    except TypeError:  # older torch takes one tensor
+        setter(t, version)
 
 
 # ---- the sandbox ----
@@ -320,7 +110,7 @@ class Sandbox:
         try:
             ns = dict(user_ns)
             memo = {id(t): t for t in snap.shared.values()}
-            ns.update(_copy(snap.frozen, memo, snap.frozen_leaves))
+            ns.update(copy_with_grads(snap.frozen, memo, snap.frozen_leaves))
             for name in snap.live:
                 if name in user_ns:
                     ns[name] = copy.deepcopy(user_ns[name], memo)
@@ -336,15 +126,22 @@ class Sandbox:
         return ns
 
     def _save_shared(self) -> None:
-        """Remember the post-run state of shared tensors, then put their pre-run `.grad` in place."""
+        """Remember the post-run state of shared tensors, then put their pre-run state in place."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for key, t in self.snapshot.shared.items():
                 value = t.detach().clone() if t.is_leaf else None
-                self._saved_tensors.append((t, _grad_of(t), t.requires_grad, t._version, value))
+                self._saved_tensors.append((t, readable_grad(t), t.requires_grad, t._version, value))
                 pre = self.snapshot.shared_grads.get(key)
                 if t.is_leaf or t.retains_grad:
                     t.grad = pre.clone() if pre is not None else None
+                before = self.snapshot.shared_leaves.get(key)
+                if before is not None:
+                    version, pre_value, requires_grad = before
+                    if t._version != version:
+                        _put_value(t, pre_value, version)
+                    if t.requires_grad != requires_grad:
+                        t.requires_grad_(requires_grad)
 
     def _restore_shared(self) -> None:
         with warnings.catch_warnings():
@@ -355,14 +152,7 @@ class Sandbox:
                 if (t.is_leaf or t.retains_grad) and t.grad is not grad:
                     t.grad = grad
                 if value is not None and t._version != version:
-                    with torch.no_grad():
-                        t.copy_(value)
-                    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
-                    if setter is not None:  # saved-tensor checks in the user's graphs stay valid
-                        try:
-                            setter((t,), (version,))
-                        except TypeError:
-                            setter(t, version)
+                    _put_value(t, value, version)
         self._saved_tensors = []
 
     def __exit__(self, *exc) -> None:

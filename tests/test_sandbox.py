@@ -367,3 +367,30 @@ def test_the_magics_own_flags_use_the_sandbox(shell):
     assert v.grad_mode == "no_grad" and v.variant_of is not None and v.error is not None
     assert shell.user_ns["x"].grad.item() == 3.0
     assert isinstance(SandboxError("m"), Exception)
+
+
+def test_function_default_tensors_are_restored(shell):
+    run(shell, "import torch\nw = torch.tensor([1., 2.], requires_grad=True)\n"
+               "def loss_fn(weight=w):\n    return (weight * 3).sum()")
+    body = "loss = loss_fn()\nloss.backward()"
+    original, snap = autograd(shell, body)
+    before = user_state(shell)
+    v = run_variant(shell, body, original, snap)
+    assert v.error is None
+    w_rec = next(r for r in v.records if r.name == "w")
+    np.testing.assert_array_equal(w_rec.attr_grad.values, [3.0, 3.0])  # pre-run grad (None) + 3
+    assert_same_state(before, user_state(shell))
+
+
+def test_in_place_change_to_a_shared_leaf_is_undone(shell):
+    run(shell, "import torch\nx = torch.tensor([1., 2.], requires_grad=True)\ny = (x * 2).sum()")
+    body = "y.backward(retain_graph=True)\nstart = x * 1\nwith torch.no_grad():\n    x.add_(1)"
+    original, snap = autograd(shell, body)
+    before = user_state(shell)
+    np.testing.assert_array_equal(by_label(original, "start").value, [1.0, 2.0])
+    v = run_variant(shell, body, original, snap)
+    assert v.error is None
+    np.testing.assert_array_equal(by_label(v, "start").value, [1.0, 2.0])  # the pre-run value
+    assert_same_state(before, user_state(shell))  # values, grads and version counters
+    shell.user_ns["y"].backward()  # the user's own graph still works
+    assert shell.user_ns["x"].grad.tolist() == [4.0, 4.0]
