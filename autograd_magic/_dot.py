@@ -102,7 +102,7 @@ def _unit_lines(records, folded: Folded, u: Unit, changed: set[int], selected) -
     if u.kind == "more":
         return [f"  more [{_attrs(label=_more_label(u), shape='note', style='filled', fillcolor='#fafafa', color='#9e9e9e', fontcolor='#424242', **{'class': 'more'})}];"]
     r = records[u.output]
-    label = _record_label(r, u, is_changed, is_selected)
+    label = _record_label(records, u, is_changed, is_selected)
     classes = " ".join([u.kind] + _flags(r, u, is_changed, is_selected))
     lines = [f"  {u.key} [{_attrs(label=label, **{'class': classes})}];"]
     if u.kind == "record":
@@ -139,7 +139,8 @@ def _colors(r: Record, u: Unit) -> tuple[str, str]:
     return _RG if r.requires_grad else _PLAIN
 
 
-def _record_label(r: Record, u: Unit, is_changed: bool, is_selected: bool) -> str:
+def _record_label(records: list[Record], u: Unit, is_changed: bool, is_selected: bool) -> str:
+    r = records[u.output]
     fill, border = _colors(r, u)
     if is_changed:
         fill = _CHANGED_FILL
@@ -148,8 +149,12 @@ def _record_label(r: Record, u: Unit, is_changed: bool, is_selected: bool) -> st
     color = _SELECTED if is_selected else border
     font = f'<FONT COLOR="{_GREY_TEXT}">' if not r.grad_enabled else "<FONT>"
     title = f"{font}<B>{_text(_title(r, u), 40)}</B>{_small(_subtitle(r, u, is_changed))}</FONT>"
-    data = f"{font}data {_text(format_short(r.preview, 28))}</FONT>"
-    grad = f"{font}grad {_text(_grad_text(r))}</FONT>"
+    if u.kind == "params":
+        data = f"{font}{len(u.records)} tensors</FONT>"
+        grad = f"{font}grad set on {sum(1 for i in u.records if records[i].grad_preview is not None)}</FONT>"
+    else:
+        data = f"{font}data {_text(format_short(r.preview, 28))}</FONT>"
+        grad = f"{font}grad {_text(_grad_text(r))}</FONT>"
     return (
         f'<<TABLE BORDER="{width}" CELLBORDER="0" CELLSPACING="0" CELLPADDING="4"'
         f' BGCOLOR="{fill}" COLOR="{color}"{style}>'
@@ -165,7 +170,9 @@ def _title(r: Record, u: Unit) -> str:
     if u.kind == "call":
         return f"⊞ {r.expr or r.label}"
     if u.kind == "repeat":
-        return f"⊞ {r.expr or r.label}  ×{u.runs}"
+        return f"⊞ {r.expr or r.label}"
+    if u.kind == "params":
+        return f"⊞ {u.title}"
     return r.label
 
 
@@ -175,14 +182,16 @@ def _subtitle(r: Record, u: Unit, is_changed: bool) -> str:
     if u.kind == "call":
         parts.append(f"{u.title} · {u.ops} ops" + (f" · {u.params} params" if u.params else ""))
     elif u.kind == "repeat":
-        parts.append(f"{u.runs} more runs folded" + (f" · {u.title}" if u.title else ""))
+        parts.append(f"×{u.runs} more runs folded" + (f" · {u.title}" if u.title else ""))
+    elif u.kind == "params":
+        parts.append(f"{len(u.records)} tensors from outside the cell, read by ops not recorded")
     elif r.name and r.expr and r.expr != r.name:
         parts.append(f"= {r.expr}")
     elif r.external:
         parts.append("from outside the cell")
     if u.not_kept:
         parts.append(f"+{u.not_kept} runs not recorded")
-    tags = [format_shape(r.preview)]
+    tags = [format_shape(r.preview) if u.kind != "params" and r.shape else ""]
     tags += [t for cond, t in ((r.inplace, "in-place"), (r.detached, "✂ detached"), (not r.grad_enabled, "no_grad"), (is_changed, "changed")) if cond]
     parts.append(" ".join(t for t in tags if t))
     return "\n".join(p for p in parts if p)
@@ -218,7 +227,8 @@ def _op_line(r: Record) -> str:
     else:
         fill, border, font = ("#f5f5f5", "#bdbdbd", _GREY_TEXT)
     style = "rounded,filled" + (",dashed" if not r.grad_enabled else "")
-    classes = " ".join(["op", _token(name)] + (["no-grad"] if not r.grad_enabled else []) + (["inplace"] if r.inplace else []))
+    flags = [(not r.grad_fn, "no-grad-fn"), (not r.grad_enabled, "no-grad"), (r.inplace, "inplace")]
+    classes = " ".join(["op", _token(name)] + [flag for cond, flag in flags if cond])
     label = f'<{_text(name, 40)}<BR/><FONT POINT-SIZE="8">{_text(sub, 40)}</FONT>>'
     attrs = _attrs(
         label=label, shape="box", style=style, fillcolor=fill, color=border, fontcolor=font,

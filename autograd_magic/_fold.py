@@ -33,7 +33,9 @@ class Unit:
     """One drawn node standing for one or more records."""
 
     key: str  # DOT node name, "r<id>" of `output` (or "more")
-    kind: str  # "record", "call" (a folded call site), "repeat" (folded loop runs), "more"
+    # "record"; "call" (a folded call site); "repeat" (folded loop runs);
+    # "params" (parameters no recorded op read); "more" (the budget's remainder)
+    kind: str
     records: list[int]
     output: int  # the record whose value and grad the node shows
     fold_key: Optional[tuple] = None  # units sharing it are runs of one expression
@@ -67,6 +69,7 @@ def fold(trace: Trace, unfold: Iterable = (), max_nodes: int = 300) -> Folded:
     acc = accumulate_grad_leaves(records, readers)
     units = _call_units(records, readers, ids, spans)
     units = _absorb_parameters(records, readers, units)
+    units = _fold_unread_parameters(records, readers, units)
     _count_not_kept(trace, units)
     budget = max(max_nodes - 1, 1)  # one node is kept for the "… more" note
     folded = _fold_runs(records, units, ids, spans, few=FEW, keep=KEEP)
@@ -235,6 +238,28 @@ def _absorb_parameters(records: list[Record], readers: dict[int, set[int]], unit
     for u in kept:
         u.records.sort()
     return kept
+
+
+def _fold_unread_parameters(records: list[Record], readers: dict[int, set[int]], units: list[Unit]) -> list[Unit]:
+    """Parameters only the backward pass saw (their readers were not kept) fold per module.
+
+    With the default detail limit a 6-layer transformer keeps 3 of its ops,
+    yet backward fills 72 parameter grads: one node says so instead of 72.
+    """
+    groups: dict[str, list[Unit]] = {}
+    for u in units:
+        r = records[u.output]
+        if u.kind == "record" and r.external and not readers.get(r.id) and (r.name is None or "." in r.name):
+            groups.setdefault((r.name or "").split(".")[0], []).append(u)
+    fold_ids = {id(u) for g in groups.values() if len(g) > FEW for u in g}
+    out = [u for u in units if id(u) not in fold_ids]
+    for prefix, group in groups.items():
+        if len(group) > FEW:
+            rids = [u.output for u in group]
+            out.append(
+                Unit(key=f"r{rids[0]}", kind="params", records=rids, output=rids[0], title=f"{prefix or 'unnamed'}.* parameters", ops=0)
+            )
+    return _order(out)
 
 
 def _count_not_kept(trace: Trace, units: list[Unit]) -> None:
