@@ -45,6 +45,7 @@ class BackwardRecorder:
         self.current: Optional[BackwardPass] = None
         self.pending: list[int] = []  # records whose tensor hooks fired for the next node
         self._site_counts: dict = {}
+        self.skipping = False  # inside a loop's later, unrecorded pass
 
     # ---- tensor hooks: the gradient each recorded tensor received ----
     def tensor_hook(self, rid: int):
@@ -52,6 +53,8 @@ class BackwardRecorder:
             tracer = self.tracer
             busy, tracer.busy = tracer.busy, True
             try:
+                if self.skipping and self.current is None:
+                    return  # an unrecorded pass must not pose as a pass of its own
                 p = self.current if self.current is not None else self._implicit_pass()
                 tracer.trace.records[rid].grads[p.index] = preview(grad)
                 self.pending.append(rid)
@@ -76,7 +79,13 @@ class BackwardRecorder:
         count = self._site_counts.get(span, 0)
         self._site_counts[span] = count + 1
         if count >= tracer.detail_limit and span is not None:
-            return func(*args, **kwargs)  # a loop's later passes: counted by the op records
+            # a loop's later passes: run, not kept (their grads still add into leaves' .grad)
+            tracer.note(f"backward on line {span[0]} ran more than {tracer.detail_limit} times: later passes were not recorded")
+            skipping, self.skipping = self.skipping, True
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.skipping = skipping
         p = BackwardPass(
             index=len(tracer.trace.passes),
             kind=kind,

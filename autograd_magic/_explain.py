@@ -137,14 +137,15 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
             f"`{r.label}.grad` is the sum of {len(passes)} backward passes (gradients accumulate): {shares}. "
             "Zero it between steps (x.grad = None, or optimizer.zero_grad()) if that is not what you want."
         ]
-    extra = _earlier_share(r, passes)
+    extra = _earlier_share(r, passes, trace.notes)
     if extra:
         out.append(extra)
     return out
 
 
-def _earlier_share(r: Record, passes: list[BackwardPass]) -> Optional[str]:
-    """When .grad holds more than this cell's passes gave: what an earlier cell left."""
+def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str]) -> Optional[str]:
+    """When .grad holds more than the recorded passes gave: unrecorded loop passes, or an earlier cell."""
+    unrecorded = [n for n in notes if "passes were not recorded" in n]
     total = None
     for p in passes:
         g = r.grads[p.index]
@@ -156,6 +157,11 @@ def _earlier_share(r: Record, passes: list[BackwardPass]) -> Optional[str]:
         return None
     if np.allclose(np.asarray(a.values, dtype=np.float64), total, rtol=1e-5, atol=1e-6):
         return None
+    if unrecorded:
+        return (
+            f"`{r.label}.grad` is {_grad(a)}: it also holds the gradients of the backward passes that ran "
+            f"in a loop but were not recorded ({unrecorded[0]})."
+        )
     return (
         f"`{r.label}.grad` is {_grad(a)}, more than this cell's passes gave: it also holds gradients "
         "accumulated by backward calls before this cell."

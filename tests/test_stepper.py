@@ -148,3 +148,33 @@ def test_describe_grad_and_unknown_rule():
     assert "chain rule" in rule_for("FancyBackward7")
     assert rule_for("AddBackward0", "a + b") == rule_for("AddBackward0")
     assert "negated" in rule_for("SubBackward0")
+
+
+def test_loop_passes_beyond_the_limit_are_not_invented(shell):
+    """Later loop passes are run but not recorded: no made-up 'implicit' pass, and the explanation says so."""
+    from autograd_magic._explain import explain_record
+
+    t = run(shell, "w = torch.tensor([1., 2.], requires_grad=True)\nfor i in range(5):\n    loss = (w * i).sum()\n    loss.backward()")
+    assert [p.kind for p in t.passes] == ["backward"] * 3
+    w = t.records[0]
+    assert sorted(w.grads) == [0, 1, 2]
+    for i in range(3):
+        _close(w.grads[i], torch.full((2,), float(i)))
+        _close(_step_for(steps(t, i), "w").grad_in[0], torch.full((2,), float(i)))
+    _close(w.attr_grad, torch.full((2,), 10.0))  # 0+1+2+3+4, as torch says
+    assert any("later passes were not recorded" in n for n in t.notes)
+    assert "were not recorded" in " ".join(explain_record(t, 0))
+
+
+def test_autograd_grad_of_an_intermediate_then_backward(shell):
+    body = (
+        "x = torch.tensor([1., 2.], requires_grad=True)\ny = x * 2\nz = y ** 2\n"
+        "(gy,) = torch.autograd.grad(z.sum(), [y], retain_graph=True)\nz.sum().backward()"
+    )
+    t = run(shell, body)
+    y = t.last("y")
+    _close(y.grads[0], torch.tensor([4.0, 8.0]))  # d(sum y²)/dy = 2y
+    first = steps(t, 1)[0]
+    assert first.node == "SumBackward0" and y.id not in first.records
+    assert [s.labels for s in steps(t, 1)][-1] == ["x"]
+    _close(_step_for(steps(t, 1), "y").grad_in[0], torch.tensor([4.0, 8.0]))
