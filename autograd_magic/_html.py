@@ -25,6 +25,7 @@ BOX = (
     "overflow-x:auto;max-width:100%;line-height:1.4"
 )
 TABLE = "border-collapse:collapse;margin:6px 0;font-size:12px;color:#1f2328"
+MAX_ROWS = 400  # rows in one snapshot; a notebook file should stay small (the widget shows everything)
 
 
 def render_html(
@@ -168,10 +169,8 @@ def group_header(trace: Trace, line: Optional[int]) -> str:
         text = "from outside the cell (earlier cells, the namespace)"
         return f'<tr><th colspan="{len(COLUMNS)}" style="{GROUP}"><i>{esc(text)}</i></th></tr>'
     source = trace.source_line(line)
-    return (
-        f'<tr><th colspan="{len(COLUMNS)}" style="{GROUP}"><span style="{MUTED}">line {line}</span> '
-        f'<code style="white-space:pre">{esc(source)}</code></th></tr>'
-    )
+    code = f' <code style="white-space:pre">{esc(source)}</code>' if source.strip() else ""
+    return f'<tr><th colspan="{len(COLUMNS)}" style="{GROUP}"><span style="{MUTED}">line {line}</span>{code}</th></tr>'
 
 
 def folded(records: list[Record], trace: Trace, originals: dict[int, Record], compare: bool) -> str:
@@ -200,23 +199,30 @@ def line_extras(trace: Trace, line: Optional[int]) -> str:
     return "".join(out)
 
 
-def table(trace: Trace, original: Optional[Trace] = None) -> str:
+def table(trace: Trace, original: Optional[Trace] = None, max_rows: int = MAX_ROWS) -> str:
     """The rows of `trace`, grouped by line; against `original` when it is a variant."""
     originals: dict[int, Record] = {}
     if original is not None:
         originals = {vid: original.records[oid] for oid, vid in match_records(original, trace).items()}
     compare = original is not None
     groups = trace.lines()
-    body = []
+    body, budget, left_out = [], max_rows, 0
     for line in line_order(trace):
         records = groups.get(line, [])
         visible = [r for r in records if not (r.internal and not r.external)]
         inside = [r for r in records if r.internal and not r.external]
+        left_out += max(0, len(visible) - budget) + (len(inside) if len(inside) > budget - len(visible) else 0)
+        shown_inside = inside if len(inside) <= budget - len(visible) else []
+        visible = visible[: max(budget, 0)]
+        budget -= len(visible) + len(shown_inside)
         rows = "".join(row(r, trace, originals.get(r.id), compare) for r in visible)
         body.append(
-            "<tbody>" + group_header(trace, line) + rows + folded(inside, trace, originals, compare)
+            "<tbody>" + group_header(trace, line) + rows + folded(shown_inside, trace, originals, compare)
             + line_extras(trace, line) + "</tbody>"
         )
+    if left_out:
+        text = f"{left_out} more tensors are not shown here (the interactive view and str(trace) show them all)"
+        body.append("<tbody>" + full_row(f'<span style="{MUTED}">{esc(text)}</span>') + "</tbody>")
     if not trace.records:
         body.append("<tbody>" + full_row(f'<span style="{MUTED}">no tensors were made</span>') + "</tbody>")
     return f'<table style="{TABLE}">{header_row()}{"".join(body)}</table>'

@@ -394,3 +394,29 @@ def test_in_place_change_to_a_shared_leaf_is_undone(shell):
     assert_same_state(before, user_state(shell))  # values, grads and version counters
     shell.user_ns["y"].backward()  # the user's own graph still works
     assert shell.user_ns["x"].grad.tolist() == [4.0, 4.0]
+
+
+@pytest.mark.parametrize("notebook", ["000", "001", "002", "003", "004"])
+def test_seed_notebooks_rerun_identically_and_leave_state_alone(shell, seeds, notebook):
+    """Every seed cell: a plain re-run reproduces the real run; toggles change nothing real."""
+    from autograd_magic._compare import changed_fields, match_records
+
+    for body in seeds.NOTEBOOKS[notebook]:
+        original, snap = autograd(shell, body)
+        before = user_state(shell)
+        same = run_variant(shell, body, original, snap)
+        if same.error is not None and original.error is None:
+            # backward() alone in a cell: the real run freed the earlier cell's graph
+            assert "computed in an earlier cell" in same.error.message, body
+            assert_same_state(before, user_state(shell))
+            continue
+        assert (same.error is None) == (original.error is None), body
+        matches = match_records(original, same)
+        assert len(matches) == len(original.records), body
+        for o, n in matches.items():
+            assert not changed_fields(original.records[o], same.records[n]), (body, original.records[o].label)
+        named = [r.name for r in original.records if r.name and not r.external]
+        run_variant(shell, body, original, snap, no_grad=True)
+        if named:
+            run_variant(shell, body, original, snap, detach=[named[0]])
+        assert_same_state(before, user_state(shell))
