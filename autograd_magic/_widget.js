@@ -228,11 +228,13 @@ function render({ model, el }) {
       return;
     }
     detail.append(
-      h("h4", { text: d.label }),
-      d.line ? h("div", { class: "agm-src" }, h("span", { class: "agm-lineno", text: `line ${d.line}` }), h("code", { text: d.source })) : null,
-      h("pre", { class: "agm-value", text: d.value }),
-      h("div", { class: "agm-muted", text: [d.shape, d.dtype, d.stats].filter(Boolean).join("  ") }),
-      h("div", { class: "agm-facts", text: d.facts.join(" · ") }),
+      ...[
+        h("h4", { text: d.label }),
+        d.line ? h("div", { class: "agm-src" }, h("span", { class: "agm-lineno", text: `line ${d.line}` }), h("code", { text: d.source })) : null,
+        h("pre", { class: "agm-value", text: d.value }),
+        h("div", { class: "agm-muted", text: [d.shape, d.dtype, d.stats].filter(Boolean).join("  ") }),
+        h("div", { class: "agm-facts", text: d.facts.join(" · ") }),
+      ].filter(Boolean),
     );
     if (d.inputs && d.inputs.length) {
       const links = d.inputs.map((i) => {
@@ -309,7 +311,8 @@ function render({ model, el }) {
     next.addEventListener("click", () => set("step", Math.min(steps.length - 1, step + 1)));
     slider.addEventListener("input", () => set("step", Number(slider.value)));
     const s = steps[step];
-    const text = s ? `step ${step + 1}/${steps.length} — ${s.text}` : `${steps.length} steps: press next to walk the backward pass`;
+    const idle = steps.length ? `${steps.length} steps: press next to walk the backward pass` : "no autograd node ran in this pass";
+    const text = s ? `step ${step + 1}/${steps.length} — ${s.text}` : idle;
     stepper.append(h("div", { class: "agm-stepper-bar" }, h("strong", { text: "backward" }), passes.length > 1 ? pick : null, prev, slider, next), h("div", { class: "agm-step-text", text }));
     if (passes[pi].error) stepper.appendChild(h("div", { class: "agm-errtext", text: passes[pi].error }));
   }

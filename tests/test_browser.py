@@ -27,7 +27,11 @@ CELLS = [
     "%%autograd\ny = 2*x**4 + x**3 + 3*x**2 + 5*x + 1\ny.backward()\nprint(x.grad)",
     "x = torch.tensor([[1.,2,3],[3,2,1]], requires_grad=True)",
     "%%autograd\ny = 3*x + 2\nz = 2*y**2\nout = z.mean()\nout.backward()\nprint(x.grad)",
+    # last, because it raises (Run All stops there): hostile text must show as text, never run
+    "%%autograd\nw = torch.ones(2, requires_grad=True) * len('" + "<img src=x onerror=\"window.__pwned=1\">" + "')\n"
+    "raise ValueError('<img src=x onerror=\"window.__pwned=2\">')",
 ]
+HOSTILE = '<img src=x onerror="window.__pwned=2">'
 TIMEOUT = 60_000  # ms, for anything that goes through the kernel
 
 
@@ -88,8 +92,8 @@ def test_seed_views(jupyter, browser, kind):
         wait_kernel_ready(page)
         run_all(page)
         views = page.locator(".jp-OutputArea-output .agm-root")
-        views.nth(1).locator("tr.agm-row").first.wait_for(timeout=TIMEOUT)
-        poly, grid = views.nth(0), views.nth(1)
+        views.nth(2).locator(".agm-error").wait_for(timeout=TIMEOUT)
+        poly, grid, hostile = views.nth(0), views.nth(1), views.nth(2)
 
         # the seeds' gradients, as plain PyTorch computes them
         assert _numbers(_grad_text(poly, r"^x$")) == pytest.approx(poly_grad)
@@ -97,11 +101,31 @@ def test_seed_views(jupyter, browser, kind):
         grid.scroll_into_view_if_needed()
         grid.screenshot(path=str(SCREENSHOTS / f"{kind}_seed_2x3.png"))
 
+        _check_hostile_text(page, hostile)
+        _check_stepper(grid)
         _check_no_grad(grid, grid_grad, kind)
         _check_detach(grid, grid_grad, kind)
         _check_selection(grid, kind)
     finally:
         page.close()
+
+
+def _check_hostile_text(page, hostile) -> None:
+    assert HOSTILE in hostile.locator(".agm-error").inner_text()
+    assert any("<img src=x" in text for text in hostile.locator(".agm-c-label").all_inner_texts())
+    assert hostile.locator("img").count() == 0
+    assert page.evaluate("() => window.__pwned === undefined")
+
+
+def _check_stepper(grid) -> None:
+    """Walking the backward pass highlights each node's tensors in the table and the graph."""
+    out_id = _row(grid, r"^out = ").get_attribute("data-id")
+    grid.locator("button.agm-next").click()
+    grid.locator(f"tr.agm-row.agm-step[data-id='{out_id}']").wait_for(timeout=TIMEOUT)
+    assert grid.locator(f".agm-graph g.agm-gnode.agm-step[data-id='{out_id}']").count() == 1
+    assert "MeanBackward0" in grid.locator(".agm-step-text").inner_text()
+    grid.locator("button.agm-prev").click()
+    grid.locator("tr.agm-row.agm-step").first.wait_for(state="detached", timeout=TIMEOUT)
 
 
 def _check_no_grad(grid, grid_grad, kind) -> None:

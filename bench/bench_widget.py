@@ -1,0 +1,83 @@
+"""The widget's costs: payload size for 10,000 ops, and the Python side of a toggle.
+
+`widget_payload_10k_ops BYTES`: JSON size of the payload for a loop cell that
+ran 10,000 tensor ops, traced with every op kept (`detail_limit` = 10,000, the
+worst case; the default limit keeps 3 runs per expression). Target < 1 MB.
+`toggle_<notebook>_<cell> SECONDS`: switching no_grad on for a seed cell —
+the sandboxed re-run, the payload and the graph layout — best of 3.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+from IPython.core.interactiveshell import InteractiveShell
+
+from autograd_magic._execute import execute
+from autograd_magic._sandbox import take_snapshot
+from autograd_magic._widget import make_view
+
+SEEDS = Path(__file__).resolve().parent.parent.parent / "shared" / "seeds" / "cells.py"
+LOOP = "h = x\nfor i in range(5000):\n    h = h * 0.999 + 0.001\nh.sum().backward()"
+
+
+def _shell() -> InteractiveShell:
+    shell = InteractiveShell.instance()
+    shell.run_cell("%load_ext autograd_magic", store_history=False)
+    return shell
+
+
+def _view(shell, cell: str, detail_limit: int = 3, graph: bool = True):
+    snapshot = take_snapshot(shell, cell)
+    run = execute(shell, cell, first_line=2, display=False, capture=True, detail_limit=detail_limit)
+    view = make_view(run.trace, shell=shell, source=cell, snapshot=snapshot, graph=graph, detail_limit=detail_limit)
+    return run.trace, view
+
+
+def payload_sizes(shell) -> None:
+    for limit, label in ((10_000, "widget_payload_10k_ops"), (3, "widget_payload_10k_ops_default_limit")):
+        shell.reset(new_session=False)
+        shell.run_cell("import torch\nx = torch.randn(8, requires_grad=True)")
+        trace, view = _view(shell, LOOP, detail_limit=limit, graph=False)
+        size = len(json.dumps(view.payload).encode())
+        print(f"{label} {size}  # {len(trace.records)} records kept")
+
+
+def _seeds():
+    spec = importlib.util.spec_from_file_location("seed_cells", SEEDS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.NOTEBOOKS
+
+
+def toggle_times(shell) -> None:
+    for nb, cells in _seeds().items():
+        shell.reset(new_session=False)
+        for i, cell in enumerate(cells):
+            try:
+                trace, view = _view(shell, cell)
+            except Exception:  # cells that raise in the notebooks themselves
+                continue
+            if not trace.records or view.variant is not None:
+                continue
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                view.no_grad = True
+                best = min(best, time.perf_counter() - t0)
+                view.no_grad = False
+            print(f"toggle_{nb}_{i} {best:.4f}")
+
+
+def main() -> None:
+    shell = _shell()
+    payload_sizes(shell)
+    if SEEDS.exists():
+        toggle_times(shell)
+
+
+if __name__ == "__main__":
+    main()
