@@ -211,6 +211,17 @@ def _flip_external(ns: dict, records: list[Record], notes: list[str]) -> None:
         notes.append(f"requires_grad of {r.label} flipped to {t.requires_grad}")
 
 
+def _detach_notes(cut: list[Record]) -> list[str]:
+    """What detaching by source span means for ops inside calls and in loops."""
+    notes = []
+    for r in cut:
+        if r.internal and not r.external and r.span is not None:
+            notes.append(f"{r.label} ran inside {r.internal}: the whole call on its line is detached")
+        if r.span is not None and r.occurrence:
+            notes.append(f"{r.label} ran in a loop: every run of that expression is detached")
+    return notes
+
+
 def _failed(original: Trace, error: TraceError, no_grad: bool, detached: list[str]) -> Trace:
     return Trace(
         source=original.source, error=error, grad_mode="no_grad" if no_grad else "enabled",
@@ -270,6 +281,7 @@ def run_variant(
         cut = [recs[i] for i in detach_records if 0 <= i < len(recs)]
         spans = [r.span for r in cut if r.span is not None]
         names += [r.name for r in cut if r.span is None and r.name]
+        notes += _detach_notes(cut)
         flips = [recs[i] for i in flip_requires_grad if 0 <= i < len(recs)]
         made_here = [r for r in flips if r.span is not None and not r.external]
         if snapshot is None:
@@ -278,7 +290,9 @@ def run_variant(
         notes += snapshot.notes
         blocked = _blocked(snapshot, first_line)
         if blocked is not None:
-            return _failed(original, blocked, no_grad, names)
+            failed = _failed(original, blocked, no_grad, names)
+            failed.notes = notes
+            return failed
         with Sandbox(shell, snapshot) as ns:
             _flip_external(ns, [r for r in flips if r not in made_here], notes)
             run = execute(

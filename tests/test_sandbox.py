@@ -420,3 +420,19 @@ def test_seed_notebooks_rerun_identically_and_leave_state_alone(shell, seeds, no
         if named:
             run_variant(shell, body, original, snap, detach=[named[0]])
         assert_same_state(before, user_state(shell))
+
+
+def test_detaching_a_loop_record_detaches_every_run(shell):
+    run(shell, "import torch\nx = torch.tensor([1., 2.], requires_grad=True)")
+    body = "acc = x * 1\nfor i in range(3):\n    acc = acc + (x * i).sum()\nacc.sum().backward()"
+    original, snap = autograd(shell, body)
+    second = next(r for r in original.records if r.expr == "x * i" and r.occurrence == 1)
+    v = run_variant(shell, body, original, snap, detach_records=[second.id])
+    assert any("every run" in n for n in v.notes)
+    px = torch.tensor([1.0, 2.0], requires_grad=True)
+    acc = px * 1
+    for i in range(3):
+        acc = acc + (px * i).detach().sum()
+    acc.sum().backward()
+    x_rec = next(r for r in v.records if r.name == "x")
+    np.testing.assert_array_equal(x_rec.attr_grad.values, px.grad.numpy())
