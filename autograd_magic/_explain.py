@@ -27,9 +27,14 @@ def _quote(r: Record) -> str:
 
 
 def _pass_where(p: BackwardPass) -> str:
+    call = "torch.autograd.grad call" if p.kind == "grad" else "backward call"
     if p.line is not None:
-        return f"the backward call on line {p.line}" + (f" (`{p.expr}`)" if p.expr else "")
+        return f"the {call} on line {p.line}" + (f" (`{p.expr}`)" if p.expr else "")
     return f"backward pass {p.index + 1}"
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _grad(p: Optional[Preview]) -> str:
@@ -59,7 +64,11 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
     out: list[str] = []
     if r.inplace and r.mutates is not None:
         target = trace.records[r.mutates]
-        out.append(f"`{r.expr or r.op}` on line {r.line} changed {_quote(target)} in place.")
+        if r.op == "requires_grad_":
+            out.append(f"`{r.expr or r.op}` on line {r.line} switched on requires_grad for {_quote(target)}: "
+                       "from here on, what is computed from it is recorded for autograd.")
+        else:
+            out.append(f"`{r.expr or r.op}` on line {r.line} changed {_quote(target)} in place.")
     if r.detached:
         out.append(f"{_where(r)} was detached by the toggle: gradients stop here in this variant.")
     if not r.requires_grad:
@@ -69,7 +78,10 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
     else:
         out.extend(_non_leaf_grad(trace, r))
     for m in _mutations_of(trace, r.id):
-        out.append(f"{_where(r)} was later modified in place by `{m.expr or m.op}` on line {m.line}.")
+        if m.op == "requires_grad_":
+            out.append(f"requires_grad was switched on later, by `{m.expr or m.op}` on line {m.line}; this row shows {_quote(r)} before that.")
+        else:
+            out.append(f"{_where(r)} was later modified in place by `{m.expr or m.op}` on line {m.line}.")
     return out
 
 
@@ -120,24 +132,29 @@ def _untracked_origin(trace: Trace, r: Record) -> str:
 
 
 def _leaf_grad(trace: Trace, r: Record) -> list[str]:
-    passes = [trace.passes[i] for i in sorted(r.grads) if i < len(trace.passes)]
-    if not passes:
+    reached = [trace.passes[i] for i in sorted(r.grads) if i < len(trace.passes)]
+    if not reached:
         if r.attr_grad is not None:
             return [f"`{r.label}.grad` = {_grad(r.attr_grad)} was left there by backward calls before this cell."]
         if not trace.passes:
             return [f"{_where(r)} requires grad, but no backward() ran in this cell, so its .grad is None."]
         return [f"{_where(r)} requires grad, but no backward pass in this cell reached it: " + _unreached(trace, r)]
-    # from here on `passes` holds the passes that delivered a gradient
+    # torch.autograd.grad returns gradients and leaves .grad alone; backward() adds into .grad
+    out = [
+        _capital(f"{_pass_where(p)} returned {_grad(r.grads[p.index])} for {_quote(r)} (it does not change `{r.label}.grad`).")
+        for p in reached if p.kind == "grad"
+    ]
+    passes = [p for p in reached if p.kind != "grad"]
     if len(passes) == 1:
         p = passes[0]
-        out = [f"{_quote(r)} is a leaf: {_pass_where(p)} put {_grad(r.grads[p.index])} into `{r.label}.grad`."]
-    else:
+        out.append(f"{_quote(r)} is a leaf: {_pass_where(p)} put {_grad(r.grads[p.index])} into `{r.label}.grad`.")
+    elif passes:
         shares = "; ".join(f"{_pass_where(p)} gave {_grad(r.grads[p.index])}" for p in passes)
-        out = [
+        out.append(
             f"`{r.label}.grad` is the sum of {len(passes)} backward passes (gradients accumulate): {shares}. "
             "Zero it between steps (x.grad = None, or optimizer.zero_grad()) if that is not what you want."
-        ]
-    extra = _earlier_share(r, passes, trace.notes)
+        )
+    extra = _earlier_share(r, passes, trace.notes) if passes else None
     if extra:
         out.append(extra)
     return out
@@ -192,7 +209,8 @@ def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
     )
     out = [f"{_where(r)} is not a leaf ({made}), so PyTorch does not keep its gradient: its .grad is None. {keep}"]
     for p, g in got:
-        out.append(f"In {_pass_where(p)} it received {_grad(g)}; with retain_grad() that is what .grad would show.")
+        would = "" if p.kind == "grad" else "; with retain_grad() that is what .grad would show"
+        out.append(f"In {_pass_where(p)} it received {_grad(g)}{would}.")
     if not got and trace.passes:
         out.append("No backward pass in this cell reached it: " + _unreached(trace, r))
     return out

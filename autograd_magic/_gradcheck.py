@@ -86,16 +86,24 @@ def gradcheck_cell(
         for r in todo:
             checks[r.id] = LeafCheck(r.id, r.label, note=f"the sandboxed re-run failed: {exc}")
         todo = []
+    for rid, why in runner.unavailable.items():
+        checks[rid] = LeafCheck(rid, trace.records[rid].label, note=why)
     for r in todo:
+        if r.id in checks:
+            continue
         checks[r.id] = _check_leaf(runner, r, analytic.get(r.id), max_elements)
     return [checks[r.id] for r in leaves]
 
 
 def _leaves(trace: Trace, p: BackwardPass) -> list[Record]:
-    return [
+    found = [
         r for r in trace.records
         if r.is_leaf and r.requires_grad and p.index in r.grads and r.preview is not None and r.preview.numel > 0
     ]
+    # an in-place op on a leaf (requires_grad_, an init like uniform_) gets a record of its own for the
+    # same tensor: keep the last one, where a nudge is not overwritten by the op
+    replaced = {r.mutates for r in found if r.inplace and r.mutates is not None}
+    return [r for r in found if r.id not in replaced]
 
 
 def _unverifiable(trace: Trace, p: BackwardPass) -> Optional[str]:
@@ -172,6 +180,7 @@ class _Runner:
     def __init__(self, shell, source: str, trace: Trace, snapshot, first_line: int, p: BackwardPass):
         self.shell, self.source, self.snapshot, self.first_line = shell, source, snapshot, first_line
         self.root = trace.records[p.roots[0]]
+        self.unavailable: dict[int, str] = {}  # external leaves the sandbox cannot reach -> why
 
     def run(self, nudge: Optional[tuple[Record, int, float]], capture: list[Record]) -> tuple[float, dict]:
         """(the root's value, {record id: gradient from the first backward pass} for `capture`)."""
@@ -200,7 +209,11 @@ class _Runner:
     def _prepare_external(self, ns: dict, nudge, capture: list[Record], grads: dict, state: dict) -> None:
         for r in capture:
             if r.external:
-                t = self._external(ns, r)
+                try:
+                    t = self._external(ns, r)
+                except _RunFailed as exc:  # this leaf only: the others can still be checked
+                    self.unavailable[r.id] = str(exc)
+                    continue
                 state["handles"].append(t.register_hook(_first_grad(grads, r.id)))
         if nudge is not None and nudge[0].external:
             _nudge(self._external(ns, nudge[0]), nudge[1], nudge[2])
@@ -210,7 +223,7 @@ class _Runner:
 
         t = _find_tensor(ns, r.name)
         if t is None or not t.is_leaf:
-            raise _RunFailed(f"could not find {r.label} in the sandbox")
+            raise _RunFailed(f"{r.label} cannot be found by name before the cell runs, so it cannot be nudged")
         if id(t) in self.shared:
             raise _RunFailed(f"{r.label} is shared with the real run and cannot be changed safely")
         return t

@@ -137,3 +137,24 @@ def test_no_error_no_explanation_and_all_records_covered(shell):
 def test_unrelated_error_has_no_explanation(shell, body):
     t = run(shell, body, raises=True)
     assert explain_error(t) is None
+
+
+def test_requires_grad_switched_on_later(shell, seeds):
+    t = run(shell, seeds.NOTEBOOKS["004"][2])
+    first_x = t.by_name("x")[0]
+    text = " ".join(explain_record(t, first_x.id))
+    assert "switched on later, by `x.requires_grad_()` on line 9" in text
+    flip = next(r for r in t.records if r.op == "requires_grad_" and r.name == "x")
+    assert "switched on requires_grad for `x`" in " ".join(explain_record(t, flip.id))
+    no_grad = [r for r in t.records if r.expr == "x + 10" and not r.grad_enabled]
+    assert no_grad and "torch.no_grad() on line 24" in " ".join(explain_record(t, no_grad[0].id))
+
+
+def test_autograd_grad_does_not_fill_dot_grad(shell):
+    t = run(shell, "x = torch.tensor([1.,2.], requires_grad=True)\ny = (x**3).sum()\n(g,) = torch.autograd.grad(y, x, create_graph=True)\ng.sum().backward()")
+    text = about(t, "x")
+    assert "torch.autograd.grad call on line 4" in text and "returned [ 3., 12.]" in text
+    assert "does not change `x.grad`" in text
+    assert "backward call on line 5" in text and "put [ 6., 12.] into `x.grad`" in text
+    assert "sum of" not in text  # autograd.grad does not accumulate
+    assert shell.user_ns["x"].grad.tolist() == [6.0, 12.0]

@@ -155,3 +155,24 @@ def test_max_leaves_bound(shell):
     checks = gradcheck_cell(shell, body, t, None, max_leaves=3)
     assert [c.name for c in checks] == ["p0", "p1", "p2"]
     assert all(c.ok for c in checks)
+
+
+def test_module_built_in_the_cell(shell):
+    """Parameters made inside nn.Linear in the cell are nudged where the cell initialises them."""
+    shell.run_cell("import torch")
+    checks = check(
+        shell,
+        "torch.manual_seed(0)\nnet = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))\n"
+        "x = torch.randn(5, 3)\nloss = net(x).pow(2).mean()\nloss.backward()",
+    )
+    ok = [c for c in checks if c.ok]
+    assert len(ok) >= 2 and all(c.ok is not False for c in checks), checks
+    assert all(c.note for c in checks if c.ok is None)
+    assert next(shell.user_ns["net"].parameters()).dtype == torch.float32
+
+
+def test_autograd_grad_pass_is_checked(shell):
+    shell.run_cell("import torch")
+    (c,) = check(shell, "x = torch.tensor([1., 2.], requires_grad=True)\n(g,) = torch.autograd.grad((x**3).sum(), x)")
+    assert c.ok is True
+    np.testing.assert_allclose([n for _, _, n in c.samples], [3.0, 12.0], rtol=1e-6)
