@@ -24,6 +24,7 @@ import torch
 BUDGET_BYTES = 64 * 2**20  # copies kept per snapshot; larger objects are copied from the post-run state
 _SCAN_NODES = 20000  # objects visited when looking for tensors inside one value
 _GRAPH_NODES = 20000  # autograd nodes walked to find the leaves a shared tensor's graph reaches
+_CONTAINERS = (dict, list, tuple, set, frozenset)
 _SHELL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "_ih", "_oh", "_dh", "_", "__", "___"}
 _ATOMIC = (
     types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type, int, float, complex, str, bytes,
@@ -138,8 +139,14 @@ class _Inventory:
                 nbytes += self._tensor(value)
                 continue
             nbytes += int(getattr(value, "nbytes", 0) or 0) if type(value).__name__ == "ndarray" else 0
+            if isinstance(value, _CONTAINERS) and len(value) > _SCAN_NODES:
+                return nbytes, False  # too many items to walk before every cell: copy it later
             if depth < 6:
-                stack.extend((v, depth + 1) for v in _children(value))
+                try:
+                    children = _children(value)
+                except Exception:  # an object that resists inspection: copy it, hope for the best
+                    continue
+                stack.extend((v, depth + 1) for v in children)
         return nbytes, True
 
     def _tensor(self, t: torch.Tensor) -> int:

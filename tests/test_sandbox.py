@@ -436,3 +436,13 @@ def test_detaching_a_loop_record_detaches_every_run(shell):
     acc.sum().backward()
     x_rec = next(r for r in v.records if r.name == "x")
     np.testing.assert_array_equal(x_rec.attr_grad.values, px.grad.numpy())
+
+
+def test_huge_python_containers_are_copied_from_the_post_run_state(shell):
+    run(shell, "import torch\nbig = list(range(100000))\nx = torch.ones(2, requires_grad=True)")
+    body = "y = x * len(big)\nbig.append(1)"
+    original, snap = autograd(shell, body)
+    assert "big" in snap.live and "big" not in snap.frozen
+    v = run_variant(shell, body, original, snap)
+    assert any("big is too large" in n for n in v.notes)
+    assert len(shell.user_ns["big"]) == 100001  # only the real run appended
