@@ -73,6 +73,7 @@ def test_table_shows_the_seed_gradients_torch_computes(shell):
     # torch keeps no .grad on the intermediate: the row says so, next to what backward delivered
     assert "non-leaf" in _row(p, "y")["grad_note"]
     assert [g["line"] for g in p["lines"]] == [None, 2, 3, 4]  # x came from an earlier cell
+    assert [r["label"] for r in p["lines"][1]["rows"]] == ["3*x", "y"]  # the cell's ops are rows, not folded
 
 
 def test_polynomial_gradient(shell):
@@ -219,6 +220,7 @@ def test_module_internals_fold_under_their_call_line(shell):
     internal = [r for r in view.trace.records if r.internal and not r.external]
     top = [r for g in view.payload["lines"] for r in g["rows"]]
     assert not any(r.get("internal") for r in top)
+    assert "h" in [r["label"] for r in top]  # the cell's own op stays a row of its line
     folded = [c for g in view.payload["lines"] for c in g["folded"]]
     assert sum(c["count"] for c in folded) == len(internal)
 
