@@ -291,9 +291,9 @@ def _fold_runs(records, units: list[Unit], ids, spans, few: int, keep: int) -> l
             continue
         keep_n = 1 if key[0] == "ext" else keep
         rest = runs[keep_n:]
-        folded = _repeat_unit(records, rest)
-        replace[id(rest[0])] = folded
-        for u in rest[1:]:
+        # drawn where the last run ran: the budget keeps the end of a run (the last loss)
+        replace[id(rest[-1])] = _repeat_unit(records, rest)
+        for u in rest[:-1]:
             replace[id(u)] = None
     out: list[Unit] = []
     for u in units:
