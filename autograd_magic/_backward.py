@@ -10,11 +10,12 @@ pre-hooks. All node hooks are removed when the call returns or raises.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from ._preview import preview
+from ._preview import preview, quietly
 from ._records import BackwardPass, BackwardStep
 
 if TYPE_CHECKING:
@@ -27,8 +28,35 @@ def node_name(node) -> str:
     return node.name().split("::")[-1]
 
 
+class _PreviewCache:
+    """One preview per gradient tensor per pass: a grad a node sends on is the
+    grad the next node (and its tensor's hook) receives, the same object."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple] = {}
+
+    def __call__(self, g):
+        if not isinstance(g, torch.Tensor):
+            return None
+        hit = self._seen.get(id(g))
+        if hit is not None and hit[0]() is g:
+            return hit[1]
+        shown = preview(g)
+        try:
+            self._seen[id(g)] = (weakref.ref(g), shown)
+        except TypeError:
+            pass
+        return shown
+
+    def many(self, grads) -> list:
+        return [self(g) for g in grads]
+
+
+_grad_preview = _PreviewCache()  # replaced per pass; module default for hooks outside a pass
+
+
 def _grad_previews(grads) -> list:
-    return [preview(g) if isinstance(g, torch.Tensor) else None for g in grads]
+    return _grad_preview.many(grads)
 
 
 def _as_tuple(x: Any) -> tuple:
@@ -45,6 +73,7 @@ class BackwardRecorder:
         self.current: Optional[BackwardPass] = None
         self.pending: list[int] = []  # records whose tensor hooks fired for the next node
         self._site_counts: dict = {}
+        self.previews = _PreviewCache()
         self.skipping = False  # inside a loop's later, unrecorded pass
 
     # ---- tensor hooks: the gradient each recorded tensor received ----
@@ -56,7 +85,7 @@ class BackwardRecorder:
                 if self.skipping and self.current is None:
                     return  # an unrecorded pass must not pose as a pass of its own
                 p = self.current if self.current is not None else self._implicit_pass()
-                tracer.trace.records[rid].grads[p.index] = preview(grad)
+                tracer.trace.records[rid].grads[p.index] = self.previews(grad)
                 self.pending.append(rid)
             finally:
                 tracer.busy = busy
@@ -104,6 +133,7 @@ class BackwardRecorder:
         handles, nodes = self._hook_nodes(p, roots)
         self._hook_named_tensors(nodes)
         outer, self.current, self.pending = self.current, p, []
+        self.previews = _PreviewCache()
         try:
             result = func(*args, **kwargs)
         except BaseException as exc:
@@ -111,6 +141,7 @@ class BackwardRecorder:
             raise
         finally:
             self.current = outer
+            self.previews = _PreviewCache()  # drop the pass's references
             for h in handles:
                 h.remove()
         if kind == "grad":
@@ -131,6 +162,7 @@ class BackwardRecorder:
             return _as_tuple(arg(0, "outputs")), _as_tuple(arg(1, "inputs")), arg(2, "grad_outputs"), arg(3, "retain_graph")
         return _as_tuple(arg(0, "tensors")), _as_tuple(kwargs.get("inputs")), arg(1, "grad_tensors"), arg(2, "retain_graph")
 
+    @quietly
     def _hook_nodes(self, p: BackwardPass, roots) -> list:
         nodes: list = []
         index: dict[int, int] = {}
@@ -165,6 +197,7 @@ class BackwardRecorder:
                 continue
         return handles, nodes
 
+    @quietly
     def _hook_named_tensors(self, nodes: list) -> None:
         """Record the user's named tensors this pass reaches (a backward-only cell still shows x.grad)."""
         in_graph = {id(n) for n in nodes}
@@ -189,19 +222,18 @@ class BackwardRecorder:
                     node=name,
                     node_id=nid,
                     records=records,
-                    grad_in=_grad_previews(grad_outputs),
+                    grad_in=self.previews.many(grad_outputs),
                     next_ids=nexts,
                 )
             )
 
         return pre
 
-    @staticmethod
-    def _post(p: BackwardPass, nid: int):
+    def _post(self, p: BackwardPass, nid: int):
         def post(grad_inputs, grad_outputs):
             for step in reversed(p.steps):
                 if step.node_id == nid:
-                    step.grad_out = _grad_previews(grad_inputs)
+                    step.grad_out = self.previews.many(grad_inputs)
                     break
 
         return post

@@ -11,6 +11,7 @@ exactly as called and hooks only read.
 
 from __future__ import annotations
 
+import os
 import sys
 import weakref
 from types import CodeType
@@ -21,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._backward import BackwardRecorder
 from ._names import NameIndex
-from ._preview import preview
+from ._preview import preview, quietly
 from ._records import Record, Trace
 from ._source import SourceMap
 
@@ -32,6 +33,7 @@ _DISPATCH_FILES = tuple(
     for sep in ("/", "\\")
     for name in ("overrides.py", "_tensor.py", "autograd" + sep + "__init__.py", "utils" + sep + "_contextlib.py")
 )
+_OUR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _OP_NAMES = {
     "__add__": "add", "__radd__": "add", "__iadd__": "add_",
     "__sub__": "sub", "__rsub__": "rsub", "__isub__": "sub_",
@@ -69,6 +71,18 @@ def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
     elif depth < 2 and isinstance(obj, (list, tuple)):
         for item in obj:
             yield from _tensors_in(item, depth + 1)
+
+
+def _force_eager():
+    """Run torch.compile'd code eagerly while tracing.
+
+    Dynamo cannot trace through our mode's handler (it fails with an internal
+    error), and the eager ops are what the trace should show anyway.
+    """
+    try:
+        return torch.compiler.set_stance("force_eager")  # applies now; __exit__ restores the previous
+    except Exception:  # torch < 2.6 has no stances
+        return None
 
 
 class _Mode(TorchFunctionMode):
@@ -137,6 +151,7 @@ class Tracer:
         self._module_stack: list[str] = []
         self._mode: Optional[_Mode] = None
         self._module_hooks: list = []
+        self._stance = None
         self._noted: set[str] = set()
         self.busy = False
         self._final_names: dict[int, str] = {}
@@ -155,6 +170,7 @@ class Tracer:
             ]
         except Exception:  # older torch: no attribution to modules
             self._module_hooks = []
+        self._stance = _force_eager()
         return self
 
     def stop(self) -> Trace:
@@ -165,6 +181,9 @@ class Tracer:
             for h in self._module_hooks:
                 h.remove()
             self._module_hooks = []
+            stance, self._stance = self._stance, None
+            if stance is not None:
+                stance.__exit__(None, None, None)
             try:
                 self._finish_records()
             finally:
@@ -211,14 +230,19 @@ class Tracer:
     # ---- where an op came from ----
     def site(self, func_name: str):
         """(span, internal) of the current op: the traced code's frame and what ran between."""
-        f = sys._getframe(3)
+        f = sys._getframe(1)
         internal = None
         anchor = self.anchor
         while f is not None:
             code = f.f_code
             if anchor(code):
                 return self.source_map.span(f), internal
-            if internal is None and code.co_name != func_name and not code.co_filename.endswith(_DISPATCH_FILES):
+            if (
+                internal is None
+                and code.co_name != func_name
+                and not code.co_filename.startswith(_OUR_DIR)
+                and not code.co_filename.endswith(_DISPATCH_FILES)
+            ):
                 internal = getattr(code, "co_qualname", code.co_name)
             f = f.f_back
         return None, internal or "outside the traced code"
@@ -230,6 +254,7 @@ class Tracer:
             return entry[1]
         return None
 
+    @quietly
     def record_for(self, t: torch.Tensor, name: Optional[str] = None) -> int:
         """The record of `t`, creating an external one for a tensor made elsewhere."""
         rid = self.record_of(t)
@@ -264,6 +289,7 @@ class Tracer:
             except RuntimeError:
                 pass
 
+    @quietly
     def on_op(self, func, func_name: str, args, kwargs, out):
         op = _op_name(func)
         if func_name == "__get__":
@@ -350,6 +376,7 @@ class Tracer:
             self._by_tensor[id(d)] = (weakref.ref(d), rid)
         return d
 
+    @quietly
     def bind(self, names: tuple, value: Any) -> Any:
         """Called by the rewritten `name = expr`: names the record, may detach it."""
         if self.busy:
@@ -388,6 +415,7 @@ class Tracer:
         """Record id -> name for live tensors found in `final_namespace` at stop."""
         return dict(self._final_names)
 
+    @quietly
     def _finish_records(self) -> None:
         self.busy = True  # the mode is popped already; this guards a user's mode below ours
         records = self.trace.records

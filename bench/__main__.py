@@ -1,0 +1,22 @@
+"""`make bench`: every benchmark, each printing ratios against a baseline measured in the same run."""
+
+from __future__ import annotations
+
+import importlib
+
+MODULES = ["bench.bench_engine", "bench.bench_layout", "bench.bench_widget"]
+
+
+def main() -> None:
+    for name in MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError as exc:
+            print(f"# {name}: not available ({exc})")
+            continue
+        print(f"# {name}")
+        mod.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Tracing overhead: traced / plain time, both measured in this run.
+
+Cases: the seed cells, a 200-step training loop of a tiny MLP
+(Linear 32->64->1, batch 128, SGD), and a 3-layer 256-wide MLP forward +
+backward at batch 64. Targets: loop <= 2.0, 256-wide MLP <= 1.3.
+Each case runs plain and traced alternately, best of several repeats, so
+machine noise hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+
+import autograd_magic as am
+
+REPEATS = 7
+
+
+def _best_ratio(plain, traced, repeats: int = REPEATS) -> tuple[float, float, float]:
+    plain()
+    traced()  # warm up both
+    p_best = t_best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain()
+        p_best = min(p_best, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        traced()
+        t_best = min(t_best, time.perf_counter() - t0)
+    return t_best / p_best, p_best, t_best
+
+
+def training_loop_case():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    X, Y = torch.randn(128, 32), torch.randn(128, 1)
+
+    def body():
+        for _ in range(200):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(X), Y)
+            loss.backward()
+            opt.step()
+
+    def traced():
+        with am.trace():
+            body()
+
+    return body, traced
+
+
+def mlp256_case():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256)
+    )
+    X = torch.randn(64, 256)
+
+    def body():
+        model.zero_grad()
+        model(X).pow(2).mean().backward()
+
+    def traced():
+        with am.trace():
+            body()
+
+    return body, traced
+
+
+def seed_cells_case():
+    """All five seed notebooks, cell by cell, as a plain shell and under %%autograd --quiet."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    seeds = Path(__file__).resolve().parent.parent.parent / "shared" / "seeds" / "cells.py"
+    spec = importlib.util.spec_from_file_location("seed_cells", seeds)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    shell = InteractiveShell.instance()
+    shell.run_cell("%load_ext autograd_magic", store_history=False)
+    import contextlib
+    import io
+
+    def run(prefix: str):
+        def go():
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                for cells in mod.NOTEBOOKS.values():
+                    shell.reset(new_session=False)
+                    torch.manual_seed(0)
+                    for cell in cells:
+                        shell.run_cell(prefix + cell, store_history=False)
+
+        return go
+
+    return run(""), run("%%autograd --quiet\n")
+
+
+def main() -> dict:
+    results = {}
+    for name, case in [("seed_cells", seed_cells_case), ("train_loop_200", training_loop_case), ("mlp256_fwd_bwd", mlp256_case)]:
+        plain, traced = case()
+        ratio, p, t = _best_ratio(plain, traced)
+        results[name] = ratio
+        print(f"{name} traced/plain {ratio:.2f}   (plain {p * 1e3:.1f} ms, traced {t * 1e3:.1f} ms)", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
