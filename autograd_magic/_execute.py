@@ -24,6 +24,8 @@ from ._records import Trace, TraceError
 from ._source import BIND_NAME, SourceMap, bind_names
 from ._tracer import Tracer
 
+_MISSING = object()
+
 
 
 @dataclass
@@ -92,7 +94,7 @@ def execute(
     )
     error: Optional[BaseException] = None
     out = io.StringIO()
-    had_bind = BIND_NAME in ns
+    previous_bind = ns.get(BIND_NAME, _MISSING)  # an outer run's helper (or a user's value) comes back
     ns[BIND_NAME] = tracer.bind
     tracer.start()
     try:
@@ -108,8 +110,10 @@ def execute(
         error = exc
     finally:
         trace = tracer.stop()
-        if not had_bind:
+        if previous_bind is _MISSING:
             ns.pop(BIND_NAME, None)
+        else:
+            ns[BIND_NAME] = previous_bind
     trace.first_line = 1
     trace.grad_mode = "no_grad" if no_grad else "enabled"
     if error is not None:

@@ -390,7 +390,9 @@ def programs(draw, max_statements: int = 8) -> str:
 
 
 # ---- running a cell plain and traced ----
-_IPY_KEYS = re.compile(r"^(_+|_i+|_\d+|_i\d+|_ih|_oh|_dh|In|Out|get_ipython|exit|quit|open)$")
+# IPython's own names, and Python's warning bookkeeping (C++ warn-once warnings
+# make it appear in whichever run warned first).
+_IPY_KEYS = re.compile(r"^(_+|_i+|_\d+|_i\d+|_ih|_oh|_dh|In|Out|get_ipython|exit|quit|open|__warningregistry__)$")
 
 
 @dataclass
@@ -433,14 +435,15 @@ def reset_namespace(shell, keep: dict) -> None:
     ns.update(keep)
 
 
-def run(shell, cell: str, traced: bool, seed: int = 0, keep: Optional[dict] = None) -> Outcome:
+def run(shell, cell: str, traced: bool, seed: int = 0, keep: Optional[dict] = None,
+        magic: str = "%%autograd --quiet") -> Outcome:
     import torch
 
     keep = keep if keep is not None else {"torch": torch}
     reset_namespace(shell, keep)
     torch.manual_seed(seed)
     random.seed(seed)
-    text = "%%autograd --quiet\n" + cell if traced else cell
+    text = magic + "\n" + cell if traced else cell
     out = io.StringIO()
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
         warnings.simplefilter("always")
@@ -452,8 +455,16 @@ def run(shell, cell: str, traced: bool, seed: int = 0, keep: Optional[dict] = No
         stdout=out.getvalue(),
         error=error,
         namespace=fingerprint_namespace(names),
-        warnings=sorted((w.category.__name__, str(w.message)) for w in caught),
+        warnings=sorted((w.category.__name__, str(w.message)) for w in caught if not _once(str(w.message))),
     )
+
+
+# C++ warnings torch gives once per process: whichever run comes first shows them.
+_WARN_ONCE = ("Converting a tensor with requires_grad=True to a scalar",)
+
+
+def _once(message: str) -> bool:
+    return message.startswith(_WARN_ONCE)
 
 
 def fingerprint_namespace(names: dict) -> dict:

@@ -1,0 +1,326 @@
+"""Clean-up under faults: KeyboardInterrupt and errors anywhere in a traced cell.
+
+A fault counter raises at its k-th tick, for every k the cell reaches, from a
+custom autograd Function's forward and backward, a module's forward, tensor
+hooks and the cell body. The traced run must fail exactly as the plain run
+does (same error, same namespace) and leave nothing behind: no mode on
+torch's stack, no global module hook, no hook that still fires on a later
+backward, no binding helper in the namespace, and the user's own modes in
+place.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from fuzz_programs import fresh_shell, run
+
+BIND = "__autograd_magic_bind__"
+
+PRELUDE = '''
+import torch
+
+class Fault:
+    def __init__(self):
+        self.k, self.calls, self.exc = 0, 0, KeyboardInterrupt
+
+    def tick(self, where):
+        self.calls += 1
+        if self.calls == self.k:
+            raise self.exc(f"fault at {where} #{self.calls}")
+
+fault = Fault()
+
+class Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        fault.tick("Function.forward")
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        fault.tick("Function.backward")
+        return g * 2
+
+class Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        fault.tick("Module.forward")
+        return torch.tanh(self.lin(x))
+'''
+
+CELL = '''net = Layer()
+x = torch.ones(3, requires_grad=True)
+h = x.register_hook(lambda g: fault.tick("leaf hook"))
+y = Boom.apply(x)
+for i in range(4):
+    y = net(y) * 0.5
+    y.register_hook(lambda g: fault.tick("hook in loop"))
+s = y.sum()
+s.backward(retain_graph=True)
+g, = torch.autograd.grad(s, [x], retain_graph=True)
+fault.tick("cell")
+print(x.grad, g)
+'''
+
+AFTER = "a = torch.ones(2, requires_grad=True)\nb = (a * 3).exp().sum()\nb.backward()\nprint(a.grad)"
+
+
+@pytest.fixture(scope="module")
+def ipy():
+    shell = fresh_shell()
+    for key in [k for k in shell.user_ns if k in ("fault", "Boom", "Layer", "Fault")]:
+        del shell.user_ns[key]
+    assert shell.run_cell(PRELUDE, store_history=False).success
+    keep = {k: shell.user_ns[k] for k in ("torch", "Fault", "fault", "Boom", "Layer")}
+    shell._fault_keep = keep
+    return shell
+
+
+def _global_hooks() -> tuple:
+    from torch.nn.modules import module as nn_module
+
+    return len(nn_module._global_forward_hooks), len(nn_module._global_forward_pre_hooks)
+
+
+def _stance() -> str:
+    try:
+        from torch._dynamo import eval_frame
+
+        return eval_frame._stance.stance
+    except Exception:
+        return "unknown"
+
+
+def _clean_state() -> tuple:
+    return torch._C._len_torch_function_stack(), _global_hooks(), torch.is_grad_enabled(), _stance()
+
+
+def _run_with_fault(ipy, k: int, exc, traced: bool, magic: str = "%%autograd --quiet -o trace_out"):
+    fault = ipy._fault_keep["fault"]
+    fault.k, fault.calls, fault.exc = k, 0, exc
+    return run(ipy, CELL, traced=traced, keep=ipy._fault_keep, magic=magic), fault.calls
+
+
+def _trace_counts(trace) -> tuple:
+    return [len(p.steps) for p in trace.passes], [sorted(r.grads) for r in trace.records]
+
+
+def _ticks(ipy) -> int:
+    outcome, calls = _run_with_fault(ipy, 0, KeyboardInterrupt, traced=False)
+    assert outcome.error is None, outcome.stdout
+    return calls
+
+
+def _reference_after(ipy) -> str:
+    return run(ipy, AFTER, traced=False).stdout
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, ValueError], ids=["KeyboardInterrupt", "ValueError"])
+def test_fault_at_every_tick(ipy, exc):
+    total = _ticks(ipy)
+    assert total > 10  # forward, module, hooks and backward ticks all ran
+    reference = _reference_after(ipy)
+    before = _clean_state()
+    injected = 0
+    for k in range(1, total + 2):
+        plain, _ = _run_with_fault(ipy, k, exc, traced=False)
+        traced, _ = _run_with_fault(ipy, k, exc, traced=True)
+        injected += plain.error is not None
+        assert traced.error == plain.error, k
+        if k <= total:
+            assert plain.error == (exc.__name__, plain.error[1]) and "fault at" in plain.error[1]
+        assert traced.namespace.keys() - {"trace_out"} == plain.namespace.keys(), k
+        for key in plain.namespace:
+            assert traced.namespace[key] == plain.namespace[key], (k, key)
+        assert BIND not in ipy.user_ns
+        assert _clean_state() == before, k
+        # Our tensor and node hooks are gone: a later backward leaves the stored trace alone.
+        trace = ipy.user_ns["trace_out"]
+        counts = _trace_counts(trace)
+        fault = ipy._fault_keep["fault"]
+        fault.k = -1
+        if "s" in ipy.user_ns and ipy.user_ns["s"].requires_grad:
+            ipy.user_ns["s"].backward(retain_graph=True)
+        assert _trace_counts(trace) == counts, k
+        # The next plain cell runs as it would have without the magic.
+        assert _reference_after(ipy) == reference
+    assert injected == total
+
+
+def test_fault_trace_records_the_error(ipy):
+    fault = ipy._fault_keep["fault"]
+    traced, _ = _run_with_fault(ipy, 3, ValueError, traced=True)
+    trace = ipy.user_ns["trace_out"]
+    assert trace.error is not None and trace.error.type == "ValueError"
+    assert "fault at" in trace.error.message
+    assert fault.calls == 3
+
+
+def test_fault_with_views_shown(ipy):
+    # Not --quiet: the text view renders a partial trace and the error still propagates.
+    for k in (1, 5, 12):
+        plain, _ = _run_with_fault(ipy, k, KeyboardInterrupt, traced=False)
+        traced, _ = _run_with_fault(ipy, k, KeyboardInterrupt, traced=True, magic="%%autograd --text")
+        assert traced.error == plain.error
+        assert "autograd trace" in traced.stdout
+        assert _clean_state()[0] == 0
+
+
+class _Counting(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("k", [0, 2, 7, 15])
+def test_user_modes_survive(ipy, k):
+    """A mode entered before the cell and one entered in the cell (never exited) stay, in order."""
+    cell_enter = "inner = Counting()\ninner.__enter__()\n"
+    keep = dict(ipy._fault_keep, Counting=_Counting)
+    results = {}
+    for traced in (False, True):
+        outer = _Counting()
+        depth = torch._C._len_torch_function_stack()
+        outer.__enter__()
+        try:
+            fault = keep["fault"]
+            fault.k, fault.calls, fault.exc = k, 0, KeyboardInterrupt
+            outcome = run(ipy, cell_enter + CELL, traced=traced, keep=keep)
+            inner = ipy.user_ns["inner"]
+            assert torch._C._len_torch_function_stack() == depth + 2
+            assert torch._C._get_function_stack_at(depth) is outer
+            assert torch._C._get_function_stack_at(depth + 1) is inner
+            # Both still see the next cell's ops.
+            n_outer, n_inner = len(outer.calls), len(inner.calls)
+            torch.ones(2) + 1
+            assert len(outer.calls) > n_outer and len(inner.calls) > n_inner
+            results[traced] = (outcome.error, outcome.namespace.keys(), list(outer.calls), list(inner.calls))
+        finally:
+            while torch._C._len_torch_function_stack() > depth:
+                torch._C._pop_torch_function_stack()
+    assert results[True][0] == results[False][0]
+    assert results[True][1] == results[False][1]
+    # The user's modes saw exactly the ops of a plain run: our previews never reach them.
+    assert results[True][2] == results[False][2]
+    assert results[True][3] == results[False][3]
+
+
+def test_error_in_user_hook_and_module(ipy):
+    cells = [
+        "x = torch.ones(3, requires_grad=True)\ny = x * 2\ny.register_hook(lambda g: 1 / 0)\ny.sum().backward()",
+        "class Bad(torch.nn.Module):\n    def forward(self, x):\n        raise RuntimeError('bad forward')\n"
+        "m = Bad()\nx = torch.ones(3, requires_grad=True)\ny = m(x * 2)",
+        "x = torch.ones(3, requires_grad=True)\ny = x * 2\nraise ValueError(f'in cell {y.sum().item()}')",
+        "x = torch.ones(3, requires_grad=True)\ny = x.reshape(5)",
+    ]
+    before = _clean_state()
+    for cell in cells:
+        plain = run(ipy, cell, traced=False)
+        traced = run(ipy, cell, traced=True)
+        assert plain.error is not None
+        assert traced.error == plain.error
+        # Same traceback in the cell's own frames (global module hooks make torch's
+        # Module._call_impl take its slow path, so torch's own frames may differ).
+        assert _cell_frames(traced.shown) == _cell_frames(plain.shown)
+        assert "autograd_magic" not in traced.shown
+        assert traced.namespace == plain.namespace
+        assert _clean_state() == before
+        assert BIND not in ipy.user_ns
+
+
+def _cell_frames(shown: str) -> list:
+    kept, keep = [], True
+    lines = shown.split("\n")
+    for line in lines[:-1]:
+        if line.startswith(("Cell", "File ")):
+            keep = line.startswith("Cell")
+        if keep:
+            kept.append(line)
+    return kept + lines[-1:]
+
+
+def test_user_binding_name_kept(ipy):
+    """A user's own variable with our helper's name is left as it was."""
+    keep = dict(ipy._fault_keep, **{BIND: "mine"})
+    run(ipy, "x = torch.ones(2) * 2", traced=True, keep=keep)
+    assert ipy.user_ns[BIND] == "mine"
+    del ipy.user_ns[BIND]
+
+
+def test_interrupt_from_a_timer(ipy):
+    """Ctrl-C at arbitrary moments (a signal, not a hook): state is always clean afterwards.
+
+    The timer is armed by the cell's first line, so the interrupt lands in the
+    traced code, in the tracer's own work or in the magic around it; one that
+    lands after `run_cell` returned is caught here and counted as late.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals need the main thread")
+    body = "x = torch.ones(8, requires_grad=True)\ny = x\nfor i in range(200):\n    y = (y * 1.001).tanh() + x\n" \
+           "y.sum().backward()\nprint(x.grad.sum())"
+    keep = dict(ipy._fault_keep, arm=lambda delay: signal.setitimer(signal.ITIMER_REAL, delay))
+    before = _clean_state()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("timer")
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        start = time.perf_counter()
+        assert run(ipy, body, traced=True, keep=keep).error is None
+        duration = time.perf_counter() - start
+        outcomes = {"in cell": 0, "late": 0, "none": 0}
+        for i in range(40):
+            delay = max(1e-5, duration * i / 32)
+            try:
+                outcome = run(ipy, f"arm({delay})\n" + body, traced=True, keep=keep)
+                outcomes["in cell" if outcome.error else "none"] += 1
+                if outcome.error:
+                    assert outcome.error == ("KeyboardInterrupt", "timer")
+            except KeyboardInterrupt:
+                outcomes["late"] += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            assert _clean_state() == before, (i, outcomes)
+            assert BIND not in ipy.user_ns
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert outcomes["in cell"] > 10, outcomes
+
+
+def test_torch_compile_runs_under_the_magic(ipy):
+    try:
+        compiled = torch.compile(lambda a, b: (a * b).sin() + a, backend="eager")
+        compiled(torch.ones(2), torch.ones(2))
+    except Exception as exc:  # no dynamo on this platform / Python
+        pytest.skip(f"torch.compile does not work here: {type(exc).__name__}: {exc}")
+    # Defined in a cell, as users do (dynamo then reads the cell's source).
+    run(ipy, "@torch.compile(backend='eager')\ndef f(a, b):\n    return (a * b).sin() + a", traced=False, keep=ipy._fault_keep)
+    keep = dict(ipy._fault_keep, f=ipy.user_ns["f"])
+    cell = "x = torch.ones(3, requires_grad=True)\ny = f(x, torch.arange(3.0))\ny.sum().backward()\nprint(x.grad)\ny"
+    plain = run(ipy, cell, traced=False, keep=keep)
+    traced = run(ipy, cell, traced=True, keep=keep)
+    assert plain.error is None
+    assert traced.error == plain.error
+    assert traced.stdout == plain.stdout
+    def mine(ns):  # dynamo adds its own globals (`__compiled_fn_*`) when it compiles
+        return {k: v for k, v in ns.items() if not k.startswith("__")}
+
+    assert mine(traced.namespace) == mine(plain.namespace)
+    assert _clean_state()[0] == 0 and _stance() in ("default", "unknown")
+    # And compiled code still compiles after the cell.
+    assert torch.equal(compiled(torch.ones(2), torch.ones(2)), torch.ones(2).sin() + 1)
