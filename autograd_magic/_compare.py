@@ -20,8 +20,9 @@ FIELDS = ("value", "requires_grad", "is_leaf", "grad_fn", "grad", "detached")
 def grad_phrase(record: Record, trace: Optional[Trace] = None) -> str:
     """Why `.grad` is None for this tensor, e.g. "None (non-leaf, no retain_grad)"; "" when it is set.
 
-    With `trace`, a leaf that would get a gradient but has none yet says
-    "no backward yet" when the cell ran no backward pass.
+    With `trace`, a leaf that would get a gradient but has none says "no
+    backward yet" when the cell ran no backward pass, "backward failed" when
+    every pass raised.
     """
     if record.attr_grad is not None:
         return ""
@@ -35,6 +36,8 @@ def grad_phrase(record: Record, trace: Optional[Trace] = None) -> str:
         return "None (non-leaf, no retain_grad)"
     if trace is not None and not trace.passes:
         return "None (no backward yet)"
+    if trace is not None and all(p.error for p in trace.passes):
+        return "None (backward failed)"
     return "None (backward did not reach it)"
 
 

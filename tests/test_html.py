@@ -225,6 +225,7 @@ def test_no_grad_variant_shows_the_error_at_its_line(shell):
     t = magic(shell, body)
     v = run_variant(shell, body, t, snap, no_grad=True)
     out = render_html(t, variant=v)
+    assert grad_phrase(v.last("x"), v) == "None (backward failed)"
     assert "under torch.no_grad()" in out
     assert html.escape("RuntimeError (line 3): element 0 of tensors does not require grad") in out
     assert 'data-changed="grad_fn"' in out and 'data-changed="requires_grad"' in out
