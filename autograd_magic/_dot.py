@@ -18,6 +18,7 @@ import html
 import re
 from typing import Iterable, Optional
 
+from ._compare import changed_fields, match_records
 from ._fold import Folded, Unit, fold, has_op_node
 from ._format import format_short, format_shape
 from ._records import Record, Trace
@@ -96,26 +97,28 @@ def _attrs(**kw) -> str:
 # ---------------------------------------------------------------- nodes
 
 
+_MORE_STYLE = dict(shape="note", style="filled", fillcolor="#fafafa", color="#9e9e9e", fontcolor="#424242")
+_ACC_STYLE = dict(shape="box", style="rounded,filled", fillcolor="#e8f5e9", color="#66bb6a", fontsize="8")
+
+
 def _unit_lines(records, folded: Folded, u: Unit, changed: set[int], selected) -> list[str]:
+    if u.kind == "more":
+        return [f"  more [{_attrs(label=_more_label(u), **_MORE_STYLE, **{'class': 'more'})}];"]
     is_selected = selected is not None and selected in u.records
     is_changed = any(rid in changed for rid in u.records)
-    if u.kind == "more":
-        return [f"  more [{_attrs(label=_more_label(u), shape='note', style='filled', fillcolor='#fafafa', color='#9e9e9e', fontcolor='#424242', **{'class': 'more'})}];"]
     r = records[u.output]
     label = _record_label(records, u, is_changed, is_selected)
-    classes = " ".join([u.kind] + _flags(r, u, is_changed, is_selected))
+    classes = " ".join([u.kind] + _flags(r, is_changed, is_selected))
     lines = [f"  {u.key} [{_attrs(label=label, **{'class': classes})}];"]
     if u.kind == "record":
         if has_op_node(r) and _op_owner(records, r) == r.id:
             lines.append(_op_line(r))
         if r.id in folded.acc:
-            lines.append(
-                f"  acc{r.id} [{_attrs(label='<AccumulateGrad>', shape='box', style='rounded,filled', fillcolor='#e8f5e9', color='#66bb6a', fontsize=8, **{'class': 'acc'})}];"
-            )
+            lines.append(f"  acc{r.id} [{_attrs(label='<AccumulateGrad>', **_ACC_STYLE, **{'class': 'acc'})}];")
     return lines
 
 
-def _flags(r: Record, u: Unit, is_changed: bool, is_selected: bool) -> list[str]:
+def _flags(r: Record, is_changed: bool, is_selected: bool) -> list[str]:
     flags = ["requires-grad" if r.requires_grad else "no-requires-grad"]
     for cond, name in (
         (r.is_leaf, "leaf"),
@@ -167,34 +170,52 @@ def _small(text: str) -> str:
 
 
 def _title(r: Record, u: Unit) -> str:
-    if u.kind == "call":
-        return f"⊞ {r.expr or r.label}"
-    if u.kind == "repeat":
-        return f"⊞ {r.expr or r.label}"
+    """A plain record is its name or expression; ⊞ marks a node that folds several."""
     if u.kind == "params":
         return f"⊞ {u.title}"
+    if u.kind in ("call", "repeat"):
+        return f"⊞ {r.expr or r.label}"
     return r.label
 
 
 def _subtitle(r: Record, u: Unit, is_changed: bool) -> str:
-    """The small second line: what folded, the shape, the flags."""
-    parts = []
-    if u.kind == "call":
-        parts.append(f"{u.title} · {u.ops} ops" + (f" · {u.params} params" if u.params else ""))
-    elif u.kind == "repeat":
-        parts.append(f"×{u.runs} more runs folded" + (f" · {u.title}" if u.title else ""))
-    elif u.kind == "params":
-        parts.append(f"{len(u.records)} tensors from outside the cell, read by ops not recorded")
-    elif r.name and r.expr and r.expr != r.name:
-        parts.append(f"= {r.expr}")
-    elif r.external:
-        parts.append("from outside the cell")
+    """The small lines under the title: what folded, what was not recorded, shape and flags."""
+    parts = [_folded_text(r, u)]
     if u.not_kept:
-        parts.append(f"+{u.not_kept} runs not recorded")
+        parts.append(_not_kept_text(u))
     tags = [format_shape(r.preview) if u.kind != "params" and r.shape else ""]
-    tags += [t for cond, t in ((r.inplace, "in-place"), (r.detached, "✂ detached"), (not r.grad_enabled, "no_grad"), (is_changed, "changed")) if cond]
+    for cond, tag in (
+        (r.inplace, "in-place"),
+        (r.detached, "✂ detached"),
+        (not r.grad_enabled, "no_grad"),
+        (is_changed, "changed"),
+    ):
+        if cond:
+            tags.append(tag)
     parts.append(" ".join(t for t in tags if t))
     return "\n".join(p for p in parts if p)
+
+
+def _folded_text(r: Record, u: Unit) -> str:
+    if u.kind == "call":
+        return f"{u.title} · {u.ops} ops" + (f" · {u.params} params" if u.params else "")
+    if u.kind == "repeat":
+        return f"×{u.runs} more runs folded" + (f" · {u.title}" if u.title else "")
+    if u.kind == "params":
+        return f"{len(u.records)} tensors from outside the cell, read by ops not recorded"
+    if r.name and r.expr and r.expr != r.name:
+        return f"= {r.expr}"
+    return "from outside the cell" if r.external else ""
+
+
+def _not_kept_text(u: Unit) -> str:
+    """`trace.repeats` counts ops; a call of k ops that ran n more times counts n·k."""
+    per_run = u.ops // max(u.runs, 1) if u.kind in ("call", "repeat") else 1
+    if per_run > 1 and u.not_kept % per_run == 0:
+        return f"×{u.not_kept // per_run} more runs (not recorded)"
+    if per_run > 1:
+        return f"×{u.not_kept} more ops (not recorded)"
+    return f"×{u.not_kept} more runs (not recorded)"
 
 
 def _grad_text(r: Record) -> str:
@@ -238,7 +259,10 @@ def _op_line(r: Record) -> str:
 
 
 def _more_label(u: Unit) -> str:
-    return f"<… {u.hidden_nodes} more nodes folded<BR/>" f'<FONT POINT-SIZE="8">{u.ops} tensors; raise max_nodes or unfold to see them</FONT>>'
+    return (
+        f"<… {u.hidden_nodes} more nodes folded<BR/>"
+        f'<FONT POINT-SIZE="8">{u.ops} tensors; raise max_nodes to see them</FONT>>'
+    )
 
 
 # ---------------------------------------------------------------- edges
@@ -295,48 +319,12 @@ def _edge_line(src: str, dst: str, kinds: set[str]) -> str:
 
 
 def changed_records(original: Trace, variant: Trace) -> set[int]:
-    """Ids of `variant` records whose values, grads or graph differ from the original run."""
-    try:
-        from ._compare import changed_fields, match_records
-    except ImportError:
-        return _changed_fallback(original, variant)
-    try:
-        pairs = match_records(original, variant)
-        items = pairs.items() if isinstance(pairs, dict) else pairs
-        out = set()
-        for a, b in items:
-            ra = original.records[a] if isinstance(a, int) else a
-            rb = variant.records[b] if isinstance(b, int) else b
-            if ra is None or rb is None:
-                if rb is not None:
-                    out.add(rb.id)
-                continue
-            if changed_fields(ra, rb):
-                out.add(rb.id)
-        return out
-    except Exception:  # a comparison problem must not stop the drawing
-        return _changed_fallback(original, variant)
+    """Ids of `variant` records whose values, grads or graph differ from the original run.
 
-
-def _match_key(r: Record):
-    if r.external:
-        return ("ext", r.name, r.shape)
-    return ("op", r.span, r.occurrence, r.output_index, r.op)
-
-
-def _changed_fallback(original: Trace, variant: Trace) -> set[int]:
-    before: dict = {}
-    for r in original.records:
-        before.setdefault(_match_key(r), r)
-    out = set()
-    for r in variant.records:
-        o = before.get(_match_key(r))
-        if o is None or _differs(o, r):
-            out.add(r.id)
+    Uses the matching every view shares (`_compare`); ops only the variant ran count as changed.
+    """
+    matched = match_records(original, variant)
+    out = {v for o, v in matched.items() if changed_fields(original.records[o], variant.records[v])}
+    seen = set(matched.values())
+    out.update(r.id for r in variant.records if r.id not in seen and r.span is not None)
     return out
-
-
-def _differs(a: Record, b: Record) -> bool:
-    if (a.grad_fn, a.requires_grad, a.is_leaf, a.detached) != (b.grad_fn, b.requires_grad, b.is_leaf, b.detached):
-        return True
-    return format_short(a.preview) != format_short(b.preview) or format_short(a.grad_preview) != format_short(b.grad_preview)

@@ -256,9 +256,8 @@ def _fold_unread_parameters(records: list[Record], readers: dict[int, set[int]],
     for prefix, group in groups.items():
         if len(group) > FEW:
             rids = [u.output for u in group]
-            out.append(
-                Unit(key=f"r{rids[0]}", kind="params", records=rids, output=rids[0], title=f"{prefix or 'unnamed'}.* parameters", ops=0)
-            )
+            title = f"{prefix or 'unnamed'}.* parameters"
+            out.append(Unit(key=f"r{rids[0]}", kind="params", records=rids, output=rids[0], title=title, ops=0))
     return _order(out)
 
 

@@ -241,7 +241,7 @@ def test_training_loop_folds_under_max_nodes(shell):
     calls = [n for n in g.nodes() if "call" in _classes(g, n)]
     assert calls and any("model(X)" in g.get_node(n).attr["label"] for n in calls)
     # loop runs beyond the kept ones are announced on the site's node
-    assert any("runs not recorded" in g.get_node(n).attr["label"] for n in g.nodes())
+    assert any("more runs (not recorded)" in g.get_node(n).attr["label"] for n in g.nodes())
 
 
 def test_every_op_kept_still_fits_and_keeps_the_loss(shell):
