@@ -28,6 +28,13 @@ def node_name(node) -> str:
     return node.name().split("::")[-1]
 
 
+def _version(g: torch.Tensor) -> Optional[int]:
+    try:
+        return g._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
 class _PreviewCache:
     """One preview per gradient tensor per pass: a grad a node sends on is the
     grad the next node (and its tensor's hook) receives, the same object."""
@@ -39,11 +46,12 @@ class _PreviewCache:
         if not isinstance(g, torch.Tensor):
             return None
         hit = self._seen.get(id(g))
-        if hit is not None and hit[0]() is g:
+        # the engine sums a node's incoming grads in place into the first one it got (version bumps)
+        if hit is not None and hit[0]() is g and hit[2] == _version(g):
             return hit[1]
         shown = preview(g)
         try:
-            self._seen[id(g)] = (weakref.ref(g), shown)
+            self._seen[id(g)] = (weakref.ref(g), shown, _version(g))
         except TypeError:
             pass
         return shown
