@@ -1,0 +1,126 @@
+"""The engine itself (`am.trace()` and the magic's records) against plain PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import autograd_magic as am
+
+
+def test_trace_context_manager_matches_plain_torch():
+    torch.manual_seed(0)
+    w = torch.randn(3, requires_grad=True)
+    with am.trace() as t:
+        h = w * 2
+        loss = (h ** 2).sum()
+        loss.backward()
+    # plain reference
+    w2 = w.detach().clone().requires_grad_()
+    h2 = w2 * 2
+    loss2 = (h2 ** 2).sum()
+    gh, = torch.autograd.grad(loss2, [h2], retain_graph=True)
+    loss2.backward()
+    assert torch.equal(w.grad, w2.grad)
+    rec_h = t.last("h")
+    np.testing.assert_array_equal(rec_h.value, h2.detach().numpy())
+    np.testing.assert_array_equal(rec_h.grads[0].values, gh.numpy())
+    assert rec_h.expr == "w * 2" and rec_h.grad_fn == type(h2.grad_fn).__name__
+    assert t.last("loss").grad_fn == type(loss2.grad_fn).__name__
+    np.testing.assert_array_equal(t.last("w").grad, w2.grad.numpy())
+
+
+def test_several_backward_passes_are_kept_apart(shell):
+    shell.run_cell("import torch\nx = torch.tensor([1.0, 2.0], requires_grad=True)")
+    shell.run_cell("%%autograd --quiet -o t\n(x * 3).sum().backward()\n(x * x).sum().backward()")
+    t = shell.user_ns["t"]
+    assert len(t.passes) == 2
+    x = t.last("x")
+    np.testing.assert_array_equal(x.grads[0].values, [3.0, 3.0])
+    np.testing.assert_array_equal(x.grads[1].values, [2.0, 4.0])
+    np.testing.assert_array_equal(x.grad, shell.user_ns["x"].grad.numpy())  # the accumulated sum
+    np.testing.assert_array_equal(x.grad, [5.0, 7.0])
+
+
+def test_autograd_grad_is_a_pass_with_results(shell):
+    shell.run_cell("import torch\nx = torch.tensor(3.0, requires_grad=True)")
+    shell.run_cell("%%autograd --quiet -o t\ny = x ** 3\n(g,) = torch.autograd.grad(y, x)")
+    t = shell.user_ns["t"]
+    (p,) = t.passes
+    assert p.kind == "grad" and p.line == 3
+    assert float(p.results[0].values) == float(shell.user_ns["g"]) == 27.0
+    assert shell.user_ns["x"].grad is None  # autograd.grad does not accumulate
+
+
+def test_no_grad_in_place_and_detach_are_recorded(shell):
+    shell.run_cell("import torch\nx = torch.ones(2, requires_grad=True)")
+    cell = "y = x * 2\nwith torch.no_grad():\n    z = x + 1\nw = y.detach()\nw.add_(1)\nu = x.clone()\nu[0] = 5"
+    shell.run_cell("%%autograd --quiet -o t\n" + cell)
+    t = shell.user_ns["t"]
+    z = t.last("z")
+    assert z.grad_enabled is False and z.requires_grad is False and z.line == 4
+    w = t.last("w")
+    assert w.inplace and w.op == "add_" and w.mutates is not None
+    assert [r for r in t.records if r.op == "detach"][0].requires_grad is False
+    setitem = [r for r in t.records if r.op == "setitem"]
+    assert setitem and setitem[0].inplace and setitem[0].name == "u"
+    assert torch.equal(shell.user_ns["u"], torch.tensor([5.0, 1.0]))
+
+
+def test_tensors_the_mode_cannot_see_are_named_external_leaves(shell):
+    shell.run_cell("import torch, numpy as np")
+    shell.run_cell(
+        "%%autograd --quiet -o t\na = torch.Tensor([1, 2])\nb = torch.from_numpy(np.array([3.0, 4.0]))\n"
+        "p = torch.nn.Parameter(torch.zeros(2))\nc = a * 2 + p"
+    )
+    t = shell.user_ns["t"]
+    for name in ("a", "b", "p"):
+        rec = t.last(name)
+        assert rec is not None and rec.is_leaf, name
+    assert t.last("p").requires_grad
+    c = t.last("c")
+    assert c is not None and np.array_equal(c.value, [2.0, 4.0])
+
+
+def test_no_hooks_or_modes_left_behind(shell):
+    shell.run_cell("import torch\nx = torch.ones(3, requires_grad=True)\ny = x * 2")
+    before = torch._C._len_torch_function_stack()
+    shell.run_cell("%%autograd --quiet\nz = (y * x).sum()\nz.backward(retain_graph=True)")
+    assert torch._C._len_torch_function_stack() == before
+    z = shell.user_ns["z"]
+    assert not z.grad_fn._backward_hooks if hasattr(z.grad_fn, "_backward_hooks") else True
+    assert not shell.user_ns["y"]._backward_hooks
+    calls = []
+    shell.user_ns["x"].register_hook(lambda g: calls.append(1))
+    z.backward()
+    assert calls == [1]  # the user's hook runs; ours are gone (nothing else recorded)
+
+
+def test_large_tensors_get_bounded_previews(shell):
+    shell.run_cell("import torch\nbig = torch.arange(1_000_000, dtype=torch.float32).reshape(1000, 1000)")
+    shell.run_cell("%%autograd --quiet -o t\nm = big * 2")
+    rec = shell.user_ns["t"].last("m")
+    assert rec.preview.values.size <= 512 and rec.preview.summarized
+    assert rec.preview.max == float((shell.user_ns["big"] * 2).max())
+    assert rec.shape == (1000, 1000)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        "torch.randn(4, 4).t()",
+        "torch.randn(3, dtype=torch.complex64)",
+        "torch.arange(6)",
+        "torch.tensor([True, False])",
+        "torch.eye(3).to_sparse()",
+        "torch.empty(3, 3, device='meta')",
+        "torch.randn(2, 2, dtype=torch.bfloat16)",
+    ],
+)
+def test_unusual_tensors_do_not_break_the_views(shell, make):
+    shell.run_cell("import torch")
+    result = shell.run_cell(f"%%autograd --quiet -o t\nv = {make}\nu = v * 2 if not v.is_sparse else v")
+    assert result.success, result.error_in_exec
+    t = shell.user_ns["t"]
+    assert str(t) and t.to_html()
