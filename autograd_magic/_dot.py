@@ -32,7 +32,7 @@ _PLAIN = ("#f7f7f7", "#9e9e9e")
 _NO_GRAD = ("#eeeeee", "#bdbdbd")
 _CALL = ("#ede7f6", "#5e35b1")
 _CHANGED_FILL = "#fff59d"
-_SELECTED = "#c2185b"
+_SELECTED = ("#fce4ec", "#c2185b")
 _CUT = "#d32f2f"
 _GREY_TEXT = "#757575"
 
@@ -61,6 +61,15 @@ def render_dot(
     out.extend(_edge_lines(records, folded))
     out.append("}")
     return "\n".join(out) + "\n"
+
+
+def node_map(trace: Trace, unfold: Iterable = (), max_nodes: int = 300) -> dict[int, str]:
+    """Record id -> the DOT node that draws it (`r<id>`, a folded node's name, or "more").
+
+    `render_dot` with the same `unfold` and `max_nodes` names its nodes so; the
+    widget uses this to light up a record that sits inside a folded node.
+    """
+    return {rid: u.key for rid, u in fold(trace, unfold=unfold, max_nodes=max_nodes).unit_of.items()}
 
 
 # ---------------------------------------------------------------- escaping
@@ -144,12 +153,12 @@ def _colors(r: Record, u: Unit) -> tuple[str, str]:
 
 def _record_label(records: list[Record], u: Unit, is_changed: bool, is_selected: bool) -> str:
     r = records[u.output]
-    fill, border = _colors(r, u)
+    fill, color = _colors(r, u)
     if is_changed:
         fill = _CHANGED_FILL
+    if is_selected:  # colours only: the same geometry, so selecting never moves the layout
+        fill, color = _SELECTED
     style = ' STYLE="rounded"' if (r.external or u.kind != "record") else ""
-    width = "3" if is_selected else "1"
-    color = _SELECTED if is_selected else border
     font = f'<FONT COLOR="{_GREY_TEXT}">' if not r.grad_enabled else "<FONT>"
     title = f"{font}<B>{_text(_title(r, u), 40)}</B>{_small(_subtitle(r, u, is_changed))}</FONT>"
     if u.kind == "params":
@@ -159,7 +168,7 @@ def _record_label(records: list[Record], u: Unit, is_changed: bool, is_selected:
         data = f"{font}data {_text(format_short(r.preview, 28))}</FONT>"
         grad = f"{font}grad {_text(_grad_text(r))}</FONT>"
     return (
-        f'<<TABLE BORDER="{width}" CELLBORDER="0" CELLSPACING="0" CELLPADDING="4"'
+        f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="0" CELLPADDING="4"'
         f' BGCOLOR="{fill}" COLOR="{color}"{style}>'
         f"<TR><TD>{title}</TD><VR/><TD>{data}</TD><VR/><TD>{grad}</TD></TR></TABLE>>"
     )

@@ -318,3 +318,38 @@ def test_hostile_strings_neither_break_dot_nor_inject_svg(text):
 def test_any_string_keeps_the_node_set(text):
     g = _graph(render_dot(_hostile_trace(text)))
     assert set(g.nodes()) == {"r0", "acc0", "r1", "op1", "r2", "op2", "r3"}
+
+
+# ---------------------------------------------------------------- what the widget relies on
+
+
+def test_selection_recolours_without_moving_the_layout(shell):
+    shell.run_cell("import torch\nx = torch.tensor([1.0, 2.0], requires_grad=True)")
+    trace, _ = _traced(shell, "y = x * 3\nz = (y * y).sum()\nz.backward()")
+    plain = layout(render_dot(trace)).svg
+    y = trace.last("y")
+    picked = layout(render_dot(trace, selected=y.id)).svg
+    assert plain != picked  # the colours differ ...
+    geometry = re.compile(r'(?:points|viewBox|x|y|d)="[^"]*"')
+    assert geometry.findall(plain) == geometry.findall(picked)  # ... the positions do not
+
+
+def test_node_map_names_a_drawn_node_for_every_record(shell):
+    shell.run_cell(TRAIN_SETUP)
+    trace, _ = _traced(shell, TRAIN.format(steps=5))
+    from autograd_magic._dot import node_map
+
+    for max_nodes in (300, 10):
+        g = _graph(render_dot(trace, max_nodes=max_nodes))
+        mapping = node_map(trace, max_nodes=max_nodes)
+        assert set(mapping) == {r.id for r in trace.records}
+        assert all(g.has_node(name) for name in mapping.values())
+
+
+def test_trace_to_svg_and_html(shell):
+    shell.run_cell("import torch\nx = torch.tensor(2.0, requires_grad=True)")
+    trace, _ = _traced(shell, "y = x ** 2\ny.backward()")
+    svg = trace.to_svg()
+    assert svg.startswith("<svg") and f"<title>r{trace.last('y').id}</title>" in svg
+    html = svg_or_fallback_html(trace, timeout=5.0)
+    assert html.startswith('<div class="am-graph"') and "<svg" in html
