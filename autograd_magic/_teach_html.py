@@ -150,3 +150,15 @@ def _samples(c) -> str:
     text = "; ".join(shown) + (f"; … {more} more" if more > 0 else "")
     return f'<span style="{MONO}">{esc(text)}</span>' if text else ""
 
+
+
+def teach_sections(trace: Trace) -> list[str]:
+    """The three fragments as titled sections for `render_html(trace, sections=...)`; empty ones left out."""
+    from ._html import section
+
+    parts = [
+        ("backward, step by step", stepper_html(trace), False),
+        ("why? (gradients explained)", explanations_html(trace), bool(trace.error)),
+        ("gradient check", gradcheck_html(trace), True),
+    ]
+    return [section(title, body, open=is_open) for title, body, is_open in parts if body]

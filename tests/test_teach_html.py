@@ -98,3 +98,17 @@ def test_gradcheck_html_verdicts():
     assert "✓ agrees" in html and "✗ differs" in html and "not checked" in html
     assert "&lt;w&gt;" in html and "differs &lt;b&gt;" in html and "<b>" not in html
     assert "2.10e+01" in html and "[0] 2 vs 3" in html
+
+
+def test_teach_sections_fit_the_snapshot(shell):
+    from autograd_magic._html import render_html
+    from autograd_magic._teach_html import teach_sections
+
+    t = traced(shell, SEED_001, flags="--quiet --check")
+    secs = teach_sections(t)
+    assert len(secs) == 3
+    page = render_html(t, sections=secs)
+    well_formed(page)
+    assert "backward, step by step" in page and "gradient check" in page and "✓ agrees" in page
+    t.gradcheck = None
+    assert len(teach_sections(t)) == 2
