@@ -82,37 +82,61 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
-def _functions_of(obj: Any, user_ns: dict) -> list[types.FunctionType]:
-    """The user's functions behind `obj`: itself, or the methods of a class defined in the notebook."""
+def _classes_of(obj: Any) -> set[type]:
+    if isinstance(obj, type):
+        return {obj}
+    if isinstance(obj, torch.nn.Module):
+        try:
+            return {type(m) for m in obj.modules()}  # a user's layer inside nn.Sequential
+        except Exception:
+            pass
+    return {type(obj)}
+
+
+def _functions_of(obj: Any, user_ns: dict) -> list[tuple[types.FunctionType, bool]]:
+    """The user's functions behind `obj`, each with True when it is a method of a notebook class.
+
+    Functions are rebound to the sandbox; methods are not (the class is
+    shared), so what a method reads comes from the real namespace.
+    """
     if isinstance(obj, types.FunctionType):
-        return [obj] if obj.__globals__ is user_ns else []
-    cls = obj if isinstance(obj, type) else type(obj)
+        return [(obj, False)] if obj.__globals__ is user_ns else []
     found = []
-    for klass in getattr(cls, "__mro__", ()):
-        if getattr(klass, "__module__", None) != user_ns.get("__name__", "__main__"):
-            continue
-        for member in vars(klass).values():
-            fn = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
-            if isinstance(fn, types.FunctionType) and fn.__globals__ is user_ns:
-                found.append(fn)
+    main = user_ns.get("__name__", "__main__")
+    for cls in _classes_of(obj):
+        for klass in getattr(cls, "__mro__", ()):
+            if getattr(klass, "__module__", None) != main:
+                continue
+            for member in vars(klass).values():
+                fn = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
+                if isinstance(fn, types.FunctionType) and fn.__globals__ is user_ns:
+                    found.append((fn, True))
     return found
 
 
-def _all_names_read(shell, source: Optional[str], user_ns: dict) -> tuple[dict[str, int], set[str]]:
-    """(names the text reads, every namespace name read, transitively through the user's functions)."""
+def _all_names_read(shell, source: Optional[str], user_ns: dict) -> tuple[dict[str, int], set[str], set[str]]:
+    """(names the text reads, names read in the sandbox, names read from the real namespace).
+
+    The text and the user's functions (rebound to the sandbox) read the
+    sandbox; methods of classes defined in the notebook, and whatever they
+    call, read the real namespace.
+    """
     direct = names_read(shell, source)
     if source is None:
         keys = {k for k in user_ns if isinstance(k, str) and not k.startswith("_")}
-        return {}, keys - _SHELL_NAMES
-    todo = [n for n in direct if n in user_ns]
-    seen = set(todo)
+        return {}, keys - _SHELL_NAMES, set()
+    sandboxed: set[str] = set()
+    real: set[str] = set()
+    todo = [(n, False) for n in direct if n in user_ns]
     while todo:
-        for fn in _functions_of(user_ns[todo.pop()], user_ns):
-            for n in _code_names(fn.__code__):
-                if n in user_ns and n not in seen:
-                    seen.add(n)
-                    todo.append(n)
-    return direct, seen - _SHELL_NAMES
+        name, is_real = todo.pop()
+        bucket = real if is_real else sandboxed
+        if name in bucket:
+            continue
+        bucket.add(name)
+        for fn, is_method in _functions_of(user_ns[name], user_ns):
+            todo.extend((n, is_real or is_method) for n in _code_names(fn.__code__) if n in user_ns)
+    return direct, sandboxed - _SHELL_NAMES, real - _SHELL_NAMES
 
 
 # ---- what's inside a value ----
@@ -248,13 +272,15 @@ def take_snapshot(shell, source: Optional[str], budget: int = BUDGET_BYTES) -> S
     Never called on anything but the shell's namespace; it only reads it.
     """
     user_ns = shell.user_ns
-    direct, names = _all_names_read(shell, source, user_ns)
+    direct, names, real = _all_names_read(shell, source, user_ns)
     snap = Snapshot(rng=RngState.take(), read={n: l for n, l in direct.items() if n in user_ns})
     inv, held = _Inventory(), _Inventory()
     sizes: dict[str, int] = {}
-    for name in sorted(names):
+    for name in sorted(real):  # read by methods from the real namespace: shared, restored afterwards
+        held.scan(user_ns[name])
+    for name in sorted(names - real):
         obj = user_ns.get(name)
-        for fn in _functions_of(obj, user_ns) if isinstance(obj, types.FunctionType) else ():
+        for fn, _ in _functions_of(obj, user_ns) if isinstance(obj, types.FunctionType) else ():
             held.scan(_function_state(fn))
         if isinstance(obj, _ATOMIC):
             continue

@@ -446,3 +446,20 @@ def test_huge_python_containers_are_copied_from_the_post_run_state(shell):
     v = run_variant(shell, body, original, snap)
     assert any("big is too large" in n for n in v.notes)
     assert len(shell.user_ns["big"]) == 100001  # only the real run appended
+
+
+def test_globals_read_by_methods_of_notebook_classes_are_restored(shell):
+    run(shell, "import torch\nscale = torch.tensor(2., requires_grad=True)\n"
+               "class Scaled(torch.nn.Module):\n    def forward(self, x):\n        return x * scale\n"
+               "net = torch.nn.Sequential(Scaled())\nx = torch.tensor([1., 3.], requires_grad=True)")
+    body = "out = net(x).sum()\nout.backward()"
+    original, snap = autograd(shell, body)
+    before = user_state(shell)
+    assert shell.user_ns["scale"].grad.item() == 4.0
+    for _ in range(2):
+        v = run_variant(shell, body, original, snap)
+        assert v.error is None
+        s = next(r for r in v.records if r.name == "scale")
+        assert s.attr_grad.values.item() == 4.0  # from the pre-run grad (None), not accumulated
+    assert_same_state(before, user_state(shell))
+    assert shell.user_ns["scale"].grad.item() == 4.0
