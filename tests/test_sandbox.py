@@ -463,3 +463,16 @@ def test_globals_read_by_methods_of_notebook_classes_are_restored(shell):
         assert s.attr_grad.values.item() == 4.0  # from the pre-run grad (None), not accumulated
     assert_same_state(before, user_state(shell))
     assert shell.user_ns["scale"].grad.item() == 4.0
+
+
+def test_shared_non_leaf_with_retained_grad(shell):
+    run(shell, "import torch\nx = torch.tensor([1., 2.], requires_grad=True)\ny = x * 3\ny.retain_grad()")
+    body = "(y ** 2).sum().backward(retain_graph=True)\ng = y.grad * 1"
+    original, snap = autograd(shell, body)
+    before = user_state(shell)
+    retained = shell.user_ns["y"].grad
+    v = run_variant(shell, body, original, snap)
+    assert v.error is None
+    np.testing.assert_array_equal(by_label(v, "g").value, [6.0, 12.0])  # 2y, not accumulated twice
+    assert_same_state(before, user_state(shell))
+    assert shell.user_ns["y"].grad is retained
