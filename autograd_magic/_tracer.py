@@ -170,7 +170,10 @@ class Tracer:
             ]
         except Exception:  # older torch: no attribution to modules
             self._module_hooks = []
-        self._stance = _force_eager()
+        # Importing dynamo just to set a stance costs ~70 MB: only when compiled
+        # code may run (dynamo already loaded, or the traced source compiles).
+        if "torch._dynamo" in sys.modules or "compile" in self.trace.source:
+            self._stance = _force_eager()
         return self
 
     def stop(self) -> Trace:
