@@ -103,6 +103,12 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
         else:
             why += "."
         return [why, none]
+    if not r.inputs and r.external:
+        return [
+            f"{_quote(r)} comes from before this cell with requires_grad=False and no grad_fn: either requires_grad "
+            "was never set where it was created, or it was computed from tensors that never had requires_grad=True.",
+            none,
+        ]
     if not r.inputs:
         return [
             f"requires_grad was never set on {_where(r)}: create it with requires_grad=True "
@@ -195,6 +201,9 @@ def _unreached(trace: Trace, r: Record) -> str:
         u = cut[0]
         how = "`.detach()`" if u.op in _DETACH_OPS else "torch.no_grad()"
         return f"its use on line {u.line} (`{u.expr or u.op}`) goes through {how}, which cuts the graph."
+    lines = [p.line for p in trace.passes]
+    if r.line is not None and None not in lines and r.line > max(lines):
+        return f"it was computed on line {r.line}, after the last backward call (line {max(lines)})."
     return "the value that was differentiated does not depend on it."
 
 

@@ -74,7 +74,7 @@ def gradcheck_cell(
     todo = []
     for r in leaves:
         if r.external and opaque:
-            checks[r.id] = LeafCheck(r.id, r.label, note=f"its path to the output goes through {opaque}, computed before this cell")
+            checks[r.id] = LeafCheck(r.id, r.label, note=f"its path to the output goes through `{opaque}`, computed before this cell")
         elif not r.external and r.span is None:
             checks[r.id] = LeafCheck(r.id, r.label, note="it was made where the tracer could not place it")
         else:
@@ -114,9 +114,9 @@ def _unverifiable(trace: Trace, p: BackwardPass) -> Optional[str]:
         return "the backward call differentiated several outputs at once"
     root = trace.records[p.roots[0]]
     if root.external:
-        return f"the value differentiated, {root.label}, was computed before this cell: check the cell that computes it"
+        return f"the value differentiated, `{root.label}`, was computed before this cell: check the cell that computes it"
     if root.preview is None or root.preview.numel != 1:
-        return f"{root.label} is not a scalar (backward was given a gradient): only scalar outputs are checked"
+        return f"`{root.label}` is not a scalar (backward was given a gradient): only scalar outputs are checked"
     return None
 
 
@@ -223,9 +223,9 @@ class _Runner:
 
         t = _find_tensor(ns, r.name)
         if t is None or not t.is_leaf:
-            raise _RunFailed(f"{r.label} cannot be found by name before the cell runs, so it cannot be nudged")
+            raise _RunFailed(f"`{r.label}` cannot be found by name before the cell runs, so it cannot be nudged")
         if id(t) in self.shared:
-            raise _RunFailed(f"{r.label} is shared with the real run and cannot be changed safely")
+            raise _RunFailed(f"`{r.label}` is shared with the real run and cannot be changed safely")
         return t
 
     def _output_hook(self, nudge, capture: list[Record], grads: dict, state: dict) -> Callable:

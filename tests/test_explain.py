@@ -158,3 +158,18 @@ def test_autograd_grad_does_not_fill_dot_grad(shell):
     assert "backward call on line 5" in text and "put [ 6., 12.] into `x.grad`" in text
     assert "sum of" not in text  # autograd.grad does not accumulate
     assert shell.user_ns["x"].grad.tolist() == [6.0, 12.0]
+
+
+def test_computed_after_the_last_backward(shell, seeds):
+    t = run(shell, seeds.NOTEBOOKS["001"][5])
+    late = [r for r in t.records if r.line == 11]
+    assert late, [(r.line, r.expr) for r in t.records]
+    for r in late:
+        assert "computed on line 11, after the last backward call (line 9)" in " ".join(explain_record(t, r.id))
+
+
+def test_tensor_from_an_earlier_cell_without_grad(shell):
+    shell.run_cell("import torch\nq = torch.randn(3)")
+    t = run(shell, "loss = (q * 2).sum()\nloss.backward()", setup="pass", raises=True)
+    assert "comes from before this cell with requires_grad=False" in about(t, "q")
+    assert "computed from `q`, which never had requires_grad=True" in explain_error(t)
