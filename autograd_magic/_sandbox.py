@@ -25,7 +25,9 @@ import torch
 
 from ._execute import execute
 from ._records import Record, Trace, TraceError
-from ._sandbox_snapshot import BUDGET_BYTES, RngState, Snapshot, copy_with_grads, readable_grad, take_snapshot
+from ._sandbox_snapshot import (
+    BUDGET_BYTES, RngState, Snapshot, copy_live, copy_with_grads, readable_grad, take_snapshot,
+)
 
 __all__ = ["Sandbox", "SandboxError", "Snapshot", "take_snapshot", "run_variant", "BUDGET_BYTES", "RngState"]
 
@@ -106,14 +108,14 @@ class Sandbox:
     def __enter__(self) -> dict:
         snap, user_ns = self.snapshot, self.shell.user_ns
         self._saved_rng, self._saved_globals = RngState.take(), _torch_globals()
-        self._save_shared()
         try:
+            self._save_shared()
             ns = dict(user_ns)
             memo = {id(t): t for t in snap.shared.values()}
             ns.update(copy_with_grads(snap.frozen, memo, snap.frozen_leaves))
             for name in snap.live:
                 if name in user_ns:
-                    ns[name] = copy.deepcopy(user_ns[name], memo)
+                    ns[name] = copy_live(user_ns[name], memo)
             for name, why in snap.broken.items():
                 ns[name] = _Unavailable(name, why)
             for name, value in list(ns.items()):

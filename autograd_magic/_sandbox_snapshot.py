@@ -225,6 +225,13 @@ def copy_with_grads(obj: Any, memo: dict, leaves: Iterable[torch.Tensor]) -> Any
     return result
 
 
+def copy_live(obj: Any, memo: dict) -> Any:
+    """A copy of an object as it is now (too large to keep a copy of before the run)."""
+    inv = _Inventory()
+    inv.scan(obj)
+    return copy_with_grads(obj, memo, list(inv.leaves.values()))
+
+
 # ---- the snapshot ----
 @dataclass
 class Snapshot:

@@ -476,3 +476,18 @@ def test_shared_non_leaf_with_retained_grad(shell):
     np.testing.assert_array_equal(by_label(v, "g").value, [6.0, 12.0])  # 2y, not accumulated twice
     assert_same_state(before, user_state(shell))
     assert shell.user_ns["y"].grad is retained
+
+
+def test_live_copied_module_keeps_its_parameters_grads(shell):
+    run(shell, "import torch\ntorch.manual_seed(0)\nmodel = torch.nn.Linear(3, 1)\ninp = torch.ones(2, 3)")
+    body = "out = model(inp).sum()\nout.backward()"
+    snap = take_snapshot(shell, body, budget=8)
+    shell.run_cell(f"%%autograd --quiet -o _t\n{body}")
+    original = shell.user_ns.pop("_t")
+    assert "model" in snap.live
+    before = user_state(shell)
+    v = run_variant(shell, body, original, snap)
+    w = next(r for r in v.records if r.name == "model.weight")
+    # starts from the post-run grad (2 per element, as the note says) and adds this run's 2
+    np.testing.assert_array_equal(w.attr_grad.values, np.full((1, 3), 4.0))
+    assert_same_state(before, user_state(shell))
