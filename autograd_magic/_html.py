@@ -41,6 +41,8 @@ def render_html(
     appended in order; `graph=True` adds the Graphviz SVG when it can be laid
     out. Both are the hooks for the graph, the stepper and the explanations.
     """
+    if variant is None and trace.variant_of is not None:  # a variant on its own: compare with its original
+        trace, variant = trace.variant_of, trace
     shown = variant if variant is not None else trace
     parts = [header(trace, variant), error_box(shown.error)]
     parts.append(table(shown, trace if variant is not None else None))

@@ -10,8 +10,14 @@ tensors, grads and RNG states exactly as the real run left them.
 
 Tensors that are not leaves (they have a `grad_fn`) cannot be copied with
 their graph; they are shared with the real run, and so are the leaves their
-graph reaches. Their `.grad`, `requires_grad` and value are put back when the
-sandbox closes.
+graph reaches, and tensors the user's functions hold in defaults and
+closures, and what methods of notebook classes read from the real namespace
+(methods are not rebound, their class is shared). Their `.grad`,
+`requires_grad`, value and version counter are set to the pre-run state
+while the sandbox is open and put back when it closes.
+
+Not covered: non-tensor objects that only methods of notebook classes reach
+(they are the real ones), CUDA RNG states, views copied apart from their base.
 """
 
 from __future__ import annotations

@@ -260,3 +260,12 @@ def test_trace_outside_ipython_renders(tmp_path):
         y.backward()
     out = assert_safe(t.to_html())
     assert "tensor(3.)" in "".join(out.text) or "tensor([3., 3.])" in "".join(out.text)
+
+
+def test_a_variant_alone_is_shown_against_its_original(shell):
+    run(shell, "import torch\nx = torch.tensor(2.0, requires_grad=True)")
+    v = magic(shell, "y = x * 3\ny.backward()", flags="--no-grad")
+    assert v.variant_of is not None
+    out = v.to_html()
+    assert out == render_html(v.variant_of, variant=v)
+    assert "variant: under torch.no_grad()" in out and 'data-changed="grad_fn"' in out
