@@ -201,6 +201,16 @@ def line_extras(trace: Trace, line: Optional[int]) -> str:
     return "".join(out)
 
 
+def _fits(records: list[Record], budget: int) -> tuple[list[Record], int]:
+    """The records that fit in the row budget (internals fold as a block: all or none), and how many not."""
+    visible = [r for r in records if not (r.internal and not r.external)]
+    inside = [r for r in records if r.internal and not r.external]
+    shown = visible[: max(budget, 0)]
+    if len(shown) + len(inside) <= budget:
+        shown += inside
+    return shown, len(records) - len(shown)
+
+
 def table(trace: Trace, original: Optional[Trace] = None, max_rows: int = MAX_ROWS) -> str:
     """The rows of `trace`, grouped by line; against `original` when it is a variant."""
     originals: dict[int, Record] = {}
@@ -210,17 +220,16 @@ def table(trace: Trace, original: Optional[Trace] = None, max_rows: int = MAX_RO
     groups = trace.lines()
     body, budget, left_out = [], max_rows, 0
     for line in line_order(trace):
-        records = groups.get(line, [])
-        visible = [r for r in records if not (r.internal and not r.external)]
-        inside = [r for r in records if r.internal and not r.external]
-        left_out += max(0, len(visible) - budget) + (len(inside) if len(inside) > budget - len(visible) else 0)
-        shown_inside = inside if len(inside) <= budget - len(visible) else []
-        visible = visible[: max(budget, 0)]
-        budget -= len(visible) + len(shown_inside)
+        shown, missed = _fits(groups.get(line, []), budget)
+        budget, left_out = budget - len(shown), left_out + missed
+        extras = line_extras(trace, line)
+        if not shown and not extras:
+            continue
+        visible = [r for r in shown if not (r.internal and not r.external)]
+        inside = [r for r in shown if r.internal and not r.external]
         rows = "".join(row(r, trace, originals.get(r.id), compare) for r in visible)
         body.append(
-            "<tbody>" + group_header(trace, line) + rows + folded(shown_inside, trace, originals, compare)
-            + line_extras(trace, line) + "</tbody>"
+            "<tbody>" + group_header(trace, line) + rows + folded(inside, trace, originals, compare) + extras + "</tbody>"
         )
     if left_out:
         text = f"{left_out} more tensors are not shown here (the interactive view and str(trace) show them all)"
