@@ -10,6 +10,7 @@ are never touched. Work is bounded: a few elements per leaf, a few leaves.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -24,6 +25,7 @@ MAX_ELEMENTS = 8
 STEP = 1e-6  # central differences in float64: truncation ~h², rounding ~1e-16/h
 ATOL = 1e-5
 RTOL = 1e-3
+TIME_BUDGET = 20.0  # seconds of nudged re-runs per cell; fewer elements are sampled for slow cells
 
 
 @dataclass
@@ -58,41 +60,62 @@ def gradcheck_cell(
     first_line: int = 2,
     max_leaves: int = MAX_LEAVES,
     max_elements: int = MAX_ELEMENTS,
+    time_budget: float = TIME_BUDGET,
 ) -> list[LeafCheck]:
-    """Check the gradient of every leaf the first backward pass of `trace` reached."""
+    """Check the gradient of every leaf the first backward pass of `trace` reached.
+
+    Never raises for the cell's sake (the real run already happened): a leaf
+    that cannot be checked gets `ok=None` and a note saying why.
+    """
     if not trace.passes:
         return []
     p = trace.passes[0]
     leaves = _leaves(trace, p)[:max_leaves]
     if not leaves:
         return []
+    try:
+        checks = _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elements, time_budget)
+    except Exception as exc:  # a bug here must not turn a good cell into a failed one
+        note = f"the gradient check itself failed: {type(exc).__name__}: {exc}"
+        return [LeafCheck(r.id, r.label, note=note) for r in leaves]
+    return [checks[r.id] for r in leaves]
+
+
+def _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elements, time_budget) -> dict[int, LeafCheck]:
     reason = _unverifiable(trace, p)
     if reason:
-        return [LeafCheck(r.id, r.label, note=reason) for r in leaves]
-    opaque = _opaque_ancestry(trace, p.roots[0])
-    checks: dict[int, LeafCheck] = {}
-    todo = []
-    for r in leaves:
-        if r.external and opaque:
-            checks[r.id] = LeafCheck(r.id, r.label, note=f"its path to the output goes through `{opaque}`, computed before this cell")
-        elif not r.external and r.span is None:
-            checks[r.id] = LeafCheck(r.id, r.label, note="it was made where the tracer could not place it")
-        else:
-            todo.append(r)
+        return {r.id: LeafCheck(r.id, r.label, note=reason) for r in leaves}
+    checks = _skipped_leaves(trace, p, leaves)
+    todo = [r for r in leaves if r.id not in checks]
     runner = _Runner(shell, source, trace, snapshot, first_line, p)
+    started = time.perf_counter()
     try:
         _, analytic = runner.run(None, todo)
     except _RunFailed as exc:
-        for r in todo:
-            checks[r.id] = LeafCheck(r.id, r.label, note=f"the sandboxed re-run failed: {exc}")
-        todo = []
+        checks.update({r.id: LeafCheck(r.id, r.label, note=f"the sandboxed re-run failed: {exc}") for r in todo})
+        return checks
     for rid, why in runner.unavailable.items():
         checks[rid] = LeafCheck(rid, trace.records[rid].label, note=why)
+    todo = [r for r in todo if r.id not in checks]
+    # bounded work: as many nudged runs as the budget allows at the reference run's pace
+    per_run = max(time.perf_counter() - started, 1e-4)
+    per_leaf = max(1, min(max_elements, int(time_budget / per_run) // (2 * max(len(todo), 1))))
+    deadline = time.perf_counter() + time_budget
     for r in todo:
-        if r.id in checks:
-            continue
-        checks[r.id] = _check_leaf(runner, r, analytic.get(r.id), max_elements)
-    return [checks[r.id] for r in leaves]
+        checks[r.id] = _check_leaf(runner, r, analytic.get(r.id), per_leaf, deadline, time_budget)
+    return checks
+
+
+def _skipped_leaves(trace: Trace, p: BackwardPass, leaves: list[Record]) -> dict[int, LeafCheck]:
+    """Leaves a re-run of this cell alone cannot nudge faithfully, with why."""
+    opaque = _opaque_ancestry(trace, p.roots[0])
+    skipped = {}
+    for r in leaves:
+        if r.external and opaque:
+            skipped[r.id] = LeafCheck(r.id, r.label, note=f"its path to the output goes through `{opaque}`, computed before this cell")
+        elif not r.external and r.span is None:
+            skipped[r.id] = LeafCheck(r.id, r.label, note="it was made where the tracer could not place it")
+    return skipped
 
 
 def _leaves(trace: Trace, p: BackwardPass) -> list[Record]:
@@ -140,21 +163,31 @@ def _sample(n: int, k: int) -> list[int]:
     return sorted(set(np.linspace(0, n - 1, min(n, k)).round().astype(int).tolist()))
 
 
-def _check_leaf(runner: "_Runner", r: Record, analytic: Optional[torch.Tensor], max_elements: int) -> LeafCheck:
+def _check_leaf(
+    runner: "_Runner", r: Record, analytic: Optional[torch.Tensor], elements: int, deadline: float, budget: float
+) -> LeafCheck:
     check = LeafCheck(r.id, r.label)
     if analytic is None:
         check.note = "the re-run did not give it a gradient (the cell may not compute the same thing again)"
         return check
     flat = analytic.detach().reshape(-1).to(torch.float64)
+    planned = _sample(flat.numel(), elements)
     try:
-        for i in _sample(flat.numel(), max_elements):
+        for i in planned:
+            if time.perf_counter() > deadline:
+                break
             plus, _ = runner.run((r, i, STEP), [])
             minus, _ = runner.run((r, i, -STEP), [])
             check.samples.append((i, float(flat[i]), (plus - minus) / (2 * STEP)))
     except _RunFailed as exc:
         check.note = f"a perturbed re-run failed: {exc}"
         return check
+    if not check.samples:
+        check.note = f"not checked: the time budget ({budget:g} s) ran out"
+        return check
     _score(check)
+    if check.ok and len(check.samples) < len(planned):
+        check.note = f"{len(check.samples)} of {len(planned)} planned elements checked within the time budget ({budget:g} s)"
     return check
 
 
@@ -201,6 +234,10 @@ class _Runner:
                 if run.error is not None:
                     raise _RunFailed(f"{type(run.error).__name__}: {run.error}")
                 return self._root_value(state, run.trace), grads
+        except _RunFailed:
+            raise
+        except Exception as exc:  # the sandbox could not be set up or restored
+            raise _RunFailed(f"{type(exc).__name__}: {exc}") from exc
         finally:
             torch.set_default_dtype(dtype)
             for h in state["handles"]:
@@ -326,32 +363,6 @@ def _double_namespace(ns: dict, shared: set[int], names: list[str]) -> None:
 
 
 def _sandbox(shell, snapshot):
-    try:
-        from ._sandbox import Sandbox
-    except ImportError:  # pragma: no cover - the sandbox ships with the package
-        return _FallbackSandbox(shell)
+    from ._sandbox import Sandbox
+
     return Sandbox(shell, snapshot)
-
-
-class _FallbackSandbox:
-    """A shallow copy of the namespace with tensors cloned, RNG states saved and restored."""
-
-    def __init__(self, shell):
-        self.shell = shell
-
-    def __enter__(self) -> dict:
-        import random
-
-        self._rng = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-        ns = dict(self.shell.user_ns)
-        for k, v in ns.items():
-            if isinstance(v, torch.Tensor) and v.is_leaf:
-                ns[k] = v.detach().clone().requires_grad_(v.requires_grad)
-        return ns
-
-    def __exit__(self, *exc) -> None:
-        import random
-
-        torch.set_rng_state(self._rng[0])
-        np.random.set_state(self._rng[1])
-        random.setstate(self._rng[2])

@@ -176,3 +176,27 @@ def test_autograd_grad_pass_is_checked(shell):
     (c,) = check(shell, "x = torch.tensor([1., 2.], requires_grad=True)\n(g,) = torch.autograd.grad((x**3).sum(), x)")
     assert c.ok is True
     np.testing.assert_allclose([n for _, _, n in c.samples], [3.0, 12.0], rtol=1e-6)
+
+
+def test_time_budget_bounds_the_work(shell):
+    """With no time left, leaves are reported as not checked (never as wrong), and nothing raises."""
+    shell.run_cell("import torch")
+    body = "x = torch.tensor([1., 2., 3.], requires_grad=True)\ny = (x ** 2).sum()\ny.backward()"
+    shell.user_ns.pop("t", None)
+    shell.run_cell("%%autograd --quiet -o t\n" + body)
+    t = shell.user_ns["t"]
+    (c,) = gradcheck_cell(shell, body, t, None, time_budget=0.0)
+    assert c.ok is None and "time budget" in c.note and c.elements_checked == 0
+    (c,) = gradcheck_cell(shell, body, t, None, max_elements=2)
+    assert c.ok is True and c.elements_checked == 2
+
+
+def test_a_failing_rerun_is_a_note_not_an_error(shell):
+    shell.run_cell("import torch\ncalls = []")
+    body = "x = torch.tensor([1., 2.], requires_grad=True)\nif len(calls) > 0:\n    raise ValueError('second run')\ncalls.append(1)\n(x * 3).sum().backward()"
+    shell.user_ns.pop("t", None)
+    shell.run_cell("%%autograd --quiet -o t\n" + body)
+    t = shell.user_ns["t"]
+    shell.user_ns["calls"].append(1)  # the re-run now takes the failing branch
+    (c,) = gradcheck_cell(shell, body, t, None)
+    assert c.ok is None and "ValueError: second run" in c.note
