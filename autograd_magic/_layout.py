@@ -4,8 +4,9 @@ Plain `dot` was seen running over 12 minutes on a 760-node unrolled LSTM
 graph. So layout runs in a child process that reads DOT on stdin and writes
 SVG on stdout, and is killed (its whole process group) when the time runs
 out. The engine is the Graphviz that ships inside the `pygraphviz` wheel (no
-system install needed), or `dot` on PATH. The child never imports torch:
-starting it costs about 50 ms.
+system install needed), or `dot` on PATH. The child never imports torch;
+one is started ahead of need (`_Spare`) so a small drawing costs the layout
+itself, not a Python start.
 
 When no engine runs or the time runs out, callers get `svg=None` and a
 one-line hint, and `svg_or_fallback_html` shows the DOT text instead.
@@ -14,12 +15,14 @@ one-line hint, and `svg_or_fallback_html` shows the DOT text instead.
 from __future__ import annotations
 
 import html
+import atexit
 import importlib.util
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -138,13 +141,7 @@ def _timeout_hint(limit: float) -> str:
 def _run(argv: list[str], dot: str, timeout: float) -> tuple[str, str]:
     """("ok", svg) | ("timeout", "") | ("error", one line)."""
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            **_new_group(),
-        )
+        proc = _SPARE.take(argv) or _start(argv)
     except OSError as exc:
         return "error", f"{type(exc).__name__}: {exc}"
     try:
@@ -155,9 +152,69 @@ def _run(argv: list[str], dot: str, timeout: float) -> tuple[str, str]:
     except BaseException:  # KeyboardInterrupt included: never leave the child running
         _kill(proc)
         raise
+    finally:
+        _SPARE.refill(argv)
     if proc.returncode == 0 and b"<svg" in out:
         return "ok", out.decode("utf-8", errors="replace")
     return "error", _last_line(err) or f"exit status {proc.returncode}"
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **_new_group(),
+    )
+
+
+class _Spare:
+    """One worker started ahead of need, waiting on stdin with pygraphviz imported.
+
+    Starting Python and importing pygraphviz is most of a small drawing's
+    cost (~0.1 s of ~0.15 s); a worker started after each layout takes it
+    off the next one. Each worker still lays out one graph and exits, so the
+    time limit and the kill work exactly as for a fresh one. A spare whose
+    kernel dies reads EOF and exits.
+    """
+
+    def __init__(self) -> None:
+        self._proc: Optional[subprocess.Popen] = None
+        self._pid = os.getpid()  # a forked child must not share its parent's spare
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def take(self, argv: list[str]) -> Optional[subprocess.Popen]:
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None or self._pid != os.getpid():
+            return None
+        if proc.args != argv or proc.poll() is not None:
+            _kill(proc)
+            return None
+        return proc
+
+    def refill(self, argv: list[str]) -> None:
+        if argv != [sys.executable, "-c", _WORKER]:
+            return  # only the Python worker is slow to start
+        with self._lock:
+            if self._proc is not None and self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            try:
+                self._proc = _start(argv)
+            except OSError:
+                self._proc = None
+
+    def close(self) -> None:
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None and self._pid == os.getpid():
+            _kill(proc)
+
+
+_SPARE = _Spare()
 
 
 def _new_group() -> dict:

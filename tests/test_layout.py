@@ -136,3 +136,17 @@ def test_layout_never_imports_torch_in_the_worker():
     proc = subprocess.run([sys.executable, "-c", code], input=SMALL.encode(), capture_output=True, timeout=30)
     assert proc.returncode == 0, proc.stderr.decode()
     assert b"<svg" in proc.stdout
+
+
+def test_a_spare_worker_is_ready_and_a_dead_one_is_replaced():
+    assert layout(SMALL).svg is not None
+    spare = _layout._SPARE._proc
+    assert spare is not None and spare.poll() is None  # started for the next drawing
+    _layout._kill(spare)  # e.g. killed from outside while idle
+    _layout._CACHE.clear()
+    result = layout(SMALL)
+    assert result.svg is not None and result.engine == "pygraphviz"
+    fresh = _layout._SPARE._proc
+    assert fresh is not None and fresh is not spare
+    _layout._SPARE.close()
+    assert fresh.poll() is not None and _layout._SPARE._proc is None
