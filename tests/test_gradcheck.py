@@ -200,3 +200,19 @@ def test_a_failing_rerun_is_a_note_not_an_error(shell):
     shell.user_ns["calls"].append(1)  # the re-run now takes the failing branch
     (c,) = gradcheck_cell(shell, body, t, None)
     assert c.ok is None and "ValueError: second run" in c.note
+
+
+def test_kinks_are_explained_not_flagged(shell):
+    """relu and abs at exactly 0: the central difference is 0.5 and 0, autograd says 0 — both legitimate."""
+    shell.run_cell("import torch")
+    (c,) = check(shell, "w = torch.tensor([0.0, 1.0, -2.0], requires_grad=True)\nloss = torch.relu(w).sum() + w.abs().sum()\nloss.backward()")
+    assert c.ok is True and c.kinks == [0] and "kink" in c.note
+    ana = {i: a for i, a, _ in c.samples}
+    assert ana == {0: 0.0, 1: 2.0, 2: -1.0}
+
+
+def test_large_loss_small_gradient(shell):
+    """A loss of ~1e8 with a gradient of ~1e-3: rounding in f(x±h) is allowed for, the check agrees."""
+    shell.run_cell("import torch")
+    (c,) = check(shell, "a = torch.tensor([1e-3, 2.0], requires_grad=True)\nloss = 1e8 + (a ** 2).sum() * 0.5\nloss.backward()")
+    assert c.ok is True, c
