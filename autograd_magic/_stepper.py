@@ -139,31 +139,43 @@ def _target(trace: Trace, p: BackwardPass, nid: Optional[int], by_node: dict[int
         return Target(node=None, node_id=None)
     name = p.nodes[nid] if 0 <= nid < len(p.nodes) else None
     nxt = by_node.get(nid)
-    rids = list(nxt.records) if nxt else []
+    rids = list(nxt.records) if nxt else _captured(trace, p, name)
     labels = [trace.records[r].label for r in rids if 0 <= r < len(trace.records)]
     return Target(node=name, node_id=nid, records=rids, labels=labels)
 
 
-def _constant_operand(expr: Optional[str]) -> tuple[Optional[str], Optional[float]]:
-    """For `2*y**2` or `y**2`: the operator and the Python constant beside the tensor."""
+def _captured(trace: Trace, p: BackwardPass, node: Optional[str]) -> list[int]:
+    """autograd.grad stops at its `inputs`: their nodes never run, so name them from the inputs."""
+    if p.kind != "grad" or node is None:
+        return []
+    found = []
+    for i in p.inputs:
+        r = trace.records[i] if i is not None and 0 <= i < len(trace.records) else None
+        if r is not None and (r.grad_fn or ("AccumulateGrad" if r.is_leaf else None)) == node:
+            found.append(i)
+    return found
+
+
+def _constant_operand(expr: Optional[str]) -> tuple[Optional[str], Optional[float], bool]:
+    """For `2*y**2` or `y**2`: the operator, the Python constant beside the tensor, whether it is on the right."""
     if not expr:
-        return None, None
+        return None, None, False
     try:
         node = ast.parse(expr.strip(), mode="eval").body
     except SyntaxError:
-        return None, None
+        return None, None, False
     if not isinstance(node, ast.BinOp):
-        return None, None
+        return None, None, False
     op = type(node.op).__name__
     for side in (node.right, node.left):
         if isinstance(side, ast.Constant) and isinstance(side.value, (int, float)):
-            return op, side.value
-    return op, None
+            return op, side.value, side is node.right
+    return op, None, False
 
 
 def rule_for(node: str, expr: Optional[str] = None) -> str:
     """The rule `node` applies, in words; made concrete when the source shows a constant."""
-    op, const = _constant_operand(expr)
+    op, const, right = _constant_operand(expr)
     if const is not None:
         c = f"{const:g}"
         if node == "PowBackward0" and op == "Pow":
@@ -171,6 +183,12 @@ def rule_for(node: str, expr: Optional[str] = None) -> str:
             return f"d(x^{c}) = {c}·{power} dx: the gradient is multiplied by {c}·{power}"
         if node in ("MulBackward0", "MulBackward1") and op == "Mult":
             return f"d({c}·x) = {c}·dx: the gradient is multiplied by the other operand, {c}"
+        if node in ("DivBackward0", "DivBackward1") and op == "Div" and right:
+            return f"d(x/{c}) = dx/{c}: the gradient is divided by {c}"
+        if node in ("AddBackward0", "AddBackward1") and op == "Add":
+            return f"d(x + {c}) = dx: the gradient is passed on unchanged (the constant {c} needs none)"
+        if node in ("SubBackward0", "SubBackward1") and op == "Sub" and right:
+            return f"d(x - {c}) = dx: the gradient is passed on unchanged (the constant {c} needs none)"
     if node in RULES:
         return RULES[node]
     base = node.rstrip("0123456789")

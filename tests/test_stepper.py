@@ -148,6 +148,11 @@ def test_describe_grad_and_unknown_rule():
     assert "chain rule" in rule_for("FancyBackward7")
     assert rule_for("AddBackward0", "a + b") == rule_for("AddBackward0")
     assert "negated" in rule_for("SubBackward0")
+    assert rule_for("DivBackward0", "x / 4") == "d(x/4) = dx/4: the gradient is divided by 4"
+    assert "divided by 4" not in rule_for("DivBackward0", "4 / x")  # the constant on the left: the generic rule
+    assert "constant 2 needs none" in rule_for("AddBackward0", "x + 2")
+    assert "constant 1 needs none" in rule_for("SubBackward0", "x - 1")
+    assert rule_for("MulBackward0", "y*y") == rule_for("MulBackward0")
 
 
 def test_loop_passes_beyond_the_limit_are_not_invented(shell):
@@ -177,6 +182,8 @@ def test_autograd_grad_of_an_intermediate_then_backward(shell):
     first = steps(t, 1)[0]
     assert first.node == "SumBackward0" and y.id not in first.records
     assert [s.labels for s in steps(t, 1)][-1] == ["x"]
+    pow_step = _step_for(steps(t, 0), "z")  # autograd.grad stops at y: y's node never runs
+    assert pow_step.targets[0].labels == ["y"] and "to y" in pow_step.text
     _close(_step_for(steps(t, 1), "y").grad_in[0], torch.tensor([4.0, 8.0]))
 
 
