@@ -176,6 +176,10 @@ def build_payload(
             row = _row(r, trace)
             if original is not None:
                 _mark_changes(row, r, oid, by_id, original, trace)
+            # requires_grad flips apply to leaves of the real run (the toggle re-runs from it)
+            base = by_id.get(row.get("oid")) if original is not None else r
+            if base is not None and base.is_leaf:
+                row["can_flip"] = True
             target.append(row)
         lines_out.append({"line": group["line"], "source": group["source"], "rows": rows, "folded": list(folded.values())})
     return {

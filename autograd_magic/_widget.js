@@ -121,7 +121,7 @@ function render({ model, el }) {
 
   function flipControl(row) {
     const target = row.oid !== undefined ? row.oid : model.get("payload").variant ? null : row.id;
-    if (!row.is_leaf || target === null) return null;
+    if (!row.can_flip || target === null) return null;
     const flipped = model.get("flip_ids").includes(target);
     const btn = h("button", {
       type: "button",

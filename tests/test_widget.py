@@ -114,6 +114,9 @@ def test_no_grad_toggle_shows_requires_grad_false_and_the_backward_error(shell):
     assert p["variant"]["grad_mode"] == "no_grad"
     assert all(r["requires_grad"] is False for r in _rows(p) if r["label"] != "x")
     assert "requires_grad" in _row(p, "y").get("changed", [])
+    # y is a leaf in the variant, but only leaves of the real run can be flipped
+    assert _row(p, "y")["is_leaf"] is True and "can_flip" not in _row(p, "y")
+    assert _row(p, "x")["can_flip"] is True
     assert p["error"]["type"] == "RuntimeError"
     assert p["error"]["message"] == str(plain.value)
     assert p["error"]["line"] == 5
