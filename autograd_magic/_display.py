@@ -12,11 +12,38 @@ from typing import Optional
 from ._records import Trace
 
 
-def mimebundle(trace: Trace, include=None, exclude=None, variant: Optional[Trace] = None) -> dict:
-    from ._html import render_html
+def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = True, timeout: Optional[float] = None) -> str:
+    """The static snapshot with every section: table, graph, stepper, why, gradient check."""
+    from ._html import render_html, section
 
+    sections = []
+    if graph:
+        try:
+            from ._layout import svg_or_fallback_html
+
+            # inline SVG, or the DOT text with a one-line hint when layout can't run in time
+            sections.append(section("autograd graph", svg_or_fallback_html(variant or trace, timeout=timeout)))
+        except Exception:  # the table still shows; the graph is a bonus here
+            pass
+    try:
+        from ._teach_html import teach_sections
+
+        sections.extend(teach_sections(variant or trace))
+    except Exception:
+        pass
+    return render_html(trace, variant=variant, sections=[s for s in sections if s])
+
+
+def mimebundle(
+    trace: Trace,
+    include=None,
+    exclude=None,
+    variant: Optional[Trace] = None,
+    graph: bool = True,
+    timeout: Optional[float] = None,
+) -> dict:
     shown = variant or trace
-    bundle = {"text/plain": str(shown), "text/html": render_html(trace, variant=variant)}
+    bundle = {"text/plain": str(shown), "text/html": snapshot_html(trace, variant=variant, graph=graph, timeout=timeout)}
     if include:
         bundle = {k: v for k, v in bundle.items() if k in include}
     if exclude:
@@ -59,4 +86,4 @@ def show(
         if view is not None:
             display(view)
             return
-    display(mimebundle(trace, variant=variant), raw=True)
+    display(mimebundle(trace, variant=variant, graph=graph, timeout=layout_timeout), raw=True)
