@@ -412,10 +412,31 @@ class Outcome:
         text = _ANSI.sub("", self.stdout)
         text = re.sub(r"Cell In\[\d+\], line \d+", "Cell", text)
         text = re.sub(r"(?m)^(-*>)?\s*\d+ ?", "", text)
-        return "\n".join(line for line in text.split("\n") if line.strip())
+        return "\n".join(_fold_call_impl([line for line in text.split("\n") if line.strip()]))
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _fold_call_impl(lines: list) -> list:
+    """Torch's `Module._call_impl` frame, without its body.
+
+    With global module hooks registered (the tracer's), `_call_impl` takes its
+    slow path, so that frame shows other lines of torch's own source and an
+    extra frame for its `inner()` closure.
+    """
+    out, skipping = [], False
+    for i, line in enumerate(lines):
+        if line.startswith(("File ", "Cell ")):
+            skipping = "Module._call_impl" in line
+            if skipping:
+                line = "File torch/nn/modules/module.py, in Module._call_impl"
+                if out and out[-1] == line:  # the slow path's inner() closure
+                    continue
+        elif skipping and i < len(lines) - 1:
+            continue
+        out.append(line)
+    return out
 
 
 def fresh_shell():
@@ -493,25 +514,36 @@ def fingerprint(value: Any, depth: int = 0) -> Any:
 
 
 def _tensor_fingerprint(t, depth: int) -> tuple:
-    import torch
-
-    grad = None
-    if t.is_leaf or t.retains_grad:
+    def grad():
+        if not (t.is_leaf or t.retains_grad):
+            return None
         g = t.grad
-        grad = _tensor_fingerprint(g, depth + 1) if g is not None and depth < 2 else g is not None
-    return (
-        type(t).__name__,
-        str(t.dtype),
-        tuple(t.shape),
-        t.requires_grad,
-        t.is_leaf,
-        type(t.grad_fn).__name__ if t.grad_fn is not None else None,
-        t._version,
-        t.retains_grad,
-        _bits(t.detach()),
-        grad,
-        len(t._backward_hooks or {}),  # None before any hook, {} after one was removed: same to users
+        return _tensor_fingerprint(g, depth + 1) if g is not None and depth < 2 else g is not None
+
+    return tuple(
+        _observe(read)
+        for read in (
+            lambda: type(t).__name__,
+            lambda: str(t.dtype),
+            lambda: tuple(t.shape),
+            lambda: t.requires_grad,
+            lambda: t.is_leaf,
+            lambda: type(t.grad_fn).__name__ if t.grad_fn is not None else None,
+            lambda: t._version,
+            lambda: t.retains_grad,
+            lambda: _bits(t.detach()),
+            grad,
+            lambda: len(t._backward_hooks or {}),  # None before any hook, {} after one was removed: same to users
+        )
     )
+
+
+def _observe(read) -> Any:
+    """What reading one property shows: its value, or the error it raises."""
+    try:
+        return read()
+    except Exception as exc:
+        return ("raises", type(exc).__name__, str(exc))
 
 
 def _bits(t) -> tuple:

@@ -77,6 +77,9 @@ REGRESSIONS = [
     "t1 = torch.ones(3)\nt2 = torch.nn.functional.relu(t1, 'x')",
     # inf and nan values: previews must not warn from numpy.
     "t1 = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -0.0]], requires_grad=True)\nt1 = t1**-1\nt2 = t1 * 0",
+    # A property that raises (a no_grad view of a base changed in place), and an error inside a module.
+    "t1 = torch.randn((2, 3), requires_grad=True)\nwith torch.no_grad():\n    t2 = t1[0]\nwith torch.no_grad():\n"
+    "    t1.add_(1.5)\nlin0 = torch.nn.Linear(3, 1)\nt1 = lin0(t2)",
 ]
 
 
