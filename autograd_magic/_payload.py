@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ._format import format_record_value, format_shape, format_short, format_stats, format_tensor
-from ._records import Record, Trace
+from ._format import format_record_value, format_shape, format_short, format_stats, format_tensor, format_values
+from ._records import Preview, Record, Trace
 
 MAX_ROWS = 1500  # visible rows sent to the front end
 INTERNAL_PER_CALL = 12  # folded rows sent per call line (the rest are counted)
 MAX_STEPS = 400  # backward steps sent per pass
 SHORT = 60  # characters of a one-line value
+CELL_LINES, CELL_WIDTH = 4, 72  # a value printed in a table cell; larger ones are summarized
 TEXT = 400  # characters of any free text (step explanations, error messages)
 
 
@@ -27,6 +28,17 @@ def _clip(text: Optional[str], limit: int = TEXT) -> Optional[str]:
     if text is None or len(text) <= limit:
         return text
     return text[: limit - 1] + "…"
+
+
+def cell_value(p: Optional[Preview]) -> str:
+    """A table cell's value: the body `print(tensor)` shows, or a one-line summary when large."""
+    if p is None or p.values is None:
+        return format_short(p, SHORT)
+    text = format_values(p, indent=0)
+    lines = text.splitlines()
+    if len(lines) <= CELL_LINES and all(len(line) <= CELL_WIDTH for line in lines):
+        return text
+    return format_short(p, SHORT)
 
 
 # ---- gradients in words --------------------------------------------------------------------
@@ -57,7 +69,7 @@ def grad_cells(record: Record, trace: Trace) -> tuple[str, Optional[str]]:
         return "None", note[len("None"):].strip() if note and note.startswith("None") else note
     if record.attr_grad is None and note and note.startswith("None"):
         note = ".grad " + note  # the value shown is what backward delivered, not `.grad`
-    return format_short(shown, SHORT), note
+    return cell_value(shown), note
 
 
 # ---- matching the variant against the original ---------------------------------------------
@@ -107,7 +119,7 @@ def _row(r: Record, trace: Trace) -> dict[str, Any]:
         "label": _clip(r.label, 120),
         "name": r.name,
         "expr": _clip(r.expr, 120) if r.expr != r.name else None,
-        "value": format_short(r.preview, SHORT),
+        "value": cell_value(r.preview),
         "shape": format_shape(r.preview),
         "dtype": (r.dtype or "").replace("torch.", ""),
         "requires_grad": r.requires_grad,

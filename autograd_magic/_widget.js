@@ -155,7 +155,7 @@ function render({ model, el }) {
         if (row.external) td.appendChild(h("span", { class: "agm-muted", text: " (from outside the cell)" }));
       }
       td.prepend(h("span", { class: "agm-v", text }));
-      if (key === "grad" && row.grad_note) td.appendChild(h("span", { class: "agm-note", text: "  " + row.grad_note }));
+      if (key === "grad" && row.grad_note) td.appendChild(h("div", { class: "agm-note", text: row.grad_note }));
       if (key === "requires_grad") {
         const f = flipControl(row);
         if (f) td.appendChild(f);

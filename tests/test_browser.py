@@ -166,3 +166,6 @@ def _check_selection(grid, kind) -> None:
     grid.locator(f"tr.agm-row.agm-selected[data-id='{out_id}']").wait_for(timeout=TIMEOUT)
     grid.locator(".agm-detail h4", has_text=re.compile(r"^out$")).wait_for(timeout=TIMEOUT)
     grid.screenshot(path=str(SCREENSHOTS / f"{kind}_selected.png"))
+    # the gradient check re-runs the cell in float64 and gives its verdict per leaf
+    grid.locator("button.agm-check").click()
+    grid.locator(".agm-gradcheck pre", has_text="x: ok").wait_for(timeout=TIMEOUT)
