@@ -70,8 +70,11 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         else:
             out.append(f"`{r.expr or r.op}` on line {r.line} changed {_quote(target)} in place.")
     if r.detached:
-        out.append(f"{_where(r)} was detached by the toggle: gradients stop here in this variant.")
-    if not r.requires_grad:
+        out.append(
+            f"{_where(r)} was detached by the toggle: what uses it gets a copy with no history, so in this "
+            "variant no gradient flows back through it and it receives none."
+        )
+    elif not r.requires_grad:
         out.extend(_why_no_requires_grad(trace, r))
     elif r.is_leaf:
         out.extend(_leaf_grad(trace, r))
@@ -98,6 +101,8 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
     grad_inputs = [trace.records[i] for i in r.inputs if trace.records[i].requires_grad]
     if not r.grad_enabled:
         why = f"{_quote(r)} was made under torch.no_grad() on line {r.line}"
+        if trace.grad_mode == "no_grad":
+            why += " (in this variant the whole cell runs under torch.no_grad())"
         if grad_inputs:
             why += f", so it does not require grad although {_names(grad_inputs)} does; no gradient flows back through it."
         else:
@@ -279,9 +284,14 @@ def _no_grad_root(trace: Trace, p: Optional[BackwardPass]) -> str:
         why = _why_no_requires_grad(trace, r)[0]
     else:
         why = f"{_where(r)} itself never had requires_grad=True."
+    fix = "Set requires_grad=True on the input you want gradients for, before computing."
+    if trace.grad_mode == "no_grad":
+        fix = "Nothing in this variant is recorded for backward(); the real run, without the toggle, is unaffected."
+    elif not r.grad_enabled:
+        fix = "Compute it outside the torch.no_grad() block if you want to differentiate it."
     return (
         head + f"{_quote(r)}, which does not require grad and has no grad_fn (element 0 of tensors does not "
-        f"require grad). {why} Set requires_grad=True on the input you want gradients for, before computing."
+        f"require grad). {why} {fix}"
     )
 
 

@@ -173,3 +173,29 @@ def test_tensor_from_an_earlier_cell_without_grad(shell):
     t = run(shell, "loss = (q * 2).sum()\nloss.backward()", setup="pass", raises=True)
     assert "comes from before this cell with requires_grad=False" in about(t, "q")
     assert "computed from `q`, which never had requires_grad=True" in explain_error(t)
+
+
+VARIANT_CELL = "x = torch.tensor([1., 2.], requires_grad=True)\ny = x * 3\nz = (y * x).sum()\nz.backward()"
+
+
+def test_detach_variant(shell):
+    t = run(shell, VARIANT_CELL, setup="import torch")
+    shell.user_ns.pop("t", None)
+    shell.run_cell("%%autograd --quiet -o t --detach y\n" + VARIANT_CELL)
+    v = shell.user_ns["t"]
+    assert v.variant_of is not None
+    text = about(v, "y")
+    assert "`y` (line 3) was detached by the toggle" in text and "retain_grad" not in text
+    assert "put [3., 6.] into `x.grad`" in about(v, "x")  # only the direct path: y*x with y cut gives y = 3x
+    assert "put [ 6., 12.] into `x.grad`" in about(t, "x")  # the real run: d(3x·x)/dx = 6x
+
+
+def test_no_grad_variant(shell):
+    shell.run_cell("import torch")
+    shell.user_ns.pop("t", None)
+    shell.run_cell("%%autograd --quiet -o t --no-grad\n" + VARIANT_CELL)
+    v = shell.user_ns["t"]
+    text = explain_error(v)
+    assert "line 5" in text and "`z` was made under torch.no_grad() on line 4" in text
+    assert "whole cell runs under torch.no_grad()" in text and "Set requires_grad=True" not in text
+    assert "whole cell runs under torch.no_grad()" in about(v, "y")
