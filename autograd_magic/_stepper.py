@@ -191,6 +191,9 @@ def rule_for(node: str, expr: Optional[str] = None) -> str:
             return f"d(x - {c}) = dx: the gradient is passed on unchanged (the constant {c} needs none)"
     if node in RULES:
         return RULES[node]
+    if node.endswith("Backward"):  # torch names a custom Function's node after its class, without a number
+        cls = node[: -len("Backward")] or "the Function"
+        return f"a custom torch.autograd.Function: {cls}.backward() decides what gradient is sent on (the gradient check tests it)"
     base = node.rstrip("0123456789")
     for known, text in RULES.items():
         if known.rstrip("0123456789") == base:

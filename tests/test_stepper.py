@@ -239,3 +239,17 @@ def test_every_named_tensor_received_what_torch_computes(shell, program):
     for s in st:
         if s.node_id in sent and s.grad_in and s.grad_in[0] is not None and s.grad_in[0].complete:
             np.testing.assert_allclose(np.asarray(s.grad_in[0].values, dtype=np.float64), sent[s.node_id], rtol=1e-5, atol=1e-6)
+
+
+def test_custom_function_step(shell):
+    shell.run_cell(
+        "import torch\nclass Square(torch.autograd.Function):\n    @staticmethod\n    def forward(ctx, x):\n"
+        "        ctx.save_for_backward(x)\n        return x * x\n    @staticmethod\n    def backward(ctx, g):\n"
+        "        (x,) = ctx.saved_tensors\n        return 2 * x * g\n"
+    )
+    t = run(shell, "x = torch.tensor([1., -3.], requires_grad=True)\ny = Square.apply(x).sum()\ny.backward()", setup="pass")
+    st = steps(t, 0)
+    custom = next(s for s in st if s.node == "SquareBackward")
+    assert "Square.backward()" in custom.rule
+    _close(custom.grad_out[0], torch.tensor([2.0, -6.0]))
+    assert custom.targets[0].labels == ["x"]
