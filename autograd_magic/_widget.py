@@ -256,8 +256,34 @@ def make_view(
     graph: bool = True,
     detail_limit: int = 3,
     layout_timeout: float = 5.0,
-) -> AutogradView:
-    """The widget for one traced cell (what `%%autograd` displays)."""
+) -> "AutogradView | StaticView":
+    """The widget for one traced cell (what `%%autograd` displays).
+
+    If the widget cannot be built, the static snapshot is shown instead, with
+    the reason: a view must never turn a working cell into a traceback.
+    """
+    try:
+        return _build(trace, variant, shell, source, snapshot, graph, detail_limit, layout_timeout)
+    except Exception as e:
+        return StaticView(trace, variant, f"The interactive view failed ({type(e).__name__}: {e}); showing the snapshot.")
+
+
+class StaticView:
+    """The snapshot and the text table in one mimebundle, with a note on why there is no widget."""
+
+    def __init__(self, trace: Trace, variant: Optional[Trace], note: str = "") -> None:
+        self.trace, self.variant, self.note = trace, variant, note
+
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs: Any) -> dict:
+        from ._display import mimebundle
+
+        data = mimebundle(self.trace, include=include, exclude=exclude, variant=self.variant)
+        if self.note and "text/html" in data:
+            data["text/html"] = f"<p><em>{html.escape(self.note)}</em></p>" + data["text/html"]
+        return data
+
+
+def _build(trace, variant, shell, source, snapshot, graph, detail_limit, layout_timeout) -> AutogradView:
     return AutogradView(
         trace,
         variant=variant,

@@ -27,6 +27,7 @@ CELLS = [
     "%%autograd\ny = 2*x**4 + x**3 + 3*x**2 + 5*x + 1\ny.backward()\nprint(x.grad)",
     "x = torch.tensor([[1.,2,3],[3,2,1]], requires_grad=True)",
     "%%autograd\ny = 3*x + 2\nz = 2*y**2\nout = z.mean()\nout.backward()\nprint(x.grad)",
+    "%%autograd\nlin = torch.nn.Linear(3, 2)\nh = lin(torch.ones(1, 3)).sum()",
     # last, because it raises (Run All stops there): hostile text must show as text, never run
     "%%autograd\nw = torch.ones(2, requires_grad=True) * len('" + "<img src=x onerror=\"window.__pwned=1\">" + "')\n"
     "raise ValueError('<img src=x onerror=\"window.__pwned=2\">')",
@@ -92,8 +93,8 @@ def test_seed_views(jupyter, browser, kind):
         wait_kernel_ready(page)
         run_all(page)
         views = page.locator(".jp-OutputArea-output .agm-root")
-        views.nth(2).locator(".agm-error").wait_for(timeout=TIMEOUT)
-        poly, grid, hostile = views.nth(0), views.nth(1), views.nth(2)
+        views.nth(3).locator(".agm-error").wait_for(timeout=TIMEOUT)
+        poly, grid, module, hostile = (views.nth(i) for i in range(4))
 
         # the seeds' gradients, as plain PyTorch computes them
         assert _numbers(_grad_text(poly, r"^x$")) == pytest.approx(poly_grad)
@@ -102,6 +103,7 @@ def test_seed_views(jupyter, browser, kind):
         grid.screenshot(path=str(SCREENSHOTS / f"{kind}_seed_2x3.png"))
 
         _check_hostile_text(page, hostile)
+        _check_folded_internals(module)
         _check_stepper(grid)
         _check_no_grad(grid, grid_grad, kind)
         _check_detach(grid, grid_grad, kind)
@@ -115,6 +117,13 @@ def _check_hostile_text(page, hostile) -> None:
     assert any("<img src=x" in text for text in hostile.locator(".agm-c-label").all_inner_texts())
     assert hostile.locator("img").count() == 0
     assert page.evaluate("() => window.__pwned === undefined")
+
+
+def _check_folded_internals(module) -> None:
+    """Ops inside Linear.forward are folded under their call line until unfolded."""
+    assert module.locator("tr.agm-row.agm-internal").count() == 0
+    module.locator("button.agm-fold-btn", has_text="Linear.forward").click()
+    module.locator("tr.agm-row.agm-internal").first.wait_for(timeout=TIMEOUT)
 
 
 def _check_stepper(grid) -> None:

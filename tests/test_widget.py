@@ -305,3 +305,16 @@ def test_hostile_strings_travel_as_data_and_are_escaped_in_html(shell, monkeypat
 def test_front_end_never_parses_payload_text_as_html():
     js = (Path(__file__).resolve().parent.parent / "autograd_magic" / "_widget.js").read_text()
     assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(|new Function", js)
+
+
+def test_a_view_that_cannot_be_built_falls_back_to_the_snapshot(shell, monkeypatch):
+    import autograd_magic._widget as widget
+
+    shell.run_cell(GRID_SETUP)
+    run = execute(shell, GRID_CELL, first_line=2, display=False, capture=True)
+    monkeypatch.setattr(widget, "build_payload", lambda *a, **k: (_ for _ in ()).throw(KeyError(HOSTILE)))
+    view = make_view(run.trace, shell=shell, source=GRID_CELL, graph=False)
+    assert isinstance(view, widget.StaticView)
+    data = view._repr_mimebundle_()
+    assert set(data) == {"text/html", "text/plain"}
+    assert "interactive view failed" in data["text/html"] and "<img src=x" not in data["text/html"]
