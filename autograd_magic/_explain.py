@@ -333,15 +333,69 @@ def _modified_inplace(trace: Trace, p: Optional[BackwardPass]) -> str:
     )
 
 
-def _leaf_inplace(trace: Trace, p: Optional[BackwardPass]) -> str:
-    line = trace.error.line if trace.error else None
+def _on_error_line(trace: Trace, want) -> list[Record]:
+    """Records named on the failing line that satisfy `want`, last first."""
     text = (trace.error.expr or "") if trace.error else ""
-    leaves = [r for r in trace.records if r.is_leaf and r.requires_grad and r.name and re.search(rf"\b{re.escape(r.name)}\b", text)]
-    who = f"{_quote(leaves[-1])} is a leaf that requires grad" if leaves else "the tensor is a leaf that requires grad"
+    found = [r for r in trace.records if r.name and want(r) and re.search(rf"\b{re.escape(r.name)}\b", text)]
+    return list(reversed(found))
+
+
+def _error_where(trace: Trace) -> str:
+    e = trace.error
+    text = f"`{e.expr}` " if e and e.expr else ""
+    return text + (f"on line {e.line}" if e and e.line is not None else "")
+
+
+def _leaf_inplace(trace: Trace, p: Optional[BackwardPass]) -> str:
+    leaves = _on_error_line(trace, lambda r: r.is_leaf and r.requires_grad)
+    who = f"{_quote(leaves[0])} is a leaf that requires grad" if leaves else "the tensor is a leaf that requires grad"
+    view = "a view of " if trace.error and "a view of a leaf" in trace.error.message else ""
     return (
-        f"`{text}` on line {line} changes a leaf Variable that requires grad in place: {who}, and autograd "
+        f"{_error_where(trace)} changes {view}a leaf Variable that requires grad in place: {who}, and autograd "
         "cannot track in-place changes to it. Do parameter updates under `with torch.no_grad():` "
         "(as an optimizer does), or use an out-of-place expression."
+    )
+
+
+def _numpy_of_grad_tensor(trace: Trace, p: Optional[BackwardPass]) -> str:
+    found = _on_error_line(trace, lambda r: r.requires_grad)
+    who = _quote(found[0]) if found else "the tensor"
+    name = found[0].name if found else "tensor"
+    return (
+        f"{_error_where(trace)} turns {who} into a NumPy array, but it requires grad: NumPy values would leave "
+        f"autograd's graph silently, so PyTorch refuses. Use `{name}.detach().numpy()` (for plotting or printing, "
+        "detach first)."
+    )
+
+
+def _integer_requires_grad(trace: Trace, p: Optional[BackwardPass]) -> str:
+    return (
+        f"{_error_where(trace)} asks for requires_grad=True on a tensor of integers: only floating point (and "
+        "complex) tensors can require gradients. Write the numbers as floats (`1.` instead of `1`) or pass "
+        "dtype=torch.float32."
+    )
+
+
+def _unused_input(trace: Trace, p: Optional[BackwardPass]) -> str:
+    m = re.search(r"index (\d+)", trace.error.message if trace.error else "")
+    who = "one of the inputs"
+    if m and p is not None and int(m.group(1)) < len(p.inputs) and p.inputs[int(m.group(1))] is not None:
+        who = _quote(trace.records[p.inputs[int(m.group(1))]])
+    return (
+        f"torch.autograd.grad {_error_where(trace)}: {who} was not used to compute the output, so it has no "
+        "gradient. Pass allow_unused=True (its gradient is then None, or zeros with "
+        "materialize_grads=True) or leave it out of `inputs`."
+    )
+
+
+def _no_grad_to_keep(trace: Trace, p: Optional[BackwardPass]) -> str:
+    found = _on_error_line(trace, lambda r: not r.requires_grad)
+    who = _quote(found[0]) if found else "the tensor"
+    why = ""
+    if found:
+        why = " " + _why_no_requires_grad(trace, found[0])[0]
+    return (
+        f"{_error_where(trace)}: {who} does not require grad, so there is no gradient to keep or hook.{why}"
     )
 
 
@@ -351,4 +405,9 @@ _ERRORS = [
     ("backward through the graph a second time", _second_time),
     ("modified by an inplace operation", _modified_inplace),
     ("a leaf Variable that requires grad", _leaf_inplace),
+    ("Can't call numpy() on Tensor that requires grad", _numpy_of_grad_tensor),
+    ("Only Tensors of floating point and complex dtype can require gradients", _integer_requires_grad),
+    ("appears to not have been used in the graph", _unused_input),
+    ("can't retain_grad on Tensor that has requires_grad=False", _no_grad_to_keep),
+    ("cannot register a hook on a tensor that doesn't require gradient", _no_grad_to_keep),
 ]

@@ -199,3 +199,34 @@ def test_no_grad_variant(shell):
     assert "line 5" in text and "`z` was made under torch.no_grad() on line 4" in text
     assert "whole cell runs under torch.no_grad()" in text and "Set requires_grad=True" not in text
     assert "whole cell runs under torch.no_grad()" in about(v, "y")
+
+
+def test_numpy_of_a_tensor_that_requires_grad(shell):
+    t = run(shell, "w = torch.ones(3, requires_grad=True)\nh = w * 2\nprint(h.numpy())", raises=True)
+    text = explain_error(t)
+    assert "`print(h.numpy())` on line 4" in text and "`h`" in text and "h.detach().numpy()" in text
+
+
+def test_integer_tensor_cannot_require_grad(shell):
+    t = run(shell, "x = torch.tensor([1, 2, 3], requires_grad=True)", raises=True)
+    text = explain_error(t)
+    assert "line 2" in text and "integers" in text and "`1.` instead of `1`" in text
+
+
+def test_autograd_grad_unused_input(shell):
+    t = run(shell, "x = torch.ones(2, requires_grad=True)\nu = torch.ones(2, requires_grad=True)\ng = torch.autograd.grad((x * 2).sum(), [x, u])", raises=True)
+    text = explain_error(t)
+    assert "line 4" in text and "`u` was not used" in text and "allow_unused=True" in text
+
+
+def test_retain_grad_on_tensor_without_grad(shell):
+    t = run(shell, "a = torch.ones(2)\nb = a * 3\nb.retain_grad()", raises=True)
+    text = explain_error(t)
+    assert "`b.retain_grad()` on line 4" in text and "`b` does not require grad" in text
+    assert "computed from `a`, which never had requires_grad=True" in text
+
+
+def test_inplace_on_a_view_of_a_leaf(shell):
+    t = run(shell, "x = torch.ones(2, requires_grad=True)\nx[0] = 5", raises=True)
+    text = explain_error(t)
+    assert "`x[0] = 5` on line 3 changes a view of a leaf Variable" in text and "`x` is a leaf" in text
