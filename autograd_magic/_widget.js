@@ -348,6 +348,24 @@ function render({ model, el }) {
     highlight();
   }
 
+  // A selection made in the graph may name an op folded inside a call: unfold it and show the row.
+  function onSelect() {
+    const sel = model.get("selected");
+    const p = model.get("payload") || {};
+    for (const group of p.lines || []) {
+      for (const call of group.folded) {
+        const key = `${group.line}:${call.call}`;
+        if (!expanded.has(key) && call.rows.some((r) => r.id === sel)) {
+          expanded.add(key);
+          drawAll();
+        }
+      }
+    }
+    highlight();
+    const row = table.querySelector(`tr.agm-row[data-id="${Number(sel)}"]`);
+    if (row) row.scrollIntoView({ block: "nearest" });
+  }
+
   const drawStatus = () => {
     status.textContent = model.get("busy") ? "re-running…" : model.get("status");
     status.classList.toggle("agm-errtext", !!model.get("status"));
@@ -362,7 +380,7 @@ function render({ model, el }) {
     "change:no_grad": () => (noGrad.checked = model.get("no_grad")),
     "change:detail": drawDetail,
     "change:graph_svg": drawGraph,
-    "change:selected": highlight,
+    "change:selected": onSelect,
     "change:step change:pass_index": onStep,
     "change:status change:busy": drawStatus,
   };
