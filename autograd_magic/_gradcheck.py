@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from ._execute import execute
+from ._gradcheck_run import _Runner, _RunFailed
 from ._records import BackwardPass, Record, Trace
 
 MAX_LEAVES = 10
@@ -26,6 +26,7 @@ STEP = 1e-6  # central differences in float64: truncation ~h², rounding ~1e-16/
 ATOL = 1e-5
 RTOL = 1e-3
 TIME_BUDGET = 20.0  # seconds of nudged re-runs per cell; fewer elements are sampled for slow cells
+REFERENCE_LIMIT = 1000  # loop iterations per expression the reference re-run records
 
 
 @dataclass
@@ -43,14 +44,6 @@ class LeafCheck:
     samples: list[tuple[int, float, float]] = field(default_factory=list)
     # flat indices where the function has a kink (one-sided slopes differ) and autograd's value lies between them
     kinks: list[int] = field(default_factory=list)
-
-
-class _RunFailed(Exception):
-    pass
-
-
-def _key(r: Record) -> tuple:
-    return (r.span, r.occurrence, r.output_index)
 
 
 def gradcheck_cell(
@@ -92,7 +85,8 @@ def _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elemen
     runner = _Runner(shell, source, trace, snapshot, first_line, p)
     started = time.perf_counter()
     try:
-        runner.value, analytic = runner.run(None, todo)
+        # the reference run records every op (not just a loop's first runs) to see every path to the output
+        runner.value, analytic, seen = runner.run(None, todo, detail_limit=REFERENCE_LIMIT)
     except _RunFailed as exc:
         checks.update({r.id: LeafCheck(r.id, r.label, note=f"the sandboxed re-run failed: {exc}") for r in todo})
         return checks
@@ -104,7 +98,10 @@ def _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elemen
     per_leaf = max(1, min(max_elements, int(time_budget / per_run) // (2 * max(len(todo), 1))))
     deadline = time.perf_counter() + time_budget
     for r in todo:
-        checks[r.id] = _check_leaf(runner, r, analytic.get(r.id), per_leaf, deadline, time_budget)
+        check = _check_leaf(runner, r, analytic.get(r.id), per_leaf, deadline, time_budget)
+        if check.ok is False:
+            _excuse(check, seen, r)
+        checks[r.id] = check
     return checks
 
 
@@ -179,8 +176,8 @@ def _check_leaf(
         for i in planned:
             if time.perf_counter() > deadline:
                 break
-            plus, _ = runner.run((r, i, STEP), [])
-            minus, _ = runner.run((r, i, -STEP), [])
+            plus = runner.run((r, i, STEP), [])[0]
+            minus = runner.run((r, i, -STEP), [])[0]
             ana = float(flat[i])
             check.samples.append((i, ana, (plus - minus) / (2 * STEP)))
             scale = max(scale, abs(plus), abs(minus))
@@ -231,163 +228,70 @@ def _score(check: LeafCheck, f_scale: float = 0.0) -> None:
         )
 
 
-class _Runner:
-    """Re-runs the cell in float64 in a sandbox, optionally with one leaf element nudged."""
-
-    def __init__(self, shell, source: str, trace: Trace, snapshot, first_line: int, p: BackwardPass):
-        self.shell, self.source, self.snapshot, self.first_line = shell, source, snapshot, first_line
-        self.root = trace.records[p.roots[0]]
-        self.unavailable: dict[int, str] = {}  # external leaves the sandbox cannot reach -> why
-        self.value = 0.0  # the root's value in the reference re-run
-
-    def run(self, nudge: Optional[tuple[Record, int, float]], capture: list[Record]) -> tuple[float, dict]:
-        """(the root's value, {record id: gradient from the first backward pass} for `capture`)."""
-        grads: dict[int, torch.Tensor] = {}
-        state = {"handles": [], "root": None}
-        dtype = torch.get_default_dtype()
-        try:
-            with _sandbox(self.shell, self.snapshot) as ns:
-                torch.set_default_dtype(torch.float64)
-                self.shared = _shared_ids(self.snapshot, self.shell.user_ns)
-                _double_namespace(ns, self.shared, _names_used(self.snapshot, ns))
-                self._prepare_external(ns, nudge, capture, grads, state)
-                hook = self._output_hook(nudge, capture, grads, state)
-                run = execute(
-                    self.shell, self.source, first_line=self.first_line, namespace=ns, display=False,
-                    capture=True, output_hook=hook, sandbox=True,
-                )
-                if run.error is not None:
-                    raise _RunFailed(f"{type(run.error).__name__}: {run.error}")
-                return self._root_value(state, run.trace), grads
-        except _RunFailed:
-            raise
-        except Exception as exc:  # the sandbox could not be set up or restored
-            raise _RunFailed(f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            torch.set_default_dtype(dtype)
-            for h in state["handles"]:
-                h.remove()
-
-    def _prepare_external(self, ns: dict, nudge, capture: list[Record], grads: dict, state: dict) -> None:
-        for r in capture:
-            if r.external:
-                try:
-                    t = self._external(ns, r)
-                except _RunFailed as exc:  # this leaf only: the others can still be checked
-                    self.unavailable[r.id] = str(exc)
-                    continue
-                state["handles"].append(t.register_hook(_first_grad(grads, r.id)))
-        if nudge is not None and nudge[0].external:
-            _nudge(self._external(ns, nudge[0]), nudge[1], nudge[2])
-
-    def _external(self, ns: dict, r: Record) -> torch.Tensor:
-        from ._sandbox import _find_tensor
-
-        t = _find_tensor(ns, r.name)
-        if t is None or not t.is_leaf:
-            raise _RunFailed(f"`{r.label}` cannot be found by name before the cell runs, so it cannot be nudged")
-        if id(t) in self.shared:
-            raise _RunFailed(f"`{r.label}` is shared with the real run and cannot be changed safely")
-        return t
-
-    def _output_hook(self, nudge, capture: list[Record], grads: dict, state: dict) -> Callable:
-        wanted = {_key(r): r.id for r in capture if not r.external}
-        target = _key(nudge[0]) if nudge is not None and not nudge[0].external else None
-        root_key = _key(self.root)
-
-        def hook(record: Record, t: torch.Tensor):
-            out = _as_double(record, t)
-            k = _key(record)
-            if k == target:
-                _nudge(out, nudge[1], nudge[2])
-            if k in wanted and out.requires_grad:
-                state["handles"].append(out.register_hook(_first_grad(grads, wanted[k])))
-            if k == root_key:
-                state["root"] = out
-            return out if out is not t else None
-
-        return hook
-
-    def _root_value(self, state: dict, trace: Trace) -> float:
-        t = state["root"]
-        if isinstance(t, torch.Tensor) and t.numel() == 1:
-            return float(t.detach().to(torch.float64).reshape(()))
-        roots = trace.passes[0].roots if trace.passes else []
-        rec = trace.records[roots[0]] if roots and roots[0] is not None else None
-        if rec is None or rec.preview is None or not rec.preview.complete or rec.preview.numel != 1:
-            raise _RunFailed("the re-run did not compute the differentiated value again")
-        return float(np.asarray(rec.preview.values, dtype=np.float64).reshape(()))
 
 
-def _first_grad(store: dict, rid: int):
-    """A tensor hook keeping the first gradient (the first backward pass's)."""
-
-    def hook(grad):
-        if rid not in store:
-            store[rid] = grad.detach().clone()
-
-    return hook
-
-
-def _nudge(t: torch.Tensor, flat_index: int, delta: float) -> None:
-    idx = tuple(int(i) for i in np.unravel_index(flat_index, tuple(t.shape)))
-    with torch.no_grad():
-        t[idx] += delta
-
-
-def _is_low_float(t: torch.Tensor) -> bool:
-    return t.is_floating_point() and t.dtype != torch.float64
-
-
-def _as_double(record: Record, t: torch.Tensor) -> torch.Tensor:
-    """The op's output in float64, keeping its graph (or its leafness and requires_grad)."""
-    if not _is_low_float(t):
-        return t
-    if record.inplace:
-        if t.is_leaf:
-            t.data = t.data.to(torch.float64)  # same object: the cell keeps using it
-        return t
-    if t.grad_fn is not None:
-        return t.to(torch.float64)
-    return t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+# ---- paths autograd ignores by design ----
+def _excuse(check: LeafCheck, seen: Trace, leaf: Record) -> None:
+    """A disagreement is not a wrong gradient when the leaf also reaches the output where autograd
+    is told not to look (`.detach()`, `torch.no_grad()`) or where the re-run could not see."""
+    start = _find_in(seen, leaf)
+    root = seen.passes[0].roots[0] if seen.passes and seen.passes[0].roots else None
+    if start is None or root is None:
+        return
+    on_path = _descendants(seen, start) & (_ancestors(seen, root) | {root})
+    # a custom Function's forward runs under no_grad by design: its node (`CubeBackward`) covers it
+    custom = {n[: -len("Backward")] for n in seen.passes[0].nodes if n.endswith("Backward")}
+    cuts = [seen.records[i] for i in sorted(on_path) if _cuts_graph(seen.records[i], custom)]
+    hidden = [seen.records[i] for i in sorted(_ancestors(seen, root)) if _opaque(seen.records[i])]
+    if cuts:
+        c = cuts[0]
+        how = "`.detach()`" if c.op in ("detach", "detach_") else "torch.no_grad()"
+        check.ok = None
+        check.note = (
+            f"the numbers differ because `{leaf.label}` also reaches the output through {how} on line {c.line} "
+            f"(`{c.expr or c.op}`): autograd ignores that path by design, finite differences cannot"
+        )
+    elif hidden:
+        check.ok = None
+        check.note = (
+            f"the numbers differ, but part of the computation (`{hidden[0].label}`) was not visible to the re-run, "
+            "so a path autograd ignores cannot be ruled out"
+        )
 
 
-def _names_used(snapshot, ns: dict) -> list[str]:
-    """The names the cell reads (as the snapshot found them), else every name."""
-    if snapshot is None or not hasattr(snapshot, "frozen"):
-        return list(ns)
-    names = set(snapshot.read) | set(snapshot.frozen) | set(getattr(snapshot, "live", ()))
-    return [n for n in names if n in ns]
+def _find_in(seen: Trace, leaf: Record) -> Optional[int]:
+    from ._gradcheck_run import _key
+
+    if leaf.external:
+        found = [r.id for r in seen.records if r.external and r.name == leaf.name]
+    else:
+        found = [r.id for r in seen.records if _key(r) == _key(leaf) and r.op == leaf.op]
+    return found[-1] if found else None
 
 
-def _shared_ids(snapshot, user_ns: dict) -> set[int]:
-    """Objects the sandbox shares with the real run: never cast or nudge these."""
-    ids = {id(v) for v in user_ns.values()}
-    ids |= set(getattr(snapshot, "shared", {}) or {})
-    return ids
+def _cuts_graph(r: Record, custom: set[str]) -> bool:
+    if r.internal and r.internal.split(".")[0] in custom:
+        return False
+    return r.op in ("detach", "detach_") or (not r.grad_enabled and not r.requires_grad)
 
 
-def _double_namespace(ns: dict, shared: set[int], names: list[str]) -> None:
-    """Cast the sandbox's float tensors and modules to float64, never an object of the user's."""
-    for name in names:
-        value = ns[name]
-        mine = id(value) not in shared
-        if isinstance(value, torch.Tensor) and _is_low_float(value):
-            if mine and value.is_leaf:
-                value.grad = None  # a float32 .grad cannot take float64 gradients
-                value.data = value.data.to(torch.float64)
-            elif value.grad_fn is not None:
-                ns[name] = value.to(torch.float64)  # shared non-leaf: a float64 view of its graph
-            else:
-                ns[name] = value.detach().to(torch.float64).requires_grad_(value.requires_grad)
-        elif mine and isinstance(value, torch.nn.Module):
-            tensors = list(value.parameters()) + list(value.buffers())
-            if not any(id(t) in shared for t in tensors):  # .double() changes params in place
-                value.zero_grad(set_to_none=True)
-                value.double()
+def _opaque(r: Record) -> bool:
+    return r.external and r.grad_fn is not None
 
 
-def _sandbox(shell, snapshot):
-    from ._sandbox import Sandbox
+def _ancestors(trace: Trace, rid: int) -> set[int]:
+    seen, stack = set(), list(trace.records[rid].inputs)
+    while stack:
+        i = stack.pop()
+        if i not in seen and 0 <= i < len(trace.records):
+            seen.add(i)
+            stack.extend(trace.records[i].inputs)
+    return seen
 
-    return Sandbox(shell, snapshot)
+
+def _descendants(trace: Trace, rid: int) -> set[int]:
+    found = {rid}
+    for r in trace.records[rid + 1:]:  # records are in execution order: inputs come first
+        if any(i in found for i in r.inputs):
+            found.add(r.id)
+    return found

@@ -216,3 +216,22 @@ def test_large_loss_small_gradient(shell):
     shell.run_cell("import torch")
     (c,) = check(shell, "a = torch.tensor([1e-3, 2.0], requires_grad=True)\nloss = 1e8 + (a ** 2).sum() * 0.5\nloss.backward()")
     assert c.ok is True, c
+
+
+def test_path_through_detach_is_excused_not_flagged(shell):
+    """y = x.detach() * x: autograd gives x, finite differences 2x; that is detach doing its job."""
+    shell.run_cell("import torch")
+    (c,) = check(shell, "x = torch.tensor([1., 2.], requires_grad=True)\ny = x.detach() * x\ny.sum().backward()")
+    assert c.ok is None and "`.detach()` on line 3" in c.note and "by design" in c.note
+    np.testing.assert_allclose([a for _, a, _ in c.samples], [1.0, 2.0])
+    np.testing.assert_allclose([n for _, _, n in c.samples], [2.0, 4.0], rtol=1e-6)
+
+
+def test_no_grad_path_in_a_loop_beyond_the_detail_limit(shell):
+    shell.run_cell("import torch")
+    body = (
+        "t1 = torch.arange(3, dtype=torch.float32, requires_grad=True)\nwith torch.no_grad():\n    t3 = t1 * 2\n"
+        "for i in range(5):\n    t3 = t3 * 0.5 + t1\nt3.sum().backward()"
+    )
+    (c,) = check(shell, body)
+    assert c.ok is None and "torch.no_grad() on line 4" in c.note

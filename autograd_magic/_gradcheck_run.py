@@ -1,0 +1,189 @@
+"""Re-running a cell for the gradient check: float64, in a sandbox, one element nudged.
+
+The user's namespace, tensors, grads, RNG states and default dtype are never
+touched: the run happens in `Sandbox` copies, float tensors there are cast to
+float64 (never an object shared with the real run), and ops' outputs are cast
+and nudged through the tracer's `output_hook`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ._execute import execute
+from ._records import BackwardPass, Record, Trace
+
+
+class _RunFailed(Exception):
+    pass
+
+
+def _key(r: Record) -> tuple:
+    return (r.span, r.occurrence, r.output_index)
+
+
+class _Runner:
+    """Re-runs the cell in float64 in a sandbox, optionally with one leaf element nudged."""
+
+    def __init__(self, shell, source: str, trace: Trace, snapshot, first_line: int, p: BackwardPass):
+        self.shell, self.source, self.snapshot, self.first_line = shell, source, snapshot, first_line
+        self.root = trace.records[p.roots[0]]
+        self.unavailable: dict[int, str] = {}  # external leaves the sandbox cannot reach -> why
+        self.value = 0.0  # the root's value in the reference re-run
+
+    def run(
+        self, nudge: Optional[tuple[Record, int, float]], capture: list[Record], detail_limit: int = 3
+    ) -> tuple[float, dict, Trace]:
+        """(the root's value, {record id: first backward pass's gradient} for `capture`, the re-run's trace)."""
+        grads: dict[int, torch.Tensor] = {}
+        state = {"handles": [], "root": None}
+        dtype = torch.get_default_dtype()
+        try:
+            with _sandbox(self.shell, self.snapshot) as ns:
+                torch.set_default_dtype(torch.float64)
+                self.shared = _shared_ids(self.snapshot, self.shell.user_ns)
+                _double_namespace(ns, self.shared, _names_used(self.snapshot, ns))
+                self._prepare_external(ns, nudge, capture, grads, state)
+                hook = self._output_hook(nudge, capture, grads, state)
+                run = execute(
+                    self.shell, self.source, first_line=self.first_line, namespace=ns, display=False,
+                    capture=True, output_hook=hook, sandbox=True, detail_limit=detail_limit,
+                )
+                if run.error is not None:
+                    raise _RunFailed(f"{type(run.error).__name__}: {run.error}")
+                return self._root_value(state, run.trace), grads, run.trace
+        except _RunFailed:
+            raise
+        except Exception as exc:  # the sandbox could not be set up or restored
+            raise _RunFailed(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            torch.set_default_dtype(dtype)
+            for h in state["handles"]:
+                h.remove()
+
+    def _prepare_external(self, ns: dict, nudge, capture: list[Record], grads: dict, state: dict) -> None:
+        for r in capture:
+            if r.external:
+                try:
+                    t = self._external(ns, r)
+                except _RunFailed as exc:  # this leaf only: the others can still be checked
+                    self.unavailable[r.id] = str(exc)
+                    continue
+                state["handles"].append(t.register_hook(_first_grad(grads, r.id)))
+        if nudge is not None and nudge[0].external:
+            _nudge(self._external(ns, nudge[0]), nudge[1], nudge[2])
+
+    def _external(self, ns: dict, r: Record) -> torch.Tensor:
+        from ._sandbox import _find_tensor
+
+        t = _find_tensor(ns, r.name)
+        if t is None or not t.is_leaf:
+            raise _RunFailed(f"`{r.label}` cannot be found by name before the cell runs, so it cannot be nudged")
+        if id(t) in self.shared:
+            raise _RunFailed(f"`{r.label}` is shared with the real run and cannot be changed safely")
+        return t
+
+    def _output_hook(self, nudge, capture: list[Record], grads: dict, state: dict) -> Callable:
+        wanted = {_key(r): r.id for r in capture if not r.external}
+        target = _key(nudge[0]) if nudge is not None and not nudge[0].external else None
+        root_key = _key(self.root)
+
+        def hook(record: Record, t: torch.Tensor):
+            out = _as_double(record, t)
+            k = _key(record)
+            if k == target:
+                _nudge(out, nudge[1], nudge[2])
+            if k in wanted and out.requires_grad:
+                state["handles"].append(out.register_hook(_first_grad(grads, wanted[k])))
+            if k == root_key:
+                state["root"] = out
+            return out if out is not t else None
+
+        return hook
+
+    def _root_value(self, state: dict, trace: Trace) -> float:
+        t = state["root"]
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t.detach().to(torch.float64).reshape(()))
+        roots = trace.passes[0].roots if trace.passes else []
+        rec = trace.records[roots[0]] if roots and roots[0] is not None else None
+        if rec is None or rec.preview is None or not rec.preview.complete or rec.preview.numel != 1:
+            raise _RunFailed("the re-run did not compute the differentiated value again")
+        return float(np.asarray(rec.preview.values, dtype=np.float64).reshape(()))
+
+
+def _first_grad(store: dict, rid: int):
+    """A tensor hook keeping the first gradient (the first backward pass's)."""
+
+    def hook(grad):
+        if rid not in store:
+            store[rid] = grad.detach().clone()
+
+    return hook
+
+
+def _nudge(t: torch.Tensor, flat_index: int, delta: float) -> None:
+    idx = tuple(int(i) for i in np.unravel_index(flat_index, tuple(t.shape)))
+    with torch.no_grad():
+        t[idx] += delta
+
+
+def _is_low_float(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.dtype != torch.float64
+
+
+def _as_double(record: Record, t: torch.Tensor) -> torch.Tensor:
+    """The op's output in float64, keeping its graph (or its leafness and requires_grad)."""
+    if not _is_low_float(t):
+        return t
+    if record.inplace:
+        if t.is_leaf:
+            t.data = t.data.to(torch.float64)  # same object: the cell keeps using it
+        return t
+    if t.grad_fn is not None:
+        return t.to(torch.float64)
+    return t.detach().to(torch.float64).requires_grad_(t.requires_grad)
+
+
+def _names_used(snapshot, ns: dict) -> list[str]:
+    """The names the cell reads (as the snapshot found them), else every name."""
+    if snapshot is None or not hasattr(snapshot, "frozen"):
+        return list(ns)
+    names = set(snapshot.read) | set(snapshot.frozen) | set(getattr(snapshot, "live", ()))
+    return [n for n in names if n in ns]
+
+
+def _shared_ids(snapshot, user_ns: dict) -> set[int]:
+    """Objects the sandbox shares with the real run: never cast or nudge these."""
+    ids = {id(v) for v in user_ns.values()}
+    ids |= set(getattr(snapshot, "shared", {}) or {})
+    return ids
+
+
+def _double_namespace(ns: dict, shared: set[int], names: list[str]) -> None:
+    """Cast the sandbox's float tensors and modules to float64, never an object of the user's."""
+    for name in names:
+        value = ns[name]
+        mine = id(value) not in shared
+        if isinstance(value, torch.Tensor) and _is_low_float(value):
+            if mine and value.is_leaf:
+                value.grad = None  # a float32 .grad cannot take float64 gradients
+                value.data = value.data.to(torch.float64)
+            elif value.grad_fn is not None:
+                ns[name] = value.to(torch.float64)  # shared non-leaf: a float64 view of its graph
+            else:
+                ns[name] = value.detach().to(torch.float64).requires_grad_(value.requires_grad)
+        elif mine and isinstance(value, torch.nn.Module):
+            tensors = list(value.parameters()) + list(value.buffers())
+            if not any(id(t) in shared for t in tensors):  # .double() changes params in place
+                value.zero_grad(set_to_none=True)
+                value.double()
+
+
+def _sandbox(shell, snapshot):
+    from ._sandbox import Sandbox
+
+    return Sandbox(shell, snapshot)
