@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ._gradcheck_run import _Runner, _RunFailed
+from ._gradcheck_run import ROOT, _Runner, _RunFailed
 from ._records import BackwardPass, Record, Trace
 
 MAX_LEAVES = 10
@@ -87,6 +87,7 @@ def _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elemen
     try:
         # the reference run records every op (not just a loop's first runs) to see every path to the output
         runner.value, analytic, seen = runner.run(None, todo, detail_limit=REFERENCE_LIMIT)
+        runner.set_weights(analytic.pop(ROOT, None), p.gradient_given)
     except _RunFailed as exc:
         checks.update({r.id: LeafCheck(r.id, r.label, note=f"the sandboxed re-run failed: {exc}") for r in todo})
         return checks
@@ -137,8 +138,8 @@ def _unverifiable(trace: Trace, p: BackwardPass) -> Optional[str]:
     root = trace.records[p.roots[0]]
     if root.external:
         return f"the value differentiated, `{root.label}`, was computed before this cell: check the cell that computes it"
-    if root.preview is None or root.preview.numel != 1:
-        return f"`{root.label}` is not a scalar (backward was given a gradient): only scalar outputs are checked"
+    if root.preview is None or (root.preview.numel != 1 and not p.gradient_given):
+        return f"`{root.label}` is not a scalar and backward() was given no gradient"
     return None
 
 

@@ -21,6 +21,9 @@ class _RunFailed(Exception):
     pass
 
 
+ROOT = -1  # key of the root's own received gradient among captured grads
+
+
 def _key(r: Record) -> tuple:
     return (r.span, r.occurrence, r.output_index)
 
@@ -33,6 +36,8 @@ class _Runner:
         self.root = trace.records[p.roots[0]]
         self.unavailable: dict[int, str] = {}  # external leaves the sandbox cannot reach -> why
         self.value = 0.0  # the root's value in the reference re-run
+        self.weights: Optional[torch.Tensor] = None  # the gradient a non-scalar root was given
+        self._last_root: Optional[torch.Tensor] = None
 
     def run(
         self, nudge: Optional[tuple[Record, int, float]], capture: list[Record], detail_limit: int = 3
@@ -63,6 +68,16 @@ class _Runner:
             torch.set_default_dtype(dtype)
             for h in state["handles"]:
                 h.remove()
+
+    def set_weights(self, received: Optional[torch.Tensor], gradient_given: bool) -> None:
+        """After the reference run: f = root · gradient when backward() was given one."""
+        if gradient_given:
+            if received is None:
+                raise _RunFailed("the re-run did not pass the same gradient to backward()")
+            self.weights = received.to(torch.float64)
+            if self._last_root is None or self._last_root.shape != self.weights.shape:
+                raise _RunFailed("the re-run's output and its gradient do not match")
+            self.value = float((self._last_root * self.weights).sum())
 
     def _prepare_external(self, ns: dict, nudge, capture: list[Record], grads: dict, state: dict) -> None:
         for r in capture:
@@ -100,14 +115,23 @@ class _Runner:
                 state["handles"].append(out.register_hook(_first_grad(grads, wanted[k])))
             if k == root_key:
                 state["root"] = out
+                if self.weights is None and out.requires_grad:  # the gradient backward() was given
+                    state["handles"].append(out.register_hook(_first_grad(grads, ROOT)))
             return out if out is not t else None
 
         return hook
 
     def _root_value(self, state: dict, trace: Trace) -> float:
+        """The root's value; for a non-scalar root, its dot product with the gradient backward() got."""
         t = state["root"]
-        if isinstance(t, torch.Tensor) and t.numel() == 1:
-            return float(t.detach().to(torch.float64).reshape(()))
+        if isinstance(t, torch.Tensor):
+            self._last_root = t.detach().to(torch.float64)
+            if self.weights is not None and t.shape == self.weights.shape:
+                return float((self._last_root * self.weights).sum())
+            if t.numel() == 1:
+                return float(self._last_root.reshape(()))
+            if self.weights is None:
+                return float("nan")  # the reference run: weighed once the gradient is known
         roots = trace.passes[0].roots if trace.passes else []
         rec = trace.records[roots[0]] if roots and roots[0] is not None else None
         if rec is None or rec.preview is None or not rec.preview.complete or rec.preview.numel != 1:

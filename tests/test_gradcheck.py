@@ -95,10 +95,26 @@ def test_root_from_an_earlier_cell_is_not_checked(shell):
     assert c.ok is None and "before this cell" in c.note
 
 
-def test_non_scalar_root_with_gradient_is_skipped(shell):
+def test_non_scalar_root_with_gradient(shell):
+    """backward(v) on a vector y checks f = y·v, whose gradient is what backward(v) computes."""
     shell.run_cell("import torch")
-    (c,) = check(shell, "x = torch.ones(3, requires_grad=True)\ny = x * 2\ny.backward(torch.ones(3))")
-    assert c.ok is None and "not a scalar" in c.note
+    (c,) = check(shell, "x = torch.tensor([1., 2., 3.], requires_grad=True)\ny = x ** 2\ny.backward(torch.tensor([0.1, 1.0, 10.0]))")
+    assert c.ok is True, c
+    np.testing.assert_allclose([n for _, _, n in c.samples], [0.2, 4.0, 60.0], rtol=1e-5)
+
+
+def test_scalar_root_with_a_gradient_argument(shell):
+    shell.run_cell("import torch")
+    (c,) = check(shell, "x = torch.tensor([1., 2.], requires_grad=True)\ny = (x ** 2).sum()\ny.backward(torch.tensor(3.0))")
+    assert c.ok is True, c
+    np.testing.assert_allclose([a for _, a, _ in c.samples], [6.0, 12.0])
+
+
+def test_seed_003_backward_with_a_vector(shell, seeds):
+    """Seed 003's last cells in one cell: z.backward(v) with a non-scalar z."""
+    cells = seeds.NOTEBOOKS["003"]
+    checks = check(shell, "import torch\ntorch.manual_seed(0)\n" + cells[11] + "\n" + cells[12])
+    assert [c.ok for c in checks] == [True], checks
 
 
 def test_user_state_untouched(shell):
