@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
+from fuzz_programs import programs
+from hypothesis import HealthCheck, given, settings
 
 from autograd_magic._gradcheck import LeafCheck, _sample, gradcheck_cell
 
@@ -251,3 +254,28 @@ def test_no_grad_path_in_a_loop_beyond_the_detail_limit(shell):
     )
     (c,) = check(shell, body)
     assert c.ok is None and "torch.no_grad() on line 4" in c.note
+
+
+FUZZ_EXAMPLES = int(os.environ.get("AUTOGRAD_MAGIC_GRADCHECK_FUZZ", 20))
+
+
+@pytest.fixture(scope="module")
+def fuzz_shell():
+    from fuzz_programs import fresh_shell
+
+    return fresh_shell()
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(cell=programs())
+def test_fuzz_check_never_flags_torch_and_changes_nothing(fuzz_shell, cell):
+    """Random cells: autograd's own gradients are never flagged, and --check leaves the same state behind."""
+    from fuzz_programs import run as run_cell
+
+    traced = run_cell(fuzz_shell, cell, traced=True)
+    checked = run_cell(fuzz_shell, cell, traced=True, magic="%%autograd --quiet --check -o _gc_trace")
+    t = fuzz_shell.user_ns.get("_gc_trace")
+    assert {k: v for k, v in checked.namespace.items() if k != "_gc_trace"} == traced.namespace
+    assert (checked.error, checked.stdout) == (traced.error, traced.stdout)
+    for c in (t.gradcheck or []) if t is not None else []:
+        assert c.ok is not False, (cell, c)
