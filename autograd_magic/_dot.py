@@ -56,9 +56,13 @@ def render_dot(
         f'  edge [color="#616161", arrowsize=0.6, fontname="{FONT}", fontsize=9];',
     ]
     records = shown.records
-    for u in folded.units:
-        out.extend(_unit_lines(records, folded, u, changed, selected))
-    out.extend(_edge_lines(records, folded))
+    nodes = [line for u in folded.units for line in _unit_lines(records, folded, u, changed, selected)]
+    edges = _edges(records, folded)
+    proxies, dropped = _shorten_long_edges(records, folded, edges, allowance=max_nodes - len(nodes))
+    out += nodes + proxies
+    out += [_edge_line(src, dst, kinds) for (src, dst), kinds in edges.items()]
+    if dropped:  # said in the legend, not a node: the node budget is spent
+        out[1] = out[1].replace(f"label=<{_text(LEGEND)}>", f"label=<{_text(LEGEND)}<BR/>{_dropped_text(dropped)}>")
     out.append("}")
     return "\n".join(out) + "\n"
 
@@ -277,7 +281,8 @@ def _more_label(u: Unit) -> str:
 # ---------------------------------------------------------------- edges
 
 
-def _edge_lines(records: list[Record], folded: Folded) -> list[str]:
+def _edges(records: list[Record], folded: Folded) -> dict[tuple[str, str], set[str]]:
+    """(source node, target node) -> kinds ("cut", "acc", "no-grad", "") of the data edges."""
     edges: dict[tuple[str, str], set[str]] = {}
 
     def add(src: str, dst: str, kind: str = "") -> None:
@@ -299,7 +304,7 @@ def _edge_lines(records: list[Record], folded: Folded) -> list[str]:
             continue
         for rid in u.records:
             _input_edges(records, folded, records[rid], u.key, add)
-    return [_edge_line(src, dst, kinds) for (src, dst), kinds in edges.items()]
+    return edges
 
 
 def _input_edges(records, folded: Folded, r: Record, dst: str, add) -> None:
@@ -322,6 +327,60 @@ def _edge_line(src: str, dst: str, kinds: set[str]) -> str:
     else:
         attrs = ""
     return f"  {src} -> {dst}" + (f" [{attrs}];" if attrs else ";")
+
+
+# ---------------------------------------------------------------- long edges
+
+LONG = 6  # ranks an edge may span before it costs Graphviz real time
+HUB = 3  # long reads of one tensor that make it a hub
+
+
+def _shorten_long_edges(records, folded: Folded, edges: dict, allowance: int) -> tuple[list[str], int]:
+    """Reads of one tensor from far along the graph go through a small copy of it.
+
+    A parameter read by each of 50 unrolled steps gives 50 edges spanning up
+    to 100 ranks; Graphviz's dot spent minutes on such a 265-node graph and
+    lays the same graph out in 0.3 s when each far read starts from a copy
+    (`r5_p1`, labelled like `r5`) placed beside the reader. Copies count
+    against `max_nodes`; far reads past the allowance are left out, counted.
+    """
+    depth = _depths(folded, edges)
+    far: dict[str, list[str]] = {}
+    for src, dst in edges:
+        if depth.get(dst, 0) - depth.get(src, 0) > LONG:
+            far.setdefault(src, []).append(dst)
+    lines: list[str] = []
+    dropped = 0
+    for src, targets in far.items():
+        if len(targets) < HUB or not src.startswith("r"):
+            continue
+        label = _text(records[folded.unit_of[int(src[1:])].output].label, 30) if src[1:].isdigit() else src
+        for k, dst in enumerate(targets, 1):
+            kinds = edges.pop((src, dst))
+            if len(lines) >= allowance:
+                dropped += 1
+                continue
+            proxy = f"{src}_p{k}"
+            attrs = _attrs(label=f"<↪ {label}>", shape="box", style="dashed,rounded", fontsize="8", **{"class": "proxy"})
+            lines.append(f"  {proxy} [{attrs}];")
+            edges[(proxy, dst)] = kinds
+    return lines, dropped
+
+
+def _depths(folded: Folded, edges: dict) -> dict[str, int]:
+    """Longest-path rank of each node, following execution order (folded loops may close cycles)."""
+    order: dict[str, tuple[int, int]] = {}
+    for i, u in enumerate(folded.units):
+        order[f"acc{u.output}"], order[f"op{u.output}"], order[u.key] = (i, 0), (i, 1), (i, 2)
+    depth: dict[str, int] = {}
+    for src, dst in sorted(edges, key=lambda e: order.get(e[1], (0, 0))):
+        if order.get(src, (0, 0)) < order.get(dst, (0, 0)):
+            depth[dst] = max(depth.get(dst, 0), depth.get(src, 0) + 1)
+    return depth
+
+
+def _dropped_text(n: int) -> str:
+    return f"{n} far reads of shared tensors not drawn: raise max_nodes to see them"
 
 
 # ---------------------------------------------------------------- variants

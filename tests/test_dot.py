@@ -353,3 +353,45 @@ def test_trace_to_svg_and_html(shell):
     assert svg.startswith("<svg") and f"<title>r{trace.last('y').id}</title>" in svg
     html = svg_or_fallback_html(trace, timeout=5.0)
     assert html.startswith('<div class="am-graph"') and "<svg" in html
+
+
+def _unrolled_trace(steps: int) -> Trace:
+    """h = tanh(h @ w) written out `steps` times: `w` is read from every step."""
+    pv = Preview(shape=(2, 2), dtype="torch.float32", values=np.eye(2))
+    recs = [
+        Record(id=0, op="external", name="w", external=True, requires_grad=True, preview=pv),
+        Record(id=1, op="external", name="h0", external=True, preview=pv),
+    ]
+    prev = 1
+    for k in range(steps):
+        mm = len(recs)
+        recs.append(Record(id=mm, op="matmul", expr=f"h{k} @ w", line=k + 1, span=(k + 1, 5, k + 1, 11),
+                           grad_fn="MmBackward0", requires_grad=True, is_leaf=False, inputs=[prev, 0], preview=pv))
+        recs.append(Record(id=mm + 1, op="tanh", name=f"h{k + 1}", expr=f"torch.tanh(h{k} @ w)", line=k + 1,
+                           span=(k + 1, 5, k + 1, 25), grad_fn="TanhBackward0", requires_grad=True,
+                           is_leaf=False, inputs=[mm], preview=pv))
+        prev = mm + 1
+    return Trace(records=recs)
+
+
+def test_far_reads_of_a_shared_tensor_start_from_copies():
+    """Long edges from one hub are what made dot run for minutes; each far read gets a copy."""
+    trace = _unrolled_trace(50)
+    g = _graph(render_dot(trace, max_nodes=1000))
+    proxies = [n for n in g.nodes() if "proxy" in _classes(g, n)]
+    assert len(proxies) > 40
+    for p in proxies:
+        assert p.startswith("r0_p") and "w" in g.get_node(p).attr["label"]
+        assert len(g.out_edges(p)) == 1 and g.out_edges(p)[0][1].startswith("op")
+    assert len(g.out_edges("r0")) + len(proxies) == 50  # every read of w is still drawn
+    # under a tight budget, far reads past it are left out and the legend says how many
+    small = _graph(render_dot(trace, max_nodes=120))
+    assert len(small.nodes()) <= 120
+    assert "far reads of shared tensors not drawn" in small.graph_attr["label"]
+
+
+def test_small_graphs_draw_every_read_directly(shell):
+    shell.run_cell("import torch\nx = torch.tensor(2.0, requires_grad=True)")
+    trace, _ = _traced(shell, "y = 2*x**4 + x**3 + 3*x**2 + 5*x + 1")
+    g = _graph(render_dot(trace))
+    assert not [n for n in g.nodes() if "proxy" in _classes(g, n)]
