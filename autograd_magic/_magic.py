@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Float, Integer
 
 from ._execute import execute, trim_traceback
+
+
+NO_TENSOR_NOTE = "%%autograd: no tensor operations ran in this cell, nothing to show."
 
 
 @magics_class
@@ -54,11 +58,13 @@ class AutogradMagics(Magics):
             ...
         """
         __tracebackhide__ = True
-        args = parse_argstring(self.autograd, line)
+        usage = self.autograd.parser.format_usage()
+        try:
+            args = parse_argstring(self.autograd, line)
+        except UsageError as exc:  # argparse's message alone doesn't say what is allowed
+            raise UsageError(f"{exc}\n{usage}") from None
         if args.limit is not None and args.limit < 1:
-            from IPython.core.error import UsageError
-
-            raise UsageError("--limit takes a whole number of 1 or more\n" + self.autograd.parser.format_usage())
+            raise UsageError("--limit takes a whole number of 1 or more\n" + usage)
         shell = self.shell
         limit = args.limit or self.detail_limit
         snapshot = _snapshot(shell, cell)
@@ -78,7 +84,9 @@ class AutogradMagics(Magics):
             trace.gradcheck = gradcheck_cell(shell, trace_source, trace, snapshot)
         if args.output:
             shell.user_ns[args.output] = variant or trace
-        if not args.quiet:
+        if not args.quiet and not trace.records and not trace.passes and run.error is None:
+            print(NO_TENSOR_NOTE)  # an empty table or graph would only puzzle
+        elif not args.quiet:
             from ._display import show
 
             mode = "text" if args.text else "static" if (args.static or self.static) else "widget"

@@ -67,6 +67,23 @@ def _norm(a: np.ndarray) -> float:
     return float(torch.linalg.vector_norm(torch.from_numpy(np.ascontiguousarray(a)) if not a.flags.c_contiguous else torch.from_numpy(a)))
 
 
+_CHUNK = 1 << 20
+
+
+def _sums(a: np.ndarray) -> tuple[float, float]:
+    """Sum and sum of squares in float64, one bounded chunk at a time.
+
+    `a.flat[i:j]` copies just those elements, whatever the strides, so a
+    non-contiguous view or an integer tensor never gets a full-size copy.
+    """
+    total = squares = 0.0
+    for start in range(0, a.size, _CHUNK):
+        chunk = a.flat[start : start + _CHUNK].astype(np.float64, copy=False)
+        total += float(np.add.reduce(chunk))
+        squares += float(np.einsum("i,i->", chunk, chunk))
+    return total, squares
+
+
 _NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int8, torch.int16, torch.int32,
                  torch.int64, torch.uint8, torch.bool}
 
@@ -82,7 +99,7 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
             p.values = np.array(block)
             p.summarized = True
         else:
-            p.values = a.reshape(-1)[:FULL_LIMIT].copy() if a.flags.c_contiguous else a.flatten()[:FULL_LIMIT]
+            p.values = a.flat[:FULL_LIMIT]  # copies just these, whatever the strides
             p.flat_head = True
     if not with_stats or n == 0:
         return
@@ -95,15 +112,16 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
         p.min, p.max, p.mean, p.norm = float(count == n), float(count > 0), count / n, float(np.sqrt(count))
         return
     p.min, p.max = float(src.min()), float(src.max())
-    if src.dtype.kind == "f":
+    if src.dtype.kind != "f" or not src.flags.c_contiguous:
+        with np.errstate(all="ignore"):  # inf/nan: no RuntimeWarning in the user's cell
+            total, squares = _sums(src)
+        p.mean, p.norm = total / n, float(np.sqrt(squares))
+    else:
         # numpy's pairwise float sum is accurate; BLAS nrm2 for the norm: no copies
         flat = src.reshape(-1)  # a view when contiguous, which is the common case
         with np.errstate(all="ignore"):  # inf/nan: no RuntimeWarning in the user's cell
             p.mean = float(np.add.reduce(flat)) / n  # pairwise float sum: fast and accurate
             p.norm = _norm(flat)
-    else:
-        p.mean = float(src.mean(dtype=np.float64))
-        p.norm = float(np.sqrt(np.square(src, dtype=np.float64).sum()))
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:

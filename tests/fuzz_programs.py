@@ -392,7 +392,10 @@ def programs(draw, max_statements: int = 8) -> str:
 # ---- running a cell plain and traced ----
 # IPython's own names, and Python's warning bookkeeping (C++ warn-once warnings
 # make it appear in whichever run warned first).
-_IPY_KEYS = re.compile(r"^(_+|_i+|_\d+|_i\d+|_ih|_oh|_dh|In|Out|get_ipython|exit|quit|open|__warningregistry__)$")
+_IPY_KEYS = re.compile(
+    r"^(_+|_i+|_\d+|_i\d+|_ih|_oh|_dh|In|Out|get_ipython|exit|quit|open|__warningregistry__"
+    r"|__builtins?__|__name__|__doc__|__package__|__loader__|__spec__)$"
+)
 
 
 @dataclass
