@@ -211,7 +211,11 @@ class BackwardRecorder:
         in_graph = {id(n) for n in nodes}
         leaves = {id(getattr(n, "variable", None)) for n in nodes if hasattr(n, "variable")}
         for name, t in self.tracer.names.requires_grad_tensors():
-            if id(t) in leaves or (t.grad_fn is not None and id(t.grad_fn) in in_graph):
+            try:
+                reached = id(t) in leaves or (t.grad_fn is not None and id(t.grad_fn) in in_graph)
+            except RuntimeError:  # e.g. a no_grad view whose base changed in place: reading grad_fn raises
+                continue
+            if reached:
                 self.tracer.record_for(t, name=name)
 
     def _pre(self, p: BackwardPass, nid: int, node, nexts):

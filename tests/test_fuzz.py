@@ -80,6 +80,9 @@ REGRESSIONS = [
     # A property that raises (a no_grad view of a base changed in place), and an error inside a module.
     "t1 = torch.randn((2, 3), requires_grad=True)\nwith torch.no_grad():\n    t2 = t1[0]\nwith torch.no_grad():\n"
     "    t1.add_(1.5)\nlin0 = torch.nn.Linear(3, 1)\nt1 = lin0(t2)",
+    # A namespace tensor whose grad_fn raises when read must not break a backward.
+    "t1 = torch.randn((), requires_grad=True)\nt2 = t1.exp()\nwith torch.no_grad():\n    t3 = t2.reshape(-1)\n"
+    "t2.add_(1.5)\nt1.backward()\nprint(t3.grad)",
 ]
 
 
