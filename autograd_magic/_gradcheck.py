@@ -4,7 +4,7 @@ The cell is re-run in a sandbox (copies of what it reads, the RNG states it
 started from) in float64: once to read each leaf's analytic gradient from the
 first backward pass, then twice per sampled element with that element nudged
 by ±h. The function checked is the root of the first backward pass (a
-scalar). The user's namespace, tensors, grads, RNG states and default dtype
+scalar, or its dot product with the gradient backward() was given). The user's namespace, tensors, grads, RNG states and default dtype
 are never touched. Work is bounded: a few elements per leaf, a few leaves.
 """
 
@@ -80,7 +80,10 @@ def _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elemen
     reason = _unverifiable(trace, p)
     if reason:
         return {r.id: LeafCheck(r.id, r.label, note=reason) for r in leaves}
-    checks = _skipped_leaves(trace, p, leaves)
+    checks = {
+        r.id: LeafCheck(r.id, r.label, note="it was made where the tracer could not place it")
+        for r in leaves if not r.external and r.span is None
+    }
     todo = [r for r in leaves if r.id not in checks]
     runner = _Runner(shell, source, trace, snapshot, first_line, p)
     started = time.perf_counter()
@@ -89,10 +92,12 @@ def _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elemen
         runner.value, analytic, seen = runner.run(None, todo, detail_limit=REFERENCE_LIMIT)
         runner.set_weights(analytic.pop(ROOT, None), p.gradient_given)
     except _RunFailed as exc:
-        checks.update({r.id: LeafCheck(r.id, r.label, note=f"the sandboxed re-run failed: {exc}") for r in todo})
+        note = _freed_graph(trace, p, str(exc)) or f"the sandboxed re-run failed: {exc}"
+        checks.update({r.id: LeafCheck(r.id, r.label, note=note) for r in todo})
         return checks
     for rid, why in runner.unavailable.items():
         checks[rid] = LeafCheck(rid, trace.records[rid].label, note=why)
+    checks.update(_behind_earlier_cells(seen, [r for r in todo if r.id not in checks]))
     todo = [r for r in todo if r.id not in checks]
     # bounded work: as many nudged runs as the budget allows at the reference run's pace
     per_run = max(time.perf_counter() - started, 1e-4)
@@ -106,16 +111,30 @@ def _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elemen
     return checks
 
 
-def _skipped_leaves(trace: Trace, p: BackwardPass, leaves: list[Record]) -> dict[int, LeafCheck]:
-    """Leaves a re-run of this cell alone cannot nudge faithfully, with why."""
-    opaque = _opaque_ancestry(trace, p.roots[0])
-    skipped = {}
-    for r in leaves:
-        if r.external and opaque:
-            skipped[r.id] = LeafCheck(r.id, r.label, note=f"its path to the output goes through `{opaque}`, computed before this cell")
-        elif not r.external and r.span is None:
-            skipped[r.id] = LeafCheck(r.id, r.label, note="it was made where the tracer could not place it")
-    return skipped
+def _freed_graph(trace: Trace, p: BackwardPass, error: str) -> Optional[str]:
+    """The usual reason a re-run cannot go backward: the graph came from an earlier cell and is freed."""
+    if "backward through the graph a second time" not in error:
+        return None
+    hidden = [trace.records[i] for i in sorted(_ancestors(trace, p.roots[0])) if _opaque(trace.records[i])]
+    if not hidden:
+        return None
+    return (
+        f"the cell goes backward through `{hidden[0].label}`, computed in an earlier cell whose graph the real "
+        "backward() already freed, so it cannot be re-run; put the forward pass in this cell to check it"
+    )
+
+
+def _behind_earlier_cells(seen: Trace, leaves: list[Record]) -> dict[int, LeafCheck]:
+    """External leaves when the output also depends on a tensor with history from an earlier cell:
+    nudging the leaf cannot change that tensor, so finite differences would miss that path."""
+    roots = seen.passes[0].roots if seen.passes else []
+    if not roots or roots[0] is None:
+        return {}
+    hidden = [seen.records[i] for i in sorted(_ancestors(seen, roots[0])) if _opaque(seen.records[i])]
+    if not hidden:
+        return {}
+    note = f"the output also depends on `{hidden[0].label}`, computed before this cell, which a nudge cannot change"
+    return {r.id: LeafCheck(r.id, r.label, note=note) for r in leaves if r.external}
 
 
 def _leaves(trace: Trace, p: BackwardPass) -> list[Record]:
@@ -140,21 +159,6 @@ def _unverifiable(trace: Trace, p: BackwardPass) -> Optional[str]:
         return f"the value differentiated, `{root.label}`, was computed before this cell: check the cell that computes it"
     if root.preview is None or (root.preview.numel != 1 and not p.gradient_given):
         return f"`{root.label}` is not a scalar and backward() was given no gradient"
-    return None
-
-
-def _opaque_ancestry(trace: Trace, root_id: int) -> Optional[str]:
-    """A tensor with history made before this cell that the root depends on, by label."""
-    seen, stack = set(), [root_id]
-    while stack:
-        i = stack.pop()
-        if i in seen or not 0 <= i < len(trace.records):
-            continue
-        seen.add(i)
-        r = trace.records[i]
-        if r.external and r.grad_fn is not None:
-            return r.label
-        stack.extend(r.inputs)
     return None
 
 

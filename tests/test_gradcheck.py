@@ -279,3 +279,18 @@ def test_fuzz_check_never_flags_torch_and_changes_nothing(fuzz_shell, cell):
     assert (checked.error, checked.stdout) == (traced.error, traced.stdout)
     for c in (t.gradcheck or []) if t is not None else []:
         assert c.ok is not False, (cell, c)
+
+
+def test_leaf_behind_a_tensor_from_an_earlier_cell(shell):
+    """h's graph (built in an earlier cell) is still whole: a is skipped (a nudge cannot change h), w is checked."""
+    shell.run_cell("import torch\na = torch.tensor([1., 2.], requires_grad=True)\nh = a.exp()")
+    checks = check(shell, "w = torch.tensor([3., 4.], requires_grad=True)\nloss = (h * a * w).sum()\nloss.backward(retain_graph=True)")
+    by_name = {c.name: c for c in checks}
+    assert by_name["a"].ok is None and "`h`, computed before this cell" in by_name["a"].note
+    assert by_name["w"].ok is True  # made in this cell: nudging it is faithful
+
+
+def test_graph_freed_by_the_real_run(shell):
+    shell.run_cell("import torch\na = torch.tensor([1., 2.], requires_grad=True)\nh = a.exp()")
+    checks = check(shell, "w = torch.tensor([3., 4.], requires_grad=True)\nloss = (h * w).sum()\nloss.backward()")
+    assert checks and all(c.ok is None and "already freed" in c.note and "`h`" in c.note for c in checks)
