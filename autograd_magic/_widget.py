@@ -212,9 +212,11 @@ class AutogradView(anywidget.AnyWidget):
         data = dict(data)
         data["text/plain"] = str(self.shown)
         try:
-            from ._html import render_html
+            from ._display import snapshot_html
 
-            data["text/html"] = render_html(self._trace, variant=self._variant)
+            data["text/html"] = snapshot_html(
+                self._trace, variant=self._variant, graph=self._graph_on, timeout=self._layout_timeout
+            )
         except Exception as e:  # the widget still shows; the snapshot says why it is missing
             data["text/html"] = f"<pre>{html.escape(str(self.shown))}</pre><!-- {html.escape(type(e).__name__)} -->"
         if include:
