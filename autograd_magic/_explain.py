@@ -7,6 +7,7 @@ an accumulated `.grad`). Pure: reads only the Trace.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import numpy as np
@@ -167,7 +168,7 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
     extra = _earlier_share(r, passes, trace.notes) if passes else None
     if extra:
         out.append(extra)
-    return out
+    return out + _odd_values(trace, r)
 
 
 def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str]) -> Optional[str]:
@@ -226,7 +227,42 @@ def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
         out.append(f"In {_pass_where(p)} it received {_grad(g)}{would}.")
     if not got and trace.passes:
         out.append("No backward pass in this cell reached it: " + _unreached(trace, r))
-    return out
+    return out + _odd_values(trace, r)
+
+
+def _non_finite(p: Optional[Preview]) -> bool:
+    if p is None:
+        return False
+    if any(v is not None and not math.isfinite(v) for v in (p.min, p.max, p.mean)):
+        return True
+    vals = p.values
+    return vals is not None and np.issubdtype(np.asarray(vals).dtype, np.floating) and not np.all(np.isfinite(vals))
+
+
+def _odd_values(trace: Trace, r: Record) -> list[str]:
+    """Gradients that are nan/inf (where they first appeared) or exactly zero everywhere."""
+    for i, g in sorted(r.grads.items()):
+        if _non_finite(g) and i < len(trace.passes):
+            return [f"Its gradient contains nan or inf. {_non_finite_origin(trace, trace.passes[i])}"]
+    g = r.grad_preview
+    if r.is_leaf and g is not None and g.complete and g.numel and not np.any(np.asarray(g.values)):
+        return [
+            "Its gradient is zero everywhere: near these values the output does not change when it changes "
+            "(e.g. relu or clamp where the input was outside the active range, or a comparison/rounding on the way)."
+        ]
+    return []
+
+
+def _non_finite_origin(trace: Trace, p: BackwardPass) -> str:
+    """The first node that got finite gradients and sent non-finite ones on."""
+    from ._stepper import steps
+
+    for s in steps(trace, p.index):
+        if not any(_non_finite(g) for g in s.grad_in) and any(_non_finite(g) for g in s.grad_out):
+            who = f" for `{s.labels[0]}`" if s.labels else ""
+            where = f" (line {s.line})" if s.line is not None else ""
+            return f"It first appears in {s.node}{who}{where}, whose rule is: {s.rule}. Look for a division by zero, sqrt or log at 0 there."
+    return "The values differentiated may already contain nan or inf."
 
 
 def explain_all(trace: Trace) -> dict[int, list[str]]:

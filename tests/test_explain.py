@@ -230,3 +230,17 @@ def test_inplace_on_a_view_of_a_leaf(shell):
     t = run(shell, "x = torch.ones(2, requires_grad=True)\nx[0] = 5", raises=True)
     text = explain_error(t)
     assert "`x[0] = 5` on line 3 changes a view of a leaf Variable" in text and "`x` is a leaf" in text
+
+
+def test_nan_and_inf_gradients_traced_to_their_node(shell):
+    t = run(shell, "x = torch.tensor([0., 4.], requires_grad=True)\nr = torch.sqrt(x)\nloss = (r * 2).sum()\nloss.backward()")
+    text = about(t, "x")
+    assert "contains nan or inf" in text and "SqrtBackward0 for `r` (line 3)" in text
+    assert shell.user_ns["x"].grad[0].item() == float("inf")
+
+
+def test_zero_gradient_everywhere(shell):
+    t = run(shell, "x = torch.tensor([-1., -2.], requires_grad=True)\nloss = torch.relu(x).sum()\nloss.backward()")
+    assert "zero everywhere" in about(t, "x")
+    t = run(shell, "x = torch.tensor([1., 2.], requires_grad=True)\nloss = torch.relu(x).sum()\nloss.backward()")
+    assert "zero everywhere" not in about(t, "x")
