@@ -4,9 +4,10 @@ Plain `dot` was seen running over 12 minutes on a 760-node unrolled LSTM
 graph. So layout runs in a child process that reads DOT on stdin and writes
 SVG on stdout, and is killed (its whole process group) when the time runs
 out. The engine is the Graphviz that ships inside the `pygraphviz` wheel (no
-system install needed), or `dot` on PATH. The child never imports torch;
-one is started ahead of need (`_Spare`) so a small drawing costs the layout
-itself, not a Python start.
+system install needed), or `dot` on PATH. The child never imports torch.
+On POSIX one worker stays up and serves graph after graph (`_Server`), so a
+small drawing costs the layout itself, not a Python start; a worker that
+overruns is killed like any other.
 
 When no engine runs or the time runs out, callers get `svg=None` and a
 one-line hint, and `svg_or_fallback_html` shows the DOT text instead.
@@ -18,6 +19,7 @@ import html
 import atexit
 import importlib.util
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -30,13 +32,40 @@ from typing import Optional, Union
 
 DEFAULT_TIMEOUT = 5.0
 
-# The child: pygraphviz lays out with the Graphviz library it bundles.
+# The child: pygraphviz lays out with the Graphviz library it bundles. One
+# graph per process (Windows, and the engine's identity in `engines()`).
 _WORKER = """\
 import sys
 import pygraphviz
 dot = sys.stdin.buffer.read().decode("utf-8")
 svg = pygraphviz.AGraph(string=dot).draw(format="svg", prog="dot")
 sys.stdout.buffer.write(svg)
+"""
+
+# The long-lived child (POSIX): length-prefixed DOT in; status (K ok / E error),
+# length and SVG or the error's last line out. Graphviz's own messages go to a
+# temporary file, so an unread stderr pipe can never fill up and block it.
+_SERVER = """\
+import os, sys, tempfile
+import pygraphviz
+err = tempfile.TemporaryFile()
+os.dup2(err.fileno(), 2)
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+while True:
+    head = inp.read(8)
+    if len(head) < 8:
+        break
+    dot = inp.read(int.from_bytes(head, "big")).decode("utf-8")
+    err.seek(0)
+    err.truncate()
+    try:
+        body, status = pygraphviz.AGraph(string=dot).draw(format="svg", prog="dot"), b"K"
+    except Exception as exc:
+        err.seek(0)
+        said = [x for x in err.read().decode("utf-8", "replace").splitlines() if x.strip() and "Fontconfig" not in x]
+        body, status = (said[-1] if said else type(exc).__name__ + ": " + str(exc)).encode(), b"E"
+    out.write(status + len(body).to_bytes(8, "big") + body)
+    out.flush()
 """
 
 _CACHE: "OrderedDict[str, tuple[str, str]]" = OrderedDict()  # DOT -> (SVG, engine): redraws are free
@@ -140,8 +169,15 @@ def _timeout_hint(limit: float) -> str:
 
 def _run(argv: list[str], dot: str, timeout: float) -> tuple[str, str]:
     """("ok", svg) | ("timeout", "") | ("error", one line)."""
+    if argv == [sys.executable, "-c", _WORKER] and os.name == "posix":
+        return _SERVER_PROCESS.run(dot, timeout)
+    return _run_once(argv, dot, timeout)
+
+
+def _run_once(argv: list[str], dot: str, timeout: float) -> tuple[str, str]:
+    """One process per graph: start, feed, wait at most `timeout`, kill its group."""
     try:
-        proc = _SPARE.take(argv) or _start(argv)
+        proc = _start(argv)
     except OSError as exc:
         return "error", f"{type(exc).__name__}: {exc}"
     try:
@@ -152,69 +188,112 @@ def _run(argv: list[str], dot: str, timeout: float) -> tuple[str, str]:
     except BaseException:  # KeyboardInterrupt included: never leave the child running
         _kill(proc)
         raise
-    finally:
-        _SPARE.refill(argv)
     if proc.returncode == 0 and b"<svg" in out:
         return "ok", out.decode("utf-8", errors="replace")
     return "error", _last_line(err) or f"exit status {proc.returncode}"
 
 
-def _start(argv: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        argv,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        **_new_group(),
-    )
+def _start(argv: list[str], stderr=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, **_new_group())
 
 
-class _Spare:
-    """One worker started ahead of need, waiting on stdin with pygraphviz imported.
+class _Server:
+    """One long-lived pygraphviz worker serving graph after graph (POSIX).
 
     Starting Python and importing pygraphviz is most of a small drawing's
-    cost (~0.1 s of ~0.15 s); a worker started after each layout takes it
-    off the next one. Each worker still lays out one graph and exits, so the
-    time limit and the kill work exactly as for a fresh one. A spare whose
-    kernel dies reads EOF and exits.
+    cost (~0.1 s of ~0.15 s, more on a busy machine); a worker that stays
+    up pays it once per session. The time limit is kept the same way: the
+    answer is awaited with `select` up to the deadline, and a worker that
+    overruns is killed with its process group and replaced on the next call.
+    It exits by itself when the kernel goes (EOF on its stdin).
     """
+
+    RECYCLE = 200  # graphs per worker, so a leak in Graphviz cannot grow forever
 
     def __init__(self) -> None:
         self._proc: Optional[subprocess.Popen] = None
-        self._pid = os.getpid()  # a forked child must not share its parent's spare
+        self._pid = os.getpid()  # a forked child must not talk to its parent's worker
+        self._served = 0
         self._lock = threading.Lock()
         atexit.register(self.close)
 
-    def take(self, argv: list[str]) -> Optional[subprocess.Popen]:
+    def warm(self) -> None:
+        """Start the worker now (it imports pygraphviz while the caller goes on)."""
         with self._lock:
-            proc, self._proc = self._proc, None
-        if proc is None or self._pid != os.getpid():
-            return None
-        if proc.args != argv or proc.poll() is not None:
-            _kill(proc)
-            return None
-        return proc
+            self._ensure()
 
-    def refill(self, argv: list[str]) -> None:
-        if argv != [sys.executable, "-c", _WORKER]:
-            return  # only the Python worker is slow to start
+    def run(self, dot: str, timeout: float) -> tuple[str, str]:
+        deadline = time.monotonic() + timeout
+        payload = dot.encode("utf-8")
         with self._lock:
-            if self._proc is not None and self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            try:
-                self._proc = _start(argv)
-            except OSError:
-                self._proc = None
+            for attempt in range(2):  # a worker found dead while idle is replaced once
+                try:
+                    proc = self._ensure()
+                    proc.stdin.write(len(payload).to_bytes(8, "big") + payload)
+                    proc.stdin.flush()
+                    head = _read_exact(proc.stdout.fileno(), 9, deadline)
+                    body = _read_exact(proc.stdout.fileno(), int.from_bytes(head[1:], "big"), deadline)
+                except TimeoutError:
+                    self._discard()
+                    return "timeout", ""
+                except (OSError, EOFError) as exc:
+                    self._discard()
+                    if attempt or time.monotonic() >= deadline:
+                        return "error", f"the layout worker stopped ({type(exc).__name__})"
+                    continue
+                except BaseException:  # KeyboardInterrupt: never leave a worker mid-layout
+                    self._discard()
+                    raise
+                self._served += 1
+                if self._served >= self.RECYCLE:
+                    self._discard()
+                text = body.decode("utf-8", errors="replace")
+                return ("ok", text) if head[:1] == b"K" and "<svg" in text else ("error", text[:200])
+        return "error", "the layout worker stopped"
 
     def close(self) -> None:
         with self._lock:
-            proc, self._proc = self._proc, None
+            self._discard()
+
+    def _ensure(self) -> subprocess.Popen:
+        if self._pid != os.getpid():
+            self._proc, self._pid = None, os.getpid()
+        if self._proc is None or self._proc.poll() is not None:
+            self._discard()
+            self._proc = _start([sys.executable, "-c", _SERVER], stderr=subprocess.DEVNULL)
+            self._served = 0
+        return self._proc
+
+    def _discard(self) -> None:
+        proc, self._proc = self._proc, None
         if proc is not None and self._pid == os.getpid():
             _kill(proc)
 
 
-_SPARE = _Spare()
+def _read_exact(fd: int, n: int, deadline: float) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, min(n - got, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+_SERVER_PROCESS = _Server()
+
+
+def warm() -> None:
+    """Start the layout worker ahead of the first drawing (e.g. when the extension loads)."""
+    if os.name == "posix" and any(name == "pygraphviz" for name, _ in engines()):
+        try:
+            _SERVER_PROCESS.warm()
+        except OSError:
+            pass
 
 
 def _new_group() -> dict:

@@ -138,15 +138,28 @@ def test_layout_never_imports_torch_in_the_worker():
     assert b"<svg" in proc.stdout
 
 
-def test_a_spare_worker_is_ready_and_a_dead_one_is_replaced():
+@pytest.mark.skipif(os.name != "posix", reason="the long-lived worker is POSIX only")
+def test_one_worker_serves_many_graphs_and_a_dead_one_is_replaced():
+    server = _layout._SERVER_PROCESS
     assert layout(SMALL).svg is not None
-    spare = _layout._SPARE._proc
-    assert spare is not None and spare.poll() is None  # started for the next drawing
-    _layout._kill(spare)  # e.g. killed from outside while idle
-    _layout._CACHE.clear()
-    result = layout(SMALL)
+    first = server._proc
+    assert first is not None and first.poll() is None
+    assert layout(SMALL.replace("x", "y")).svg is not None
+    assert server._proc is first  # the same process drew the second graph
+    _layout._kill(first)  # e.g. killed from outside while idle
+    result = layout(SMALL.replace("x", "z"))
     assert result.svg is not None and result.engine == "pygraphviz"
-    fresh = _layout._SPARE._proc
-    assert fresh is not None and fresh is not spare
-    _layout._SPARE.close()
-    assert fresh.poll() is not None and _layout._SPARE._proc is None
+    assert server._proc is not None and server._proc is not first
+    bad = layout("digraph { a -> ")
+    assert bad.svg is None and "syntax error" in bad.hint  # Graphviz's own words
+    assert layout(SMALL.replace("x", "w")).svg is not None  # and the worker goes on
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the long-lived worker is POSIX only")
+def test_time_limit_kills_the_long_lived_worker():
+    layout(SMALL)
+    worker = _layout._SERVER_PROCESS._proc
+    result = layout(_big_dot(), timeout=0.05)
+    assert result.svg is None and "took over" in result.hint
+    assert worker.poll() is not None  # killed, not left laying out in the background
+    assert layout(SMALL.replace("x", "v")).svg is not None  # a new worker takes over
