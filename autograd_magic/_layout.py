@@ -170,7 +170,9 @@ def _timeout_hint(limit: float) -> str:
 def _run(argv: list[str], dot: str, timeout: float) -> tuple[str, str]:
     """("ok", svg) | ("timeout", "") | ("error", one line)."""
     if argv == [sys.executable, "-c", _WORKER] and os.name == "posix":
-        return _SERVER_PROCESS.run(dot, timeout)
+        answer = _SERVER_PROCESS.run(dot, timeout)
+        if answer is not None:
+            return answer
     return _run_once(argv, dot, timeout)
 
 
@@ -222,10 +224,13 @@ class _Server:
         with self._lock:
             self._ensure()
 
-    def run(self, dot: str, timeout: float) -> tuple[str, str]:
+    def run(self, dot: str, timeout: float) -> Optional[tuple[str, str]]:
+        """Like `_run`; None when another thread holds the worker (the caller starts its own)."""
         deadline = time.monotonic() + timeout
         payload = dot.encode("utf-8")
-        with self._lock:
+        if not self._lock.acquire(timeout=min(timeout, 0.05)):
+            return None
+        try:
             for attempt in range(2):  # a worker found dead while idle is replaced once
                 try:
                     proc = self._ensure()
@@ -249,7 +254,9 @@ class _Server:
                     self._discard()
                 text = body.decode("utf-8", errors="replace")
                 return ("ok", text) if head[:1] == b"K" and "<svg" in text else ("error", text[:200])
-        return "error", "the layout worker stopped"
+            return "error", "the layout worker stopped"
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         with self._lock:

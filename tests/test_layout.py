@@ -163,3 +163,14 @@ def test_time_limit_kills_the_long_lived_worker():
     assert result.svg is None and "took over" in result.hint
     assert worker.poll() is not None  # killed, not left laying out in the background
     assert layout(SMALL.replace("x", "v")).svg is not None  # a new worker takes over
+
+
+def test_a_busy_worker_does_not_make_another_caller_wait():
+    """Another thread holding the worker: this caller lays out in its own process."""
+    lock = _layout._SERVER_PROCESS._lock
+    assert lock.acquire(timeout=5)
+    try:
+        result = layout(SMALL.replace("x", "busy"))
+    finally:
+        lock.release()
+    assert result.svg is not None and "<title>r0</title>" in result.svg
