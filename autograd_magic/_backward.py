@@ -42,6 +42,7 @@ class _PreviewCache:
     def __init__(self):
         self._seen: dict[int, tuple] = {}
 
+    @quietly  # reading `_version` is a property access a user's mode would see
     def __call__(self, g):
         if not isinstance(g, torch.Tensor):
             return None

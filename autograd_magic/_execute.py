@@ -96,8 +96,8 @@ def execute(
     out = io.StringIO()
     previous_bind = ns.get(BIND_NAME, _MISSING)  # an outer run's helper (or a user's value) comes back
     ns[BIND_NAME] = tracer.bind
-    tracer.start()
     try:
+        tracer.start()  # inside the try: an interrupt while starting still unbinds the helper
         with contextlib.ExitStack() as stack:
             if no_grad:
                 stack.enter_context(torch.no_grad())

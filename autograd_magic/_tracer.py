@@ -159,22 +159,30 @@ class Tracer:
 
     # ---- lifecycle ----
     def start(self) -> "Tracer":
-        self._mode = _Mode(self)
-        self._mode.__enter__()
         try:
-            from torch.nn.modules import module as nn_module
-
-            self._module_hooks = [
-                nn_module.register_module_forward_pre_hook(self._enter_module),
-                nn_module.register_module_forward_hook(self._leave_module, always_call=True),
-            ]
-        except Exception:  # older torch: no attribution to modules
-            self._module_hooks = []
-        # Importing dynamo just to set a stance costs ~70 MB: only when compiled
-        # code may run (dynamo already loaded, or the traced source compiles).
-        if "torch._dynamo" in sys.modules or "compile" in self.trace.source:
-            self._stance = _force_eager()
+            self._mode = _Mode(self)
+            self._mode.__enter__()
+            self._hook_modules()
+            # Importing dynamo just to set a stance costs ~70 MB: only when compiled
+            # code may run (dynamo already loaded, or the traced source compiles).
+            if "torch._dynamo" in sys.modules or "compile" in self.trace.source:
+                self._stance = _force_eager()
+        except BaseException:  # a Ctrl-C half-way through: leave nothing pushed or registered
+            self.stop()
+            raise
         return self
+
+    def _hook_modules(self) -> None:
+        from torch.nn.modules import module as nn_module
+
+        # One at a time, so a handle is never lost between two registrations.
+        try:
+            self._module_hooks.append(nn_module.register_module_forward_pre_hook(self._enter_module))
+            self._module_hooks.append(nn_module.register_module_forward_hook(self._leave_module, always_call=True))
+        except Exception:  # older torch: no attribution to modules, and no half-registered pair
+            for h in self._module_hooks:
+                h.remove()
+            self._module_hooks = []
 
     def stop(self) -> Trace:
         """Pop the mode and remove every hook; safe to call twice and on any error."""

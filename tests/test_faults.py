@@ -302,6 +302,37 @@ def test_interrupt_from_a_timer(ipy):
     assert outcomes["in cell"] > 10, outcomes
 
 
+@pytest.mark.parametrize("where", ["register_module_forward_pre_hook", "register_module_forward_hook"])
+def test_interrupt_while_the_tracer_starts(ipy, monkeypatch, where):
+    """Ctrl-C half-way through starting: nothing stays pushed, registered or bound."""
+    from torch.nn.modules import module as nn_module
+
+    real = getattr(nn_module, where)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt("during start")
+
+    before = _clean_state()
+    monkeypatch.setattr(nn_module, where, interrupted)
+    try:
+        outcome = run(ipy, "x = torch.ones(2) * 2", traced=True, keep=ipy._fault_keep)
+    finally:
+        monkeypatch.setattr(nn_module, where, real)
+    assert outcome.error == ("KeyboardInterrupt", "during start")
+    assert _clean_state() == before
+    assert BIND not in ipy.user_ns
+    import autograd_magic as am
+
+    monkeypatch.setattr(nn_module, where, interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with am.trace():
+                torch.ones(2) * 2
+    finally:
+        monkeypatch.setattr(nn_module, where, real)
+    assert _clean_state() == before
+
+
 def test_torch_compile_runs_under_the_magic(ipy):
     try:
         compiled = torch.compile(lambda a, b: (a * b).sin() + a, backend="eager")
