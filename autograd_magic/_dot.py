@@ -56,6 +56,8 @@ def render_dot(
         f'  edge [color="#616161", arrowsize=0.6, fontname="{FONT}", fontsize=9];',
     ]
     records = shown.records
+    if not folded.units:
+        out[1] = out[1].replace(f"label=<{_text(LEGEND)}>", "label=<No tensor operations were recorded in this cell.>")
     nodes = [line for u in folded.units for line in _unit_lines(records, folded, u, changed, selected)]
     edges = _edges(records, folded)
     proxies, dropped = _shorten_long_edges(records, folded, edges, allowance=max_nodes - len(nodes))
