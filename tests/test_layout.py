@@ -108,7 +108,7 @@ def test_missing_engine_gives_a_hint(monkeypatch):
 
 def test_falls_back_to_system_dot_when_the_wheel_fails(monkeypatch):
     """The first engine failing (not timing out) hands over to the next one."""
-    fake_dot = [sys.executable, "-c", _layout._WORKER]
+    fake_dot = [sys.executable, "-c", _layout._WORKER + "\n"]  # one process per graph, like dot
     broken = [sys.executable, "-c", "import sys; sys.exit('no graphviz here')"]
     monkeypatch.setattr(_layout, "engines", lambda: [("pygraphviz", broken), ("dot", fake_dot)])
     result = layout(SMALL)
