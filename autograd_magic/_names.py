@@ -37,11 +37,17 @@ class NameIndex:
                 except Exception:
                     continue
         self._tensors, self._modules = tensors, modules
+        self._built_size = len(self.namespace)
 
     def tensor_name(self, t: torch.Tensor) -> Optional[str]:
         if self._tensors is None:
             self._build()
-        return self._tensors.get(id(t))
+        name = self._tensors.get(id(t))
+        if name is None and len(self.namespace) != self._built_size:
+            # the traced code bound new names (e.g. built a model) since the last look
+            self._build()
+            name = self._tensors.get(id(t))
+        return name
 
     def module_name(self, m: torch.nn.Module) -> str:
         if self._modules is None:

@@ -438,6 +438,9 @@ class Tracer:
             rec = records[rid]
             if self.final_namespace is not None and id(t) in self.final_namespace:
                 self._final_names[rid] = self.final_namespace[id(t)]
+            if rec.name is None:
+                # e.g. the parameters of a model built by this very cell
+                rec.name = self.names.tensor_name(t)
             try:
                 if t._version != version:
                     rec.version_changed = True
