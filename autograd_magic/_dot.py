@@ -181,7 +181,9 @@ def _record_label(records: list[Record], u: Unit, is_changed: bool, is_selected:
 
 
 def _small(text: str) -> str:
-    return f'<BR/><FONT POINT-SIZE="8">{_text(text, 60)}</FONT>' if text else ""
+    """Small print under a title, each line cut at 60 characters."""
+    lines = "<BR/>".join(_text(line, 60) for line in text.split("\n"))
+    return f'<BR/><FONT POINT-SIZE="8">{lines}</FONT>' if text else ""
 
 
 def _title(r: Record, u: Unit) -> str:
@@ -213,7 +215,8 @@ def _subtitle(r: Record, u: Unit, is_changed: bool) -> str:
 
 def _folded_text(r: Record, u: Unit) -> str:
     if u.kind == "call":
-        return f"{u.title} · {u.ops} ops" + (f" · {u.params} params" if u.params else "")
+        params = f" · {u.params} param" + ("s" if u.params > 1 else "") if u.params else ""
+        return f"{u.title} · {u.ops} ops{params}"
     if u.kind == "repeat":
         return f"×{u.runs} more runs folded" + (f" · {u.title}" if u.title else "")
     if u.kind == "params":
