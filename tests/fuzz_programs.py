@@ -4,7 +4,10 @@
 arithmetic, pow, matmul, reductions, views and indexing, in-place ops,
 detach, no_grad blocks, `requires_grad_`, backward with and without a
 gradient, `torch.autograd.grad`, loops, functions defined in the cell,
-`nn.Linear`, user hooks, prints and a displayed last expression. Shapes are
+`nn.Linear`, user hooks, several-output ops bound by tuple unpacking,
+stack/cat/iteration, optimizer steps (foreach in-place updates),
+inference_mode / enable_grad / set_grad_enabled blocks, `.item()`,
+`.tolist()`, `.data`, `del`, prints and a displayed last expression. Shapes are
 tracked so most statements are valid; some still raise, which is compared
 too. `run_both` runs a cell plain and under `%%autograd --quiet` in one shell
 with the same namespace and RNG seed and returns what each run left behind.
@@ -294,8 +297,8 @@ def _st_backward(c: _Cell) -> None:
     else:
         root = name if not shape else f"{name}.sum()"
         c.emit(f"torch.autograd.backward([{root}]{retain})")
-    if c.flag(0.6):
-        leaf = c.var(lambda v: v.leaf)
+    leaf = c.var(lambda v: v.leaf)
+    if leaf is not None and c.flag(0.6):
         c.emit(f"print({leaf}.grad)")
 
 
@@ -368,10 +371,102 @@ def _st_print(c: _Cell) -> None:
     c.emit(form.format(name))
 
 
+def _st_tuple_outputs(c: _Cell) -> None:
+    """Ops with several outputs, bound by tuple unpacking (a namedtuple too)."""
+    name = c.var(lambda v: v.shape is not None and len(v.shape) >= 1)
+    if name is None:
+        return _st_assign(c)
+    v = c.vars[name]
+    a, b = c.new_name(), c.new_name()
+    if a == b:
+        b = a + "b"
+    form = c.pick(["max", "sort", "chunk", "unbind", "split"]) if v.shape[0] >= 2 else c.pick(["max", "sort"])
+    if form == "max":
+        c.emit(f"{a}, {b} = {name}.max(dim=0)")
+        c.vars[a], c.vars[b] = _Var(v.shape[1:], v.grad, False), _Var(v.shape[1:], False, True)
+    elif form == "sort":
+        c.emit(f"{a}, {b} = torch.sort({name}, dim=-1)")
+        c.vars[a], c.vars[b] = _Var(v.shape, v.grad, False), _Var(v.shape, False, True)
+    else:
+        call = {"chunk": f"{name}.chunk(2)", "unbind": f"{name}[:2].unbind(0)", "split": f"{name}.split([1, {v.shape[0] - 1}])"}[form]
+        c.emit(f"{a}, {b} = {call}")
+        first = v.shape[1:] if form == "unbind" else (v.shape[0] - v.shape[0] // 2,) + v.shape[1:] if form == "chunk" else (1,) + v.shape[1:]
+        c.vars[a] = _Var(first, v.grad, False)
+        c.vars[b] = _Var(None, v.grad, False)
+
+
+def _st_join(c: _Cell) -> None:
+    name = c.var(lambda v: v.shape is not None)
+    if name is None:
+        return _st_assign(c)
+    v = c.vars[name]
+    kind = c.pick(["stack", "cat", "sum-list", "comprehension"])
+    if kind == "stack":
+        c.assign(c.new_name(), f"torch.stack([{name}, {name} * 2])", (2,) + v.shape, v.grad)
+    elif kind == "cat" and v.shape:
+        c.assign(c.new_name(), f"torch.cat([{name}, {name}.sin()], dim=0)", (2 * v.shape[0],) + v.shape[1:], v.grad)
+    elif kind == "sum-list" and v.shape:
+        c.assign(c.new_name(), f"sum(row * 2 for row in {name})", v.shape[1:], v.grad)
+    else:
+        c.emit(f"vals = [float(e) for e in {name}.reshape(-1)]\nprint(len(vals))")
+
+
+def _st_misc(c: _Cell) -> None:
+    name = c.var()
+    if name is None:
+        return _st_assign(c)
+    v = c.vars[name]
+    form = c.pick([
+        "print({0}.sum().item())", "print({0}.tolist())", "{0}.numpy()", "print({0}.data.sum())",
+        "{1} = {0}.to('cpu')", "{1} = {0}.contiguous()", "{1} = {0}.double()", "{1} = {0}.float()",
+        "{1} = torch.einsum('...,...->...', {0}, {0})", "{1} = torch.softmax({0}.reshape(-1), 0)",
+        "{1} = torch.nn.functional.mse_loss({0}, torch.zeros_like({0}))", "{0} += 1", "del {0}",
+        "{0}.requires_grad = True", "print({0}.grad_fn is None)",
+    ])
+    new = c.new_name() if "{1}" in form else None
+    c.emit(form.format(name, new))
+    if new:
+        shape = (_numel(v.shape),) if "reshape" in form and v.shape is not None else v.shape
+        if "mse_loss" in form:
+            shape = ()
+        c.vars[new] = _Var(shape, v.grad, False)
+    if form.startswith("del"):
+        c.vars.pop(name)
+    if "requires_grad = True" in form:
+        v.grad = True
+
+
+def _st_grad_mode(c: _Cell) -> None:
+    """inference_mode, enable_grad inside no_grad, set_grad_enabled as a context."""
+    block = c.pick(["with torch.inference_mode():", "with torch.no_grad():\n    with torch.enable_grad():",
+                    "with torch.set_grad_enabled(False):"])
+    c.emit(block)
+    depth = block.count("with")
+    c.indent += "    " * depth
+    c.no_grad = "enable_grad" not in block
+    _st_assign(c)
+    c.indent, c.no_grad = c.indent[: -4 * depth], False
+
+
+def _st_optim(c: _Cell) -> None:
+    """An optimizer step: foreach in-place updates of leaves under no_grad."""
+    leaves = sorted(n for n, v in c.vars.items() if v.leaf and v.grad)
+    root = _root(c)
+    if not leaves or root is None:
+        return _st_backward(c)
+    opt = c.pick(["SGD({}, lr=0.1)", "SGD({}, lr=0.1, momentum=0.9)", "Adam({}, lr=0.01)"])
+    params = "[" + ", ".join(leaves[:2]) + "]"
+    c.emit(f"opt = torch.optim.{opt.format(params)}\nopt.zero_grad()")
+    r = root if not c.vars[root].shape else f"{root}.sum()"
+    c.emit(f"{r}.backward(retain_graph=True)\nopt.step()")
+    if c.flag(0.5):
+        c.emit(f"print({leaves[0]})")
+
+
 _STATEMENTS = [
     (_st_assign, 8), (_st_inplace, 2), (_st_detach, 1), (_st_no_grad, 1), (_st_requires_grad, 1),
     (_st_backward, 2), (_st_grad, 1), (_st_loop, 1), (_st_function, 1), (_st_linear, 1), (_st_hook, 1),
-    (_st_print, 2),
+    (_st_print, 2), (_st_tuple_outputs, 1), (_st_join, 1), (_st_misc, 2), (_st_grad_mode, 1), (_st_optim, 1),
 ]
 _WEIGHTED = [f for f, w in _STATEMENTS for _ in range(w)]
 
