@@ -174,9 +174,10 @@ def _record_label(records: list[Record], u: Unit, is_changed: bool, is_selected:
         data = f"{font}data {_text(format_short(r.preview, 28))}</FONT>"
         grad = f"{font}grad {_text(_grad_text(r))}</FONT>"
     return (
-        f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="0" CELLPADDING="4"'
+        f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="0" CELLPADDING="3"'
         f' BGCOLOR="{fill}" COLOR="{color}"{style}>'
-        f"<TR><TD>{title}</TD><VR/><TD>{data}</TD><VR/><TD>{grad}</TD></TR></TABLE>>"
+        f'<TR><TD ROWSPAN="3">{title}</TD><VR/><TD ALIGN="LEFT">{data}</TD></TR>'
+        f'<HR/><TR><TD ALIGN="LEFT">{grad}</TD></TR></TABLE>>'
     )
 
 
