@@ -293,7 +293,11 @@ class Tracer:
         except TypeError:
             return
         self._by_tensor[id(t)] = (ref, rec.id)
-        self._live[rec.id] = (ref, t._version)
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors have no version counter
+            version = None
+        self._live[rec.id] = (ref, version)
         if hook and t.requires_grad:
             try:
                 self._hooks.append(t.register_hook(self.backward.tensor_hook(rec.id)))

@@ -13,7 +13,8 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fuzz_programs import fresh_shell, programs, run
 
@@ -32,11 +33,12 @@ def _global_hooks() -> tuple:
             len(nn_module._global_backward_hooks))
 
 
-def assert_same(ipy, cell: str) -> None:
+def assert_same(ipy, cell: str, magic: str = "%%autograd --quiet -o fuzz_trace") -> None:
     stack = torch._C._len_torch_function_stack()
     hooks = _global_hooks()
     plain = run(ipy, cell, traced=False)
-    traced = run(ipy, cell, traced=True)
+    traced = run(ipy, cell, traced=True, magic=magic)
+    trace = traced.namespace.pop("fuzz_trace", None) and ipy.user_ns["fuzz_trace"]
     assert "__autograd_magic_bind__" not in ipy.user_ns
     assert torch._C._len_torch_function_stack() == stack
     assert _global_hooks() == hooks
@@ -47,6 +49,9 @@ def assert_same(ipy, cell: str) -> None:
     assert traced.namespace.keys() == plain.namespace.keys(), cell
     for key in plain.namespace:
         assert traced.namespace[key] == plain.namespace[key], f"{key} differs in\n{cell}\n{_diff(plain.namespace[key], traced.namespace[key])}"
+    if trace is not None:  # every view renders whatever the cell did
+        assert isinstance(str(trace), str) and isinstance(trace.to_html(), str) and trace.to_dot().strip()
+        assert not [n for n in trace.notes if "tracer skipped" in n], trace.notes
 
 
 def _diff(a, b, path="") -> str:
@@ -83,6 +88,8 @@ REGRESSIONS = [
     # A namespace tensor whose grad_fn raises when read must not break a backward.
     "t1 = torch.randn((), requires_grad=True)\nt2 = t1.exp()\nwith torch.no_grad():\n    t3 = t2.reshape(-1)\n"
     "t2.add_(1.5)\nt1.backward()\nprint(t3.grad)",
+    # Inference tensors have no version counter: still recorded.
+    "t1 = torch.randn((), requires_grad=True)\nwith torch.inference_mode():\n    t2 = torch.randn(3) * 2\nt3 = t2 + t1",
 ]
 
 
@@ -99,3 +106,14 @@ def test_regressions(ipy, cell):
 @given(cell=programs())
 def test_traced_run_equals_plain_run(ipy, cell):
     assert_same(ipy, cell)
+
+
+@settings(
+    max_examples=max(1, EXAMPLES // 10),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+)
+@given(cell=programs(), variant=st.sampled_from(["--no-grad", "--detach t1", "--detach t2"]))
+def test_variant_runs_leave_the_real_run_alone(ipy, cell, variant):
+    """With --no-grad / --detach the view shows a sandboxed re-run; the real run is still the plain one."""
+    assert_same(ipy, cell, magic=f"%%autograd --quiet {variant}")
