@@ -204,6 +204,7 @@ def _subtitle(r: Record, u: Unit, is_changed: bool) -> str:
     tags = [format_shape(r.preview) if u.kind != "params" and r.shape else ""]
     for cond, tag in (
         (r.inplace, "in-place"),
+        (r.version_changed, "changed in place later"),
         (r.detached, "✂ detached"),
         (not r.grad_enabled, "no_grad"),
         (is_changed, "changed"),

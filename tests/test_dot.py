@@ -395,3 +395,13 @@ def test_small_graphs_draw_every_read_directly(shell):
     trace, _ = _traced(shell, "y = 2*x**4 + x**3 + 3*x**2 + 5*x + 1")
     g = _graph(render_dot(trace))
     assert not [n for n in g.nodes() if "proxy" in _classes(g, n)]
+
+
+def test_tensor_changed_in_place_after_use_is_marked(shell):
+    shell.run_cell("import torch\nx = torch.tensor([1.0, 2.0], requires_grad=True)")
+    trace, _ = _traced(shell, "y = x * 2\nz = y.exp()\ny.add_(1)")
+    g = _graph(render_dot(trace))
+    y = next(r for r in trace.records if r.op == "mul")
+    assert y.version_changed  # torch's version counter moved after exp saved y
+    assert "changed in place later" in g.get_node(f"r{y.id}").attr["label"]
+    assert any("inplace" in _classes(g, n) for n in g.nodes() if n.startswith("op"))
