@@ -134,19 +134,12 @@ def _unit_lines(records, folded: Folded, u: Unit, changed: set[int], selected) -
 
 
 def _flags(r: Record, is_changed: bool, is_selected: bool) -> list[str]:
-    flags = ["requires-grad" if r.requires_grad else "no-requires-grad"]
-    for cond, name in (
-        (r.is_leaf, "leaf"),
-        (not r.grad_enabled, "no-grad"),
-        (r.external, "external"),
-        (r.inplace, "inplace"),
-        (r.detached, "detached"),
-        (is_changed, "changed"),
-        (is_selected, "selected"),
-    ):
-        if cond:
-            flags.append(name)
-    return flags
+    """SVG classes of a node, for the widget's CSS and tests."""
+    conditions = (
+        (r.is_leaf, "leaf"), (not r.grad_enabled, "no-grad"), (r.external, "external"), (r.inplace, "inplace"),
+        (r.detached, "detached"), (is_changed, "changed"), (is_selected, "selected"),
+    )
+    return ["requires-grad" if r.requires_grad else "no-requires-grad"] + [name for cond, name in conditions if cond]
 
 
 def _colors(r: Record, u: Unit) -> tuple[str, str]:
@@ -340,6 +333,7 @@ def _edge_line(src: str, dst: str, kinds: set[str]) -> str:
 
 LONG = 6  # ranks an edge may span before it costs Graphviz real time
 HUB = 3  # long reads of one tensor that make it a hub
+_PROXY_STYLE = {"shape": "box", "style": "dashed,rounded", "fontsize": "8", "class": "proxy"}
 
 
 def _shorten_long_edges(records, folded: Folded, edges: dict, allowance: int) -> tuple[list[str], int]:
@@ -356,21 +350,19 @@ def _shorten_long_edges(records, folded: Folded, edges: dict, allowance: int) ->
     for src, dst in edges:
         if depth.get(dst, 0) - depth.get(src, 0) > LONG:
             far.setdefault(src, []).append(dst)
+    titles = {u.key: records[u.output].label for u in folded.units if u.kind != "more"}
     lines: list[str] = []
     dropped = 0
     for src, targets in far.items():
-        if len(targets) < HUB or not src.startswith("r"):
+        if len(targets) < HUB or src not in titles:
             continue
-        label = _text(records[folded.unit_of[int(src[1:])].output].label, 30) if src[1:].isdigit() else src
         for k, dst in enumerate(targets, 1):
             kinds = edges.pop((src, dst))
             if len(lines) >= allowance:
                 dropped += 1
                 continue
-            proxy = f"{src}_p{k}"
-            attrs = _attrs(label=f"<↪ {label}>", shape="box", style="dashed,rounded", fontsize="8", **{"class": "proxy"})
-            lines.append(f"  {proxy} [{attrs}];")
-            edges[(proxy, dst)] = kinds
+            lines.append(f"  {src}_p{k} [{_attrs(label=f'<↪ {_text(titles[src], 30)}>', **_PROXY_STYLE)}];")
+            edges[(f"{src}_p{k}", dst)] = kinds
     return lines, dropped
 
 
