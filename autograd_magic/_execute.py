@@ -109,11 +109,13 @@ def execute(
     except BaseException as exc:
         error = exc
     finally:
-        trace = tracer.stop()
-        if previous_bind is _MISSING:
-            ns.pop(BIND_NAME, None)
-        else:
-            ns[BIND_NAME] = previous_bind
+        try:
+            trace = tracer.stop()
+        finally:  # even when an interrupt lands inside stop()
+            if previous_bind is _MISSING:
+                ns.pop(BIND_NAME, None)
+            else:
+                ns[BIND_NAME] = previous_bind
     trace.first_line = 1
     trace.grad_mode = "no_grad" if no_grad else "enabled"
     if error is not None:

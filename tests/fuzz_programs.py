@@ -9,7 +9,7 @@ stack/cat/iteration, optimizer steps (foreach in-place updates),
 inference_mode / enable_grad / set_grad_enabled blocks, `.item()`,
 `.tolist()`, `.data`, `del`, prints and a displayed last expression. Shapes are
 tracked so most statements are valid; some still raise, which is compared
-too. `run_both` runs a cell plain and under `%%autograd --quiet` in one shell
+too. `run` runs a cell plain or under `%%autograd --quiet` in one shell
 with the same namespace and RNG seed and returns what each run left behind.
 """
 

@@ -333,6 +333,32 @@ def test_interrupt_while_the_tracer_starts(ipy, monkeypatch, where):
     assert _clean_state() == before
 
 
+@pytest.mark.parametrize("method", ["_finish_records", "_pop_mode"])
+def test_interrupt_while_the_tracer_stops(ipy, monkeypatch, method):
+    """Ctrl-C inside the clean-up itself: what is left of it still runs."""
+    from autograd_magic._tracer import Tracer
+
+    real = getattr(Tracer, method)
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        real(self, *args, **kwargs)
+        raise KeyboardInterrupt("during stop")
+
+    before = _clean_state()
+    monkeypatch.setattr(Tracer, method, interrupted)
+    try:
+        outcome = run(ipy, "x = torch.ones(2, requires_grad=True)\ny = x * 2", traced=True, keep=ipy._fault_keep)
+    finally:
+        monkeypatch.setattr(Tracer, method, real)
+    assert calls
+    assert outcome.error == ("KeyboardInterrupt", "during stop")
+    assert _clean_state() == before
+    assert BIND not in ipy.user_ns
+    assert not ipy.user_ns["x"]._backward_hooks
+
+
 def test_torch_compile_runs_under_the_magic(ipy):
     try:
         compiled = torch.compile(lambda a, b: (a * b).sin() + a, backend="eager")
