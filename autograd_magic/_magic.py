@@ -120,6 +120,12 @@ def _snapshot(shell, cell: str):
 
 def load_ipython_extension(ipython) -> None:
     ipython.register_magics(AutogradMagics)
+    try:
+        from ._layout import warm
+
+        warm()  # the Graphviz worker starts now, not on the first drawing
+    except Exception:
+        pass
 
 
 def unload_ipython_extension(ipython) -> None:

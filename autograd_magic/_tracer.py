@@ -241,13 +241,22 @@ class Tracer:
     # ---- where an op came from ----
     def site(self, func_name: str):
         """(span, internal) of the current op: the traced code's frame and what ran between."""
+        span, internal, _ = self.site_key(func_name)
+        return span, internal
+
+    def site_key(self, func_name: str):
+        """(span, internal, key): `key` tells loop iterations of one op apart from
+        different ops run inside the same call (a module's internals share the span
+        of the line that called it, but not the inner instruction)."""
         f = sys._getframe(1)
         internal = None
+        inner = None
         anchor = self.anchor
         while f is not None:
             code = f.f_code
             if anchor(code):
-                return self.source_map.span(f), internal
+                span = self.source_map.span(f)
+                return span, internal, (span if inner is None else (span, inner, self._module_stack[-1] if self._module_stack else None))
             if (
                 internal is None
                 and code.co_name != func_name
@@ -255,8 +264,9 @@ class Tracer:
                 and not code.co_filename.endswith(_DISPATCH_FILES)
             ):
                 internal = getattr(code, "co_qualname", code.co_name)
+                inner = (code, f.f_lasti)
             f = f.f_back
-        return None, internal or "outside the traced code"
+        return None, internal or "outside the traced code", None
 
     # ---- records ----
     def record_of(self, t: torch.Tensor) -> Optional[int]:
@@ -320,11 +330,11 @@ class Tracer:
             outs = list(_tensors_in(args[0]))  # __setitem__, _foreach_*_ return nothing
         else:
             return out
-        span, internal = self.site(func_name)
-        count = self._site_counts.get(span, 0)
-        self._site_counts[span] = count + 1
-        if count >= self.detail_limit and span is not None:
-            first = self._site_first.get(span)
+        span, internal, key = self.site_key(func_name)
+        count = self._site_counts.get(key, 0)
+        self._site_counts[key] = count + 1
+        if count >= self.detail_limit and key is not None:
+            first = self._site_first.get(key)
             if first is not None:
                 self.repeats[first] = self.repeats.get(first, 0) + 1
                 for t in outs:  # later uses link to the loop's first record of this site
@@ -363,8 +373,8 @@ class Tracer:
             )
             if mutated is not None:
                 rec.name = self.trace.records[mutated].name
-            if span is not None and span not in self._site_first:
-                self._site_first[span] = rec.id
+            if key is not None and key not in self._site_first:
+                self._site_first[key] = rec.id
             self._add(rec, t, hook=True)
         if self.output_hook is not None and isinstance(out, torch.Tensor):
             replaced = self.output_hook(self.trace.records[-1], out)

@@ -57,7 +57,7 @@ function safeSvg(text) {
 
 function nodeRecordId(g) {
   const title = g.querySelector("title");
-  const m = title && /^r(\d+)$/.exec(title.textContent.trim());
+  const m = title && /^r(\d+)(?:_p\d+)?$/.exec(title.textContent.trim());  // r5_p2: a copy of r5 drawn near a far reader
   return m ? Number(m[1]) : null;
 }
 
