@@ -7,9 +7,24 @@ The index is built lazily, once per run, the first time a name is needed.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
+
+
+def _remember(index: dict, t: torch.Tensor, name: str) -> None:
+    # ids are reused once a tensor dies: keep a weak reference to check identity
+    if id(t) not in index or index[id(t)][0]() is not t:
+        try:
+            index[id(t)] = (weakref.ref(t), name)
+        except TypeError:
+            pass
+
+
+def _lookup(index: dict, t: torch.Tensor) -> Optional[str]:
+    hit = index.get(id(t))
+    return hit[1] if hit is not None and hit[0]() is t else None
 
 
 class NameIndex:
@@ -25,15 +40,15 @@ class NameIndex:
             if name.startswith("_") or not isinstance(name, str):
                 continue
             if isinstance(value, torch.Tensor):
-                tensors.setdefault(id(value), name)
+                _remember(tensors, value, name)
             elif isinstance(value, torch.nn.Module):
                 try:
                     for path, sub in value.named_modules(prefix=name):
                         modules.setdefault(id(sub), path)
                     for path, p in value.named_parameters(prefix=name):
-                        tensors.setdefault(id(p), path)
+                        _remember(tensors, p, path)
                     for path, b in value.named_buffers(prefix=name):
-                        tensors.setdefault(id(b), path)
+                        _remember(tensors, b, path)
                 except Exception:
                     continue
         self._tensors, self._modules = tensors, modules
@@ -42,11 +57,11 @@ class NameIndex:
     def tensor_name(self, t: torch.Tensor) -> Optional[str]:
         if self._tensors is None:
             self._build()
-        name = self._tensors.get(id(t))
+        name = _lookup(self._tensors, t)
         if name is None and len(self.namespace) != self._built_size:
             # the traced code bound new names (e.g. built a model) since the last look
             self._build()
-            name = self._tensors.get(id(t))
+            name = _lookup(self._tensors, t)
         return name
 
     def module_name(self, m: torch.nn.Module) -> str:
@@ -63,7 +78,7 @@ class NameIndex:
 
     def learn(self, t: torch.Tensor, name: str) -> None:
         if self._tensors is not None:
-            self._tensors.setdefault(id(t), name)
+            _remember(self._tensors, t, name)
 
     def requires_grad_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Namespace tensors (and parameters) that take part in autograd."""
