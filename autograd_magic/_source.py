@@ -77,15 +77,23 @@ def _target_names(target: ast.expr) -> Optional[list[Optional[str]]]:
 class _Binder(ast.NodeTransformer):
     """`a = expr` -> `a = __bind__(('a',), expr)`; function bodies are left alone."""
 
+    def visit(self, node: ast.AST) -> ast.AST:
+        # Expressions hold no statements to bind; not walking them keeps a
+        # deeply nested expression (`x + x + ... + x`) from hitting the
+        # recursion limit where a plain run compiles fine.
+        if isinstance(node, ast.expr):
+            return node
+        return super().visit(node)
+
     def _wrap(self, names: list[Optional[str]], value: ast.expr) -> ast.expr:
-        call = ast.Call(
-            func=ast.Name(id=BIND_NAME, ctx=ast.Load()),
-            args=[ast.Tuple(elts=[ast.Constant(n) for n in names], ctx=ast.Load()), value],
-            keywords=[],
-        )
         # The call spans exactly what the value spans, so tracebacks still
-        # point at the user's own expression.
-        return ast.copy_location(call, value)
+        # point at the user's own expression (located node by node: the
+        # recursive ast.fix_missing_locations would walk the whole value).
+        def at(node):
+            return ast.copy_location(node, value)
+
+        names_tuple = at(ast.Tuple(elts=[at(ast.Constant(n)) for n in names], ctx=ast.Load()))
+        return at(ast.Call(func=at(ast.Name(id=BIND_NAME, ctx=ast.Load())), args=[names_tuple, value], keywords=[]))
 
     def visit_Assign(self, node: ast.Assign) -> ast.AST:
         self.generic_visit(node)
@@ -112,6 +120,4 @@ class _Binder(ast.NodeTransformer):
 
 
 def bind_names(tree: ast.Module) -> ast.Module:
-    tree = _Binder().visit(tree)
-    ast.fix_missing_locations(tree)
-    return tree
+    return _Binder().visit(tree)

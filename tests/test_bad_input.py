@@ -224,3 +224,41 @@ def test_user_strings_are_escaped(ipy):
     assert "<script" not in dot and "<img" not in dot
     pygraphviz = pytest.importorskip("pygraphviz")
     pygraphviz.AGraph(string=dot)  # still valid DOT
+
+
+# ---- awkward source ----
+def test_deeply_nested_expression_runs_as_plain(ipy):
+    """900 nested additions compile in a plain cell; the name binding must not hit the recursion limit."""
+    cell = "x = torch.ones(2, requires_grad=True)\ny = " + " + ".join(["x"] * 900) + "\ny.sum().backward()\nprint(x.grad)"
+    plain = run(ipy, cell, traced=False)
+    traced = run(ipy, cell, traced=True, magic="%%autograd --quiet -o t")
+    assert plain.error is None and traced.error is None
+    assert traced.stdout == plain.stdout
+    assert {k: v for k, v in traced.namespace.items() if k != "t"} == plain.namespace
+    assert ipy.user_ns["t"].last("y") is not None
+
+
+@pytest.mark.parametrize("cell", ["x = (", "x = torch.ones(2)\n  y = x", "def f(:\n  pass", "x = 1\ny = x +* 2"])
+def test_syntax_errors_as_plain(ipy, cell):
+    plain = run(ipy, cell, traced=False)
+    traced = run(ipy, cell, traced=True)
+    assert plain.error is not None and traced.error[0] == plain.error[0]
+
+    def message(error):  # the cell's filename and line count differ: the magic is line 1
+        return re.sub(r"\(<ipython-input-[^>]*>, line \d+\)", "", error[1])
+
+    assert message(traced.error) == message(plain.error)
+    # The offending source line is shown as in a plain cell (above it, like IPython's
+    # own %%time, the frames of the magic that parsed the cell).
+    assert traced.shown.split("\n")[-3:] == plain.shown.split("\n")[-3:]
+    assert "x" not in ipy.user_ns or cell.startswith("x = 1")
+
+
+def test_unicode_names_and_source(ipy):
+    cell = "λ = torch.ones(2) * 2\nμ = λ + 1  # ünïcode ✓\nz = (μ * 3).sum()\nprint('✓', z)"
+    plain = run(ipy, cell, traced=False)
+    traced = run(ipy, cell, traced=True, magic="%%autograd --quiet -o t")
+    assert traced.stdout == plain.stdout and traced.error is None
+    t = ipy.user_ns["t"]
+    assert [(r.name, r.expr) for r in t.records if r.name] == [("λ", "torch.ones(2) * 2"), ("μ", "λ + 1"), ("z", "(μ * 3).sum()")]
+    assert "μ" in str(t) and "μ" in t.to_html()
