@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import keyword
+
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
@@ -65,6 +67,8 @@ class AutogradMagics(Magics):
             raise UsageError(f"{exc}\n{usage}") from None
         if args.limit is not None and args.limit < 1:
             raise UsageError("--limit takes a whole number of 1 or more\n" + usage)
+        if args.output is not None and (not args.output.isidentifier() or keyword.iskeyword(args.output)):
+            raise UsageError(f"-o takes a variable name, not {args.output!r}\n" + usage)  # before the cell runs
         shell = self.shell
         limit = args.limit or self.detail_limit
         snapshot = _snapshot(shell, cell)

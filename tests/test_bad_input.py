@@ -30,7 +30,9 @@ def ipy():
     return fresh_shell()
 
 
-@pytest.mark.parametrize("options", ["--bogus", "--limit 0", "--limit -3", "--limit x", "-o", "--detach", "-o a b"])
+@pytest.mark.parametrize(
+    "options", ["--bogus", "--limit 0", "--limit -3", "--limit x", "-o", "--detach", "-o a b", "-o 1bad", "-o class", "-o a.b"]
+)
 def test_option_errors_are_usage_errors(ipy, options, capsys):
     ipy.user_ns.pop("ran", None)
     result = ipy.run_cell(f"%%autograd {options}\nran = torch.ones(1) * 2", store_history=False)

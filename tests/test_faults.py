@@ -125,8 +125,17 @@ def _reference_after(ipy) -> str:
     return run(ipy, AFTER, traced=False).stdout
 
 
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, ValueError], ids=["KeyboardInterrupt", "ValueError"])
-def test_fault_at_every_tick(ipy, exc):
+@pytest.mark.parametrize(
+    "exc, magic",
+    [
+        (KeyboardInterrupt, "%%autograd --quiet -o trace_out"),
+        (ValueError, "%%autograd --quiet -o trace_out"),
+        # with a sandboxed variant re-run and a gradient check after the real run
+        (KeyboardInterrupt, "%%autograd --quiet --no-grad --check -o trace_out"),
+    ],
+    ids=["KeyboardInterrupt", "ValueError", "KeyboardInterrupt-variant"],
+)
+def test_fault_at_every_tick(ipy, exc, magic):
     total = _ticks(ipy)
     assert total > 10  # forward, module, hooks and backward ticks all ran
     reference = _reference_after(ipy)
@@ -134,7 +143,7 @@ def test_fault_at_every_tick(ipy, exc):
     injected = 0
     for k in range(1, total + 2):
         plain, _ = _run_with_fault(ipy, k, exc, traced=False)
-        traced, _ = _run_with_fault(ipy, k, exc, traced=True)
+        traced, _ = _run_with_fault(ipy, k, exc, traced=True, magic=magic)
         injected += plain.error is not None
         assert traced.error == plain.error, k
         if k <= total:
