@@ -390,3 +390,29 @@ def test_torch_compile_runs_under_the_magic(ipy):
     assert _clean_state()[0] == 0 and _stance() in ("default", "unknown")
     # And compiled code still compiles after the cell.
     assert torch.equal(compiled(torch.ones(2), torch.ones(2)), torch.ones(2).sin() + 1)
+
+
+def test_nested_traces_are_isolated(ipy):
+    """A %%autograd run and an am.trace() block inside a traced cell: each records its own, the outer resumes."""
+    cell = (
+        "x = torch.ones(2, requires_grad=True)\n"
+        "get_ipython().run_cell_magic('autograd', '--quiet -o inner', 'y = x * 2\\n')\n"
+        "z = y + 1\n"
+        "import autograd_magic as am\n"
+        "with am.trace() as block:\n    w = z * 3\n"
+        "v = w.sum()\n"
+    )
+    before = _clean_state()
+    plain = run(ipy, cell, traced=False, keep=ipy._fault_keep)
+    traced = run(ipy, cell, traced=True, keep=ipy._fault_keep, magic="%%autograd --quiet -o outer")
+    assert plain.error is None and traced.error is None
+    ours = {"outer", "inner", "block"}
+    assert {k: v for k, v in traced.namespace.items() if k not in ours} == {
+        k: v for k, v in plain.namespace.items() if k not in ours
+    }
+    outer, inner, block = (ipy.user_ns[k] for k in ("outer", "inner", "block"))
+    assert {"x", "z", "v"} <= {r.name for r in outer.records}  # named after the inner run ended
+    assert "y" in {r.name for r in inner.records} and "z" not in {r.name for r in inner.records}
+    assert [r.name for r in block.records if r.expr == "z * 3"] == ["w"]
+    assert BIND not in ipy.user_ns
+    assert _clean_state() == before
