@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import keyword
 
 from IPython.core.error import UsageError
@@ -89,7 +91,10 @@ class AutogradMagics(Magics):
         if args.output:
             shell.user_ns[args.output] = variant or trace
         if not args.quiet and not trace.records and not trace.passes and run.error is None:
-            print(NO_TENSOR_NOTE)  # an empty table or graph would only puzzle
+            # a note, not an empty table; displayed, so the cell's own stdout stays its own
+            from IPython.display import display
+
+            display({"text/plain": NO_TENSOR_NOTE, "text/html": f"<p><em>{html.escape(NO_TENSOR_NOTE)}</em></p>"}, raw=True)
         elif not args.quiet:
             from ._display import show
 

@@ -145,6 +145,7 @@ class Tracer:
         self._by_tensor: dict[int, tuple[weakref.ref, int]] = {}
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
         self._site_counts: dict[tuple, int] = {}
+        self._span_counts: dict[tuple, int] = {}
         self._site_first: dict[tuple, int] = {}
         self.repeats: dict[int, int] = {}  # first record of a site -> how many runs were not kept
         self._hooks: list = []
@@ -331,8 +332,10 @@ class Tracer:
         else:
             return out
         span, internal, key = self.site_key(func_name)
-        count = self._site_counts.get(key, 0)
+        count = self._site_counts.get(key, 0)  # runs of this very op: the detail limit
         self._site_counts[key] = count + 1
+        occurrence = self._span_counts.get(span, 0)  # runs of anything at this span: a unique key
+        self._span_counts[span] = occurrence + 1
         if count >= self.detail_limit and key is not None:
             first = self._site_first.get(key)
             if first is not None:
@@ -358,7 +361,7 @@ class Tracer:
                 expr=expr,
                 line=span[0] if span else None,
                 span=span,
-                occurrence=count,
+                occurrence=occurrence,
                 grad_fn=type(t.grad_fn).__name__ if t.grad_fn is not None else None,
                 requires_grad=t.requires_grad,
                 is_leaf=t.is_leaf,
