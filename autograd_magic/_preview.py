@@ -112,13 +112,14 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
         p.min, p.max, p.mean, p.norm = float(count == n), float(count > 0), count / n, float(np.sqrt(count))
         return
     p.min, p.max = float(src.min()), float(src.max())
-    if src.dtype.kind != "f" or not src.flags.c_contiguous:
+    if src.dtype.kind != "f" or not (src.flags.c_contiguous or src.flags.f_contiguous):
         with np.errstate(all="ignore"):  # inf/nan: no RuntimeWarning in the user's cell
             total, squares = _sums(src)
         p.mean, p.norm = total / n, float(np.sqrt(squares))
     else:
-        # numpy's pairwise float sum is accurate; BLAS nrm2 for the norm: no copies
-        flat = src.reshape(-1)  # a view when contiguous, which is the common case
+        # numpy's pairwise float sum is accurate; the norm a plain C loop: no copies.
+        # Memory order ('K') makes a transposed tensor (a weight's grad) a view too.
+        flat = src.ravel(order="K")
         with np.errstate(all="ignore"):  # inf/nan: no RuntimeWarning in the user's cell
             p.mean = float(np.add.reduce(flat)) / n  # pairwise float sum: fast and accurate
             p.norm = _norm(flat)
