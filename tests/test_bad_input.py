@@ -78,7 +78,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
     shell.run_cell("import torch")
     torch.manual_seed(0)
     torch.ones(1) * 2  # warm up kernels and allocator before measuring
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # the current RSS (KiB), not the high-water mark: imports may have peaked higher
+    base = int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1])
     traced, cell = sys.argv[1] == "traced", sys.argv[2]
     result = shell.run_cell(("%%autograd --quiet -o t\\n" if traced else "") + cell)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -113,6 +114,7 @@ def _measure(cell: str) -> tuple[dict, dict]:
     return results[0], results[1]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status and ru_maxrss in KiB")
 @pytest.mark.parametrize("cell", HUGE_CELLS, ids=["contiguous", "non-contiguous", "integer"])
 def test_huge_tensor_costs_no_extra_copy(cell):
     plain, traced = _measure(cell)
