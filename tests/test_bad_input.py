@@ -228,6 +228,8 @@ def test_user_strings_are_escaped(ipy):
     assert "<script" not in dot and "<img" not in dot
     pygraphviz = pytest.importorskip("pygraphviz")
     pygraphviz.AGraph(string=dot)  # still valid DOT
+    svg = t.to_svg()
+    assert "<script" not in svg and "<img" not in svg
 
 
 # ---- awkward source ----
