@@ -14,6 +14,7 @@ import ast
 import contextlib
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Iterable, Optional
@@ -104,6 +105,7 @@ def execute(
             if capture:
                 stack.enter_context(contextlib.redirect_stdout(out))
                 stack.enter_context(contextlib.redirect_stderr(out))
+                _capture_warnings(stack, out)
             for code in codes:
                 exec(code, ns)
     except BaseException as exc:
@@ -121,6 +123,16 @@ def execute(
     if error is not None:
         trace.error = describe_error(error, filename, trace)
     return CellRun(trace=trace, error=error, filename=filename, stdout=out.getvalue())
+
+
+def _capture_warnings(stack: contextlib.ExitStack, out: io.StringIO) -> None:
+    """Warnings go to `out` too, whoever installed `showwarning` (a test's recorder, a logging hook)."""
+    stack.enter_context(warnings.catch_warnings())  # also forgets the run's "once" bookkeeping after
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        out.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
 
 
 def cell_frames(tb: Optional[TracebackType], filename: str) -> Optional[TracebackType]:

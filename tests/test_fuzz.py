@@ -108,6 +108,18 @@ def test_traced_run_equals_plain_run(ipy, cell):
     assert_same(ipy, cell)
 
 
+VARIANT_REGRESSIONS = [
+    # The real run fails; the detached re-run gets further and warns: the warning is the variant's, not shown.
+    ("t1 = torch.randn((), requires_grad=True)\nt2 = torch.randn((), requires_grad=True)\nt2 += t1\n"
+     "t1.backward(retain_graph=True)\nprint(t2.grad)", "--detach t2"),
+]
+
+
+@pytest.mark.parametrize("cell, variant", VARIANT_REGRESSIONS)
+def test_variant_regressions(ipy, cell, variant):
+    assert_same(ipy, cell, magic=f"%%autograd --quiet {variant}")
+
+
 @settings(
     max_examples=max(1, EXAMPLES // 10),
     deadline=None,
