@@ -270,7 +270,8 @@ def test_user_binding_name_kept(ipy):
     del ipy.user_ns[BIND]
 
 
-def test_interrupt_from_a_timer(ipy):
+@pytest.mark.parametrize("magic", ["%%autograd --quiet", "%%autograd --quiet --no-grad"], ids=["real", "with-variant"])
+def test_interrupt_from_a_timer(ipy, magic):
     """Ctrl-C at arbitrary moments (a signal, not a hook): state is always clean afterwards.
 
     The timer is armed by the cell's first line, so the interrupt lands in the
@@ -290,13 +291,13 @@ def test_interrupt_from_a_timer(ipy):
     old = signal.signal(signal.SIGALRM, interrupt)
     try:
         start = time.perf_counter()
-        assert run(ipy, body, traced=True, keep=keep).error is None
+        assert run(ipy, body, traced=True, keep=keep, magic=magic).error is None
         duration = time.perf_counter() - start
         outcomes = {"in cell": 0, "late": 0, "none": 0}
         for i in range(40):
             delay = max(1e-5, duration * i / 32)
             try:
-                outcome = run(ipy, f"arm({delay})\n" + body, traced=True, keep=keep)
+                outcome = run(ipy, f"arm({delay})\n" + body, traced=True, keep=keep, magic=magic)
                 outcomes["in cell" if outcome.error else "none"] += 1
                 if outcome.error:
                     assert outcome.error == ("KeyboardInterrupt", "timer")
