@@ -32,6 +32,7 @@ class NameIndex:
         self.namespace = namespace if namespace is not None else {}
         self._tensors: Optional[dict[int, str]] = None
         self._modules: Optional[dict[int, str]] = None
+        self._unnamed: dict[int, str] = {}  # modules not in the namespace: survives rebuilds
 
     def _build(self) -> None:
         tensors: dict[int, str] = {}
@@ -67,13 +68,13 @@ class NameIndex:
     def module_name(self, m: torch.nn.Module) -> str:
         if self._modules is None:
             self._build()
-        name = self._modules.get(id(m))
+        name = self._modules.get(id(m)) or self._unnamed.get(id(m))
         if name is None:
             # A module created by the traced code itself: look again once.
             self._build()
             name = self._modules.get(id(m))
             if name is None:  # made inside a function: remember, don't search again
-                name = self._modules[id(m)] = type(m).__name__
+                name = self._unnamed[id(m)] = type(m).__name__
         return name
 
     def learn(self, t: torch.Tensor, name: str) -> None:

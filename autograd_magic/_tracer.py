@@ -101,6 +101,14 @@ class _Mode(TorchFunctionMode):
         if name in _NOT_OPS:
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
+        # Fast exits for what is not a new tensor: attribute reads (p.grad, .shape)
+        # and non-tensor results are most calls in an optimizer step.
+        if name == "__get__" and (type(out) is not torch.Tensor or out.grad_fn is None):
+            return out
+        if out is None and not name.endswith("_"):
+            return out
+        if not isinstance(out, (torch.Tensor, tuple, list)) and out is not None:
+            return out
         try:
             return tracer.on_op(func, name, args, kwargs, out)
         except Exception as exc:  # the tracer must never break the user's code
