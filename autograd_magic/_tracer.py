@@ -103,8 +103,12 @@ class _Mode(TorchFunctionMode):
         out = func(*args, **kwargs)
         # Fast exits for what is not a new tensor: attribute reads (p.grad, .shape)
         # and non-tensor results are most calls in an optimizer step.
-        if name == "__get__" and (type(out) is not torch.Tensor or out.grad_fn is None):
-            return out
+        if name == "__get__":
+            if type(out) is not torch.Tensor:
+                return out
+            with torch._C.DisableTorchFunction():  # a user's mode below ours must not see our read
+                if out.grad_fn is None:
+                    return out
         if out is None and not name.endswith("_"):
             return out
         if not isinstance(out, (torch.Tensor, tuple, list)) and out is not None:
