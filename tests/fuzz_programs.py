@@ -356,6 +356,9 @@ def _st_hook(c: _Cell) -> None:
     form = c.pick(["{}.register_hook(lambda g: g * 2)", "{}.retain_grad()", "{}.register_hook(lambda g: print('hook', g.shape))"])
     h = c.new_name()
     if "register_hook" in form:
+        # torch 2.13 segfaults hooking a view whose base changed in place under no_grad
+        # before the view's grad_fn was read (plain PyTorch, no tracer involved): read it first.
+        c.emit(f"{name}.grad_fn")
         c.emit(f"{h} = " + form.format(name))
         c.vars.pop(h, None)
     else:
