@@ -149,7 +149,10 @@ def describe_error(error: BaseException, filename: str, trace: Trace) -> TraceEr
         if tb.tb_frame.f_code.co_filename == filename:
             line = tb.tb_lineno
         tb = tb.tb_next
-    message = str(error)
+    try:
+        message = str(error)
+    except Exception:  # an exception class whose __str__ fails must still fail the cell as itself
+        message = f"<{type(error).__name__}: str() failed>"
     if isinstance(error, SyntaxError):
         line = error.lineno
     return TraceError(type=type(error).__name__, message=message, line=line, expr=trace.source_line(line).strip() or None)

@@ -38,7 +38,7 @@ class NameIndex:
         tensors: dict[int, str] = {}
         modules: dict[int, str] = {}
         for name, value in list(self.namespace.items()):
-            if name.startswith("_") or not isinstance(name, str):
+            if not isinstance(name, str) or name.startswith("_"):  # globals()[1] = ... is legal
                 continue
             if isinstance(value, torch.Tensor):
                 _remember(tensors, value, name)
@@ -87,9 +87,11 @@ class NameIndex:
             self._build()
         found = []
         for name, value in list(self.namespace.items()):
-            if isinstance(value, torch.Tensor) and not name.startswith("_") and (value.requires_grad):
+            if not isinstance(name, str) or name.startswith("_"):
+                continue
+            if isinstance(value, torch.Tensor) and value.requires_grad:
                 found.append((name, value))
-            elif isinstance(value, torch.nn.Module) and not name.startswith("_"):
+            elif isinstance(value, torch.nn.Module):
                 try:
                     found.extend((p, t) for p, t in value.named_parameters(prefix=name) if t.requires_grad)
                 except Exception:

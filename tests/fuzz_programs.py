@@ -552,7 +552,7 @@ def fresh_shell():
 def reset_namespace(shell, keep: dict) -> None:
     ns = shell.user_ns
     for key in list(ns):
-        if key not in keep and not _IPY_KEYS.match(key):
+        if key not in keep and not _IPY_KEYS.match(str(key)):
             del ns[key]
     ns.update(keep)
 
@@ -571,8 +571,8 @@ def run(shell, cell: str, traced: bool, seed: int = 0, keep: Optional[dict] = No
         warnings.simplefilter("always")
         result = shell.run_cell(text, store_history=False, silent=False)
     err = result.error_in_exec or result.error_before_exec
-    error = (type(err).__name__, str(err)) if err is not None else None
-    names = {k: v for k, v in shell.user_ns.items() if not _IPY_KEYS.match(k) and k not in keep}
+    error = (type(err).__name__, _observe(lambda: str(err))) if err is not None else None
+    names = {str(k): v for k, v in shell.user_ns.items() if not _IPY_KEYS.match(str(k)) and k not in keep}
     return Outcome(
         stdout=out.getvalue(),
         error=error,

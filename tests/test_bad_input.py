@@ -277,3 +277,25 @@ def test_top_level_await_as_plain(ipy):
     traced = run(ipy, cell, traced=True)
     assert plain.error is None
     assert traced.error == plain.error
+
+
+ODD_PROGRAMS = {
+    # a non-string key in the namespace (legal through globals())
+    "int-key": "globals()[1] = 'x'\nx = torch.ones(2, requires_grad=True)\ny = x * 2\ny.sum().backward()\n"
+               "print(x.grad)\ndel globals()[1]",
+    # an exception whose str() fails, and one that is not an Exception
+    "bad-str": "class E(Exception):\n    def __str__(self):\n        raise RuntimeError('no str')\n"
+               "x = torch.ones(2) * 2\nraise E()",
+    "base-exception": "class B(BaseException):\n    pass\nx = torch.ones(2) * 2\nraise B('base')",
+    "system-exit": "x = torch.ones(2) * 2\nraise SystemExit(3)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_PROGRAMS))
+def test_odd_programs_fail_or_pass_as_plain(ipy, name):
+    cell = ODD_PROGRAMS[name]
+    plain = run(ipy, cell, traced=False)
+    traced = run(ipy, cell, traced=True)
+    assert traced.error == plain.error
+    assert traced.namespace == plain.namespace
+    assert traced.shown == plain.shown
