@@ -27,6 +27,18 @@ def _lookup(index: dict, t: torch.Tensor) -> Optional[str]:
     return hit[1] if hit is not None and hit[0]() is t else None
 
 
+def _kind(value) -> Optional[str]:
+    """'tensor', 'module' or None: a value whose `__class__` raises (a lazy proxy) is neither."""
+    try:
+        if isinstance(value, torch.Tensor):
+            return "tensor"
+        if isinstance(value, torch.nn.Module):
+            return "module"
+    except Exception:
+        pass
+    return None
+
+
 class NameIndex:
     def __init__(self, namespace: Optional[dict]):
         self.namespace = namespace if namespace is not None else {}
@@ -40,9 +52,10 @@ class NameIndex:
         for name, value in list(self.namespace.items()):
             if not isinstance(name, str) or name.startswith("_"):  # globals()[1] = ... is legal
                 continue
-            if isinstance(value, torch.Tensor):
+            kind = _kind(value)
+            if kind == "tensor":
                 _remember(tensors, value, name)
-            elif isinstance(value, torch.nn.Module):
+            elif kind == "module":
                 try:
                     for path, sub in value.named_modules(prefix=name):
                         modules.setdefault(id(sub), path)
@@ -89,9 +102,10 @@ class NameIndex:
         for name, value in list(self.namespace.items()):
             if not isinstance(name, str) or name.startswith("_"):
                 continue
-            if isinstance(value, torch.Tensor) and value.requires_grad:
+            kind = _kind(value)
+            if kind == "tensor" and value.requires_grad:
                 found.append((name, value))
-            elif isinstance(value, torch.nn.Module):
+            elif kind == "module":
                 try:
                     found.extend((p, t) for p, t in value.named_parameters(prefix=name) if t.requires_grad)
                 except Exception:

@@ -595,7 +595,7 @@ def fingerprint_namespace(names: dict) -> dict:
     for key in sorted(names):
         value = names[key]
         first_of.setdefault(id(value), key)
-        out[key] = (first_of[id(value)], fingerprint(value))
+        out[key] = (first_of[id(value)], _observe(lambda: fingerprint(value)))
     return out
 
 

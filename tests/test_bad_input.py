@@ -288,6 +288,9 @@ ODD_PROGRAMS = {
                "x = torch.ones(2) * 2\nraise E()",
     "base-exception": "class B(BaseException):\n    pass\nx = torch.ones(2) * 2\nraise B('base')",
     "system-exit": "x = torch.ones(2) * 2\nraise SystemExit(3)",
+    # a namespace value whose __class__ raises (a lazy proxy): isinstance() on it raises
+    "proxy": "class Proxy:\n    @property\n    def __class__(self):\n        raise RuntimeError('not loaded')\n"
+             "p = Proxy()\nx = torch.ones(2, requires_grad=True)\ny = x * 2\ny.sum().backward()\nprint(x.grad)",
 }
 
 
