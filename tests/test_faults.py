@@ -11,6 +11,7 @@ place.
 
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 import time
@@ -417,3 +418,20 @@ def test_nested_traces_are_isolated(ipy):
     assert [r.name for r in block.records if r.expr == "z * 3"] == ["w"]
     assert BIND not in ipy.user_ns
     assert _clean_state() == before
+
+
+@pytest.mark.parametrize(
+    "magic", ["%%autograd --quiet -o t", "%%autograd --text -o t", "%%autograd --static -o t", "%%autograd -o t",
+              "%%autograd --quiet --no-grad -o t"]
+)
+def test_no_tensor_kept_alive(ipy, magic):
+    """The trace, the views and the toggles hold plain data: the cell's tensors die with their names."""
+    cell = (
+        "import weakref\nx = torch.ones(1000, requires_grad=True)\ny = x * 2\nz = (y.exp() * 3).sum()\n"
+        "z.backward()\nrefs = [weakref.ref(v) for v in (x, y, z, x.grad)]"
+    )
+    outcome = run(ipy, cell, traced=True, keep=ipy._fault_keep, magic=magic)
+    assert outcome.error is None
+    ipy.run_cell("del x, y, z", store_history=False)
+    gc.collect()
+    assert [r() is None for r in ipy.user_ns["refs"]] == [True] * 4
