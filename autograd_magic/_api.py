@@ -79,6 +79,6 @@ def _tensor_names(frame) -> dict[int, str]:
     """id(tensor) -> variable name, for the block's variables at its end."""
     by_id: dict[int, str] = {}
     for name, value in {**frame.f_globals, **frame.f_locals}.items():
-        if isinstance(value, torch.Tensor) and not name.startswith("_"):
+        if isinstance(name, str) and isinstance(value, torch.Tensor) and not name.startswith("_"):
             by_id.setdefault(id(value), name)
     return by_id
