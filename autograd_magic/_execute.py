@@ -112,7 +112,11 @@ def execute(
         error = exc
     finally:
         try:
-            trace = tracer.stop()
+            try:
+                trace = tracer.stop()
+            except BaseException:
+                tracer.stop()  # an interrupt landed inside stop(): finish the clean-up, then raise
+                raise
         finally:  # even when an interrupt lands inside stop()
             if previous_bind is _MISSING:
                 ns.pop(BIND_NAME, None)

@@ -222,18 +222,23 @@ class Tracer:
         return self.trace
 
     def _pop_mode(self) -> None:
-        mode, self._mode = self._mode, None
+        mode = self._mode
         if mode is None:
             return
         # A user's mode entered in the traced code and never exited sits above
         # ours: lift it off, remove ours, and put it back where it was.
+        # `self._mode` is cleared only once ours is off the stack, so a stop()
+        # interrupted half-way (Ctrl-C) can simply be called again.
         above = []
         try:
             while torch._C._len_torch_function_stack() > 0:
                 top = torch._C._pop_torch_function_stack()
                 if top is mode:
+                    self._mode = None
                     break
                 above.append(top)
+            else:
+                self._mode = None  # no longer on the stack at all
         finally:
             for m in reversed(above):
                 torch._C._push_on_torch_function_stack(m)

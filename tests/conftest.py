@@ -45,3 +45,16 @@ def shell(_ipython):
     _ipython.reset(new_session=False)  # magics stay registered across resets
     yield _ipython
     _ipython.reset(new_session=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_torch_modes():
+    """A mode left on torch's stack fails the test that left it, not every test after it."""
+    import torch
+
+    depth = torch._C._len_torch_function_stack()
+    yield
+    leaked = torch._C._len_torch_function_stack() - depth
+    while torch._C._len_torch_function_stack() > depth:
+        torch._C._pop_torch_function_stack()
+    assert leaked <= 0, f"{leaked} TorchFunctionMode(s) left on torch's stack"
