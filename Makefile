@@ -27,7 +27,7 @@ browser-deps:
 
 demo: setup
 	@mkdir -p build
-	$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=600 \
+	$(BIN)/jupyter nbconvert --config tools/nbconvert_config.py --to html --execute --ExecutePreprocessor.timeout=600 \
 	  --output-dir build --output tour notebooks/tour.ipynb
 	@echo
 	@echo "The tour, executed in a real kernel: $(CURDIR)/build/tour.html"
