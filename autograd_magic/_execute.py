@@ -14,6 +14,7 @@ import ast
 import contextlib
 import io
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from types import TracebackType
@@ -102,6 +103,7 @@ def execute(
         with contextlib.ExitStack() as stack:
             if no_grad:
                 stack.enter_context(torch.no_grad())
+            stack.enter_context(_warnings_at_user_lines())
             if capture:
                 stack.enter_context(contextlib.redirect_stdout(out))
                 stack.enter_context(contextlib.redirect_stderr(out))
@@ -127,6 +129,34 @@ def execute(
     if error is not None:
         trace.error = describe_error(error, filename, trace)
     return CellRun(trace=trace, error=error, filename=filename, stdout=out.getvalue())
+
+
+@contextlib.contextmanager
+def _warnings_at_user_lines():
+    """A warning torch raises while our mode handles the op is located at the
+    user's line, as in a plain run, not at the mode's own line."""
+    from . import _tracer
+
+    _tracer.__dict__.pop("__warningregistry__", None)  # "once per location" starts afresh per cell
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if filename.startswith(_OURS):
+            f = sys._getframe(1)
+            while f is not None and (
+                f.f_code.co_filename.startswith(_OURS) or f.f_code.co_filename.endswith(("warnings.py", _TORCH_DISPATCH))
+            ):
+                f = f.f_back
+            if f is not None:
+                filename, lineno, line = f.f_code.co_filename, f.f_lineno, None
+        return original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = original
 
 
 def _capture_warnings(stack: contextlib.ExitStack, out: io.StringIO) -> None:

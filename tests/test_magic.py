@@ -124,3 +124,16 @@ def test_no_grad_and_detach_options_show_variants_and_leave_the_run_alone(shell)
     assert v.variant_of is not None
     # the real run still happened, untouched
     np.testing.assert_allclose(shell.user_ns["x"].grad.numpy(), [[10, 16, 22], [22, 16, 10]])
+
+
+def test_torch_warnings_point_at_the_users_line(shell):
+    shell.run_cell("import torch\nx = torch.ones(2, requires_grad=True)\ny = x * 2")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shell.run_cell("%%autograd --quiet\nz = 1\nprint(y.grad)")
+    grad_warnings = [w for w in caught if ".grad attribute" in str(w.message)]
+    assert grad_warnings, "torch warns about reading a non-leaf's .grad, as in a plain run"
+    w = grad_warnings[0]
+    assert "autograd_magic" not in w.filename and w.lineno == 3  # the cell's own line 3
