@@ -34,6 +34,7 @@ _DISPATCH_FILES = tuple(
     for name in ("overrides.py", "_tensor.py", "autograd" + sep + "__init__.py", "utils" + sep + "_contextlib.py")
 )
 _OUR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_ANCHOR, _ROUTING, _OTHER = 0, 1, 2  # what a frame's code is to the site walk
 _OP_NAMES = {
     "__add__": "add", "__radd__": "add", "__iadd__": "add_",
     "__sub__": "sub", "__rsub__": "rsub", "__isub__": "sub_",
@@ -158,6 +159,7 @@ class Tracer:
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
         self._site_counts: dict[tuple, int] = {}
         self._span_counts: dict[tuple, int] = {}
+        self._code_kinds: dict = {}
         self._site_first: dict[tuple, int] = {}
         self.repeats: dict[int, int] = {}  # first record of a site -> how many runs were not kept
         self._hooks: list = []
@@ -269,22 +271,28 @@ class Tracer:
         f = sys._getframe(1)
         internal = None
         inner = None
-        anchor = self.anchor
+        kinds = self._code_kinds
         while f is not None:
             code = f.f_code
-            if anchor(code):
+            kind = kinds.get(code)
+            if kind is None:
+                kind = kinds[code] = self._code_kind(code)
+            if kind == _ANCHOR:
                 span = self.source_map.span(f)
                 return span, internal, (span if inner is None else (span, inner, self._module_stack[-1] if self._module_stack else None))
-            if (
-                internal is None
-                and code.co_name != func_name
-                and not code.co_filename.startswith(_OUR_DIR)
-                and not code.co_filename.endswith(_DISPATCH_FILES)
-            ):
+            if kind == _OTHER and internal is None and code.co_name != func_name:
                 internal = getattr(code, "co_qualname", code.co_name)
                 inner = (code, f.f_lasti)
             f = f.f_back
         return None, internal or "outside the traced code", None
+
+    def _code_kind(self, code) -> int:
+        """Classified once per code object: the frame walk runs for every op."""
+        if self.anchor(code):
+            return _ANCHOR
+        if code.co_filename.startswith(_OUR_DIR) or code.co_filename.endswith(_DISPATCH_FILES):
+            return _ROUTING
+        return _OTHER
 
     # ---- records ----
     def record_of(self, t: torch.Tensor) -> Optional[int]:
