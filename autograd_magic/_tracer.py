@@ -66,6 +66,23 @@ def _is_inplace(func_name: str, op: str) -> bool:
     )
 
 
+def _grad_fn_name(t: torch.Tensor) -> Optional[str]:
+    # Reading grad_fn itself can raise (a no_grad view whose base changed in
+    # place); the user's own code raises it when it reads it, not ours.
+    try:
+        fn = t.grad_fn
+    except RuntimeError:
+        return None
+    return type(fn).__name__ if fn is not None else None
+
+
+def _is_leaf(t: torch.Tensor) -> bool:
+    try:
+        return t.is_leaf
+    except RuntimeError:  # same case as above: torch cannot tell
+        return False
+
+
 def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -108,7 +125,7 @@ class _Mode(TorchFunctionMode):
             if type(out) is not torch.Tensor:
                 return out
             with torch._C.DisableTorchFunction():  # a user's mode below ours must not see our read
-                if out.grad_fn is None:
+                if _grad_fn_name(out) is None:
                     return out
         if out is None and not name.endswith("_"):
             return out
@@ -313,9 +330,9 @@ class Tracer:
             op="external",
             name=name or self.names.tensor_name(t),
             external=True,
-            grad_fn=type(t.grad_fn).__name__ if t.grad_fn is not None else None,
+            grad_fn=_grad_fn_name(t),
             requires_grad=t.requires_grad,
-            is_leaf=t.is_leaf,
+            is_leaf=_is_leaf(t),
             grad_enabled=torch.is_grad_enabled(),
             preview=shown,
         )
@@ -345,7 +362,7 @@ class Tracer:
         op = _op_name(func)
         if func_name == "__get__":
             # Properties: only those that make a new differentiable tensor (.T, .real)
-            if not isinstance(out, torch.Tensor) or out.grad_fn is None or self.record_of(out) is not None:
+            if not isinstance(out, torch.Tensor) or _grad_fn_name(out) is None or self.record_of(out) is not None:
                 return out
         inplace = _is_inplace(func_name, op)
         if isinstance(out, torch.Tensor):
@@ -387,9 +404,9 @@ class Tracer:
                 line=span[0] if span else None,
                 span=span,
                 occurrence=occurrence,
-                grad_fn=type(t.grad_fn).__name__ if t.grad_fn is not None else None,
+                grad_fn=_grad_fn_name(t),
                 requires_grad=t.requires_grad,
-                is_leaf=t.is_leaf,
+                is_leaf=_is_leaf(t),
                 grad_enabled=grad_enabled,
                 inplace=inplace,
                 mutates=mutated,

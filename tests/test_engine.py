@@ -124,3 +124,19 @@ def test_unusual_tensors_do_not_break_the_views(shell, make):
     assert result.success, result.error_in_exec
     t = shell.user_ns["t"]
     assert str(t) and t.to_html()
+
+
+def test_a_no_grad_view_changed_in_place_is_recorded_without_tracer_errors(shell):
+    # torch raises when grad_fn / is_leaf of such a view is read; the tracer must not
+    cell = (
+        "t1 = torch.randn((), requires_grad=True)\nwith torch.no_grad():\n    t2 = t1.reshape(-1)\n"
+        "t2.requires_grad_()\nwith torch.no_grad():\n    t2.add_(1.5)"
+    )
+    shell.run_cell("import torch\ntorch.manual_seed(0)")
+    plain = shell.run_cell(cell)
+    plain_value = shell.user_ns["t2"].detach().clone()
+    shell.run_cell("torch.manual_seed(0)")
+    traced = shell.run_cell("%%autograd --quiet -o t\n" + cell)
+    assert plain.success and traced.success
+    assert torch.equal(shell.user_ns["t2"].detach(), plain_value)
+    assert not [n for n in shell.user_ns["t"].notes if "skipped" in n]
