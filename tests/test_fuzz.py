@@ -62,6 +62,9 @@ def _diff(a, b, path="") -> str:
 
 # Shapes that found bugs or cover a corner on purpose, kept as fixed examples.
 REGRESSIONS = [
+    # grad_fn / is_leaf of a no_grad view whose base changed in place raise in torch itself
+    "t1 = torch.randn((), requires_grad=True)\nwith torch.no_grad():\n    t2 = t1.reshape(-1)\n"
+    "t2.requires_grad_()\nwith torch.no_grad():\n    t2.add_(1.5)",
     "t1 = torch.randn((2, 3), requires_grad=True)\nt2 = t1.T\nt2.sum().backward()\nprint(t1.grad)",
     "t1 = torch.ones(3, requires_grad=True)\nt2 = t1 * 2\nt2.register_hook(lambda g: g * 2)\n"
     "t2.sum().backward()\nprint(t1.grad)",
@@ -101,6 +104,7 @@ def test_regressions(ipy, cell):
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
+    derandomize=bool(os.environ.get("CI")),  # CI: the same 500 cells every run; elsewhere: new ones
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
 @given(cell=programs())
@@ -123,6 +127,7 @@ def test_variant_regressions(ipy, cell, variant):
 @settings(
     max_examples=max(1, EXAMPLES // 10),
     deadline=None,
+    derandomize=bool(os.environ.get("CI")),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
 @given(cell=programs(), variant=st.sampled_from(["--no-grad", "--detach t1", "--detach t2"]))
