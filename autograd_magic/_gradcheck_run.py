@@ -124,6 +124,12 @@ class _Runner:
     def _root_value(self, state: dict, trace: Trace) -> float:
         """The root's value; for a non-scalar root, its dot product with the gradient backward() got."""
         t = state["root"]
+        roots = trace.passes[0].roots if trace.passes else []
+        rec = trace.records[roots[0]] if roots and roots[0] is not None else None
+        if rec is not None and rec.version_changed:
+            # changed in place after backward(): the live tensor no longer holds the value
+            # that was differentiated, so no finite difference of it can be trusted
+            raise _RunFailed("the differentiated value was changed in place after backward()")
         if isinstance(t, torch.Tensor):
             self._last_root = t.detach().to(torch.float64)
             if self.weights is not None and t.shape == self.weights.shape:
