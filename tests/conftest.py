@@ -53,8 +53,12 @@ def _no_leaked_torch_modes():
     import torch
 
     depth = torch._C._len_torch_function_stack()
+    grad_enabled = torch.is_grad_enabled()
     yield
     leaked = torch._C._len_torch_function_stack() - depth
     while torch._C._len_torch_function_stack() > depth:
         torch._C._pop_torch_function_stack()
+    grad_changed = torch.is_grad_enabled() != grad_enabled
+    torch.set_grad_enabled(grad_enabled)
     assert leaked <= 0, f"{leaked} TorchFunctionMode(s) left on torch's stack"
+    assert not grad_changed, "grad mode left changed"
