@@ -10,12 +10,11 @@ pre-hooks. All node hooks are removed when the call returns or raises.
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from ._preview import preview, quietly
+from ._preview import quietly
 from ._records import BackwardPass, BackwardStep
 
 if TYPE_CHECKING:
@@ -26,46 +25,6 @@ MAX_NODES = 2000  # beyond this a pass keeps its result but not its steps
 
 def node_name(node) -> str:
     return node.name().split("::")[-1]
-
-
-def _version(g: torch.Tensor) -> Optional[int]:
-    try:
-        return g._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
-class _PreviewCache:
-    """One preview per gradient tensor per pass: a grad a node sends on is the
-    grad the next node (and its tensor's hook) receives, the same object."""
-
-    def __init__(self):
-        self._seen: dict[int, tuple] = {}
-
-    @quietly  # reading `_version` is a property access a user's mode would see
-    def __call__(self, g):
-        if not isinstance(g, torch.Tensor):
-            return None
-        hit = self._seen.get(id(g))
-        # the engine sums a node's incoming grads in place into the first one it got (version bumps)
-        if hit is not None and hit[0]() is g and hit[2] == _version(g):
-            return hit[1]
-        shown = preview(g)
-        try:
-            self._seen[id(g)] = (weakref.ref(g), shown, _version(g))
-        except TypeError:
-            pass
-        return shown
-
-    def many(self, grads) -> list:
-        return [self(g) for g in grads]
-
-
-_grad_preview = _PreviewCache()  # replaced per pass; module default for hooks outside a pass
-
-
-def _grad_previews(grads) -> list:
-    return _grad_preview.many(grads)
 
 
 def _as_tuple(x: Any) -> tuple:
@@ -82,8 +41,9 @@ class BackwardRecorder:
         self.current: Optional[BackwardPass] = None
         self.pending: list[int] = []  # records whose tensor hooks fired for the next node
         self._site_counts: dict = {}
-        self.previews = _PreviewCache()
+        self.previews = tracer.previews  # one cache for the whole run: a grad is often also a leaf's .grad
         self.skipping = False  # inside a loop's later, unrecorded pass
+        self._first_grads: dict[tuple, object] = {}  # (pass, node) -> preview of a leaf's first gradient
 
     # ---- tensor hooks: the gradient each recorded tensor received ----
     def tensor_hook(self, rid: int):
@@ -111,19 +71,20 @@ class BackwardRecorder:
     # ---- the call itself ----
     def run(self, func, args, kwargs):
         tracer = self.tracer
-        kind = "grad" if func is torch.autograd.grad else "backward"
-        roots, inputs, gradient, retain = self._arguments(func, args, kwargs)
         span, _ = tracer.site(getattr(func, "__name__", ""))
         count = self._site_counts.get(span, 0)
         self._site_counts[span] = count + 1
         if count >= tracer.detail_limit and span is not None:
             # a loop's later passes: run, not kept (their grads still add into leaves' .grad)
-            tracer.note(f"backward on line {span[0]} ran more than {tracer.detail_limit} times: later passes were not recorded")
+            if count == tracer.detail_limit:
+                tracer.note(f"backward on line {span[0]} ran more than {tracer.detail_limit} times: later passes were not recorded")
             skipping, self.skipping = self.skipping, True
             try:
                 return func(*args, **kwargs)
             finally:
                 self.skipping = skipping
+        kind = "grad" if func is torch.autograd.grad else "backward"
+        roots, inputs, gradient, retain = self._arguments(func, args, kwargs)
         p = BackwardPass(
             index=len(tracer.trace.passes),
             kind=kind,
@@ -142,7 +103,6 @@ class BackwardRecorder:
         handles, nodes = self._hook_nodes(p, roots)
         self._hook_named_tensors(nodes)
         outer, self.current, self.pending = self.current, p, []
-        self.previews = _PreviewCache()
         try:
             result = func(*args, **kwargs)
         except BaseException as exc:
@@ -150,11 +110,10 @@ class BackwardRecorder:
             raise
         finally:
             self.current = outer
-            self.previews = _PreviewCache()  # drop the pass's references
             for h in handles:
                 h.remove()
         if kind == "grad":
-            p.results = _grad_previews(result)
+            p.results = self.previews.many(result)
         return result
 
     @staticmethod
@@ -201,7 +160,7 @@ class BackwardRecorder:
             nexts = [index.get(id(n)) if n is not None else None for n, _ in node.next_functions]
             try:
                 handles.append(node.register_prehook(self._pre(p, nid, node, nexts)))
-                handles.append(node.register_hook(self._post(p, nid)))
+                handles.append(node.register_hook(self._post(p, nid, node)))
             except Exception:
                 continue
         return handles, nodes
@@ -229,24 +188,34 @@ class BackwardRecorder:
                 rid = self.tracer.record_of(variable)
                 if rid is not None and rid not in records:
                     records.append(rid)
+            grad_in = self.previews.many(grad_outputs)
             p.steps.append(
-                BackwardStep(
-                    index=len(p.steps),
-                    node=name,
-                    node_id=nid,
-                    records=records,
-                    grad_in=self.previews.many(grad_outputs),
-                    next_ids=nexts,
-                )
+                BackwardStep(index=len(p.steps), node=name, node_id=nid, records=records, grad_in=grad_in, next_ids=nexts)
             )
+            if variable is not None and len(grad_in) == 1 and grad_in[0] is not None:
+                with torch._C.DisableTorchFunction():
+                    # this node will store (a copy of) exactly this gradient, unless a
+                    # post-accumulate hook of the user's changes it in place first
+                    if variable.grad is None and not getattr(variable, "_post_accumulate_grad_hooks", None):
+                        self._first_grads[(p.index, nid)] = grad_in[0]
 
         return pre
 
-    def _post(self, p: BackwardPass, nid: int):
+    def _post(self, p: BackwardPass, nid: int, node):
+        variable = getattr(node, "variable", None) if node_name(node) == "AccumulateGrad" else None
+
         def post(grad_inputs, grad_outputs):
             for step in reversed(p.steps):
                 if step.node_id == nid:
                     step.grad_out = self.previews.many(grad_inputs)
                     break
+            shown = self._first_grads.pop((p.index, nid), None)
+            if shown is not None:
+                # `.grad` was None: it now holds the incoming gradient (stolen or
+                # copied), so its preview is that one, not a second read.
+                with torch._C.DisableTorchFunction():
+                    g = variable.grad
+                    if g is not None and tuple(g.shape) == shown.shape and str(g.dtype) == shown.dtype:
+                        self.previews.alias(g, shown)
 
         return post

@@ -45,6 +45,12 @@ class NameIndex:
         self._tensors: Optional[dict[int, str]] = None
         self._modules: Optional[dict[int, str]] = None
         self._unnamed: dict[int, str] = {}  # modules not in the namespace: survives rebuilds
+        self._stale = True  # the namespace may hold names the index lacks
+        self._guesses = 0
+
+    def touch(self) -> None:
+        """The traced code bound a name: the next failed lookup looks again."""
+        self._stale = True
 
     def _build(self) -> None:
         tensors: dict[int, str] = {}
@@ -67,12 +73,16 @@ class NameIndex:
                     continue
         self._tensors, self._modules = tensors, modules
         self._built_size = len(self.namespace)
+        self._stale = False
+
+    def _changed(self) -> bool:
+        return self._stale or len(self.namespace) != self._built_size
 
     def tensor_name(self, t: torch.Tensor) -> Optional[str]:
         if self._tensors is None:
             self._build()
         name = _lookup(self._tensors, t)
-        if name is None and len(self.namespace) != self._built_size:
+        if name is None and self._changed():
             # the traced code bound new names (e.g. built a model) since the last look
             self._build()
             name = _lookup(self._tensors, t)
@@ -83,9 +93,13 @@ class NameIndex:
             self._build()
         name = self._modules.get(id(m)) or self._unnamed.get(id(m))
         if name is None:
-            # A module created by the traced code itself: look again once.
-            self._build()
-            name = self._modules.get(id(m))
+            # A module created by the traced code itself (`model = ...`, or
+            # `model.fc = ...`, which binds no name): look again, but only a
+            # couple of times per run unless a name was bound since.
+            if self._changed() or self._guesses < 2:
+                self._guesses += 1
+                self._build()
+                name = self._modules.get(id(m))
             if name is None:  # made inside a function: remember, don't search again
                 name = self._unnamed[id(m)] = type(m).__name__
         return name

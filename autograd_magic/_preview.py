@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
+from typing import Optional
 
 import numpy as np
 import torch
@@ -112,7 +114,8 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
         p.min, p.max, p.mean, p.norm = float(count == n), float(count > 0), count / n, float(np.sqrt(count))
         return
     p.min, p.max = float(src.min()), float(src.max())
-    if src.dtype.kind != "f" or not (src.flags.c_contiguous or src.flags.f_contiguous):
+    # float16 sums in float16 lose digits (and overflow): those go the float64 way too
+    if src.dtype.kind != "f" or src.dtype.itemsize < 4 or not (src.flags.c_contiguous or src.flags.f_contiguous):
         with np.errstate(all="ignore"):  # inf/nan: no RuntimeWarning in the user's cell
             total, squares = _sums(src)
         p.mean, p.norm = total / n, float(np.sqrt(squares))
@@ -150,11 +153,106 @@ def quietly(fn):
 @quietly
 def preview(t: torch.Tensor, with_stats: bool = True) -> Preview:
     """A bounded, detached picture of `t` now. Never raises."""
+    return preview_quiet(t, with_stats)
+
+
+def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
+    """`preview` for callers already inside `quietly` (the tracer's hot path)."""
     try:
+        if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+            name = _FAST_DTYPES.get(t.dtype)
+            if name is not None and t.is_cpu and t.layout == torch.strided and not t.is_neg():
+                return _fast_preview(t.detach(), name, with_stats)
         return _preview(t, with_stats)
     except Exception as exc:  # a preview must never break the user's cell
         shape = tuple(getattr(t, "shape", ()))
         return Preview(shape=shape, dtype=str(getattr(t, "dtype", "?")), note=f"no preview: {exc}")
+
+
+# ---- the common case, kept lean: it runs for every recorded op and gradient ----
+
+_FAST_DTYPES = {torch.float32: "torch.float32", torch.float64: "torch.float64"}
+_EDGE_INDEX: dict = {}  # shape -> numpy index of the edge block, or None when too large
+
+
+def _edge_index(shape: tuple):
+    hit = _EDGE_INDEX.get(shape, False)
+    if hit is not False:
+        return hit
+    axes, size = [], 1
+    for s in shape:
+        if s > 2 * EDGE:
+            axes.append(np.r_[0:EDGE, s - EDGE : s])
+            size *= 2 * EDGE
+        else:
+            axes.append(np.arange(s))
+            size *= s
+    index = np.ix_(*axes) if size <= EDGE_LIMIT else None
+    if len(_EDGE_INDEX) < 4096:
+        _EDGE_INDEX[shape] = index
+    return index
+
+
+def _small_stats(p: Preview, v: np.ndarray) -> None:
+    v = v.astype(np.float64, copy=False)
+    if np.isfinite(v).all():
+        p.min, p.max, p.mean, p.norm = float(v.min()), float(v.max()), float(v.mean()), float(np.sqrt((v * v).sum()))
+        return
+    with np.errstate(all="ignore"):  # inf/nan values: no RuntimeWarning in the user's cell
+        p.min, p.max, p.mean = float(v.min()), float(v.max()), float(v.mean())
+        p.norm = float(np.sqrt((v * v).sum()))
+
+
+def _fast_preview(d: torch.Tensor, dtype_name: str, with_stats: bool) -> Preview:
+    """A CPU float32/float64 tensor: values through a zero-copy numpy view, exact
+    stats in one pass each, no copy of the tensor."""
+    a = d.numpy()
+    n = a.size
+    p = Preview(shape=a.shape, dtype=dtype_name)
+    if n <= FULL_LIMIT:
+        p.values = a.copy()
+        if with_stats and n:
+            _small_stats(p, p.values)
+        return p
+    index = _edge_index(a.shape)
+    if index is not None:
+        p.values = a[index]  # fancy indexing copies just the edge block
+        p.summarized = True
+    else:
+        p.values = a.flat[:FULL_LIMIT]  # copies just these, whatever the strides
+        p.flat_head = True
+    if with_stats:
+        if n > STATS_LIMIT:
+            p.note = "statistics skipped: tensor too large"
+        else:
+            _large_stats(p, a, n)
+    return p
+
+
+def _large_stats(p: Preview, a: np.ndarray, n: int) -> None:
+    # numpy on one thread: torch's reductions wake its thread pool for each
+    # call, which on a busy 2-core machine cost 2-5x more, erratically.
+    p.min, p.max = lo, hi = float(a.min()), float(a.max())
+    big = max(abs(lo), abs(hi))  # nan when any element is nan
+    if big * big * n < _SAFE_SQUARES[a.dtype.itemsize]:  # no inf/nan, no overflow: skip errstate (~2 us)
+        _sum_and_norm(p, a, n)
+        return
+    with np.errstate(all="ignore"):  # inf/nan/overflow: no RuntimeWarning in the user's cell
+        _sum_and_norm(p, a, n)
+
+
+_SAFE_SQUARES = {4: 1e37, 8: 1e300}
+
+
+def _sum_and_norm(p: Preview, a: np.ndarray, n: int) -> None:
+    if a.flags.c_contiguous or a.flags.f_contiguous:
+        # memory order ('K') makes a transposed tensor (a weight's grad) a view too
+        flat = a.ravel(order="K")
+        p.mean = float(np.add.reduce(flat)) / n  # pairwise float sum: fast and accurate
+        p.norm = _norm(flat)
+    else:  # sliced or expanded: bounded chunks, never a full copy
+        total, squares = _sums(a)
+        p.mean, p.norm = total / n, float(np.sqrt(squares))
 
 
 def _preview(t: torch.Tensor, with_stats: bool) -> Preview:
@@ -196,3 +294,89 @@ def _preview(t: torch.Tensor, with_stats: bool) -> Preview:
         elif with_stats:
             p.note = "statistics skipped: tensor too large"
     return p
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _dense_key(t: torch.Tensor) -> Optional[tuple]:
+    """The memory block of a dense tensor in row- or column-major order: a tensor
+    and its transpose hold the same elements, so they have the same statistics."""
+    if t.dim() == 2 and t.stride(0) == 1 and t.stride(1) == t.shape[0] and t.shape[0] > 1:
+        pass
+    elif not t.is_contiguous():
+        return None
+    return (t.data_ptr(), t.numel(), t.dtype)
+
+
+class PreviewCache:
+    """Previews taken during one traced run, shared so nothing is read twice.
+
+    The same gradient object reaches a tensor hook, the next node's pre-hook
+    and often the leaf's `.grad`; a weight's gradient arrives transposed
+    (TBackward) and is then stored as is. Entries hold weak references and
+    are used only while that tensor is alive and unchanged (same version),
+    so a freed block reused by a new tensor never matches.
+    """
+
+    def __init__(self):
+        self._seen: dict[int, tuple] = {}
+        self._dense: dict[tuple, tuple] = {}
+
+    @quietly  # reading `_version` is a property access a user's mode would see
+    def __call__(self, t):
+        return self.get(t)
+
+    def many(self, tensors) -> list:
+        return [self(t) for t in tensors]
+
+    def alias(self, t: torch.Tensor, shown: Preview) -> None:
+        """`t` holds the values `shown` pictures (e.g. a leaf's `.grad` after accumulating)."""
+        try:
+            self._seen[id(t)] = (weakref.ref(t), shown, _version(t))
+        except TypeError:
+            pass
+
+    def clear(self) -> None:
+        self._seen.clear()
+        self._dense.clear()
+
+    def get(self, t):
+        """`__call__` for callers already inside `quietly`."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        version = _version(t)
+        hit = self._seen.get(id(t))
+        # the engine sums a node's incoming grads in place into the first one it got (version bumps)
+        if hit is not None and hit[0]() is t and hit[2] == version:
+            return hit[1]
+        shown = self._fresh(t, version)
+        try:
+            self._seen[id(t)] = (weakref.ref(t), shown, version)
+        except TypeError:
+            pass
+        return shown
+
+    def _fresh(self, t: torch.Tensor, version) -> Preview:
+        if type(t) is not torch.Tensor or t.numel() <= FULL_LIMIT or not t.is_cpu or t.layout != torch.strided:
+            return preview_quiet(t)
+        key = _dense_key(t)
+        if key is None:
+            return preview_quiet(t)
+        hit = self._dense.get(key)
+        if hit is not None and hit[2] == version and (src := hit[0]()) is not None and _version(src) == version:
+            shown = preview_quiet(t, with_stats=False)  # the edge values differ; the statistics do not
+            if shown.note is None:
+                shown.min, shown.max, shown.mean, shown.norm = hit[1]
+                return shown
+        shown = preview_quiet(t)
+        if shown.note is None and shown.norm is not None:
+            try:
+                self._dense[key] = (weakref.ref(t), (shown.min, shown.max, shown.mean, shown.norm), version)
+            except TypeError:
+                pass
+        return shown

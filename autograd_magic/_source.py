@@ -25,14 +25,18 @@ class SourceMap:
             self.lines = [l.rstrip("\n") for l in linecache.getlines(filename)]
         else:
             self.lines = source.split("\n")
-        self._positions: dict[CodeType, list] = {}
+        # Keyed by id(code): hashing a code object hashes its bytecode and
+        # constants (~0.6 us), and this runs for every op. The code is kept
+        # in the value, so its id cannot be reused while the map lives.
+        self._positions: dict[int, tuple[CodeType, list]] = {}
         self._text: dict[tuple, Optional[str]] = {}
 
     def span(self, frame: FrameType) -> Optional[tuple[int, int, int, int]]:
         code = frame.f_code
-        positions = self._positions.get(code)
-        if positions is None:
-            positions = self._positions[code] = list(code.co_positions())
+        entry = self._positions.get(id(code))
+        if entry is None:
+            entry = self._positions[id(code)] = (code, list(code.co_positions()))
+        positions = entry[1]
         i = frame.f_lasti // 2
         if not 0 <= i < len(positions):
             return None

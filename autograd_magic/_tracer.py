@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._backward import BackwardRecorder
 from ._names import NameIndex
-from ._preview import preview, quietly
+from ._preview import PreviewCache, quietly
 from ._records import Record, Trace
 from ._source import SourceMap
 
@@ -34,7 +34,9 @@ _DISPATCH_FILES = tuple(
     for name in ("overrides.py", "_tensor.py", "autograd" + sep + "__init__.py", "utils" + sep + "_contextlib.py")
 )
 _OUR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_ANCHOR, _ROUTING, _OTHER = 0, 1, 2  # what a frame's code is to the site walk
+_ANCHOR, _ROUTING, _OTHER, _MODULE_CALL, _ANCHOR_FORWARD = 0, 1, 2, 3, 4
+_CALL_IMPL = torch.nn.Module._call_impl.__code__  # its frame's `self` is the module being called
+_stack_len = torch._C._len_torch_function_stack  # what a frame's code is to the site walk
 _OP_NAMES = {
     "__add__": "add", "__radd__": "add", "__iadd__": "add_",
     "__sub__": "sub", "__rsub__": "rsub", "__isub__": "sub_",
@@ -83,6 +85,15 @@ def _is_leaf(t: torch.Tensor) -> bool:
         return False
 
 
+def _frame_self(frame) -> Optional[torch.nn.Module]:
+    # f_locals builds a dict of the frame's locals (~0.6 us): once per op at most.
+    try:
+        m = frame.f_locals.get("self")
+    except Exception:
+        return None
+    return m if isinstance(m, torch.nn.Module) else None
+
+
 def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -92,15 +103,37 @@ def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
 
 
 def _force_eager():
-    """Run torch.compile'd code eagerly while tracing.
+    """Run torch.compile'd code eagerly while tracing; returns the stance to restore.
 
     Dynamo cannot trace through our mode's handler (it fails with an internal
-    error), and the eager ops are what the trace should show anyway.
+    error), and the eager ops are what the trace should show anyway. The
+    stance object in force is read before anything changes and put back with
+    `_restore_stance`, which can simply be called again if interrupted.
     """
     try:
-        return torch.compiler.set_stance("force_eager")  # applies now; __exit__ restores the previous
-    except Exception:  # torch < 2.6 has no stances
+        torch.compiler.set_stance  # torch < 2.6 has no stances
+        from torch._dynamo import eval_frame
+
+        prior = eval_frame._stance
+    except Exception:
         return None
+    return prior
+
+
+def _apply_eager() -> None:
+    try:
+        torch.compiler.set_stance("force_eager")  # applies now
+    except Exception:
+        pass
+
+
+def _restore_stance(prior) -> None:
+    try:
+        from torch._dynamo import eval_frame
+
+        eval_frame._set_stance(prior)
+    except Exception:
+        pass
 
 
 class _Mode(TorchFunctionMode):
@@ -124,9 +157,13 @@ class _Mode(TorchFunctionMode):
         if name == "__get__":
             if type(out) is not torch.Tensor:
                 return out
-            with torch._C.DisableTorchFunction():  # a user's mode below ours must not see our read
+            if _stack_len() == 0:  # ours is off the stack in here: nothing would see the read
                 if _grad_fn_name(out) is None:
                     return out
+            else:
+                with torch._C.DisableTorchFunction():  # a user's mode below ours must not see our read
+                    if _grad_fn_name(out) is None:
+                        return out
         if out is None and not name.endswith("_"):
             return out
         if not isinstance(out, (torch.Tensor, tuple, list)) and out is not None:
@@ -165,12 +202,14 @@ class Tracer:
         self.detach_names = {d for d in detach if d.isidentifier()}
         self.detach_exprs = {"".join(d.split()) for d in detach}
         self.detach_spans = set(detach_spans)
+        self._detaching = bool(self.detach_exprs or self.detach_spans)
         self.detach_hits: set[str] = set()
         # Sandbox re-runs: may replace an op's output (perturb a leaf, flip
         # requires_grad); returning None keeps the output as it is.
         self.output_hook = output_hook
         self.force_retain_graph = force_retain_graph
         self.backward_funcs = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
+        self.previews = PreviewCache()
         self.backward = BackwardRecorder(self)
         self._by_tensor: dict[int, tuple[weakref.ref, int]] = {}
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
@@ -180,9 +219,7 @@ class Tracer:
         self._site_first: dict[tuple, int] = {}
         self.repeats: dict[int, int] = {}  # first record of a site -> how many runs were not kept
         self._hooks: list = []
-        self._module_stack: list[str] = []
         self._mode: Optional[_Mode] = None
-        self._module_hooks: list = []
         self._stance = None
         self._noted: set[str] = set()
         self.busy = False
@@ -194,39 +231,25 @@ class Tracer:
         try:
             self._mode = _Mode(self)
             self._mode.__enter__()
-            self._hook_modules()
             # Importing dynamo just to set a stance costs ~70 MB: only when compiled
             # code may run (dynamo already loaded, or the traced source compiles).
             if "torch._dynamo" in sys.modules or "compile" in self.trace.source:
-                self._stance = _force_eager()
+                self._stance = _force_eager()  # saved first: a Ctrl-C inside the next call is undone too
+                if self._stance is not None:
+                    _apply_eager()
         except BaseException:  # a Ctrl-C half-way through: leave nothing pushed or registered
             self.stop()
             raise
         return self
-
-    def _hook_modules(self) -> None:
-        from torch.nn.modules import module as nn_module
-
-        # One at a time, so a handle is never lost between two registrations.
-        try:
-            self._module_hooks.append(nn_module.register_module_forward_pre_hook(self._enter_module))
-            self._module_hooks.append(nn_module.register_module_forward_hook(self._leave_module, always_call=True))
-        except Exception:  # older torch: no attribution to modules, and no half-registered pair
-            for h in self._module_hooks:
-                h.remove()
-            self._module_hooks = []
 
     def stop(self) -> Trace:
         """Pop the mode and remove every hook; safe to call twice and on any error."""
         try:
             self._pop_mode()
         finally:
-            for h in self._module_hooks:
-                h.remove()
-            self._module_hooks = []
-            stance, self._stance = self._stance, None
-            if stance is not None:
-                stance.__exit__(None, None, None)
+            if self._stance is not None:
+                _restore_stance(self._stance)
+                self._stance = None  # cleared only once restored: an interrupted stop() can run again
             try:
                 self._finish_records()
             finally:
@@ -238,6 +261,7 @@ class Tracer:
                 self._hooks = []
                 self._by_tensor.clear()
                 self._live.clear()
+                self.previews.clear()
         return self.trace
 
     def _pop_mode(self) -> None:
@@ -267,46 +291,56 @@ class Tracer:
             self._noted.add(text)
             self.trace.notes.append(text)
 
-    # ---- modules ----
-    def _enter_module(self, module, args):
-        self._module_stack.append(self.names.module_name(module))
-
-    def _leave_module(self, module, args, output):
-        if self._module_stack:
-            self._module_stack.pop()
-
     # ---- where an op came from ----
     def site(self, func_name: str):
         """(span, internal) of the current op: the traced code's frame and what ran between."""
-        span, internal, _ = self.site_key(func_name)
+        span, internal, _, _ = self.site_key(func_name)
         return span, internal
 
     def site_key(self, func_name: str):
-        """(span, internal, key): `key` tells loop iterations of one op apart from
-        different ops run inside the same call (a module's internals share the span
-        of the line that called it, but not the inner instruction)."""
+        """(span, internal, key, module) of the current op.
+
+        `key` tells loop iterations of one op apart from different ops run
+        inside the same call (a module's internals share the span of the line
+        that called it, but not the inner instruction nor the module).
+        `module` is the innermost nn.Module being called, read from its
+        `_call_impl` frame: module hooks would do it too, but any global
+        module hook sends every module call down torch's slow path.
+        """
         f = sys._getframe(1)
         internal = None
         inner = None
+        module = None
         kinds = self._code_kinds
         while f is not None:
             code = f.f_code
-            kind = kinds.get(code)
-            if kind is None:
-                kind = kinds[code] = self._code_kind(code)
-            if kind == _ANCHOR:
+            # By id: hashing a code object costs ~0.6 us, and this loop runs
+            # per frame per op. The value holds the code, so no id is reused.
+            entry = kinds.get(id(code))
+            if entry is None:
+                entry = kinds[id(code)] = (code, self._code_kind(code))
+            kind = entry[1]
+            if kind == _ANCHOR or kind == _ANCHOR_FORWARD:
+                if kind == _ANCHOR_FORWARD and module is None:  # a module defined in the traced code
+                    module = _frame_self(f)
                 span = self.source_map.span(f)
-                return span, internal, (span if inner is None else (span, inner, self._module_stack[-1] if self._module_stack else None))
-            if kind == _OTHER and internal is None and code.co_name != func_name:
-                internal = getattr(code, "co_qualname", code.co_name)
-                inner = (code, f.f_lasti)
+                return span, internal, (span if inner is None else (span, inner, id(module))), module
+            if kind >= _OTHER:
+                if internal is None and code.co_name != func_name:
+                    internal = getattr(code, "co_qualname", code.co_name)
+                    inner = (id(code), f.f_lasti)  # code kept alive by `kinds`
+                if kind == _MODULE_CALL and module is None:
+                    module = _frame_self(f)
             f = f.f_back
-        return None, internal or "outside the traced code", None
+        return None, internal or "outside the traced code", None, module
 
     def _code_kind(self, code) -> int:
         """Classified once per code object: the frame walk runs for every op."""
         if self.anchor(code):
-            return _ANCHOR
+            forward = code.co_name == "forward" and code.co_argcount > 0 and code.co_varnames[0] == "self"
+            return _ANCHOR_FORWARD if forward else _ANCHOR
+        if code is _CALL_IMPL:
+            return _MODULE_CALL
         if code.co_filename.startswith(_OUR_DIR) or code.co_filename.endswith(_DISPATCH_FILES):
             return _ROUTING
         return _OTHER
@@ -324,7 +358,7 @@ class Tracer:
         rid = self.record_of(t)
         if rid is not None:
             return rid
-        shown = preview(t)
+        shown = self.previews.get(t)
         rec = Record(
             id=len(self.trace.records),
             op="external",
@@ -357,34 +391,40 @@ class Tracer:
             except RuntimeError:
                 pass
 
-    @quietly
     def on_op(self, func, func_name: str, args, kwargs, out):
-        op = _op_name(func)
+        """Record `out`; ops past the detail limit of their site only count (a loop's later runs)."""
         if func_name == "__get__":
-            # Properties: only those that make a new differentiable tensor (.T, .real)
-            if not isinstance(out, torch.Tensor) or _grad_fn_name(out) is None or self.record_of(out) is not None:
+            # Properties: only those that make a new differentiable tensor (.T, .real);
+            # __torch_function__ has checked the grad_fn already.
+            if not isinstance(out, torch.Tensor) or self.record_of(out) is not None:
                 return out
-        inplace = _is_inplace(func_name, op)
         if isinstance(out, torch.Tensor):
             outs = [out]
         elif isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
             outs = list(out)
-        elif out is None and inplace and args:
+        elif out is None and args and _is_inplace(func_name, _op_name(func)):
             outs = list(_tensors_in(args[0]))  # __setitem__, _foreach_*_ return nothing
         else:
             return out
-        span, internal, key = self.site_key(func_name)
+        span, internal, key, module = self.site_key(func_name)
         count = self._site_counts.get(key, 0)  # runs of this very op: the detail limit
         self._site_counts[key] = count + 1
         occurrence = self._span_counts.get(span, 0)  # runs of anything at this span: a unique key
         self._span_counts[span] = occurrence + 1
         if count >= self.detail_limit and key is not None:
+            # The fast path of a loop's later runs: no torch call, no preview.
             first = self._site_first.get(key)
             if first is not None:
                 self.repeats[first] = self.repeats.get(first, 0) + 1
                 for t in outs:  # later uses link to the loop's first record of this site
                     self._by_tensor[id(t)] = (weakref.ref(t), first)
-            return self._maybe_detach(span, None, out)
+            return self._maybe_detach(span, None, out) if self._detaching else out
+        return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module)
+
+    @quietly
+    def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module):
+        op = _op_name(func)
+        inplace = _is_inplace(func_name, op)
         inputs = []
         for a in args:
             for t in _tensors_in(a):
@@ -394,7 +434,7 @@ class Tracer:
                 inputs.append(self.record_for(t))
         expr = self.source_map.text(span)
         grad_enabled = torch.is_grad_enabled()
-        module = self._module_stack[-1] if self._module_stack else None
+        module = self.names.module_name(module) if module is not None else None
         for i, t in enumerate(outs):
             mutated = self.record_of(t) if inplace else None
             rec = Record(
@@ -414,7 +454,7 @@ class Tracer:
                 output_index=i if len(outs) > 1 else None,
                 internal=internal,
                 module=module,
-                preview=preview(t),
+                preview=self.previews.get(t),
             )
             if mutated is not None:
                 rec.name = self.trace.records[mutated].name
@@ -426,10 +466,10 @@ class Tracer:
             if replaced is not None and replaced is not out:
                 self._by_tensor[id(replaced)] = (weakref.ref(replaced), len(self.trace.records) - 1)
                 out = replaced
-        return self._maybe_detach(span, expr, out)
+        return self._maybe_detach(span, expr, out) if self._detaching else out
 
     def _maybe_detach(self, span, expr, out):
-        if not (self.detach_exprs or self.detach_spans) or not isinstance(out, torch.Tensor):
+        if not isinstance(out, torch.Tensor):
             return out
         key = "".join((expr or self.source_map.text(span) or "").split())
         if span in self.detach_spans or (key and key in self.detach_exprs):
@@ -452,6 +492,7 @@ class Tracer:
         if self.busy:
             return value
         self.busy = True
+        self.names.touch()
         try:
             if isinstance(value, torch.Tensor):
                 return self._bind_one(names[0], value) if len(names) == 1 else value
@@ -507,7 +548,7 @@ class Tracer:
                     rec.retains_grad = bool(t.retains_grad)
                     g = t.grad
                     if g is not None:
-                        rec.attr_grad = preview(g)
+                        rec.attr_grad = self.previews.get(g)
             except Exception:
                 pass
         self.trace.repeats = dict(self.repeats)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import autograd_magic as am
 
@@ -99,6 +100,21 @@ def seed_cells_case():
     return run(""), run("%%autograd --quiet\n")
 
 
+class _EmptyMode(TorchFunctionMode):
+    """The floor: a TorchFunctionMode that only forwards each call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _under_empty_mode(plain):
+    def run():
+        with _EmptyMode():
+            plain()
+
+    return run
+
+
 def main() -> dict:
     results = {}
     for name, case in [("seed_cells", seed_cells_case), ("train_loop_200", training_loop_case), ("mlp256_fwd_bwd", mlp256_case)]:
@@ -106,6 +122,9 @@ def main() -> dict:
         ratio, p, t = _best_ratio(plain, traced)
         results[name] = ratio
         print(f"{name} traced/plain {ratio:.2f}   (plain {p * 1e3:.1f} ms, traced {t * 1e3:.1f} ms)", flush=True)
+        if name != "seed_cells":  # for scale: what any TorchFunctionMode costs before recording anything
+            floor, _, _ = _best_ratio(plain, _under_empty_mode(plain))
+            print(f"  {name} empty-mode/plain {floor:.2f}   (floor: an empty TorchFunctionMode)", flush=True)
     return results
 
 

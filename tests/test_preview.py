@@ -1,0 +1,87 @@
+"""Previews against torch itself: the values torch prints and exact statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from autograd_magic._preview import EDGE, FULL_LIMIT, preview
+
+
+def _edges(t: torch.Tensor) -> torch.Tensor:
+    # what torch's printer shows of a summarized tensor: first/last EDGE along each long dim
+    for dim, size in enumerate(t.shape):
+        if size > 2 * EDGE:
+            t = torch.cat([t.narrow(dim, 0, EDGE), t.narrow(dim, size - EDGE, EDGE)], dim)
+    return t
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 256, generator=g)
+    yield "contiguous", base
+    yield "transposed", base.t()
+    yield "sliced", base[::3, 5:200:2]
+    yield "expanded", torch.randn(1, 256, generator=g).expand(64, 256)
+    yield "vector", torch.randn(300, generator=g)
+    yield "small", torch.randn(4, 4, generator=g)
+    yield "scalar", torch.tensor(3.5)
+    yield "float64", torch.randn(40, 50, generator=g, dtype=torch.float64)
+    yield "3-d", torch.randn(7, 8, 9, generator=g)
+    yield "5-d", torch.randn(7, 7, 7, 7, 7, generator=g)
+    yield "parameter", torch.nn.Parameter(torch.randn(32, 32, generator=g))
+    yield "requires grad", torch.randn(20, 20, generator=g, requires_grad=True) * 2
+    yield "int", torch.arange(1000).reshape(10, 100)
+    yield "bool", torch.rand(30, 30, generator=g) > 0.5
+    yield "float16", torch.randn(30, 30, generator=g).half()
+    yield "large values", torch.full((100, 100), 3e4) + torch.arange(10_000).reshape(100, 100)
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("label,t", CASES, ids=[c[0] for c in CASES])
+def test_preview_matches_torch(label, t):
+    p = preview(t)
+    plain = t.detach()
+    assert p.shape == tuple(plain.shape) and p.dtype == str(plain.dtype)
+    n = plain.numel()
+    if n <= FULL_LIMIT:
+        expected = plain
+    elif p.flat_head:
+        expected = plain.reshape(-1)[:FULL_LIMIT]
+    else:
+        assert p.summarized
+        expected = _edges(plain)
+    assert p.values.shape == tuple(expected.shape)
+    np.testing.assert_array_equal(p.values, expected.to(torch.float64).numpy() if plain.dtype == torch.float16 else expected.numpy())
+    as64 = plain.to(torch.float64)
+    assert p.min == pytest.approx(float(as64.min())) and p.max == pytest.approx(float(as64.max()))
+    assert p.mean == pytest.approx(float(as64.mean()), rel=1e-5, abs=1e-6)
+    assert p.norm == pytest.approx(float(torch.linalg.vector_norm(as64)), rel=1e-5)
+
+
+def test_preview_is_a_copy_not_a_view():
+    t = torch.randn(64, 256)
+    p = preview(t)
+    before = p.values.copy()
+    t.mul_(2)
+    np.testing.assert_array_equal(p.values, before)
+
+
+def test_non_finite_values_give_stats_and_no_warning():
+    import warnings
+
+    for t in (torch.tensor([1.0, float("inf"), -float("inf")]), torch.tensor([float("nan")] * 100)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            p = preview(t)
+        assert math.isnan(p.mean) or math.isinf(p.max)
+
+
+def test_empty_and_meta_tensors():
+    assert preview(torch.empty(0, 5)).min is None
+    assert "meta" in preview(torch.empty(3, device="meta")).note
