@@ -31,7 +31,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         self.no_grad = no_grad
         self._tracer: Optional[Tracer] = None
         self._frame = None
-        self._grad_ctx = None
+        self._grad_before = True
 
     def __enter__(self) -> Trace:
         frame = sys._getframe(1)
@@ -44,10 +44,14 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
             namespace=namespace,
             detail_limit=self.detail_limit,
         )
-        if self.no_grad:
-            self._grad_ctx = torch.no_grad()
-            self._grad_ctx.__enter__()
-        self._tracer.start()
+        self._grad_before = torch.is_grad_enabled()
+        try:
+            if self.no_grad:
+                torch._C._set_grad_enabled(False)
+            self._tracer.start()
+        except BaseException:  # e.g. Ctrl-C while starting: __exit__ will not run
+            torch._C._set_grad_enabled(self._grad_before)
+            raise
         return self._tracer.trace
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -57,8 +61,8 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         try:
             trace = tracer.stop()
         finally:
-            if self._grad_ctx is not None:
-                self._grad_ctx.__exit__(None, None, None)
+            if self.no_grad:
+                torch._C._set_grad_enabled(self._grad_before)
         for rid, name in tracer.final_names().items():
             if trace.records[rid].name is None:
                 trace.records[rid].name = name

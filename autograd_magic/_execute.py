@@ -97,12 +97,16 @@ def execute(
     error: Optional[BaseException] = None
     out = io.StringIO()
     previous_bind = ns.get(BIND_NAME, _MISSING)  # an outer run's helper (or a user's value) comes back
+    # Saved before anything changes and put back in `finally`, not by context
+    # managers: an interrupt landing inside `torch.no_grad().__enter__` (after
+    # it disabled grad) would skip its `__exit__` and leave grad mode off.
+    grad_before, streams_before = torch.is_grad_enabled(), (sys.stdout, sys.stderr)
     ns[BIND_NAME] = tracer.bind
     try:
         tracer.start()  # inside the try: an interrupt while starting still unbinds the helper
+        if no_grad:
+            torch._C._set_grad_enabled(False)
         with contextlib.ExitStack() as stack:
-            if no_grad:
-                stack.enter_context(torch.no_grad())
             stack.enter_context(_warnings_at_user_lines())
             if capture:
                 stack.enter_context(contextlib.redirect_stdout(out))
@@ -120,6 +124,10 @@ def execute(
                 tracer.stop()  # an interrupt landed inside stop(): finish the clean-up, then raise
                 raise
         finally:  # even when an interrupt lands inside stop()
+            if no_grad:
+                torch._C._set_grad_enabled(grad_before)
+            if capture:
+                sys.stdout, sys.stderr = streams_before
             if previous_bind is _MISSING:
                 ns.pop(BIND_NAME, None)
             else:
