@@ -11,7 +11,6 @@ exactly as called and hooks only read.
 
 from __future__ import annotations
 
-import os
 import sys
 import weakref
 from types import CodeType
@@ -23,83 +22,12 @@ from torch.overrides import TorchFunctionMode
 from ._backward import BackwardRecorder
 from ._names import NameIndex
 from ._preview import PreviewCache, quietly
+from ._ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
 from ._records import Record, Trace
+from ._sites import SiteFinder
 from ._source import SourceMap
 
-# Files whose frames only route a call to its __torch_function__; an op seen
-# from them is not "inside" anything of interest.
-_DISPATCH_FILES = tuple(
-    f"torch{sep}{name}"
-    for sep in ("/", "\\")
-    for name in ("overrides.py", "_tensor.py", "autograd" + sep + "__init__.py", "utils" + sep + "_contextlib.py")
-)
-_OUR_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_ANCHOR, _ROUTING, _OTHER, _MODULE_CALL, _ANCHOR_FORWARD = 0, 1, 2, 3, 4
-_CALL_IMPL = torch.nn.Module._call_impl.__code__  # its frame's `self` is the module being called
-_stack_len = torch._C._len_torch_function_stack  # what a frame's code is to the site walk
-_OP_NAMES = {
-    "__add__": "add", "__radd__": "add", "__iadd__": "add_",
-    "__sub__": "sub", "__rsub__": "rsub", "__isub__": "sub_",
-    "__mul__": "mul", "__rmul__": "mul", "__imul__": "mul_",
-    "__truediv__": "div", "__rtruediv__": "rdiv", "__itruediv__": "div_",
-    "__floordiv__": "floor_divide", "__rfloordiv__": "floor_divide", "__mod__": "remainder",
-    "__pow__": "pow", "__rpow__": "pow", "__ipow__": "pow_",
-    "__matmul__": "matmul", "__rmatmul__": "matmul", "__neg__": "neg", "__abs__": "abs",
-    "__getitem__": "getitem", "__setitem__": "setitem",
-    "__and__": "bitwise_and", "__or__": "bitwise_or", "__xor__": "bitwise_xor", "__invert__": "bitwise_not",
-    "__lt__": "lt", "__le__": "le", "__gt__": "gt", "__ge__": "ge", "__eq__": "eq", "__ne__": "ne",
-}
-_NOT_OPS = {"__set__", "__repr__", "__format__", "__str__", "__len__", "__bool__", "__index__",
-            "__int__", "__float__", "__hash__", "__reduce_ex__", "__deepcopy__", "register_hook",
-            "retain_grad", "__contains__", "__array__", "tolist", "item", "numpy", "data_ptr", "__dir__"}
-
-
-def _op_name(func: Callable) -> str:
-    name = getattr(func, "__name__", None) or type(func).__name__
-    if name == "__get__":  # a property such as .T or .real
-        owner = getattr(func, "__self__", None)
-        return getattr(owner, "__name__", "attribute")
-    return _OP_NAMES.get(name, name)
-
-
-def _is_inplace(func_name: str, op: str) -> bool:
-    return func_name == "__setitem__" or (func_name.startswith("__i") and func_name.endswith("__")) or (
-        op.endswith("_") and not op.endswith("__")
-    )
-
-
-def _grad_fn_name(t: torch.Tensor) -> Optional[str]:
-    # Reading grad_fn itself can raise (a no_grad view whose base changed in
-    # place); the user's own code raises it when it reads it, not ours.
-    try:
-        fn = t.grad_fn
-    except RuntimeError:
-        return None
-    return type(fn).__name__ if fn is not None else None
-
-
-def _is_leaf(t: torch.Tensor) -> bool:
-    try:
-        return t.is_leaf
-    except RuntimeError:  # same case as above: torch cannot tell
-        return False
-
-
-def _frame_self(frame) -> Optional[torch.nn.Module]:
-    # f_locals builds a dict of the frame's locals (~0.6 us): once per op at most.
-    try:
-        m = frame.f_locals.get("self")
-    except Exception:
-        return None
-    return m if isinstance(m, torch.nn.Module) else None
-
-
-def _tensors_in(obj: Any, depth: int = 0) -> Iterable[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth < 2 and isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensors_in(item, depth + 1)
+_stack_len = torch._C._len_torch_function_stack
 
 
 def _force_eager():
@@ -149,7 +77,7 @@ class _Mode(TorchFunctionMode):
         if func in tracer.backward_funcs:
             return tracer.backward.run(func, args, kwargs)
         name = getattr(func, "__name__", "")
-        if name in _NOT_OPS:
+        if name in NOT_OPS:
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         # Fast exits for what is not a new tensor: attribute reads (p.grad, .shape)
@@ -158,11 +86,11 @@ class _Mode(TorchFunctionMode):
             if type(out) is not torch.Tensor:
                 return out
             if _stack_len() == 0:  # ours is off the stack in here: nothing would see the read
-                if _grad_fn_name(out) is None:
+                if grad_fn_name(out) is None:
                     return out
             else:
                 with torch._C.DisableTorchFunction():  # a user's mode below ours must not see our read
-                    if _grad_fn_name(out) is None:
+                    if grad_fn_name(out) is None:
                         return out
         if out is None and not name.endswith("_"):
             return out
@@ -171,7 +99,7 @@ class _Mode(TorchFunctionMode):
         try:
             return tracer.on_op(func, name, args, kwargs, out)
         except Exception as exc:  # the tracer must never break the user's code
-            tracer.note(f"tracer skipped an op ({_op_name(func)}): {type(exc).__name__}: {exc}")
+            tracer.note(f"tracer skipped an op ({op_name(func)}): {type(exc).__name__}: {exc}")
             return out
 
 
@@ -195,7 +123,7 @@ class Tracer:
         force_retain_graph: bool = False,
     ):
         self.source_map = source_map
-        self.anchor = anchor
+        self.sites = SiteFinder(source_map, anchor)
         self.trace = Trace(source="\n".join(source_map.lines))
         self.names = NameIndex(namespace)
         self.detail_limit = detail_limit
@@ -215,7 +143,6 @@ class Tracer:
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
         self._site_counts: dict[tuple, int] = {}
         self._span_counts: dict[tuple, int] = {}
-        self._code_kinds: dict = {}
         self._site_first: dict[tuple, int] = {}
         self.repeats: dict[int, int] = {}  # first record of a site -> how many runs were not kept
         self._hooks: list = []
@@ -294,56 +221,8 @@ class Tracer:
     # ---- where an op came from ----
     def site(self, func_name: str):
         """(span, internal) of the current op: the traced code's frame and what ran between."""
-        span, internal, _, _ = self.site_key(func_name)
+        span, internal, _, _ = self.sites.find(func_name)
         return span, internal
-
-    def site_key(self, func_name: str):
-        """(span, internal, key, module) of the current op.
-
-        `key` tells loop iterations of one op apart from different ops run
-        inside the same call (a module's internals share the span of the line
-        that called it, but not the inner instruction nor the module).
-        `module` is the innermost nn.Module being called, read from its
-        `_call_impl` frame: module hooks would do it too, but any global
-        module hook sends every module call down torch's slow path.
-        """
-        f = sys._getframe(1)
-        internal = None
-        inner = None
-        module = None
-        kinds = self._code_kinds
-        while f is not None:
-            code = f.f_code
-            # By id: hashing a code object costs ~0.6 us, and this loop runs
-            # per frame per op. The value holds the code, so no id is reused.
-            entry = kinds.get(id(code))
-            if entry is None:
-                entry = kinds[id(code)] = (code, self._code_kind(code))
-            kind = entry[1]
-            if kind == _ANCHOR or kind == _ANCHOR_FORWARD:
-                if kind == _ANCHOR_FORWARD and module is None:  # a module defined in the traced code
-                    module = _frame_self(f)
-                span = self.source_map.span(f)
-                return span, internal, (span if inner is None else (span, inner, id(module))), module
-            if kind >= _OTHER:
-                if internal is None and code.co_name != func_name:
-                    internal = getattr(code, "co_qualname", code.co_name)
-                    inner = (id(code), f.f_lasti)  # code kept alive by `kinds`
-                if kind == _MODULE_CALL and module is None:
-                    module = _frame_self(f)
-            f = f.f_back
-        return None, internal or "outside the traced code", None, module
-
-    def _code_kind(self, code) -> int:
-        """Classified once per code object: the frame walk runs for every op."""
-        if self.anchor(code):
-            forward = code.co_name == "forward" and code.co_argcount > 0 and code.co_varnames[0] == "self"
-            return _ANCHOR_FORWARD if forward else _ANCHOR
-        if code is _CALL_IMPL:
-            return _MODULE_CALL
-        if code.co_filename.startswith(_OUR_DIR) or code.co_filename.endswith(_DISPATCH_FILES):
-            return _ROUTING
-        return _OTHER
 
     # ---- records ----
     def record_of(self, t: torch.Tensor) -> Optional[int]:
@@ -364,9 +243,9 @@ class Tracer:
             op="external",
             name=name or self.names.tensor_name(t),
             external=True,
-            grad_fn=_grad_fn_name(t),
+            grad_fn=grad_fn_name(t),
             requires_grad=t.requires_grad,
-            is_leaf=_is_leaf(t),
+            is_leaf=is_leaf(t),
             grad_enabled=torch.is_grad_enabled(),
             preview=shown,
         )
@@ -402,11 +281,11 @@ class Tracer:
             outs = [out]
         elif isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
             outs = list(out)
-        elif out is None and args and _is_inplace(func_name, _op_name(func)):
-            outs = list(_tensors_in(args[0]))  # __setitem__, _foreach_*_ return nothing
+        elif out is None and args and is_inplace(func_name, op_name(func)):
+            outs = list(tensors_in(args[0]))  # __setitem__, _foreach_*_ return nothing
         else:
             return out
-        span, internal, key, module = self.site_key(func_name)
+        span, internal, key, module = self.sites.find(func_name)
         count = self._site_counts.get(key, 0)  # runs of this very op: the detail limit
         self._site_counts[key] = count + 1
         occurrence = self._span_counts.get(span, 0)  # runs of anything at this span: a unique key
@@ -423,14 +302,14 @@ class Tracer:
 
     @quietly
     def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module):
-        op = _op_name(func)
-        inplace = _is_inplace(func_name, op)
+        op = op_name(func)
+        inplace = is_inplace(func_name, op)
         inputs = []
         for a in args:
-            for t in _tensors_in(a):
+            for t in tensors_in(a):
                 inputs.append(self.record_for(t))
         for a in kwargs.values():
-            for t in _tensors_in(a):
+            for t in tensors_in(a):
                 inputs.append(self.record_for(t))
         expr = self.source_map.text(span)
         grad_enabled = torch.is_grad_enabled()
@@ -444,9 +323,9 @@ class Tracer:
                 line=span[0] if span else None,
                 span=span,
                 occurrence=occurrence,
-                grad_fn=_grad_fn_name(t),
+                grad_fn=grad_fn_name(t),
                 requires_grad=t.requires_grad,
-                is_leaf=_is_leaf(t),
+                is_leaf=is_leaf(t),
                 grad_enabled=grad_enabled,
                 inplace=inplace,
                 mutates=mutated,
