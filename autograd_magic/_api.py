@@ -13,6 +13,7 @@ the line that made them. Names come from the block's variables at its end.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Optional
 
@@ -36,7 +37,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     def __enter__(self) -> Trace:
         frame = sys._getframe(1)
         code = frame.f_code
-        namespace = {**frame.f_globals, **frame.f_locals}
+        namespace = {**frame.f_globals, **_locals(frame)}
         self._frame = frame
         self._tracer = Tracer(
             SourceMap(code.co_filename),
@@ -79,10 +80,25 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         return False  # never swallow the block's exception
 
 
+def _locals(frame) -> dict:
+    """A copy of a frame's locals that leaves nothing behind.
+
+    In a function, `frame.f_locals` is a snapshot dict cached on the frame
+    (Python < 3.13): it would keep every local of that moment alive until the
+    function returns, even after `del`. Copy it, then empty the snapshot
+    (the function's real locals are untouched; `locals()` refills it).
+    """
+    snapshot = frame.f_locals
+    copied = dict(snapshot)
+    if type(snapshot) is dict and frame.f_code.co_flags & inspect.CO_OPTIMIZED and snapshot is not frame.f_globals:
+        snapshot.clear()
+    return copied
+
+
 def _tensor_names(frame) -> dict[int, str]:
     """id(tensor) -> variable name, for the block's variables at its end."""
     by_id: dict[int, str] = {}
-    for name, value in {**frame.f_globals, **frame.f_locals}.items():
+    for name, value in {**frame.f_globals, **_locals(frame)}.items():
         if isinstance(name, str) and isinstance(value, torch.Tensor) and not name.startswith("_"):
             by_id.setdefault(id(value), name)
     return by_id

@@ -129,6 +129,8 @@ def _snapshot(shell, cell: str):
 
 def load_ipython_extension(ipython) -> None:
     ipython.register_magics(AutogradMagics)
+    _unregister_purge(ipython)
+    ipython.events.register("pre_run_cell", _purge_before_cell)
     try:
         from ._layout import warm
 
@@ -138,4 +140,22 @@ def load_ipython_extension(ipython) -> None:
 
 
 def unload_ipython_extension(ipython) -> None:
-    pass
+    _unregister_purge(ipython)
+
+
+def _purge_before_cell(*args) -> None:
+    """Before every cell, plain ones too: a traced run's mode never outlives it
+    (see `purge_stale_modes`), so the next cell runs at plain speed."""
+    try:
+        from ._tracer import purge_stale_modes
+
+        purge_stale_modes()
+    except Exception:
+        pass
+
+
+def _unregister_purge(ipython) -> None:
+    try:
+        ipython.events.unregister("pre_run_cell", _purge_before_cell)
+    except ValueError:  # not registered
+        pass

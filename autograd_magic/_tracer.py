@@ -55,6 +55,35 @@ def _apply_eager() -> None:
         pass
 
 
+def purge_stale_modes() -> None:
+    """Take off torch's stack any of our modes whose run has ended.
+
+    torch runs a mode's handler inside a generator-based context manager that
+    pops the mode and pushes it back in its `finally`. A Ctrl-C landing in
+    that context manager's `__exit__` leaves the generator suspended; when it
+    is garbage-collected later (often cells later) its `finally` pushes our
+    long-finished mode back. Such a mode is inert (`stale`); this removes it,
+    keeping every other mode in its place. Called before each cell and each
+    traced run.
+    """
+    n = _stack_len()
+    if not any(_is_stale(torch._C._get_function_stack_at(i)) for i in range(n)):
+        return
+    kept = []
+    try:
+        while _stack_len() > 0:
+            m = torch._C._pop_torch_function_stack()
+            if not _is_stale(m):
+                kept.append(m)
+    finally:
+        for m in reversed(kept):
+            torch._C._push_on_torch_function_stack(m)
+
+
+def _is_stale(mode) -> bool:
+    return isinstance(mode, _Mode) and mode.stale
+
+
 def _restore_stance(prior) -> None:
     try:
         from torch._dynamo import eval_frame
@@ -68,9 +97,12 @@ class _Mode(TorchFunctionMode):
     def __init__(self, tracer: "Tracer"):
         super().__init__()
         self.tracer = tracer
+        self.stale = False  # set once its run ended: it must never record again
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.stale:  # pushed back after its run by a late finalizer: inert until purged
+            return func(*args, **kwargs)
         tracer = self.tracer
         if tracer.busy:  # the tracer's own work (previews, naming) is not the user's
             return func(*args, **kwargs)
@@ -156,6 +188,7 @@ class Tracer:
     # ---- lifecycle ----
     def start(self) -> "Tracer":
         try:
+            purge_stale_modes()
             self._mode = _Mode(self)
             self._mode.__enter__()
             # Importing dynamo just to set a stance costs ~70 MB: only when compiled
@@ -199,6 +232,7 @@ class Tracer:
         # ours: lift it off, remove ours, and put it back where it was.
         # `self._mode` is cleared only once ours is off the stack, so a stop()
         # interrupted half-way (Ctrl-C) can simply be called again.
+        mode.stale = True  # from now on it records nothing, wherever it is
         above = []
         try:
             while torch._C._len_torch_function_stack() > 0:
@@ -206,7 +240,8 @@ class Tracer:
                 if top is mode:
                     self._mode = None
                     break
-                above.append(top)
+                if not _is_stale(top):  # an earlier run's mode pushed back late: drop it
+                    above.append(top)
             else:
                 self._mode = None  # no longer on the stack at all
         finally:

@@ -31,6 +31,32 @@ def test_trace_context_manager_matches_plain_torch():
     np.testing.assert_array_equal(t.last("w").grad, w2.grad.numpy())
 
 
+def test_trace_in_a_function_keeps_no_local_alive():
+    """`del` inside the function frees the tensor: the tracer's look at the locals leaves no copy."""
+    import gc
+    import weakref
+
+    def work():
+        big = torch.ones(1000, requires_grad=True)
+        with am.trace() as t:
+            y = (big * 2).sum()
+        ref = weakref.ref(big)
+        del big, y
+        gc.collect()
+        alive = ref() is not None
+        return t, alive
+
+    t, alive = work()
+    assert not alive
+    assert t.last("y") is not None and t.last("y").expr == "(big * 2).sum()"
+
+
+def test_trace_at_module_level_keeps_the_namespace():
+    ns = {"am": am, "torch": torch}
+    exec("x = torch.ones(2)\nwith am.trace() as t:\n    y = x * 3\nkept = sorted(k for k in ('x', 'y', 't'))", ns)
+    assert torch.equal(ns["y"], torch.ones(2) * 3) and "x" in ns and "t" in ns
+
+
 def test_several_backward_passes_are_kept_apart(shell):
     shell.run_cell("import torch\nx = torch.tensor([1.0, 2.0], requires_grad=True)")
     shell.run_cell("%%autograd --quiet -o t\n(x * 3).sum().backward()\n(x * x).sum().backward()")

@@ -427,6 +427,40 @@ def test_interrupt_while_the_tracer_stops(ipy, monkeypatch, method):
     assert not ipy.user_ns["x"]._backward_hooks
 
 
+def test_a_mode_pushed_back_late_is_inert_and_purged(ipy):
+    """torch runs a mode's handler inside `_pop_mode_temporarily`, a generator-based
+    context manager; Ctrl-C landing in its `__exit__` leaves the generator suspended,
+    and when it is collected (cells later) its `finally` pushes our finished mode back.
+    That mode must record nothing, and be gone before the next cell runs."""
+    import gc
+
+    import autograd_magic as am
+
+    before = _clean_state()
+    x = torch.ones(2, requires_grad=True)
+    with am.trace() as trace:
+        y = x * 2
+        suspended = torch.overrides._pop_mode_temporarily()  # what an interrupted handler leaves behind
+        suspended.__enter__()  # pops our mode off the stack and holds it
+    n = len(trace.records)
+    del suspended
+    gc.collect()  # the generator's `finally` pushes the finished mode back
+    try:
+        assert torch._C._len_torch_function_stack() == before[0] + 1  # the mechanism is real
+        z = (y * 3).sum()  # runs through the pushed-back mode: it must stay inert
+        assert len(trace.records) == n
+        outcome = run(ipy, "w = torch.ones(2) * 3", traced=False, keep=ipy._fault_keep)  # a plain cell
+        assert outcome.error is None
+        assert _clean_state() == before  # purged before that cell ran
+        with am.trace() as again:  # and a new run never pushes it back
+            z * 2
+        assert len(again.records) >= 1 and _clean_state() == before
+    finally:
+        from autograd_magic._tracer import purge_stale_modes
+
+        purge_stale_modes()
+
+
 def test_torch_compile_runs_under_the_magic(ipy):
     try:
         compiled = torch.compile(lambda a, b: (a * b).sin() + a, backend="eager")
