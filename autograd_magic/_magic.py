@@ -130,7 +130,8 @@ def _snapshot(shell, cell: str):
 def load_ipython_extension(ipython) -> None:
     ipython.register_magics(AutogradMagics)
     _unregister_purge(ipython)
-    ipython.events.register("pre_run_cell", _purge_before_cell)
+    for event in _PURGE_EVENTS:
+        ipython.events.register(event, _purge_before_cell)
     try:
         from ._layout import warm
 
@@ -143,9 +144,12 @@ def unload_ipython_extension(ipython) -> None:
     _unregister_purge(ipython)
 
 
+_PURGE_EVENTS = ("pre_run_cell", "post_run_cell")
+
+
 def _purge_before_cell(*args) -> None:
-    """Before every cell, plain ones too: a traced run's mode never outlives it
-    (see `purge_stale_modes`), so the next cell runs at plain speed."""
+    """Before and after every cell, plain ones too: a traced run's mode never
+    outlives it (see `purge_stale_modes`), so the next cell runs at plain speed."""
     try:
         from ._tracer import purge_stale_modes
 
@@ -155,7 +159,8 @@ def _purge_before_cell(*args) -> None:
 
 
 def _unregister_purge(ipython) -> None:
-    try:
-        ipython.events.unregister("pre_run_cell", _purge_before_cell)
-    except ValueError:  # not registered
-        pass
+    for event in _PURGE_EVENTS:
+        try:
+            ipython.events.unregister(event, _purge_before_cell)
+        except ValueError:  # not registered
+            pass
