@@ -364,6 +364,8 @@ class PreviewCache:
     def _fresh(self, t: torch.Tensor, version) -> Preview:
         if type(t) is not torch.Tensor or t.numel() <= FULL_LIMIT or not t.is_cpu or t.layout != torch.strided:
             return preview_quiet(t)
+        if t.is_neg() or t.is_conj():  # same memory, other values (`z.conj().imag` is a negative view)
+            return preview_quiet(t)
         key = _dense_key(t)
         if key is None:
             return preview_quiet(t)

@@ -85,3 +85,20 @@ def test_non_finite_values_give_stats_and_no_warning():
 def test_empty_and_meta_tensors():
     assert preview(torch.empty(0, 5)).min is None
     assert "meta" in preview(torch.empty(3, device="meta")).note
+
+
+def test_the_run_cache_never_mixes_up_tensors_sharing_memory():
+    from autograd_magic._preview import PreviewCache
+
+    cache = PreviewCache()
+    z = torch.randn(40, 40, dtype=torch.complex64)
+    w = torch.randn(40, 40)
+    views = [w, w.t(), w.view(1600), w[:20], torch._neg_view(w), z.imag, z.conj().imag]
+    for v in views + views[::-1]:  # every order: a cached entry must only ever serve equal values
+        p = cache.get(v)
+        plain = v.detach().clone().to(torch.float64)
+        assert p.min == pytest.approx(float(plain.min())) and p.max == pytest.approx(float(plain.max()))
+        assert p.mean == pytest.approx(float(plain.mean()), rel=1e-5, abs=1e-6)
+    w.mul_(2)  # in place: every view's version moves on, nothing stale is served
+    for v in (w, w.t()):
+        assert cache.get(v).max == pytest.approx(float(v.max()))
