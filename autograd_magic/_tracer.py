@@ -173,10 +173,8 @@ class Tracer:
         self.backward = BackwardRecorder(self)
         self._by_tensor: dict[int, tuple[weakref.ref, int]] = {}
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
-        self._site_counts: dict[tuple, int] = {}
+        self._site_runs: dict[tuple, list] = {}  # site key -> [runs so far, id of its first record]
         self._span_counts: dict[tuple, int] = {}
-        self._site_first: dict[tuple, int] = {}
-        self.repeats: dict[int, int] = {}  # first record of a site -> how many runs were not kept
         self._hooks: list = []
         self._mode: Optional[_Mode] = None
         self._stance = None
@@ -321,22 +319,25 @@ class Tracer:
         else:
             return out
         span, internal, key, module = self.sites.find(func_name)
-        count = self._site_counts.get(key, 0)  # runs of this very op: the detail limit
-        self._site_counts[key] = count + 1
+        site = self._site_runs.get(key)
+        if site is None:
+            site = self._site_runs[key] = [0, None]
+        count = site[0]  # runs of this very op: the detail limit
+        site[0] = count + 1
         occurrence = self._span_counts.get(span, 0)  # runs of anything at this span: a unique key
         self._span_counts[span] = occurrence + 1
         if count >= self.detail_limit and key is not None:
-            # The fast path of a loop's later runs: no torch call, no preview.
-            first = self._site_first.get(key)
+            # The fast path of a loop's later runs: no torch call, no preview
+            # (how many ran is read off `_site_runs` at the end).
+            first = site[1]
             if first is not None:
-                self.repeats[first] = self.repeats.get(first, 0) + 1
                 for t in outs:  # later uses link to the loop's first record of this site
                     self._by_tensor[id(t)] = (weakref.ref(t), first)
             return self._maybe_detach(span, None, out) if self._detaching else out
-        return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module)
+        return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site)
 
     @quietly
-    def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module):
+    def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site):
         op = op_name(func)
         inplace = is_inplace(func_name, op)
         inputs = []
@@ -372,8 +373,8 @@ class Tracer:
             )
             if mutated is not None:
                 rec.name = self.trace.records[mutated].name
-            if key is not None and key not in self._site_first:
-                self._site_first[key] = rec.id
+            if key is not None and site[1] is None:
+                site[1] = rec.id
             self._add(rec, t, hook=True)
         if self.output_hook is not None and isinstance(out, torch.Tensor):
             replaced = self.output_hook(self.trace.records[-1], out)
@@ -436,6 +437,11 @@ class Tracer:
         return t
 
     # ---- the end of a run ----
+    def repeats(self) -> dict[int, int]:
+        """First record of a loop site -> how many of its runs were not kept."""
+        limit = self.detail_limit
+        return {first: runs - limit for runs, first in self._site_runs.values() if first is not None and runs > limit}
+
     def final_names(self) -> dict[int, str]:
         """Record id -> name for live tensors found in `final_namespace` at stop."""
         return dict(self._final_names)
@@ -465,5 +471,5 @@ class Tracer:
                         rec.attr_grad = self.previews.get(g)
             except Exception:
                 pass
-        self.trace.repeats = dict(self.repeats)
+        self.trace.repeats = self.repeats()
         self.trace.detached = sorted(self.detach_hits)
