@@ -13,7 +13,6 @@ the line that made them. Names come from the block's variables at its end.
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Optional
 
@@ -42,6 +41,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         self._tracer = Tracer(
             SourceMap(code.co_filename),
             anchor=lambda c: c is code,
+            root=lambda c: c is code,
             namespace=namespace,
             detail_limit=self.detail_limit,
         )
@@ -81,18 +81,9 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
 
 
 def _locals(frame) -> dict:
-    """A copy of a frame's locals that leaves nothing behind.
-
-    In a function, `frame.f_locals` is a snapshot dict cached on the frame
-    (Python < 3.13): it would keep every local of that moment alive until the
-    function returns, even after `del`. Copy it, then empty the snapshot
-    (the function's real locals are untouched; `locals()` refills it).
-    """
-    snapshot = frame.f_locals
-    copied = dict(snapshot)
-    if type(snapshot) is dict and frame.f_code.co_flags & inspect.CO_OPTIMIZED and snapshot is not frame.f_globals:
-        snapshot.clear()
-    return copied
+    # A copy: in a function, `frame.f_locals` is the very dict `locals()` hands
+    # the user (Python < 3.13), so it is read and never changed.
+    return dict(frame.f_locals)
 
 
 def _tensor_names(frame) -> dict[int, str]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from ._preview import quietly
+from ._preview import PreviewCache, preview, quietly
 from ._records import BackwardPass, BackwardStep
 
 if TYPE_CHECKING:
@@ -41,9 +41,8 @@ class BackwardRecorder:
         self.current: Optional[BackwardPass] = None
         self.pending: list[int] = []  # records whose tensor hooks fired for the next node
         self._site_counts: dict = {}
-        self.previews = tracer.previews  # one cache for the whole run: a grad is often also a leaf's .grad
+        self.previews = PreviewCache()  # replaced per pass: no user code runs between its hooks
         self.skipping = False  # inside a loop's later, unrecorded pass
-        self._first_grads: dict[tuple, object] = {}  # (pass, node) -> preview of a leaf's first gradient
 
     # ---- tensor hooks: the gradient each recorded tensor received ----
     def tensor_hook(self, rid: int):
@@ -53,8 +52,11 @@ class BackwardRecorder:
             try:
                 if self.skipping and self.current is None:
                     return  # an unrecorded pass must not pose as a pass of its own
-                p = self.current if self.current is not None else self._implicit_pass()
-                tracer.trace.records[rid].grads[p.index] = self.previews(grad)
+                if self.current is not None:
+                    p, shown = self.current, self.previews(grad)
+                else:  # a pass we did not see start: no cache spans it
+                    p, shown = self._implicit_pass(), preview(grad)
+                tracer.trace.records[rid].grads[p.index] = shown
                 self.pending.append(rid)
             finally:
                 tracer.busy = busy
@@ -103,6 +105,7 @@ class BackwardRecorder:
         handles, nodes = self._hook_nodes(p, roots)
         self._hook_named_tensors(nodes)
         outer, self.current, self.pending = self.current, p, []
+        outer_previews, self.previews = self.previews, PreviewCache()
         try:
             result = func(*args, **kwargs)
         except BaseException as exc:
@@ -112,8 +115,11 @@ class BackwardRecorder:
             self.current = outer
             for h in handles:
                 h.remove()
+            # Dropped with the pass: after it, the user's code may change a gradient
+            # in ways no version counter sees (`x.grad.data.zero_()`, a numpy view).
+            pass_previews, self.previews = self.previews, outer_previews
         if kind == "grad":
-            p.results = self.previews.many(result)
+            p.results = pass_previews.many(result)
         return result
 
     @staticmethod
@@ -160,7 +166,7 @@ class BackwardRecorder:
             nexts = [index.get(id(n)) if n is not None else None for n, _ in node.next_functions]
             try:
                 handles.append(node.register_prehook(self._pre(p, nid, node, nexts)))
-                handles.append(node.register_hook(self._post(p, nid, node)))
+                handles.append(node.register_hook(self._post(p, nid)))
             except Exception:
                 continue
         return handles, nodes
@@ -188,34 +194,24 @@ class BackwardRecorder:
                 rid = self.tracer.record_of(variable)
                 if rid is not None and rid not in records:
                     records.append(rid)
-            grad_in = self.previews.many(grad_outputs)
             p.steps.append(
-                BackwardStep(index=len(p.steps), node=name, node_id=nid, records=records, grad_in=grad_in, next_ids=nexts)
+                BackwardStep(
+                    index=len(p.steps),
+                    node=name,
+                    node_id=nid,
+                    records=records,
+                    grad_in=self.previews.many(grad_outputs),
+                    next_ids=nexts,
+                )
             )
-            if variable is not None and len(grad_in) == 1 and grad_in[0] is not None:
-                with torch._C.DisableTorchFunction():
-                    # this node will store (a copy of) exactly this gradient, unless a
-                    # post-accumulate hook of the user's changes it in place first
-                    if variable.grad is None and not getattr(variable, "_post_accumulate_grad_hooks", None):
-                        self._first_grads[(p.index, nid)] = grad_in[0]
 
         return pre
 
-    def _post(self, p: BackwardPass, nid: int, node):
-        variable = getattr(node, "variable", None) if node_name(node) == "AccumulateGrad" else None
-
+    def _post(self, p: BackwardPass, nid: int):
         def post(grad_inputs, grad_outputs):
             for step in reversed(p.steps):
                 if step.node_id == nid:
                     step.grad_out = self.previews.many(grad_inputs)
                     break
-            shown = self._first_grads.pop((p.index, nid), None)
-            if shown is not None:
-                # `.grad` was None: it now holds the incoming gradient (stolen or
-                # copied), so its preview is that one, not a second read.
-                with torch._C.DisableTorchFunction():
-                    g = variable.grad
-                    if g is not None and tuple(g.shape) == shown.shape and str(g.dtype) == shown.dtype:
-                        self.previews.alias(g, shown)
 
         return post

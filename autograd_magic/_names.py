@@ -46,7 +46,6 @@ class NameIndex:
         self._modules: Optional[dict[int, str]] = None
         self._unnamed: dict[int, str] = {}  # modules not in the namespace: survives rebuilds
         self._stale = True  # the namespace may hold names the index lacks
-        self._guesses = 0
 
     def touch(self) -> None:
         """The traced code bound a name: the next failed lookup looks again."""
@@ -94,12 +93,9 @@ class NameIndex:
         name = self._modules.get(id(m)) or self._unnamed.get(id(m))
         if name is None:
             # A module created by the traced code itself (`model = ...`, or
-            # `model.fc = ...`, which binds no name): look again, but only a
-            # couple of times per run unless a name was bound since.
-            if self._changed() or self._guesses < 2:
-                self._guesses += 1
-                self._build()
-                name = self._modules.get(id(m))
+            # `net.append(...)`, which binds no name): look again, once per module.
+            self._build()
+            name = self._modules.get(id(m))
             if name is None:  # made inside a function: remember, don't search again
                 name = self._unnamed[id(m)] = type(m).__name__
         return name

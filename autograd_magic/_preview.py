@@ -314,13 +314,13 @@ def _dense_key(t: torch.Tensor) -> Optional[tuple]:
 
 
 class PreviewCache:
-    """Previews taken during one traced run, shared so nothing is read twice.
+    """Previews taken during one backward pass, shared so nothing is read twice.
 
-    The same gradient object reaches a tensor hook, the next node's pre-hook
-    and often the leaf's `.grad`; a weight's gradient arrives transposed
-    (TBackward) and is then stored as is. Entries hold weak references and
-    are used only while that tensor is alive and unchanged (same version),
-    so a freed block reused by a new tensor never matches.
+    The same gradient object reaches a tensor hook and the next node's
+    pre-hook; a weight's gradient arrives transposed (TBackward). No user
+    code runs between the hooks of one pass except the user's own hooks, so
+    an entry is trusted only while its tensor is alive, at the same version
+    and, for the memory-block entries, still at the same address.
     """
 
     def __init__(self):
@@ -334,34 +334,28 @@ class PreviewCache:
     def many(self, tensors) -> list:
         return [self(t) for t in tensors]
 
-    def alias(self, t: torch.Tensor, shown: Preview) -> None:
-        """`t` holds the values `shown` pictures (e.g. a leaf's `.grad` after accumulating)."""
-        try:
-            self._seen[id(t)] = (weakref.ref(t), shown, _version(t))
-        except TypeError:
-            pass
-
-    def clear(self) -> None:
-        self._seen.clear()
-        self._dense.clear()
-
     def get(self, t):
-        """`__call__` for callers already inside `quietly`."""
+        """`__call__` for callers already inside `quietly`. Never raises."""
         if not isinstance(t, torch.Tensor):
             return None
+        try:
+            return self._cached(t)
+        except Exception:  # e.g. functorch's wrapped tensors have no storage to point at
+            return preview_quiet(t)
+
+    def _cached(self, t: torch.Tensor) -> Preview:
         version = _version(t)
+        if version is None:  # inference tensors: no version counter, so no way to trust a copy
+            return preview_quiet(t)
         hit = self._seen.get(id(t))
         # the engine sums a node's incoming grads in place into the first one it got (version bumps)
         if hit is not None and hit[0]() is t and hit[2] == version:
             return hit[1]
         shown = self._fresh(t, version)
-        try:
-            self._seen[id(t)] = (weakref.ref(t), shown, version)
-        except TypeError:
-            pass
+        self._seen[id(t)] = (weakref.ref(t), shown, version)
         return shown
 
-    def _fresh(self, t: torch.Tensor, version) -> Preview:
+    def _fresh(self, t: torch.Tensor, version: int) -> Preview:
         if type(t) is not torch.Tensor or t.numel() <= FULL_LIMIT or not t.is_cpu or t.layout != torch.strided:
             return preview_quiet(t)
         if t.is_neg() or t.is_conj():  # same memory, other values (`z.conj().imag` is a negative view)
@@ -370,15 +364,15 @@ class PreviewCache:
         if key is None:
             return preview_quiet(t)
         hit = self._dense.get(key)
-        if hit is not None and hit[2] == version and (src := hit[0]()) is not None and _version(src) == version:
-            shown = preview_quiet(t, with_stats=False)  # the edge values differ; the statistics do not
-            if shown.note is None:
-                shown.min, shown.max, shown.mean, shown.norm = hit[1]
-                return shown
+        if hit is not None and hit[2] == version:
+            src = hit[0]()
+            # alive (so its block cannot have been handed to another tensor) and still there
+            if src is not None and _version(src) == version and src.data_ptr() == key[0]:
+                shown = preview_quiet(t, with_stats=False)  # the edge values differ; the statistics do not
+                if shown.note is None:
+                    shown.min, shown.max, shown.mean, shown.norm = hit[1]
+                    return shown
         shown = preview_quiet(t)
         if shown.note is None and shown.norm is not None:
-            try:
-                self._dense[key] = (weakref.ref(t), (shown.min, shown.max, shown.mean, shown.norm), version)
-            except TypeError:
-                pass
+            self._dense[key] = (weakref.ref(t), (shown.min, shown.max, shown.mean, shown.norm), version)
         return shown

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._backward import BackwardRecorder
 from ._names import NameIndex
-from ._preview import PreviewCache, quietly
+from ._preview import preview_quiet, quietly
 from ._ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
 from ._records import Record, Trace
 from ._sites import SiteFinder
@@ -153,11 +153,13 @@ class Tracer:
         detach_spans: Iterable[tuple] = (),
         output_hook: Optional[Callable[[Record, torch.Tensor], Optional[torch.Tensor]]] = None,
         force_retain_graph: bool = False,
+        root: Optional[Callable[[CodeType], bool]] = None,
     ):
         self.source_map = source_map
-        self.sites = SiteFinder(source_map, anchor)
-        self.trace = Trace(source="\n".join(source_map.lines))
         self.names = NameIndex(namespace)
+        # `root`: which anchor frames are the traced code's top level (default: not a function)
+        self.sites = SiteFinder(source_map, anchor, self.names.module_name, **({"root": root} if root else {}))
+        self.trace = Trace(source="\n".join(source_map.lines))
         self.detail_limit = detail_limit
         self.detach_names = {d for d in detach if d.isidentifier()}
         self.detach_exprs = {"".join(d.split()) for d in detach}
@@ -169,7 +171,6 @@ class Tracer:
         self.output_hook = output_hook
         self.force_retain_graph = force_retain_graph
         self.backward_funcs = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
-        self.previews = PreviewCache()
         self.backward = BackwardRecorder(self)
         self._by_tensor: dict[int, tuple[weakref.ref, int]] = {}
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
@@ -219,7 +220,6 @@ class Tracer:
                 self._hooks = []
                 self._by_tensor.clear()
                 self._live.clear()
-                self.previews.clear()
         return self.trace
 
     def _pop_mode(self) -> None:
@@ -270,7 +270,7 @@ class Tracer:
         rid = self.record_of(t)
         if rid is not None:
             return rid
-        shown = self.previews.get(t)
+        shown = preview_quiet(t)
         rec = Record(
             id=len(self.trace.records),
             op="external",
@@ -349,7 +349,6 @@ class Tracer:
                 inputs.append(self.record_for(t))
         expr = self.source_map.text(span)
         grad_enabled = torch.is_grad_enabled()
-        module = self.names.module_name(module) if module is not None else None
         for i, t in enumerate(outs):
             mutated = self.record_of(t) if inplace else None
             rec = Record(
@@ -369,7 +368,7 @@ class Tracer:
                 output_index=i if len(outs) > 1 else None,
                 internal=internal,
                 module=module,
-                preview=self.previews.get(t),
+                preview=preview_quiet(t),
             )
             if mutated is not None:
                 rec.name = self.trace.records[mutated].name
@@ -392,6 +391,7 @@ class Tracer:
             return self._detached(out)
         return out
 
+    @quietly  # also reached from the fast path, outside `_record_op`
     def _detached(self, t: torch.Tensor) -> torch.Tensor:
         d = t.detach()
         rid = self.record_of(t)
@@ -468,7 +468,7 @@ class Tracer:
                     rec.retains_grad = bool(t.retains_grad)
                     g = t.grad
                     if g is not None:
-                        rec.attr_grad = self.previews.get(g)
+                        rec.attr_grad = preview_quiet(g)
             except Exception:
                 pass
         self.trace.repeats = self.repeats()

@@ -31,24 +31,19 @@ def test_trace_context_manager_matches_plain_torch():
     np.testing.assert_array_equal(t.last("w").grad, w2.grad.numpy())
 
 
-def test_trace_in_a_function_keeps_no_local_alive():
-    """`del` inside the function frees the tensor: the tracer's look at the locals leaves no copy."""
-    import gc
-    import weakref
+def test_trace_in_a_function_leaves_its_locals_dict_alone():
+    """A function's `locals()` dict is the one the tracer reads names from: it must keep every name."""
 
     def work():
-        big = torch.ones(1000, requires_grad=True)
+        x = torch.ones(3)
+        env = locals()
         with am.trace() as t:
-            y = (big * 2).sum()
-        ref = weakref.ref(big)
-        del big, y
-        gc.collect()
-        alive = ref() is not None
-        return t, alive
+            y = x * 2
+        return eval("x + y", globals(), env), t
 
-    t, alive = work()
-    assert not alive
-    assert t.last("y") is not None and t.last("y").expr == "(big * 2).sum()"
+    total, t = work()
+    assert torch.equal(total, torch.ones(3) * 3)
+    assert t.last("y").expr == "x * 2"
 
 
 def test_trace_at_module_level_keeps_the_namespace():
@@ -166,3 +161,71 @@ def test_a_no_grad_view_changed_in_place_is_recorded_without_tracer_errors(shell
     assert plain.success and traced.success
     assert torch.equal(shell.user_ns["t2"].detach(), plain_value)
     assert not [n for n in shell.user_ns["t"].notes if "skipped" in n]
+
+
+# ---- review regressions: each compared with what plain torch holds ----
+
+
+def test_functorch_transforms_run_and_record():
+    w = torch.randn(100, requires_grad=True)
+    r = torch.randn(100)
+    with am.trace() as t:
+        j = torch.func.jacrev(torch.sin)(w)
+        g = torch.func.grad(lambda a: (a * 3).sin().sum())(r)
+        v = torch.func.vmap(lambda a: a * 2 + 1)(torch.ones(4, 100))
+    assert torch.equal(j, torch.diag(torch.cos(w.detach())))
+    assert torch.allclose(g, 3 * torch.cos(3 * r))
+    assert torch.equal(v, torch.full((4, 100), 3.0))
+    assert not any("skipped" in n for n in t.notes)
+
+
+def test_inference_mode_in_place_chain_shows_each_value():
+    with am.trace() as t:
+        with torch.inference_mode():
+            a = torch.zeros(3)
+            a.add_(5)
+            a.mul_(2)
+    assert [r.value.tolist() for r in t.records] == [[0.0] * 3, [5.0] * 3, [10.0] * 3]
+
+
+def test_memory_changed_behind_version_counters_is_read_afresh():
+    with am.trace() as t:
+        w = torch.randn(100, 100)
+        w.data = torch.zeros(100, 100)  # swaps w's memory without a version bump
+        z = torch.ones(100, 100)  # may land where w's first block was
+        x = torch.ones(3, requires_grad=True)
+        (x * 2).sum().backward()
+        x.grad.data.zero_()  # invisible to x.grad's version counter
+    assert (t.last("z").preview.max, t.last("z").preview.norm) == (float(z.max()), float(torch.linalg.vector_norm(z)))
+    np.testing.assert_array_equal(t.last("x").attr_grad.values, x.grad.numpy())
+
+
+def test_modules_made_in_a_loop_count_as_a_loop(shell):
+    shell.run_cell("import torch\nimport torch.nn as nn")
+    cell = "keep = []\nh = torch.randn(2, 4)\nfor i in range(20):\n    m = nn.Linear(4, 4)\n    keep.append(m)\n    h = m(h)"
+    shell.run_cell("%%autograd --quiet -o t\n" + cell)
+    t = shell.user_ns["t"]
+    kept = [r for r in t.records if r.op == "linear"]
+    assert len(kept) == 3 and t.repeats.get(kept[0].id) == 17
+
+
+def test_module_attribution_reaches_helpers_of_modules_defined_in_the_cell(shell):
+    shell.run_cell("import torch\nimport torch.nn as nn")
+    cell = (
+        "class Block(nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.l = nn.Linear(4, 4)\n"
+        "    def helper(self, h):\n        return h.tanh()\n    def forward(self, x):\n        return self.helper(self.l(x)).relu()\n"
+        "model = nn.Sequential(*[Block() for _ in range(5)])\ny = model(torch.randn(2, 4))"
+    )
+    shell.run_cell("%%autograd --quiet -o t\n" + cell)
+    t = shell.user_ns["t"]
+    expected = [f"model.{i}" for i in range(5)]
+    assert [r.module for r in t.records if r.op == "tanh"] == expected
+    assert [r.module for r in t.records if r.op == "relu"] == expected  # five blocks, not a loop of one
+
+
+def test_modules_appended_without_a_name_get_their_path(shell):
+    shell.run_cell("import torch\nimport torch.nn as nn")
+    cell = "x = torch.randn(2, 4)\nnet = nn.Sequential()\nfor i in range(5):\n    net.append(nn.Linear(4, 4))\n    out = net(x)"
+    shell.run_cell("%%autograd --quiet --limit 100 -o t\n" + cell)
+    t = shell.user_ns["t"]
+    assert {r.module for r in t.records if r.op == "linear"} == {f"net.{i}" for i in range(5)}

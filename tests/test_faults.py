@@ -445,12 +445,13 @@ def test_a_mode_pushed_back_late_is_inert_and_purged(ipy):
 
     before = _clean_state()
     x = torch.ones(2, requires_grad=True)
+    suspended = []  # (a list: the block's f_locals snapshot must not keep the generator alive)
     with am.trace() as trace:
         y = x * 2
-        suspended = torch.overrides._pop_mode_temporarily()  # what an interrupted handler leaves behind
-        suspended.__enter__()  # pops our mode off the stack and holds it
+        suspended.append(torch.overrides._pop_mode_temporarily())  # what an interrupted handler leaves behind
+        suspended[0].__enter__()  # pops our mode off the stack and holds it
     n = len(trace.records)
-    del suspended
+    suspended.clear()
     gc.collect()  # the generator's `finally` pushes the finished mode back
     try:
         assert torch._C._len_torch_function_stack() == before[0] + 1  # the mechanism is real
