@@ -110,19 +110,20 @@ class SiteFinder:
 
     def _enclosing_module(self, f) -> Optional[torch.nn.Module]:
         """The module whose call runs this frame, up to the traced code's root."""
-        kinds = self._kinds
         while f is not None:
-            code = f.f_code
-            entry = kinds.get(id(code))
-            if entry is None:
-                entry = kinds[id(code)] = (code, self._code_kind(code))
-            kind = entry[1]
+            kind = self._kind(f.f_code)
             if kind == _MODULE_CALL or kind == _ANCHOR_FORWARD:
                 return _frame_self(f)
             if kind == _ANCHOR_ROOT:
                 return None
             f = f.f_back
         return None
+
+    def _kind(self, code) -> int:
+        entry = self._kinds.get(id(code))
+        if entry is None:
+            entry = self._kinds[id(code)] = (code, self._code_kind(code))
+        return entry[1]
 
     def _code_kind(self, code) -> int:
         """Classified once per code object: the frame walk runs for every op."""
