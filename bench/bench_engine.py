@@ -10,6 +10,7 @@ machine noise hits both sides alike.
 from __future__ import annotations
 
 import importlib.util
+import statistics
 import time
 from pathlib import Path
 
@@ -18,21 +19,40 @@ from torch.overrides import TorchFunctionMode
 
 import autograd_magic as am
 
-REPEATS = 7
+REPEATS = 9
 
 
-def _best_ratio(plain, traced, repeats: int = REPEATS) -> tuple[float, float, float]:
+def _batch(fn, inner: int):
+    def run():
+        for _ in range(inner):
+            fn()
+
+    return run
+
+
+def _best_ratio(plain, traced, repeats: int = REPEATS) -> tuple[float, float, float, float]:
+    """(best ratio, median ratio, best plain s, best traced s) per call.
+
+    Plain and traced alternate, so machine noise hits both alike; short cases
+    run in batches of at least ~20 ms so timer resolution does not count.
+    """
     plain()
     traced()  # warm up both
-    p_best = t_best = float("inf")
+    t0 = time.perf_counter()
+    plain()
+    inner = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
+    plain_b, traced_b = _batch(plain, inner), _batch(traced, inner)
+    p_times, t_times = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        plain()
-        p_best = min(p_best, time.perf_counter() - t0)
+        plain_b()
+        p_times.append((time.perf_counter() - t0) / inner)
         t0 = time.perf_counter()
-        traced()
-        t_best = min(t_best, time.perf_counter() - t0)
-    return t_best / p_best, p_best, t_best
+        traced_b()
+        t_times.append((time.perf_counter() - t0) / inner)
+    best = min(t_times) / min(p_times)
+    median = statistics.median(t_times) / statistics.median(p_times)
+    return best, median, min(p_times), min(t_times)
 
 
 def training_loop_case():
@@ -119,12 +139,14 @@ def main() -> dict:
     results = {}
     for name, case in [("seed_cells", seed_cells_case), ("train_loop_200", training_loop_case), ("mlp256_fwd_bwd", mlp256_case)]:
         plain, traced = case()
-        ratio, p, t = _best_ratio(plain, traced)
+        ratio, median, p, t = _best_ratio(plain, traced)
         results[name] = ratio
-        print(f"{name} traced/plain {ratio:.2f}   (plain {p * 1e3:.1f} ms, traced {t * 1e3:.1f} ms)", flush=True)
+        print(f"{name} traced/plain {ratio:.2f}   (median {median:.2f}; plain {p * 1e3:.2f} ms, traced {t * 1e3:.2f} ms)",
+              flush=True)
         if name != "seed_cells":  # for scale: what any TorchFunctionMode costs before recording anything
-            floor, _, _ = _best_ratio(plain, _under_empty_mode(plain))
-            print(f"  {name} empty-mode/plain {floor:.2f}   (floor: an empty TorchFunctionMode)", flush=True)
+            floor, floor_median, _, _ = _best_ratio(plain, _under_empty_mode(plain))
+            print(f"  {name} empty-mode/plain {floor:.2f}   (median {floor_median:.2f}; floor: an empty TorchFunctionMode)",
+                  flush=True)
     return results
 
 
