@@ -36,7 +36,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     def __enter__(self) -> Trace:
         frame = sys._getframe(1)
         code = frame.f_code
-        namespace = {**frame.f_globals, **_locals(frame)}
+        namespace = {**frame.f_globals, **frame.f_locals}
         self._frame = frame
         self._tracer = Tracer(
             SourceMap(code.co_filename),
@@ -80,16 +80,10 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         return False  # never swallow the block's exception
 
 
-def _locals(frame) -> dict:
-    # A copy: in a function, `frame.f_locals` is the very dict `locals()` hands
-    # the user (Python < 3.13), so it is read and never changed.
-    return dict(frame.f_locals)
-
-
 def _tensor_names(frame) -> dict[int, str]:
     """id(tensor) -> variable name, for the block's variables at its end."""
     by_id: dict[int, str] = {}
-    for name, value in {**frame.f_globals, **_locals(frame)}.items():
+    for name, value in {**frame.f_globals, **frame.f_locals}.items():
         if isinstance(name, str) and isinstance(value, torch.Tensor) and not name.startswith("_"):
             by_id.setdefault(id(value), name)
     return by_id

@@ -115,11 +115,11 @@ def _freed_graph(trace: Trace, p: BackwardPass, error: str) -> Optional[str]:
     """The usual reason a re-run cannot go backward: the graph came from an earlier cell and is freed."""
     if "backward through the graph a second time" not in error:
         return None
-    hidden = [trace.records[i] for i in sorted(_ancestors(trace, p.roots[0])) if _opaque(trace.records[i])]
-    if not hidden:
+    hidden = _first_opaque_ancestor(trace, p.roots[0])
+    if hidden is None:
         return None
     return (
-        f"the cell goes backward through `{hidden[0].label}`, computed in an earlier cell whose graph the real "
+        f"the cell goes backward through `{hidden.label}`, computed in an earlier cell whose graph the real "
         "backward() already freed, so it cannot be re-run; put the forward pass in this cell to check it"
     )
 
@@ -130,10 +130,10 @@ def _behind_earlier_cells(seen: Trace, leaves: list[Record]) -> dict[int, LeafCh
     roots = seen.passes[0].roots if seen.passes else []
     if not roots or roots[0] is None:
         return {}
-    hidden = [seen.records[i] for i in sorted(_ancestors(seen, roots[0])) if _opaque(seen.records[i])]
-    if not hidden:
+    hidden = _first_opaque_ancestor(seen, roots[0])
+    if hidden is None:
         return {}
-    note = f"the output also depends on `{hidden[0].label}`, computed before this cell, which a nudge cannot change"
+    note = f"the output also depends on `{hidden.label}`, computed before this cell, which a nudge cannot change"
     return {r.id: LeafCheck(r.id, r.label, note=note) for r in leaves if r.external}
 
 
@@ -247,7 +247,7 @@ def _excuse(check: LeafCheck, seen: Trace, leaf: Record) -> None:
     # a custom Function's forward runs under no_grad by design: its node (`CubeBackward`) covers it
     custom = {n[: -len("Backward")] for n in seen.passes[0].nodes if n.endswith("Backward")}
     cuts = [seen.records[i] for i in sorted(on_path) if _cuts_graph(seen.records[i], custom)]
-    hidden = [seen.records[i] for i in sorted(_ancestors(seen, root)) if _opaque(seen.records[i])]
+    hidden = _first_opaque_ancestor(seen, root)
     if cuts:
         c = cuts[0]
         how = "`.detach()`" if c.op in ("detach", "detach_") else "torch.no_grad()"
@@ -256,10 +256,10 @@ def _excuse(check: LeafCheck, seen: Trace, leaf: Record) -> None:
             f"the numbers differ because `{leaf.label}` also reaches the output through {how} on line {c.line} "
             f"(`{c.expr or c.op}`): autograd ignores that path by design, finite differences cannot"
         )
-    elif hidden:
+    elif hidden is not None:
         check.ok = None
         check.note = (
-            f"the numbers differ, but part of the computation (`{hidden[0].label}`) was not visible to the re-run, "
+            f"the numbers differ, but part of the computation (`{hidden.label}`) was not visible to the re-run, "
             "so a path autograd ignores cannot be ruled out"
         )
 
@@ -280,8 +280,13 @@ def _cuts_graph(r: Record, custom: set[str]) -> bool:
     return r.op in ("detach", "detach_") or (not r.grad_enabled and not r.requires_grad)
 
 
-def _opaque(r: Record) -> bool:
-    return r.external and r.grad_fn is not None
+def _first_opaque_ancestor(trace: Trace, rid: int) -> Optional[Record]:
+    """The earliest tensor the record depends on that has history from before this cell."""
+    for i in sorted(_ancestors(trace, rid)):
+        r = trace.records[i]
+        if r.external and r.grad_fn is not None:
+            return r
+    return None
 
 
 def _ancestors(trace: Trace, rid: int) -> set[int]:

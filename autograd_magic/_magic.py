@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-
 import keyword
 
 from IPython.core.error import UsageError
@@ -131,7 +130,7 @@ def load_ipython_extension(ipython) -> None:
     ipython.register_magics(AutogradMagics)
     _unregister_purge(ipython)
     for event in _PURGE_EVENTS:
-        ipython.events.register(event, _purge_before_cell)
+        ipython.events.register(event, _purge_around_cell)
     try:
         from ._layout import warm
 
@@ -147,7 +146,7 @@ def unload_ipython_extension(ipython) -> None:
 _PURGE_EVENTS = ("pre_run_cell", "post_run_cell")
 
 
-def _purge_before_cell(*args) -> None:
+def _purge_around_cell(*args) -> None:
     """Before and after every cell, plain ones too: a traced run's mode never
     outlives it (see `purge_stale_modes`), so the next cell runs at plain speed."""
     try:
@@ -161,6 +160,6 @@ def _purge_before_cell(*args) -> None:
 def _unregister_purge(ipython) -> None:
     for event in _PURGE_EVENTS:
         try:
-            ipython.events.unregister(event, _purge_before_cell)
+            ipython.events.unregister(event, _purge_around_cell)
         except ValueError:  # not registered
             pass

@@ -51,16 +51,6 @@ def _edge_block(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _edge_block_np(a: np.ndarray) -> np.ndarray:
-    for dim, size in enumerate(a.shape):
-        if size > 2 * EDGE:
-            head = [slice(None)] * a.ndim
-            tail = [slice(None)] * a.ndim
-            head[dim], tail[dim] = slice(0, EDGE), slice(size - EDGE, size)
-            a = np.concatenate([a[tuple(head)], a[tuple(tail)]], axis=dim)
-    return a
-
-
 def _norm(a: np.ndarray) -> float:
     # Plain ufuncs, never BLAS: OpenBLAS's thread pool spinning next to
     # torch's OpenMP pool slowed the user's own ops several-fold.
@@ -91,14 +81,14 @@ _NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int8, torch.
 
 
 def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
-    """Values and stats from a zero-copy numpy view: one pass each, no torch kernels."""
+    """Values and stats from a zero-copy numpy view: one pass each, no torch kernels, no full copy."""
     n = a.size
     if n <= FULL_LIMIT:
         p.values = a.copy()
     else:
-        block = _edge_block_np(a)
-        if block.size <= EDGE_LIMIT:
-            p.values = np.array(block)
+        index = _edge_index(a.shape)
+        if index is not None:
+            p.values = a[index]  # fancy indexing copies just the edge block
             p.summarized = True
         else:
             p.values = a.flat[:FULL_LIMIT]  # copies just these, whatever the strides
@@ -107,25 +97,13 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
         return
     if n > STATS_LIMIT:
         p.note = "statistics skipped: tensor too large"
-        return
-    src = p.values if n <= FULL_LIMIT else a
-    if src.dtype == np.bool_:
-        count = int(np.count_nonzero(src))
+    elif a.dtype == np.bool_:
+        count = int(np.count_nonzero(p.values if n <= FULL_LIMIT else a))
         p.min, p.max, p.mean, p.norm = float(count == n), float(count > 0), count / n, float(np.sqrt(count))
-        return
-    p.min, p.max = float(src.min()), float(src.max())
-    # float16 sums in float16 lose digits (and overflow): those go the float64 way too
-    if src.dtype.kind != "f" or src.dtype.itemsize < 4 or not (src.flags.c_contiguous or src.flags.f_contiguous):
-        with np.errstate(all="ignore"):  # inf/nan: no RuntimeWarning in the user's cell
-            total, squares = _sums(src)
-        p.mean, p.norm = total / n, float(np.sqrt(squares))
+    elif n <= FULL_LIMIT:
+        _small_stats(p, p.values)
     else:
-        # numpy's pairwise float sum is accurate; the norm a plain C loop: no copies.
-        # Memory order ('K') makes a transposed tensor (a weight's grad) a view too.
-        flat = src.ravel(order="K")
-        with np.errstate(all="ignore"):  # inf/nan: no RuntimeWarning in the user's cell
-            p.mean = float(np.add.reduce(flat)) / n  # pairwise float sum: fast and accurate
-            p.norm = _norm(flat)
+        _large_stats(p, a, n)
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -162,14 +140,16 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
         if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
             name = _FAST_DTYPES.get(t.dtype)
             if name is not None and t.is_cpu and t.layout == torch.strided and not t.is_neg():
-                return _fast_preview(t.detach(), name, with_stats)
+                # the common case, kept lean: a float tensor on the CPU
+                a = t.detach().numpy()
+                p = Preview(shape=a.shape, dtype=name)
+                _numpy_preview(p, a, with_stats)
+                return p
         return _preview(t, with_stats)
     except Exception as exc:  # a preview must never break the user's cell
         shape = tuple(getattr(t, "shape", ()))
         return Preview(shape=shape, dtype=str(getattr(t, "dtype", "?")), note=f"no preview: {exc}")
 
-
-# ---- the common case, kept lean: it runs for every recorded op and gradient ----
 
 _FAST_DTYPES = {torch.float32: "torch.float32", torch.float64: "torch.float64"}
 _EDGE_INDEX: dict = {}  # shape -> numpy index of the edge block, or None when too large
@@ -203,38 +183,12 @@ def _small_stats(p: Preview, v: np.ndarray) -> None:
         p.norm = float(np.sqrt((v * v).sum()))
 
 
-def _fast_preview(d: torch.Tensor, dtype_name: str, with_stats: bool) -> Preview:
-    """A CPU float32/float64 tensor: values through a zero-copy numpy view, exact
-    stats in one pass each, no copy of the tensor."""
-    a = d.numpy()
-    n = a.size
-    p = Preview(shape=a.shape, dtype=dtype_name)
-    if n <= FULL_LIMIT:
-        p.values = a.copy()
-        if with_stats and n:
-            _small_stats(p, p.values)
-        return p
-    index = _edge_index(a.shape)
-    if index is not None:
-        p.values = a[index]  # fancy indexing copies just the edge block
-        p.summarized = True
-    else:
-        p.values = a.flat[:FULL_LIMIT]  # copies just these, whatever the strides
-        p.flat_head = True
-    if with_stats:
-        if n > STATS_LIMIT:
-            p.note = "statistics skipped: tensor too large"
-        else:
-            _large_stats(p, a, n)
-    return p
-
-
 def _large_stats(p: Preview, a: np.ndarray, n: int) -> None:
     # numpy on one thread: torch's reductions wake its thread pool for each
     # call, which on a busy 2-core machine cost 2-5x more, erratically.
     p.min, p.max = lo, hi = float(a.min()), float(a.max())
     big = max(abs(lo), abs(hi))  # nan when any element is nan
-    if big * big * n < _SAFE_SQUARES[a.dtype.itemsize]:  # no inf/nan, no overflow: skip errstate (~2 us)
+    if big * big * n < _SAFE_SQUARES.get(a.dtype.itemsize, 0.0):  # no inf/nan, no overflow: skip errstate (~2 us)
         _sum_and_norm(p, a, n)
         return
     with np.errstate(all="ignore"):  # inf/nan/overflow: no RuntimeWarning in the user's cell
@@ -245,12 +199,13 @@ _SAFE_SQUARES = {4: 1e37, 8: 1e300}
 
 
 def _sum_and_norm(p: Preview, a: np.ndarray, n: int) -> None:
-    if a.flags.c_contiguous or a.flags.f_contiguous:
-        # memory order ('K') makes a transposed tensor (a weight's grad) a view too
+    if a.dtype.kind == "f" and a.dtype.itemsize >= 4 and (a.flags.c_contiguous or a.flags.f_contiguous):
+        # numpy's pairwise float sum is accurate, the norm a plain C loop; memory
+        # order ('K') makes a transposed tensor (a weight's grad) a view too
         flat = a.ravel(order="K")
-        p.mean = float(np.add.reduce(flat)) / n  # pairwise float sum: fast and accurate
+        p.mean = float(np.add.reduce(flat)) / n
         p.norm = _norm(flat)
-    else:  # sliced or expanded: bounded chunks, never a full copy
+    else:  # integers, float16 (its own sums lose digits), sliced or expanded: float64 chunks, no full copy
         total, squares = _sums(a)
         p.mean, p.norm = total / n, float(np.sqrt(squares))
 
@@ -266,37 +221,34 @@ def _preview(t: torch.Tensor, with_stats: bool) -> Preview:
         return p
     if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
         t = t.as_subclass(torch.Tensor)  # subclasses: read the plain data
-    if True:  # detach() alone reads without recording anything; no_grad's setup cost 20 us a call
-        d = t.detach()
-        if d.device.type == "cpu" and d.dtype in _NUMPY_DTYPES and not d.is_conj() and not d.is_neg():
-            _numpy_preview(p, d.numpy(), with_stats)
-            return p
-        n = d.numel()
-        if n <= FULL_LIMIT:
-            p.values = _to_numpy(d)
+    # detach() alone reads without recording anything; no_grad's setup cost 20 us a call
+    d = t.detach()
+    if d.device.type == "cpu" and d.dtype in _NUMPY_DTYPES and not d.is_conj() and not d.is_neg():
+        _numpy_preview(p, d.numpy(), with_stats)
+        return p
+    n = d.numel()
+    if n <= FULL_LIMIT:
+        p.values = _to_numpy(d)
+    else:
+        block = _edge_block(d)
+        if block.numel() <= EDGE_LIMIT:
+            p.values = _to_numpy(block)
+            p.summarized = True
         else:
-            block = _edge_block(d)
-            if block.numel() <= EDGE_LIMIT:
-                p.values = _to_numpy(block)
-                p.summarized = True
-            else:
-                p.values = _to_numpy(d.reshape(-1)[:FULL_LIMIT])
-                p.flat_head = True
-        if with_stats and n <= STATS_LIMIT:
-            if n <= FULL_LIMIT and not d.is_complex():
-                v = p.values.astype(np.float64)
-                if v.size:
-                    with np.errstate(all="ignore"):  # inf/nan values: no RuntimeWarning in the user's cell
-                        p.min, p.max, p.mean = float(v.min()), float(v.max()), float(v.mean())
-                        p.norm = float(np.sqrt((v * v).sum()))
-            else:
-                p.min, p.max, p.mean, p.norm = _stat(d)
-        elif with_stats:
-            p.note = "statistics skipped: tensor too large"
+            p.values = _to_numpy(d.reshape(-1)[:FULL_LIMIT])
+            p.flat_head = True
+    if with_stats and n <= STATS_LIMIT:
+        if n <= FULL_LIMIT and not d.is_complex():
+            if p.values.size:
+                _small_stats(p, p.values)
+        else:
+            p.min, p.max, p.mean, p.norm = _stat(d)
+    elif with_stats:
+        p.note = "statistics skipped: tensor too large"
     return p
 
 
-def _version(t: torch.Tensor) -> Optional[int]:
+def version_of(t: torch.Tensor) -> Optional[int]:
     try:
         return t._version
     except RuntimeError:  # inference tensors have no version counter
@@ -306,9 +258,8 @@ def _version(t: torch.Tensor) -> Optional[int]:
 def _dense_key(t: torch.Tensor) -> Optional[tuple]:
     """The memory block of a dense tensor in row- or column-major order: a tensor
     and its transpose hold the same elements, so they have the same statistics."""
-    if t.dim() == 2 and t.stride(0) == 1 and t.stride(1) == t.shape[0] and t.shape[0] > 1:
-        pass
-    elif not t.is_contiguous():
+    transposed = t.dim() == 2 and t.shape[0] > 1 and t.stride() == (1, t.shape[0])
+    if not (transposed or t.is_contiguous()):
         return None
     return (t.data_ptr(), t.numel(), t.dtype)
 
@@ -344,7 +295,7 @@ class PreviewCache:
             return preview_quiet(t)
 
     def _cached(self, t: torch.Tensor) -> Preview:
-        version = _version(t)
+        version = version_of(t)
         if version is None:  # inference tensors: no version counter, so no way to trust a copy
             return preview_quiet(t)
         hit = self._seen.get(id(t))
@@ -367,7 +318,7 @@ class PreviewCache:
         if hit is not None and hit[2] == version:
             src = hit[0]()
             # alive (so its block cannot have been handed to another tensor) and still there
-            if src is not None and _version(src) == version and src.data_ptr() == key[0]:
+            if src is not None and version_of(src) == version and src.data_ptr() == key[0]:
                 shown = preview_quiet(t, with_stats=False)  # the edge values differ; the statistics do not
                 if shown.note is None:
                     shown.min, shown.max, shown.mean, shown.norm = hit[1]

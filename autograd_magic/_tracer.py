@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._backward import BackwardRecorder
 from ._names import NameIndex
-from ._preview import preview_quiet, quietly
+from ._preview import preview_quiet, quietly, version_of
 from ._ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
 from ._records import Record, Trace
 from ._sites import SiteFinder
@@ -30,8 +30,8 @@ from ._source import SourceMap
 _stack_len = torch._C._len_torch_function_stack
 
 
-def _force_eager():
-    """Run torch.compile'd code eagerly while tracing; returns the stance to restore.
+def _current_stance():
+    """The torch.compile stance in force, to restore after running compiled code eagerly.
 
     Dynamo cannot trace through our mode's handler (it fails with an internal
     error), and the eager ops are what the trace should show anyway. The
@@ -42,10 +42,9 @@ def _force_eager():
         torch.compiler.set_stance  # torch < 2.6 has no stances
         from torch._dynamo import eval_frame
 
-        prior = eval_frame._stance
+        return eval_frame._stance
     except Exception:
         return None
-    return prior
 
 
 def _apply_eager() -> None:
@@ -101,10 +100,10 @@ class _Mode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.stale:  # pushed back after its run by a late finalizer: inert until purged
-            return func(*args, **kwargs)
         tracer = self.tracer
-        if tracer.busy:  # the tracer's own work (previews, naming) is not the user's
+        # stale: pushed back after its run by a late finalizer, inert until purged;
+        # busy: the tracer's own work (previews, naming) is not the user's
+        if self.stale or tracer.busy:
             return func(*args, **kwargs)
         if func in tracer.backward_funcs:
             return tracer.backward.run(func, args, kwargs)
@@ -118,12 +117,12 @@ class _Mode(TorchFunctionMode):
             if type(out) is not torch.Tensor:
                 return out
             if _stack_len() == 0:  # ours is off the stack in here: nothing would see the read
-                if grad_fn_name(out) is None:
-                    return out
+                fn = grad_fn_name(out)
             else:
                 with torch._C.DisableTorchFunction():  # a user's mode below ours must not see our read
-                    if grad_fn_name(out) is None:
-                        return out
+                    fn = grad_fn_name(out)
+            if fn is None:
+                return out
         if out is None and not name.endswith("_"):
             return out
         if not isinstance(out, (torch.Tensor, tuple, list)) and out is not None:
@@ -193,7 +192,7 @@ class Tracer:
             # Importing dynamo just to set a stance costs ~70 MB: only when compiled
             # code may run (dynamo already loaded, or the traced source compiles).
             if "torch._dynamo" in sys.modules or "compile" in self.trace.source:
-                self._stance = _force_eager()  # saved first: a Ctrl-C inside the next call is undone too
+                self._stance = _current_stance()  # saved first: a Ctrl-C inside the next call is undone too
                 if self._stance is not None:
                     _apply_eager()
         except BaseException:  # a Ctrl-C half-way through: leave nothing pushed or registered
@@ -292,11 +291,7 @@ class Tracer:
         except TypeError:
             return
         self._by_tensor[id(t)] = (ref, rec.id)
-        try:
-            version = t._version
-        except RuntimeError:  # inference tensors have no version counter
-            version = None
-        self._live[rec.id] = (ref, version)
+        self._live[rec.id] = (ref, version_of(t))
         if hook and t.requires_grad:
             try:
                 self._hooks.append(t.register_hook(self.backward.tensor_hook(rec.id)))
