@@ -174,11 +174,14 @@ def _edge_index(shape: tuple):
 
 
 def _small_stats(p: Preview, v: np.ndarray) -> None:
-    v = v.astype(np.float64, copy=False)
+    # Finiteness is read before the float64 cast: casting a signaling NaN (e.g.
+    # from uninitialized memory) warns "invalid value encountered in cast".
     if np.isfinite(v).all():
+        v = v.astype(np.float64, copy=False)
         p.min, p.max, p.mean, p.norm = float(v.min()), float(v.max()), float(v.mean()), float(np.sqrt((v * v).sum()))
         return
     with np.errstate(all="ignore"):  # inf/nan values: no RuntimeWarning in the user's cell
+        v = v.astype(np.float64, copy=False)
         p.min, p.max, p.mean = float(v.min()), float(v.max()), float(v.mean())
         p.norm = float(np.sqrt((v * v).sum()))
 

@@ -75,7 +75,8 @@ def test_preview_is_a_copy_not_a_view():
 def test_non_finite_values_give_stats_and_no_warning():
     import warnings
 
-    for t in (torch.tensor([1.0, float("inf"), -float("inf")]), torch.tensor([float("nan")] * 100)):
+    signaling = torch.from_numpy(np.array([0x7FA00000] * 3, dtype=np.uint32).view(np.float32))  # a signaling NaN
+    for t in (torch.tensor([1.0, float("inf"), -float("inf")]), torch.tensor([float("nan")] * 100), signaling):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             p = preview(t)
