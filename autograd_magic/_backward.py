@@ -10,17 +10,19 @@ pre-hooks. All node hooks are removed when the call returns or raises.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from ._preview import PreviewCache, preview, quietly
+from ._preview import PreviewCache, quietly, version_of
 from ._records import BackwardPass, BackwardStep
 
 if TYPE_CHECKING:
     from ._tracer import Tracer
 
-MAX_NODES = 2000  # beyond this a pass keeps its result but not its steps
+MAX_NODES = 2000  # beyond this a pass keeps its records' gradients but not its steps
+MAX_WALK = 200_000  # nodes visited at most to find the records' nodes
 
 
 def node_name(node) -> str:
@@ -38,37 +40,18 @@ def _as_tuple(x: Any) -> tuple:
 class BackwardRecorder:
     def __init__(self, tracer: "Tracer"):
         self.tracer = tracer
-        self.current: Optional[BackwardPass] = None
-        self.pending: list[int] = []  # records whose tensor hooks fired for the next node
         self._site_counts: dict = {}
         self.previews = PreviewCache()  # replaced per pass: no user code runs between its hooks
-        self.skipping = False  # inside a loop's later, unrecorded pass
-
-    # ---- tensor hooks: the gradient each recorded tensor received ----
-    def tensor_hook(self, rid: int):
-        def hook(grad):
-            tracer = self.tracer
-            busy, tracer.busy = tracer.busy, True
-            try:
-                if self.skipping and self.current is None:
-                    return  # an unrecorded pass must not pose as a pass of its own
-                if self.current is not None:
-                    p, shown = self.current, self.previews(grad)
-                else:  # a pass we did not see start: no cache spans it
-                    p, shown = self._implicit_pass(), preview(grad)
-                tracer.trace.records[rid].grads[p.index] = shown
-                self.pending.append(rid)
-            finally:
-                tracer.busy = busy
-
-        return hook
-
-    def _implicit_pass(self) -> BackwardPass:
-        # A backward the tracer did not see start (e.g. from C++ code).
-        passes = self.tracer.trace.passes
-        if not passes or passes[-1].kind != "implicit":
-            passes.append(BackwardPass(index=len(passes), kind="implicit"))
-        return passes[-1]
+        # Which records each autograd node produces, filled as records are made:
+        # (node's sequence number, node type) -> [(output_nr, record id)], and
+        # id(leaf) -> (leaf ref, [record ids]) for leaves (their AccumulateGrad).
+        # A node's pre-hook then sees each record's gradient: no per-tensor hooks.
+        self.node_records: dict[tuple, list[tuple[int, int]]] = {}
+        self.leaf_records: dict[int, tuple] = {}
+        # leaves' new `.grad`s of the last pass: id(leaf) -> (data_ptr, version, preview)
+        self._new_grads: dict[int, tuple] = {}
+        self._last_calls = -1  # tracer.calls when the last pass ended
+        self._held: dict[tuple, tuple] = {}  # (receiver node id, slot) -> (gradient sent, sender's step, index)
 
     # ---- the call itself ----
     def run(self, func, args, kwargs):
@@ -80,11 +63,7 @@ class BackwardRecorder:
             # a loop's later passes: run, not kept (their grads still add into leaves' .grad)
             if count == tracer.detail_limit:
                 tracer.note(f"backward on line {span[0]} ran more than {tracer.detail_limit} times: later passes were not recorded")
-            skipping, self.skipping = self.skipping, True
-            try:
-                return func(*args, **kwargs)
-            finally:
-                self.skipping = skipping
+            return func(*args, **kwargs)
         kind = "grad" if func is torch.autograd.grad else "backward"
         roots, inputs, gradient, retain = self._arguments(func, args, kwargs)
         p = BackwardPass(
@@ -102,25 +81,78 @@ class BackwardRecorder:
             kwargs = {**kwargs, "retain_graph": True}  # sandbox: never free a graph the real run still owns
             if func is torch.Tensor.backward and len(args) > 2:
                 args = args[:2]
-        handles, nodes = self._hook_nodes(p, roots)
-        self._hook_named_tensors(nodes)
-        outer, self.current, self.pending = self.current, p, []
+        # This pass's own cache and hand-offs, made before the hooks that use them.
         outer_previews, self.previews = self.previews, PreviewCache()
+        outer_held, self._held = self._held, {}
+        self._new_grads = {}
+        handles: list = []
         try:
+            nodes = self._hook_nodes(p, roots, handles)  # fills `handles` as it goes: a Ctrl-C leaves none behind
+            self._hook_named_tensors(nodes)
             result = func(*args, **kwargs)
         except BaseException as exc:
             p.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.current = outer
-            for h in handles:
-                h.remove()
-            # Dropped with the pass: after it, the user's code may change a gradient
-            # in ways no version counter sees (`x.grad.data.zero_()`, a numpy view).
-            pass_previews, self.previews = self.previews, outer_previews
+            try:
+                for h in handles:
+                    h.remove()
+                self._flush_held()
+            finally:
+                # Dropped with the pass: after it, the user's code may change a gradient
+                # in ways no version counter sees (`x.grad.data.zero_()`, a numpy view).
+                pass_previews, self.previews = self.previews, outer_previews
+                self._held = outer_held
+                self._last_calls = tracer.calls
         if kind == "grad":
             p.results = pass_previews.many(result)
+            for rid, shown in zip(p.inputs, p.results):
+                # an input's own node need not run (autograd.grad only captures there)
+                if shown is not None:
+                    tracer.trace.records[rid].grads.setdefault(p.index, shown)
         return result
+
+    # ---- which records a node produces ----
+    def note_record(self, rid: int, t: torch.Tensor) -> None:
+        """Called for each new record of a tensor that requires grad."""
+        try:
+            fn = t.grad_fn
+            if fn is None:
+                ref, rids = self.leaf_records.get(id(t), (None, None))
+                if ref is None or ref() is not t:
+                    self.leaf_records[id(t)] = (weakref.ref(t), [rid])
+                else:
+                    rids.append(rid)
+                return
+            key = (fn._sequence_nr(), type(fn).__name__)
+            self.node_records.setdefault(key, []).append((t.output_nr, rid))
+        except Exception:  # e.g. reading grad_fn of a no_grad view changed in place raises
+            pass
+
+    def _records_of(self, node, name: str) -> list[tuple[int, int]]:
+        """[(output index, record id)] whose gradient this node receives."""
+        if name == "AccumulateGrad":
+            variable = getattr(node, "variable", None)
+            ref, rids = self.leaf_records.get(id(variable), (None, ()))
+            if ref is not None and ref() is variable:
+                return [(0, rid) for rid in rids]
+            rid = self.tracer.record_of(variable) if variable is not None else None
+            return [(0, rid)] if rid is not None else []
+        try:
+            return self.node_records.get((node._sequence_nr(), type(node).__name__), [])
+        except Exception:
+            return []
+
+    def grad_seen(self, leaf: torch.Tensor, g: torch.Tensor):
+        """The preview of `leaf.grad` taken in the last pass, if it is still that
+        tensor, unchanged: no torch call ran since (only a call could have changed
+        it behind its version counter: `.data`, `.numpy()`, `.grad = ...`)."""
+        if self._last_calls != self.tracer.calls:
+            return None
+        hit = self._new_grads.get(id(leaf))
+        if hit is None or hit[0] != g.data_ptr() or hit[1] is None or hit[1] != version_of(g):
+            return None
+        return hit[2]
 
     @staticmethod
     def _arguments(func, args, kwargs):
@@ -137,39 +169,56 @@ class BackwardRecorder:
         return _as_tuple(arg(0, "tensors")), _as_tuple(kwargs.get("inputs")), arg(1, "grad_tensors"), arg(2, "retain_graph")
 
     @quietly
-    def _hook_nodes(self, p: BackwardPass, roots) -> list:
+    def _hook_nodes(self, p: BackwardPass, roots, handles: list) -> list:
         nodes: list = []
+        nexts_of: list = []  # per node: its next_functions, read once (each read builds tuples)
         index: dict[int, int] = {}
         stack = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         for t in roots:
             if isinstance(t, torch.Tensor) and t.grad_fn is None and t.requires_grad:
                 self.tracer.note("backward from a leaf: its AccumulateGrad is the whole graph")
-        while stack and len(nodes) < MAX_NODES:
+        while stack and len(nodes) < MAX_WALK:
             node = stack.pop()
             if node is None or id(node) in index:
                 continue
             index[id(node)] = len(nodes)
             nodes.append(node)
-            for nxt, _ in node.next_functions:
+            nf = node.next_functions
+            nexts_of.append(nf)
+            for nxt, _ in nf:
                 if nxt is not None and id(nxt) not in index:
                     stack.append(nxt)
         if len(nodes) >= MAX_NODES:
+            # Too many steps to keep, but each record still gets its gradient.
             self.tracer.note(f"a backward pass had over {MAX_NODES} nodes: its steps were not recorded")
-            return [], nodes
+            for node in nodes:
+                outs = self._records_of(node, node_name(node))
+                if outs:
+                    handles.append(node.register_prehook(self._grads_only(p, outs)))
+            return nodes
         p.nodes = [node_name(node) for node in nodes]
+        fan_in: dict[tuple, int] = {}  # (node id, input slot) -> edges into it
+        edges_of = []
+        for nid, nf in enumerate(nexts_of):
+            edges = []
+            for nxt, slot in nf:
+                target = index.get(id(nxt)) if nxt is not None else None
+                edges.append((target, slot))
+                if target is not None:
+                    p.edges.append((nid, target))
+                    fan_in[(target, slot)] = fan_in.get((target, slot), 0) + 1
+            edges_of.append(edges)
+        by_node: dict[int, BackwardStep] = {}
         for nid, node in enumerate(nodes):
-            for nxt, _ in node.next_functions:
-                if nxt is not None and id(nxt) in index:
-                    p.edges.append((nid, index[id(nxt)]))
-        handles = []
-        for nid, node in enumerate(nodes):
-            nexts = [index.get(id(n)) if n is not None else None for n, _ in node.next_functions]
+            edges = edges_of[nid]
+            # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends
+            handoff = [t is not None and fan_in[(t, slot)] == 1 for t, slot in edges]
             try:
-                handles.append(node.register_prehook(self._pre(p, nid, node, nexts)))
-                handles.append(node.register_hook(self._post(p, nid)))
+                handles.append(node.register_prehook(self._pre(p, nid, node, p.nodes[nid], edges, by_node)))
+                handles.append(node.register_hook(self._post(nid, by_node, getattr(node, "variable", None), edges, handoff)))
             except Exception:
                 continue
-        return handles, nodes
+        return nodes
 
     @quietly
     def _hook_named_tensors(self, nodes: list) -> None:
@@ -184,34 +233,99 @@ class BackwardRecorder:
             if reached:
                 self.tracer.record_for(t, name=name)
 
-    def _pre(self, p: BackwardPass, nid: int, node, nexts):
-        name = node_name(node)
-        variable = getattr(node, "variable", None) if name == "AccumulateGrad" else None
+    def _take(self, p: BackwardPass, outs, grad_outputs) -> list[int]:
+        """Store each record's gradient from a node's incoming grads; their ids."""
+        records = self.tracer.trace.records
+        got = []
+        for out_nr, rid in outs:
+            g = grad_outputs[out_nr] if out_nr < len(grad_outputs) else None
+            if g is not None:
+                records[rid].grads[p.index] = self.previews(g)
+                got.append(rid)
+        return got
 
+    def _grads_only(self, p: BackwardPass, outs):
         def pre(grad_outputs):
-            records, self.pending = self.pending, []
-            if variable is not None:
-                rid = self.tracer.record_of(variable)
-                if rid is not None and rid not in records:
-                    records.append(rid)
-            p.steps.append(
-                BackwardStep(
-                    index=len(p.steps),
-                    node=name,
-                    node_id=nid,
-                    records=records,
-                    grad_in=self.previews.many(grad_outputs),
-                    next_ids=nexts,
-                )
-            )
+            self._take(p, outs, grad_outputs)
 
         return pre
 
-    def _post(self, p: BackwardPass, nid: int):
+    def _pre(self, p: BackwardPass, nid: int, node, name: str, edges, by_node: dict):
+        nexts = [target for target, _ in edges]
+        held = self._held
+
+        def pre(grad_outputs):
+            # looked up now: records made after the walk (named tensors) count too
+            outs = self._records_of(node, name)
+            grad_in = self.previews.many(grad_outputs)
+            for slot in range(len(grad_outputs)):
+                sent = held.pop((nid, slot), None)  # released before the node runs: AccumulateGrad may take it over
+                if sent is not None:
+                    g, sender, i = sent
+                    if i < len(sender.grad_out) and sender.grad_out[i] is None:
+                        sender.grad_out[i] = grad_in[slot] if g is grad_outputs[slot] else self.previews(g)
+            step = BackwardStep(
+                index=len(p.steps),
+                node=name,
+                node_id=nid,
+                records=self._take(p, outs, grad_outputs) if outs else [],
+                grad_in=grad_in,
+                next_ids=nexts,
+            )
+            p.steps.append(step)
+            by_node[nid] = step
+
+        return pre
+
+    def _post(self, nid: int, by_node: dict, variable, edges, handoff):
+        held = self._held
+
         def post(grad_inputs, grad_outputs):
-            for step in reversed(p.steps):
-                if step.node_id == nid:
-                    step.grad_out = self.previews.many(grad_inputs)
-                    break
+            step = by_node.get(nid)
+            if step is None:
+                return
+            sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
+            for i, g in enumerate(grad_inputs):
+                if g is None:
+                    continue
+                if i >= len(handoff) or not handoff[i]:
+                    sent[i] = self.previews(g)
+                    continue
+                # Read once, by the receiver's pre-hook; held until then, which the
+                # engine does too (a slot fed once is never summed in place).
+                held[(edges[i][0], edges[i][1])] = (g, step, i)
+                sent[i] = self._view_preview(g, grad_outputs)
+            if variable is not None and step.grad_in:
+                self._note_new_grad(variable, grad_outputs[0], step.grad_in[0])
 
         return post
+
+    @quietly
+    def _view_preview(self, g, received):
+        """A gradient sent as a view of one received (TBackward): previewed now,
+        cheaply, while the one it shares memory with is alive; else None (later)."""
+        try:
+            ptr = g.data_ptr()
+            if any(r is not None and r.data_ptr() == ptr for r in received):
+                return self.previews.get(g)
+        except Exception:
+            pass
+        return None
+
+    def _flush_held(self) -> None:
+        """Gradients sent to nodes that did not run (autograd.grad stops at its inputs)."""
+        held, self._held = self._held, {}
+        for g, sender, i in held.values():
+            if i < len(sender.grad_out) and sender.grad_out[i] is None:
+                sender.grad_out[i] = self.previews(g)
+
+    @quietly
+    def _note_new_grad(self, variable, received, shown) -> None:
+        """AccumulateGrad has run: when the leaf's `.grad` is the very gradient it
+        received (torch hands it over rather than copying), remember its preview."""
+        try:
+            g = variable.grad
+            if g is not None and received is not None and g.data_ptr() == received.data_ptr() and g.shape == received.shape:
+                self._new_grads[id(variable)] = (g.data_ptr(), version_of(g), shown)
+        except Exception:
+            pass

@@ -2,10 +2,10 @@
 
 For each op that produces a tensor it writes a `Record` (op, inputs,
 `grad_fn`, flags, a bounded preview, the exact source span that ran it).
-Gradients come from `Tensor.register_hook` on each recorded tensor that
-requires grad, and each backward pass's node order and per-node gradients
-from `Node.register_prehook` / `register_hook`, all removed when tracing
-stops. Nothing here changes what the traced code computes: every op is run
+Each backward pass's node order and per-node gradients come from
+`Node.register_prehook` / `register_hook`, removed when the pass ends; the
+gradient each record received is its node's incoming gradient (records are
+matched to nodes as they are made, so no per-tensor hook is needed). Nothing here changes what the traced code computes: every op is run
 exactly as called and hooks only read.
 """
 
@@ -105,6 +105,7 @@ class _Mode(TorchFunctionMode):
         # busy: the tracer's own work (previews, naming) is not the user's
         if self.stale or tracer.busy:
             return func(*args, **kwargs)
+        tracer.calls += 1
         if func in tracer.backward_funcs:
             return tracer.backward.run(func, args, kwargs)
         name = getattr(func, "__name__", "")
@@ -175,11 +176,11 @@ class Tracer:
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
         self._site_runs: dict[tuple, list] = {}  # site key -> [runs so far, id of its first record]
         self._span_counts: dict[tuple, int] = {}
-        self._hooks: list = []
         self._mode: Optional[_Mode] = None
         self._stance = None
         self._noted: set[str] = set()
         self.busy = False
+        self.calls = 0  # the traced code's torch calls so far: what may have touched a tensor
         self._final_names: dict[int, str] = {}
         self.final_namespace: Optional[dict] = None  # set by trace() to name records at the end
 
@@ -211,12 +212,6 @@ class Tracer:
             try:
                 self._finish_records()
             finally:
-                for h in self._hooks:
-                    try:
-                        h.remove()
-                    except Exception:
-                        pass
-                self._hooks = []
                 self._by_tensor.clear()
                 self._live.clear()
         return self.trace
@@ -293,10 +288,7 @@ class Tracer:
         self._by_tensor[id(t)] = (ref, rec.id)
         self._live[rec.id] = (ref, version_of(t))
         if hook and t.requires_grad:
-            try:
-                self._hooks.append(t.register_hook(self.backward.tensor_hook(rec.id)))
-            except RuntimeError:
-                pass
+            self.backward.note_record(rec.id, t)
 
     def on_op(self, func, func_name: str, args, kwargs, out):
         """Record `out`; ops past the detail limit of their site only count (a loop's later runs)."""
@@ -463,7 +455,7 @@ class Tracer:
                     rec.retains_grad = bool(t.retains_grad)
                     g = t.grad
                     if g is not None:
-                        rec.attr_grad = preview_quiet(g)
+                        rec.attr_grad = self.backward.grad_seen(t, g) or preview_quiet(g)
             except Exception:
                 pass
         self.trace.repeats = self.repeats()

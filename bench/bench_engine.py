@@ -120,6 +120,42 @@ def seed_cells_case():
     return run(""), run("%%autograd --quiet\n")
 
 
+def _mlp256_previews(plain):
+    """What the previews alone cost: every tensor one traced MLP step shows
+    (values, gradients, each leaf's .grad), previewed after a plain step."""
+    from autograd_magic._preview import preview
+
+    with am.trace() as t:
+        plain()
+    shown = sum(1 for r in t.records for _ in [r.preview, *r.grads.values(), r.attr_grad] if _ is not None)
+    tensors, inputs = [], {}
+
+    class _Keep(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.is_leaf:
+                    inputs[id(a)] = a  # the input and the weights
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                out.register_hook(tensors.append)  # its gradient
+                tensors.append(out.detach())
+            return out
+
+    with _Keep():
+        plain()
+    for a in inputs.values():
+        tensors.append(a.detach())
+        if a.grad is not None:
+            tensors.append(a.grad)
+
+    def run():
+        plain()
+        for x in tensors:
+            preview(x)
+
+    return run, shown, len(tensors)
+
+
 class _EmptyMode(TorchFunctionMode):
     """The floor: a TorchFunctionMode that only forwards each call."""
 
@@ -143,6 +179,11 @@ def main() -> dict:
         results[name] = ratio
         print(f"{name} traced/plain {ratio:.2f}   (median {median:.2f}; plain {p * 1e3:.2f} ms, traced {t * 1e3:.2f} ms)",
               flush=True)
+        if name == "mlp256_fwd_bwd":  # for scale: the statistics alone, with no tracing at all
+            run, shown, n = _mlp256_previews(plain)
+            alone, alone_median, _, _ = _best_ratio(plain, run)
+            print(f"  {name} plain+{n}-previews/plain {alone:.2f}   (median {alone_median:.2f}; "
+                  f"the trace shows {shown} previews: values+min/max/mean/norm, no tracing)", flush=True)
         if name != "seed_cells":  # for scale: what any TorchFunctionMode costs before recording anything
             floor, floor_median, _, _ = _best_ratio(plain, _under_empty_mode(plain))
             print(f"  {name} empty-mode/plain {floor:.2f}   (median {floor_median:.2f}; floor: an empty TorchFunctionMode)",
