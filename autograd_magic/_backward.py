@@ -3,9 +3,12 @@
 The tracer routes `Tensor.backward`, `torch.autograd.backward` and
 `torch.autograd.grad` here. Before the call, every node reachable from the
 roots gets a pre-hook (the gradient it receives) and a hook (the gradients
-it sends on); tensor hooks on recorded tensors tell which records a node
-produced, because the engine runs a node's tensor hooks just before its
-pre-hooks. All node hooks are removed when the call returns or raises.
+it sends on). Records are matched to the node that made them as they are
+recorded (`note_record`), so a node's pre-hook hands each record its
+gradient: no hook on any tensor, which cost a registration per record and a
+Python call per record per pass. A gradient sent along an edge nothing else
+feeds is read once, by its receiver. All node hooks are removed when the
+call returns or raises.
 """
 
 from __future__ import annotations

@@ -88,7 +88,11 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
     else:
         index = _edge_index(a.shape)
         if index is not None:
-            p.values = a[index]  # fancy indexing copies just the edge block
+            if a.flags.c_contiguous:  # most intermediates and gradients: one `take` of cached flat indices
+                flat_index, block = _flat_edge_index(a.shape, index)
+                p.values = a.reshape(-1).take(flat_index).reshape(block)
+            else:
+                p.values = a[index]  # fancy indexing copies just the edge block
             p.summarized = True
         else:
             p.values = a.flat[:FULL_LIMIT]  # copies just these, whatever the strides
@@ -143,10 +147,7 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
                 # the common case, kept lean: a float tensor on the CPU
                 a = t.detach().numpy()
                 p = Preview(shape=a.shape, dtype=name)
-                if a.size > FULL_LIMIT and a.flags.c_contiguous:
-                    _contiguous_preview(p, a.reshape(-1), with_stats)
-                else:
-                    _numpy_preview(p, a, with_stats)
+                _numpy_preview(p, a, with_stats)
                 return p
         return _preview(t, with_stats)
     except Exception as exc:  # a preview must never break the user's cell
@@ -155,48 +156,18 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
 
 
 _FAST_DTYPES = {torch.float32: "torch.float32", torch.float64: "torch.float64"}
-_minimum, _maximum, _add = np.minimum.reduce, np.maximum.reduce, np.add.reduce
+_minimum, _maximum = np.minimum.reduce, np.maximum.reduce
 
 
-def _contiguous_preview(p: Preview, flat: np.ndarray, with_stats: bool) -> None:
-    """`_numpy_preview` for a large C-contiguous float tensor (most intermediates
-    and gradients): the edge block by one `take`, each statistic one ufunc pass."""
-    index, block = _flat_edge_index(p.shape)
-    if index is not None:
-        p.values = flat.take(index).reshape(block)
-        p.summarized = True
-    else:
-        p.values = flat[:FULL_LIMIT].copy()
-        p.flat_head = True
-    n = flat.size
-    if not with_stats:
-        return
-    if n > STATS_LIMIT:
-        p.note = "statistics skipped: tensor too large"
-        return
-    p.min, p.max = lo, hi = float(_minimum(flat)), float(_maximum(flat))
-    big = max(-lo, hi)  # nan when any element is nan
-    if big * big * n < _SAFE_SQUARES[flat.itemsize]:  # no inf/nan, no overflow: skip errstate (~2 us)
-        p.mean = float(_add(flat)) / n  # numpy's pairwise sum: accurate
-        p.norm = _norm(flat)
-        return
-    with np.errstate(all="ignore"):  # inf/nan/overflow: no RuntimeWarning in the user's cell
-        p.mean = float(_add(flat)) / n
-        p.norm = _norm(flat)
+_FLAT_EDGE: dict = {}  # shape -> (flat indices of the edge block, its shape)
 
 
-_FLAT_EDGE: dict = {}  # shape -> (flat indices of the edge block, its shape), or (None, None)
-
-
-def _flat_edge_index(shape: tuple):
+def _flat_edge_index(shape: tuple, index: tuple):
+    """`index` (the edge block's) as positions in the flattened tensor, and the block's shape."""
     hit = _FLAT_EDGE.get(shape)
     if hit is None:
-        index = _edge_index(shape)
-        if index is None:
-            hit = (None, None)
-        else:
-            grid = np.ravel_multi_index(np.broadcast_arrays(*index), shape) if shape else np.zeros((), np.intp)
-            hit = (grid.reshape(-1), grid.shape)
+        grid = np.ravel_multi_index(np.broadcast_arrays(*index), shape)
+        hit = (grid.reshape(-1), grid.shape)
         if len(_FLAT_EDGE) < 4096:
             _FLAT_EDGE[shape] = hit
     return hit
@@ -237,7 +208,7 @@ def _small_stats(p: Preview, v: np.ndarray) -> None:
 def _large_stats(p: Preview, a: np.ndarray, n: int) -> None:
     # numpy on one thread: torch's reductions wake its thread pool for each
     # call, which on a busy 2-core machine cost 2-5x more, erratically.
-    p.min, p.max = lo, hi = float(a.min()), float(a.max())
+    p.min, p.max = lo, hi = float(_minimum(a, axis=None)), float(_maximum(a, axis=None))  # the ufuncs: no wrapper
     big = max(abs(lo), abs(hi))  # nan when any element is nan
     if big * big * n < _SAFE_SQUARES.get(a.dtype.itemsize, 0.0):  # no inf/nan, no overflow: skip errstate (~2 us)
         _sum_and_norm(p, a, n)
