@@ -90,8 +90,7 @@ class BackwardRecorder:
         self._new_grads = {}
         handles: list = []
         try:
-            nodes = self._hook_nodes(p, roots, handles)  # fills `handles` as it goes: a Ctrl-C leaves none behind
-            self._hook_named_tensors(nodes)
+            self._hook_nodes(p, roots, handles)  # fills `handles` as it goes: a Ctrl-C leaves none behind
             result = func(*args, **kwargs)
         except BaseException as exc:
             p.error = f"{type(exc).__name__}: {exc}"
@@ -172,7 +171,7 @@ class BackwardRecorder:
         return _as_tuple(arg(0, "tensors")), _as_tuple(kwargs.get("inputs")), arg(1, "grad_tensors"), arg(2, "retain_graph")
 
     @quietly
-    def _hook_nodes(self, p: BackwardPass, roots, handles: list) -> list:
+    def _hook_nodes(self, p: BackwardPass, roots, handles: list) -> None:
         nodes: list = []
         nexts_of: list = []  # per node: its next_functions, read once (each read builds tuples)
         index: dict[int, int] = {}
@@ -191,15 +190,17 @@ class BackwardRecorder:
             for nxt, _ in nf:
                 if nxt is not None and id(nxt) not in index:
                     stack.append(nxt)
+        self._hook_named_tensors(nodes)  # first: their records are among the nodes' below
+        names = [node_name(node) for node in nodes]
         if len(nodes) >= MAX_NODES:
             # Too many steps to keep, but each record still gets its gradient.
             self.tracer.note(f"a backward pass had over {MAX_NODES} nodes: its steps were not recorded")
-            for node in nodes:
-                outs = self._records_of(node, node_name(node))
+            for node, name in zip(nodes, names):
+                outs = self._records_of(node, name)
                 if outs:
                     handles.append(node.register_prehook(self._grads_only(p, outs)))
-            return nodes
-        p.nodes = [node_name(node) for node in nodes]
+            return
+        p.nodes = names
         fan_in: dict[tuple, int] = {}  # (node id, input slot) -> edges into it
         edges_of = []
         for nid, nf in enumerate(nexts_of):
@@ -216,12 +217,12 @@ class BackwardRecorder:
             edges = edges_of[nid]
             # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends
             handoff = [t is not None and fan_in[(t, slot)] == 1 for t, slot in edges]
+            outs = self._records_of(node, names[nid])
             try:
-                handles.append(node.register_prehook(self._pre(p, nid, node, p.nodes[nid], edges, by_node)))
+                handles.append(node.register_prehook(self._pre(p, nid, names[nid], outs, edges, by_node)))
                 handles.append(node.register_hook(self._post(nid, by_node, getattr(node, "variable", None), edges, handoff)))
             except Exception:
                 continue
-        return nodes
 
     @quietly
     def _hook_named_tensors(self, nodes: list) -> None:
@@ -236,84 +237,82 @@ class BackwardRecorder:
             if reached:
                 self.tracer.record_for(t, name=name)
 
-    def _take(self, p: BackwardPass, outs, grad_outputs) -> list[int]:
-        """Store each record's gradient from a node's incoming grads; their ids."""
+    def _store(self, p: BackwardPass, outs, grad_in: list) -> list[int]:
+        """Each record's gradient, out of the previews of a node's incoming grads; their ids."""
         records = self.tracer.trace.records
         got = []
         for out_nr, rid in outs:
-            g = grad_outputs[out_nr] if out_nr < len(grad_outputs) else None
-            if g is not None:
-                records[rid].grads[p.index] = self.previews(g)
+            shown = grad_in[out_nr] if out_nr < len(grad_in) else None
+            if shown is not None:
+                records[rid].grads[p.index] = shown
                 got.append(rid)
         return got
 
     def _grads_only(self, p: BackwardPass, outs):
         def pre(grad_outputs):
-            self._take(p, outs, grad_outputs)
+            with torch._C.DisableTorchFunction():
+                self._store(p, outs, [self.previews.get(g) for g in grad_outputs])
 
         return pre
 
-    def _pre(self, p: BackwardPass, nid: int, node, name: str, edges, by_node: dict):
+    def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict):
         nexts = [target for target, _ in edges]
-        held = self._held
+        held, previews = self._held, self.previews  # this pass's
 
         def pre(grad_outputs):
-            # looked up now: records made after the walk (named tensors) count too
-            outs = self._records_of(node, name)
-            grad_in = self.previews.many(grad_outputs)
-            for slot in range(len(grad_outputs)):
-                sent = held.pop((nid, slot), None)  # released before the node runs: AccumulateGrad may take it over
-                if sent is not None:
-                    g, sender, i = sent
-                    if i < len(sender.grad_out) and sender.grad_out[i] is None:
-                        sender.grad_out[i] = grad_in[slot] if g is grad_outputs[slot] else self.previews(g)
-            step = BackwardStep(
-                index=len(p.steps),
-                node=name,
-                node_id=nid,
-                records=self._take(p, outs, grad_outputs) if outs else [],
-                grad_in=grad_in,
-                next_ids=nexts,
-            )
-            p.steps.append(step)
-            by_node[nid] = step
+            with torch._C.DisableTorchFunction():  # our reads are not the user's ops
+                grad_in = [previews.get(g) for g in grad_outputs]
+                if held:
+                    for slot in range(len(grad_outputs)):
+                        sent = held.pop((nid, slot), None)  # released before the node runs: AccumulateGrad may take it over
+                        if sent is not None:
+                            g, sender, i = sent
+                            if i < len(sender.grad_out) and sender.grad_out[i] is None:
+                                sender.grad_out[i] = grad_in[slot] if g is grad_outputs[slot] else previews.get(g)
+                step = BackwardStep(
+                    index=len(p.steps),
+                    node=name,
+                    node_id=nid,
+                    records=self._store(p, outs, grad_in) if outs else [],
+                    grad_in=grad_in,
+                    next_ids=nexts,
+                )
+                p.steps.append(step)
+                by_node[nid] = step
 
         return pre
 
     def _post(self, nid: int, by_node: dict, variable, edges, handoff):
-        held = self._held
+        held, previews = self._held, self.previews
 
         def post(grad_inputs, grad_outputs):
             step = by_node.get(nid)
             if step is None:
                 return
-            sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
-            for i, g in enumerate(grad_inputs):
-                if g is None:
-                    continue
-                if i >= len(handoff) or not handoff[i]:
-                    sent[i] = self.previews(g)
-                    continue
-                # Read once, by the receiver's pre-hook; held until then, which the
-                # engine does too (a slot fed once is never summed in place).
-                held[(edges[i][0], edges[i][1])] = (g, step, i)
-                sent[i] = self._view_preview(g, grad_outputs)
-            if variable is not None and step.grad_in:
-                self._note_new_grad(variable, grad_outputs[0], step.grad_in[0])
+            with torch._C.DisableTorchFunction():
+                sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
+                received = None
+                for i, g in enumerate(grad_inputs):
+                    if g is None:
+                        continue
+                    if i >= len(handoff) or not handoff[i]:
+                        sent[i] = previews.get(g)
+                        continue
+                    # Read once, by the receiver's pre-hook; held until then, which the
+                    # engine does too (a slot fed once is never summed in place).
+                    held[edges[i]] = (g, step, i)
+                    try:
+                        if received is None:
+                            received = {r.data_ptr() for r in grad_outputs if r is not None}
+                        if g.data_ptr() in received:
+                            # a view of what it received (TBackward): cheap now, while that one is alive
+                            sent[i] = previews.get(g)
+                    except Exception:  # no storage to point at (functorch, sparse): read by the receiver
+                        received = set()
+                if variable is not None and step.grad_in:
+                    self._note_new_grad(variable, grad_outputs[0], step.grad_in[0])
 
         return post
-
-    @quietly
-    def _view_preview(self, g, received):
-        """A gradient sent as a view of one received (TBackward): previewed now,
-        cheaply, while the one it shares memory with is alive; else None (later)."""
-        try:
-            ptr = g.data_ptr()
-            if any(r is not None and r.data_ptr() == ptr for r in received):
-                return self.previews.get(g)
-        except Exception:
-            pass
-        return None
 
     def _flush_held(self) -> None:
         """Gradients sent to nodes that did not run (autograd.grad stops at its inputs)."""
@@ -322,7 +321,6 @@ class BackwardRecorder:
             if i < len(sender.grad_out) and sender.grad_out[i] is None:
                 sender.grad_out[i] = self.previews(g)
 
-    @quietly
     def _note_new_grad(self, variable, received, shown) -> None:
         """AccumulateGrad has run: when the leaf's `.grad` is the very gradient it
         received (torch hands it over rather than copying), remember its preview."""

@@ -258,12 +258,13 @@ class Tracer:
             return entry[1]
         return None
 
-    @quietly
     def record_for(self, t: torch.Tensor, name: Optional[str] = None) -> int:
         """The record of `t`, creating an external one for a tensor made elsewhere."""
         rid = self.record_of(t)
-        if rid is not None:
-            return rid
+        return rid if rid is not None else self._external(t, name)
+
+    @quietly
+    def _external(self, t: torch.Tensor, name: Optional[str]) -> int:
         shown = preview_quiet(t)
         rec = Record(
             id=len(self.trace.records),
