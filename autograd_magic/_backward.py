@@ -327,6 +327,7 @@ class BackwardRecorder:
         try:
             g = variable.grad
             if g is not None and received is not None and g.data_ptr() == received.data_ptr() and g.shape == received.shape:
-                self._new_grads[id(variable)] = (g.data_ptr(), version_of(g), shown)
+                # the version it had when previewed: a post-accumulate-grad hook may have changed it since
+                self._new_grads[id(variable)] = (g.data_ptr(), self.previews.version_seen(received), shown)
         except Exception:
             pass

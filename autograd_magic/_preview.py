@@ -307,6 +307,11 @@ class PreviewCache:
     def many(self, tensors) -> list:
         return [self(t) for t in tensors]
 
+    def version_seen(self, t) -> Optional[int]:
+        """The version `t` had when this cache previewed it, if it did."""
+        hit = self._seen.get(id(t))
+        return hit[2] if hit is not None and hit[0]() is t else None
+
     def get(self, t):
         """`__call__` for callers already inside `quietly`. Never raises."""
         if not isinstance(t, torch.Tensor):

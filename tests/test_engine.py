@@ -301,3 +301,18 @@ def test_a_leaf_grad_changed_after_backward_is_read_afresh():
     shown = t.last("w").attr_grad
     assert shown.min == shown.max == 0.0 and not shown.values.any()
     assert t.last("w").grads[0].max == 3.0  # what the pass itself delivered
+
+
+def test_a_leaf_grad_changed_by_a_post_accumulate_hook_is_read_afresh():
+    w = torch.ones(3, 40, requires_grad=True)
+
+    def scale(p):
+        p.grad.mul_(10)  # in place, after the gradient was handed over as .grad
+
+    h = w.register_post_accumulate_grad_hook(scale)
+    try:
+        with am.trace() as t:
+            (w * 2).sum().backward()
+    finally:
+        h.remove()
+    assert t.last("w").attr_grad.max == float(w.grad.max()) == 20.0
