@@ -180,6 +180,8 @@ def _flat_edge_index(shape: tuple, index: tuple):
         if len(_FLAT_EDGE) < 4096:
             _FLAT_EDGE[shape] = hit
     return hit
+
+
 _EDGE_INDEX: dict = {}  # shape -> numpy index of the edge block, or None when too large
 
 
@@ -231,8 +233,8 @@ _SAFE_SQUARES = {4: 1e37, 8: 1e300}
 
 def _sum_and_norm(p: Preview, a: np.ndarray, n: int) -> None:
     if a.dtype.kind == "f" and a.dtype.itemsize >= 4 and (a.flags.c_contiguous or a.flags.f_contiguous):
-        # numpy's pairwise float sum is accurate, the norm a plain C loop; memory
-        # order ('K') makes a transposed tensor (a weight's grad) a view too
+        # sum and norm each one vector C loop; memory order ('K') makes a
+        # transposed tensor (a weight's grad) a view too
         flat = a.ravel(order="K")
         p.mean = _sum(flat) / n
         p.norm = _norm(flat)

@@ -5,7 +5,8 @@ For each op that produces a tensor it writes a `Record` (op, inputs,
 Each backward pass's node order and per-node gradients come from
 `Node.register_prehook` / `register_hook`, removed when the pass ends; the
 gradient each record received is its node's incoming gradient (records are
-matched to nodes as they are made, so no per-tensor hook is needed). Nothing here changes what the traced code computes: every op is run
+matched to nodes as they are made, so no per-tensor hook is needed).
+Nothing here changes what the traced code computes: every op is run
 exactly as called and hooks only read.
 """
 
