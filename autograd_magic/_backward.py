@@ -14,7 +14,7 @@ call returns or raises.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -138,6 +138,7 @@ class BackwardRecorder:
             ref, rids = self.leaf_records.get(id(variable), (None, ()))
             if ref is not None and ref() is variable:
                 return [(0, rid) for rid in rids]
+            # a leaf that came to require grad after it was recorded (`requires_grad_()`, a sandbox flip)
             rid = self.tracer.record_of(variable) if variable is not None else None
             return [(0, rid)] if rid is not None else []
         try:

@@ -300,8 +300,8 @@ def _dense_key(t: torch.Tensor) -> Optional[tuple]:
 class PreviewCache:
     """Previews taken during one backward pass, shared so nothing is read twice.
 
-    The same gradient object reaches a tensor hook and the next node's
-    pre-hook; a weight's gradient arrives transposed (TBackward). No user
+    The same gradient object reaches the node that sent it and the node
+    that receives it; a weight's gradient arrives transposed (TBackward). No user
     code runs between the hooks of one pass except the user's own hooks, so
     an entry is trusted only while its tensor is alive, at the same version
     and, for the memory-block entries, still at the same address.

@@ -278,10 +278,10 @@ class Tracer:
             grad_enabled=torch.is_grad_enabled(),
             preview=shown,
         )
-        self._add(rec, t, hook=True)
+        self._add(rec, t)
         return rec.id
 
-    def _add(self, rec: Record, t: torch.Tensor, hook: bool) -> None:
+    def _add(self, rec: Record, t: torch.Tensor) -> None:
         self.trace.records.append(rec)
         try:
             ref = weakref.ref(t)
@@ -289,7 +289,7 @@ class Tracer:
             return
         self._by_tensor[id(t)] = (ref, rec.id)
         self._live[rec.id] = (ref, version_of(t))
-        if hook and t.requires_grad:
+        if t.requires_grad:
             self.backward.note_record(rec.id, t)
 
     def on_op(self, func, func_name: str, args, kwargs, out):
@@ -363,7 +363,7 @@ class Tracer:
                 rec.name = self.trace.records[mutated].name
             if key is not None and site[1] is None:
                 site[1] = rec.id
-            self._add(rec, t, hook=True)
+            self._add(rec, t)
         if self.output_hook is not None and isinstance(out, torch.Tensor):
             replaced = self.output_hook(self.trace.records[-1], out)
             if replaced is not None and replaced is not out:

@@ -127,7 +127,7 @@ def _mlp256_previews(plain):
 
     with am.trace() as t:
         plain()
-    shown = sum(1 for r in t.records for _ in [r.preview, *r.grads.values(), r.attr_grad] if _ is not None)
+    shown = sum(1 for r in t.records for p in [r.preview, *r.grads.values(), r.attr_grad] if p is not None)
     tensors, inputs = [], {}
 
     class _Keep(TorchFunctionMode):
