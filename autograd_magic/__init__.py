@@ -16,9 +16,16 @@ Outside IPython (or inside a cell), the same engine::
 
 from __future__ import annotations
 
-from ._api import trace
-from ._magic import AutogradMagics, load_ipython_extension, unload_ipython_extension
-from ._records import BackwardPass, BackwardStep, Preview, Record, Trace, TraceError
+from .data.trace import BackwardPass, BackwardStep, Preview, Record, Trace, TraceError, register_views
+from .notebook.display import mimebundle, show
+from .notebook.magic import AutogradMagics, load_ipython_extension, unload_ipython_extension
+from .render.dot import render_dot
+from .render.html import render_html
+from .render.layout import render_svg
+from .render.text import render_text
+from .run.api import trace
+
+register_views(text=render_text, html=render_html, dot=render_dot, svg=render_svg, show=show, mimebundle=mimebundle)
 
 __all__ = [
     "trace",

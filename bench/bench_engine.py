@@ -123,7 +123,7 @@ def seed_cells_case():
 def _mlp256_previews(plain):
     """What the previews alone cost: every tensor one traced MLP step shows
     (values, gradients, each leaf's .grad), previewed after a plain step."""
-    from autograd_magic._preview import preview
+    from autograd_magic.capture.preview import preview
 
     with am.trace() as t:
         plain()

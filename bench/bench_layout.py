@@ -104,8 +104,8 @@ def _big_traces(shell) -> Iterator[tuple[str, object]]:
 
 def draw_seconds(trace, timeout: float = 5.0, **options) -> tuple[float, bool]:
     """DOT + layout time with the SVG cache cleared, and whether an SVG came out."""
-    from autograd_magic import _layout
-    from autograd_magic._dot import render_dot
+    from autograd_magic.render import layout as _layout
+    from autograd_magic.render.dot import render_dot
 
     _layout._CACHE.clear()
     start = time.perf_counter()
@@ -115,7 +115,7 @@ def draw_seconds(trace, timeout: float = 5.0, **options) -> tuple[float, bool]:
 
 def _extra_cases(traces: dict) -> Iterator[tuple[str, object, dict]]:
     """The first drawing of a session (the layout worker starts), and the worst case we know."""
-    from autograd_magic import _layout
+    from autograd_magic.render import layout as _layout
 
     first = next(iter(traces.values()))
     _layout._SERVER_PROCESS.close()

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from IPython.core.interactiveshell import InteractiveShell
 
-from autograd_magic._execute import execute
-from autograd_magic._sandbox import take_snapshot
-from autograd_magic._widget import make_view
+from autograd_magic.run.execute import execute
+from autograd_magic.variants.sandbox import take_snapshot
+from autograd_magic.notebook.session import CellSession
+from autograd_magic.notebook.widget import make_view
 
 SEEDS = Path(__file__).resolve().parent.parent.parent / "shared" / "seeds" / "cells.py"
 LOOP = "h = x\nfor i in range(5000):\n    h = h * 0.999 + 0.001\nh.sum().backward()"
@@ -34,8 +35,8 @@ def _shell() -> InteractiveShell:
 def _view(shell, cell: str, detail_limit: int = 3, graph: bool = True):
     snapshot = take_snapshot(shell, cell)
     run = execute(shell, cell, first_line=2, display=False, capture=True, detail_limit=detail_limit)
-    view = make_view(run.trace, shell=shell, source=cell, snapshot=snapshot, graph=graph, detail_limit=detail_limit)
-    return run.trace, view
+    session = CellSession(shell, cell, run.trace, snapshot, detail_limit=detail_limit)
+    return run.trace, make_view(session, graph=graph)
 
 
 def payload_sizes(shell) -> None:

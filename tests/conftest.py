@@ -52,7 +52,7 @@ def _no_leaked_torch_modes():
     """A mode left on torch's stack fails the test that left it, not every test after it."""
     import torch
 
-    from autograd_magic._tracer import purge_stale_modes
+    from autograd_magic.capture.tracer import purge_stale_modes
 
     purge_stale_modes()
     depth = torch._C._len_torch_function_stack()

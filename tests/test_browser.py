@@ -177,4 +177,4 @@ def _check_selection(grid, kind) -> None:
     grid.screenshot(path=str(SCREENSHOTS / f"{kind}_selected.png"))
     # the gradient check re-runs the cell in float64 and gives its verdict per leaf
     grid.locator("button.agm-check").click()
-    grid.locator(".agm-gradcheck pre", has_text="x: ok").wait_for(timeout=TIMEOUT)
+    grid.locator(".agm-gradcheck pre", has_text="x: agrees").wait_for(timeout=TIMEOUT)

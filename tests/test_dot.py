@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autograd_magic._dot import render_dot
-from autograd_magic._fold import fold
-from autograd_magic._layout import layout, svg_or_fallback_html
-from autograd_magic._records import Preview, Record, Trace
+from autograd_magic.render.dot import render_dot
+from autograd_magic.explain.fold import fold
+from autograd_magic.render.layout import layout, svg_or_fallback_html
+from autograd_magic.data.trace import Preview, Record, Trace
 
 # ---------------------------------------------------------------- helpers
 
@@ -337,7 +337,7 @@ def test_selection_recolours_without_moving_the_layout(shell):
 def test_node_map_names_a_drawn_node_for_every_record(shell):
     shell.run_cell(TRAIN_SETUP)
     trace, _ = _traced(shell, TRAIN.format(steps=5))
-    from autograd_magic._dot import node_map
+    from autograd_magic.render.dot import node_map
 
     for max_nodes in (300, 10):
         g = _graph(render_dot(trace, max_nodes=max_nodes))
@@ -403,5 +403,5 @@ def test_tensor_changed_in_place_after_use_is_marked(shell):
     g = _graph(render_dot(trace))
     y = next(r for r in trace.records if r.op == "mul")
     assert y.version_changed  # torch's version counter moved after exp saved y
-    assert "changed in place later" in g.get_node(f"r{y.id}").attr["label"]
+    assert "modified in place later" in g.get_node(f"r{y.id}").attr["label"]
     assert any("inplace" in _classes(g, n) for n in g.nodes() if n.startswith("op"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from autograd_magic._explain import explain_all, explain_error, explain_record
+from autograd_magic.explain.errors import explain_error
+from autograd_magic.explain.why import explain_all, explain_record
 
 
 def run(shell, body: str, setup: str = "import torch", raises: bool = False):

@@ -108,7 +108,7 @@ def _clean_state() -> tuple:
     # collection (see test_a_mode_pushed_back_late_is_inert_and_purged): it is
     # inert and the extension purges it around every cell. Purge it here too;
     # what is left on the stack after that is a real leak.
-    from autograd_magic._tracer import purge_stale_modes
+    from autograd_magic.capture.tracer import purge_stale_modes
 
     purge_stale_modes()
     return torch._C._len_torch_function_stack(), _global_hooks(), torch.is_grad_enabled(), _stance()
@@ -368,7 +368,7 @@ def test_torch_printing_is_not_interrupt_safe_plain_either(ipy):
 @pytest.mark.parametrize("where", ["push", "stance"])
 def test_interrupt_while_the_tracer_starts(ipy, monkeypatch, where):
     """Ctrl-C half-way through starting: nothing stays pushed, registered or bound."""
-    from autograd_magic import _tracer
+    from autograd_magic.capture import tracer as _tracer
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt("during start")
@@ -382,13 +382,15 @@ def test_interrupt_while_the_tracer_starts(ipy, monkeypatch, where):
 
         monkeypatch.setattr(_tracer._Mode, "__enter__", enter_then_interrupt)
     else:  # right after the eager stance for compiled code was set (the cell mentions compile)
-        real_apply = _tracer._apply_eager
+        from autograd_magic.capture import torch_compat
+
+        real_apply = torch_compat.force_eager
 
         def apply_then_interrupt():
             real_apply()
             interrupted()
 
-        monkeypatch.setattr(_tracer, "_apply_eager", apply_then_interrupt)
+        monkeypatch.setattr(torch_compat, "force_eager", apply_then_interrupt)
     before = _clean_state()
     cell = "x = torch.ones(2) * 2  # mentions torch.compile: the eager stance is set"
     try:
@@ -411,7 +413,7 @@ def test_interrupt_while_the_tracer_starts(ipy, monkeypatch, where):
 @pytest.mark.parametrize("method", ["_finish_records", "_pop_mode"])
 def test_interrupt_while_the_tracer_stops(ipy, monkeypatch, method):
     """Ctrl-C inside the clean-up itself: what is left of it still runs."""
-    from autograd_magic._tracer import Tracer
+    from autograd_magic.capture.tracer import Tracer
 
     real = getattr(Tracer, method)
     calls = []
@@ -469,7 +471,7 @@ def test_a_mode_pushed_back_late_is_inert_and_purged(ipy):
         assert len(again.records) >= 1 and len(trace.records) == n
         assert torch._C._len_torch_function_stack() == before[0]
     finally:
-        from autograd_magic._tracer import purge_stale_modes
+        from autograd_magic.capture.tracer import purge_stale_modes
 
         purge_stale_modes()
 

@@ -11,7 +11,7 @@ import torch
 from fuzz_programs import programs
 from hypothesis import HealthCheck, given, settings
 
-from autograd_magic._gradcheck import LeafCheck, _sample, gradcheck_cell
+from autograd_magic.variants.gradcheck import LeafCheck, _sample, gradcheck_cell
 
 CUBE = '''
 class Cube(torch.autograd.Function):

@@ -12,9 +12,11 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from autograd_magic._compare import changed_fields, grad_phrase, match_records
-from autograd_magic._html import render_html, section
-from autograd_magic._sandbox import run_variant, take_snapshot
+from autograd_magic.data.identity import changed_fields, match_records
+from autograd_magic.explain.wording import grad_phrase
+from autograd_magic.render.html import render_html, section
+from autograd_magic.variants.interventions import Toggles
+from autograd_magic.variants.sandbox import run_variant, take_snapshot
 
 ALLOWED_TAGS = {"div", "span", "b", "i", "code", "pre", "table", "thead", "tbody", "tr", "th", "td",
                 "details", "summary", "ul", "li"}
@@ -99,7 +101,7 @@ def test_variant_error_and_sections_are_safe(shell):
     body = f"y = x * 3\nlabel = {NASTY!r}\ny.backward()"
     snap = take_snapshot(shell, body)
     t = magic(shell, body)
-    v = run_variant(shell, body, t, snap, no_grad=True)
+    v = run_variant(shell, body, t, snap, Toggles(no_grad=True))
     extra = section(NASTY, "<div>trusted body</div>")
     out = render_html(t, variant=v, sections=[extra])
     parsed = assert_safe(out)
@@ -190,7 +192,7 @@ def test_variant_highlights_changed_cells(shell):
     body = "y = 3*x + 2\nz = (y * x).sum()\nz.backward()"
     snap = take_snapshot(shell, body)
     t = magic(shell, body)
-    v = run_variant(shell, body, t, snap, detach=["y"])
+    v = run_variant(shell, body, t, snap, Toggles(detach_names=("y",)))
     matches = match_records(t, v)
     assert len(matches) == len(t.records)
     y_o, y_v = t.last("y"), v.records[matches[t.last("y").id]]
@@ -223,7 +225,7 @@ def test_no_grad_variant_shows_the_error_at_its_line(shell):
     body = "y = 2*x**4 + x**3\ny.backward()"
     snap = take_snapshot(shell, body)
     t = magic(shell, body)
-    v = run_variant(shell, body, t, snap, no_grad=True)
+    v = run_variant(shell, body, t, snap, Toggles(no_grad=True))
     out = render_html(t, variant=v)
     assert grad_phrase(v.last("x"), v) == "None (backward failed)"
     assert "under torch.no_grad()" in out
@@ -244,7 +246,7 @@ def test_long_traces_are_capped(shell):
     t = magic(shell, body)
     full = render_html(t)
     assert "more tensors are not shown" not in full
-    from autograd_magic._html import table
+    from autograd_magic.render.html import table
 
     capped = table(t, max_rows=10)
     assert capped.count("data-record=") == 10

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from autograd_magic import _layout
-from autograd_magic._layout import LayoutError, layout, render_svg, svg_or_fallback_html
+from autograd_magic.render import layout as _layout
+from autograd_magic.render.layout import LayoutError, layout, render_svg, svg_or_fallback_html
 
 SMALL = 'digraph g { r0 [label="x"]; op1 [label="MulBackward0"]; r0 -> op1 -> r1; }'
 

@@ -100,7 +100,7 @@ def test_bad_options_give_usage(shell, line):
 
 
 def test_help_is_the_docstring(shell):
-    from autograd_magic._magic import AutogradMagics
+    from autograd_magic.notebook.magic import AutogradMagics
 
     doc = AutogradMagics.autograd.__doc__
     assert "--no-grad" in doc and "--detach" in doc and "-o" in doc

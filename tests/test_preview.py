@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from autograd_magic._preview import EDGE, FULL_LIMIT, preview
+from autograd_magic.capture.preview import EDGE, FULL_LIMIT, preview
 
 
 def _edges(t: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_empty_and_meta_tensors():
 
 
 def test_the_run_cache_never_mixes_up_tensors_sharing_memory():
-    from autograd_magic._preview import PreviewCache
+    from autograd_magic.capture.preview import PreviewCache
 
     cache = PreviewCache()
     z = torch.randn(40, 40, dtype=torch.complex64)

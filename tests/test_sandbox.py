@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from autograd_magic._sandbox import Sandbox, SandboxError, run_variant, take_snapshot
+from autograd_magic.variants.interventions import Toggles
+from autograd_magic.variants.sandbox import Sandbox, SandboxError, run_variant, take_snapshot
 
 
 def autograd(shell, body: str, *, flags: str = ""):
@@ -91,11 +92,11 @@ def test_any_sequence_of_variants_leaves_user_state_alone(shell):
     kept_len = len(shell.user_ns["kept"])
     first = original.records[0]
     variants = [
-        dict(no_grad=True), dict(detach=["h"]), dict(detach_records=[r.id for r in original.records if r.expr == "x * noise"]),
-        dict(flip_requires_grad=[first.id]), dict(),
+        Toggles(no_grad=True), Toggles(detach_names=("h",)), Toggles(detach_ids=tuple([r.id for r in original.records if r.expr == "x * noise"])),
+        Toggles(flip_ids=tuple([first.id])), Toggles(),
     ]
     for options in variants:
-        v = run_variant(shell, body, original, snap, **options)
+        v = run_variant(shell, body, original, snap, options)
         assert v.variant_of is original
     assert_same_state(before, user_state(shell))
     assert len(shell.user_ns["kept"]) == kept_len
@@ -106,8 +107,8 @@ def test_variant_sees_the_same_random_numbers(shell):
     body = "noise = torch.randn(3)\ny = (x * noise).sum()\ny.backward()"
     original, snap = autograd(shell, body)
     real_noise = shell.user_ns["noise"].clone()
-    for options in (dict(), dict(no_grad=True), dict(detach=["y"])):
-        v = run_variant(shell, body, original, snap, **options)
+    for options in (Toggles(), Toggles(no_grad=True), Toggles(detach_names=("y",))):
+        v = run_variant(shell, body, original, snap, options)
         np.testing.assert_array_equal(by_label(v, "noise").value, real_noise.numpy())
     assert torch.equal(shell.user_ns["noise"], real_noise)
 
@@ -255,7 +256,7 @@ def test_run_variant_never_raises(shell):
     original, snap = autograd(shell, "y = x * 2")
     v = run_variant(shell, "y = x *", original, snap)
     assert v.error is not None and v.variant_of is original
-    v = run_variant(shell, "y = x * 2", original, None, detach_records=[99], flip_requires_grad=[42])
+    v = run_variant(shell, "y = x * 2", original, None, Toggles(detach_ids=tuple([99]), flip_ids=tuple([42])))
     assert v.error is None and v.variant_of is original
 
 
@@ -264,7 +265,7 @@ def test_flip_requires_grad_of_a_leaf_made_in_the_cell(shell):
     body = "x = torch.tensor([1., 2.], requires_grad=True)\ny = (x * 3).sum()\ny.backward()"
     original, snap = autograd(shell, body)
     leaf = original.records[0]
-    v = run_variant(shell, body, original, snap, flip_requires_grad=[leaf.id])
+    v = run_variant(shell, body, original, snap, Toggles(flip_ids=tuple([leaf.id])))
     plain_x = torch.tensor([1.0, 2.0], requires_grad=False)
     with pytest.raises(RuntimeError) as plain:
         (plain_x * 3).sum().backward()
@@ -279,7 +280,7 @@ def test_flip_requires_grad_of_an_external_leaf(shell):
     original, snap = autograd(shell, body)
     b_rec = next(r for r in original.records if r.name == "b")
     before = user_state(shell)
-    v = run_variant(shell, body, original, snap, flip_requires_grad=[b_rec.id])
+    v = run_variant(shell, body, original, snap, Toggles(flip_ids=tuple([b_rec.id])))
     assert v.error is None
     pa, pb = torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([4.0, 7.0], requires_grad=True)
     (pa * pb).sum().backward()
@@ -302,7 +303,7 @@ def test_seed_001_detach_y_gives_torchs_own_error(shell, seeds):
     run(shell, "import torch")
     original, snap = autograd(shell, SEED_2X3)
     before = user_state(shell)
-    v = run_variant(shell, SEED_2X3, original, snap, detach=["y"])
+    v = run_variant(shell, SEED_2X3, original, snap, Toggles(detach_names=("y",)))
     x = torch.tensor([[1.0, 2, 3], [3, 2, 1]], requires_grad=True)
     y = (3 * x + 2).detach()
     with pytest.raises(RuntimeError) as plain:
@@ -318,7 +319,7 @@ def test_detach_y_cuts_the_gradient_to_x(shell):
     run(shell, "import torch\nx = torch.tensor([[1.,2,3],[3,2,1]], requires_grad=True)")
     body = "y = 3*x + 2\nz = 2*y**2\nout = z.mean()\nout.backward()"
     original, snap = autograd(shell, body)
-    v = run_variant(shell, body, original, snap, detach=["y"])
+    v = run_variant(shell, body, original, snap, Toggles(detach_names=("y",)))
     px = torch.tensor([[1.0, 2, 3], [3, 2, 1]], requires_grad=True)
     py = (3 * px + 2).detach()
     with pytest.raises(RuntimeError) as plain:
@@ -336,8 +337,8 @@ def test_detach_by_record_id_matches_detach_by_name(shell):
     body = "y = 3*x + 2\nz = (y * x).sum()\nz.backward()"
     original, snap = autograd(shell, body)
     y_rec = next(r for r in original.records if r.name == "y")
-    by_id = run_variant(shell, body, original, snap, detach_records=[y_rec.id])
-    by_name = run_variant(shell, body, original, snap, detach=["y"])
+    by_id = run_variant(shell, body, original, snap, Toggles(detach_ids=tuple([y_rec.id])))
+    by_name = run_variant(shell, body, original, snap, Toggles(detach_names=("y",)))
     px = torch.tensor([1.0, 2.0], requires_grad=True)
     ((3 * px + 2).detach() * px).sum().backward()
     for v in (by_id, by_name):
@@ -349,7 +350,7 @@ def test_no_grad_variant_gives_torchs_backward_error(shell):
     run(shell, "import torch\nx = torch.tensor(2.0, requires_grad=True)")
     body = "y = 2*x**4 + x**3 + 3*x**2 + 5*x + 1\n\nprint(y)\ny.backward()"
     original, snap = autograd(shell, body)
-    v = run_variant(shell, body, original, snap, no_grad=True)
+    v = run_variant(shell, body, original, snap, Toggles(no_grad=True))
     px = torch.tensor(2.0, requires_grad=True)
     with torch.no_grad():
         py = 2 * px**4 + px**3 + 3 * px**2 + 5 * px + 1
@@ -399,7 +400,7 @@ def test_in_place_change_to_a_shared_leaf_is_undone(shell):
 @pytest.mark.parametrize("notebook", ["000", "001", "002", "003", "004"])
 def test_seed_notebooks_rerun_identically_and_leave_state_alone(shell, seeds, notebook):
     """Every seed cell: a plain re-run reproduces the real run; toggles change nothing real."""
-    from autograd_magic._compare import changed_fields, match_records
+    from autograd_magic.data.identity import changed_fields, match_records
 
     for body in seeds.NOTEBOOKS[notebook]:
         original, snap = autograd(shell, body)
@@ -416,9 +417,9 @@ def test_seed_notebooks_rerun_identically_and_leave_state_alone(shell, seeds, no
         for o, n in matches.items():
             assert not changed_fields(original.records[o], same.records[n]), (body, original.records[o].label)
         named = [r.name for r in original.records if r.name and not r.external]
-        run_variant(shell, body, original, snap, no_grad=True)
+        run_variant(shell, body, original, snap, Toggles(no_grad=True))
         if named:
-            run_variant(shell, body, original, snap, detach=[named[0]])
+            run_variant(shell, body, original, snap, Toggles(detach_names=(named[0],)))
         assert_same_state(before, user_state(shell))
 
 
@@ -427,7 +428,7 @@ def test_detaching_a_loop_record_detaches_every_run(shell):
     body = "acc = x * 1\nfor i in range(3):\n    acc = acc + (x * i).sum()\nacc.sum().backward()"
     original, snap = autograd(shell, body)
     second = next(r for r in original.records if r.expr == "x * i" and r.occurrence == 1)
-    v = run_variant(shell, body, original, snap, detach_records=[second.id])
+    v = run_variant(shell, body, original, snap, Toggles(detach_ids=tuple([second.id])))
     assert any("every run" in n for n in v.notes)
     px = torch.tensor([1.0, 2.0], requires_grad=True)
     acc = px * 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from autograd_magic._stepper import describe_grad, rule_for, steps
+from autograd_magic.explain.stepper import describe_grad, rule_for, steps
 
 
 def run(shell, body: str, setup: str = "import torch"):
@@ -139,7 +139,7 @@ def test_second_pass_has_its_own_steps(shell):
 
 
 def test_describe_grad_and_unknown_rule():
-    from autograd_magic._records import Preview
+    from autograd_magic.data.trace import Preview
 
     assert describe_grad(None) == "nothing"
     assert describe_grad(Preview(shape=(2,), dtype="torch.float32", values=np.array([0.5, 0.5], np.float32))) == (
@@ -157,7 +157,7 @@ def test_describe_grad_and_unknown_rule():
 
 def test_loop_passes_beyond_the_limit_are_not_invented(shell):
     """Later loop passes are run but not recorded: no made-up 'implicit' pass, and the explanation says so."""
-    from autograd_magic._explain import explain_record
+    from autograd_magic.explain.why import explain_record
 
     t = run(shell, "w = torch.tensor([1., 2.], requires_grad=True)\nfor i in range(5):\n    loss = (w * i).sum()\n    loss.backward()")
     assert [p.kind for p in t.passes] == ["backward"] * 3

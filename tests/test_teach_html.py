@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from html.parser import HTMLParser
 
-from autograd_magic._gradcheck import LeafCheck
-from autograd_magic._teach_html import explanations_html, gradcheck_html, stepper_html
+from autograd_magic.variants.gradcheck import LeafCheck
+from autograd_magic.render.teach_html import explanations_html, gradcheck_html, stepper_html
 
 VOID = {"br", "hr", "img", "meta", "input", "col", "wbr"}
 
@@ -82,7 +82,7 @@ def test_user_text_is_escaped(shell):
 
 
 def test_gradcheck_html_verdicts():
-    from autograd_magic._records import Trace
+    from autograd_magic.data.trace import Trace
 
     t = Trace()
     assert gradcheck_html(t) == ""  # not run
@@ -101,8 +101,8 @@ def test_gradcheck_html_verdicts():
 
 
 def test_teach_sections_fit_the_snapshot(shell):
-    from autograd_magic._html import render_html
-    from autograd_magic._teach_html import teach_sections
+    from autograd_magic.render.html import render_html
+    from autograd_magic.render.teach_html import teach_sections
 
     t = traced(shell, SEED_001, flags="--quiet --check")
     secs = teach_sections(t)

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from autograd_magic._execute import execute
-from autograd_magic._payload import build_payload
-from autograd_magic._records import Preview, Record, Trace, TraceError
-from autograd_magic._sandbox import take_snapshot
-from autograd_magic._widget import AutogradView, make_view
+from autograd_magic.run.execute import execute
+from autograd_magic.render.payload import build_payload
+from autograd_magic.data.trace import Preview, Record, Trace, TraceError
+from autograd_magic.variants.interventions import Toggles
+from autograd_magic.variants.sandbox import take_snapshot
+from autograd_magic.notebook.session import CellSession
+from autograd_magic.notebook.widget import AutogradView, make_view
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 GRID_SETUP = "import torch\nx = torch.tensor([[1.,2,3],[3,2,1]], requires_grad=True)"
@@ -29,7 +31,8 @@ def _view(shell, setup: str, cell: str, **kwargs) -> AutogradView:
     shell.run_cell(setup)
     snapshot = take_snapshot(shell, cell)
     run = execute(shell, cell, first_line=2, display=False, capture=True)
-    return make_view(run.trace, shell=shell, source=cell, snapshot=snapshot, graph=kwargs.pop("graph", False), **kwargs)
+    session = CellSession(shell, cell, run.trace, snapshot)
+    return make_view(session, graph=kwargs.pop("graph", False), **kwargs)
 
 
 def _rows(payload: dict) -> list[dict]:
@@ -177,20 +180,20 @@ def test_ids_from_the_page_that_name_nothing_are_ignored(shell):
 def test_a_failing_rerun_is_reported_not_raised(shell):
     shell.run_cell(GRID_SETUP)
     run = execute(shell, GRID_CELL, first_line=2, display=False, capture=True)
-    view = make_view(run.trace, shell=shell, source=GRID_CELL, snapshot=None, graph=False)
+    view = make_view(CellSession(shell, GRID_CELL, run.trace, None), graph=False)
     assert view.payload["can_rerun"] is False
     view.no_grad = True  # no snapshot: the view cannot re-run, and says so
     assert "re-run" in view.status and view.variant is None and not view.busy
 
 
 def test_initial_variant_from_the_magic_sets_the_toggles(shell):
-    from autograd_magic._sandbox import run_variant
+    from autograd_magic.variants.sandbox import run_variant
 
     shell.run_cell(GRID_SETUP)
     snapshot = take_snapshot(shell, GRID_CELL)
     run = execute(shell, GRID_CELL, first_line=2, display=False, capture=True)
-    variant = run_variant(shell, GRID_CELL, run.trace, snapshot, no_grad=True)
-    view = make_view(run.trace, variant=variant, shell=shell, source=GRID_CELL, snapshot=snapshot, graph=False)
+    variant = run_variant(shell, GRID_CELL, run.trace, snapshot, Toggles(no_grad=True))
+    view = make_view(CellSession(shell, GRID_CELL, run.trace, snapshot), variant=variant, graph=False)
     assert view.no_grad is True and view.payload["variant"]["grad_mode"] == "no_grad"
 
 
@@ -198,7 +201,7 @@ def test_gradient_check_button(shell):
     view = _view(shell, GRID_SETUP, GRID_CELL)
     view.request_check += 1
     lines = view.payload["gradcheck"]
-    assert lines and lines[0].startswith("x: ok"), (lines, view.status)
+    assert lines and lines[0].startswith("x: agrees"), (lines, view.status)
 
 
 # ---- graph and stepper ---------------------------------------------------------------------
@@ -288,7 +291,7 @@ HOSTILE = '<img src=x onerror="window.__pwned=1"><script>alert(1)</script>'
 
 def test_hostile_strings_travel_as_data_and_are_escaped_in_html(shell, monkeypatch):
     trace = _synthetic(30, hostile=HOSTILE)
-    view = make_view(trace, graph=True)
+    view = make_view(CellSession(None, trace.source, trace, None), graph=True)
     # the payload carries the text as text; the page sets it with textContent
     assert any(r["label"] == HOSTILE for r in _rows(view.payload))
     assert view.payload["error"]["message"] == HOSTILE
@@ -296,24 +299,24 @@ def test_hostile_strings_travel_as_data_and_are_escaped_in_html(shell, monkeypat
     assert "<img src=x" not in data["text/html"] and "<script>alert" not in data["text/html"]
     assert "<img src=x" not in view.graph_svg and "<script>alert" not in view.graph_svg
     # a graph failure's message is escaped too
-    import autograd_magic._dot as dot
+    import autograd_magic.render.dot as dot
 
     monkeypatch.setattr(dot, "render_dot", lambda *a, **k: (_ for _ in ()).throw(ValueError(HOSTILE)))
     assert "<img" not in view._graph() and "&lt;img" in view._graph()
 
 
 def test_front_end_never_parses_payload_text_as_html():
-    js = (Path(__file__).resolve().parent.parent / "autograd_magic" / "_widget.js").read_text()
+    js = (Path(__file__).resolve().parent.parent / "autograd_magic" / "notebook" / "widget.js").read_text()
     assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|eval\(|new Function", js)
 
 
 def test_a_view_that_cannot_be_built_falls_back_to_the_snapshot(shell, monkeypatch):
-    import autograd_magic._widget as widget
+    import autograd_magic.notebook.widget as widget
 
     shell.run_cell(GRID_SETUP)
     run = execute(shell, GRID_CELL, first_line=2, display=False, capture=True)
     monkeypatch.setattr(widget, "build_payload", lambda *a, **k: (_ for _ in ()).throw(KeyError(HOSTILE)))
-    view = make_view(run.trace, shell=shell, source=GRID_CELL, graph=False)
+    view = make_view(CellSession(shell, GRID_CELL, run.trace, None), graph=False)
     assert isinstance(view, widget.StaticView)
     data = view._repr_mimebundle_()
     assert set(data) == {"text/html", "text/plain"}

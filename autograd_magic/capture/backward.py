@@ -1,0 +1,349 @@
+"""Backward passes: which nodes the engine ran, in order, and what flowed.
+
+The tracer routes `Tensor.backward`, `torch.autograd.backward` and
+`torch.autograd.grad` here. Before the call, every node reachable from the
+roots gets a pre-hook (the gradient it receives) and a hook (the gradients
+it sends on). Records are matched to the node that made them as they are
+recorded (`note_record`), so a node's pre-hook hands each record its
+gradient: no hook on any tensor, which cost a registration per record and a
+Python call per record per pass. A gradient sent along an edge nothing else
+feeds is read once, by its receiver. All node hooks are removed when the
+call returns or raises.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional, Protocol
+
+import torch
+
+from .preview import PreviewCache, quietly
+from .torch_compat import no_torch_function, node_key, version_of
+from ..data.trace import BackwardPass, BackwardStep, Trace
+from .. import limits
+
+
+class Tracer(Protocol):
+    """What the recorder needs of the tracer that owns it (`capture/tracer.py`)."""
+
+    trace: Trace
+    calls: int
+    detail_limit: int
+    keeps_graphs: bool
+    names: Any
+    source_map: Any
+
+    def note(self, text: str) -> None: ...
+    def site(self, func_name: str) -> tuple: ...
+    def record_of(self, t: torch.Tensor) -> Optional[int]: ...
+    def record_for(self, t: torch.Tensor, name: Optional[str] = None) -> int: ...
+
+MAX_NODES = limits.PASS_NODES
+MAX_WALK = limits.PASS_WALK
+
+
+def node_name(node) -> str:
+    return node.name().split("::")[-1]
+
+
+def _as_tuple(x: Any) -> tuple:
+    if x is None:
+        return ()
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    return tuple(x)
+
+
+class BackwardRecorder:
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+        self._site_counts: dict = {}
+        self.previews = PreviewCache()  # replaced per pass: no user code runs between its hooks
+        # Which records each autograd node produces, filled as records are made:
+        # (node's sequence number, node type) -> [(output_nr, record id)], and
+        # id(leaf) -> (leaf ref, [record ids]) for leaves (their AccumulateGrad).
+        # A node's pre-hook then sees each record's gradient: no per-tensor hooks.
+        self.node_records: dict[tuple, list[tuple[int, int]]] = {}
+        self.leaf_records: dict[int, tuple] = {}
+        # leaves' new `.grad`s of the last pass: id(leaf) -> (data_ptr, version, preview)
+        self._new_grads: dict[int, tuple] = {}
+        self._last_calls = -1  # tracer.calls when the last pass ended
+        self._held: dict[tuple, tuple] = {}  # (receiver node id, slot) -> (gradient sent, sender's step, index)
+
+    # ---- the call itself ----
+    def run(self, func, args, kwargs):
+        tracer = self.tracer
+        span, _ = tracer.site(getattr(func, "__name__", ""))
+        count = self._site_counts.get(span, 0)
+        self._site_counts[span] = count + 1
+        if count >= tracer.detail_limit and span is not None:
+            # a loop's later passes: run, not kept (their grads still add into leaves' .grad)
+            if count == tracer.detail_limit:
+                tracer.note(f"backward on line {span[0]} ran more than {tracer.detail_limit} times: later passes were not recorded")
+            return func(*args, **kwargs)
+        kind = "grad" if func is torch.autograd.grad else "backward"
+        roots, inputs, gradient, retain = self._arguments(func, args, kwargs)
+        p = BackwardPass(
+            index=len(tracer.trace.passes),
+            kind=kind,
+            line=span[0] if span else None,
+            expr=tracer.source_map.text(span),
+            gradient_given=gradient is not None,
+            retain_graph=bool(retain),
+        )
+        tracer.trace.passes.append(p)
+        p.roots = [tracer.record_for(t) for t in roots]
+        p.inputs = [tracer.record_for(t) for t in inputs]
+        if tracer.keeps_graphs and func is not torch.autograd.grad:
+            kwargs = {**kwargs, "retain_graph": True}  # sandbox: never free a graph the real run still owns
+            if func is torch.Tensor.backward and len(args) > 2:
+                args = args[:2]
+        # This pass's own cache and hand-offs, made before the hooks that use them.
+        outer_previews, self.previews = self.previews, PreviewCache()
+        outer_held, self._held = self._held, {}
+        self._new_grads = {}
+        handles: list = []
+        try:
+            self._hook_nodes(p, roots, handles)  # fills `handles` as it goes: a Ctrl-C leaves none behind
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            p.error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            try:
+                for h in handles:
+                    h.remove()
+                self._flush_held()
+            finally:
+                # Dropped with the pass: after it, the user's code may change a gradient
+                # in ways no version counter sees (`x.grad.data.zero_()`, a numpy view).
+                pass_previews, self.previews = self.previews, outer_previews
+                self._held = outer_held
+                self._last_calls = tracer.calls
+        if kind == "grad":
+            p.results = pass_previews.many(result)
+            for rid, shown in zip(p.inputs, p.results):
+                # an input's own node need not run (autograd.grad only captures there)
+                if shown is not None:
+                    tracer.trace.records[rid].grads.setdefault(p.index, shown)
+        return result
+
+    # ---- which records a node produces ----
+    def note_record(self, rid: int, t: torch.Tensor) -> None:
+        """Called for each new record of a tensor that requires grad."""
+        try:
+            fn = t.grad_fn
+            if fn is None:
+                ref, rids = self.leaf_records.get(id(t), (None, None))
+                if ref is None or ref() is not t:
+                    self.leaf_records[id(t)] = (weakref.ref(t), [rid])
+                else:
+                    rids.append(rid)
+                return
+            key = node_key(fn)
+            self.node_records.setdefault(key, []).append((t.output_nr, rid))
+        except Exception:  # e.g. reading grad_fn of a no_grad view changed in place raises
+            pass
+
+    def _records_of(self, node, name: str) -> list[tuple[int, int]]:
+        """[(output index, record id)] whose gradient this node receives."""
+        if name == "AccumulateGrad":
+            variable = getattr(node, "variable", None)
+            ref, rids = self.leaf_records.get(id(variable), (None, ()))
+            if ref is not None and ref() is variable:
+                return [(0, rid) for rid in rids]
+            # a leaf that came to require grad after it was recorded (`requires_grad_()`, a sandbox flip)
+            rid = self.tracer.record_of(variable) if variable is not None else None
+            return [(0, rid)] if rid is not None else []
+        try:
+            return self.node_records.get(node_key(node), [])
+        except Exception:
+            return []
+
+    def grad_seen(self, leaf: torch.Tensor, g: torch.Tensor):
+        """The preview of `leaf.grad` taken in the last pass, if it is still that
+        tensor, unchanged: no torch call ran since (only a call could have changed
+        it behind its version counter: `.data`, `.numpy()`, `.grad = ...`)."""
+        if self._last_calls != self.tracer.calls:
+            return None
+        hit = self._new_grads.get(id(leaf))
+        if hit is None or hit[0] != g.data_ptr() or hit[1] is None or hit[1] != version_of(g):
+            return None
+        return hit[2]
+
+    @staticmethod
+    def _arguments(func, args, kwargs):
+        def arg(i, name, default=None):
+            if len(args) > i:
+                return args[i]
+            return kwargs.get(name, default)
+
+        if func is torch.Tensor.backward:
+            roots = _as_tuple(arg(0, "self"))
+            return roots, (), arg(1, "gradient"), arg(2, "retain_graph")
+        if func is torch.autograd.grad:
+            return _as_tuple(arg(0, "outputs")), _as_tuple(arg(1, "inputs")), arg(2, "grad_outputs"), arg(3, "retain_graph")
+        return _as_tuple(arg(0, "tensors")), _as_tuple(kwargs.get("inputs")), arg(1, "grad_tensors"), arg(2, "retain_graph")
+
+    @quietly
+    def _hook_nodes(self, p: BackwardPass, roots, handles: list) -> None:
+        nodes: list = []
+        nexts_of: list = []  # per node: its next_functions, read once (each read builds tuples)
+        index: dict[int, int] = {}
+        stack = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        for t in roots:
+            if isinstance(t, torch.Tensor) and t.grad_fn is None and t.requires_grad:
+                self.tracer.note("backward from a leaf: its AccumulateGrad is the whole graph")
+        while stack and len(nodes) < MAX_WALK:
+            node = stack.pop()
+            if node is None or id(node) in index:
+                continue
+            index[id(node)] = len(nodes)
+            nodes.append(node)
+            nf = node.next_functions
+            nexts_of.append(nf)
+            for nxt, _ in nf:
+                if nxt is not None and id(nxt) not in index:
+                    stack.append(nxt)
+        self._hook_named_tensors(nodes)  # first: their records are among the nodes' below
+        names = [node_name(node) for node in nodes]
+        if len(nodes) >= MAX_NODES:
+            # Too many steps to keep, but each record still gets its gradient.
+            self.tracer.note(f"a backward pass had over {MAX_NODES} nodes: its steps were not recorded")
+            for node, name in zip(nodes, names):
+                outs = self._records_of(node, name)
+                if outs:
+                    handles.append(node.register_prehook(self._grads_only(p, outs)))
+            return
+        p.nodes = names
+        fan_in: dict[tuple, int] = {}  # (node id, input slot) -> edges into it
+        edges_of = []
+        for nid, nf in enumerate(nexts_of):
+            edges = []
+            for nxt, slot in nf:
+                target = index.get(id(nxt)) if nxt is not None else None
+                edges.append((target, slot))
+                if target is not None:
+                    p.edges.append((nid, target))
+                    fan_in[(target, slot)] = fan_in.get((target, slot), 0) + 1
+            edges_of.append(edges)
+        by_node: dict[int, BackwardStep] = {}
+        for nid, node in enumerate(nodes):
+            edges = edges_of[nid]
+            # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends
+            handoff = [t is not None and fan_in[(t, slot)] == 1 for t, slot in edges]
+            outs = self._records_of(node, names[nid])
+            try:
+                handles.append(node.register_prehook(self._pre(p, nid, names[nid], outs, edges, by_node)))
+                handles.append(node.register_hook(self._post(nid, by_node, getattr(node, "variable", None), edges, handoff)))
+            except Exception:
+                continue
+
+    @quietly
+    def _hook_named_tensors(self, nodes: list) -> None:
+        """Record the user's named tensors this pass reaches (a backward-only cell still shows x.grad)."""
+        in_graph = {id(n) for n in nodes}
+        leaves = {id(getattr(n, "variable", None)) for n in nodes if hasattr(n, "variable")}
+        for name, t in self.tracer.names.requires_grad_tensors():
+            try:
+                reached = id(t) in leaves or (t.grad_fn is not None and id(t.grad_fn) in in_graph)
+            except RuntimeError:  # e.g. a no_grad view whose base changed in place: reading grad_fn raises
+                continue
+            if reached:
+                self.tracer.record_for(t, name=name)
+
+    def _store(self, p: BackwardPass, outs, grad_in: list) -> list[int]:
+        """Each record's gradient, out of the previews of a node's incoming grads; their ids."""
+        records = self.tracer.trace.records
+        got = []
+        for out_nr, rid in outs:
+            shown = grad_in[out_nr] if out_nr < len(grad_in) else None
+            if shown is not None:
+                records[rid].grads[p.index] = shown
+                got.append(rid)
+        return got
+
+    def _grads_only(self, p: BackwardPass, outs):
+        def pre(grad_outputs):
+            with no_torch_function():
+                self._store(p, outs, [self.previews.get(g) for g in grad_outputs])
+
+        return pre
+
+    def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict):
+        nexts = [target for target, _ in edges]
+        held, previews = self._held, self.previews  # this pass's
+
+        def pre(grad_outputs):
+            with no_torch_function():  # our reads are not the user's ops
+                grad_in = [previews.get(g) for g in grad_outputs]
+                if held:
+                    for slot in range(len(grad_outputs)):
+                        sent = held.pop((nid, slot), None)  # released before the node runs: AccumulateGrad may take it over
+                        if sent is not None:
+                            g, sender, i = sent
+                            if i < len(sender.grad_out) and sender.grad_out[i] is None:
+                                sender.grad_out[i] = grad_in[slot] if g is grad_outputs[slot] else previews.get(g)
+                step = BackwardStep(
+                    index=len(p.steps),
+                    node=name,
+                    node_id=nid,
+                    records=self._store(p, outs, grad_in) if outs else [],
+                    grad_in=grad_in,
+                    next_ids=nexts,
+                )
+                p.steps.append(step)
+                by_node[nid] = step
+
+        return pre
+
+    def _post(self, nid: int, by_node: dict, variable, edges, handoff):
+        held, previews = self._held, self.previews
+
+        def post(grad_inputs, grad_outputs):
+            step = by_node.get(nid)
+            if step is None:
+                return
+            with no_torch_function():
+                sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
+                received = None
+                for i, g in enumerate(grad_inputs):
+                    if g is None:
+                        continue
+                    if i >= len(handoff) or not handoff[i]:
+                        sent[i] = previews.get(g)
+                        continue
+                    # Read once, by the receiver's pre-hook; held until then, which the
+                    # engine does too (a slot fed once is never summed in place).
+                    held[edges[i]] = (g, step, i)
+                    try:
+                        if received is None:
+                            received = {r.data_ptr() for r in grad_outputs if r is not None}
+                        if g.data_ptr() in received:
+                            # a view of what it received (TBackward): cheap now, while that one is alive
+                            sent[i] = previews.get(g)
+                    except Exception:  # no storage to point at (functorch, sparse): read by the receiver
+                        received = set()
+                if variable is not None and step.grad_in:
+                    self._note_new_grad(variable, grad_outputs[0], step.grad_in[0])
+
+        return post
+
+    def _flush_held(self) -> None:
+        """Gradients sent to nodes that did not run (autograd.grad stops at its inputs)."""
+        held, self._held = self._held, {}
+        for g, sender, i in held.values():
+            if i < len(sender.grad_out) and sender.grad_out[i] is None:
+                sender.grad_out[i] = self.previews(g)
+
+    def _note_new_grad(self, variable, received, shown) -> None:
+        """AccumulateGrad has run: when the leaf's `.grad` is the very gradient it
+        received (torch hands it over rather than copying), remember its preview."""
+        try:
+            g = variable.grad
+            if g is not None and received is not None and g.data_ptr() == received.data_ptr() and g.shape == received.shape:
+                # the version it had when previewed: a post-accumulate-grad hook may have changed it since
+                self._new_grads[id(variable)] = (g.data_ptr(), self.previews.version_seen(received), shown)
+        except Exception:
+            pass

@@ -1,0 +1,362 @@
+"""Bounded previews of tensor values: the only place that reads tensor data.
+
+A preview never keeps the tensor alive and never copies more than a few
+hundred elements: small tensors are copied whole, large ones as the edge
+items torch's own printer shows, plus exact min/max/mean/norm.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..data.trace import Preview
+from .torch_compat import no_torch_function, version_of
+from .. import limits
+
+FULL_LIMIT = limits.PREVIEW_FULL
+EDGE = limits.PREVIEW_EDGE
+EDGE_LIMIT = limits.PREVIEW_EDGE_BLOCK
+STATS_LIMIT = limits.STATS_ELEMENTS
+
+
+def _stat(t: torch.Tensor) -> tuple:
+    """min, max, mean, norm as Python floats (None where undefined)."""
+    if t.numel() == 0:
+        return None, None, None, None
+    if t.dtype == torch.bool:
+        n = int(t.count_nonzero())
+        lo = 1.0 if n == t.numel() else 0.0
+        return lo, 1.0 if n else 0.0, n / t.numel(), math.sqrt(n)
+    if t.is_complex():
+        a = t.abs()  # the modulus: the only ordering complex numbers have
+        return float(a.min()), float(a.max()), None, float(torch.linalg.vector_norm(t))
+    if not t.is_floating_point():
+        lo, hi = t.aminmax()
+        total = t.sum(dtype=torch.float64)
+        sq = (t.to(torch.float64) ** 2).sum() if t.numel() <= FULL_LIMIT * 16 else None
+        return float(lo), float(hi), float(total) / t.numel(), (math.sqrt(float(sq)) if sq is not None else None)
+    lo, hi = t.aminmax()
+    return float(lo), float(hi), float(t.mean()), float(torch.linalg.vector_norm(t))
+
+
+def _edge_block(t: torch.Tensor) -> torch.Tensor:
+    """The sub-tensor torch's printer shows: first/last EDGE items on each long dim."""
+    for dim, size in enumerate(t.shape):
+        if size > 2 * EDGE:
+            t = torch.cat([t.narrow(dim, 0, EDGE), t.narrow(dim, size - EDGE, EDGE)], dim)
+    return t
+
+
+_EINSUM_LIMIT = 1_000_000  # einsum's vector sums keep a float32 total exact to ~1e-7 up to about here
+
+
+def _norm(a: np.ndarray) -> float:
+    # Plain ufuncs, never BLAS: OpenBLAS's thread pool spinning next to
+    # torch's OpenMP pool slowed the user's own ops several-fold.
+    if a.size <= _EINSUM_LIMIT:
+        return math.sqrt(float(np.einsum("i,i->", a, a)))  # a C loop, no BLAS, no temporary
+    return float(torch.linalg.vector_norm(torch.from_numpy(np.ascontiguousarray(a)) if not a.flags.c_contiguous else torch.from_numpy(a)))
+
+
+def _sum(flat: np.ndarray) -> float:
+    # einsum's sum runs in vector registers, twice as fast as the pairwise
+    # ufunc sum and as accurate at these sizes; pairwise beyond them
+    return float(np.einsum("i->", flat) if flat.size <= _EINSUM_LIMIT else np.add.reduce(flat))
+
+
+_CHUNK = 1 << 20
+
+
+def _sums(a: np.ndarray) -> tuple[float, float]:
+    """Sum and sum of squares in float64, one bounded chunk at a time.
+
+    `a.flat[i:j]` copies just those elements, whatever the strides, so a
+    non-contiguous view or an integer tensor never gets a full-size copy.
+    """
+    total = squares = 0.0
+    for start in range(0, a.size, _CHUNK):
+        chunk = a.flat[start : start + _CHUNK].astype(np.float64, copy=False)
+        total += float(np.add.reduce(chunk))
+        squares += float(np.einsum("i,i->", chunk, chunk))
+    return total, squares
+
+
+_NUMPY_DTYPES = {torch.float32, torch.float64, torch.float16, torch.int8, torch.int16, torch.int32,
+                 torch.int64, torch.uint8, torch.bool}
+
+
+def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
+    """Values and stats from a zero-copy numpy view: one pass each, no torch kernels, no full copy."""
+    n = a.size
+    if n <= FULL_LIMIT:
+        p.values = a.copy()
+    else:
+        index = _edge_index(a.shape)
+        if index is not None:
+            if a.flags.c_contiguous:  # most intermediates and gradients: one `take` of cached flat indices
+                flat_index, block = _flat_edge_index(a.shape, index)
+                p.values = a.reshape(-1).take(flat_index).reshape(block)
+            else:
+                p.values = a[index]  # fancy indexing copies just the edge block
+            p.summarized = True
+        else:
+            p.values = a.flat[:FULL_LIMIT]  # copies just these, whatever the strides
+            p.flat_head = True
+    if not with_stats or n == 0:
+        return
+    if n > STATS_LIMIT:
+        p.note = "statistics skipped: tensor too large"
+    elif a.dtype == np.bool_:
+        count = int(np.count_nonzero(p.values if n <= FULL_LIMIT else a))
+        p.min, p.max, p.mean, p.norm = float(count == n), float(count > 0), count / n, float(np.sqrt(count))
+    elif n <= FULL_LIMIT:
+        _small_stats(p, p.values)
+    else:
+        _large_stats(p, a, n)
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16 or t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        t = t.to(torch.float32)
+    return t.cpu().resolve_conj().resolve_neg().numpy().copy()
+
+
+def quietly(fn):
+    """Run `fn` with torch-function dispatch off.
+
+    The tracer's own reads and previews happen inside our mode's handler,
+    where a user's mode below ours (or a tensor subclass) would still see
+    them: they are not the user's ops.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with no_torch_function():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@quietly
+def preview(t: torch.Tensor, with_stats: bool = True) -> Preview:
+    """A bounded, detached picture of `t` now. Never raises."""
+    return preview_quiet(t, with_stats)
+
+
+def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
+    """`preview` for callers already inside `quietly` (the tracer's hot path)."""
+    try:
+        if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+            name = _FAST_DTYPES.get(t.dtype)
+            if name is not None and t.is_cpu and t.layout == torch.strided and not t.is_neg():
+                # the common case, kept lean: a float tensor on the CPU
+                a = t.detach().numpy()
+                p = Preview(shape=a.shape, dtype=name)
+                _numpy_preview(p, a, with_stats)
+                return p
+        return _preview(t, with_stats)
+    except Exception as exc:  # a preview must never break the user's cell
+        shape = tuple(getattr(t, "shape", ()))
+        return Preview(shape=shape, dtype=str(getattr(t, "dtype", "?")), note=f"no preview: {exc}")
+
+
+_FAST_DTYPES = {torch.float32: "torch.float32", torch.float64: "torch.float64"}
+_minimum, _maximum = np.minimum.reduce, np.maximum.reduce
+
+
+_FLAT_EDGE: dict = {}  # shape -> (flat indices of the edge block, its shape)
+
+
+def _flat_edge_index(shape: tuple, index: tuple):
+    """`index` (the edge block's) as positions in the flattened tensor, and the block's shape."""
+    hit = _FLAT_EDGE.get(shape)
+    if hit is None:
+        grid = np.ravel_multi_index(np.broadcast_arrays(*index), shape)
+        hit = (grid.reshape(-1), grid.shape)
+        if len(_FLAT_EDGE) < 4096:
+            _FLAT_EDGE[shape] = hit
+    return hit
+
+
+_EDGE_INDEX: dict = {}  # shape -> numpy index of the edge block, or None when too large
+
+
+def _edge_index(shape: tuple):
+    hit = _EDGE_INDEX.get(shape, False)
+    if hit is not False:
+        return hit
+    axes, size = [], 1
+    for s in shape:
+        if s > 2 * EDGE:
+            axes.append(np.r_[0:EDGE, s - EDGE : s])
+            size *= 2 * EDGE
+        else:
+            axes.append(np.arange(s))
+            size *= s
+    index = np.ix_(*axes) if size <= EDGE_LIMIT else None
+    if len(_EDGE_INDEX) < 4096:
+        _EDGE_INDEX[shape] = index
+    return index
+
+
+def _small_stats(p: Preview, v: np.ndarray) -> None:
+    # Finiteness is read before the float64 cast: casting a signaling NaN (e.g.
+    # from uninitialized memory) warns "invalid value encountered in cast".
+    if np.isfinite(v).all():
+        v = v.astype(np.float64, copy=False)
+        p.min, p.max, p.mean, p.norm = float(v.min()), float(v.max()), float(v.mean()), float(np.sqrt((v * v).sum()))
+        return
+    with np.errstate(all="ignore"):  # inf/nan values: no RuntimeWarning in the user's cell
+        v = v.astype(np.float64, copy=False)
+        p.min, p.max, p.mean = float(v.min()), float(v.max()), float(v.mean())
+        p.norm = float(np.sqrt((v * v).sum()))
+
+
+def _large_stats(p: Preview, a: np.ndarray, n: int) -> None:
+    # numpy on one thread: torch's reductions wake its thread pool for each
+    # call, which on a busy 2-core machine cost 2-5x more, erratically.
+    p.min, p.max = lo, hi = float(_minimum(a, axis=None)), float(_maximum(a, axis=None))  # the ufuncs: no wrapper
+    big = max(abs(lo), abs(hi))  # nan when any element is nan
+    if big * big * n < _SAFE_SQUARES.get(a.dtype.itemsize, 0.0):  # no inf/nan, no overflow: skip errstate (~2 us)
+        _sum_and_norm(p, a, n)
+        return
+    with np.errstate(all="ignore"):  # inf/nan/overflow: no RuntimeWarning in the user's cell
+        _sum_and_norm(p, a, n)
+
+
+_SAFE_SQUARES = {4: 1e37, 8: 1e300}
+
+
+def _sum_and_norm(p: Preview, a: np.ndarray, n: int) -> None:
+    if a.dtype.kind == "f" and a.dtype.itemsize >= 4 and (a.flags.c_contiguous or a.flags.f_contiguous):
+        # sum and norm each one vector C loop; memory order ('K') makes a
+        # transposed tensor (a weight's grad) a view too
+        flat = a.ravel(order="K")
+        p.mean = _sum(flat) / n
+        p.norm = _norm(flat)
+    else:  # integers, float16 (its own sums lose digits), sliced or expanded: float64 chunks, no full copy
+        total, squares = _sums(a)
+        p.mean, p.norm = total / n, float(np.sqrt(squares))
+
+
+def _preview(t: torch.Tensor, with_stats: bool) -> Preview:
+    shape = tuple(t.shape)
+    p = Preview(shape=shape, dtype=str(t.dtype), device=str(t.device), layout=str(t.layout).replace("torch.", ""))
+    if t.is_meta or t.device.type == "meta":
+        p.note = "meta tensor: shape only, no data"
+        return p
+    if t.layout != torch.strided:
+        p.note = f"{p.layout} tensor: values not shown"
+        return p
+    if type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        t = t.as_subclass(torch.Tensor)  # subclasses: read the plain data
+    # detach() alone reads without recording anything; no_grad's setup cost 20 us a call
+    d = t.detach()
+    if d.device.type == "cpu" and d.dtype in _NUMPY_DTYPES and not d.is_conj() and not d.is_neg():
+        _numpy_preview(p, d.numpy(), with_stats)
+        return p
+    n = d.numel()
+    if n <= FULL_LIMIT:
+        p.values = _to_numpy(d)
+    else:
+        block = _edge_block(d)
+        if block.numel() <= EDGE_LIMIT:
+            p.values = _to_numpy(block)
+            p.summarized = True
+        else:
+            p.values = _to_numpy(d.reshape(-1)[:FULL_LIMIT])
+            p.flat_head = True
+    if with_stats and n <= STATS_LIMIT:
+        if n <= FULL_LIMIT and not d.is_complex():
+            if p.values.size:
+                _small_stats(p, p.values)
+        else:
+            p.min, p.max, p.mean, p.norm = _stat(d)
+    elif with_stats:
+        p.note = "statistics skipped: tensor too large"
+    return p
+
+
+def _dense_key(t: torch.Tensor) -> Optional[tuple]:
+    """The memory block of a dense tensor in row- or column-major order: a tensor
+    and its transpose hold the same elements, so they have the same statistics."""
+    transposed = t.dim() == 2 and t.shape[0] > 1 and t.stride() == (1, t.shape[0])
+    if not (transposed or t.is_contiguous()):
+        return None
+    return (t.data_ptr(), t.numel(), t.dtype)
+
+
+class PreviewCache:
+    """Previews taken during one backward pass, shared so nothing is read twice.
+
+    The same gradient object reaches the node that sent it and the node
+    that receives it; a weight's gradient arrives transposed (TBackward). No user
+    code runs between the hooks of one pass except the user's own hooks, so
+    an entry is trusted only while its tensor is alive, at the same version
+    and, for the memory-block entries, still at the same address.
+    """
+
+    def __init__(self):
+        self._seen: dict[int, tuple] = {}
+        self._dense: dict[tuple, tuple] = {}
+
+    @quietly  # reading `_version` is a property access a user's mode would see
+    def __call__(self, t):
+        return self.get(t)
+
+    def many(self, tensors) -> list:
+        return [self(t) for t in tensors]
+
+    def version_seen(self, t) -> Optional[int]:
+        """The version `t` had when this cache previewed it, if it did."""
+        hit = self._seen.get(id(t))
+        return hit[2] if hit is not None and hit[0]() is t else None
+
+    def get(self, t):
+        """`__call__` for callers already inside `quietly`. Never raises."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        try:
+            return self._cached(t)
+        except Exception:  # e.g. functorch's wrapped tensors have no storage to point at
+            return preview_quiet(t)
+
+    def _cached(self, t: torch.Tensor) -> Preview:
+        version = version_of(t)
+        if version is None:  # inference tensors: no version counter, so no way to trust a copy
+            return preview_quiet(t)
+        hit = self._seen.get(id(t))
+        # the engine sums a node's incoming grads in place into the first one it got (version bumps)
+        if hit is not None and hit[0]() is t and hit[2] == version:
+            return hit[1]
+        shown = self._fresh(t, version)
+        self._seen[id(t)] = (weakref.ref(t), shown, version)
+        return shown
+
+    def _fresh(self, t: torch.Tensor, version: int) -> Preview:
+        if type(t) is not torch.Tensor or t.numel() <= FULL_LIMIT or not t.is_cpu or t.layout != torch.strided:
+            return preview_quiet(t)
+        if t.is_neg() or t.is_conj():  # same memory, other values (`z.conj().imag` is a negative view)
+            return preview_quiet(t)
+        key = _dense_key(t)
+        if key is None:
+            return preview_quiet(t)
+        hit = self._dense.get(key)
+        if hit is not None and hit[2] == version:
+            src = hit[0]()
+            # alive (so its block cannot have been handed to another tensor) and still there
+            if src is not None and version_of(src) == version and src.data_ptr() == key[0]:
+                shown = preview_quiet(t, with_stats=False)  # the edge values differ; the statistics do not
+                if shown.note is None:
+                    shown.min, shown.max, shown.mean, shown.norm = hit[1]
+                    return shown
+        shown = preview_quiet(t)
+        if shown.note is None and shown.norm is not None:
+            self._dense[key] = (weakref.ref(t), (shown.min, shown.max, shown.mean, shown.norm), version)
+        return shown

@@ -1,0 +1,84 @@
+"""Every private torch call the package makes, in one place.
+
+torch's public API has no way to read the torch-function mode stack, to set
+grad mode without a context manager (an interrupt inside `no_grad().__enter__`
+leaves it disabled), to match an autograd node across hooks, or to put back a
+tensor's version counter. These wrappers are the only code that touches those
+internals, so a torch upgrade that moves one is fixed here. Each says what it
+falls back to when the internal is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+# ---- the torch-function mode stack -------------------------------------------------------
+mode_stack_len = torch._C._len_torch_function_stack
+mode_at = torch._C._get_function_stack_at
+pop_mode = torch._C._pop_torch_function_stack
+push_mode = torch._C._push_on_torch_function_stack
+#: a context manager: torch functions called inside it skip every mode (our own reads)
+no_torch_function = torch._C.DisableTorchFunction
+
+
+# ---- grad mode, set directly ---------------------------------------------------------------
+def set_grad_enabled(enabled: bool) -> None:
+    """Grad mode on or off now, with no context manager whose `__exit__` an interrupt could skip."""
+    torch._C._set_grad_enabled(enabled)
+
+
+# ---- tensors and autograd nodes -----------------------------------------------------------
+def version_of(t: torch.Tensor) -> Optional[int]:
+    """A tensor's version counter (bumped by every in-place change), None for inference tensors."""
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def set_version(t: torch.Tensor, version: int) -> None:
+    """Give `t` back a version counter value (graphs saved it at that version). No-op if torch can't."""
+    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if setter is None:
+        return
+    try:
+        setter((t,), (version,))
+    except TypeError:  # older torch takes one tensor
+        setter(t, version)
+
+
+def node_key(node: Any) -> tuple[int, str]:
+    """An autograd node's identity that survives its Python wrapper: (sequence number, type)."""
+    return (node._sequence_nr(), type(node).__name__)
+
+
+# ---- torch.compile's stance --------------------------------------------------------------
+def compile_stance() -> Any:
+    """The torch.compile stance in force (None where torch has no stances)."""
+    try:
+        torch.compiler.set_stance  # torch < 2.6 has no stances
+        from torch._dynamo import eval_frame
+
+        return eval_frame._stance
+    except Exception:
+        return None
+
+
+def force_eager() -> None:
+    """Compiled code runs eagerly from now on (so the mode sees its ops)."""
+    try:
+        torch.compiler.set_stance("force_eager")  # applies now
+    except Exception:
+        pass
+
+
+def restore_stance(prior: Any) -> None:
+    """Put back a stance read by `compile_stance`; safe to call again if interrupted."""
+    try:
+        from torch._dynamo import eval_frame
+
+        eval_frame._set_stance(prior)
+    except Exception:
+        pass

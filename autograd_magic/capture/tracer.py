@@ -1,0 +1,430 @@
+"""The tracer: a TorchFunctionMode that records every tensor op, plus hooks.
+
+For each op that produces a tensor it writes a `Record` (op, inputs,
+`grad_fn`, flags, a bounded preview, the exact source span that ran it).
+Each backward pass's node order and per-node gradients come from
+`Node.register_prehook` / `register_hook`, removed when the pass ends; the
+gradient each record received is its node's incoming gradient (records are
+matched to nodes as they are made, so no per-tensor hook is needed).
+Nothing here changes what the traced code computes: every op is run
+exactly as called and hooks only read.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from types import CodeType
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from . import torch_compat as compat
+from .backward import BackwardRecorder
+from .interventions import Intervention
+from .names import NameIndex
+from .preview import preview_quiet, quietly
+from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
+from ..data.trace import Record, Trace
+from .sites import SiteFinder
+from .source import SourceMap
+from .. import limits
+
+_stack_len = compat.mode_stack_len
+
+
+def purge_stale_modes() -> None:
+    """Take off torch's stack any of our modes whose run has ended.
+
+    torch runs a mode's handler inside a generator-based context manager that
+    pops the mode and pushes it back in its `finally`. A Ctrl-C landing in
+    that context manager's `__exit__` leaves the generator suspended; when it
+    is garbage-collected later (often cells later) its `finally` pushes our
+    long-finished mode back. Such a mode is inert (`stale`); this removes it,
+    keeping every other mode in its place. Called before each cell and each
+    traced run.
+    """
+    n = _stack_len()
+    if not any(_is_stale(compat.mode_at(i)) for i in range(n)):
+        return
+    kept = []
+    try:
+        while _stack_len() > 0:
+            m = compat.pop_mode()
+            if not _is_stale(m):
+                kept.append(m)
+    finally:
+        for m in reversed(kept):
+            compat.push_mode(m)
+
+
+def _is_stale(mode) -> bool:
+    return isinstance(mode, _Mode) and mode.stale
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracer: "Tracer"):
+        super().__init__()
+        self.tracer = tracer
+        self.stale = False  # set once its run ended: it must never record again
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tracer = self.tracer
+        # stale: pushed back after its run by a late finalizer, inert until purged;
+        # busy: the tracer's own work (previews, naming) is not the user's
+        if self.stale or tracer.busy:
+            return func(*args, **kwargs)
+        tracer.calls += 1
+        if func in tracer.backward_funcs:
+            return tracer.backward.run(func, args, kwargs)
+        name = getattr(func, "__name__", "")
+        if name in NOT_OPS:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        # Fast exits for what is not a new tensor: attribute reads (p.grad, .shape)
+        # and non-tensor results are most calls in an optimizer step.
+        if name == "__get__":
+            if type(out) is not torch.Tensor:
+                return out
+            if _stack_len() == 0:  # ours is off the stack in here: nothing would see the read
+                fn = grad_fn_name(out)
+            else:
+                with compat.no_torch_function():  # a user's mode below ours must not see our read
+                    fn = grad_fn_name(out)
+            if fn is None:
+                return out
+        if out is None and not name.endswith("_"):
+            return out
+        if not isinstance(out, (torch.Tensor, tuple, list)) and out is not None:
+            return out
+        try:
+            return tracer.on_op(func, name, args, kwargs, out)
+        except Exception as exc:  # the tracer must never break the user's code
+            tracer.note(f"tracer skipped an op ({op_name(func)}): {type(exc).__name__}: {exc}")
+            return out
+
+
+class Tracer:
+    """Records one run of traced code into a `Trace`.
+
+    `anchor` decides which frames are the traced code itself (a cell's
+    frames, or the block of a `with trace()`); ops called from deeper frames
+    are attributed to the anchor's call site and marked `internal`.
+    """
+
+    def __init__(
+        self,
+        source_map: SourceMap,
+        anchor: Callable[[CodeType], bool],
+        namespace: Optional[dict] = None,
+        detail_limit: int = limits.DETAIL_LIMIT,
+        interventions: Iterable[Intervention] = (),
+        root: Optional[Callable[[CodeType], bool]] = None,
+    ):
+        self.source_map = source_map
+        self.names = NameIndex(namespace)
+        # `root`: which anchor frames are the traced code's top level (default: not a function)
+        self.sites = SiteFinder(source_map, anchor, self.names.module_name, **({"root": root} if root else {}))
+        self.trace = Trace(source="\n".join(source_map.lines))
+        self.detail_limit = detail_limit
+        # A variant's changes (detach, flip, cast, nudge); the real run has none and only reads.
+        self.interventions = tuple(interventions)
+        self._cutters = tuple(iv for iv in self.interventions if iv.cuts)
+        self._replacers = tuple(iv for iv in self.interventions if iv.replaces)
+        self._detaching = bool(self._cutters)
+        self.keeps_graphs = any(iv.keeps_graphs for iv in self.interventions)
+        self.detach_hits: set[str] = set()
+        self.backward_funcs = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
+        self.backward = BackwardRecorder(self)
+        self._by_tensor: dict[int, tuple[weakref.ref, int]] = {}
+        self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
+        self._site_runs: dict[tuple, list] = {}  # site key -> [runs so far, id of its first record]
+        self._span_counts: dict[tuple, int] = {}
+        self._mode: Optional[_Mode] = None
+        self._stance = None
+        self._noted: set[str] = set()
+        self.busy = False
+        self.calls = 0  # the traced code's torch calls so far: what may have touched a tensor
+        self._final_names: dict[int, str] = {}
+        self.final_namespace: Optional[dict] = None  # set by trace() to name records at the end
+
+    # ---- lifecycle ----
+    def start(self) -> "Tracer":
+        try:
+            purge_stale_modes()
+            self._mode = _Mode(self)
+            self._mode.__enter__()
+            # Importing dynamo just to set a stance costs ~70 MB: only when compiled
+            # code may run (dynamo already loaded, or the traced source compiles).
+            if "torch._dynamo" in sys.modules or "compile" in self.trace.source:
+                self._stance = compat.compile_stance()  # saved first: a Ctrl-C inside the next call is undone too
+                if self._stance is not None:
+                    compat.force_eager()
+        except BaseException:  # a Ctrl-C half-way through: leave nothing pushed or registered
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> Trace:
+        """Pop the mode and remove every hook; safe to call twice and on any error."""
+        try:
+            self._pop_mode()
+        finally:
+            if self._stance is not None:
+                compat.restore_stance(self._stance)
+                self._stance = None  # cleared only once restored: an interrupted stop() can run again
+            try:
+                self._finish_records()
+            finally:
+                self._by_tensor.clear()
+                self._live.clear()
+        return self.trace
+
+    def _pop_mode(self) -> None:
+        mode = self._mode
+        if mode is None:
+            return
+        # A user's mode entered in the traced code and never exited sits above
+        # ours: lift it off, remove ours, and put it back where it was.
+        # `self._mode` is cleared only once ours is off the stack, so a stop()
+        # interrupted half-way (Ctrl-C) can simply be called again.
+        mode.stale = True  # from now on it records nothing, wherever it is
+        above = []
+        try:
+            while compat.mode_stack_len() > 0:
+                top = compat.pop_mode()
+                if top is mode:
+                    self._mode = None
+                    break
+                if not _is_stale(top):  # an earlier run's mode pushed back late: drop it
+                    above.append(top)
+            else:
+                self._mode = None  # no longer on the stack at all
+        finally:
+            for m in reversed(above):
+                compat.push_mode(m)
+
+    def note(self, text: str) -> None:
+        if text not in self._noted:
+            self._noted.add(text)
+            self.trace.notes.append(text)
+
+    # ---- where an op came from ----
+    def site(self, func_name: str):
+        """(span, internal) of the current op: the traced code's frame and what ran between."""
+        span, internal, _, _ = self.sites.find(func_name)
+        return span, internal
+
+    # ---- records ----
+    def record_of(self, t: torch.Tensor) -> Optional[int]:
+        entry = self._by_tensor.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        return None
+
+    def record_for(self, t: torch.Tensor, name: Optional[str] = None) -> int:
+        """The record of `t`, creating an external one for a tensor made elsewhere."""
+        rid = self.record_of(t)
+        return rid if rid is not None else self._external(t, name)
+
+    @quietly
+    def _external(self, t: torch.Tensor, name: Optional[str]) -> int:
+        shown = preview_quiet(t)
+        rec = Record(
+            id=len(self.trace.records),
+            op="external",
+            name=name or self.names.tensor_name(t),
+            external=True,
+            grad_fn=grad_fn_name(t),
+            requires_grad=t.requires_grad,
+            is_leaf=is_leaf(t),
+            grad_enabled=torch.is_grad_enabled(),
+            preview=shown,
+        )
+        self._add(rec, t)
+        return rec.id
+
+    def _add(self, rec: Record, t: torch.Tensor) -> None:
+        self.trace.records.append(rec)
+        try:
+            ref = weakref.ref(t)
+        except TypeError:
+            return
+        self._by_tensor[id(t)] = (ref, rec.id)
+        self._live[rec.id] = (ref, compat.version_of(t))
+        if t.requires_grad:
+            self.backward.note_record(rec.id, t)
+
+    def on_op(self, func, func_name: str, args, kwargs, out):
+        """Record `out`; ops past the detail limit of their site only count (a loop's later runs)."""
+        if func_name == "__get__":
+            # Properties: only those that make a new differentiable tensor (.T, .real);
+            # __torch_function__ has checked the grad_fn already.
+            if not isinstance(out, torch.Tensor) or self.record_of(out) is not None:
+                return out
+        if isinstance(out, torch.Tensor):
+            outs = [out]
+        elif isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+            outs = list(out)
+        elif out is None and args and is_inplace(func_name, op_name(func)):
+            outs = list(tensors_in(args[0]))  # __setitem__, _foreach_*_ return nothing
+        else:
+            return out
+        span, internal, key, module = self.sites.find(func_name)
+        site = self._site_runs.get(key)
+        if site is None:
+            site = self._site_runs[key] = [0, None]
+        count = site[0]  # runs of this very op: the detail limit
+        site[0] = count + 1
+        occurrence = self._span_counts.get(span, 0)  # runs of anything at this span: a unique key
+        self._span_counts[span] = occurrence + 1
+        if count >= self.detail_limit and key is not None:
+            # The fast path of a loop's later runs: no torch call, no preview
+            # (how many ran is read off `_site_runs` at the end).
+            first = site[1]
+            if first is not None:
+                for t in outs:  # later uses link to the loop's first record of this site
+                    self._by_tensor[id(t)] = (weakref.ref(t), first)
+            return self._maybe_detach(span, None, out) if self._detaching else out
+        return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site)
+
+    @quietly
+    def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site):
+        op = op_name(func)
+        inplace = is_inplace(func_name, op)
+        inputs = []
+        for a in args:
+            for t in tensors_in(a):
+                inputs.append(self.record_for(t))
+        for a in kwargs.values():
+            for t in tensors_in(a):
+                inputs.append(self.record_for(t))
+        expr = self.source_map.text(span)
+        grad_enabled = torch.is_grad_enabled()
+        for i, t in enumerate(outs):
+            mutated = self.record_of(t) if inplace else None
+            rec = Record(
+                id=len(self.trace.records),
+                op=op,
+                expr=expr,
+                line=span[0] if span else None,
+                span=span,
+                occurrence=occurrence,
+                grad_fn=grad_fn_name(t),
+                requires_grad=t.requires_grad,
+                is_leaf=is_leaf(t),
+                grad_enabled=grad_enabled,
+                inplace=inplace,
+                mutates=mutated,
+                inputs=inputs,
+                output_index=i if len(outs) > 1 else None,
+                internal=internal,
+                module=module,
+                preview=preview_quiet(t),
+            )
+            if mutated is not None:
+                rec.name = self.trace.records[mutated].name
+            if key is not None and site[1] is None:
+                site[1] = rec.id
+            self._add(rec, t)
+        if self._replacers and isinstance(out, torch.Tensor):
+            for iv in self._replacers:
+                replaced = iv.replace_output(self.trace.records[-1], out)
+                if replaced is not None and replaced is not out:
+                    self._by_tensor[id(replaced)] = (weakref.ref(replaced), len(self.trace.records) - 1)
+                    out = replaced
+        return self._maybe_detach(span, expr, out) if self._detaching else out
+
+    def _maybe_detach(self, span, expr, out):
+        if not isinstance(out, torch.Tensor):
+            return out
+        key = "".join((expr or self.source_map.text(span) or "").split())
+        if any(iv.cuts_expression(span, key) for iv in self._cutters):
+            self.detach_hits.add(key)
+            return self._detached(out)
+        return out
+
+    @quietly  # also reached from the fast path, outside `_record_op`
+    def _detached(self, t: torch.Tensor) -> torch.Tensor:
+        d = t.detach()
+        rid = self.record_of(t)
+        if rid is not None:
+            rec = self.trace.records[rid]
+            rec.detached = True
+            self._by_tensor[id(d)] = (weakref.ref(d), rid)
+        return d
+
+    @quietly
+    def bind(self, names: tuple, value: Any) -> Any:
+        """Called by the rewritten `name = expr`: names the record, may detach it."""
+        if self.busy:
+            return value
+        self.busy = True
+        self.names.touch()
+        try:
+            if isinstance(value, torch.Tensor):
+                return self._bind_one(names[0], value) if len(names) == 1 else value
+            if isinstance(value, (tuple, list)) and len(value) == len(names):
+                items = [self._bind_one(n, v) if n and isinstance(v, torch.Tensor) else v for n, v in zip(names, value)]
+                if any(a is not b for a, b in zip(items, value)):
+                    return type(value)(items) if isinstance(value, list) else tuple(items)
+        except Exception as exc:
+            self.note(f"tracer could not name a value: {type(exc).__name__}: {exc}")
+        finally:
+            self.busy = False
+        return value
+
+    def _bind_one(self, name: Optional[str], t: torch.Tensor) -> torch.Tensor:
+        if name is None:
+            return t
+        rid = self.record_of(t)
+        if rid is None:
+            rid = self.record_for(t)  # a namespace name (`h = w` is still w) wins
+        rec = self.trace.records[rid]
+        if rec.name is None:
+            rec.name = name
+        self.names.learn(t, name)
+        if self._detaching and any(iv.cuts_name(name) for iv in self._cutters):
+            self.detach_hits.add(name)
+            return self._detached(t)
+        return t
+
+    # ---- the end of a run ----
+    def repeats(self) -> dict[int, int]:
+        """First record of a loop site -> how many of its runs were not kept."""
+        limit = self.detail_limit
+        return {first: runs - limit for runs, first in self._site_runs.values() if first is not None and runs > limit}
+
+    def final_names(self) -> dict[int, str]:
+        """Record id -> name for live tensors found in `final_namespace` at stop."""
+        return dict(self._final_names)
+
+    @quietly
+    def _finish_records(self) -> None:
+        self.busy = True  # the mode is popped already; this guards a user's mode below ours
+        records = self.trace.records
+        self._final_names = {}
+        for rid, (ref, version) in list(self._live.items()):
+            t = ref()
+            if t is None:
+                continue
+            rec = records[rid]
+            if self.final_namespace is not None and id(t) in self.final_namespace:
+                self._final_names[rid] = self.final_namespace[id(t)]
+            if rec.name is None:
+                # e.g. the parameters of a model built by this very cell
+                rec.name = self.names.tensor_name(t)
+            try:
+                if compat.version_of(t) != version:
+                    rec.version_changed = True
+                if t.is_leaf or t.retains_grad:
+                    rec.retains_grad = bool(t.retains_grad)
+                    g = t.grad
+                    if g is not None:
+                        rec.attr_grad = self.backward.grad_seen(t, g) or preview_quiet(g)
+            except Exception:
+                pass
+        self.trace.repeats = self.repeats()
+        self.trace.detached = sorted(self.detach_hits)

@@ -1,0 +1,256 @@
+"""The trace as plain data: what the tracer collected, what every view reads.
+
+Nothing here holds a live tensor, a graph node or a reference into torch's
+autograd; a Trace can be pickled, compared, rendered and tested without torch
+running. Views (text, HTML, DOT, widget) read only these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+
+@dataclass
+class Preview:
+    """A bounded picture of one tensor's values at one moment.
+
+    `values` holds every element when the tensor is small, otherwise the
+    "edge items" torch itself prints (first and last three along each
+    dimension, `summarized=True`), or the first elements of the flattened
+    tensor (`flat_head=True`) when even that would be too large.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str  # e.g. "torch.float32"
+    device: str = "cpu"
+    layout: str = "strided"
+    values: Optional[np.ndarray] = None
+    summarized: bool = False
+    flat_head: bool = False
+    min: Optional[float] = None
+    max: Optional[float] = None
+    mean: Optional[float] = None
+    norm: Optional[float] = None
+    note: Optional[str] = None  # why values are missing (meta, sparse, ...)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def complete(self) -> bool:
+        """True when `values` holds every element of the tensor."""
+        return self.values is not None and not self.summarized and not self.flat_head
+
+
+@dataclass
+class Record:
+    """One tensor the cell made (or used from outside), in execution order.
+
+    `id` is the record's index in `Trace.records`. `inputs` are the ids of the
+    records the op read. An in-place op gets its own record whose `mutates`
+    names the record of the tensor it changed.
+    """
+
+    id: int
+    op: str
+    name: Optional[str] = None
+    expr: Optional[str] = None
+    line: Optional[int] = None  # 1-based line in the cell as the editor shows it
+    span: Optional[tuple[int, int, int, int]] = None  # line, col, end_line, end_col
+    occurrence: int = 0  # how many times this span ran before (loop iterations)
+    grad_fn: Optional[str] = None
+    requires_grad: bool = False
+    is_leaf: bool = True
+    grad_enabled: bool = True
+    inplace: bool = False
+    mutates: Optional[int] = None
+    external: bool = False  # made outside the traced code (earlier cell, from_numpy, Parameter)
+    inputs: list[int] = field(default_factory=list)
+    output_index: Optional[int] = None  # position in a tuple-returning op
+    internal: Optional[str] = None  # where inside a call it ran, e.g. "Linear.forward"
+    module: Optional[str] = None  # module path it ran in, e.g. "model.0"
+    detached: bool = False  # forced detached by a --detach toggle
+    preview: Optional[Preview] = None
+    # Gradients: what each backward pass delivered to this tensor (pass index -> preview)
+    grads: dict[int, Preview] = field(default_factory=dict)
+    # `.grad` as torch shows it after the cell (leaves, or retain_grad), None otherwise
+    attr_grad: Optional[Preview] = None
+    retains_grad: bool = False
+    version_changed: bool = False  # modified in place after this record was taken
+
+    # ---- the fields DESIGN.md promises, derived from the above ----
+    @property
+    def shape(self) -> Optional[tuple[int, ...]]:
+        return self.preview.shape if self.preview else None
+
+    @property
+    def dtype(self) -> Optional[str]:
+        return self.preview.dtype if self.preview else None
+
+    @property
+    def device(self) -> Optional[str]:
+        return self.preview.device if self.preview else None
+
+    @property
+    def value(self) -> Optional[np.ndarray]:
+        return self.preview.values if self.preview else None
+
+    @property
+    def grad_preview(self) -> Optional[Preview]:
+        """The gradient to show: `.grad` for leaves, else the last pass's."""
+        if self.attr_grad is not None:
+            return self.attr_grad
+        if self.grads:
+            return self.grads[max(self.grads)]
+        return None
+
+    @property
+    def grad(self) -> Optional[np.ndarray]:
+        p = self.grad_preview
+        return p.values if p else None
+
+    @property
+    def label(self) -> str:
+        """What a reader calls this tensor: its name, else its source text, else its op."""
+        return self.name or self.expr or self.op
+
+
+@dataclass
+class BackwardStep:
+    """One autograd node as the engine ran it during a backward pass."""
+
+    index: int  # order in which the engine ran it within the pass
+    node: str  # e.g. "MulBackward0", "AccumulateGrad"
+    node_id: int  # stable id of the node within the pass (graph order from the roots)
+    records: list[int] = field(default_factory=list)  # tensors whose grad this node received
+    grad_in: list[Optional[Preview]] = field(default_factory=list)  # grads the node received
+    grad_out: list[Optional[Preview]] = field(default_factory=list)  # grads it sent to each input
+    next_ids: list[Optional[int]] = field(default_factory=list)  # node_id per input edge
+
+
+@dataclass
+class BackwardPass:
+    """One `backward()` or `torch.autograd.grad()` call made by the cell."""
+
+    index: int
+    kind: str  # "backward" or "grad"
+    line: Optional[int] = None
+    expr: Optional[str] = None
+    roots: list[int] = field(default_factory=list)  # record ids of the outputs differentiated
+    inputs: list[int] = field(default_factory=list)  # for autograd.grad: records of `inputs`
+    results: list[Optional[Preview]] = field(default_factory=list)  # autograd.grad's returns
+    gradient_given: bool = False
+    retain_graph: bool = False
+    nodes: list[str] = field(default_factory=list)  # node names by node_id
+    edges: list[tuple[int, int]] = field(default_factory=list)  # node_id -> next node_id
+    steps: list[BackwardStep] = field(default_factory=list)
+    error: Optional[str] = None
+
+
+@dataclass
+class TraceError:
+    """An exception the traced code raised, where it was raised."""
+
+    type: str
+    message: str
+    line: Optional[int] = None
+    expr: Optional[str] = None
+
+
+@dataclass
+class Trace:
+    """Everything one traced run produced. Views render this and nothing else."""
+
+    source: str = ""
+    records: list[Record] = field(default_factory=list)
+    passes: list[BackwardPass] = field(default_factory=list)
+    error: Optional[TraceError] = None
+    grad_mode: str = "enabled"  # "enabled", or "no_grad" for a --no-grad variant
+    detached: list[str] = field(default_factory=list)  # what a --detach variant cut
+    flipped: list[str] = field(default_factory=list)  # leaves whose requires_grad a variant flipped
+    notes: list[str] = field(default_factory=list)  # things the views should say once
+    first_line: int = 1  # editor line of the source's first line
+    variant_of: Optional["Trace"] = None  # the original run, for a toggled variant
+    gradcheck: Optional[list] = None  # filled by the gradient check
+    # first record of a source span -> how many more times that span ran
+    # beyond the detail limit (loop iterations counted, not kept)
+    repeats: dict[int, int] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self.records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def by_name(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.name == name]
+
+    def last(self, name: str) -> Optional[Record]:
+        found = self.by_name(name)
+        return found[-1] if found else None
+
+    def lines(self) -> dict[Optional[int], list[Record]]:
+        """Records grouped by source line, in the order the lines first ran."""
+        groups: dict[Optional[int], list[Record]] = {}
+        for r in self.records:
+            groups.setdefault(r.line, []).append(r)
+        return groups
+
+    def source_line(self, line: Optional[int]) -> str:
+        if line is None:
+            return ""
+        lines = self.source.splitlines()
+        i = line - self.first_line
+        return lines[i] if 0 <= i < len(lines) else ""
+
+    # ---- views: each lives in render/ or notebook/ and reads only this data. They are
+    # registered when `autograd_magic` is imported (see `register_views`): this module imports none.
+    def __str__(self) -> str:
+        return _view("text")(self)
+
+    def __repr__(self) -> str:
+        return f"<Trace: {len(self.records)} records, {len(self.passes)} backward passes>"
+
+    def to_text(self) -> str:
+        return str(self)
+
+    def to_html(self) -> str:
+        """A static, script-free HTML snapshot (inline styles only)."""
+        return _view("html")(self)
+
+    def to_dot(self, **options) -> str:
+        """The autograd graph as Graphviz DOT text."""
+        return _view("dot")(self, **options)
+
+    def to_svg(self, timeout: float | None = None, **options) -> str:
+        """The graph laid out by Graphviz (out of process, time-limited)."""
+        return _view("svg")(self.to_dot(**options), timeout=timeout)
+
+    def show(self, **options) -> None:
+        """Display the interactive view (widget + static snapshot + text)."""
+        _view("show")(self, **options)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return _view("mimebundle")(self, include=include, exclude=exclude)
+
+
+_VIEWS: dict[str, Callable[..., Any]] = {}
+
+
+def register_views(**views: Callable[..., Any]) -> None:
+    """Called once by `autograd_magic/__init__.py`: text, html, dot, svg, show, mimebundle."""
+    _VIEWS.update(views)
+
+
+def _view(kind: str) -> Callable[..., Any]:
+    try:
+        return _VIEWS[kind]
+    except KeyError:
+        raise RuntimeError(f"no {kind} view is registered; import autograd_magic first") from None

@@ -1,0 +1,269 @@
+"""Why-explanations: plain-language answers to "why is this grad None?" and to errors.
+
+Every sentence is tied to a record and the line it ran on, and every number
+comes from the Trace (the gradient a non-leaf received, each pass's share of
+an accumulated `.grad`). Pure: reads only the Trace.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import numpy as np
+
+from .format import format_short
+from .stepper import steps
+from ..data.trace import BackwardPass, Preview, Record, Trace
+
+_DETACH_OPS = {"detach", "detach_"}
+
+
+def _where(r: Record) -> str:
+    return f"{_quote(r)} (line {r.line})" if r.line is not None else _quote(r)
+
+
+def _quote(r: Record) -> str:
+    return f"`{r.label}`"
+
+
+def _pass_where(p: BackwardPass) -> str:
+    call = "torch.autograd.grad call" if p.kind == "grad" else "backward call"
+    if p.line is not None:
+        return f"the {call} on line {p.line}" + (f" (`{p.expr}`)" if p.expr else "")
+    return f"backward pass {p.index + 1}"
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _grad(p: Optional[Preview]) -> str:
+    return format_short(p, 60)
+
+
+def _ancestors(trace: Trace, rid: int) -> Iterable[Record]:
+    """Every record `rid` was computed from (inputs, their inputs, ...), nearest first."""
+    seen, stack = {rid}, list(trace.records[rid].inputs)
+    while stack:
+        i = stack.pop(0)
+        if i in seen or not 0 <= i < len(trace.records):
+            continue
+        seen.add(i)
+        yield trace.records[i]
+        stack.extend(trace.records[i].inputs)
+
+
+def _mutations_of(trace: Trace, rid: int) -> list[Record]:
+    return [r for r in trace.records if r.inplace and r.mutates == rid]
+
+
+# ---- one record ----
+def explain_record(trace: Trace, record_id: int) -> list[str]:
+    """Why `record_id`'s gradient is what it is (or None), in sentences."""
+    r = trace.records[record_id]
+    out: list[str] = []
+    if r.inplace and r.mutates is not None:
+        target = trace.records[r.mutates]
+        if r.op == "requires_grad_":
+            out.append(f"`{r.expr or r.op}` on line {r.line} switched on requires_grad for {_quote(target)}: "
+                       "from here on, what is computed from it is recorded for autograd.")
+        else:
+            out.append(f"`{r.expr or r.op}` on line {r.line} changed {_quote(target)} in place.")
+    if r.detached:
+        out.append(
+            f"{_where(r)} was detached by the toggle: what uses it gets a copy with no history, so in this "
+            "variant no gradient flows back through it and it receives none."
+        )
+    elif not r.requires_grad:
+        out.extend(_why_no_requires_grad(trace, r))
+    elif r.is_leaf:
+        out.extend(_leaf_grad(trace, r))
+    else:
+        out.extend(_non_leaf_grad(trace, r))
+    for m in _mutations_of(trace, r.id):
+        if m.op == "requires_grad_":
+            out.append(f"requires_grad was switched on later, by `{m.expr or m.op}` on line {m.line}; this row shows {_quote(r)} before that.")
+        else:
+            out.append(f"{_where(r)} was later modified in place by `{m.expr or m.op}` on line {m.line}.")
+    return out
+
+
+def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
+    none = f"{_quote(r)} has requires_grad=False and no grad_fn, so it has no gradient (.grad is None)."
+    if r.op in _DETACH_OPS:
+        src = trace.records[r.inputs[0]] if r.inputs else None
+        cut = f" from {_quote(src)}" if src is not None else ""
+        return [
+            f"{_quote(r)} was cut{cut} by `.detach()` on line {r.line}: it shares the values but has no history, "
+            "so no gradient flows back through it.",
+            none,
+        ]
+    grad_inputs = [trace.records[i] for i in r.inputs if trace.records[i].requires_grad]
+    if not r.grad_enabled:
+        why = f"{_quote(r)} was made under torch.no_grad() on line {r.line}"
+        if trace.grad_mode == "no_grad":
+            why += " (in this variant the whole cell runs under torch.no_grad())"
+        if grad_inputs:
+            why += f", so it does not require grad although {_names(grad_inputs)} does; no gradient flows back through it."
+        else:
+            why += "."
+        return [why, none]
+    if not r.inputs and r.external:
+        return [
+            f"{_quote(r)} comes from before this cell with requires_grad=False and no grad_fn: either requires_grad "
+            "was never set where it was created, or it was computed from tensors that never had requires_grad=True.",
+            none,
+        ]
+    if not r.inputs:
+        return [
+            f"requires_grad was never set on {_where(r)}: create it with requires_grad=True "
+            f"or call {r.name or 'it'}.requires_grad_() before using it.",
+            none,
+        ]
+    return [_untracked_origin(trace, r), none]
+
+
+def _names(recs: list[Record]) -> str:
+    labels = list(dict.fromkeys(f"`{x.label}`" for x in recs))
+    return " and ".join(labels)
+
+
+def _untracked_origin(trace: Trace, r: Record) -> str:
+    """Why a computed tensor has no history: its inputs never required grad, or were cut."""
+    cuts = [a for a in _ancestors(trace, r.id) if a.op in _DETACH_OPS or (not a.grad_enabled and not a.requires_grad)]
+    if cuts:
+        c = cuts[0]
+        how = "`.detach()`" if c.op in _DETACH_OPS else "torch.no_grad()"
+        return f"{_where(r)} does not require grad: it was computed from {_where(c)}, cut from the graph by {how}."
+    leaves = [a for a in _ancestors(trace, r.id) if not a.inputs]
+    base = f"{_where(r)} does not require grad because none of its inputs do"
+    if leaves:
+        return base + f": it was computed from {_names(leaves)}, which never had requires_grad=True."
+    return base + "."
+
+
+def _leaf_grad(trace: Trace, r: Record) -> list[str]:
+    reached = [trace.passes[i] for i in sorted(r.grads) if i < len(trace.passes)]
+    if not reached:
+        if r.attr_grad is not None:
+            return [f"`{r.label}.grad` = {_grad(r.attr_grad)} was left there by backward calls before this cell."]
+        if not trace.passes:
+            return [f"{_where(r)} requires grad, but no backward() ran in this cell, so its .grad is None."]
+        return [f"{_where(r)} requires grad, but no backward pass in this cell reached it: " + _unreached(trace, r)]
+    # torch.autograd.grad returns gradients and leaves .grad alone; backward() adds into .grad
+    out = [
+        _capital(f"{_pass_where(p)} returned {_grad(r.grads[p.index])} for {_quote(r)} (it does not change `{r.label}.grad`).")
+        for p in reached if p.kind == "grad"
+    ]
+    passes = [p for p in reached if p.kind != "grad"]
+    if len(passes) == 1:
+        p = passes[0]
+        out.append(f"{_quote(r)} is a leaf: {_pass_where(p)} put {_grad(r.grads[p.index])} into `{r.label}.grad`.")
+    elif passes:
+        shares = "; ".join(f"{_pass_where(p)} gave {_grad(r.grads[p.index])}" for p in passes)
+        out.append(
+            f"`{r.label}.grad` is the sum of {len(passes)} backward passes (gradients accumulate): {shares}. "
+            "Zero it between steps (x.grad = None, or optimizer.zero_grad()) if that is not what you want."
+        )
+    extra = _earlier_share(r, passes, trace.notes) if passes else None
+    if extra:
+        out.append(extra)
+    return out + _odd_values(trace, r)
+
+
+def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str]) -> Optional[str]:
+    """When .grad holds more than the recorded passes gave: unrecorded loop passes, or an earlier cell."""
+    unrecorded = [n for n in notes if "passes were not recorded" in n]
+    total = None
+    for p in passes:
+        g = r.grads[p.index]
+        if not g.complete:
+            return None
+        total = np.asarray(g.values, dtype=np.float64) + (0 if total is None else total)
+    a = r.attr_grad
+    if a is None or not a.complete or total is None or np.shape(a.values) != np.shape(total):
+        return None
+    if np.allclose(np.asarray(a.values, dtype=np.float64), total, rtol=1e-5, atol=1e-6):
+        return None
+    if unrecorded:
+        return (
+            f"`{r.label}.grad` is {_grad(a)}: it also holds the gradients of the backward passes that ran "
+            f"in a loop but were not recorded ({unrecorded[0]})."
+        )
+    return (
+        f"`{r.label}.grad` is {_grad(a)}, more than this cell's passes gave: it also holds gradients "
+        "accumulated by backward calls before this cell."
+    )
+
+
+def _unreached(trace: Trace, r: Record) -> str:
+    failed = [p for p in trace.passes if p.error]
+    if failed and len(failed) == len(trace.passes):
+        return f"{_pass_where(failed[0])} raised an error before any gradient got here."
+    uses = [u for u in trace.records if r.id in u.inputs]
+    cut = [u for u in uses if u.op in _DETACH_OPS or not u.grad_enabled]
+    if cut:
+        u = cut[0]
+        how = "`.detach()`" if u.op in _DETACH_OPS else "torch.no_grad()"
+        return f"its use on line {u.line} (`{u.expr or u.op}`) goes through {how}, which cuts the graph."
+    lines = [p.line for p in trace.passes]
+    if r.line is not None and None not in lines and r.line > max(lines):
+        return f"it was computed on line {r.line}, after the last backward call (line {max(lines)})."
+    return "the value that was differentiated does not depend on it."
+
+
+def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
+    made = f"computed by {r.grad_fn}" if r.grad_fn else "computed from other tensors"
+    got = [(trace.passes[i], g) for i, g in sorted(r.grads.items()) if i < len(trace.passes)]
+    if r.retains_grad:
+        head = f"{_where(r)} is not a leaf ({made}), but retain_grad() was called, so its .grad is kept"
+        return [head + (f": {_grad(r.attr_grad)}." if r.attr_grad is not None else ".")]
+    keep = f"Call {r.name}.retain_grad() before backward() to keep it." if r.name else (
+        "Name it and call .retain_grad() on it before backward() to keep it."
+    )
+    out = [f"{_where(r)} is not a leaf ({made}), so PyTorch does not keep its gradient: its .grad is None. {keep}"]
+    for p, g in got:
+        would = "" if p.kind == "grad" else "; with retain_grad() that is what .grad would show"
+        out.append(f"In {_pass_where(p)} it received {_grad(g)}{would}.")
+    if not got and trace.passes:
+        out.append("No backward pass in this cell reached it: " + _unreached(trace, r))
+    return out + _odd_values(trace, r)
+
+
+def _non_finite(p: Optional[Preview]) -> bool:
+    if p is None:
+        return False
+    if any(v is not None and not math.isfinite(v) for v in (p.min, p.max, p.mean)):
+        return True
+    vals = p.values
+    return vals is not None and np.issubdtype(np.asarray(vals).dtype, np.floating) and not np.all(np.isfinite(vals))
+
+
+def _odd_values(trace: Trace, r: Record) -> list[str]:
+    """Gradients that are nan/inf (where they first appeared) or exactly zero everywhere."""
+    for i, g in sorted(r.grads.items()):
+        if _non_finite(g) and i < len(trace.passes):
+            return [f"Its gradient contains nan or inf. {_non_finite_origin(trace, trace.passes[i])}"]
+    g = r.grad_preview
+    if r.is_leaf and g is not None and g.complete and g.numel and not np.any(np.asarray(g.values)):
+        return [
+            "Its gradient is zero everywhere: near these values the output does not change when it changes "
+            "(e.g. relu or clamp where the input was outside the active range, or a comparison/rounding on the way)."
+        ]
+    return []
+
+
+def _non_finite_origin(trace: Trace, p: BackwardPass) -> str:
+    """The first node that got finite gradients and sent non-finite ones on."""
+    for s in steps(trace, p.index):
+        if not any(_non_finite(g) for g in s.grad_in) and any(_non_finite(g) for g in s.grad_out):
+            who = f" for `{s.labels[0]}`" if s.labels else ""
+            where = f" (line {s.line})" if s.line is not None else ""
+            return f"It first appears in {s.node}{who}{where}, whose rule is: {s.rule}. Look for a division by zero, sqrt or log at 0 there."
+    return "The values differentiated may already contain nan or inf."
+
+
+def explain_all(trace: Trace) -> dict[int, list[str]]:
+    """`explain_record` for every record."""
+    return {r.id: explain_record(trace, r.id) for r in trace.records}

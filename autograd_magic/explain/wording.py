@@ -1,0 +1,110 @@
+"""One wording for every view: a fact is said the same way in text, HTML, DOT and the widget.
+
+The gradient cell ("—" before any backward, the value, or "None" and why),
+why `.grad` is None, a record's flags, a variant's description and the
+gradient check's verdicts. Views choose only how to print a value
+(`format_short` in a narrow column, the full print in a wide one).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ..data.checks import LeafCheck
+from ..data.trace import Preview, Record, Trace
+
+NO_BACKWARD_YET = "—"  # the gradient column before the cell ran any backward pass
+
+
+def grad_phrase(record: Record, trace: Optional[Trace] = None) -> str:
+    """Why `.grad` is None for this tensor, e.g. "None (non-leaf, no retain_grad)"; "" when it is set.
+
+    With `trace`, a leaf that would get a gradient but has none says "no
+    backward yet" when the cell ran no backward pass, "backward failed" when
+    every pass raised.
+    """
+    if record.attr_grad is not None:
+        return ""
+    if record.detached:
+        return "None (detached)"
+    if not record.requires_grad:
+        if not record.grad_enabled:
+            return "None (made under no_grad)"
+        return "None (requires_grad=False)"
+    if not record.is_leaf and not record.retains_grad:
+        return "None (non-leaf, no retain_grad)"
+    if trace is not None and not trace.passes:
+        return "None (no backward yet)"
+    if trace is not None and all(p.error for p in trace.passes):
+        return "None (backward failed)"
+    return "None (backward did not reach it)"
+
+
+def gradient_cell(record: Record, trace: Trace, fmt: Callable[[Preview], str]) -> tuple[str, str]:
+    """(the gradient column, a note): `fmt` of the gradient the record received, "—" before any
+    backward, or "None" with the reason. The note says why `.grad` is None when the value
+    shown is only what backward sent through (a non-leaf without retain_grad)."""
+    g = record.grad_preview
+    phrase = grad_phrase(record, trace)
+    if g is not None:
+        return fmt(g), (f".grad {phrase}" if phrase else "")
+    if not trace.passes:
+        return NO_BACKWARD_YET, ""
+    return "None", phrase[len("None"):].strip(" ()") if phrase.startswith("None") else phrase
+
+
+FLAG_WORDS = {
+    "external": "from outside the cell",
+    "inplace": "in-place",
+    "detached": "detached",
+    "no_grad": "made under no_grad",
+    "version_changed": "modified in place later",
+}
+
+
+def flags(record: Record) -> list[str]:
+    """What is unusual about a record, in words, in a fixed order (empty for most)."""
+    on = {
+        "external": record.external,
+        "inplace": record.inplace,
+        "detached": record.detached,
+        "no_grad": not record.grad_enabled,
+        "version_changed": record.version_changed,
+    }
+    return [FLAG_WORDS[k] for k, v in on.items() if v]
+
+
+def variant_description(variant: Trace) -> str:
+    """What a variant changed, e.g. "under torch.no_grad(); detached y; requires_grad flipped on x"."""
+    parts = []
+    if variant.grad_mode == "no_grad":
+        parts.append("under torch.no_grad()")
+    if variant.detached:
+        parts.append("detached " + ", ".join(variant.detached))
+    if variant.flipped:
+        parts.append("requires_grad flipped on " + ", ".join(variant.flipped))
+    return "; ".join(parts) or "re-run in a sandbox"
+
+
+def verdict(ok: Optional[bool]) -> str:
+    """The gradient check's verdict for one leaf in a word or two."""
+    return {True: "agrees", False: "differs"}.get(ok, "not checked")
+
+
+def check_line(check: LeafCheck) -> str:
+    """One leaf's check in one line: name, verdict, errors, and the note."""
+    text = f"{check.name}: {verdict(check.ok)}"
+    if check.max_abs_err is not None:
+        text += f" (max abs error {check.max_abs_err:.2e}, rel {check.max_rel_err:.2e}, {check.elements_checked} elements)"
+    if check.note:
+        text += f" — {check.note}"
+    return text
+
+
+def check_lines(checks: Optional[list[LeafCheck]]) -> Optional[list[str]]:
+    """The gradient check's verdicts as lines; None when it was not run."""
+    if checks is None:
+        return None
+    if not checks:
+        return ["Nothing to check: no backward pass reached a leaf that requires grad."]
+    return [check_line(c) for c in checks]

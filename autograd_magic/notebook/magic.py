@@ -1,0 +1,117 @@
+"""`%%autograd`: option parsing, then one call (`cell.trace_cell`)."""
+
+from __future__ import annotations
+
+import keyword
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from traitlets import Bool, Float, Integer
+
+from ..capture.tracer import purge_stale_modes
+from ..render.layout import warm
+from ..variants.interventions import Toggles
+from .cell import CellOptions, trace_cell
+
+
+@magics_class
+class AutogradMagics(Magics):
+    """Per-user defaults: `%config AutogradMagics.detail_limit = 5` etc."""
+
+    detail_limit = Integer(3, help="Loop iterations of one expression kept in full detail.").tag(config=True)
+    layout_timeout = Float(5.0, help="Seconds Graphviz may spend laying out a graph.").tag(config=True)
+    static = Bool(False, help="Show the static HTML snapshot instead of the widget.").tag(config=True)
+
+    @magic_arguments()
+    @argument("-o", "--output", metavar="NAME", help="Store the Trace in the variable NAME.")
+    @argument("--no-grad", action="store_true", help="Run the cell under torch.no_grad() (a variant; the namespace is untouched).")
+    @argument(
+        "--detach",
+        nargs="+",
+        default=[],
+        metavar="EXPR_OR_NAME",
+        help="Detach the tensor bound to NAME, or made by the expression EXPR (quote it), in a variant run.",
+    )
+    @argument("--no-graph", action="store_true", help="Do not draw the autograd graph.")
+    @argument("--static", action="store_true", help="Show the static snapshot only, no widget.")
+    @argument("--text", action="store_true", help="Show the plain-text table only.")
+    @argument("--check", action="store_true", help="Check every leaf's gradient by finite differences.")
+    @argument("--quiet", action="store_true", help="Show nothing; with -o, just store the Trace.")
+    @argument("--limit", type=int, default=None, metavar="N", help="Loop iterations of one expression kept in detail.")
+    @cell_magic
+    def autograd(self, line: str, cell: str):
+        """Run the cell as usual, recording every tensor op; then show the trace.
+
+        The cell's prints, its displayed last expression, its variables and its
+        errors are exactly those of a plain run. Afterwards a view shows each
+        intermediate tensor's value, grad_fn, requires_grad and gradient, with
+        toggles to re-run the cell under no_grad or with tensors detached.
+        `--no-grad` and `--detach` show such a variant right away; the real
+        run is always the plain one.
+
+        Examples::
+
+            %%autograd
+            y = 2*x**4 + x**3
+            y.backward()
+
+            %%autograd -o t --detach y
+            ...
+        """
+        __tracebackhide__ = True
+        usage = self.autograd.parser.format_usage()
+        try:
+            args = parse_argstring(self.autograd, line)
+        except UsageError as exc:  # argparse's message alone doesn't say what is allowed
+            raise UsageError(f"{exc}\n{usage}") from None
+        if args.limit is not None and args.limit < 1:
+            raise UsageError("--limit takes a whole number of 1 or more\n" + usage)
+        if args.output is not None and (not args.output.isidentifier() or keyword.iskeyword(args.output)):
+            raise UsageError(f"-o takes a variable name, not {args.output!r}\n" + usage)  # before the cell runs
+        mode = "quiet" if args.quiet else "text" if args.text else "static" if (args.static or self.static) else "widget"
+        options = CellOptions(
+            output=args.output,
+            toggles=Toggles(no_grad=args.no_grad, detach_names=tuple(args.detach)),
+            check=args.check,
+            mode=mode,
+            graph=not args.no_graph,
+            detail_limit=args.limit or self.detail_limit,
+            layout_timeout=self.layout_timeout,
+        )
+        trace_cell(self.shell, cell, options)
+
+
+def load_ipython_extension(ipython) -> None:
+    ipython.register_magics(AutogradMagics)
+    _unregister_purge(ipython)
+    for event in _PURGE_EVENTS:
+        ipython.events.register(event, _purge_around_cell)
+    try:
+        warm()  # the Graphviz worker starts now, not on the first drawing
+    except Exception:
+        pass
+
+
+def unload_ipython_extension(ipython) -> None:
+    _unregister_purge(ipython)
+
+
+_PURGE_EVENTS = ("pre_run_cell", "post_run_cell")
+
+
+def _purge_around_cell(*args) -> None:
+    """Before and after every cell, plain ones too: a traced run's mode never
+    outlives it (see `purge_stale_modes`), so the next cell runs at plain speed."""
+    try:
+        purge_stale_modes()
+    except Exception:
+        pass
+
+
+def _unregister_purge(ipython) -> None:
+    for event in _PURGE_EVENTS:
+        try:
+            ipython.events.unregister(event, _purge_around_cell)
+        except ValueError:  # not registered
+            pass

@@ -1,0 +1,243 @@
+"""The interactive view: an anywidget whose front end is `widget.js`.
+
+Traffic is deliberately narrow. The page sends record ids and toggle states
+(`selected`, `detach_ids`, `flip_ids`, `no_grad`, `step`, `request_check`);
+Python re-runs the cell in the sandbox when a toggle changes and answers with
+`payload` (the table, from `_payload`), `detail` (the selected row) and
+`graph_svg`. Nothing the page sends is evaluated. Every callback catches its
+own errors and shows them in `status`: the view never dies with a traceback.
+
+The object also publishes the static HTML snapshot and the text table in the
+same mimebundle, so a notebook saved with it reads well where widgets don't
+render (GitHub, nbviewer, nbconvert, a reloaded page without the kernel).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any, Optional
+
+import anywidget
+import traitlets as t
+
+from ..data.identity import match_records
+from ..data.trace import Trace
+from ..explain.wording import check_lines
+from ..render.dot import render_dot
+from ..render.layout import svg_or_fallback_html
+from ..render.payload import build_detail, build_payload
+from ..render.snapshot import mimebundle, snapshot_html
+from ..variants.interventions import Toggles
+from .session import CellSession
+
+_HERE = Path(__file__).parent
+
+
+def _asset(name: str) -> str:
+    path = _HERE / name
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+class AutogradView(anywidget.AnyWidget):
+    """One traced cell, its variant under the current toggles, and the views of both."""
+
+    _esm = _asset("widget.js")
+    _css = _asset("widget.css")
+
+    # Python -> page
+    payload = t.Dict().tag(sync=True)
+    detail = t.Dict().tag(sync=True)
+    graph_svg = t.Unicode("").tag(sync=True)
+    status = t.Unicode("").tag(sync=True)
+    busy = t.Bool(False).tag(sync=True)
+    # page -> Python: ids and switches only
+    selected = t.Int(-1).tag(sync=True)
+    detach_ids = t.List(t.Int()).tag(sync=True)
+    flip_ids = t.List(t.Int()).tag(sync=True)
+    no_grad = t.Bool(False).tag(sync=True)
+    step = t.Int(-1).tag(sync=True)
+    pass_index = t.Int(0).tag(sync=True)
+    request_check = t.Int(0).tag(sync=True)
+
+    def __init__(
+        self,
+        session: CellSession,
+        variant: Optional[Trace] = None,
+        graph: bool = True,
+        layout_timeout: float = 5.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._session = session
+        self._trace = session.trace
+        self._variant = variant
+        self._graph_on = graph
+        self._layout_timeout = layout_timeout
+        self._set_initial_toggles(variant)
+        self._refresh()
+        self.observe(self._on_toggle, names=["no_grad", "detach_ids", "flip_ids"])
+        self.observe(self._on_select, names=["selected"])
+        self.observe(self._on_check, names=["request_check"])
+
+    @property
+    def session(self) -> CellSession:
+        """The cell's controller: re-runs and the gradient check go through it."""
+        return self._session
+
+    def close(self) -> None:
+        """Closing the view releases the cell's snapshot."""
+        self._session.close()
+        super().close()
+
+    # ---- what is shown ---------------------------------------------------------------------
+    @property
+    def trace(self) -> Trace:
+        """The real run (the user's namespace reflects this one)."""
+        return self._trace
+
+    @property
+    def variant(self) -> Optional[Trace]:
+        """The re-run under the current toggles, or None when every toggle is off."""
+        return self._variant
+
+    @property
+    def shown(self) -> Trace:
+        return self._variant or self._trace
+
+    @property
+    def can_rerun(self) -> bool:
+        return self._session.can_rerun
+
+    def _set_initial_toggles(self, variant: Optional[Trace]) -> None:
+        """Reflect a variant the magic already made (`--no-grad`, `--detach`) in the toggles."""
+        if variant is None:
+            return
+        to_original = {v: o for o, v in match_records(self._trace, variant).items()}
+        with self.hold_trait_notifications():
+            self.no_grad = variant.grad_mode == "no_grad"
+            self.detach_ids = sorted(to_original[r.id] for r in variant.records if r.detached and r.id in to_original)
+
+    # ---- callbacks: each one catches everything and reports it in `status` -----------------
+    def _on_toggle(self, change: dict) -> None:
+        try:
+            self._rerun()
+            self.status = ""
+        except Exception as e:  # the view must survive any failure of a re-run
+            self.status = f"Could not re-run the cell: {type(e).__name__}: {e}"
+        finally:
+            self.busy = False
+
+    def _on_select(self, change: dict) -> None:
+        try:
+            self.detail = build_detail(self.shown, self.selected, self._trace if self._variant else None)
+        except Exception as e:
+            self.detail = {}
+            self.status = f"Could not show the details: {type(e).__name__}: {e}"
+
+    def _on_check(self, change: dict) -> None:
+        try:
+            self._gradcheck()
+        except Exception as e:
+            self.status = f"Gradient check failed to run: {type(e).__name__}: {e}"
+        finally:
+            self.busy = False
+
+    # ---- work ------------------------------------------------------------------------------
+    def _valid_ids(self, ids: list[int], leaves_only: bool = False) -> tuple[int, ...]:
+        """Only ids of records of the real run; anything else from the page is ignored."""
+        records = self._trace.records
+        ok = [i for i in ids if isinstance(i, int) and 0 <= i < len(records)]
+        if leaves_only:
+            ok = [i for i in ok if records[i].is_leaf]
+        return tuple(sorted(set(ok)))
+
+    def _rerun(self) -> None:
+        toggles = Toggles(
+            no_grad=self.no_grad,
+            detach_ids=self._valid_ids(self.detach_ids),
+            flip_ids=self._valid_ids(self.flip_ids, leaves_only=True),
+        )
+        if toggles.any:
+            self.busy = True
+        self._variant = self._session.rerun(toggles)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        shown = self.shown
+        original = self._trace if self._variant is not None else None
+        payload = build_payload(shown, original, can_rerun=self.can_rerun)
+        payload["gradcheck"] = check_lines(self._trace.gradcheck)
+        with self.hold_sync():
+            self.payload = payload
+            self.graph_svg = self._graph()
+            if not 0 <= self.selected < len(shown.records):
+                self.selected = -1
+            self.detail = build_detail(shown, self.selected, original) if self.selected >= 0 else {}
+            if self.step >= 0:
+                self.step = -1
+
+    def _graph(self) -> str:
+        if not self._graph_on:
+            return ""
+        try:
+            dot = render_dot(self._trace, variant=self._variant)
+            return svg_or_fallback_html(dot, self._layout_timeout)
+        except Exception as e:  # a graph that can't be drawn must not hide the table
+            return f"<p>The graph could not be drawn: {html.escape(type(e).__name__ + ': ' + str(e))}</p>"
+
+    def _gradcheck(self) -> None:
+        self.busy = True
+        self._session.check()
+        payload = dict(self.payload)
+        payload["gradcheck"] = check_lines(self._trace.gradcheck)
+        self.payload = payload
+        self.status = ""
+
+    # ---- one mimebundle: widget, static snapshot, text -------------------------------------
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs: Any):
+        shown = super()._repr_mimebundle_(**kwargs)
+        data, meta = shown if isinstance(shown, tuple) else (shown or {}, {})
+        data = dict(data)
+        data["text/plain"] = str(self.shown)
+        try:
+            data["text/html"] = snapshot_html(
+                self._trace, variant=self._variant, graph=self._graph_on, timeout=self._layout_timeout
+            )
+        except Exception as e:  # the widget still shows; the snapshot says why it is missing
+            data["text/html"] = f"<pre>{html.escape(str(self.shown))}</pre><!-- {html.escape(type(e).__name__)} -->"
+        if include:
+            data = {k: v for k, v in data.items() if k in include}
+        if exclude:
+            data = {k: v for k, v in data.items() if k not in exclude}
+        return data, meta
+
+
+def make_view(
+    session: CellSession,
+    variant: Optional[Trace] = None,
+    graph: bool = True,
+    layout_timeout: float = 5.0,
+) -> "AutogradView | StaticView":
+    """The widget for one traced cell (what `%%autograd` displays).
+
+    If the widget cannot be built, the static snapshot is shown instead, with
+    the reason: a view must never turn a working cell into a traceback.
+    """
+    try:
+        return AutogradView(session, variant=variant, graph=graph, layout_timeout=layout_timeout)
+    except Exception as e:
+        return StaticView(session.trace, variant, f"The interactive view failed ({type(e).__name__}: {e}); showing the snapshot.")
+
+
+class StaticView:
+    """The snapshot and the text table in one mimebundle, with a note on why there is no widget."""
+
+    def __init__(self, trace: Trace, variant: Optional[Trace], note: str = "") -> None:
+        self.trace, self.variant, self.note = trace, variant, note
+
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs: Any) -> dict:
+        data = mimebundle(self.trace, include=include, exclude=exclude, variant=self.variant)
+        if self.note and "text/html" in data:
+            data["text/html"] = f"<p><em>{html.escape(self.note)}</em></p>" + data["text/html"]
+        return data

@@ -1,0 +1,144 @@
+"""The table of intermediates as static HTML: one row per tensor, grouped by line.
+
+Every cell is built by a small function the widget can reuse. All text that
+comes from the user (names, source, values, errors) goes through `esc`.
+Inline styles only: GitHub, nbviewer and nbconvert drop style sheets.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Optional
+
+from ..data.identity import changed_fields
+from ..explain import wording
+from ..explain.wording import flags, grad_phrase
+from ..explain.format import format_record_value, format_short, format_shape, format_tensor
+from ..data.trace import Record, Trace
+
+MONO = "font-family:SFMono-Regular,Menlo,Consolas,'Liberation Mono',monospace"
+TD = "padding:3px 8px;border-top:1px solid #d0d7de;vertical-align:top;text-align:left"
+TH = "padding:4px 8px;text-align:left;font-weight:600;border-bottom:2px solid #d0d7de"
+GROUP = f"padding:6px 8px 2px;background:#f6f8fa;text-align:left;font-weight:normal;{MONO}"
+PRE = f"margin:0;white-space:pre;{MONO};font-size:12px;background:transparent;padding:0"
+CHANGED = "background:#fff1b8"
+MUTED = "color:#57606a;font-size:11px"
+BADGE = "display:inline-block;margin-left:4px;padding:0 4px;border-radius:3px;font-size:10px;background:#eaeef2;color:#24292f"
+ERROR = "background:#ffebe9;color:#82071e"
+COLUMNS = ("tensor", "value", "shape", "dtype", "requires_grad", "is_leaf", "grad_fn", "gradient")
+
+
+def esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def pre(text: str) -> str:
+    return f'<pre style="{PRE}">{esc(text)}</pre>'
+
+
+def badge(text: str, style: str = BADGE) -> str:
+    return f'<span style="{style}">{esc(text)}</span>'
+
+
+def header_row() -> str:
+    cells = "".join(f'<th style="{TH}">{esc(c)}</th>' for c in COLUMNS)
+    return f"<thead><tr>{cells}</tr></thead>"
+
+
+# ---- cells of one row ----
+def label_cell(r: Record, trace: Trace) -> str:
+    parts = []
+    if r.name:
+        parts.append(f'<b style="{MONO}">{esc(r.name)}</b>')
+    if r.expr and r.expr != r.name:
+        prefix = " = " if r.name else ""
+        parts.append(f'{esc(prefix)}<code style="{MONO};white-space:pre-wrap">{esc(r.expr)}</code>')
+    if not parts:
+        parts.append(f'<code style="{MONO}">{esc(r.op)}</code>')
+    if r.occurrence:
+        parts.append(badge(f"#{r.occurrence + 1}"))
+    total = repeat_total(r, trace)
+    if total:
+        parts.append(badge(f"×{total}"))
+    for flag in badges(r):
+        parts.append(badge(flag))
+    return "".join(parts)
+
+
+def repeat_total(r: Record, trace: Trace) -> int:
+    """How many times the loop site of `r` ran, when some runs were not kept (else 0)."""
+    extra = trace.repeats.get(r.id)
+    if not extra:
+        return 0
+    kept = sum(1 for o in trace.records if o.span == r.span and o.output_index == r.output_index)
+    return kept + extra
+
+
+def badges(r: Record) -> list[str]:
+    """The record's flags in words, then the module it ran in."""
+    return flags(r) + ([r.module] if r.module else [])
+
+
+def gradient_cell(r: Record, trace: Trace) -> str:
+    """The gradient as torch prints it, or "—" before any backward, or why `.grad` is None."""
+    text, note = wording.gradient_cell(r, trace, format_tensor)
+    if r.grad_preview is not None:
+        body = pre(text)
+        if len(r.grads) > 1 and r.attr_grad is None:
+            body += f'<div style="{MUTED}">from backward pass {max(r.grads) + 1} of {len(trace.passes)}</div>'
+        if note:  # the gradient flowed through, but torch does not keep it in `.grad`
+            body += f'<div style="{MUTED}">{esc(note)}</div>'
+        return body
+    if not trace.passes:
+        return esc(text)
+    return f'<span style="{MUTED}">{esc(grad_phrase(r, trace))}</span>'
+
+
+def value_cells(r: Record, trace: Trace) -> dict[str, str]:
+    """Column name -> inner HTML of each cell of the row for `r`."""
+    p = r.preview
+    return {
+        "tensor": label_cell(r, trace),
+        "value": pre(format_record_value(r)) if p is not None else esc("—"),
+        "shape": esc(format_shape(p)),
+        "dtype": esc(p.dtype.replace("torch.", "") if p else ""),
+        "requires_grad": esc(r.requires_grad),
+        "is_leaf": esc(r.is_leaf),
+        "grad_fn": f'<code style="{MONO}">{esc(r.grad_fn)}</code>' if r.grad_fn else esc("None"),
+        "gradient": gradient_cell(r, trace),
+    }
+
+
+_FIELD_COLUMN = {"value": "value", "requires_grad": "requires_grad", "is_leaf": "is_leaf",
+                 "grad_fn": "grad_fn", "grad": "gradient", "detached": "tensor"}
+
+
+def was_text(field: str, orig: Record) -> str:
+    """What the original run showed in a changed cell, in one short line."""
+    if field == "value":
+        return format_short(orig.preview)
+    if field == "grad":
+        g = orig.grad_preview
+        return format_short(g) if g is not None else (grad_phrase(orig) or "None")
+    if field == "grad_fn":
+        return orig.grad_fn or "None"
+    return str(getattr(orig, field))
+
+
+def row(r: Record, trace: Trace, orig: Optional[Record] = None, compare: bool = False) -> str:
+    """One table row; with `compare`, changed cells are highlighted and show the original."""
+    cells = value_cells(r, trace)
+    styles = {c: TD for c in COLUMNS}
+    if compare and orig is None:
+        cells["tensor"] += badge("only in the variant", f"{BADGE};{CHANGED}")
+    if orig is not None:
+        for field in sorted(changed_fields(orig, r)):
+            col = _FIELD_COLUMN[field]
+            styles[col] = f"{TD};{CHANGED}"
+            cells[col] += f'<div style="{MUTED}" data-changed="{esc(field)}">was: {esc(was_text(field, orig))}</div>'
+    tds = "".join(f'<td style="{styles[c]}">{cells[c]}</td>' for c in COLUMNS)
+    return f'<tr data-record="{r.id}">{tds}</tr>'
+
+
+def full_row(inner: str, style: str = TD) -> str:
+    return f'<tr><td colspan="{len(COLUMNS)}" style="{style}">{inner}</td></tr>'

@@ -1,0 +1,276 @@
+"""Trace -> JSON-able dicts for the widget's front end.
+
+The front end only draws what it is given: every string here comes from the
+Trace (names, source text, printed values) and is placed in the page with
+`textContent`, never parsed as HTML. Size is bounded so a trace of thousands of
+ops stays well under a megabyte: values are one-line previews (the full print
+is sent only for the selected row, see `build_detail`), ops inside functions
+and modules are folded under their call line with only the first few sent,
+and past `MAX_ROWS` rows the table says how many more there are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..data.identity import changed_fields, match_records
+from ..data.trace import Preview, Record, Trace
+from ..explain.errors import explain_error
+from ..explain.format import format_record_value, format_shape, format_short, format_stats, format_tensor, format_values
+from ..explain.stepper import steps as stepper_steps
+from ..explain.why import explain_record
+from ..explain.wording import flags, gradient_cell, variant_description
+from .. import limits
+
+MAX_ROWS = limits.WIDGET_ROWS
+INTERNAL_PER_CALL = limits.WIDGET_ROWS_PER_CALL
+MAX_STEPS = limits.WIDGET_STEPS
+SHORT = 60  # characters of a one-line value
+CELL_LINES, CELL_WIDTH = 4, 72  # a value printed in a table cell; larger ones are summarized
+TEXT = limits.WIDGET_TEXT
+
+
+def _clip(text: Optional[str], limit: int = TEXT) -> Optional[str]:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
+
+
+def cell_value(p: Optional[Preview]) -> str:
+    """A table cell's value: the body `print(tensor)` shows, or a one-line summary when large."""
+    if p is None or p.values is None:
+        return format_short(p, SHORT)
+    text = format_values(p, indent=0)
+    lines = text.splitlines()
+    if len(lines) <= CELL_LINES and all(len(line) <= CELL_WIDTH for line in lines):
+        return text
+    return format_short(p, SHORT)
+
+
+# ---- gradients in words (explain/wording.py says them for every view) -----------------------
+
+
+def grad_cells(record: Record, trace: Trace) -> tuple[str, Optional[str]]:
+    """The gradient column: (value, note)."""
+    text, note = gradient_cell(record, trace, cell_value)
+    return text, note or None
+
+
+def _match(original: Trace, variant: Trace) -> dict[int, int]:
+    """Variant record id -> original record id (the table is keyed by the variant)."""
+    return {v: o for o, v in match_records(original, variant).items()}
+
+
+# ---- rows ------------------------------------------------------------------------------------
+
+
+def _row(r: Record, trace: Trace) -> dict[str, Any]:
+    grad, note = grad_cells(r, trace)
+    row: dict[str, Any] = {
+        "id": r.id,
+        "label": _clip(r.label, 120),
+        "name": r.name,
+        "expr": _clip(r.expr, 120) if r.expr != r.name else None,
+        "value": cell_value(r.preview),
+        "shape": format_shape(r.preview),
+        "dtype": (r.dtype or "").replace("torch.", ""),
+        "requires_grad": r.requires_grad,
+        "is_leaf": r.is_leaf,
+        "grad_fn": r.grad_fn,
+        "grad": grad,
+    }
+    optional = {
+        "grad_note": note,
+        "external": r.external,
+        "detached": r.detached,
+        "no_grad": not r.grad_enabled,
+        "inplace": r.inplace,
+        "occurrence": r.occurrence,
+        "repeats": trace.repeats.get(r.id, 0),
+        "internal": r.internal,
+    }
+    row.update({k: v for k, v in optional.items() if v})  # omit falsy extras: payload size
+    return row
+
+
+def _was(orig: Record, original: Trace, fields: set[str]) -> dict[str, Any]:
+    """The original run's text for each changed column (shown as a tooltip / "was ...")."""
+    ref = _row(orig, original)
+    out = {f: ref.get(f) for f in fields if f in ref}
+    if "value" in fields or "preview" in fields:
+        out["value"] = ref["value"]
+    return out
+
+
+def _line_groups(trace: Trace) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = []
+    for line, records in trace.lines().items():
+        source = trace.source_line(line).strip() if line is not None else ""
+        groups.append({"line": line, "source": _clip(source, 200), "records": records})
+    return groups
+
+
+def build_payload(
+    trace: Trace,
+    original: Optional[Trace] = None,
+    *,
+    can_rerun: bool = True,
+    max_rows: int = MAX_ROWS,
+) -> dict[str, Any]:
+    """Everything the table, banner and stepper draw. `original` marks `trace` as a variant."""
+    oid = _match(original, trace) if original is not None else {}
+    by_id = {r.id: r for r in original.records} if original is not None else {}
+    budget = max_rows
+    lines_out, hidden = [], 0
+    for group in _line_groups(trace):
+        rows, folded = [], {}
+        for r in group["records"]:
+            if r.internal and not r.external:
+                call = folded.setdefault(r.internal, {"call": r.internal, "count": 0, "rows": []})
+                call["count"] += 1
+                if len(call["rows"]) >= INTERNAL_PER_CALL:
+                    continue
+                target = call["rows"]
+            else:
+                target = rows
+            if budget <= 0:
+                hidden += target is rows  # folded ops are already counted by their call
+                continue
+            budget -= 1
+            row = _row(r, trace)
+            if original is not None:
+                _mark_changes(row, r, oid, by_id, original, trace)
+            # requires_grad flips apply to leaves of the real run (the toggle re-runs from it)
+            base = by_id.get(row.get("oid")) if original is not None else r
+            if base is not None and base.is_leaf:
+                row["can_flip"] = True
+            target.append(row)
+        lines_out.append({"line": group["line"], "source": group["source"], "rows": rows, "folded": list(folded.values())})
+    return {
+        "variant": _variant_info(trace) if original is not None else None,
+        "lines": lines_out,
+        "hidden_rows": hidden,
+        "records": len(trace.records),
+        "passes": [_pass(trace, p.index) for p in trace.passes],
+        "error": _error(trace),
+        "notes": [_clip(n) for n in trace.notes],
+        "can_rerun": can_rerun,
+    }
+
+
+def _mark_changes(row: dict, r: Record, oid: dict, by_id: dict, original: Trace, trace: Trace) -> None:
+    o = oid.get(r.id)
+    if o is None or o not in by_id:
+        row["new"] = True  # ran only in the variant
+        return
+    row["oid"] = o
+    fields = changed_fields(by_id[o], r)
+    if fields:
+        row["changed"] = sorted("value" if f == "preview" else f for f in fields)
+        row["was"] = _was(by_id[o], original, fields)
+
+
+def _variant_info(trace: Trace) -> dict[str, Any]:
+    return {"grad_mode": trace.grad_mode, "detached": list(trace.detached), "text": variant_description(trace)}
+
+
+def _error(trace: Trace) -> Optional[dict[str, Any]]:
+    e = trace.error
+    if e is None:
+        return None
+    explained = explain_error(trace)
+    return {
+        "type": e.type,
+        "message": _clip(e.message),
+        "line": e.line,
+        "expr": _clip(e.expr, 200),
+        "explain": _clip(explained),
+    }
+
+
+# ---- the backward stepper ------------------------------------------------------------------
+
+
+def _pass(trace: Trace, index: int) -> dict[str, Any]:
+    p = trace.passes[index]
+    steps = [{"i": s["i"], "node": s["node"], "records": s["records"], "text": _clip(s["text"])} for s in _steps(trace, index)]
+    return {
+        "index": p.index,
+        "kind": p.kind,
+        "line": p.line,
+        "expr": _clip(p.expr, 200),
+        "error": _clip(p.error),
+        "steps": steps[:MAX_STEPS],
+        "more_steps": max(0, len(steps) - MAX_STEPS),
+    }
+
+
+def _steps(trace: Trace, index: int) -> list[dict[str, Any]]:
+    return [{"i": s.index, "node": s.node, "records": list(s.records), "text": s.text} for s in stepper_steps(trace, index)]
+
+
+# ---- the detail panel ----------------------------------------------------------------------
+
+
+def build_detail(trace: Trace, rid: int, original: Optional[Trace] = None) -> dict[str, Any]:
+    """The selected row in full: printed value, stats, source line, each pass's gradient, why."""
+    if not 0 <= rid < len(trace.records):
+        return {}
+    r = trace.records[rid]
+    out: dict[str, Any] = {
+        "id": r.id,
+        "label": _clip(r.label, 200),
+        "line": r.line,
+        "source": _clip(trace.source_line(r.line).strip(), 300),
+        "value": format_record_value(r),
+        "stats": format_stats(r.preview),
+        "shape": format_shape(r.preview),
+        "dtype": r.dtype,
+        "facts": _facts(r),
+        "inputs": [{"id": i, "label": _clip(trace.records[i].label, 80)} for i in r.inputs if 0 <= i < len(trace.records)],
+        "passes": _detail_passes(trace, r),
+        "attr_grad": format_tensor(r.attr_grad) if r.attr_grad is not None else None,
+        "attr_grad_stats": format_stats(r.attr_grad),
+        "why": _why(trace, r),
+    }
+    if original is not None:
+        o = _match(original, trace).get(rid)
+        if o is not None and 0 <= o < len(original.records):
+            orig = original.records[o]
+            out["original"] = {"value": format_record_value(orig), "grad": grad_cells(orig, original)[0]}
+    return out
+
+
+def _facts(r: Record) -> list[str]:
+    facts = [
+        f"requires_grad={r.requires_grad}",
+        f"is_leaf={r.is_leaf}",
+        f"grad_fn={('<' + r.grad_fn + '>') if r.grad_fn else None}",
+    ] + flags(r)
+    if r.internal:
+        facts.append(f"inside {r.internal}")
+    if r.module:
+        facts.append(f"module {r.module}")
+    if r.retains_grad:
+        facts.append("retain_grad() was called")
+    return facts
+
+
+def _detail_passes(trace: Trace, r: Record) -> list[dict[str, Any]]:
+    out = []
+    for p in trace.passes:
+        g = r.grads.get(p.index)
+        where = f"line {p.line}: {p.expr}" if p.line else p.kind
+        out.append(
+            {
+                "index": p.index,
+                "where": _clip(where, 200),
+                "grad": format_tensor(g) if g is not None else None,
+                "stats": format_stats(g),
+            }
+        )
+    return out
+
+
+def _why(trace: Trace, r: Record) -> list[str]:
+    return [_clip(s) for s in explain_record(trace, r.id)]

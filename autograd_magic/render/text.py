@@ -1,0 +1,62 @@
+"""The text view: what terminal IPython and `text/plain` show."""
+
+from __future__ import annotations
+
+from ..data.trace import Record, Trace
+from ..explain.format import format_short, format_shape
+from ..explain.wording import flags, gradient_cell, variant_description
+
+
+def _grad_text(r: Record, trace: Trace) -> str:
+    return gradient_cell(r, trace, lambda g: format_short(g, 40))[0]
+
+
+def _flags(r: Record) -> str:
+    """requires_grad and is_leaf have no columns here: they lead the flags."""
+    return ", ".join((["requires_grad"] if r.requires_grad else []) + (["leaf"] if r.is_leaf else []) + flags(r))
+
+
+def render_text(trace: Trace, width: int = 120) -> str:
+    head = f"autograd trace: {len(trace.records)} tensors, {len(trace.passes)} backward pass(es)"
+    if trace.variant_of is not None or trace.grad_mode == "no_grad" or trace.detached:
+        head += f"  [variant: {variant_description(trace)}]"
+    lines = [head]
+    rows = [("line", "name / expression", "value", "shape", "flags", "grad_fn", "grad")]
+    for r in trace.records:
+        if r.internal and not r.external:
+            continue  # module and function internals: folded into their call site
+        label = r.label
+        if r.name and r.expr and r.expr != r.name:
+            label = f"{r.name} = {r.expr}"
+        if r.occurrence:
+            label += f"  #{r.occurrence + 1}"
+        rep = trace.repeats.get(r.id)
+        if rep:
+            label += f"  (+{rep} more runs)"
+        rows.append(
+            (
+                str(r.line) if r.line else "",
+                label,
+                format_short(r.preview, 36),
+                format_shape(r.preview),
+                _flags(r),
+                r.grad_fn or "",
+                _grad_text(r, trace),
+            )
+        )
+    internal = sum(1 for r in trace.records if r.internal and not r.external)
+    widths = [min(max(len(row[i]) for row in rows), cap) for i, cap in enumerate((5, 40, 36, 12, 40, 26, 40))]
+    for row in rows:
+        cells = [(c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(row, widths)]
+        lines.append("  ".join(cells).rstrip())
+    if internal:
+        lines.append(f"({internal} ops inside functions and modules folded into their call lines)")
+    for p in trace.passes:
+        where = f"line {p.line}: {p.expr}" if p.line else p.kind
+        lines.append(f"backward pass {p.index + 1} ({where}): {len(p.steps)} nodes" + (f" — {p.error}" if p.error else ""))
+    if trace.error:
+        e = trace.error
+        lines.append(f"error at line {e.line}: {e.type}: {e.message}")
+    for note in trace.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

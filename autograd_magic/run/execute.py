@@ -1,0 +1,247 @@
+"""Run a cell's text the way IPython would, under the tracer.
+
+IPython's own pipeline without `run_cell`: `transform_cell` (so `%time`
+and `!ls` inside the cell work), `compile.cache` (tracebacks and linecache
+show the cell's lines), `ast_parse`, the shell's AST transformers, then our
+name binding; each top-level statement runs in order and the last bare
+expression is displayed by the display hook, as in a plain cell. Exceptions
+propagate; `trim_traceback` removes our frames from what the user sees.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Iterable, Optional
+
+import torch
+
+from ..data.trace import Trace, TraceError
+from ..capture.interventions import Intervention
+from ..capture.sites import PACKAGE_DIR
+from ..capture.source import BIND_NAME, SourceMap, bind_names
+from ..capture.torch_compat import set_grad_enabled
+from ..capture.tracer import Tracer
+from .. import limits
+
+_MISSING = object()
+
+
+
+@dataclass
+class CellRun:
+    trace: Trace
+    error: Optional[BaseException]
+    filename: str
+    stdout: str = ""
+
+
+def _compile_nodes(shell, tree: ast.Module, filename: str, display_last: bool):
+    """One code object per top-level statement; the last expression in 'single' mode."""
+    codes = []
+    body = tree.body
+    for i, node in enumerate(body):
+        if display_last and i == len(body) - 1 and isinstance(node, ast.Expr):
+            mod = ast.Interactive(body=[node])
+            codes.append(shell.compile(mod, filename, "single"))
+        else:
+            mod = ast.Module(body=[node], type_ignores=[])
+            codes.append(shell.compile(mod, filename, "exec"))
+    return codes
+
+
+def execute(
+    shell,
+    body: str,
+    *,
+    first_line: int = 2,
+    namespace: Optional[dict] = None,
+    interventions: Iterable[Intervention] = (),
+    display: bool = True,
+    capture: bool = False,
+    detail_limit: int = limits.DETAIL_LIMIT,
+) -> CellRun:
+    """Run `body` (a cell without its `%%autograd` line) traced.
+
+    `first_line` is the editor line of the body's first line, so records and
+    tracebacks count lines as the user sees them. `namespace` defaults to the
+    shell's user namespace; the sandbox passes a copy. `interventions` are a
+    variant's changes (none for the real run). With `display=False`
+    the last expression is not shown; with `capture=True` prints are kept in
+    `CellRun.stdout` instead of shown.
+    """
+    __tracebackhide__ = True
+    ns = shell.user_ns if namespace is None else namespace
+    code_text = "\n" * (first_line - 1) + shell.transform_cell(body)
+    filename = shell.compile.cache(code_text, number=shell.execution_count)
+    tree = shell.compile.ast_parse(code_text, filename=filename)  # SyntaxError propagates as in a plain cell
+    tree = shell.transform_ast(tree)
+    tree = bind_names(tree)
+    codes = _compile_nodes(shell, tree, filename, display_last=display)
+    interventions = tuple(interventions)
+    no_grad = any(iv.disables_grad for iv in interventions)
+
+    tracer = Tracer(
+        SourceMap(filename, code_text),
+        anchor=lambda code: code.co_filename == filename,
+        namespace=ns,
+        detail_limit=detail_limit,
+        interventions=interventions,
+    )
+    error: Optional[BaseException] = None
+    out = io.StringIO()
+    previous_bind = ns.get(BIND_NAME, _MISSING)  # an outer run's helper (or a user's value) comes back
+    # Saved before anything changes and put back in `finally`, not by context
+    # managers: an interrupt landing inside `torch.no_grad().__enter__` (after
+    # it disabled grad) would skip its `__exit__` and leave grad mode off.
+    grad_before, streams_before = torch.is_grad_enabled(), (sys.stdout, sys.stderr)
+    ns[BIND_NAME] = tracer.bind
+    try:
+        tracer.start()  # inside the try: an interrupt while starting still unbinds the helper
+        if no_grad:
+            set_grad_enabled(False)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_warnings_at_user_lines())
+            if capture:
+                stack.enter_context(contextlib.redirect_stdout(out))
+                stack.enter_context(contextlib.redirect_stderr(out))
+                _capture_warnings(stack, out)
+            for code in codes:
+                exec(code, ns)
+    except BaseException as exc:
+        error = exc
+    finally:
+        try:
+            try:
+                trace = tracer.stop()
+            except BaseException:
+                tracer.stop()  # an interrupt landed inside stop(): finish the clean-up, then raise
+                raise
+        finally:  # even when an interrupt lands inside stop()
+            if no_grad:
+                set_grad_enabled(grad_before)
+            if capture:
+                sys.stdout, sys.stderr = streams_before
+            if previous_bind is _MISSING:
+                ns.pop(BIND_NAME, None)
+            else:
+                ns[BIND_NAME] = previous_bind
+    trace.first_line = 1
+    trace.grad_mode = "no_grad" if no_grad else "enabled"
+    if error is not None:
+        trace.error = describe_error(error, filename, trace)
+    return CellRun(trace=trace, error=error, filename=filename, stdout=out.getvalue())
+
+
+@contextlib.contextmanager
+def _warnings_at_user_lines():
+    """A warning torch raises while our mode handles the op is located at the
+    user's line, as in a plain run, not at the mode's own line."""
+    from ..capture import tracer as _tracer
+
+    _tracer.__dict__.pop("__warningregistry__", None)  # "once per location" starts afresh per cell
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if filename.startswith(_OURS):
+            f = sys._getframe(1)
+            while f is not None and (
+                f.f_code.co_filename.startswith(_OURS) or f.f_code.co_filename.endswith(("warnings.py", _TORCH_DISPATCH))
+            ):
+                f = f.f_back
+            if f is not None:
+                filename, lineno, line = f.f_code.co_filename, f.f_lineno, None
+        return original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = original
+
+
+def _capture_warnings(stack: contextlib.ExitStack, out: io.StringIO) -> None:
+    """Warnings go to `out` too, whoever installed `showwarning` (a test's recorder, a logging hook)."""
+    stack.enter_context(warnings.catch_warnings())  # also forgets the run's "once" bookkeeping after
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        out.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = show
+
+
+def cell_frames(tb: Optional[TracebackType], filename: str) -> Optional[TracebackType]:
+    """The traceback from the first frame of the cell on."""
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    return tb
+
+
+def describe_error(error: BaseException, filename: str, trace: Trace) -> TraceError:
+    line = None
+    tb = cell_frames(error.__traceback__, filename)
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    try:
+        message = str(error)
+    except Exception:  # an exception class whose __str__ fails must still fail the cell as itself
+        message = f"<{type(error).__name__}: str() failed>"
+    if isinstance(error, SyntaxError):
+        line = error.lineno
+    return TraceError(type=type(error).__name__, message=message, line=line, expr=trace.source_line(line).strip() or None)
+
+
+_OURS = PACKAGE_DIR
+_TORCH_DISPATCH = os.path.join("torch", "overrides.py")
+
+
+def _plain_frames(tb: Optional[TracebackType]) -> Optional[TracebackType]:
+    """The traceback a plain run shows: without our frames and torch's mode dispatch.
+
+    With a mode active, `Tensor.backward` appears twice (once routing to the
+    mode, once running); the routing entry is dropped.
+    """
+    entries = []
+    routing: set[int] = set()  # entries whose callee was torch's dispatch into the mode
+    while tb is not None:
+        fn = tb.tb_frame.f_code.co_filename
+        if not (fn.startswith(_OURS) or fn.endswith(_TORCH_DISPATCH)):
+            nxt = tb.tb_next
+            if nxt is not None and nxt.tb_frame.f_code.co_filename.endswith(_TORCH_DISPATCH):
+                routing.add(len(entries))
+            entries.append(tb)
+        tb = tb.tb_next
+    # The routing call and the real one are two frames of the same function.
+    kept = [
+        e
+        for i, e in enumerate(entries)
+        if not (i in routing and i + 1 < len(entries) and entries[i + 1].tb_frame.f_code is e.tb_frame.f_code)
+    ]
+    new = None
+    for e in reversed(kept):
+        new = TracebackType(new, e.tb_frame, e.tb_lasti, e.tb_lineno)
+    return new
+
+
+def trim_traceback(shell, error: BaseException, filename: str) -> None:
+    """Make the error render as if the cell had raised it with no magic around it."""
+    tb = _plain_frames(cell_frames(error.__traceback__, filename))
+    if tb is None or isinstance(error, SyntaxError):
+        return
+    try:
+        stb = shell.InteractiveTB.structured_traceback(type(error), error, tb, tb_offset=0)
+    except Exception:
+        return
+    try:
+        error._render_traceback_ = lambda: stb  # IPython's hook for custom tracebacks
+    except (AttributeError, TypeError):
+        pass

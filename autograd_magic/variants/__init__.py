@@ -1,0 +1,2 @@
+"""Re-running a cell differently without touching the user's state: snapshot, sandbox, interventions, gradient check.
+"""
