@@ -177,6 +177,76 @@ def test_ids_from_the_page_that_name_nothing_are_ignored(shell):
     assert view.detail == {}
 
 
+JUNK_FROM_PAGE = [
+    "1",
+    "__import__('os').system('touch {marker}')",
+    {"__class__": "os.system"},
+    10**400,
+    -10**400,
+    2**53,
+    -2,
+    1.5,
+    float("nan"),
+    True,
+    None,
+    [],
+    [1, [2]],
+    [[0]],
+    ["0"],
+    [-1],
+    [10**400],
+    [0.0],
+    {"0": 1},
+]
+PAGE_TRAITS = ["selected", "step", "pass_index", "request_check", "detach_ids", "flip_ids", "no_grad"]
+
+
+def _update(state) -> dict:
+    return {"content": {"data": {"method": "update", "state": state, "buffer_paths": []}}, "buffers": []}
+
+
+def test_junk_from_the_page_is_dropped_without_a_traceback_or_a_rerun(shell, monkeypatch, tmp_path):
+    import autograd_magic._sandbox as sandbox
+
+    view = _view(shell, GRID_SETUP, GRID_CELL, graph=True)
+    reruns, tracebacks = [], []
+    real_run_variant = sandbox.run_variant
+    monkeypatch.setattr(sandbox, "run_variant", lambda *a, **k: reruns.append(a) or real_run_variant(*a, **k))
+    # ipywidgets shows an error raised by a comm message as a traceback in the notebook
+    monkeypatch.setattr(shell, "showtraceback", lambda *a, **k: tracebacks.append(a))
+    marker = tmp_path / "ran"
+    before = {name: getattr(view, name) for name in PAGE_TRAITS + ["payload", "graph_svg", "detail", "status"]}
+    for name in PAGE_TRAITS + ["payload", "graph_svg", "status", "busy", "_esm", "layout", "no_such_trait"]:
+        for junk in JUNK_FROM_PAGE:
+            junk = junk.replace("{marker}", str(marker)) if isinstance(junk, str) else junk
+            if name == "no_grad" and type(junk) is bool or name in ("selected", "step") and junk == -1:
+                continue  # a valid value for that name, not junk
+            view._handle_msg(_update({name: junk}))
+    # malformed messages and states
+    for msg in [{}, {"content": {}}, {"content": {"data": None}}, _update(None), _update("selected"), _update([1, 2]),
+                {"content": {"data": {"method": "update", "state": {"selected": 0}, "buffer_paths": [["selected"]]}}}]:
+        view._handle_msg(msg)
+    assert tracebacks == [] and reruns == [] and not marker.exists()
+    after = {name: getattr(view, name) for name in before}
+    # the one malformed message above carried a valid id: it selected record 0, nothing else changed
+    assert after.pop("selected") == 0 and after.pop("detail")["id"] == 0
+    before.pop("selected"), before.pop("detail")
+    assert after == before and view.variant is None
+
+
+def test_valid_updates_from_the_page_still_work(shell):
+    view = _view(shell, GRID_SETUP, GRID_CELL)
+    y = _row(view.payload, "y")["id"]
+    view._handle_msg(_update({"selected": y}))
+    assert view.detail["label"] == "y"
+    view._handle_msg(_update({"detach_ids": [y]}))
+    assert view.variant is not None and _row(view.payload, "x")["grad"] == "None"
+    view._handle_msg(_update({"detach_ids": [], "no_grad": True}))
+    assert view.no_grad is True and view.variant.grad_mode == "no_grad"
+    view._handle_msg(_update({"no_grad": False, "selected": 10**400}))  # the junk id is dropped, the switch kept
+    assert view.no_grad is False and view.variant is None and view.selected == y
+
+
 def test_a_failing_rerun_is_reported_not_raised(shell):
     shell.run_cell(GRID_SETUP)
     run = execute(shell, GRID_CELL, first_line=2, display=False, capture=True)

@@ -90,6 +90,38 @@ class AutogradView(anywidget.AnyWidget):
         self._session.close()
         super().close()
 
+    # ---- what the page may send -------------------------------------------------------------
+    def _handle_msg(self, msg: Any) -> None:
+        # ipywidgets' own handler shows any error in a message as a traceback in the notebook;
+        # a malformed update is the page's fault, not the user's, and is dropped quietly.
+        try:
+            data = msg["content"]["data"]
+            method = data.get("method")
+            state = data.get("state") if method == "update" else None
+        except Exception:
+            return
+        if method == "update":
+            self.set_state(state)  # no binary buffers: no trait of this view carries one
+        else:
+            super()._handle_msg(msg)
+
+    def set_state(self, sync_data: Any) -> None:
+        """Accept from the page only the ids and switches it may send, each checked; drop the rest.
+
+        A value the traits would refuse (a string for an id, a float, a dict) would otherwise
+        raise out of the comm handler into the notebook, and a Python -> page trait set by the
+        page (`payload`, `graph_svg`) would be echoed to every other view of this widget.
+        """
+        if not isinstance(sync_data, dict):
+            return
+        clean = {name: value for name, value in sync_data.items() if _FROM_PAGE.get(name, _never)(value)}
+        if not clean:
+            return
+        try:
+            super().set_state(clean)
+        except Exception as e:  # the observers catch their own errors; this is a last guard
+            self.status = f"Ignored an update from the page: {type(e).__name__}"
+
     # ---- what is shown ---------------------------------------------------------------------
     @property
     def trace(self) -> Trace:
@@ -211,6 +243,37 @@ class AutogradView(anywidget.AnyWidget):
         if exclude:
             data = {k: v for k, v in data.items() if k not in exclude}
         return data, meta
+
+
+# Bounds for numbers from the page: JavaScript's exact integers, and far more records than
+# a payload can list. Python ints are unbounded, so without them a page could hand the kernel
+# a thousand-digit number to sort and compare.
+_MAX_INT = 2**53
+_MAX_IDS = 1_000_000
+
+
+def _int_in(low: int, high: int = _MAX_INT):
+    return lambda v: type(v) is int and low <= v < high  # not bool, not float: exactly an int
+
+
+def _id_list(v: Any) -> bool:
+    return type(v) is list and len(v) <= _MAX_IDS and all(type(i) is int and 0 <= i < _MAX_INT for i in v)
+
+
+def _never(v: Any) -> bool:
+    return False
+
+
+# The traits the page sets (`widget.js` calls model.set on these names only), and what each may hold.
+_FROM_PAGE = {
+    "selected": _int_in(-1),
+    "step": _int_in(-1),
+    "pass_index": _int_in(0),
+    "request_check": _int_in(0),
+    "detach_ids": _id_list,
+    "flip_ids": _id_list,
+    "no_grad": lambda v: type(v) is bool,
+}
 
 
 def make_view(
