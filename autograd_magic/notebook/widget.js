@@ -1,6 +1,6 @@
 // The front end of autograd_magic's view: draws what Python sends, sends back ids and switches.
 // Every string from the payload goes into the page through textContent, never parsed as markup;
-// the graph SVG (made by Graphviz in Python) is parsed as SVG and stripped of scripts.
+// the graph SVG is parsed inertly and rebuilt from an allowlist (see safeSvg).
 
 function h(tag, props = {}, ...children) {
   const el = document.createElement(tag);
@@ -38,21 +38,123 @@ function cellText(row, key) {
   return String(v);
 }
 
-function safeSvg(text) {
-  // Graphviz output made in Python: parsed inertly (DOMParser runs no scripts), then stripped
-  // of scripts, event handlers and outside links before it joins the page.
-  const doc = new DOMParser().parseFromString(text, "text/html");
-  const svg = doc.querySelector("svg");
-  if (!svg) return { svg: null, text: doc.body.textContent };
-  for (const bad of svg.querySelectorAll("script, foreignObject, iframe")) bad.remove();
-  for (const el of [svg, ...svg.querySelectorAll("*")]) {
-    for (const attr of [...el.attributes]) {
-      const name = attr.name.toLowerCase();
-      const isLink = name === "href" || name === "xlink:href";
-      if (name.startsWith("on") || (isLink && !attr.value.startsWith("#"))) el.removeAttribute(attr.name);
+// ---- the graph's SVG, rebuilt from an allowlist ----
+// The SVG text is untrusted even though Python's Graphviz wrote it: widget state is saved into
+// the notebook, so whoever edits the .ipynb chooses it. A blocklist always misses something
+// (SMIL <animate>/<set> writes a javascript: href onto a link after any filter has run), so
+// nothing is copied unless it is named here, and the copy is a fresh tree of elements made in
+// the SVG namespace: no parsed node, unknown attribute or namespace trick reaches the page.
+const SVG_NS = "http://www.w3.org/2000/svg";
+const XLINK_NS = "http://www.w3.org/1999/xlink";
+const XML_NS = "http://www.w3.org/XML/1998/namespace";
+
+// Keyed by lower case, so that a match never depends on how the parser cased a name;
+// the value is the spelling to create (SVG names are case-sensitive).
+const byLowerCase = (names) => new Map(names.map((n) => [n.toLowerCase(), n]));
+
+// What Graphviz's SVG renderer writes (record, op and note nodes, edges, arrowheads, legend),
+// plus the gradient elements it writes for two-colour fills.
+const SVG_ELEMENTS = byLowerCase([
+  "svg", "g", "title", "path", "polygon", "polyline", "ellipse", "circle", "line", "rect",
+  "text", "tspan", "a", "defs", "linearGradient", "radialGradient", "stop",
+]);
+const PRESENTATION = [
+  "fill", "fill-opacity", "fill-rule", "stroke", "stroke-width", "stroke-dasharray", "stroke-dashoffset",
+  "stroke-linecap", "stroke-linejoin", "stroke-miterlimit", "stroke-opacity", "opacity", "stop-color",
+  "stop-opacity", "font-family", "font-size", "font-weight", "font-style", "font-variant", "font-stretch",
+  "text-anchor", "text-decoration", "baseline-shift", "dominant-baseline",
+];
+const SVG_ATTRS = byLowerCase([
+  "x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r", "rx", "ry", "fx", "fy", "dx", "dy", "points", "d",
+  "transform", "width", "height", "viewBox", "preserveAspectRatio", "offset", "gradientUnits",
+  "gradientTransform", "class", "id", ...PRESENTATION,
+]);
+// Older Graphviz writes a gradient stop's colour as style="stop-color:…": such declarations are
+// copied out as plain attributes; a style attribute itself is never copied (CSS can fetch).
+const STYLE_PROPS = new Set(PRESENTATION);
+const TEXT_HOLDERS = new Set(["title", "text", "tspan"]);
+const MAX_DEPTH = 64; // Graphviz nests five deep; deeper input is cut rather than recursed into
+const LOCAL_ID = /^[A-Za-z_][\w.-]{0,199}$/;
+const LOCAL_REF = /url\((["']?)#([\w.-]+)\1\)/g;
+let graphCount = 0;
+
+// Whitespace, control and invisible characters dropped, lower case: how a URL scheme or CSS
+// keyword is spelled when split up to slip past a check. Entities are already decoded by the
+// parser (&#106;avascript: arrives as javascript:), so this is the text the browser acts on.
+const flatten = (value) => value.replace(/[\s\u0000-\u001f\u007f-\u009f\u00ad\u200b-\u200f\u2028-\u202e\u2060\ufeff]/g, "").toLowerCase();
+
+// Refused: anything that could name a script or an outside resource. The one url() kept points
+// at an element of this same graph (a gradient). Backslashes and comments are refused because
+// CSS reads them as escapes and gaps (\75 rl(…) is url(…)).
+function safeValue(value) {
+  const flat = flatten(value);
+  if (/javascript:|vbscript:|data:|expression\(|@import|\\|\/\*/.test(flat)) return false;
+  return !flat.replace(LOCAL_REF, "").includes("url(");
+}
+
+function styleDeclarations(style) {
+  const out = [];
+  for (const decl of style.split(";")) {
+    const at = decl.indexOf(":");
+    if (at > 0) out.push([decl.slice(0, at).trim().toLowerCase(), decl.slice(at + 1).trim()]);
+  }
+  return out;
+}
+
+// Ids get a prefix of their own graph, and local references follow: two graphs on one page no
+// longer share gradient ids, and no id can name (clobber) a global the page relies on.
+function localize(name, value, prefix) {
+  if (name === "id") return LOCAL_ID.test(value) ? prefix + value : null;
+  return value.replace(/url\(\s*(["']?)\s*#\s*([\w.-]+)\s*\1\s*\)/g, (_m, _q, id) => `url(#${prefix}${id})`);
+}
+
+function copyAttributes(src, out, tag, prefix) {
+  const put = (name, value) => {
+    const known = SVG_ATTRS.get(name);
+    if (!known || !safeValue(value)) return;
+    const v = localize(known, value, prefix);
+    if (v !== null) out.setAttribute(known, v);
+  };
+  for (const attr of src.attributes) {
+    const ns = attr.namespaceURI;
+    const name = attr.localName.toLowerCase();
+    if (ns === XML_NS) {
+      if (name === "space" && /^(preserve|default)$/.test(attr.value)) out.setAttributeNS(XML_NS, "xml:space", attr.value);
+    } else if (ns === XLINK_NS || (ns === null && name === "href")) {
+      // a link may only jump inside this graph; any other href (javascript:, data:, http:) is dropped
+      const target = /^#([\w.-]+)$/.exec(attr.value.trim());
+      if (tag === "a" && name === "href" && target) out.setAttribute("href", `#${prefix}${target[1]}`);
+      else if (tag === "a" && name === "title" && ns === XLINK_NS) out.setAttributeNS(XLINK_NS, "xlink:title", attr.value);
+    } else if (ns === null && !name.includes(":")) {
+      // (a prefix the HTML parser left unresolved, foo:href, is never an attribute we know)
+      if (name === "style") for (const [prop, value] of styleDeclarations(attr.value)) STYLE_PROPS.has(prop) && put(prop, value);
+      else put(name, attr.value);
     }
   }
-  return { svg: document.importNode(svg, true), text: "" };
+}
+
+function cleanElement(src, prefix, depth) {
+  const tag = src.namespaceURI === SVG_NS ? SVG_ELEMENTS.get(src.localName.toLowerCase()) : undefined;
+  if (!tag || depth > MAX_DEPTH) return null; // the element and everything inside it
+  const out = document.createElementNS(SVG_NS, tag);
+  copyAttributes(src, out, tag, prefix);
+  for (const child of src.childNodes) {
+    if (child.nodeType === Node.TEXT_NODE) {
+      if (TEXT_HOLDERS.has(tag)) out.appendChild(document.createTextNode(child.data));
+    } else if (child.nodeType === Node.ELEMENT_NODE && tag !== "title" && tag !== "stop") {
+      const copy = cleanElement(child, prefix, depth + 1);
+      if (copy) out.appendChild(copy);
+    }
+  }
+  return out;
+}
+
+export function safeSvg(text) {
+  // Parsed inertly (a DOMParser document runs no scripts and loads nothing), then rebuilt.
+  const doc = new DOMParser().parseFromString(String(text), "text/html");
+  const found = [...doc.getElementsByTagName("svg")].find((el) => el.namespaceURI === SVG_NS);
+  const svg = found && cleanElement(found, `agm${++graphCount}-`, 0);
+  return svg ? { svg, text: "" } : { svg: null, text: doc.body ? doc.body.textContent : "" };
 }
 
 function nodeRecordId(g) {
