@@ -5,7 +5,7 @@ end draws. Each payload below is a way SVG can run script or fetch from outside;
 into a real Graphviz drawing of the project (so the legit graph must keep working next to it).
 
 Two levels, both in headless Chromium:
-- the sanitizer alone (`safeSvg` from `_widget.js`, imported as an ES module into a blank page):
+- the sanitizer alone (`safeSvg` from `widget.js`, imported as an ES module into a blank page):
   its output holds only allowlisted names and safe values, clicking everything runs nothing,
   and the drawing Graphviz makes comes through unchanged; a control shows the payloads are
   live (the old blocklist let the SMIL ones run).
@@ -30,7 +30,7 @@ from browser_util import browser_context, jupyter_server, run_all, wait_kernel_r
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
-WIDGET_JS = ROOT / "autograd_magic" / "_widget.js"
+WIDGET_JS = ROOT / "autograd_magic" / "notebook" / "widget.js"
 SCREENSHOTS = ROOT / "build" / "screenshots"
 EVIL_HOST = "agm-evil.invalid"  # any request naming it is a fetch the SVG was not allowed to make
 TIMEOUT = 60_000
@@ -115,9 +115,9 @@ def graphviz_svg() -> str:
     """The graph_svg the widget gets for the seed grid cell, made by the project's own code."""
     from IPython.core.interactiveshell import InteractiveShell
 
-    from autograd_magic._dot import render_dot
-    from autograd_magic._execute import execute
-    from autograd_magic._layout import svg_or_fallback_html
+    from autograd_magic.render.dot import render_dot
+    from autograd_magic.run.execute import execute
+    from autograd_magic.render.layout import svg_or_fallback_html
 
     shell = InteractiveShell.instance()
     shell.run_cell(GRID_SETUP)
@@ -127,7 +127,7 @@ def graphviz_svg() -> str:
 
 def graphviz_features_svg() -> str:
     """What else Graphviz writes: gradients (style on <stop>), links with tooltips, text styles."""
-    from autograd_magic._layout import render_svg
+    from autograd_magic.render.layout import render_svg
 
     return render_svg(
         'digraph { a [style=filled, fillcolor="red:blue", tooltip="tip", URL="#node2"];'
@@ -170,7 +170,7 @@ def browser(tmp_path_factory):
 
 
 def _module_page(browser):
-    """A blank page with `_widget.js` imported as an ES module (window.__mod)."""
+    """A blank page with `widget.js` imported as an ES module (window.__mod)."""
     page = browser.new_page()
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
@@ -344,7 +344,7 @@ class Kernel:
 
 FIND_VIEW = """
 import ipywidgets.widgets.widget as _w
-from autograd_magic._widget import AutogradView as _AV
+from autograd_magic.notebook.widget import AutogradView as _AV
 (_agm_view,) = [v for v in list(_w._instances.values()) if isinstance(v, _AV)]
 _agm_svg = _agm_view.graph_svg
 import autograd_magic as _am

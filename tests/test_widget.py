@@ -206,7 +206,7 @@ def _update(state) -> dict:
 
 
 def test_junk_from_the_page_is_dropped_without_a_traceback_or_a_rerun(shell, monkeypatch, tmp_path):
-    import autograd_magic._sandbox as sandbox
+    import autograd_magic.notebook.session as sandbox  # where the view's re-runs call it
 
     view = _view(shell, GRID_SETUP, GRID_CELL, graph=True)
     reruns, tracebacks = [], []
