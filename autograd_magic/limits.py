@@ -34,3 +34,6 @@ WIDGET_TEXT = 400  # characters of any free text sent (explanations, messages)
 SNAPSHOT_ROWS = 400  # rows in the static snapshot (a notebook file should stay small)
 SNAPSHOT_STEPS = 200  # backward steps in the static snapshot per pass
 SNAPSHOT_EXPLAINED = 300  # records with why-explanations in the static snapshot
+
+# ---- the notebook (notebook/) ----
+NOTEBOOK_RECORDS = 20_000  # records of earlier traced cells kept for later cells' backward; oldest cells go first

@@ -31,13 +31,15 @@ class Tracer(Protocol):
     calls: int
     detail_limit: int
     keeps_graphs: bool
+    earlier: Any
     names: Any
     source_map: Any
 
     def note(self, text: str) -> None: ...
     def site(self, func_name: str) -> tuple: ...
     def record_of(self, t: torch.Tensor) -> Optional[int]: ...
-    def record_for(self, t: torch.Tensor, name: Optional[str] = None) -> int: ...
+    def record_for(self, t: torch.Tensor, name: Optional[str] = None, from_earlier: bool = False) -> int: ...
+    def bring_in_node(self, key: tuple) -> None: ...
 
 MAX_NODES = limits.PASS_NODES
 MAX_WALK = limits.PASS_WALK
@@ -93,8 +95,6 @@ class BackwardRecorder:
             retain_graph=bool(retain),
         )
         tracer.trace.passes.append(p)
-        p.roots = [tracer.record_for(t) for t in roots]
-        p.inputs = [tracer.record_for(t) for t in inputs]
         if tracer.keeps_graphs and func is not torch.autograd.grad:
             kwargs = {**kwargs, "retain_graph": True}  # sandbox: never free a graph the real run still owns
             if func is torch.Tensor.backward and len(args) > 2:
@@ -105,7 +105,15 @@ class BackwardRecorder:
         self._new_grads = {}
         handles: list = []
         try:
-            self._hook_nodes(p, roots, handles)  # fills `handles` as it goes: a Ctrl-C leaves none behind
+            try:
+                p.roots = [tracer.record_for(t, from_earlier=True) for t in roots]
+                p.inputs = [tracer.record_for(t, from_earlier=True) for t in inputs]
+                self._hook_nodes(p, roots, handles)  # fills `handles` as it goes: a Ctrl-C leaves none behind
+            except Exception as exc:  # our bookkeeping failed: the user's backward runs untraced, never fails for it
+                for h in handles:
+                    h.remove()
+                handles.clear()
+                tracer.note(f"a backward pass was not recorded: {type(exc).__name__}: {exc}")
             result = func(*args, **kwargs)
         except BaseException as exc:
             p.error = f"{type(exc).__name__}: {exc}"
@@ -114,7 +122,10 @@ class BackwardRecorder:
             try:
                 for h in handles:
                     h.remove()
-                self._flush_held()
+                try:
+                    self._flush_held()
+                except Exception as exc:
+                    tracer.note(f"part of a backward pass was not recorded: {type(exc).__name__}: {exc}")
             finally:
                 # Dropped with the pass: after it, the user's code may change a gradient
                 # in ways no version counter sees (`x.grad.data.zero_()`, a numpy view).
@@ -122,11 +133,14 @@ class BackwardRecorder:
                 self._held = outer_held
                 self._last_calls = tracer.calls
         if kind == "grad":
-            p.results = pass_previews.many(result)
-            for rid, shown in zip(p.inputs, p.results):
-                # an input's own node need not run (autograd.grad only captures there)
-                if shown is not None:
-                    tracer.trace.records[rid].grads.setdefault(p.index, shown)
+            try:
+                p.results = pass_previews.many(result)
+                for rid, shown in zip(p.inputs, p.results):
+                    # an input's own node need not run (autograd.grad only captures there)
+                    if shown is not None:
+                        tracer.trace.records[rid].grads.setdefault(p.index, shown)
+            except Exception as exc:
+                tracer.note(f"the results of autograd.grad were not recorded: {type(exc).__name__}: {exc}")
         return result
 
     # ---- which records a node produces ----
@@ -207,6 +221,8 @@ class BackwardRecorder:
                 if nxt is not None and id(nxt) not in index:
                     stack.append(nxt)
         self._hook_named_tensors(nodes)  # first: their records are among the nodes' below
+        if self.tracer.earlier is not None:
+            self._bring_in_earlier(nodes)
         names = [node_name(node) for node in nodes]
         if len(nodes) >= MAX_NODES:
             # Too many steps to keep, but each record still gets its gradient.
@@ -214,7 +230,7 @@ class BackwardRecorder:
             for node, name in zip(nodes, names):
                 outs = self._records_of(node, name)
                 if outs:
-                    handles.append(node.register_prehook(self._grads_only(p, outs)))
+                    handles.append(node.register_prehook(self._guarded(self._grads_only(p, outs))))
             return
         p.nodes = names
         fan_in: dict[tuple, int] = {}  # (node id, input slot) -> edges into it
@@ -235,10 +251,21 @@ class BackwardRecorder:
             handoff = [t is not None and fan_in[(t, slot)] == 1 for t, slot in edges]
             outs = self._records_of(node, names[nid])
             try:
-                handles.append(node.register_prehook(self._pre(p, nid, names[nid], outs, edges, by_node)))
-                handles.append(node.register_hook(self._post(nid, by_node, getattr(node, "variable", None), edges, handoff)))
+                handles.append(node.register_prehook(self._guarded(self._pre(p, nid, names[nid], outs, edges, by_node))))
+                handles.append(node.register_hook(self._guarded(self._post(nid, by_node, getattr(node, "variable", None), edges, handoff))))
             except Exception:
                 continue
+
+    def _bring_in_earlier(self, nodes: list) -> None:
+        """Nodes made by earlier traced cells (a backward-only cell): their records join this trace."""
+        for node in nodes:
+            try:
+                key = node_key(node)
+                if key not in self.node_records and not hasattr(node, "variable"):
+                    self.tracer.bring_in_node(key)
+            except Exception as exc:  # bookkeeping: the pass runs the same without it
+                self.tracer.note(f"could not bring in records of an earlier cell: {type(exc).__name__}: {exc}")
+                return
 
     @quietly
     def _hook_named_tensors(self, nodes: list) -> None:
@@ -251,7 +278,7 @@ class BackwardRecorder:
             except RuntimeError:  # e.g. a no_grad view whose base changed in place: reading grad_fn raises
                 continue
             if reached:
-                self.tracer.record_for(t, name=name)
+                self.tracer.record_for(t, name=name, from_earlier=True)
 
     def _store(self, p: BackwardPass, outs, grad_in: list) -> list[int]:
         """Each record's gradient, out of the previews of a node's incoming grads; their ids."""
@@ -263,6 +290,18 @@ class BackwardRecorder:
                 records[rid].grads[p.index] = shown
                 got.append(rid)
         return got
+
+    def _guarded(self, hook):
+        """A hook that runs inside torch's engine: an error of ours is noted, never raised into backward()."""
+
+        def guarded(*args):
+            try:
+                hook(*args)
+            except Exception as exc:
+                self.tracer.note(f"part of a backward pass was not recorded: {type(exc).__name__}: {exc}")
+            return None  # never replaces a gradient
+
+        return guarded
 
     def _grads_only(self, p: BackwardPass, outs):
         def pre(grad_outputs):

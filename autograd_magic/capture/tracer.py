@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import torch_compat as compat
 from .backward import BackwardRecorder
+from .earlier import CellRecords, EarlierCells, bring_in
 from .interventions import Intervention
 from .names import NameIndex
 from .preview import preview_quiet, quietly
@@ -122,6 +123,7 @@ class Tracer:
         detail_limit: int = limits.DETAIL_LIMIT,
         interventions: Iterable[Intervention] = (),
         root: Optional[Callable[[CodeType], bool]] = None,
+        earlier: Optional[EarlierCells] = None,
     ):
         self.source_map = source_map
         self.names = NameIndex(namespace)
@@ -136,6 +138,10 @@ class Tracer:
         self._detaching = bool(self._cutters)
         self.keeps_graphs = any(iv.keeps_graphs for iv in self.interventions)
         self.detach_hits: set[str] = set()
+        # Records of earlier traced cells, brought in when this run's backward reaches them
+        self.earlier = earlier
+        self.brought: dict[tuple[int, int], int] = {}  # (cell, its record id) -> record id here
+        self._refs_at_end: dict[int, weakref.ref] = {}
         self.backward_funcs = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
         self.backward = BackwardRecorder(self)
         self._by_tensor: dict[int, tuple[weakref.ref, int]] = {}
@@ -178,6 +184,8 @@ class Tracer:
             try:
                 self._finish_records()
             finally:
+                if self.earlier is not None:  # weak: the cells after this one find its live tensors
+                    self._refs_at_end = {rid: ref for rid, (ref, _) in self._live.items()}
                 self._by_tensor.clear()
                 self._live.clear()
         return self.trace
@@ -224,10 +232,65 @@ class Tracer:
             return entry[1]
         return None
 
-    def record_for(self, t: torch.Tensor, name: Optional[str] = None) -> int:
-        """The record of `t`, creating an external one for a tensor made elsewhere."""
+    def record_for(self, t: torch.Tensor, name: Optional[str] = None, from_earlier: bool = False) -> int:
+        """The record of `t`: its own, or (`from_earlier`, for what a backward pass reaches) an
+        earlier traced cell's, or a new external one. A forward op's input from an earlier cell
+        stays one external record: re-runs of this cell can then share it with the real run."""
         rid = self.record_of(t)
+        if rid is not None:
+            return rid
+        rid = self._from_earlier_cell(t) if from_earlier else None
         return rid if rid is not None else self._external(t, name)
+
+    def _from_earlier_cell(self, t: torch.Tensor) -> Optional[int]:
+        """`t` was made by an earlier traced cell (`y` in `y.backward()`): bring its record in."""
+        if self.earlier is None:
+            return None
+        try:
+            fn = t.grad_fn
+            found = self.earlier.find(compat.node_key(fn)) if fn is not None else None
+            if found is None:
+                return None
+            cell, outs = found
+            rid = next((r for out_nr, r in outs if out_nr == t.output_nr), None)
+            if rid is None:
+                return None
+            here = bring_in(self, cell, rid)
+        except Exception as exc:  # bookkeeping only: the tensor is then shown as external
+            self.note(f"could not bring in a record of an earlier cell: {type(exc).__name__}: {exc}")
+            return None
+        self._adopt(self.trace.records[here], t)
+        return here
+
+    def bring_in_node(self, key: tuple) -> None:
+        """A backward pass reached a node an earlier traced cell made: bring its records in."""
+        found = self.earlier.find(key) if self.earlier is not None else None
+        if found is None:
+            return
+        cell, outs = found
+        for _, rid in outs:
+            if (cell.cell, rid) not in self.brought:
+                bring_in(self, cell, rid)
+
+    def cell_records(self, cell: int) -> CellRecords:
+        """This run's records as an earlier cell for the cells that follow: only those it made
+        (an external input, or a record brought in, belongs to the cell that made it)."""
+        records = self.trace.records
+        own = lambda rid: not records[rid].external and records[rid].cell is None  # noqa: E731
+        by_node = {k: [(o, r) for o, r in v if own(r)] for k, v in self.backward.node_records.items()}
+        return CellRecords(
+            cell=cell, trace=self.trace, by_node={k: v for k, v in by_node.items() if v},
+            tensors=dict(self._refs_at_end),
+        )
+
+    def _adopt(self, rec: Record, t: torch.Tensor) -> None:
+        """A live tensor is known by `rec` from now on (its .grad is read at the end)."""
+        try:
+            ref = weakref.ref(t)
+        except TypeError:
+            return
+        self._by_tensor[id(t)] = (ref, rec.id)
+        self._live[rec.id] = (ref, compat.version_of(t))
 
     @quietly
     def _external(self, t: torch.Tensor, name: Optional[str]) -> int:

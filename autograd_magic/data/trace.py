@@ -84,6 +84,10 @@ class Record:
     attr_grad: Optional[Preview] = None
     retains_grad: bool = False
     version_changed: bool = False  # modified in place after this record was taken
+    # made by an earlier traced cell (its execution count and line there): a backward in
+    # this cell reached it; `line` and `span` are None, as they index this cell's source
+    cell: Optional[int] = None
+    cell_line: Optional[int] = None
 
     # ---- the fields DESIGN.md promises, derived from the above ----
     @property

@@ -62,8 +62,16 @@ FLAG_WORDS = {
 }
 
 
+def from_cell(record: Record) -> str:
+    """Where a record of an earlier traced cell was made, e.g. "from cell [3], line 2"; "" otherwise."""
+    if record.cell is None:
+        return ""
+    return f"from cell [{record.cell}]" + (f", line {record.cell_line}" if record.cell_line is not None else "")
+
+
 def flags(record: Record) -> list[str]:
     """What is unusual about a record, in words, in a fixed order (empty for most)."""
+    earlier = [from_cell(record)] if record.cell is not None else []
     on = {
         "external": record.external,
         "inplace": record.inplace,
@@ -71,7 +79,7 @@ def flags(record: Record) -> list[str]:
         "no_grad": not record.grad_enabled,
         "version_changed": record.version_changed,
     }
-    return [FLAG_WORDS[k] for k, v in on.items() if v]
+    return earlier + [FLAG_WORDS[k] for k, v in on.items() if v]
 
 
 def variant_description(variant: Trace) -> str:

@@ -30,6 +30,7 @@ class CellOptions:
     graph: bool = True
     detail_limit: int = limits.DETAIL_LIMIT
     layout_timeout: float = limits.LAYOUT_SECONDS
+    auto: bool = False  # traced by `%autograd on`, not by a written `%%autograd` line
 
     @property
     def rerunnable(self) -> bool:
@@ -39,9 +40,12 @@ class CellOptions:
 
 def trace_cell(shell: Any, cell: str, options: CellOptions) -> None:
     __tracebackhide__ = True
-    session, run = CellSession.run(shell, cell, detail_limit=options.detail_limit, rerunnable=options.rerunnable)
+    session, run = CellSession.run(
+        shell, cell, detail_limit=options.detail_limit, rerunnable=options.rerunnable, first_line=1 if options.auto else 2
+    )
     trace = session.trace
-    variant = session.rerun(options.toggles) if options.toggles.any else None
+    # a variant that can't run at all is said in the view's note (`rerun_blocked`), not raised
+    variant = session.rerun(options.toggles) if options.toggles.any and not session.rerun_blocked else None
     if options.check and run.error is None:
         session.check()
     if options.output:
@@ -51,7 +55,8 @@ def trace_cell(shell: Any, cell: str, options: CellOptions) -> None:
     if options.mode == "quiet":
         pass
     elif not trace.records and not trace.passes and run.error is None:
-        _no_tensor_note()
+        if not options.auto:  # a notebook traced throughout: cells without tensors show nothing
+            _no_tensor_note()
     else:
         show(trace, variant=variant, mode=options.mode, graph=options.graph, session=session,
              layout_timeout=options.layout_timeout)

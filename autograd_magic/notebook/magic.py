@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import keyword
+from typing import Optional
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from traitlets import Bool, Float, Integer
 
 from ..capture.tracer import purge_stale_modes
 from ..render.layout import warm
 from ..variants.interventions import Toggles
+from . import auto_trace
 from .cell import CellOptions, trace_cell
+
+
+_SWITCH_USAGE = "usage: %autograd on [OPTIONS] | %autograd off | %autograd"
 
 
 @magics_class
@@ -39,9 +45,14 @@ class AutogradMagics(Magics):
     @argument("--check", action="store_true", help="Check every leaf's gradient by finite differences.")
     @argument("--quiet", action="store_true", help="Show nothing; with -o, just store the Trace.")
     @argument("--limit", type=int, default=None, metavar="N", help="Loop iterations of one expression kept in detail.")
-    @cell_magic
-    def autograd(self, line: str, cell: str):
+    @argument("--auto", action="store_true", help=argparse.SUPPRESS)  # written by `%autograd on`, never by a user
+    @line_cell_magic
+    def autograd(self, line: str, cell: Optional[str] = None):
         """Run the cell as usual, recording every tensor op; then show the trace.
+
+        As a line magic, `%autograd on [OPTIONS]` traces every cell that follows
+        (plain cells too, with OPTIONS as if written on each), `%autograd off`
+        stops, `%autograd` says which is in force.
 
         The cell's prints, its displayed last expression, its variables and its
         errors are exactly those of a plain run. Afterwards a view shows each
@@ -60,6 +71,8 @@ class AutogradMagics(Magics):
             ...
         """
         __tracebackhide__ = True
+        if cell is None:
+            return self._switch(line)
         usage = self.autograd.parser.format_usage()
         try:
             args = parse_argstring(self.autograd, line)
@@ -78,8 +91,26 @@ class AutogradMagics(Magics):
             graph=not args.no_graph,
             detail_limit=args.limit or self.detail_limit,
             layout_timeout=self.layout_timeout,
+            auto=args.auto,
         )
         trace_cell(self.shell, cell, options)
+
+    def _switch(self, line: str) -> None:
+        word, _, options = line.strip().partition(" ")
+        if word == "on":
+            try:  # the options are checked now, not on the next cell
+                parse_argstring(self.autograd, options)
+            except UsageError as exc:
+                raise UsageError(f"{exc}\n{_SWITCH_USAGE}, OPTIONS as for a cell:\n{self.autograd.parser.format_usage()}") from None
+            auto_trace.turn_on(self.shell, options.strip())
+            print("%autograd on: every cell from now on is traced" + (f" with {options.strip()}" if options.strip() else ""))
+        elif word == "off":
+            auto_trace.turn_off(self.shell)
+            print("%autograd off: cells run plain again (%%autograd still traces a cell)")
+        elif word == "":
+            print("%autograd is " + ("on" if auto_trace.is_on(self.shell) else "off"))
+        else:
+            raise UsageError(_SWITCH_USAGE)
 
 
 def load_ipython_extension(ipython) -> None:
@@ -95,6 +126,7 @@ def load_ipython_extension(ipython) -> None:
 
 def unload_ipython_extension(ipython) -> None:
     _unregister_purge(ipython)
+    auto_trace.turn_off(ipython)
 
 
 _PURGE_EVENTS = ("pre_run_cell", "post_run_cell")

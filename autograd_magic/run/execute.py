@@ -23,6 +23,7 @@ from typing import Iterable, Optional
 import torch
 
 from ..data.trace import Trace, TraceError
+from ..capture.earlier import EarlierCells
 from ..capture.interventions import Intervention
 from ..capture.sites import PACKAGE_DIR
 from ..capture.source import BIND_NAME, SourceMap, bind_names
@@ -66,6 +67,7 @@ def execute(
     display: bool = True,
     capture: bool = False,
     detail_limit: int = limits.DETAIL_LIMIT,
+    earlier: Optional[EarlierCells] = None,
 ) -> CellRun:
     """Run `body` (a cell without its `%%autograd` line) traced.
 
@@ -74,11 +76,13 @@ def execute(
     shell's user namespace; the sandbox passes a copy. `interventions` are a
     variant's changes (none for the real run). With `display=False`
     the last expression is not shown; with `capture=True` prints are kept in
-    `CellRun.stdout` instead of shown.
+    `CellRun.stdout` instead of shown. `earlier` holds the records of earlier
+    traced cells: a backward reaching their nodes brings them into this trace,
+    and a real run (no interventions) leaves its own records there too.
     """
     __tracebackhide__ = True
     ns = shell.user_ns if namespace is None else namespace
-    code_text = "\n" * (first_line - 1) + shell.transform_cell(body)
+    code_text = "\n" * (first_line - 1) + _transform_cell(shell, body)
     filename = shell.compile.cache(code_text, number=shell.execution_count)
     tree = shell.compile.ast_parse(code_text, filename=filename)  # SyntaxError propagates as in a plain cell
     tree = shell.transform_ast(tree)
@@ -93,6 +97,7 @@ def execute(
         namespace=ns,
         detail_limit=detail_limit,
         interventions=interventions,
+        earlier=earlier,
     )
     error: Optional[BaseException] = None
     out = io.StringIO()
@@ -136,7 +141,24 @@ def execute(
     trace.grad_mode = "no_grad" if no_grad else "enabled"
     if error is not None:
         trace.error = describe_error(error, filename, trace)
+    if earlier is not None and not interventions:
+        try:
+            earlier.remember(tracer.cell_records(shell.execution_count))
+        except Exception:  # bookkeeping for later cells must never fail this one
+            pass
     return CellRun(trace=trace, error=error, filename=filename, stdout=out.getvalue())
+
+
+def _transform_cell(shell, body: str) -> str:
+    """IPython's transform of the cell's text, without transformers that would wrap it in
+    `%%autograd` again (`%autograd on`): this text is already the traced cell's body."""
+    cleanup = shell.input_transformers_cleanup
+    saved = list(cleanup)
+    cleanup[:] = [t for t in saved if not getattr(t, "wraps_in_autograd", False)]
+    try:
+        return shell.transform_cell(body)
+    finally:
+        cleanup[:] = saved
 
 
 @contextlib.contextmanager

@@ -1,0 +1,139 @@
+"""The records of earlier traced cells, found again by the autograd nodes that made them.
+
+Students write a notebook cell by cell: `y = ...` in one cell, `y.backward()`
+in the next. The backward cell is where the chain rule happens, but its own
+trace knows only `x` and `y`. So each traced cell leaves its records here,
+keyed by their autograd node (`torch_compat.node_key`); a later cell's
+backward pass that reaches such a node brings the record (its name, source
+text, value) into the new trace, where it receives the gradient this pass
+sends it.
+
+Only previews are kept (no tensors), within `limits.NOTEBOOK_RECORDS`, oldest
+cells first out; a cell's records go as soon as none of its tensors that
+carry a graph is alive (their nodes are then gone or unreachable from user
+code). Autograd nodes cannot be weakly referenced, hence the tensors.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional
+
+import torch
+
+from .. import limits
+from ..data.trace import Trace
+
+
+@dataclass
+class CellRecords:
+    """One earlier traced cell: its trace and how to find its records again."""
+
+    cell: int  # the cell's execution count
+    trace: Trace
+    by_node: dict[tuple, list[tuple[int, int]]]  # node key -> [(output_nr, record id)]
+    tensors: dict[int, weakref.ref] = field(default_factory=dict)  # record id -> its tensor, if weakly referable
+    node_of: dict[int, tuple[tuple, int]] = field(default_factory=dict)  # record id -> (node key, output_nr)
+
+    def __post_init__(self) -> None:
+        for key, outs in self.by_node.items():
+            for out_nr, rid in outs:
+                self.node_of[rid] = (key, out_nr)
+
+    def alive(self) -> bool:
+        """Some tensor of this cell that carries a graph is still alive."""
+        for rid, ref in self.tensors.items():
+            t = ref()
+            if t is not None and rid in self.node_of:
+                return True
+        return False
+
+    def tensor(self, rid: int) -> Optional[torch.Tensor]:
+        ref = self.tensors.get(rid)
+        return ref() if ref is not None else None
+
+
+class EarlierCells:
+    """The notebook's traced cells, newest last; one per kernel (see `notebook/session.py`)."""
+
+    def __init__(self, budget: int = limits.NOTEBOOK_RECORDS) -> None:
+        self.budget = budget
+        self._cells: list[CellRecords] = []
+        self._index: dict[tuple, CellRecords] = {}
+
+    def remember(self, cell: CellRecords) -> None:
+        if not cell.by_node:
+            return
+        self._cells.append(cell)
+        for key in cell.by_node:
+            self._index[key] = cell  # the newest cell wins a (never expected) key collision
+        self.prune()
+
+    def find(self, key: tuple) -> Optional[tuple[CellRecords, list[tuple[int, int]]]]:
+        cell = self._index.get(key)
+        if cell is None:
+            return None
+        return cell, cell.by_node[key]
+
+    def prune(self) -> None:
+        """Drop cells whose graphs are gone, then the oldest ones past the budget."""
+        kept = [c for c in self._cells if c.alive()]
+        total = 0
+        for i in range(len(kept) - 1, -1, -1):
+            total += len(kept[i].trace.records)
+            if total > self.budget:
+                kept = kept[i + 1:]
+                break
+        if len(kept) != len(self._cells):
+            self._cells = kept
+            self._index = {key: c for c in kept for key in c.by_node}
+
+    def __iter__(self) -> Iterator[CellRecords]:
+        return iter(self._cells)
+
+    def __len__(self) -> int:
+        return len(self._cells)
+
+
+def bring_in(tracer, cell: CellRecords, rid: int) -> int:
+    """Copy record `rid` of an earlier `cell` into `tracer`'s trace, with what it was computed from;
+    its id there. A record whose tensor is still alive is found through that tensor instead
+    (`x`, a parameter), so each tensor has one record. Iterative: graphs can be thousands deep."""
+    brought = tracer.brought
+    order: list[int] = []
+    stack, seen = [rid], set()
+    while stack:  # the earlier records this one was computed from, not yet here
+        r = stack.pop()
+        if r in seen or (cell.cell, r) in brought:
+            continue
+        seen.add(r)
+        if r != rid and cell.tensor(r) is not None:
+            continue  # alive: the tracer's own record of that tensor stands in
+        order.append(r)
+        stack.extend(i for i in cell.trace.records[r].inputs if 0 <= i < len(cell.trace.records))
+    records = tracer.trace.records
+    for r in sorted(order):  # a trace lists inputs before what is made from them
+        src = cell.trace.records[r]
+        copy = replace(
+            src, id=len(records), inputs=[], grads={}, attr_grad=None, mutates=None, line=None, span=None,
+            cell=src.cell if src.cell is not None else cell.cell,
+            cell_line=src.cell_line if src.cell is not None else src.line,
+        )
+        records.append(copy)
+        brought[(cell.cell, r)] = copy.id
+        if r in cell.node_of:  # its node's pre-hook will hand it this pass's gradient
+            key, out_nr = cell.node_of[r]
+            tracer.backward.node_records.setdefault(key, []).append((out_nr, copy.id))
+    for r in order:
+        copy = records[brought[(cell.cell, r)]]
+        copy.inputs = [_input_here(tracer, cell, i) for i in cell.trace.records[r].inputs]
+    here = brought.get((cell.cell, rid))
+    return here if here is not None else tracer.record_for(cell.tensor(rid), from_earlier=True)
+
+
+def _input_here(tracer, cell: CellRecords, rid: int) -> int:
+    t = cell.tensor(rid)
+    if t is not None:
+        return tracer.record_for(t, from_earlier=True)
+    return tracer.brought[(cell.cell, rid)]

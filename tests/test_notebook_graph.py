@@ -1,0 +1,201 @@
+"""A graph that spans cells: a backward-only cell shows the intermediates earlier traced cells made.
+
+Students run notebooks cell by cell (seed 000: `x = ...`, `y = ...`, `y.backward()`,
+each its own cell). The backward cell's trace must hold the intermediates of
+`y`, with the gradient each received in that backward — compared here with
+what plain torch computes for the same expressions (retain_grad on a replica).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from autograd_magic.notebook.session import CellSession, earlier_cells
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _seed_cells(name: str) -> list[str]:
+    nb = json.loads((ROOT / "notebooks" / name).read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def _with_output(cell: str, name: str) -> str:
+    first, _, rest = cell.partition("\n")
+    assert first.startswith("%%autograd")
+    return f"{first} -o {name} --quiet\n{rest}"
+
+
+def _plain_polynomial_grads() -> dict[str, float]:
+    """What each sub-expression of seed 000's polynomial receives in y.backward(), by plain torch."""
+    x = torch.tensor(2.0, requires_grad=True)
+    parts = {}
+
+    def keep(expr: str, t: torch.Tensor) -> torch.Tensor:
+        t.retain_grad()
+        parts[expr] = t
+        return t
+
+    x4 = keep("x**4", x**4)
+    a = keep("2*x**4", 2 * x4)
+    x3 = keep("x**3", x**3)
+    x2 = keep("x**2", x**2)
+    b = keep("3*x**2", 3 * x2)
+    c = keep("5*x", 5 * x)
+    y = a + x3 + b + c + 1
+    y.backward()
+    grads = {expr: float(t.grad) for expr, t in parts.items()}
+    grads["x"] = float(x.grad)
+    return grads
+
+
+def _reaches(t, start: int, target: int) -> bool:
+    seen, stack = set(), [start]
+    while stack:
+        rid = stack.pop()
+        if rid not in seen:
+            seen.add(rid)
+            stack.extend(t.records[rid].inputs)
+    return target in seen
+
+
+def test_seed_000_backward_cell_shows_the_polynomials_intermediates(shell):
+    cells = _seed_cells("seed_000.ipynb")
+    backward = next(i for i, c in enumerate(cells) if c.strip().endswith("y.backward()"))
+    for i, cell in enumerate(cells[: backward + 1]):
+        shell.run_cell(_with_output(cell, "t") if i == backward else cell, store_history=True).raise_error()
+    t = shell.user_ns["t"]
+    expected = _plain_polynomial_grads()
+    by_expr = {r.expr: r for r in t.records if r.expr}
+    for expr in ("x**4", "2*x**4", "x**3", "x**2", "3*x**2", "5*x"):
+        r = by_expr[expr]
+        assert r.cell is not None and r.cell_line is not None, expr  # made by the cell before
+        assert float(r.grad) == pytest.approx(expected[expr]), expr
+    assert float(t.last("x").grad) == pytest.approx(expected["x"]) == 93.0
+    assert t.last("y").grad_fn == "AddBackward0" and t.last("y").cell is not None
+    # the stepper names a tensor at every node (before: steps 2-10 named none)
+    p = t.passes[0]
+    assert all(s.records for s in p.steps), [s.node for s in p.steps if not s.records]
+    # the graph connects them: y's inputs lead back to x
+    ids = {r.id for r in t.records}
+    assert all(i in ids for r in t.records for i in r.inputs)
+    assert _reaches(t, t.last("y").id, t.last("x").id)
+
+
+def test_the_backward_cells_variants_say_why_they_are_off(shell):
+    shell.run_cell("import torch\nx = torch.tensor([1.0, 2.0], requires_grad=True)")
+    shell.run_cell("%%autograd --quiet\ny = (x * 3).sum()")
+    session, run = CellSession.run(shell, "y.backward()")
+    assert run.error is None and not session.can_rerun
+    reason = session.rerun_blocked
+    assert "earlier cells" in reason and "\n" not in reason
+    assert reason in run.trace.notes
+    from autograd_magic.variants.interventions import Toggles
+
+    with pytest.raises(RuntimeError, match="earlier cells"):
+        session.rerun(Toggles(no_grad=True))
+    checks = session.check()
+    assert [c.name for c in checks] == ["x"] and checks[0].ok is None and checks[0].note == reason
+    from autograd_magic.render.payload import build_payload
+
+    assert build_payload(run.trace, can_rerun=session.can_rerun)["can_rerun"] is False
+
+
+def test_seed_000_matrix_part_each_cell_its_own(shell):
+    """x, y, z, out each made by its own traced cell; `out.backward()` shows all four, linked."""
+    cells = _seed_cells("seed_000.ipynb")
+    start = next(i for i, c in enumerate(cells) if "[[1.,2,3],[3,2,1]]" in c)
+    end = next(i for i, c in enumerate(cells) if "out.backward()" in c)
+    shell.run_cell("import torch")
+    for i in range(start, end + 1):
+        shell.run_cell(_with_output(cells[i], "t") if i == end else cells[i], store_history=True).raise_error()
+    t = shell.user_ns["t"]
+    x = torch.tensor([[1.0, 2, 3], [3, 2, 1]], requires_grad=True)
+    y = 3 * x + 2
+    z = 2 * y**2
+    out = z.mean()
+    for v in (y, z):
+        v.retain_grad()
+    out.backward()
+    for name, plain in (("y", y), ("z", z), ("x", x)):
+        r = t.last(name)
+        assert r is not None, name
+        assert torch.allclose(torch.as_tensor(r.grad, dtype=torch.float32), plain.grad), name
+    assert t.last("z").cell is not None and t.last("y").cell is not None
+    assert _reaches(t, t.last("out").id, t.last("y").id)  # linked across cells, not loose boxes
+    assert _reaches(t, t.last("y").id, t.last("x").id)
+    assert len({r.id for r in t.records if r.label == "y"}) == 1  # one record per tensor
+
+
+def test_a_plain_forward_cell_is_not_brought_in(shell):
+    """Only traced cells leave records: a plain forward shows x and y as before, no error."""
+    shell.run_cell("import torch\nx = torch.tensor(3.0, requires_grad=True)\ny = x * x")
+    shell.run_cell("%%autograd -o t --quiet\ny.backward()").raise_error()
+    t = shell.user_ns["t"]
+    assert all(r.cell is None for r in t.records)
+    assert float(t.last("x").grad) == 6.0
+
+
+def test_earlier_records_go_when_their_tensors_do(shell):
+    shell.run_cell("import torch\nx = torch.tensor(3.0, requires_grad=True)")
+    shell.run_cell("%%autograd --quiet\ny = x * x + 1")
+    store = earlier_cells(shell)
+    assert any(c.alive() for c in store)
+    cell = list(store)[-1]
+    del shell.user_ns["y"]
+    gc.collect()
+    assert not cell.alive()
+    store.prune()
+    assert cell not in list(store)
+
+
+def test_the_store_keeps_within_its_budget(shell):
+    from autograd_magic.capture.earlier import EarlierCells
+    from autograd_magic.run.execute import execute
+
+    store = EarlierCells(budget=50)
+    shell.run_cell("import torch\nx = torch.ones(2, requires_grad=True)")
+    for i in range(8):
+        execute(shell, "\n".join(f"v{i}_{k} = x * {k + 1}" for k in range(10)), earlier=store)
+    assert sum(len(c.trace.records) for c in store) <= 50
+    assert len(store) >= 1
+
+
+def test_autograd_on_traces_every_cell_and_off_stops(shell, capsys):
+    try:
+        shell.run_cell("%autograd on --quiet -o last")
+        shell.run_cell("import torch\nx = torch.tensor(2.0, requires_grad=True)", store_history=True)
+        shell.run_cell("y = x ** 3", store_history=True)
+        shell.run_cell("y.backward()", store_history=True)
+        t = shell.user_ns["last"]
+        cube = next(r for r in t.records if r.expr == "x ** 3")
+        assert cube.cell is not None and float(cube.grad) == 1.0
+        assert float(t.last("x").grad) == 12.0  # 3 * x**2, as plain torch computes
+        assert float(shell.user_ns["x"].grad) == 12.0
+        # errors fail the cell as they would in a plain cell, with its own line numbers
+        result = shell.run_cell("z = x * 2\n1 / 0", store_history=True)
+        assert isinstance(result.error_in_exec, ZeroDivisionError)
+        assert shell.user_ns["last"].error.line == 2
+        shell.run_cell("%autograd")
+        assert "on" in capsys.readouterr().out
+    finally:
+        shell.run_cell("%autograd off")
+    before = shell.user_ns["last"]
+    shell.run_cell("w = x * 5", store_history=True)
+    assert shell.user_ns["last"] is before  # plain again: nothing was traced
+    assert float(shell.user_ns["w"].detach()) == 10.0
+
+
+def test_autograd_on_with_a_bad_option_is_a_usage_error(shell):
+    result = shell.run_cell("%autograd on --limit zero")
+    assert result.error_in_exec is not None and "usage" in str(result.error_in_exec).lower()
+    result = shell.run_cell("%autograd sideways")
+    assert "usage" in str(result.error_in_exec).lower()
+    from autograd_magic.notebook import auto_trace
+
+    assert not auto_trace.is_on(shell)
