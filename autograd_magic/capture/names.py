@@ -46,6 +46,17 @@ class NameIndex:
         self._modules: Optional[dict[int, str]] = None
         self._unnamed: dict[int, str] = {}  # modules not in the namespace: survives rebuilds
         self._stale = True  # the namespace may hold names the index lacks
+        # which module each name held before the run: a name bound to a new one was built by it
+        self._modules_before = {name: id(v) for name, v in list(self.namespace.items()) if _kind(v) == "module"}
+
+    def built_here(self, path: str) -> Optional[str]:
+        """The top-level name of `path` (`model` of `model.0.weight`) when the run bound it to a
+        module it did not hold before, else None."""
+        root = path.split(".", 1)[0]
+        value = self.namespace.get(root)
+        if "." in path and _kind(value) == "module" and self._modules_before.get(root) != id(value):
+            return root
+        return None
 
     def touch(self) -> None:
         """The traced code bound a name: the next failed lookup looks again."""

@@ -12,6 +12,7 @@ exactly as called and hooks only read.
 
 from __future__ import annotations
 
+import re
 import sys
 import weakref
 from types import CodeType
@@ -242,6 +243,20 @@ class Tracer:
         rid = self._from_earlier_cell(t) if from_earlier else None
         return rid if rid is not None else self._external(t, name)
 
+    @quietly  # also reached from the fast path, outside `_record_op`
+    def _input_record(self, t: torch.Tensor, span, internal: Optional[str], inplace: bool) -> int:
+        """An op's input; a parameter first seen filled in place inside a call of this cell
+        (a module's `__init__` initialising it) was created by that call, not outside the cell."""
+        rid = self.record_of(t)
+        if rid is not None:
+            return rid
+        if not inplace or internal is None or not isinstance(t, torch.nn.Parameter):
+            return self.record_for(t)
+        rid = self._external(t, None)
+        rec = self.trace.records[rid]
+        rec.created_by, rec.line = self.source_map.text(span), span[0] if span else None
+        return rid
+
     def _from_earlier_cell(self, t: torch.Tensor) -> Optional[int]:
         """`t` was made by an earlier traced cell (`y` in `y.backward()`): bring its record in."""
         if self.earlier is None:
@@ -283,14 +298,15 @@ class Tracer:
             tensors=dict(self._refs_at_end),
         )
 
-    def _adopt(self, rec: Record, t: torch.Tensor) -> None:
+    def _adopt(self, rec: Record, t: torch.Tensor) -> bool:
         """A live tensor is known by `rec` from now on (its .grad is read at the end)."""
         try:
             ref = weakref.ref(t)
         except TypeError:
-            return
+            return False
         self._by_tensor[id(t)] = (ref, rec.id)
         self._live[rec.id] = (ref, compat.version_of(t))
+        return True
 
     @quietly
     def _external(self, t: torch.Tensor, name: Optional[str]) -> int:
@@ -311,13 +327,7 @@ class Tracer:
 
     def _add(self, rec: Record, t: torch.Tensor) -> None:
         self.trace.records.append(rec)
-        try:
-            ref = weakref.ref(t)
-        except TypeError:
-            return
-        self._by_tensor[id(t)] = (ref, rec.id)
-        self._live[rec.id] = (ref, compat.version_of(t))
-        if t.requires_grad:
+        if self._adopt(rec, t) and t.requires_grad:
             self.backward.note_record(rec.id, t)
 
     def on_op(self, func, func_name: str, args, kwargs, out):
@@ -347,8 +357,14 @@ class Tracer:
             # The fast path of a loop's later runs: no torch call, no preview
             # (how many ran is read off `_site_runs` at the end).
             first = site[1]
-            if first is not None:
-                for t in outs:  # later uses link to the loop's first record of this site
+            # later uses link to the loop's first record of this site; an in-place op's tensor is
+            # not the loop's value (init_ over a module's parameters): it keeps a record of its own
+            if is_inplace(func_name, func_name):
+                if internal is not None:
+                    for t in outs:
+                        self._input_record(t, span, internal, True)
+            elif first is not None:
+                for t in outs:
                     self._by_tensor[id(t)] = (weakref.ref(t), first)
             return self._maybe_detach(span, None, out) if self._detaching else out
         return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site)
@@ -360,10 +376,10 @@ class Tracer:
         inputs = []
         for a in args:
             for t in tensors_in(a):
-                inputs.append(self.record_for(t))
+                inputs.append(self._input_record(t, span, internal, inplace))
         for a in kwargs.values():
             for t in tensors_in(a):
-                inputs.append(self.record_for(t))
+                inputs.append(self._input_record(t, span, internal, inplace))
         expr = self.source_map.text(span)
         grad_enabled = torch.is_grad_enabled()
         for i, t in enumerate(outs):
@@ -464,6 +480,18 @@ class Tracer:
         """Record id -> name for live tensors found in `final_namespace` at stop."""
         return dict(self._final_names)
 
+    def _created_by_binding(self, rec: Record) -> None:
+        """A parameter of a module this run bound to a name (`model = ...`, also one made by
+        deep copies, as TransformerEncoder's layers are) was created on that line."""
+        root = self.names.built_here(rec.name)
+        if root is None:
+            return
+        pattern = re.compile(rf"^\s*{re.escape(root)}\s*(:[^=]*)?=[^=]")
+        for i, line in enumerate(self.source_map.lines):
+            if pattern.match(line):
+                rec.created_by, rec.line = line.strip(), i + 1
+                return
+
     @quietly
     def _finish_records(self) -> None:
         self.busy = True  # the mode is popped already; this guards a user's mode below ours
@@ -476,6 +504,8 @@ class Tracer:
             rec = records[rid]
             if self.final_namespace is not None and id(t) in self.final_namespace:
                 self._final_names[rid] = self.final_namespace[id(t)]
+            if rec.external and rec.created_by is None and rec.name and isinstance(t, torch.nn.Parameter):
+                self._created_by_binding(rec)
             if rec.name is None:
                 # e.g. the parameters of a model built by this very cell
                 rec.name = self.names.tensor_name(t)

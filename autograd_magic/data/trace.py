@@ -88,6 +88,9 @@ class Record:
     # this cell reached it; `line` and `span` are None, as they index this cell's source
     cell: Optional[int] = None
     cell_line: Optional[int] = None
+    # a tensor no recorded op made but a call of this cell did: a module's parameter
+    # (`torch.nn.Linear(4, 8)` on `line`); still `external` to the ops a re-run can replay
+    created_by: Optional[str] = None
 
     # ---- the fields DESIGN.md promises, derived from the above ----
     @property

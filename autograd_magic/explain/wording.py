@@ -72,8 +72,10 @@ def from_cell(record: Record) -> str:
 def flags(record: Record) -> list[str]:
     """What is unusual about a record, in words, in a fixed order (empty for most)."""
     earlier = [from_cell(record)] if record.cell is not None else []
+    if record.created_by:
+        earlier.append(f"created by {record.created_by}")
     on = {
-        "external": record.external,
+        "external": record.external and not record.created_by,
         "inplace": record.inplace,
         "detached": record.detached,
         "no_grad": not record.grad_enabled,

@@ -81,7 +81,7 @@ def _row(r: Record, trace: Trace) -> dict[str, Any]:
     }
     optional = {
         "grad_note": note,
-        "external": r.external,
+        "external": r.external and not r.created_by,
         "detached": r.detached,
         "no_grad": not r.grad_enabled,
         "inplace": r.inplace,
