@@ -19,6 +19,29 @@ from IPython.utils.capture import capture_output
 NOTEBOOKS = ["000", "001", "002", "003", "004"]
 
 
+def test_the_seed_cells_come_from_the_repositorys_own_notebooks(seeds):
+    """The seeds are read from notebooks/seed_*.ipynb (missing ones fail the fixture, never skip)."""
+    from conftest import ROOT, SEED_NOTEBOOKS
+
+    assert sorted(seeds.NOTEBOOKS) == NOTEBOOKS
+    assert all(p.is_file() and p.parent == ROOT / "notebooks" for p in SEED_NOTEBOOKS.values())
+    assert {nb: len(cells) for nb, cells in seeds.NOTEBOOKS.items()} == {
+        "000": 10, "001": 11, "002": 12, "003": 13, "004": 4,
+    }
+    first = [cells[0].splitlines()[0] for cells in seeds.NOTEBOOKS.values()]
+    assert first == ["import torch"] * 5  # the %load_ext cell is dropped, the %%autograd line stripped
+    assert not any(c.startswith("%") for cells in seeds.NOTEBOOKS.values() for c in cells)
+    assert seeds.NOTEBOOKS["003"][9] == "z.backward()" and ("003", 9) in seeds.RAISES
+
+
+def test_a_missing_seed_notebook_fails_rather_than_skips(monkeypatch, tmp_path):
+    import conftest
+
+    monkeypatch.setitem(conftest.SEED_NOTEBOOKS, "002", tmp_path / "seed_002.ipynb")
+    with pytest.raises(FileNotFoundError, match="seed_002.ipynb"):
+        conftest.load_seeds()
+
+
 def _tensor_state(t: torch.Tensor):
     return (
         t.detach().numpy().tolist(),
