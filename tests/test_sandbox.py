@@ -367,7 +367,31 @@ def test_the_magics_own_flags_use_the_sandbox(shell):
     v, _ = autograd(shell, "y = x * 3\ny.backward()", flags="--no-grad")
     assert v.grad_mode == "no_grad" and v.variant_of is not None and v.error is not None
     assert shell.user_ns["x"].grad.item() == 3.0
-    assert isinstance(SandboxError("m"), Exception)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug, left for its own change: notebook/cell.py stores `variant or trace` for -o, and a "
+    "failed variant has no records, so Trace.__len__ makes it falsy and -o gets the real run instead",
+)
+def test_the_magics_own_flags_report_an_uncopyable_read_as_a_sandbox_error(shell):
+    run(shell, "import torch\ngen = (float(i) for i in range(1, 4))\ndef draw():\n    return torch.tensor(next(gen))")
+    v, _ = autograd(shell, "y = draw() * 3", flags="--no-grad")
+    assert v.variant_of is not None and v.grad_mode == "no_grad"
+    assert v.error is not None and v.error.type == "SandboxError" and "`gen`" in v.error.message
+    assert next(shell.user_ns["gen"]) == 2.0  # the real run drew 1.0; the variant drew nothing
+
+
+def test_the_sandbox_stands_in_for_an_uncopyable_object_with_one_that_raises(shell):
+    run(shell, "import torch\ngen = (float(i) for i in range(1, 4))")
+    snap = take_snapshot(shell, "v = next(gen)")
+    assert "gen" in snap.broken
+    with Sandbox(shell, snap) as ns:
+        stand_in = ns["gen"]
+        for use in (next, iter, len, bool, lambda g: g.send, lambda g: g[0], lambda g: g()):
+            with pytest.raises(SandboxError, match="`gen` is a generator, which cannot be copied"):
+                use(stand_in)
+    assert next(shell.user_ns["gen"]) == 1.0
 
 
 def test_function_default_tensors_are_restored(shell):

@@ -309,7 +309,11 @@ def test_mimebundle_has_widget_snapshot_and_text(shell):
     data, _meta = view._repr_mimebundle_()
     assert set(data) >= {WIDGET_MIME, "text/html", "text/plain"}
     assert data[WIDGET_MIME]["model_id"] == view.model_id
-    assert "out.backward()" in data["text/plain"] or "backward" in data["text/plain"]
+    # the plain-text fallback is the trace's own text summary, naming the cell's backward call
+    # by its notebook line (the cell's line 4, after the `%%autograd` line)
+    assert data["text/plain"] == str(view.trace)
+    assert data["text/plain"].startswith("autograd trace: 6 tensors, 1 backward pass(es)\n")
+    assert "backward pass 1 (line 5: out.backward()): 6 nodes" in data["text/plain"].splitlines()
     assert "<script" not in data["text/html"]
     only_text, _ = view._repr_mimebundle_(include={"text/plain"})
     assert set(only_text) == {"text/plain"}
