@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BROWSER_STAMP := $(VENV)/.installed-browser
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast bench browser-deps clean
@@ -20,6 +21,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
+# `make test` also runs the browser tests: their extra on top of the test one.
+$(BROWSER_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,browser]'
+	@touch $@
+
 # Chromium for the browser tests (Debian's; Playwright cannot download its own here).
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -32,7 +38,7 @@ demo: setup
 	@echo
 	@echo "The tour, executed in a real kernel: $(CURDIR)/build/tour.html"
 
-test: setup browser-deps
+test: $(BROWSER_STAMP) browser-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
