@@ -369,11 +369,6 @@ def test_the_magics_own_flags_use_the_sandbox(shell):
     assert shell.user_ns["x"].grad.item() == 3.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, left for its own change: notebook/cell.py stores `variant or trace` for -o, and a "
-    "failed variant has no records, so Trace.__len__ makes it falsy and -o gets the real run instead",
-)
 def test_the_magics_own_flags_report_an_uncopyable_read_as_a_sandbox_error(shell):
     run(shell, "import torch\ngen = (float(i) for i in range(1, 4))\ndef draw():\n    return torch.tensor(next(gen))")
     v, _ = autograd(shell, "y = draw() * 3", flags="--no-grad")

@@ -196,6 +196,11 @@ class Trace:
     def __len__(self) -> int:
         return len(self.records)
 
+    def __bool__(self) -> bool:
+        """A trace is something even with no records (a variant that failed before any op):
+        `variant or trace` must never swap a failed variant for the real run."""
+        return True
+
     def by_name(self, name: str) -> list[Record]:
         return [r for r in self.records if r.name == name]
 
