@@ -361,8 +361,9 @@ class Tracer:
             # not the loop's value (init_ over a module's parameters): it keeps a record of its own
             if is_inplace(func_name, func_name):
                 if internal is not None:
-                    for t in outs:
-                        self._input_record(t, span, internal, True)
+                    for t in outs:  # a module's parameter initialised in a loop (RNN cells)
+                        if type(t) is torch.nn.Parameter and self.record_of(t) is None:
+                            self._input_record(t, span, internal, True)
             elif first is not None:
                 for t in outs:
                     self._by_tensor[id(t)] = (weakref.ref(t), first)
