@@ -1,0 +1,95 @@
+"""Seed 000 run cell by cell in real JupyterLab and Notebook 7: the backward cell shows the chain rule.
+
+`x = ...`, `y = ...` and `y.backward()` are separate `%%autograd` cells, as the
+seed notebook has them. The `y.backward()` cell's view must list the
+polynomial's intermediates with the gradient each received (plain PyTorch is
+the reference) and say, with its controls disabled, why toggles are off.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from browser_util import browser_context, jupyter_server, run_all, wait_kernel_ready
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOTS = ROOT / "build" / "screenshots"
+TIMEOUT = 60_000
+
+
+def _seed_000_first_part() -> list[str]:
+    nb = json.loads((ROOT / "notebooks" / "seed_000.ipynb").read_text(encoding="utf-8"))
+    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    end = next(i for i, c in enumerate(cells) if c.strip().endswith("y.backward()"))
+    return cells[: end + 1]
+
+
+def _plain() -> dict[str, float]:
+    x = torch.tensor(2.0, requires_grad=True)
+    parts = {"x**4": x**4, "x**2": x**2, "5*x": 5 * x}
+    parts["2*x**4"] = 2 * parts["x**4"]
+    for t in parts.values():
+        t.retain_grad()
+    y = parts["2*x**4"] + x**3 + 3 * parts["x**2"] + parts["5*x"] + 1
+    y.backward()
+    out = {k: float(t.grad) for k, t in parts.items()}
+    out["x"] = float(x.grad)
+    return out
+
+
+@pytest.fixture(scope="module")
+def jupyter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("notebooks")
+    for kind in ("lab", "notebook"):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(c) for c in _seed_000_first_part()]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, str(root / f"cells_{kind}.ipynb"))
+    with jupyter_server(root, tmp_path_factory.mktemp("jupyter_state")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    with browser_context(tmp_path_factory.mktemp("chromium_profile")) as context:
+        yield context
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(m) for m in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", text)]
+
+
+@pytest.mark.parametrize("kind", ["lab", "notebook"])
+def test_the_backward_cell_shows_the_intermediates_of_earlier_cells(jupyter, browser, kind):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    expected = _plain()
+    page = browser.new_page()
+    try:
+        page.goto(jupyter.page_url(kind, f"cells_{kind}.ipynb"))
+        wait_kernel_ready(page)
+        run_all(page)
+        views = page.locator(".jp-OutputArea-output .agm-root")
+        views.nth(2).wait_for(timeout=TIMEOUT)  # x, y, y.backward()
+        view = views.nth(2)
+        view.locator("tr.agm-row").first.wait_for(timeout=TIMEOUT)
+        for label, grad in expected.items():
+            row = view.locator("tr.agm-row").filter(
+                has=page.locator(".agm-c-label .agm-v", has_text=re.compile(rf"^{re.escape(label)}$"))
+            )
+            assert row.count() >= 1, label
+            assert _numbers(row.first.locator(".agm-c-grad .agm-v").inner_text()) == pytest.approx([grad]), label
+        assert "earlier cells" in view.inner_text()  # the reason toggles are off, in one line
+        for control in ("input.agm-nograd", "button.agm-check"):  # off, not clickable-and-failing
+            assert view.locator(control).is_disabled(), control
+        view.scroll_into_view_if_needed()
+        view.screenshot(path=str(SCREENSHOTS / f"{kind}_cell_by_cell_backward.png"))
+    finally:
+        page.close()
