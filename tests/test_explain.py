@@ -186,7 +186,7 @@ def test_detach_variant(shell):
     v = shell.user_ns["t"]
     assert v.variant_of is not None
     text = about(v, "y")
-    assert "`y` (line 3) was detached by the toggle" in text and "retain_grad" not in text
+    assert "`y` (line 3) was detached in this variant" in text and "retain_grad" not in text
     assert "put [3., 6.] into `x.grad`" in about(v, "x")  # only the direct path: y*x with y cut gives y = 3x
     assert "put [ 6., 12.] into `x.grad`" in about(t, "x")  # the real run: d(3x·x)/dx = 6x
 
@@ -197,9 +197,9 @@ def test_no_grad_variant(shell):
     shell.run_cell("%%autograd --quiet -o t --no-grad\n" + VARIANT_CELL)
     v = shell.user_ns["t"]
     text = explain_error(v)
-    assert "line 5" in text and "`z` was made under torch.no_grad() on line 4" in text
-    assert "whole cell runs under torch.no_grad()" in text and "Set requires_grad=True" not in text
-    assert "whole cell runs under torch.no_grad()" in about(v, "y")
+    assert "line 5" in text and "`z` (line 4) does not require grad because the whole cell ran under torch.no_grad()" in text
+    assert "whole cell ran under torch.no_grad() in this variant" in text and "Set requires_grad=True" not in text
+    assert "whole cell ran under torch.no_grad() in this variant" in about(v, "y")
 
 
 def test_numpy_of_a_tensor_that_requires_grad(shell):

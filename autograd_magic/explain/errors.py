@@ -9,7 +9,10 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from .why import _DETACH_OPS, _mutations_of, _pass_where, _quote, _where, _why_no_requires_grad
+from . import wording
+from .why import (
+    _DETACH_OPS, _flipped, _mutations_of, _pass_where, _quote, _variant_cut, _where, _why_no_requires_grad,
+)
 from ..data.trace import BackwardPass, Record, Trace
 
 
@@ -52,7 +55,10 @@ def _no_grad_root(trace: Trace, p: Optional[BackwardPass]) -> str:
     head = f"backward() on {_at(trace)} was called on "
     if r is None:
         return head + "a tensor that does not require grad and has no grad_fn: nothing it came from had requires_grad=True."
-    if r.external:
+    toggled = _variant_cut(trace, r) is not None
+    if toggled:
+        why = _why_no_requires_grad(trace, r)[0]
+    elif r.external:
         why = (
             f"{_quote(r)} was made before this cell without a grad_fn: the tensors it was computed from "
             "never had requires_grad=True."
@@ -62,7 +68,9 @@ def _no_grad_root(trace: Trace, p: Optional[BackwardPass]) -> str:
     else:
         why = f"{_where(r)} itself never had requires_grad=True."
     fix = "Set requires_grad=True on the input you want gradients for, before computing."
-    if trace.grad_mode == "no_grad":
+    if toggled:
+        fix = wording.REAL_RUN_UNAFFECTED
+    elif trace.grad_mode == "no_grad":
         fix = "Nothing in this variant is recorded for backward(); the real run, without the toggle, is unaffected."
     elif not r.grad_enabled:
         fix = "Compute it outside the torch.no_grad() block if you want to differentiate it."
@@ -130,8 +138,15 @@ def _leaf_inplace(trace: Trace, p: Optional[BackwardPass]) -> str:
     return (
         f"{_error_where(trace)} changes {view}a leaf Variable that requires grad in place: {who}, and autograd "
         "cannot track in-place changes to it. Do parameter updates under `with torch.no_grad():` "
-        "(as an optimizer does), or use an out-of-place expression."
+        "(as an optimizer does), or use an out-of-place expression." + _flipped_on(trace, leaves)
     )
+
+
+def _flipped_on(trace: Trace, found: list[Record]) -> str:
+    """When the tensor requires grad only because the variant's toggle flipped it on."""
+    if found and found[0].requires_grad and _flipped(trace, found[0]):
+        return f" Here {wording.flipped_in_variant(found[0].label, on=True)} (the toggle); {wording.REAL_RUN_UNAFFECTED[0].lower()}{wording.REAL_RUN_UNAFFECTED[1:]}"
+    return ""
 
 
 def _numpy_of_grad_tensor(trace: Trace, p: Optional[BackwardPass]) -> str:
@@ -141,7 +156,7 @@ def _numpy_of_grad_tensor(trace: Trace, p: Optional[BackwardPass]) -> str:
     return (
         f"{_error_where(trace)} turns {who} into a NumPy array, but it requires grad: NumPy values would leave "
         f"autograd's graph silently, so PyTorch refuses. Use `{name}.detach().numpy()` (for plotting or printing, "
-        "detach first)."
+        "detach first)." + _flipped_on(trace, found)
     )
 
 

@@ -8,12 +8,15 @@ an accumulated `.grad`). Pure: reads only the Trace.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Iterable, Optional
 
 import numpy as np
 
+from . import wording
 from .format import format_short
 from .stepper import steps
+from ..data.identity import match_records
 from ..data.trace import BackwardPass, Preview, Record, Trace
 
 _DETACH_OPS = {"detach", "detach_"}
@@ -58,6 +61,143 @@ def _mutations_of(trace: Trace, rid: int) -> list[Record]:
     return [r for r in trace.records if r.inplace and r.mutates == rid]
 
 
+# ---- a variant's cut (detach, no_grad, requires_grad flip), read as the cut it is ----
+def _is_variant(trace: Trace) -> bool:
+    return trace.variant_of is not None or trace.grad_mode == "no_grad" or bool(trace.detached or trace.flipped)
+
+
+class _VariantFacts:
+    """What a variant's toggle did to each record, worked out once per trace (a table asks per row)."""
+
+    def __init__(self, trace: Trace):
+        recs = trace.records
+        # requires_grad of each record's counterpart in the real run (plain values: no reference to either trace)
+        self.original_rg: dict[int, bool] = {}
+        if trace.variant_of is not None:
+            orig = trace.variant_of.records
+            self.original_rg = {
+                v: orig[o].requires_grad for o, v in match_records(trace.variant_of, trace).items() if 0 <= o < len(orig)
+            }
+        labels = set(trace.flipped)
+        self.flipped = {
+            r.id for r in recs
+            if r.label in labels and r.is_leaf and not r.inplace and not r.inputs
+            and self.original_rg.get(r.id, not r.requires_grad) != r.requires_grad
+        }
+        # the nearest record the toggle cut that each record was computed from (itself included)
+        self.cut_from: dict[int, int] = {}
+        for r in recs:
+            if r.detached or (r.id in self.flipped and not r.requires_grad):
+                self.cut_from[r.id] = r.id
+                continue
+            for i in r.inputs:
+                if 0 <= i < r.id and i in self.cut_from:
+                    self.cut_from[r.id] = self.cut_from[i]
+                    break
+        # the nearest detached record computed from each record
+        uses: dict[int, list[int]] = {}
+        for u in recs:
+            for i in u.inputs:
+                if 0 <= i < u.id:
+                    uses.setdefault(i, []).append(u.id)
+        self.detached_below: dict[int, int] = {}
+        for r in reversed(recs):
+            for u in uses.get(r.id, []):
+                below = u if recs[u].detached else self.detached_below.get(u)
+                if below is not None:
+                    self.detached_below[r.id] = below
+                    break
+        # leaves that require grad each record was computed from (itself included), the first few
+        self.leaves: dict[int, list[str]] = {}
+        for r in recs:
+            found = [r.label] if r.is_leaf and not r.inputs and r.requires_grad else []
+            for i in r.inputs:
+                if 0 <= i < r.id:
+                    found.extend(self.leaves.get(i, ()))
+            self.leaves[r.id] = list(dict.fromkeys(found))[:_LEAVES_NAMED]
+
+    def leaves_above(self, rid: int) -> list[str]:
+        return self.leaves.get(rid, [])
+
+
+_LEAVES_NAMED = 4  # "so no gradient reaches `a` and `b` ...": at most this many names
+_FACTS: list = [None, None]  # (a weak reference to the last variant explained, its facts)
+
+
+def _facts(trace: Trace) -> _VariantFacts:
+    ref, facts = _FACTS
+    if ref is None or ref() is not trace or facts.n != len(trace.records):
+        facts = _VariantFacts(trace)
+        facts.n = len(trace.records)
+        _FACTS[:] = [weakref.ref(trace), facts]
+    return facts
+
+
+def _flipped(trace: Trace, r: Record) -> bool:
+    """True when the variant's toggle flipped requires_grad of this leaf."""
+    return bool(trace.flipped) and r.label in trace.flipped and r.id in _facts(trace).flipped
+
+
+def _variant_cut(trace: Trace, r: Record) -> Optional[tuple[str, Optional[Record]]]:
+    """Why `r` has no history in this variant when it had one in the real run: (the cut, its record).
+
+    None when this is not a variant, or the real run's `r` did not require grad either.
+    """
+    if not _is_variant(trace) or r.requires_grad and not r.detached:
+        return None
+    facts = _facts(trace)
+    if not facts.original_rg.get(r.id, True):
+        return None
+    if trace.grad_mode == "no_grad" and not r.grad_enabled:
+        return wording.NO_GRAD_IN_VARIANT, None
+    c = facts.cut_from.get(r.id)
+    if c is None:
+        return None
+    a = trace.records[c]
+    if a.detached:
+        return wording.detached_in_variant(a.label), a
+    return wording.flipped_in_variant(a.label, on=False), a
+
+
+def _cut_off_leaves(trace: Trace, r: Record, cut: Optional[Record]) -> list[str]:
+    """Leaves that require grad upstream of `r` (of the cut, when one is named): they get nothing through it."""
+    start = cut if cut is not None else r
+    return [x for x in _facts(trace).leaves_above(start.id) if x != r.label or start is not r]
+
+
+def _variant_sentence(trace: Trace, r: Record) -> Optional[str]:
+    """The variant's reason `r` does not require grad, in one sentence, or None."""
+    found = _variant_cut(trace, r)
+    if found is None:
+        return None
+    cut, at = found
+    if at is r and not r.detached:  # r is the flipped leaf
+        return (
+            f"{_where(r)} requires grad in the real run, but here {cut} (the toggle), "
+            "so nothing computed from it is recorded for backward."
+        )
+    return f"{_where(r)} does not require grad because {cut}{wording.no_gradient_reaches(_cut_off_leaves(trace, r, at))}."
+
+
+def _variant_block(trace: Trace, r: Record) -> Optional[str]:
+    """Why a tensor that requires grad got no gradient in this variant: the toggle cut what uses it."""
+    if not _is_variant(trace):
+        return None
+    if trace.grad_mode == "no_grad":
+        return f"{wording.NO_GRAD_IN_VARIANT}{wording.no_gradient_reaches([r.label])}."
+    below = _facts(trace).detached_below.get(r.id)
+    if below is not None:
+        return f"{wording.detached_in_variant(trace.records[below].label)}{wording.no_gradient_reaches([r.label])}."
+    return None
+
+
+def _variant_note(trace: Trace, r: Record) -> list[str]:
+    """For a leaf whose requires_grad the toggle switched on."""
+    if r.requires_grad and _flipped(trace, r):
+        return [f"Here {wording.flipped_in_variant(r.label, on=True)} (the toggle): in the real run {_quote(r)} does not require grad."]
+    return []
+
+
 # ---- one record ----
 def explain_record(trace: Trace, record_id: int) -> list[str]:
     """Why `record_id`'s gradient is what it is (or None), in sentences."""
@@ -71,14 +211,16 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         else:
             out.append(f"`{r.expr or r.op}` on line {r.line} changed {_quote(target)} in place.")
     if r.detached:
+        upstream = [f"`{x}`" for x in dict.fromkeys(_cut_off_leaves(trace, r, r))]
+        reach = f" and none reaches {' and '.join(upstream)}" if upstream else ""
         out.append(
-            f"{_where(r)} was detached by the toggle: what uses it gets a copy with no history, so in this "
-            "variant no gradient flows back through it and it receives none."
+            f"{wording.detached_in_variant(r.label, r.line)}: what uses it gets a copy with no history, "
+            f"so no gradient flows back through it{reach}; it receives none itself."
         )
     elif not r.requires_grad:
         out.extend(_why_no_requires_grad(trace, r))
     elif r.is_leaf:
-        out.extend(_leaf_grad(trace, r))
+        out.extend(_variant_note(trace, r) + _leaf_grad(trace, r))
     else:
         out.extend(_non_leaf_grad(trace, r))
     for m in _mutations_of(trace, r.id):
@@ -91,6 +233,9 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
 
 def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
     none = f"{_quote(r)} has requires_grad=False and no grad_fn, so it has no gradient (.grad is None)."
+    toggled = _variant_sentence(trace, r)
+    if toggled is not None:
+        return [toggled, none]
     if r.op in _DETACH_OPS:
         src = trace.records[r.inputs[0]] if r.inputs else None
         cut = f" from {_quote(src)}" if src is not None else ""
@@ -103,7 +248,7 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
     if not r.grad_enabled:
         why = f"{_quote(r)} was made under torch.no_grad() on line {r.line}"
         if trace.grad_mode == "no_grad":
-            why += " (in this variant the whole cell runs under torch.no_grad())"
+            why += " (the whole cell ran under torch.no_grad() in this variant)"
         if grad_inputs:
             why += f", so it does not require grad although {_names(grad_inputs)} does; no gradient flows back through it."
         else:
@@ -198,6 +343,9 @@ def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str]) -> O
 
 
 def _unreached(trace: Trace, r: Record) -> str:
+    toggled = _variant_block(trace, r)
+    if toggled is not None:
+        return toggled
     failed = [p for p in trace.passes if p.error]
     if failed and len(failed) == len(trace.passes):
         return f"{_pass_where(failed[0])} raised an error before any gradient got here."

@@ -96,6 +96,31 @@ def variant_description(variant: Trace) -> str:
     return "; ".join(parts) or "re-run in a sandbox"
 
 
+# ---- a variant's cut: how every why-explanation names what the toggle changed ----
+def detached_in_variant(label: str, line: Optional[int] = None) -> str:
+    """e.g. "`y` was detached in this variant (the toggle cut it from the graph)"."""
+    where = f"`{label}`" + (f" (line {line})" if line is not None else "")
+    return f"{where} was detached in this variant (the toggle cut it from the graph)"
+
+
+NO_GRAD_IN_VARIANT = "the whole cell ran under torch.no_grad() in this variant (the toggle), which records nothing for backward"
+
+
+def flipped_in_variant(label: str, on: bool) -> str:
+    """e.g. "requires_grad of `x` was flipped off in this variant"."""
+    return f"requires_grad of `{label}` was flipped {'on' if on else 'off'} in this variant"
+
+
+def no_gradient_reaches(labels: list[str]) -> str:
+    """", so no gradient reaches `x`" (empty without labels)."""
+    if not labels:
+        return ""
+    return ", so no gradient reaches " + " and ".join(f"`{x}`" for x in dict.fromkeys(labels))
+
+
+REAL_RUN_UNAFFECTED = "This is the toggle's doing: the real run, without it, is unaffected."
+
+
 def verdict(ok: Optional[bool]) -> str:
     """The gradient check's verdict for one leaf in a word or two."""
     return {True: "agrees", False: "differs"}.get(ok, "not checked")
