@@ -71,7 +71,45 @@ def test_a_failing_cell_fails_with_its_own_traceback(shell):
 
 def test_syntax_error_is_reported_like_python(shell):
     result, _ = run(shell, "%%autograd\nx = = 1")
-    assert isinstance(result.error_in_exec, SyntaxError)
+    assert isinstance(result.error_before_exec, SyntaxError) and not result.success
+
+
+def run_counted(shell, cell):
+    """A cell as a notebook runs it: stored in history, so it gets a prompt number."""
+    with capture_output(display=True) as cap:
+        result = shell.run_cell(cell, store_history=True)
+    return result, ANSI.sub("", cap.stdout + cap.stderr)
+
+
+def test_traceback_header_names_the_cell_by_its_prompt_number(shell):
+    shell.run_cell("import torch")
+    cell = "x = torch.ones(2, requires_grad=True)\ny = x * 2\ny.backward()"
+    plain, plain_text = run_counted(shell, cell)
+    traced, text = run_counted(shell, "%%autograd --quiet\n" + cell)
+    assert traced.execution_count == plain.execution_count + 1
+    assert f"Cell In[{plain.execution_count}], line 3\n" in plain_text  # IPython's own header
+    assert f"Cell In[{traced.execution_count}], line 4\n" in text  # the same count, lines as the editor shows
+    assert f"Cell In[{traced.execution_count + 1}]" not in text
+
+
+@pytest.mark.parametrize("body", ["x = (1,\ny = 2", "x = = 1", "if True:\nprint(1)", "def f():\n  a = 1\n    b = 2"])
+def test_syntax_error_looks_exactly_like_a_plain_cells(shell, body):
+    # the plain cell gets a first line too, so both bodies start on editor line 2
+    plain, plain_text = run_counted(shell, "# plain\n" + body)
+    traced, text = run_counted(shell, "%%autograd --quiet\n" + body)
+    assert type(traced.error_before_exec) is type(plain.error_before_exec)
+    assert issubclass(type(plain.error_before_exec), SyntaxError)
+    assert traced.error_in_exec is None and not traced.success
+    assert text == plain_text.replace(f"Cell In[{plain.execution_count}]", f"Cell In[{traced.execution_count}]")
+    assert "autograd_magic" not in text and "run_cell_magic" not in text and "Traceback" not in text
+    ours, theirs = traced.error_before_exec, plain.error_before_exec
+    assert (ours.msg, ours.lineno, ours.offset, ours.text) == (theirs.msg, theirs.lineno, theirs.offset, theirs.text)
+
+
+def test_a_cell_that_parses_still_runs_after_the_syntax_check(shell):
+    shell.run_cell("import torch")
+    result, text = run_counted(shell, "%%autograd --quiet -o t\nx = torch.ones(2, requires_grad=True)\n(x * 3).sum().backward()")
+    assert result.success and torch.equal(shell.user_ns["x"].grad, torch.tensor([3.0, 3.0]))
 
 
 def test_error_in_a_function_defined_in_an_earlier_cell(shell):

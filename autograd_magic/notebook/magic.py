@@ -13,6 +13,7 @@ from traitlets import Bool, Float, Integer
 
 from ..capture.tracer import purge_stale_modes
 from ..render.layout import warm
+from ..run.execute import parse_cell
 from ..variants.interventions import Toggles
 from . import auto_trace
 from .cell import CellOptions, trace_cell
@@ -113,8 +114,48 @@ class AutogradMagics(Magics):
             raise UsageError(_SWITCH_USAGE)
 
 
+class SyntaxCheck:
+    """An input transformer: a `%%autograd` cell whose body does not parse fails before it runs, as a plain cell does.
+
+    IPython parses a plain cell before running it and shows a SyntaxError
+    with no frames (the cell's `error_before_exec`). A cell magic's body is
+    only parsed when the magic runs, so its SyntaxError would come out of
+    running code, with IPython's and our frames above it. This transformer
+    parses the body the way the magic will (`parse_cell`, same line numbers,
+    same `Cell In[n]`) while IPython transforms the cell, so the error takes
+    the plain cell's path. Anything else it leaves to the magic.
+    """
+
+    has_side_effects = True  # not run by check_complete (the terminal's "is this cell finished?")
+
+    def __init__(self, shell):
+        self.shell = shell
+
+    def __call__(self, lines: list[str]) -> list[str]:
+        if not lines or lines[0].split(None, 1)[:1] != ["%%autograd"]:
+            return lines
+        try:
+            # before run_cell takes the cell's number, the shell's counter is that number
+            first_line = 1 if "--auto" in lines[0].split() else 2  # `%autograd on` wrote the first line
+            parse_cell(self.shell, "".join(lines[1:]), first_line=first_line, number=self.shell.execution_count)
+        except SyntaxError:
+            raise
+        except Exception:  # e.g. a transform of the body failed: the magic reports it as it runs
+            pass
+        return lines
+
+
+def _remove_syntax_check(ipython) -> None:
+    cleanup = getattr(ipython, "input_transformers_cleanup", None)
+    if cleanup is not None:
+        cleanup[:] = [t for t in cleanup if not isinstance(t, SyntaxCheck)]
+
+
 def load_ipython_extension(ipython) -> None:
     ipython.register_magics(AutogradMagics)
+    _remove_syntax_check(ipython)
+    if getattr(ipython, "input_transformers_cleanup", None) is not None:
+        ipython.input_transformers_cleanup.append(SyntaxCheck(ipython))
     _unregister_purge(ipython)
     for event in _PURGE_EVENTS:
         ipython.events.register(event, _purge_around_cell)
@@ -125,6 +166,7 @@ def load_ipython_extension(ipython) -> None:
 
 
 def unload_ipython_extension(ipython) -> None:
+    _remove_syntax_check(ipython)
     _unregister_purge(ipython)
     auto_trace.turn_off(ipython)
 

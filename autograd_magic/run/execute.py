@@ -57,6 +57,32 @@ def _compile_nodes(shell, tree: ast.Module, filename: str, display_last: bool):
     return codes
 
 
+def cell_number(shell) -> int:
+    """The execution count of the cell running now: what IPython's own `Cell In[n]` shows for it.
+
+    `run_cell` caches the cell under the count it had on entry and bumps
+    `shell.execution_count` before running it, so inside a cell (and so inside
+    the magic) the shell's counter is already the next prompt's. The count the
+    cell got is on the result IPython fills while it runs; outside a cell (a
+    widget click re-running a variant) there is none, and the counter is used.
+    """
+    result = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+    number = getattr(result, "execution_count", None)
+    return number if isinstance(number, int) else shell.execution_count
+
+
+def parse_cell(shell, body: str, *, first_line: int = 2, number: Optional[int] = None) -> tuple[str, str, ast.Module]:
+    """(the code as compiled, its cached file name, its AST): the body as IPython parses a cell.
+
+    Lines count as the editor shows them (`first_line` is the body's first).
+    A SyntaxError propagates exactly as IPython's parser raises it.
+    """
+    code_text = "\n" * (first_line - 1) + _transform_cell(shell, body)
+    filename = shell.compile.cache(code_text, number=cell_number(shell) if number is None else number)
+    tree = shell.compile.ast_parse(code_text, filename=filename)
+    return code_text, filename, tree
+
+
 def execute(
     shell,
     body: str,
@@ -82,9 +108,7 @@ def execute(
     """
     __tracebackhide__ = True
     ns = shell.user_ns if namespace is None else namespace
-    code_text = "\n" * (first_line - 1) + _transform_cell(shell, body)
-    filename = shell.compile.cache(code_text, number=shell.execution_count)
-    tree = shell.compile.ast_parse(code_text, filename=filename)  # SyntaxError propagates as in a plain cell
+    code_text, filename, tree = parse_cell(shell, body, first_line=first_line)  # a SyntaxError propagates
     tree = shell.transform_ast(tree)
     tree = bind_names(tree)
     codes = _compile_nodes(shell, tree, filename, display_last=display)
@@ -143,7 +167,7 @@ def execute(
         trace.error = describe_error(error, filename, trace)
     if earlier is not None and not interventions:
         try:
-            earlier.remember(tracer.cell_records(shell.execution_count))
+            earlier.remember(tracer.cell_records(cell_number(shell)))
         except Exception:  # bookkeeping for later cells must never fail this one
             pass
     return CellRun(trace=trace, error=error, filename=filename, stdout=out.getvalue())
