@@ -202,7 +202,15 @@ def _variant_note(trace: Trace, r: Record) -> list[str]:
 def explain_record(trace: Trace, record_id: int) -> list[str]:
     """Why `record_id`'s gradient is what it is (or None), in sentences."""
     r = trace.records[record_id]
-    out: list[str] = []
+    out: list[str] = [wording.uninitialised_why(trace, r)] if wording.is_uninitialised(r) else []
+    if wording.hides_value(r):  # a module's room for its weights: not a tensor the student made
+        found = wording.filled_by(trace, r)
+        if found is not None and found[1].id != r.id and found[1].requires_grad:
+            out.append(
+                f"It has no gradient itself: the module keeps this memory as `{found[1].label}`, "
+                "the tensor that requires grad and gets a .grad."
+            )
+        return out
     if r.inplace and r.mutates is not None:
         target = trace.records[r.mutates]
         if r.op == "requires_grad_":

@@ -54,6 +54,7 @@ def gradient_cell(record: Record, trace: Trace, fmt: Callable[[Preview], str]) -
 
 
 FLAG_WORDS = {
+    "uninitialised": "uninitialised memory",
     "external": "from outside the cell",
     "inplace": "in-place",
     "detached": "detached",
@@ -75,6 +76,7 @@ def flags(record: Record) -> list[str]:
     if record.created_by:
         earlier.append(f"created by {record.created_by}")
     on = {
+        "uninitialised": is_uninitialised(record),
         "external": record.external and not record.created_by,
         "inplace": record.inplace,
         "detached": record.detached,
@@ -82,6 +84,80 @@ def flags(record: Record) -> list[str]:
         "version_changed": record.version_changed,
     }
     return earlier + [FLAG_WORDS[k] for k, v in on.items() if v]
+
+
+# ---- memory that torch.empty reserved and nothing has written yet ----
+UNINITIALISED_OPS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "empty_permuted"})
+
+
+def is_uninitialised(record: Record) -> bool:
+    """A tensor made by torch.empty & co: its values are whatever was in memory, not numbers anyone set."""
+    return record.op in UNINITIALISED_OPS and not record.inplace
+
+
+def _shape_text(record: Record) -> str:
+    shape = record.shape
+    return "(" + ", ".join(map(str, shape)) + ")" if shape is not None else ""
+
+
+def hides_value(record: Record) -> bool:
+    """True for an uninitialised tensor made inside a call: views say what it is instead of its leftover values."""
+    return is_uninitialised(record) and bool(record.internal) and not record.external
+
+
+def record_label(record: Record) -> str:
+    """What a view calls a record. An uninitialised tensor made inside a call (a module's __init__
+    making room for its weights) is named as what it is, e.g. "torch.empty(8, 4) inside
+    Linear.__init__", not after the call's line (`torch.nn.Linear(4, 8)`), which reads as the module."""
+    if hides_value(record):
+        return f"torch.{record.op}{_shape_text(record)} inside {record.internal}"
+    return record.label
+
+
+def filled_by(trace: Trace, record: Record) -> Optional[tuple[Record, Record]]:
+    """(the in-place op that first writes an uninitialised tensor, the tensor it writes), or None.
+
+    The write is to the record itself, or (a module's `Parameter(torch.empty(...))`) to a tensor of the
+    same shape and dtype first seen after it, e.g. `kaiming_uniform_` on `lin.weight`.
+    """
+    if not is_uninitialised(record):
+        return None
+    for m in trace.records[record.id + 1:]:
+        if not (m.inplace and m.mutates is not None and 0 <= m.mutates < len(trace.records)):
+            continue
+        target = trace.records[m.mutates]
+        if target.id == record.id or (
+            target.id > record.id and target.external and target.shape == record.shape and target.dtype == record.dtype
+        ):
+            return m, target
+    return None
+
+
+def uninitialised_value(trace: Trace, record: Record) -> str:
+    """The value cell of an uninitialised tensor made inside a call, in words instead of leftover numbers."""
+    found = filled_by(trace, record)
+    if found is None:
+        return "uninitialised memory (torch.empty sets no values)"
+    m, target = found
+    where = f" in {m.internal}" if m.internal else (f" on line {m.line}" if m.line is not None else "")
+    shown = f": see `{target.label}`" if target.id != record.id else ""
+    return f"uninitialised memory, filled in place by {m.op}{where}{shown}"
+
+
+def uninitialised_why(trace: Trace, record: Record) -> str:
+    """Why a torch.empty tensor shows odd numbers, and where the real values are."""
+    made = f"`torch.{record.op}{_shape_text(record)}`" + (f" inside {record.internal}" if record.internal else "")
+    text = (
+        f"{made} reserves memory without setting any values: what it holds is whatever was in that memory "
+        "before (it can be huge, tiny or nan), not numbers anyone chose."
+    )
+    found = filled_by(trace, record)
+    if found is not None:
+        m, target = found
+        where = f" in {m.internal}" if m.internal else (f" on line {m.line}" if m.line is not None else "")
+        text += f" {m.op}{where} then fills it in place"
+        text += f"; `{target.label}` shows the values it starts with." if target.id != record.id else "."
+    return text
 
 
 def variant_description(variant: Trace) -> str:

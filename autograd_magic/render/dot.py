@@ -22,7 +22,7 @@ from ..data.identity import changed_fields, match_records
 from ..explain.fold import Folded, Unit, fold, has_op_node
 from ..explain.format import format_short, format_shape
 from ..data.trace import Record, Trace
-from ..explain.wording import FLAG_WORDS, flags, gradient_cell
+from ..explain.wording import FLAG_WORDS, flags, gradient_cell, hides_value, record_label
 from .. import limits
 
 FONT = "Helvetica"
@@ -168,7 +168,8 @@ def _record_label(shown: Trace, u: Unit, is_changed: bool, is_selected: bool) ->
         data = f"{font}{len(u.records)} tensors</FONT>"
         grad = f"{font}grad set on {sum(1 for i in u.records if records[i].grad_preview is not None)}</FONT>"
     else:
-        data = f"{font}data {_text(format_short(r.preview, 28))}</FONT>"
+        value = "uninitialised" if hides_value(r) else format_short(r.preview, 28)
+        data = f"{font}data {_text(value)}</FONT>"
         grad = f"{font}grad {_text(gradient_cell(r, shown, _short_grad)[0])}</FONT>"
     return (
         f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="0" CELLPADDING="3"'
@@ -190,7 +191,7 @@ def _title(r: Record, u: Unit) -> str:
         return f"⊞ {u.title}"
     if u.kind in ("call", "repeat"):
         return f"⊞ {r.expr or r.label}"
-    return r.label
+    return record_label(r)
 
 
 def _subtitle(r: Record, u: Unit, is_changed: bool) -> str:

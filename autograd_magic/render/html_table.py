@@ -48,9 +48,11 @@ def header_row() -> str:
 # ---- cells of one row ----
 def label_cell(r: Record, trace: Trace) -> str:
     parts = []
-    if r.name:
+    if wording.hides_value(r):  # a module's torch.empty, named as what it is (not after the call's line)
+        parts.append(f'<code style="{MONO}">{esc(wording.record_label(r))}</code>')
+    elif r.name:
         parts.append(f'<b style="{MONO}">{esc(r.name)}</b>')
-    if r.expr and r.expr != r.name:
+    if r.expr and r.expr != r.name and not wording.hides_value(r):
         prefix = " = " if r.name else ""
         parts.append(f'{esc(prefix)}<code style="{MONO};white-space:pre-wrap">{esc(r.expr)}</code>')
     if not parts:
@@ -99,7 +101,10 @@ def value_cells(r: Record, trace: Trace) -> dict[str, str]:
     p = r.preview
     return {
         "tensor": label_cell(r, trace),
-        "value": pre(format_record_value(r)) if p is not None else esc("—"),
+        "value": (
+            esc(wording.uninitialised_value(trace, r)) if wording.hides_value(r)
+            else pre(format_record_value(r)) if p is not None else esc("—")
+        ),
         "shape": esc(format_shape(p)),
         "dtype": esc(p.dtype.replace("torch.", "") if p else ""),
         "requires_grad": esc(r.requires_grad),

@@ -19,7 +19,7 @@ from ..explain.errors import explain_error
 from ..explain.format import format_record_value, format_shape, format_short, format_stats, format_tensor, format_values
 from ..explain.stepper import steps as stepper_steps
 from ..explain.why import explain_record
-from ..explain.wording import flags, gradient_cell, variant_description
+from ..explain.wording import flags, gradient_cell, hides_value, record_label, uninitialised_value, variant_description
 from .. import limits
 
 MAX_ROWS = limits.WIDGET_ROWS
@@ -68,10 +68,10 @@ def _row(r: Record, trace: Trace) -> dict[str, Any]:
     grad, note = grad_cells(r, trace)
     row: dict[str, Any] = {
         "id": r.id,
-        "label": _clip(r.label, 120),
+        "label": _clip(record_label(r), 120),
         "name": r.name,
-        "expr": _clip(r.expr, 120) if r.expr != r.name else None,
-        "value": cell_value(r.preview),
+        "expr": _clip(r.expr, 120) if r.expr != r.name and not hides_value(r) else None,
+        "value": uninitialised_value(trace, r) if hides_value(r) else cell_value(r.preview),
         "shape": format_shape(r.preview),
         "dtype": (r.dtype or "").replace("torch.", ""),
         "requires_grad": r.requires_grad,
@@ -219,15 +219,15 @@ def build_detail(trace: Trace, rid: int, original: Optional[Trace] = None) -> di
     r = trace.records[rid]
     out: dict[str, Any] = {
         "id": r.id,
-        "label": _clip(r.label, 200),
+        "label": _clip(record_label(r), 200),
         "line": r.line,
         "source": _clip(trace.source_line(r.line).strip(), 300),
-        "value": format_record_value(r),
-        "stats": format_stats(r.preview),
+        "value": uninitialised_value(trace, r) if hides_value(r) else format_record_value(r),
+        "stats": None if hides_value(r) else format_stats(r.preview),
         "shape": format_shape(r.preview),
         "dtype": r.dtype,
         "facts": _facts(r),
-        "inputs": [{"id": i, "label": _clip(trace.records[i].label, 80)} for i in r.inputs if 0 <= i < len(trace.records)],
+        "inputs": [{"id": i, "label": _clip(record_label(trace.records[i]), 80)} for i in r.inputs if 0 <= i < len(trace.records)],
         "passes": _detail_passes(trace, r),
         "attr_grad": format_tensor(r.attr_grad) if r.attr_grad is not None else None,
         "attr_grad_stats": format_stats(r.attr_grad),
