@@ -65,6 +65,9 @@ def _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elemen
     reason = _unverifiable(trace, p)
     if reason:
         return {r.id: LeafCheck(r.id, r.label, note=reason) for r in leaves}
+    tied = _tied_modules(shell, snapshot)
+    if tied:
+        return {r.id: LeafCheck(r.id, r.label, note=_tied_note(r, tied, snapshot)) for r in leaves}
     checks = {
         r.id: LeafCheck(r.id, r.label, note="it was made where the tracer could not place it")
         for r in leaves if not r.external and r.span is None
@@ -82,7 +85,8 @@ def _check_all(shell, source, trace, snapshot, p, leaves, first_line, max_elemen
         return checks
     for rid, why in runner.unavailable.items():
         checks[rid] = LeafCheck(rid, trace.records[rid].label, note=why)
-    checks.update(_behind_earlier_cells(seen, [r for r in todo if r.id not in checks]))
+    if _reads_earlier_history(snapshot):
+        checks.update(_behind_earlier_cells(seen, [r for r in todo if r.id not in checks]))
     todo = [r for r in todo if r.id not in checks]
     # bounded work: as many nudged runs as the budget allows at the reference run's pace
     per_run = max(time.perf_counter() - started, 1e-4)
@@ -107,6 +111,58 @@ def _freed_graph(trace: Trace, p: BackwardPass, error: str) -> Optional[str]:
         f"the cell goes backward through `{hidden.label}`, computed in an earlier cell whose graph the real "
         "backward() already freed, so it cannot be re-run; put the forward pass in this cell to check it"
     )
+
+
+def _tied_modules(shell, snapshot) -> list[str]:
+    """Modules the cell reads whose weights the sandbox must share with the real run.
+
+    A tensor computed from a module in an earlier cell (`h = enc(X)`) and read by this one keeps
+    the module's real weights in its graph; the sandbox shares them rather than copy them, so the
+    check can neither cast that module to float64 nor nudge its weights.
+    """
+    shared = getattr(snapshot, "shared", None) or {}
+    if not shared or shell is None:
+        return []
+    tied = []
+    for name in sorted(getattr(snapshot, "read", {}) or {}):
+        obj = shell.user_ns.get(name)
+        if isinstance(obj, torch.nn.Module):
+            try:
+                tensors = list(obj.parameters()) + list(obj.buffers())
+            except Exception:
+                continue
+            if any(id(t) in shared for t in tensors):
+                tied.append(name)
+    return tied
+
+
+def _tied_note(r: Record, tied: list[str], snapshot) -> str:
+    """Why a leaf is not checked when a module is tied to the real run, what it means, what to do."""
+    earlier = [n for n in getattr(snapshot, "shared_names", []) if n not in tied]
+    via = " and ".join(f"`{n}`" for n in earlier) or "a tensor"
+    mods = " and ".join(f"`{m}`" for m in tied)
+    owner = next((m for m in tied if (r.name or "").startswith(m + ".")), None)
+    what = f"`{r.label}` is a weight of `{owner}`" if owner else f"the re-run also needs {mods}"
+    return (
+        f"{what}, and this cell also uses {via}, computed from {mods} in an earlier cell. The graph of {via} "
+        f"holds your real {mods}, so the check cannot re-run the cell on a float64 copy of it, and it never "
+        "nudges your real weights. This says nothing about whether the gradient is right. To have it checked, "
+        f"compute {via} in this cell too (or keep only its value in the earlier cell, with .detach())."
+    )
+
+
+def _reads_earlier_history(snapshot) -> bool:
+    """Whether the cell reads a tensor with history (a grad_fn) made in an earlier cell.
+
+    The snapshot shares exactly those with the real run (they cannot be copied with their graph).
+    Without one, assume it may. A tensor with a grad_fn that the recorder first meets mid-call
+    (the output of an op it could not see into, e.g. inside MultiheadAttention.forward) looks
+    like one from before the cell, but the re-run computes it again, so a nudge reaches it.
+    """
+    shared = getattr(snapshot, "shared", None)
+    if snapshot is None or shared is None:
+        return True
+    return any(t.grad_fn is not None for t in shared.values())
 
 
 def _behind_earlier_cells(seen: Trace, leaves: list[Record]) -> dict[int, LeafCheck]:

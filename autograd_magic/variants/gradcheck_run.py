@@ -96,7 +96,12 @@ class _Runner:
         if t is None or not t.is_leaf:
             raise _RunFailed(f"`{r.label}` cannot be found by name before the cell runs, so it cannot be nudged")
         if id(t) in self.shared:
-            raise _RunFailed(f"`{r.label}` is shared with the real run and cannot be changed safely")
+            raise _RunFailed(
+                f"`{r.label}` is your real tensor here, not a copy (an earlier cell's result that this cell uses "
+                "reaches it through its graph), and the check never changes your tensors. "
+                "This says nothing about whether the gradient is right; to have it checked, compute everything "
+                "from it to the loss in this cell"
+            )
         return t
 
     def _interventions(self, nudge, capture: list[Record], grads: dict, state: dict) -> list[Intervention]:

@@ -65,16 +65,53 @@ def names_read(shell, source: Optional[str]) -> dict[str, int]:
     except Exception:  # the real run reports the syntax error; guess from the words
         return {m.group(0): 1 for m in re.finditer(r"[A-Za-z_]\w*", source)}
     found: dict[str, int] = {}
-    for node in ast.walk(tree):
-        target = None
-        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store):
-            target = node
-        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
-            target = node.target  # `x += 1` reads x first
-        if target is not None:
-            line = getattr(target, "lineno", 1)
-            found[target.id] = min(line, found.get(target.id, line))
+    bound: set[str] = set()  # names the cell itself has surely bound by now: reading them reads the cell's value
+    for stmt in tree.body:
+        for node in ast.walk(stmt):
+            target = None
+            if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store):
+                target = node
+            elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+                target = node.target  # `x += 1` reads x first
+            if target is not None and target.id not in bound:
+                line = getattr(target, "lineno", 1)
+                found[target.id] = min(line, found.get(target.id, line))
+        bound = (bound | _surely_binds(stmt)) - _unbinds(stmt)
     return found
+
+
+def _surely_binds(stmt: ast.stmt) -> set[str]:
+    """Names a top-level statement always binds when it completes (conditional and loop bindings excluded).
+
+    A cell that re-runs `loss = f(x); loss.backward()` reads its own `loss`, not the
+    one the previous run left; counting that as a read would share the old graph
+    (and every parameter it reaches) with the sandbox.
+    """
+    names: set[str] = set()
+    if isinstance(stmt, ast.Assign):
+        targets = stmt.targets
+    elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+        targets = [stmt.target]
+    elif isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {stmt.name}
+    elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in stmt.names if a.name != "*"}
+    else:
+        return names
+    stack = list(targets)
+    while stack:
+        t = stack.pop()
+        if isinstance(t, ast.Name):
+            names.add(t.id)
+        elif isinstance(t, (ast.Tuple, ast.List)):
+            stack.extend(t.elts)
+        elif isinstance(t, ast.Starred):
+            stack.append(t.value)
+    return names
+
+
+def _unbinds(stmt: ast.stmt) -> set[str]:
+    return {t.id for t in stmt.targets if isinstance(t, ast.Name)} if isinstance(stmt, ast.Delete) else set()
 
 
 def _code_names(code: types.CodeType) -> set[str]:
