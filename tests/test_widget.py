@@ -304,31 +304,54 @@ def test_module_internals_fold_under_their_call_line(shell):
 # ---- publishing ----------------------------------------------------------------------------
 
 
-def test_mimebundle_has_widget_snapshot_and_text(shell):
+def test_widget_output_is_the_widget_alone_and_the_snapshot_is_its_own_output(shell):
     view = _view(shell, GRID_SETUP, GRID_CELL)
     data, _meta = view._repr_mimebundle_()
-    assert set(data) >= {WIDGET_MIME, "text/html", "text/plain"}
+    # the widget's output: no HTML (Lab would never show it: its widget renderer has no fallback)
+    # and an empty text, so front ends without widgets show the snapshot output only
+    assert set(data) == {WIDGET_MIME, "text/plain"}
     assert data[WIDGET_MIME]["model_id"] == view.model_id
-    # the plain-text fallback is the trace's own text summary, naming the cell's backward call
-    # by its notebook line (the cell's line 4, after the `%%autograd` line)
-    assert data["text/plain"] == str(view.trace)
-    assert data["text/plain"].startswith("autograd trace: 6 tensors, 1 backward pass(es)\n")
-    assert "backward pass 1 (line 5: out.backward()): 6 nodes" in data["text/plain"].splitlines()
-    assert "<script" not in data["text/html"]
+    assert data["text/plain"] == ""
     only_text, _ = view._repr_mimebundle_(include={"text/plain"})
     assert set(only_text) == {"text/plain"}
+    # the snapshot output: HTML marked with this model id (a class: Lab's sanitizer keeps it), and text
+    snap = view.snapshot()._repr_mimebundle_()
+    assert set(snap) == {"text/html", "text/plain"}
+    assert view.snapshot_class == "agm-snapshot-" + view.model_id
+    assert f'<div class="agm-snapshot {view.snapshot_class}">' in snap["text/html"]
+    # the snapshot's text is the trace's own summary, naming the backward call by its notebook line
+    assert snap["text/plain"] == str(view.trace)
+    assert "backward pass 1 (line 5: out.backward()): 6 nodes" in snap["text/plain"].splitlines()
+    assert "<script" not in snap["text/html"]
+    assert view.snapshot()._repr_mimebundle_(exclude={"text/html"}).keys() == {"text/plain"}
+
+
+def test_the_page_s_ping_is_answered_and_nothing_else_is(shell):
+    view = _view(shell, GRID_SETUP, GRID_CELL)
+    sent = []
+    view.send = lambda content, buffers=None: sent.append(content)
+
+    def custom(content):
+        view._handle_msg({"content": {"data": {"method": "custom", "content": content}}, "buffers": []})
+
+    custom({"type": "ping", "n": 7})
+    custom({"type": "ping", "n": "<img>"})
+    custom({"type": "other"})
+    custom("ping")
+    assert sent == [{"type": "pong", "n": 7}, {"type": "pong", "n": 0}]
 
 
 def test_the_magic_displays_this_view(shell, monkeypatch):
     import IPython.display
 
     shown = []
-    monkeypatch.setattr(IPython.display, "display", lambda obj, **kw: shown.append(obj))
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.append(objs))
     shell.run_cell(GRID_SETUP)
     result = shell.run_cell("%%autograd --no-graph\n" + GRID_CELL)
     assert result.success
-    (view,) = shown
+    ((view, snapshot),) = shown  # one display call, two outputs: the widget, then its snapshot
     assert isinstance(view, AutogradView)
+    assert snapshot.model_id == view.model_id
     assert _numbers(_row(view.payload, "x")["grad"]) == pytest.approx(_plain_grid()[0].grad.flatten().tolist())
 
 
@@ -369,7 +392,7 @@ def test_hostile_strings_travel_as_data_and_are_escaped_in_html(shell, monkeypat
     # the payload carries the text as text; the page sets it with textContent
     assert any(r["label"] == HOSTILE for r in _rows(view.payload))
     assert view.payload["error"]["message"] == HOSTILE
-    data, _ = view._repr_mimebundle_()
+    data = view.snapshot()._repr_mimebundle_()
     assert "<img src=x" not in data["text/html"] and "<script>alert" not in data["text/html"]
     assert "<img src=x" not in view.graph_svg and "<script>alert" not in view.graph_svg
     # a graph failure's message is escaped too

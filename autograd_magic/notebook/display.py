@@ -1,8 +1,13 @@
 """Choosing and publishing the view: widget, static snapshot, text.
 
-One mimebundle carries all three, so every front end shows the best it can:
-JupyterLab/Notebook 7/VS Code/Colab the widget, GitHub/nbviewer/nbconvert the
-inline-styled HTML snapshot, a terminal the text table.
+A traced cell publishes two outputs: the widget (its text/plain empty)
+and the snapshot (inline-styled HTML and the text table) marked with the
+widget's model id. Lab's widget renderer has no fallback when the widget's
+model is missing (a reloaded notebook whose widget state was not saved): it
+says "model not found" and shows nothing else of that output, so the snapshot
+cannot live in the widget's own mimebundle. Where the widget draws, its front
+end hides the snapshot next to it; elsewhere (GitHub, nbviewer, nbconvert, a
+reloaded page) the snapshot shows.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Optional
 from ..data.trace import Trace
 from ..render.snapshot import mimebundle
 from .session import CellSession
-from .widget import make_view
+from .widget import AutogradView, make_view
 
 __all__ = ["show", "mimebundle"]
 
@@ -32,6 +37,10 @@ def show(
         print(str(variant or trace))
         return
     if mode == "widget" and session is not None:
-        display(make_view(session, variant=variant, graph=graph, layout_timeout=layout_timeout))
+        view = make_view(session, variant=variant, graph=graph, layout_timeout=layout_timeout)
+        if isinstance(view, AutogradView):
+            display(view, view.snapshot())  # two outputs: the widget, then its snapshot
+        else:
+            display(view)
         return
     display(mimebundle(trace, variant=variant, graph=graph, timeout=layout_timeout), raw=True)

@@ -7,9 +7,15 @@ Python re-runs the cell in the sandbox when a toggle changes and answers with
 `graph_svg`. Nothing the page sends is evaluated. Every callback catches its
 own errors and shows them in `status`: the view never dies with a traceback.
 
-The object also publishes the static HTML snapshot and the text table in the
-same mimebundle, so a notebook saved with it reads well where widgets don't
-render (GitHub, nbviewer, nbconvert, a reloaded page without the kernel).
+A traced cell publishes two outputs: this widget (whose own text/plain is
+empty) and, next to it, `snapshot()`: the static HTML snapshot and the
+text table, marked with this widget's model id. Front ends that cannot draw the
+widget (GitHub, nbviewer, nbconvert, a reloaded page whose widget state was not
+saved, where Lab only says "model not found") show the snapshot; where the
+widget draws, its front end hides the snapshot output next to it.
+
+The page also pings (`{"type": "ping", "n": n}` through a custom message) to
+learn whether this object still exists in a kernel; it answers with a pong.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class AutogradView(anywidget.AnyWidget):
     graph_svg = t.Unicode("").tag(sync=True)
     status = t.Unicode("").tag(sync=True)
     busy = t.Bool(False).tag(sync=True)
+    snapshot_class = t.Unicode("").tag(sync=True)  # the class marking this view's snapshot output
     # page -> Python: ids and switches only
     selected = t.Int(-1).tag(sync=True)
     detach_ids = t.List(t.Int()).tag(sync=True)
@@ -69,6 +76,7 @@ class AutogradView(anywidget.AnyWidget):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.snapshot_class = snapshot_marker(self.model_id)
         self._session = session
         self._trace = session.trace
         self._variant = variant
@@ -79,6 +87,7 @@ class AutogradView(anywidget.AnyWidget):
         self.observe(self._on_toggle, names=["no_grad", "detach_ids", "flip_ids"])
         self.observe(self._on_select, names=["selected"])
         self.observe(self._on_check, names=["request_check"])
+        self.on_msg(self._on_page_msg)
 
     @property
     def session(self) -> CellSession:
@@ -121,6 +130,15 @@ class AutogradView(anywidget.AnyWidget):
             super().set_state(clean)
         except Exception as e:  # the observers catch their own errors; this is a last guard
             self.status = f"Ignored an update from the page: {type(e).__name__}"
+
+    def _on_page_msg(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        """Answer the page's liveness ping; any other custom message is ignored."""
+        try:
+            if isinstance(content, dict) and content.get("type") == "ping":
+                n = content.get("n")
+                self.send({"type": "pong", "n": n if type(n) is int and 0 <= n < _MAX_INT else 0})
+        except Exception:  # a ping must never raise into the notebook
+            pass
 
     # ---- what is shown ---------------------------------------------------------------------
     @property
@@ -226,23 +244,75 @@ class AutogradView(anywidget.AnyWidget):
         self.payload = payload
         self.status = ""
 
-    # ---- one mimebundle: widget, static snapshot, text -------------------------------------
+    # ---- two outputs: the widget, and the snapshot next to it -----------------------------
     def _repr_mimebundle_(self, include=None, exclude=None, **kwargs: Any):
+        """The widget view and an empty text/plain: the snapshot is a separate output (`snapshot()`).
+
+        The text is empty so that front ends without widgets (nbconvert, GitHub) show the
+        snapshot once, not a repr of the widget above it.
+        """
         shown = super()._repr_mimebundle_(**kwargs)
         data, meta = shown if isinstance(shown, tuple) else (shown or {}, {})
         data = dict(data)
-        data["text/plain"] = str(self.shown)
-        try:
-            data["text/html"] = snapshot_html(
-                self._trace, variant=self._variant, graph=self._graph_on, timeout=self._layout_timeout
-            )
-        except Exception as e:  # the widget still shows; the snapshot says why it is missing
-            data["text/html"] = f"<pre>{html.escape(str(self.shown))}</pre><!-- {html.escape(type(e).__name__)} -->"
+        data["text/plain"] = WIDGET_TEXT
         if include:
             data = {k: v for k, v in data.items() if k in include}
         if exclude:
             data = {k: v for k, v in data.items() if k not in exclude}
         return data, meta
+
+    def snapshot(self) -> "SnapshotOutput":
+        """The output published next to the widget: the static snapshot, marked with this model id."""
+        try:
+            body = snapshot_html(self._trace, variant=self._variant, graph=self._graph_on, timeout=self._layout_timeout)
+        except Exception as e:  # the widget still shows; the snapshot says why it is missing
+            body = f"<pre>{html.escape(str(self.shown))}</pre><!-- {html.escape(type(e).__name__)} -->"
+        return SnapshotOutput(body, str(self.shown), self.model_id)
+
+
+# What the widget's output says where widgets don't draw (GitHub, nbconvert): nothing; the
+# snapshot output below it says it all.
+WIDGET_TEXT = ""
+
+
+def snapshot_marker(model_id: str) -> str:
+    """The class that ties a snapshot output to its widget (model ids are hex: safe in a class)."""
+    return "agm-snapshot-" + "".join(c for c in str(model_id) if c.isalnum())
+
+
+# Where the widget's model is missing, Lab and Notebook 7 print "Error displaying widget: model not
+# found" in the output above the snapshot and mark that output .jupyter-widgets (a drawn widget's
+# output is not marked so: the class is on the view inside it). In a trusted notebook
+# this rule hides that line; Lab's sanitizer drops <style> from untrusted output, and GitHub and
+# nbconvert have no such element, so elsewhere it does nothing.
+HIDE_MISSING_MODEL = (
+    "<style>.jp-OutputArea-child:has(> .jp-OutputArea-output.jupyter-widgets)"
+    ":has(+ .jp-OutputArea-child .agm-snapshot){display:none}</style>"
+)
+
+
+class SnapshotOutput:
+    """The static snapshot as its own output: text/html inside a marked div, and text/plain.
+
+    The marker is a class (Lab's HTML sanitizer keeps `class`, trusted or not): the widget's
+    front end looks for `.agm-snapshot-<model id>` around itself and hides that output.
+    """
+
+    def __init__(self, body_html: str, text: str, model_id: str = "") -> None:
+        self.body_html, self.text, self.model_id = body_html, text, model_id
+
+    @property
+    def html(self) -> str:
+        marker = f" {snapshot_marker(self.model_id)}" if self.model_id else ""
+        return f'<div class="agm-snapshot{marker}">{HIDE_MISSING_MODEL}{self.body_html}</div>'
+
+    def _repr_mimebundle_(self, include=None, exclude=None, **kwargs: Any) -> dict:
+        data = {"text/html": self.html, "text/plain": self.text}
+        if include:
+            data = {k: v for k, v in data.items() if k in include}
+        if exclude:
+            data = {k: v for k, v in data.items() if k not in exclude}
+        return data
 
 
 # Bounds for numbers from the page: JavaScript's exact integers, and far more records than
