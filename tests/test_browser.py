@@ -114,7 +114,9 @@ def test_seed_views(jupyter, browser, kind):
 
 def _check_hostile_text(page, hostile) -> None:
     assert HOSTILE in hostile.locator(".agm-error").inner_text()
-    assert any("<img src=x" in text for text in hostile.locator(".agm-c-label").all_inner_texts())
+    # the name column shows the name; the line header (and the name's tooltip) the source, as text
+    assert any("<img src=x" in text for text in hostile.locator(".agm-line code").all_inner_texts())
+    assert any("<img src=x" in (el.get_attribute("title") or "") for el in hostile.locator("td.agm-c-label").all())
     assert hostile.locator("img").count() == 0
     assert page.evaluate("() => window.__pwned === undefined")
 
@@ -128,7 +130,7 @@ def _check_folded_internals(module) -> None:
 
 def _check_stepper(grid) -> None:
     """Walking the backward pass highlights each node's tensors in the table and the graph."""
-    out_id = _row(grid, r"^out = ").get_attribute("data-id")
+    out_id = _row(grid, r"^out$").get_attribute("data-id")
     grid.locator("button.agm-next").click()
     grid.locator(f"tr.agm-row.agm-step[data-id='{out_id}']").wait_for(timeout=TIMEOUT)
     assert grid.locator(f".agm-graph g.agm-gnode.agm-step[data-id='{out_id}']").count() == 1
@@ -138,9 +140,11 @@ def _check_stepper(grid) -> None:
 
 
 def _check_no_grad(grid, grid_grad, kind) -> None:
+    grid.locator("input.agm-allcols").check()  # requires_grad is one of the columns shown on demand
+    grid.locator(".agm-c-requires-grad").first.wait_for(timeout=TIMEOUT)
     grid.locator("input.agm-nograd").check()
     grid.locator(".agm-variant").wait_for(timeout=TIMEOUT)
-    y_rg = _row(grid, r"^y = ").locator(".agm-c-requires-grad .agm-v")
+    y_rg = _row(grid, r"^y$").locator(".agm-c-requires-grad .agm-v")
     y_rg.filter(has_text="False").wait_for(timeout=TIMEOUT)
     error = grid.locator(".agm-error")
     assert "does not require grad" in error.inner_text()
@@ -150,10 +154,12 @@ def _check_no_grad(grid, grid_grad, kind) -> None:
     grid.locator(".agm-variant").wait_for(state="detached", timeout=TIMEOUT)
     assert y_rg.inner_text() == "True"
     assert _numbers(_grad_text(grid, r"^x$")) == pytest.approx(grid_grad)
+    grid.locator("input.agm-allcols").uncheck()
+    assert grid.locator(".agm-c-requires-grad").count() == 0
 
 
 def _check_detach(grid, grid_grad, kind) -> None:
-    _row(grid, r"^y = ").locator("input.agm-detach").check()
+    _row(grid, r"^y$").locator("input.agm-detach").check()
     grid.locator(".agm-variant").wait_for(timeout=TIMEOUT)
     x_grad = _row(grid, r"^x$").first.locator(".agm-c-grad .agm-v")
     x_grad.filter(has_text=re.compile(r"^None$")).wait_for(timeout=TIMEOUT)
@@ -165,11 +171,11 @@ def _check_detach(grid, grid_grad, kind) -> None:
 
 def _check_selection(grid, kind) -> None:
     # a row -> the detail panel
-    _row(grid, r"^z = ").locator(".agm-c-label").click()
+    _row(grid, r"^z$").locator(".agm-c-label").click()
     grid.locator(".agm-detail h4", has_text=re.compile(r"^z$")).wait_for(timeout=TIMEOUT)
     assert "2*y**2" in grid.locator(".agm-detail").inner_text()
     # a graph node -> the same record's row
-    out_id = _row(grid, r"^out = ").get_attribute("data-id")
+    out_id = _row(grid, r"^out$").get_attribute("data-id")
     node = grid.locator(f".agm-graph g.agm-gnode[data-id='{out_id}']")
     node.click()
     grid.locator(f"tr.agm-row.agm-selected[data-id='{out_id}']").wait_for(timeout=TIMEOUT)

@@ -19,17 +19,34 @@ function h(tag, props = {}, ...children) {
   return el;
 }
 
-// The gradient sits next to the value: in a narrow notebook the right-hand columns scroll.
-const COLUMNS = [
-  ["label", "name / expression"],
+// Name, value and gradient side by side; the rest is in the detail panel, or shown on demand
+// ("all columns"). The name is the variable alone: the line header above shows the source.
+const MAIN_COLUMNS = [
+  ["label", "detach · name"],
   ["value", "value"],
   ["grad", "grad"],
+];
+const MORE_COLUMNS = [
   ["grad_fn", "grad_fn"],
   ["requires_grad", "requires_grad"],
   ["is_leaf", "is_leaf"],
   ["shape", "shape"],
   ["dtype", "dtype"],
 ];
+
+// Liveness: the page pings Python (a custom message) on render and before each action it sends;
+// no pong within these many ms means the object behind this view is gone with its kernel.
+const PING_TIMEOUT_RENDER = 8000;
+const PING_TIMEOUT_ACTION = 5000;
+const TOGGLES = { no_grad: 1, detach_ids: 1, flip_ids: 1 }; // what a dead kernel leaves undone
+const DEAD_TEXT = "This view's kernel is gone (restarted or shut down): re-run the cell to explore it again.";
+
+// Zoom limits of the graph, relative to its natural size (1 = Graphviz's points at 96 dpi).
+const ZOOM_MIN = 0.05;
+const ZOOM_MAX = 4;
+const PX_PER_PT = 4 / 3;
+const GRAPH_MIN_H = 100;
+const GRAPH_MAX_H = 560;
 
 function cellText(row, key) {
   const v = row[key];
@@ -163,7 +180,6 @@ function nodeRecordId(g) {
   return m ? Number(m[1]) : null;
 }
 
-const SPAN = COLUMNS.length + 1; // the detach column plus the data columns
 const sortIds = (ids) => [...ids].sort((a, b) => a - b);
 
 // ---- the view: toolbar, table (rows grouped by source line), detail, stepper, graph ----
@@ -171,27 +187,46 @@ const sortIds = (ids) => [...ids].sort((a, b) => a - b);
 class View {
   constructor(model, el) {
     this.model = model;
+    this.el = el;
     this.expanded = new Set(); // "line:call" keys whose internal ops are unfolded
+    this.allColumns = false;
+    this.dead = false;
+    this.unconfirmed = {};
+    this.pingN = 0;
+    this.pingTimer = null;
+    this.timers = [];
+    this.hidden = []; // [element, its display before] of the snapshot outputs this view hides
     this.root = h("div", { class: "agm-root" });
     el.appendChild(this.root);
     this.buildToolbar();
+    this.deadLine = h("div", { class: "agm-dead-line", hidden: true, text: DEAD_TEXT });
     this.banner = h("div", { class: "agm-banner" });
     this.table = h("table", { class: "agm-table" });
+    this.tableWrap = h("div", { class: "agm-table-wrap" }, this.table);
     this.detail = h("div", { class: "agm-detail" });
-    const main = h("div", { class: "agm-main" }, h("div", { class: "agm-table-wrap" }, this.table), this.detail);
+    const main = h("div", { class: "agm-main" }, this.tableWrap, this.detail);
     this.stepper = h("div", { class: "agm-stepper" });
-    this.graph = h("div", { class: "agm-graph" });
+    this.buildGraph();
     this.checkOut = h("div", { class: "agm-gradcheck" });
-    this.root.append(this.toolbar, this.banner, main, this.stepper, this.graph, this.checkOut);
+    this.root.append(this.toolbar, this.deadLine, this.banner, main, this.stepper, this.graph, this.checkOut);
   }
 
   get(key) {
     return this.model.get(key);
   }
 
+  // Every change the user makes goes to Python after a ping, so a dead kernel is noticed.
   set(key, value) {
+    this.ping(PING_TIMEOUT_ACTION);
+    this.remember(key);
     this.model.set(key, value);
     this.model.save_changes();
+  }
+
+  // What a change replaced, until Python answers: a dead kernel never re-ran it, so it is undone.
+  remember(key) {
+    if (this.dead || !(key in TOGGLES) || key in this.unconfirmed) return;
+    this.unconfirmed[key] = this.get(key);
   }
 
   buildToolbar() {
@@ -199,15 +234,106 @@ class View {
     this.noGrad.addEventListener("change", () => this.set("no_grad", this.noGrad.checked));
     this.reset = h("button", { class: "agm-reset", text: "reset toggles", type: "button" });
     this.reset.addEventListener("click", () => {
+      this.ping(PING_TIMEOUT_ACTION);
+      this.remember("no_grad");
+      this.remember("detach_ids");
       this.model.set("no_grad", false);
       this.model.set("detach_ids", []);
       this.set("flip_ids", []);
     });
     this.check = h("button", { class: "agm-check", text: "check gradients", type: "button" });
     this.check.addEventListener("click", () => this.set("request_check", this.get("request_check") + 1));
+    this.columnsBox = h("input", { type: "checkbox", class: "agm-allcols" });
+    this.columnsBox.addEventListener("change", () => {
+      this.allColumns = this.columnsBox.checked; // a local view choice: nothing goes to Python
+      this.drawAll();
+    });
+    const columnsLabel = h(
+      "label",
+      { class: "agm-toggle", title: "Show grad_fn, requires_grad, is_leaf, shape and dtype as columns (the detail panel always has them)" },
+      this.columnsBox,
+      " all columns",
+    );
     this.status = h("span", { class: "agm-status" });
     const noGradLabel = h("label", { class: "agm-toggle", title: "Re-run the whole cell under torch.no_grad()" }, this.noGrad, " no_grad");
-    this.toolbar = h("div", { class: "agm-toolbar" }, noGradLabel, this.reset, this.check, this.status);
+    this.toolbar = h("div", { class: "agm-toolbar" }, noGradLabel, this.reset, this.check, columnsLabel, this.status);
+  }
+
+  columns() {
+    return this.allColumns ? [...MAIN_COLUMNS, ...MORE_COLUMNS] : MAIN_COLUMNS;
+  }
+
+  // ---- is Python still there? ----
+  ping(timeout) {
+    if (this.pingTimer !== null) return; // one question at a time; its answer covers later ones
+    const n = ++this.pingN;
+    try {
+      this.model.send({ type: "ping", n });
+    } catch (e) {
+      // no comm at all (a view drawn from saved state): the timer below says so
+    }
+    this.pingTimer = setTimeout(() => {
+      this.pingTimer = null;
+      this.setDead(true);
+    }, timeout);
+  }
+
+  onCustom(msg) {
+    if (!msg || msg.type !== "pong") return;
+    if (this.pingTimer !== null) clearTimeout(this.pingTimer);
+    this.pingTimer = null;
+    this.unconfirmed = {};
+    this.setDead(false); // a late answer revives a view that was only slow (a busy kernel)
+  }
+
+  setDead(dead) {
+    if (this.dead === dead) return;
+    this.dead = dead;
+    if (dead) {
+      for (const [key, value] of Object.entries(this.unconfirmed)) this.model.set(key, value); // local only
+      this.unconfirmed = {};
+    }
+    this.deadLine.hidden = !dead;
+    this.root.classList.toggle("agm-is-dead", dead);
+    this.drawAll();
+  }
+
+  // ---- the snapshot output published next to this widget ----
+  // Python marks it with a class naming this model; it is looked for around this view (nearest
+  // enclosing element first), so in Lab, Notebook 7 or any page that keeps outputs side by side
+  // the live view is shown alone. Outputs can arrive after the view is drawn: look a few times.
+  hideSnapshot() {
+    const marker = this.get("snapshot_class");
+    if (!marker || !/^agm-snapshot-[A-Za-z0-9]+$/.test(marker)) return;
+    const find = () => {
+      for (let node = this.el.parentElement; node && node !== document.documentElement; node = node.parentElement) {
+        const found = [...node.getElementsByClassName(marker)].filter((snap) => !snap.contains(this.el));
+        if (!found.length) continue;
+        for (const snap of found) {
+          const child = snap.closest(".jp-OutputArea-child");
+          const target = child && !child.contains(this.el) ? child : snap;
+          if (this.hidden.some(([el]) => el === target)) continue;
+          this.hidden.push([target, target.style.display]);
+          target.style.display = "none";
+        }
+        return;
+      }
+    };
+    for (const ms of [0, 100, 500, 1500, 4000]) this.timers.push(setTimeout(find, ms));
+    const area = this.el.closest(".jp-OutputArea");
+    if (area && typeof MutationObserver !== "undefined") {
+      this.observer = new MutationObserver(find);
+      this.observer.observe(area, { childList: true });
+    }
+  }
+
+  destroy() {
+    for (const t of this.timers) clearTimeout(t);
+    if (this.pingTimer !== null) clearTimeout(this.pingTimer);
+    if (this.observer) this.observer.disconnect();
+    if (this.resizer) this.resizer.disconnect();
+    // the widget is gone from the page (closed, cleared): its snapshot may show again
+    for (const [el, display] of this.hidden) el.style.display = display;
   }
 
   // The id a toggle names: the real run's record (a variant's rows carry it as `oid`).
@@ -216,21 +342,22 @@ class View {
     return this.get("payload").variant ? null : row.id;
   }
 
-  detachCell(row) {
+  detachBox(row, live) {
     const target = this.toggleTarget(row);
-    if (target === null) return h("td", { class: "agm-c-detach" });
+    if (target === null) return null;
     const box = h("input", { type: "checkbox", class: "agm-detach", title: "detach this tensor and re-run the cell" });
     box.checked = this.get("detach_ids").includes(target);
+    box.disabled = !live;
     box.addEventListener("click", (ev) => ev.stopPropagation());
     box.addEventListener("change", () => {
       const ids = new Set(this.get("detach_ids"));
       box.checked ? ids.add(target) : ids.delete(target);
       this.set("detach_ids", sortIds(ids));
     });
-    return h("td", { class: "agm-c-detach" }, box);
+    return box;
   }
 
-  flipButton(row) {
+  flipButton(row, live) {
     const target = this.toggleTarget(row);
     if (!row.can_flip || target === null) return null;
     const flipped = this.get("flip_ids").includes(target);
@@ -240,6 +367,7 @@ class View {
       text: "flip",
       title: "re-run with this leaf's requires_grad flipped",
     });
+    btn.disabled = !live;
     btn.addEventListener("click", (ev) => {
       ev.stopPropagation();
       const ids = new Set(this.get("flip_ids"));
@@ -249,57 +377,61 @@ class View {
     return btn;
   }
 
-  rowEl(row, cls) {
+  rowEl(row, cls, live) {
     const classes = ["agm-row", cls, row.detached && "agm-detached", row.new && "agm-new"];
-    const tr = h("tr", { class: classes.filter(Boolean).join(" "), "data-id": row.id }, this.detachCell(row));
-    for (const [key] of COLUMNS) tr.appendChild(this.dataCell(row, key));
+    const tr = h("tr", { class: classes.filter(Boolean).join(" "), "data-id": row.id });
+    for (const [key] of this.columns()) tr.appendChild(this.dataCell(row, key, live));
     tr.addEventListener("click", () => this.set("selected", row.id));
     return tr;
   }
 
-  dataCell(row, key) {
+  dataCell(row, key, live) {
     const changed = (row.changed || []).includes(key);
     const td = h("td", { class: "agm-c-" + key.replace("_", "-") + (changed ? " agm-changed" : "") });
+    if (key === "label") {
+      td.appendChild(h("span", { class: "agm-c-detach" }, this.detachBox(row, live)));
+      td.title = fullLabel(row);
+    }
     td.appendChild(h("span", { class: "agm-v", text: key === "label" ? labelText(row) : cellText(row, key) }));
     if (key === "label") {
       if (row.repeats) td.appendChild(h("span", { class: "agm-muted", text: ` (+${row.repeats} more runs)` }));
-      if (row.external) td.appendChild(h("span", { class: "agm-muted", text: " (from outside the cell)" }));
     }
     if (key === "grad" && row.grad_note) td.appendChild(h("div", { class: "agm-note", text: row.grad_note }));
     if (key === "requires_grad") {
-      const flip = this.flipButton(row);
+      const flip = this.flipButton(row, live);
       if (flip) td.appendChild(flip);
     }
     if (changed && row.was && key in row.was) td.title = "original run: " + cellText(row.was, key);
     return td;
   }
 
-  drawTable(p) {
-    const head = h("tr", {}, h("th", { text: "detach", title: "detach and re-run" }), COLUMNS.map(([, t]) => h("th", { text: t })));
+  drawTable(p, live) {
+    const span = this.columns().length;
+    const head = h("tr", {}, this.columns().map(([key, t]) => h("th", { class: "agm-h-" + key.replace("_", "-"), text: t })));
     const body = h("tbody");
     for (const group of p.lines) {
-      body.appendChild(lineRow(group));
-      if (p.error && p.error.line === group.line) body.appendChild(errorRow(p.error));
-      for (const row of group.rows) body.appendChild(this.rowEl(row, ""));
-      for (const call of group.folded) body.append(...this.foldedRows(group, call));
+      body.appendChild(lineRow(group, span));
+      if (p.error && p.error.line === group.line) body.appendChild(errorRow(p.error, span));
+      for (const row of group.rows) body.appendChild(this.rowEl(row, "", live));
+      for (const call of group.folded) body.append(...this.foldedRows(group, call, span, live));
     }
-    if (p.error && !p.lines.some((g) => g.line === p.error.line)) body.appendChild(errorRow(p.error));
-    if (p.hidden_rows) body.appendChild(noteRow(`${p.hidden_rows} more tensors not shown (see the Trace's records)`));
+    if (p.error && !p.lines.some((g) => g.line === p.error.line)) body.appendChild(errorRow(p.error, span));
+    if (p.hidden_rows) body.appendChild(noteRow(`${p.hidden_rows} more tensors not shown (see the Trace's records)`, span));
     this.table.replaceChildren(h("thead", {}, head), body);
   }
 
-  foldedRows(group, call) {
+  foldedRows(group, call, span, live) {
     const key = `${group.line}:${call.call}`;
     const open = this.expanded.has(key);
     const label = (open ? "▾ " : "▸ ") + `${call.count} ops inside ${call.call}`;
-    const summary = h("tr", { class: "agm-fold" }, h("td", { colspan: SPAN }, h("button", { type: "button", class: "agm-fold-btn", text: label })));
+    const summary = h("tr", { class: "agm-fold" }, h("td", { colspan: span }, h("button", { type: "button", class: "agm-fold-btn", text: label })));
     summary.addEventListener("click", () => {
       open ? this.expanded.delete(key) : this.expanded.add(key);
       this.drawAll();
     });
     if (!open) return [summary];
-    const rows = call.rows.map((r) => this.rowEl(r, "agm-internal"));
-    if (call.count > call.rows.length) rows.push(noteRow(`… ${call.count - call.rows.length} more`));
+    const rows = call.rows.map((r) => this.rowEl(r, "agm-internal", live));
+    if (call.count > call.rows.length) rows.push(noteRow(`… ${call.count - call.rows.length} more`, span));
     return [summary, ...rows];
   }
 
@@ -318,24 +450,205 @@ class View {
     this.detail.replaceChildren(...detailNodes(d, inputs));
   }
 
-  // ---- the graph: Graphviz SVG whose record nodes are titled r<id> ----
+  // ---- the graph: Graphviz SVG whose record nodes are titled r<id>, fitted, zoomed, panned ----
+  buildGraph() {
+    const button = (text, title, fn) => {
+      const b = h("button", { type: "button", class: "agm-zoom-btn", text, title });
+      b.addEventListener("click", fn);
+      return b;
+    };
+    this.zoomOut = button("−", "zoom out", () => this.zoomBy(1 / 1.25));
+    this.zoomIn = button("+", "zoom in", () => this.zoomBy(1.25));
+    this.zoomFit = button("fit", "fit the whole graph to the width", () => this.fitGraph());
+    this.zoomLabel = h("span", { class: "agm-zoom-label agm-muted" });
+    this.graphBar = h(
+      "div",
+      { class: "agm-graph-bar" },
+      h("strong", { text: "graph" }),
+      this.zoomOut, this.zoomIn, this.zoomFit, this.zoomLabel,
+      h("span", { class: "agm-muted", text: "drag to pan, ctrl+wheel to zoom" }),
+    );
+    this.graphPane = h("div", { class: "agm-graph-pane" });
+    this.graph = h("div", { class: "agm-graph" }, this.graphBar, this.graphPane);
+    this.gv = null; // {x, y, w, h}: the graph's own box, in its units (points)
+    this.attachPanZoom();
+    if (typeof ResizeObserver !== "undefined") {
+      let lastWidth = 0;
+      this.resizer = new ResizeObserver(() => {
+        const w = this.graphPane.clientWidth;
+        if (!this.gv || w === lastWidth) return;
+        lastWidth = w;
+        this.fitted ? this.fitGraph() : this.applyView();
+      });
+      this.resizer.observe(this.graphPane);
+    }
+  }
+
   drawGraph() {
     const text = this.get("graph_svg");
-    if (!text) return this.graph.replaceChildren();
+    this.gv = null;
+    if (!text) {
+      this.graph.hidden = true;
+      return this.graphPane.replaceChildren();
+    }
+    this.graph.hidden = false;
     const { svg, text: fallback } = safeSvg(text);
     if (!svg) {
       // no SVG (layout timed out or failed): show the fallback's text, never its markup
-      return this.graph.replaceChildren(h("pre", { class: "agm-muted", text: fallback }));
+      this.graphBar.hidden = true;
+      this.graphPane.style.height = "";
+      return this.graphPane.replaceChildren(h("pre", { class: "agm-graph-text", text: fallback }));
     }
+    this.graphBar.hidden = false;
     for (const g of svg.querySelectorAll("g.node")) {
       const id = nodeRecordId(g);
       if (id === null) continue;
       g.classList.add("agm-gnode");
       g.setAttribute("data-id", String(id));
-      g.addEventListener("click", () => this.set("selected", id));
+      g.addEventListener("click", (ev) => {
+        if (this.dragged) return ev.stopPropagation(); // the end of a pan, not a click
+        this.set("selected", id);
+      });
     }
-    this.graph.replaceChildren(svg);
+    const vb = svg.viewBox && svg.viewBox.baseVal;
+    const num = (v) => parseFloat(String(v || "").replace(/[a-z]+$/i, "")) || 0;
+    this.gv = vb && vb.width > 0 && vb.height > 0
+      ? { x: vb.x, y: vb.y, w: vb.width, h: vb.height }
+      : { x: 0, y: 0, w: num(svg.getAttribute("width")) || 100, h: num(svg.getAttribute("height")) || 100 };
+    svg.removeAttribute("width");
+    svg.removeAttribute("height");
+    svg.setAttribute("preserveAspectRatio", "xMidYMid meet");
+    this.svg = svg;
+    this.graphPane.replaceChildren(svg);
+    this.fitGraph();
     this.highlight();
+  }
+
+  paneWidth() {
+    return this.graphPane.clientWidth || this.root.clientWidth || 600;
+  }
+
+  // The whole graph in the pane's width (never enlarged past its natural size); the pane is as
+  // tall as the fitted graph, within limits.
+  fitGraph() {
+    if (!this.gv) return;
+    const w = this.paneWidth();
+    const natural = PX_PER_PT;
+    let scale = Math.min(natural, w / this.gv.w);
+    const height = Math.max(GRAPH_MIN_H, Math.min(GRAPH_MAX_H, Math.ceil(this.gv.h * scale) + 8));
+    scale = Math.min(scale, (height - 8) / this.gv.h);
+    this.paneHeight = height;
+    this.scale = scale; // px per graph unit
+    this.cx = this.gv.x + this.gv.w / 2;
+    this.cy = this.gv.y + this.gv.h / 2;
+    this.fitted = true;
+    this.applyView();
+  }
+
+  applyView() {
+    if (!this.gv || !this.svg) return;
+    const w = this.paneWidth();
+    const hgt = this.paneHeight || GRAPH_MIN_H;
+    this.graphPane.style.height = hgt + "px";
+    this.svg.style.width = "100%";
+    this.svg.style.height = hgt + "px";
+    const vw = w / this.scale;
+    const vh = hgt / this.scale;
+    this.svg.setAttribute("viewBox", `${this.cx - vw / 2} ${this.cy - vh / 2} ${vw} ${vh}`);
+    this.zoomLabel.textContent = `${Math.round((this.scale / PX_PER_PT) * 100)}%`;
+  }
+
+  // Zoom about a point of the pane (its centre by default), in pane pixels.
+  zoomBy(factor, px, py) {
+    if (!this.gv) return;
+    const w = this.paneWidth();
+    const hgt = this.paneHeight || GRAPH_MIN_H;
+    if (px === undefined) [px, py] = [w / 2, hgt / 2];
+    const next = Math.max(ZOOM_MIN * PX_PER_PT, Math.min(ZOOM_MAX * PX_PER_PT, this.scale * factor));
+    // the graph point under (px, py) stays under it
+    const ux = this.cx + (px - w / 2) / this.scale;
+    const uy = this.cy + (py - hgt / 2) / this.scale;
+    this.cx = ux - (px - w / 2) / next;
+    this.cy = uy - (py - hgt / 2) / next;
+    this.scale = next;
+    this.fitted = false;
+    this.applyView();
+  }
+
+  attachPanZoom() {
+    const pane = this.graphPane;
+    let start = null;
+    pane.addEventListener("pointerdown", (ev) => {
+      if (!this.gv || ev.button !== 0) return;
+      start = { x: ev.clientX, y: ev.clientY, cx: this.cx, cy: this.cy, id: ev.pointerId };
+      this.dragged = false;
+    });
+    pane.addEventListener("pointermove", (ev) => {
+      if (!start || ev.pointerId !== start.id) return;
+      const dx = ev.clientX - start.x;
+      const dy = ev.clientY - start.y;
+      if (!this.dragged && Math.hypot(dx, dy) < 4) return;
+      if (!this.dragged) {
+        this.dragged = true;
+        try {
+          pane.setPointerCapture(ev.pointerId);
+        } catch (e) {
+          // capture is a nicety
+        }
+        pane.classList.add("agm-panning");
+      }
+      this.cx = start.cx - dx / this.scale;
+      this.cy = start.cy - dy / this.scale;
+      this.fitted = false;
+      this.applyView();
+    });
+    const end = () => {
+      start = null;
+      pane.classList.remove("agm-panning");
+      // the click that ends a drag comes right after pointerup: forget the drag after it
+      setTimeout(() => (this.dragged = false), 0);
+    };
+    pane.addEventListener("pointerup", end);
+    pane.addEventListener("pointercancel", end);
+    pane.addEventListener(
+      "wheel",
+      (ev) => {
+        if (!this.gv || !(ev.ctrlKey || ev.metaKey)) return; // a plain wheel scrolls the notebook
+        ev.preventDefault();
+        const r = pane.getBoundingClientRect();
+        this.zoomBy(Math.exp(-ev.deltaY / 300), ev.clientX - r.left, ev.clientY - r.top);
+      },
+      { passive: false },
+    );
+  }
+
+  // Pan (zoom unchanged) so that these records' nodes are inside the pane.
+  bringIntoView(ids) {
+    if (!this.gv || !ids.length) return;
+    const pane = this.graphPane.getBoundingClientRect();
+    if (!pane.width) return;
+    let box = null;
+    for (const id of ids) {
+      for (const g of this.graphPane.querySelectorAll(`g.agm-gnode[data-id="${Number(id)}"]`)) {
+        const r = g.getBoundingClientRect();
+        box = box
+          ? { l: Math.min(box.l, r.left), t: Math.min(box.t, r.top), r: Math.max(box.r, r.right), b: Math.max(box.b, r.bottom) }
+          : { l: r.left, t: r.top, r: r.right, b: r.bottom };
+      }
+    }
+    if (!box) return;
+    const margin = 12;
+    let dx = 0;
+    let dy = 0;
+    if (box.l < pane.left + margin) dx = box.l - pane.left - margin;
+    else if (box.r > pane.right - margin) dx = Math.min(box.r - pane.right + margin, box.l - pane.left - margin);
+    if (box.t < pane.top + margin) dy = box.t - pane.top - margin;
+    else if (box.b > pane.bottom - margin) dy = Math.min(box.b - pane.bottom + margin, box.t - pane.top - margin);
+    if (!dx && !dy) return;
+    this.cx += dx / this.scale;
+    this.cy += dy / this.scale;
+    this.fitted = false;
+    this.applyView();
   }
 
   // ---- the backward stepper ----
@@ -367,12 +680,22 @@ class View {
     this.stepper.replaceChildren(...[bar, h("div", { class: "agm-step-text", text: stepText(steps, step) }), error].filter(Boolean));
   }
 
+  stepIds() {
+    const [pi, passes] = this.currentPass();
+    const s = pi < 0 ? null : passes[pi].steps[this.get("step")];
+    return s ? s.records : [];
+  }
+
+  onStep() {
+    this.drawStepper();
+    this.highlight();
+    this.bringIntoView(this.stepIds());
+  }
+
   // ---- selection and step highlights, in the table and the graph at once ----
   highlight() {
     const sel = this.get("selected");
-    const [pi, passes] = this.currentPass();
-    const s = pi < 0 ? null : passes[pi].steps[this.get("step")];
-    const stepIds = new Set(s ? s.records : []);
+    const stepIds = new Set(this.stepIds());
     for (const node of this.root.querySelectorAll("[data-id]")) {
       const id = Number(node.getAttribute("data-id"));
       node.classList.toggle("agm-selected", id === sel);
@@ -393,21 +716,32 @@ class View {
       }
     }
     this.highlight();
+    // Scroll the table's own box only: scrollIntoView would also scroll the notebook and can
+    // carry the graph (where the click came from) off the screen.
     const row = this.table.querySelector(`tr.agm-row[data-id="${Number(sel)}"]`);
-    if (row) row.scrollIntoView({ block: "nearest" });
+    if (row) {
+      const wrap = this.tableWrap;
+      const top = row.offsetTop;
+      const head = this.table.tHead ? this.table.tHead.offsetHeight : 0;
+      if (top - head < wrap.scrollTop) wrap.scrollTop = top - head;
+      else if (top + row.offsetHeight > wrap.scrollTop + wrap.clientHeight) wrap.scrollTop = top + row.offsetHeight - wrap.clientHeight;
+    }
+    if (sel >= 0) this.bringIntoView([sel]);
   }
 
   drawAll() {
     const p = this.get("payload") || {};
     if (!p.lines) return;
+    const live = !!p.can_rerun && !this.dead;
     this.noGrad.checked = this.get("no_grad");
-    for (const control of [this.noGrad, this.reset, this.check]) control.disabled = !p.can_rerun;
+    for (const control of [this.noGrad, this.reset, this.check]) control.disabled = !live;
+    this.columnsBox.checked = this.allColumns;
     const notes = (p.notes || []).map((n) => h("div", { class: "agm-muted", text: n }));
     const variant = p.variant
       ? h("div", { class: "agm-variant", text: `Variant (your variables are untouched): ${p.variant.text}. Changed cells are highlighted; hover for the original.` })
       : null;
     this.banner.replaceChildren(...[variant, ...notes].filter(Boolean));
-    this.drawTable(p);
+    this.drawTable(p, live);
     this.drawStepper();
     const check = p.gradcheck ? [h("h5", { text: "gradient check" }), h("pre", { text: p.gradcheck.join("\n") })] : [];
     this.checkOut.replaceChildren(...check);
@@ -426,37 +760,43 @@ class View {
       "change:detail": () => this.drawDetail(),
       "change:graph_svg": () => this.drawGraph(),
       "change:selected": () => this.onSelect(),
-      "change:step change:pass_index": () => (this.drawStepper(), this.highlight()),
+      "change:step change:pass_index": () => this.onStep(),
       "change:status change:busy": () => this.drawStatus(),
+      "msg:custom": (msg) => this.onCustom(msg),
     };
   }
 }
 
 // ---- small pieces without state ----
 
+// The variable's name alone (the line header shows the source); an unnamed op, its expression.
 function labelText(row) {
-  let text = row.expr && row.name ? `${row.name} = ${row.expr}` : cellText(row, "label");
+  let text = row.name ? String(row.name) : cellText(row, "label");
   if (row.occurrence) text += "  #" + (row.occurrence + 1);
   return text;
 }
 
-function lineRow(group) {
+function fullLabel(row) {
+  const text = row.expr && row.name ? `${row.name} = ${row.expr}` : cellText(row, "label");
+  return row.external ? text + " (from outside the cell)" : text;
+}
+
+function lineRow(group, span) {
   const where = group.line === null ? "from earlier cells" : `line ${group.line}`;
-  const td = h("td", { colspan: SPAN }, h("span", { class: "agm-lineno", text: where }), h("code", { text: group.source || "" }));
+  const td = h("td", { colspan: span }, h("span", { class: "agm-lineno", text: where }), h("code", { text: group.source || "" }));
   return h("tr", { class: "agm-line", "data-line": group.line === null ? "" : group.line }, td);
 }
 
-function noteRow(text) {
-  return h("tr", {}, h("td", { colspan: SPAN, class: "agm-muted", text }));
+function noteRow(text, span) {
+  return h("tr", {}, h("td", { colspan: span, class: "agm-muted", text }));
 }
 
-function errorRow(err) {
+function errorRow(err, span) {
   const text = `${err.type}: ${err.message}` + (err.line ? ` (line ${err.line})` : "");
-  const td = h("td", { colspan: SPAN }, h("div", { class: "agm-errtext", text }));
+  const td = h("td", { colspan: span }, h("div", { class: "agm-errtext", text }));
   if (err.explain) td.appendChild(h("div", { class: "agm-note", text: err.explain }));
   return h("tr", { class: "agm-error" }, td);
 }
-
 function stepText(steps, step) {
   if (steps[step]) return `step ${step + 1}/${steps.length} — ${steps[step].text}`;
   return steps.length ? `${steps.length} steps: press next to walk the backward pass` : "no autograd node ran in this pass";
@@ -497,8 +837,11 @@ function render({ model, el }) {
   view.drawDetail();
   view.drawGraph();
   view.drawStatus();
+  view.hideSnapshot();
+  view.ping(PING_TIMEOUT_RENDER);
   return () => {
     for (const [ev, fn] of pairs) model.off(ev, fn);
+    view.destroy();
   };
 }
 
