@@ -75,7 +75,9 @@ class Server:
         return f"{self.url}/{path}/{notebook}?token={self.token}"
 
 
-def _isolated_env(state: Path) -> dict[str, str]:
+def _isolated_env(state: Path, settings: dict | None = None) -> dict[str, str]:
+    """Jupyter's state in `state`; the rest of this process's environment (PYTHONPATH included,
+    so the kernels import the package from the tree under test) passes through."""
     env = dict(os.environ)
     for var, sub in (
         ("JUPYTER_CONFIG_DIR", "config"),
@@ -86,7 +88,7 @@ def _isolated_env(state: Path) -> dict[str, str]:
     ):
         (state / sub).mkdir(parents=True, exist_ok=True)
         env[var] = str(state / sub)
-    for rel, content in SETTINGS.items():
+    for rel, content in (SETTINGS if settings is None else settings).items():
         path = state / "settings" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(content))
@@ -95,13 +97,16 @@ def _isolated_env(state: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def jupyter_server(root: Path, state: Path, timeout: float = 60.0) -> Iterator[Server]:
-    """`jupyter lab` on a free port, stopped by its PID (and waited for) on exit."""
+def jupyter_server(root: Path, state: Path, timeout: float = 60.0, settings: dict | None = None) -> Iterator[Server]:
+    """`jupyter lab` on a free port, stopped by its PID (and waited for) on exit.
+
+    `settings` replaces SETTINGS (relative settings path -> JSON content) when given.
+    """
     port, token = free_port(), secrets.token_hex(16)
     jupyter = Path(sys.executable).with_name("jupyter")
     cmd = [str(jupyter), "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--allow-root"]
     log = open(state / "server.log", "wb")
-    proc = subprocess.Popen(cmd, env=_isolated_env(state), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=_isolated_env(state, settings), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(f"http://127.0.0.1:{port}", token, root, proc)
     try:
         _wait_for_status(server, proc, timeout)
