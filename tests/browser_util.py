@@ -177,3 +177,20 @@ def run_all(page) -> None:
     """Run > Run All Cells, by the menu labels a user clicks."""
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
+def write_notebook(path: Path, cells: list[str]) -> None:
+    """A notebook of code cells with the python3 kernel, as a user would save it."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+def numbers(text: str) -> list[float]:
+    """The numbers a view shows in a piece of text, in order."""
+    import re
+
+    return [float(m) for m in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", text)]

@@ -118,3 +118,12 @@ def _no_leaked_torch_modes():
     torch.set_grad_enabled(grad_enabled)
     assert leaked <= 0, f"{leaked} TorchFunctionMode(s) left on torch's stack"
     assert not grad_changed, "grad mode left changed"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """One Chromium per browser test module (Playwright's sync API allows one at a time)."""
+    from browser_util import browser_context
+
+    with browser_context(tmp_path_factory.mktemp("chromium_profile")) as context:
+        yield context

@@ -11,11 +11,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 
-from browser_util import browser_context, jupyter_server, run_all, wait_kernel_ready
+from browser_util import jupyter_server, numbers, run_all, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
@@ -49,30 +48,13 @@ def _plain_grads() -> tuple[list[float], list[float]]:
     return poly, x.grad.flatten().tolist()
 
 
-def _numbers(text: str) -> list[float]:
-    return [float(m) for m in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", text)]
-
-
-def _write_notebook(path: Path) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, str(path))
-
-
 @pytest.fixture(scope="module")
 def jupyter(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebooks")
     for kind in ("lab", "notebook"):
-        _write_notebook(root / f"seed_{kind}.ipynb")
+        write_notebook(root / f"seed_{kind}.ipynb", CELLS)
     with jupyter_server(root, tmp_path_factory.mktemp("jupyter_state")) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    with browser_context(tmp_path_factory.mktemp("chromium_profile")) as context:
-        yield context
 
 
 def _row(view, label_pattern: str):
@@ -97,8 +79,8 @@ def test_seed_views(jupyter, browser, kind):
         poly, grid, module, hostile = (views.nth(i) for i in range(4))
 
         # the seeds' gradients, as plain PyTorch computes them
-        assert _numbers(_grad_text(poly, r"^x$")) == pytest.approx(poly_grad)
-        assert _numbers(_grad_text(grid, r"^x$")) == pytest.approx(grid_grad)
+        assert numbers(_grad_text(poly, r"^x$")) == pytest.approx(poly_grad)
+        assert numbers(_grad_text(grid, r"^x$")) == pytest.approx(grid_grad)
         grid.scroll_into_view_if_needed()
         grid.screenshot(path=str(SCREENSHOTS / f"{kind}_seed_2x3.png"))
 
@@ -153,7 +135,7 @@ def _check_no_grad(grid, grid_grad, kind) -> None:
     grid.locator("input.agm-nograd").uncheck()
     grid.locator(".agm-variant").wait_for(state="detached", timeout=TIMEOUT)
     assert y_rg.inner_text() == "True"
-    assert _numbers(_grad_text(grid, r"^x$")) == pytest.approx(grid_grad)
+    assert numbers(_grad_text(grid, r"^x$")) == pytest.approx(grid_grad)
     grid.locator("input.agm-allcols").uncheck()
     assert grid.locator(".agm-c-requires-grad").count() == 0
 
@@ -166,7 +148,7 @@ def _check_detach(grid, grid_grad, kind) -> None:
     grid.screenshot(path=str(SCREENSHOTS / f"{kind}_detach_y.png"))
     grid.locator("button.agm-reset").click()
     grid.locator(".agm-variant").wait_for(state="detached", timeout=TIMEOUT)
-    assert _numbers(x_grad.inner_text()) == pytest.approx(grid_grad)
+    assert numbers(x_grad.inner_text()) == pytest.approx(grid_grad)
 
 
 def _check_selection(grid, kind) -> None:

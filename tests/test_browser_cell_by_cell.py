@@ -12,11 +12,10 @@ import json
 import re
 from pathlib import Path
 
-import nbformat
 import pytest
 import torch
 
-from browser_util import browser_context, jupyter_server, run_all, wait_kernel_ready
+from browser_util import jupyter_server, numbers, run_all, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
@@ -49,22 +48,9 @@ def _plain() -> dict[str, float]:
 def jupyter(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebooks")
     for kind in ("lab", "notebook"):
-        nb = nbformat.v4.new_notebook()
-        nb.cells = [nbformat.v4.new_code_cell(c) for c in _seed_000_first_part()]
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        nbformat.write(nb, str(root / f"cells_{kind}.ipynb"))
+        write_notebook(root / f"cells_{kind}.ipynb", _seed_000_first_part())
     with jupyter_server(root, tmp_path_factory.mktemp("jupyter_state")) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    with browser_context(tmp_path_factory.mktemp("chromium_profile")) as context:
-        yield context
-
-
-def _numbers(text: str) -> list[float]:
-    return [float(m) for m in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", text)]
 
 
 @pytest.mark.parametrize("kind", ["lab", "notebook"])
@@ -85,7 +71,7 @@ def test_the_backward_cell_shows_the_intermediates_of_earlier_cells(jupyter, bro
                 has=page.locator(".agm-c-label .agm-v", has_text=re.compile(rf"^{re.escape(label)}$"))
             )
             assert row.count() >= 1, label
-            assert _numbers(row.first.locator(".agm-c-grad .agm-v").inner_text()) == pytest.approx([grad]), label
+            assert numbers(row.first.locator(".agm-c-grad .agm-v").inner_text()) == pytest.approx([grad]), label
         assert "earlier cells" in view.inner_text()  # the reason toggles are off, in one line
         for control in ("input.agm-nograd", "button.agm-check"):  # off, not clickable-and-failing
             assert view.locator(control).is_disabled(), control

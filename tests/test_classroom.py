@@ -10,15 +10,13 @@ untrusted (changed after saving, as a shared file is), in Lab and Notebook 7.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
 
-from browser_util import SETTINGS, browser_context, jupyter_server, run_all, wait_kernel_ready
+from browser_util import SETTINGS, jupyter_server, run_all, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
@@ -40,24 +38,11 @@ BASE = {k: v for k, v in SETTINGS.items() if "notebook-extension/tracker" not in
 SAVE_STATE = "@jupyter-widgets/jupyterlab-manager/plugin.jupyterlab-settings"
 
 
-def _write(path: Path) -> None:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(c) for c in CELLS]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, str(path))
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    with browser_context(tmp_path_factory.mktemp("chromium_profile")) as context:
-        yield context
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("classroom")
     for name in ("lab_off", "nb7_off", "lab_on"):
-        _write(root / f"{name}.ipynb")
+        write_notebook(root / f"{name}.ipynb", CELLS)
     return root
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from browser_util import browser_context, jupyter_server, run_all, wait_kernel_ready
+from browser_util import jupyter_server, run_all, wait_kernel_ready
 
 pytestmark = pytest.mark.browser
 
@@ -160,13 +160,6 @@ CLEAN = {"pwned": None, "title_changed": False, "fetches": []}
 
 
 # ---- the sanitizer alone, in a blank page --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """One Chromium for the whole module (Playwright's sync API allows one at a time)."""
-    with browser_context(tmp_path_factory.mktemp("chromium_profile")) as context:
-        yield context
 
 
 def _module_page(browser):
