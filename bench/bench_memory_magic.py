@@ -1,0 +1,93 @@
+"""Peak memory of a real model through the magic, as a notebook runs it, against the same cells plain.
+
+The sequence (issue 14): a model of 12 x Linear(2048, 2048) (192 MB of weights) and an input
+randn(64, 2048); the cell `loss = m(inp).pow(2).mean(); loss.backward()` run 4 times under
+`%%autograd` (the default widget view); then a plain forward cell `loss2 = m(inp).pow(2).mean()`
+and `loss2.backward()` alone under `%%autograd`. The plain baseline runs the same cells without
+the `%%autograd` lines (the extension loaded alike, so imports match).
+
+Each side runs in a fresh process (peak RSS is per process) with an IPython InteractiveShell that
+has `%load_ext autograd_magic` and runs every cell through `run_cell`, widgets displayed.
+Printed: peak RSS traced and plain, traced/plain, the goal (peak <= 1.1 x plain + 64 MB), and the
+resident memory added per re-run of the traced cell (after the first run; gc collected).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+LAYERS, WIDTH, BATCH, RERUNS = 12, 2048, 64, 4
+
+CHILD = r"""
+import gc, json, resource, sys
+from IPython.core.interactiveshell import InteractiveShell
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+magic = sys.argv[1] == "traced"
+shell = InteractiveShell.instance()
+def cell(text, traced=False):
+    result = shell.run_cell(("%%autograd\n" + text) if (traced and magic) else text, store_history=True)
+    if not result.success:
+        raise SystemExit(f"cell failed: {result.error_before_exec or result.error_in_exec!r}")
+
+cell("%load_ext autograd_magic")
+cell("import torch\ntorch.manual_seed(0)\n"
+     "m = torch.nn.Sequential(*[torch.nn.Linear({width}, {width}) for _ in range({layers})])\n"
+     "inp = torch.randn({batch}, {width})")
+after = []
+for _ in range({reruns}):
+    cell("loss = m(inp).pow(2).mean(); loss.backward()", traced=True)
+    gc.collect()
+    after.append(rss_mb())
+cell("loss2 = m(inp).pow(2).mean()")
+cell("loss2.backward()", traced=True)
+gc.collect()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.__stdout__.write("\n" + json.dumps({"peak": peak, "after": after, "end": rss_mb()}) + "\n")
+"""
+
+
+def _run(side: str) -> dict:
+    code = CHILD.replace("{width}", str(WIDTH)).replace("{layers}", str(LAYERS)).replace("{batch}", str(BATCH))
+    code = code.replace("{reruns}", str(RERUNS))
+    env = dict(os.environ, MPLBACKEND="Agg")
+    out = subprocess.run([sys.executable, "-c", code, side], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"the {side} run failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(repeats: int = 1) -> dict:
+    plain = min((_run("plain") for _ in range(repeats)), key=lambda r: r["peak"])
+    traced = min((_run("traced") for _ in range(repeats)), key=lambda r: r["peak"])
+    bound = 1.1 * plain["peak"] + 64
+    after = traced["after"]
+    growth = (after[-1] - after[0]) / max(len(after) - 1, 1)
+    ratio = traced["peak"] / plain["peak"]
+    model_mb = LAYERS * (WIDTH * WIDTH + WIDTH) * 4 / 2**20
+    print(
+        f"memory_magic_{LAYERS}x{WIDTH} peak traced/plain {ratio:.2f}   (traced {traced['peak']:.0f} MB, "
+        f"plain {plain['peak']:.0f} MB, model {model_mb:.0f} MB)"
+    )
+    print(
+        f"memory_magic goal peak <= 1.1 x plain + 64 MB = {bound:.0f} MB: "
+        f"{'met' if traced['peak'] <= bound else 'NOT met'} ({traced['peak'] - bound:+.0f} MB)"
+    )
+    print(
+        f"memory_magic growth per re-run of the traced cell {growth:+.0f} MB   (RSS after each run: "
+        + ", ".join(f"{a:.0f}" for a in after) + f" MB; plain {', '.join(f'{a:.0f}' for a in plain['after'])} MB)"
+    )
+    return {"memory_magic_ratio": ratio, "memory_magic_growth_mb": growth}
+
+
+if __name__ == "__main__":
+    main()
