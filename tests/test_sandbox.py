@@ -218,17 +218,37 @@ def test_modules_and_optimizer_steps_stay_in_the_sandbox(shell):
     assert_same_state(before, user_state(shell))
 
 
-def test_large_objects_are_copied_from_the_post_run_state(shell):
+def test_large_tensors_are_not_copied_but_variants_start_from_the_pre_run_state(shell):
+    # issue 14: over the budget, a tensor's pre-run state is its version counter, not a copy;
+    # the real run left its value alone and it had no .grad before, so the variant is exact
     run(shell, "import torch\nbig = torch.zeros(1000, requires_grad=True)")
+    body = "s = (big * 2).sum()\ns.backward()"
+    snap = take_snapshot(shell, body, budget=100)
+    assert snap.nbytes == 0 and "big" in snap.live
+    shell.run_cell(f"%%autograd --quiet -o _t\n{body}")
+    original = shell.user_ns.pop("_t")
+    before = user_state(shell)
+    v = run_variant(shell, body, original, snap)
+    assert v.error is None and not any("too large" in n for n in v.notes)
+    plain = torch.zeros(1000, requires_grad=True)
+    (plain * 2).sum().backward()
+    big = next(r for r in v.records if r.name == "big")
+    np.testing.assert_array_equal(big.attr_grad.values, plain.grad.numpy()[: big.attr_grad.values.size])
+    assert_same_state(before, user_state(shell))
+
+
+def test_a_large_gradient_changed_in_place_turns_variants_off(shell):
+    # the second backward accumulates into big.grad in place: its pre-run value is gone
+    run(shell, "import torch\nbig = torch.zeros(1000, requires_grad=True)\n(big * 2).sum().backward()")
     body = "s = (big * 2).sum()\ns.backward()"
     snap = take_snapshot(shell, body, budget=100)
     shell.run_cell(f"%%autograd --quiet -o _t\n{body}")
     original = shell.user_ns.pop("_t")
     before = user_state(shell)
     v = run_variant(shell, body, original, snap)
-    assert any("too large" in n for n in v.notes)
-    big = next(r for r in v.records if r.name == "big")
-    assert big.attr_grad.values[0] == 4.0  # post-run grad 2 + this run's 2: said in the note
+    assert v.error is not None and v.error.type == "SandboxError"
+    assert "`big`'s gradients" in v.error.message and "snapshot budget" in v.error.message
+    assert not v.records
     assert_same_state(before, user_state(shell))
 
 
@@ -498,16 +518,16 @@ def test_shared_non_leaf_with_retained_grad(shell):
     assert shell.user_ns["y"].grad is retained
 
 
-def test_live_copied_module_keeps_its_parameters_grads(shell):
+def test_live_copied_module_starts_from_its_pre_run_grads(shell):
     run(shell, "import torch\ntorch.manual_seed(0)\nmodel = torch.nn.Linear(3, 1)\ninp = torch.ones(2, 3)")
     body = "out = model(inp).sum()\nout.backward()"
     snap = take_snapshot(shell, body, budget=8)
     shell.run_cell(f"%%autograd --quiet -o _t\n{body}")
     original = shell.user_ns.pop("_t")
-    assert "model" in snap.live
+    assert "model" in snap.live and snap.nbytes == 0
     before = user_state(shell)
     v = run_variant(shell, body, original, snap)
     w = next(r for r in v.records if r.name == "model.weight")
-    # starts from the post-run grad (2 per element, as the note says) and adds this run's 2
-    np.testing.assert_array_equal(w.attr_grad.values, np.full((1, 3), 4.0))
+    # no grad before the real run: the variant's backward gives this run's 2, as a plain run does
+    np.testing.assert_array_equal(w.attr_grad.values, np.full((1, 3), 2.0))
     assert_same_state(before, user_state(shell))

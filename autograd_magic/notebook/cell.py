@@ -31,6 +31,8 @@ class CellOptions:
     detail_limit: int = limits.DETAIL_LIMIT
     layout_timeout: float = limits.LAYOUT_SECONDS
     auto: bool = False  # traced by `%autograd on`, not by a written `%%autograd` line
+    copy_device: bool = False  # --copy-device: re-runs may copy tensors on a GPU (or another device)
+    snapshot_bytes: int = limits.SNAPSHOT_BYTES  # the notebook's one budget for re-run snapshots
 
     @property
     def rerunnable(self) -> bool:
@@ -41,7 +43,8 @@ class CellOptions:
 def trace_cell(shell: Any, cell: str, options: CellOptions) -> None:
     __tracebackhide__ = True
     session, run = CellSession.run(
-        shell, cell, detail_limit=options.detail_limit, rerunnable=options.rerunnable, first_line=1 if options.auto else 2
+        shell, cell, detail_limit=options.detail_limit, rerunnable=options.rerunnable, first_line=1 if options.auto else 2,
+        copy_device=options.copy_device, snapshot_bytes=options.snapshot_bytes,
     )
     trace = session.trace
     # a variant that can't run at all is said in the view's note (`rerun_blocked`), not raised

@@ -15,6 +15,7 @@ from ..capture.tracer import purge_stale_modes
 from ..render.layout import warm
 from ..run.execute import parse_cell
 from ..variants.interventions import Toggles
+from .. import limits
 from . import auto_trace
 from .cell import CellOptions, trace_cell
 
@@ -29,6 +30,10 @@ class AutogradMagics(Magics):
     detail_limit = Integer(3, help="Loop iterations of one expression kept in full detail.").tag(config=True)
     layout_timeout = Float(5.0, help="Seconds Graphviz may spend laying out a graph.").tag(config=True)
     static = Bool(False, help="Show the static HTML snapshot instead of the widget.").tag(config=True)
+    snapshot_mb = Integer(
+        limits.SNAPSHOT_BYTES // 2**20,
+        help="MB the notebook's traced cells may keep in copies for the toggles and the gradient check (one budget for all cells).",
+    ).tag(config=True)
 
     @magic_arguments()
     @argument("-o", "--output", metavar="NAME", help="Store the Trace in the variable NAME.")
@@ -45,6 +50,11 @@ class AutogradMagics(Magics):
     @argument("--text", action="store_true", help="Show the plain-text table only.")
     @argument("--check", action="store_true", help="Check every leaf's gradient by finite differences.")
     @argument("--quiet", action="store_true", help="Show nothing; with -o, just store the Trace.")
+    @argument(
+        "--copy-device",
+        action="store_true",
+        help="Let the toggles and the gradient check copy tensors on a GPU (or another device); without it they never do.",
+    )
     @argument("--limit", type=int, default=None, metavar="N", help="Loop iterations of one expression kept in detail.")
     @argument("--auto", action="store_true", help=argparse.SUPPRESS)  # written by `%autograd on`, never by a user
     @line_cell_magic
@@ -61,6 +71,15 @@ class AutogradMagics(Magics):
         toggles to re-run the cell under no_grad or with tensors detached.
         `--no-grad` and `--detach` show such a variant right away; the real
         run is always the plain one.
+
+        A re-run (a toggle, the gradient check) runs the cell's Python code
+        again in a sandbox, from copies of what it reads, so a file it writes
+        is written again; its shell commands (`!cmd`) and magics never run
+        again. The copies share one budget for the notebook
+        (`%config AutogradMagics.snapshot_mb = 64`); what does not fit is
+        checked by version counter instead, and when the real run changed it
+        in place the view says so and the toggles are off. Tensors on a GPU
+        are never copied unless the cell says `--copy-device`.
 
         Examples::
 
@@ -93,6 +112,8 @@ class AutogradMagics(Magics):
             detail_limit=args.limit or self.detail_limit,
             layout_timeout=self.layout_timeout,
             auto=args.auto,
+            copy_device=args.copy_device,
+            snapshot_bytes=max(0, self.snapshot_mb) * 2**20,
         )
         trace_cell(self.shell, cell, options)
 

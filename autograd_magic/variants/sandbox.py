@@ -33,9 +33,11 @@ from ..capture.torch_compat import set_version, version_of
 from ..run.execute import execute
 from .interventions import Toggles, interventions_for
 from ..data.trace import Record, Trace, TraceError
+from .side_effects import quiet_get_ipython
 from .snapshot import (
     BUDGET_BYTES, RngState, Snapshot, copy_live, copy_with_grads, readable_grad, take_snapshot,
 )
+from .messages import skipped_line, snapshot_missing_line
 from .. import limits
 
 __all__ = ["Sandbox", "SandboxError", "Snapshot", "Toggles", "take_snapshot", "run_variant", "BUDGET_BYTES", "RngState"]
@@ -107,9 +109,13 @@ class Sandbox:
         self._saved_rng: Optional[RngState] = None
         self._saved_globals: Optional[tuple] = None
         self._saved_tensors: list[tuple] = []
+        self.skipped: list[str] = []  # shell commands and magics this re-run did not run
 
     def __enter__(self) -> dict:
         snap, user_ns = self.snapshot, self.shell.user_ns
+        missing = snap.missing(user_ns)
+        if missing:  # the pre-run state is gone (changed in place, no copy): no faithful re-run
+            raise SandboxError(snapshot_missing_line(missing, snap.budget))
         self._saved_rng, self._saved_globals = RngState.take(), _torch_globals()
         try:
             self._save_shared()
@@ -118,12 +124,14 @@ class Sandbox:
             ns.update(copy_with_grads(snap.frozen, memo, snap.frozen_leaves))
             for name in snap.live:
                 if name in user_ns:
-                    ns[name] = copy_live(user_ns[name], memo)
+                    ns[name] = copy_live(user_ns[name], memo, skip=snap.pre)
+            _pre_run_grads(snap, memo)
             for name, why in snap.broken.items():
                 ns[name] = _Unavailable(name, why)
             for name, value in list(ns.items()):
                 if isinstance(value, types.FunctionType) and value.__globals__ is user_ns:
                     ns[name] = _rebind(value, ns)
+            ns["get_ipython"] = quiet_get_ipython(self.shell, self.skipped)  # no shell command or magic runs again
             snap.rng.put()
         except BaseException:
             self.__exit__(None, None, None)
@@ -137,16 +145,16 @@ class Sandbox:
             for key, t in self.snapshot.shared.items():
                 value = t.detach().clone() if t.is_leaf else None
                 self._saved_tensors.append((t, readable_grad(t), t.requires_grad, version_of(t), value))
-                pre = self.snapshot.shared_grads.get(key)
+                before = self.snapshot.pre.get(key)
+                if before is None:
+                    continue
                 if t.is_leaf or t.retains_grad:
-                    t.grad = pre.clone() if pre is not None else None
-                before = self.snapshot.shared_leaves.get(key)
-                if before is not None:
-                    version, pre_value, requires_grad = before
-                    if version_of(t) != version:
-                        _put_value(t, pre_value, version)
-                    if t.requires_grad != requires_grad:
-                        t.requires_grad_(requires_grad)
+                    t.grad = before.pre_grad()
+                if before.leaf:
+                    if before.value_kept and version_of(t) != before.version:
+                        _put_value(t, before.value, before.version)
+                    if t.requires_grad != before.requires_grad:
+                        t.requires_grad_(before.requires_grad)
 
     def _restore_shared(self) -> None:
         with warnings.catch_warnings():
@@ -168,6 +176,20 @@ class Sandbox:
                 _put_torch_globals(self._saved_globals)
             if self._saved_rng is not None:
                 self._saved_rng.put()
+
+
+def _pre_run_grads(snap: Snapshot, memo: dict) -> None:
+    """Copies made from the present state (`live` names) get their tensors' pre-run `.grad` and requires_grad."""
+    for key, state in snap.pre.items():
+        if key in snap.shared:
+            continue
+        c = memo.get(key)
+        if not isinstance(c, torch.Tensor) or c is state.tensor():
+            continue
+        if c.is_leaf and c.requires_grad != state.requires_grad:
+            c.requires_grad_(state.requires_grad)
+        if c.is_leaf:
+            c.grad = state.pre_grad()
 
 
 # ---- running a variant ----
@@ -272,13 +294,18 @@ def run_variant(
             failed = _failed(original, blocked, toggles.no_grad, names)
             failed.notes = notes
             return failed
-        with Sandbox(shell, snapshot) as ns:
+        sandbox = Sandbox(shell, snapshot)
+        with sandbox as ns:
             _flip_external(ns, flip_outside, notes)
             run = execute(
                 shell, source, first_line=first_line, namespace=ns, interventions=interventions,
                 display=False, capture=True, detail_limit=detail_limit,
             )
         trace = run.trace
+        if sandbox.skipped:
+            notes.append(skipped_line(sandbox.skipped, variant=True))
+    except SandboxError as exc:  # the pre-run state is gone: said in one line
+        return _failed(original, TraceError(type="SandboxError", message=str(exc)), toggles.no_grad, names)
     except Exception as exc:
         error = TraceError(type="SandboxError", message=f"the sandboxed re-run failed: {type(exc).__name__}: {exc}")
         return _failed(original, error, toggles.no_grad, names)

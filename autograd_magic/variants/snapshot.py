@@ -16,8 +16,9 @@ import random
 import re
 import sys
 import types
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Container, Iterable, Optional
 
 import torch
 
@@ -255,24 +256,124 @@ def readable_grad(t: torch.Tensor) -> Optional[torch.Tensor]:
     return t.grad
 
 
-def copy_with_grads(obj: Any, memo: dict, leaves: Iterable[torch.Tensor]) -> Any:
-    """deepcopy, then give copied Parameters the `.grad` Parameter.__deepcopy__ drops."""
+def copy_with_grads(obj: Any, memo: dict, leaves: Iterable[torch.Tensor], skip: Container = ()) -> Any:
+    """deepcopy, then give copied Parameters the `.grad` Parameter.__deepcopy__ drops (not those in `skip`)."""
     result = copy.deepcopy(obj, memo)
     for t in leaves:
+        if id(t) in skip:
+            continue
         c = memo.get(id(t))
         if isinstance(c, torch.Tensor) and c is not t and t.grad is not None and c.grad is None:
             c.grad = t.grad.detach().clone()
     return result
 
 
-def copy_live(obj: Any, memo: dict) -> Any:
-    """A copy of an object as it is now (too large to keep a copy of before the run)."""
+def copy_live(obj: Any, memo: dict, skip: Container = ()) -> Any:
+    """A copy of an object as it is now (too large to keep a copy of before the run); the leaves
+    in `skip` get their `.grad` afterwards (their pre-run one), not a copy of the present one."""
     inv = _Inventory()
     inv.scan(obj)
-    return copy_with_grads(obj, memo, list(inv.leaves.values()))
+    return copy_with_grads(obj, memo, list(inv.leaves.values()), skip)
 
 
 # ---- the snapshot ----
+def tensor_bytes(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def on_device(t: torch.Tensor) -> bool:
+    """A tensor whose copy would take device memory (anything but the CPU): copied only on opt-in."""
+    return t.device.type != "cpu"
+
+
+class Allowance:
+    """Bytes one snapshot may still take; `reserve(n)` says whether `n` more fit (and takes them).
+
+    The notebook's registry (`notebook/session.py`) passes its own, which makes room by
+    releasing older cells' snapshots; alone, a snapshot has `budget` to itself.
+    """
+
+    def __init__(self, budget: int = BUDGET_BYTES) -> None:
+        self.budget = budget
+        self.left = budget
+
+    def reserve(self, nbytes: int) -> bool:
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
+
+
+@dataclass
+class PreRun:
+    """A tensor's state before the real run, kept with as few copies as the budget allows.
+
+    A value or `.grad` that was not copied is still the pre-run one as long as its version
+    counter is unchanged (nothing wrote into it) and, for `.grad`, it is the same tensor:
+    a variant then copies it when it runs (transiently). One the real run changed in place
+    (an optimizer step, a gradient accumulated into an existing `.grad`) needed its copy.
+    """
+
+    ref: Any  # weakref to the tensor
+    version: Optional[int]
+    requires_grad: bool
+    leaf: bool
+    value: Optional[torch.Tensor] = None  # a copy of the pre-run value (shared leaves only), else None
+    value_kept: bool = False  # True when `value` is that copy
+    had_grad: bool = False
+    grad: Optional[torch.Tensor] = None  # a copy of the pre-run .grad, when it fitted
+    grad_ref: Any = None  # else a weakref to the pre-run .grad itself
+    grad_version: Optional[int] = None
+    nbytes: int = 0  # the tensor's own bytes
+    grad_nbytes: int = 0
+    device: str = "cpu"
+
+    def tensor(self) -> Optional[torch.Tensor]:
+        return self.ref()
+
+    def lost(self) -> list[str]:
+        """What of the pre-run state is gone: "values", "gradients" (empty when a variant can start from it)."""
+        t, lost = self.ref(), []
+        if t is None:
+            return lost  # gone: nothing reads it any more
+        if self.leaf and not self.value_kept and version_of(t) != self.version:
+            lost.append("values")
+        if self.had_grad and self.grad is None:
+            g = self.grad_ref() if self.grad_ref is not None else None
+            if g is None or version_of(g) != self.grad_version:
+                lost.append("gradients")
+        return lost
+
+    def pre_grad(self) -> Optional[torch.Tensor]:
+        """A fresh copy of the pre-run `.grad` (None when it had none); call only when `lost()` is empty."""
+        if not self.had_grad:
+            return None
+        g = self.grad if self.grad is not None else self.grad_ref()
+        return g.detach().clone()
+
+
+def _weak(t: torch.Tensor):
+    return weakref.ref(t)
+
+
+def pre_run_state(t: torch.Tensor, allowance: Allowance, copy_device: bool, copy_value: bool) -> PreRun:
+    """Record `t`'s pre-run state, copying its value (`copy_value`) and `.grad` only where the budget allows."""
+    g = readable_grad(t)
+    state = PreRun(
+        ref=_weak(t), version=version_of(t), requires_grad=t.requires_grad, leaf=t.is_leaf,
+        had_grad=g is not None, nbytes=tensor_bytes(t), grad_nbytes=tensor_bytes(g), device=str(t.device),
+    )
+    copyable = copy_device or not on_device(t)
+    if copy_value and t.is_leaf and copyable and allowance.reserve(state.nbytes):
+        state.value, state.value_kept = t.detach().clone(), True
+    if g is not None:
+        if copyable and allowance.reserve(state.grad_nbytes):
+            state.grad = g.detach().clone()
+        else:
+            state.grad_ref, state.grad_version = _weak(g), version_of(g)
+    return state
+
+
 @dataclass
 class Snapshot:
     """What a variant needs to start from the state the real run started from."""
@@ -281,15 +382,57 @@ class Snapshot:
     read: dict[str, int]  # names the cell's text reads -> first line reading it
     frozen: dict[str, Any] = field(default_factory=dict)  # pre-run copies
     frozen_leaves: list = field(default_factory=list)  # leaf tensors inside `frozen`
-    live: list[str] = field(default_factory=list)  # too large: copied from the post-run state
+    live: list[str] = field(default_factory=list)  # not copied up front: copied from the present state
     broken: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be copied
     shared: dict[int, torch.Tensor] = field(default_factory=dict)  # shared with the real run
-    shared_grads: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # their pre-run .grad
-    # pre-run (version, value, requires_grad) of shared leaves, to undo the real run's in-place changes
-    shared_leaves: dict[int, tuple] = field(default_factory=dict)
+    # pre-run state of shared tensors and of the leaves inside `live` names (their copies get it)
+    pre: dict[int, PreRun] = field(default_factory=dict)
+    live_objects: dict[str, Any] = field(default_factory=dict)  # live name -> weakref to its pre-run object
     shared_names: list[str] = field(default_factory=list)  # names of shared non-leaf tensors
+    device: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (a device, bytes on devices)
+    copy_device: bool = False
     notes: list[str] = field(default_factory=list)
-    nbytes: int = 0
+    nbytes: int = 0  # bytes the snapshot's copies hold
+    budget: int = BUDGET_BYTES
+
+    def missing(self, user_ns: dict) -> list[tuple[str, str, int]]:
+        """Why a variant cannot start from the pre-run state now: (what, kind, bytes) with kind
+        "values", "gradients", "replaced" (a live name bound to another object) or "device"."""
+        found: dict[tuple[str, str], int] = {}
+        if not self.copy_device:
+            for name, (dev, nbytes) in self.device.items():
+                found[(name, "device:" + dev)] = nbytes
+        for name, ref in self.live_objects.items():
+            if ref is not None and ref() is not user_ns.get(name, _GONE):
+                found[(name, "replaced")] = 0
+        owners = None
+        for key, state in self.pre.items():
+            for kind in state.lost():
+                if owners is None:
+                    owners = _owners(user_ns, self)
+                what = owners.get(key, "tensors its graph reaches")
+                found[(what, kind)] = found.get((what, kind), 0) + (state.nbytes if kind == "values" else state.grad_nbytes)
+        return [(what, kind, n) for (what, kind), n in found.items()]
+
+
+_GONE = object()
+
+
+def _owners(user_ns: dict, snap: "Snapshot") -> dict[int, str]:
+    """id of a tensor -> the name it is reached by in the namespace (`m`, `x`), for messages."""
+    owners: dict[int, str] = {}
+    for name, obj in list(user_ns.items()):
+        if not isinstance(name, str) or name.startswith("_"):
+            continue
+        if isinstance(obj, torch.Tensor):
+            owners.setdefault(id(obj), name)
+        elif isinstance(obj, torch.nn.Module):
+            try:
+                for t in list(obj.parameters()) + list(obj.buffers()):
+                    owners.setdefault(id(t), name)
+            except Exception:
+                pass
+    return owners
 
 
 def _function_state(fn: types.FunctionType) -> list:
@@ -312,17 +455,34 @@ def _share(snap: Snapshot, tensors: Iterable[torch.Tensor]) -> None:
                 snap.shared[id(leaf)] = leaf
 
 
-def take_snapshot(shell, source: Optional[str], budget: int = BUDGET_BYTES) -> Snapshot:
+def _watchable(obj: Any) -> bool:
+    """A live object whose whole state is in tensors with version counters: variants from it are exact."""
+    return isinstance(obj, (torch.Tensor, torch.nn.Module))
+
+
+def take_snapshot(
+    shell, source: Optional[str], budget: int = BUDGET_BYTES, *, allowance: Optional[Allowance] = None,
+    copy_device: bool = False,
+) -> Snapshot:
     """Copy what `source` will read, and the RNG states, before the real run.
 
-    `source=None` copies every variable (used when no snapshot was taken).
-    Never called on anything but the shell's namespace; it only reads it.
+    Copies take at most `budget` bytes (or what `allowance` grants: the notebook's one budget);
+    what doesn't fit is recorded by version counter (`PreRun`), and tensors on a device other
+    than the CPU are never copied unless `copy_device`. `source=None` copies every variable
+    (used when no snapshot was taken). Never called on anything but the shell's namespace; it
+    only reads it.
     """
+    allowance = allowance if allowance is not None else Allowance(budget)
     user_ns = shell.user_ns
     direct, names, real = _all_names_read(shell, source, user_ns)
-    snap = Snapshot(rng=RngState.take(), read={n: l for n, l in direct.items() if n in user_ns})
+    snap = Snapshot(
+        rng=RngState.take(), read={n: l for n, l in direct.items() if n in user_ns}, copy_device=copy_device,
+        budget=allowance.budget,
+    )
     inv, held = _Inventory(), _Inventory()
     sizes: dict[str, int] = {}
+    leaves_of: dict[str, list[torch.Tensor]] = {}
+    complete_of: dict[str, bool] = {}
     for name in sorted(real):  # read by methods from the real namespace: shared, restored afterwards
         held.scan(user_ns[name])
     for name in sorted(names - real):
@@ -331,38 +491,67 @@ def take_snapshot(shell, source: Optional[str], budget: int = BUDGET_BYTES) -> S
             held.scan(_function_state(fn))
         if isinstance(obj, _ATOMIC):
             continue
-        before = len(inv.nonleaves)
+        before, first_leaf = len(inv.nonleaves), len(inv.leaves)
         size, complete = inv.scan(obj)
-        sizes[name] = size if complete else budget + 1  # too big to walk: too big to copy up front
+        leaves_of[name] = list(inv.leaves.values())[first_leaf:]
+        complete_of[name] = complete
+        sizes[name] = size if complete else allowance.budget + 1  # too big to walk: too big to copy up front
         if len(inv.nonleaves) > before:
             snap.shared_names.append(name)
     _share(snap, list(inv.nonleaves.values()) + list(held.leaves.values()) + list(held.nonleaves.values()))
-    for t in snap.shared.values():
-        g = readable_grad(t)
-        snap.shared_grads[id(t)] = g.detach().clone() if g is not None else None
-        if t.is_leaf:
-            snap.shared_leaves[id(t)] = (version_of(t), t.detach().clone(), t.requires_grad)
-            snap.nbytes += t.numel() * t.element_size()
-    _freeze(snap, user_ns, sizes, [t for t in inv.leaves.values() if id(t) not in snap.shared], budget)
+    for key, t in snap.shared.items():
+        snap.pre[key] = state = pre_run_state(t, allowance, copy_device, copy_value=True)
+        snap.nbytes += tensor_bytes(state.value) + tensor_bytes(state.grad)
+        if on_device(t):
+            _note_device(snap, "tensors its graph reaches", t)
+    leaves = [t for t in inv.leaves.values() if id(t) not in snap.shared]
+    for name, found in leaves_of.items():
+        for t in found:
+            if on_device(t) and id(t) not in snap.shared:
+                _note_device(snap, name, t)
+    _freeze(snap, user_ns, sizes, leaves, allowance, leaves_of, complete_of)
     return snap
 
 
-def _freeze(snap: Snapshot, user_ns: dict, sizes: dict[str, int], leaves: list, budget: int) -> None:
-    """Copy each name within the budget; one memo keeps shared objects shared between names."""
+def _note_device(snap: Snapshot, name: str, t: torch.Tensor) -> None:
+    dev, nbytes = snap.device.get(name, (str(t.device), 0))
+    snap.device[name] = (dev, nbytes + tensor_bytes(t) + tensor_bytes(readable_grad(t)))
+
+
+def _freeze(
+    snap: Snapshot, user_ns: dict, sizes: dict[str, int], leaves: list, allowance: Allowance,
+    leaves_of: dict[str, list], complete_of: dict[str, bool],
+) -> None:
+    """Copy each name within the budget; one memo keeps shared objects shared between names.
+
+    A name that doesn't fit (or holds device tensors, without opt-in) is live: a variant copies it
+    from the present state. When it is a tensor or a module, its leaves' pre-run state is
+    recorded (`PreRun`), so that copy is exact while nothing changed them in place."""
     memo = {id(t): t for t in snap.shared.values()}
     for name, size in sizes.items():
-        if snap.nbytes + size > budget:
+        obj = user_ns[name]
+        on_dev = name in snap.device and not snap.copy_device
+        if on_dev or not allowance.reserve(size):
             snap.live.append(name)
-            snap.notes.append(
-                f"{name} is too large to copy before every run"
-                + (f" ({size / 2**20:.0f} MB)" if size <= budget else "")
-                + ": variants start from the state the real run left it in"
-            )
+            if complete_of.get(name) and _watchable(obj):
+                try:
+                    snap.live_objects[name] = weakref.ref(obj)
+                except TypeError:
+                    snap.live_objects[name] = None
+                for t in leaves_of.get(name, ()):
+                    if id(t) not in snap.pre:
+                        snap.pre[id(t)] = pre_run_state(t, Allowance(0), False, copy_value=False)
+            elif not on_dev:
+                snap.notes.append(
+                    f"{name} is too large to copy before every run"
+                    + (f" ({size / 2**20:.0f} MB)" if size <= allowance.budget else "")
+                    + ": variants start from the state the real run left it in"
+                )
             continue
         try:
-            snap.frozen[name] = copy_with_grads(user_ns[name], memo, leaves)
+            snap.frozen[name] = copy_with_grads(obj, memo, leaves)
             snap.nbytes += size
         except Exception as exc:
-            kind = type(user_ns[name]).__name__
+            kind = type(obj).__name__
             snap.broken[name] = f"a {kind}, which cannot be copied ({type(exc).__name__}: {exc})"
     snap.frozen_leaves = [memo[id(t)] for t in leaves if id(t) in memo]
