@@ -43,16 +43,22 @@ cell("%load_ext autograd_magic")
 cell("import torch\ntorch.manual_seed(0)\n"
      "m = torch.nn.Sequential(*[torch.nn.Linear({width}, {width}) for _ in range({layers})])\n"
      "inp = torch.randn({batch}, {width})")
-after = []
+after, held = [], []
+def snapshot_mb():
+    if not magic:
+        return 0.0
+    from autograd_magic.notebook.session import snapshot_budget
+    return snapshot_budget(shell).used / 2**20
 for _ in range({reruns}):
     cell("loss = m(inp).pow(2).mean(); loss.backward()", traced=True)
     gc.collect()
     after.append(rss_mb())
+    held.append(snapshot_mb())
 cell("loss2 = m(inp).pow(2).mean()")
 cell("loss2.backward()", traced=True)
 gc.collect()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-sys.__stdout__.write("\n" + json.dumps({"peak": peak, "after": after, "end": rss_mb()}) + "\n")
+sys.__stdout__.write("\n" + json.dumps({"peak": peak, "after": after, "held": held + [snapshot_mb()], "end": rss_mb()}) + "\n")
 """
 
 
@@ -71,7 +77,9 @@ def main(repeats: int = 1) -> dict:
     traced = min((_run("traced") for _ in range(repeats)), key=lambda r: r["peak"])
     bound = 1.1 * plain["peak"] + 64
     after = traced["after"]
-    growth = (after[-1] - after[0]) / max(len(after) - 1, 1)
+    n = len(after)
+    mean_x, mean_y = (n - 1) / 2, sum(after) / n  # least-squares slope: RSS is noisy run to run
+    growth = sum((i - mean_x) * (a - mean_y) for i, a in enumerate(after)) / max(sum((i - mean_x) ** 2 for i in range(n)), 1)
     ratio = traced["peak"] / plain["peak"]
     model_mb = LAYERS * (WIDTH * WIDTH + WIDTH) * 4 / 2**20
     print(
@@ -86,6 +94,10 @@ def main(repeats: int = 1) -> dict:
         f"memory_magic growth per re-run of the traced cell {growth:+.0f} MB   (RSS after each run: "
         + ", ".join(f"{a:.0f}" for a in after) + f" MB; plain {', '.join(f'{a:.0f}' for a in plain['after'])} MB)"
     )
+    held = traced.get("held")
+    if held is not None:
+        print("memory_magic snapshot bytes held by the notebook after each traced cell: "
+              + ", ".join(f"{h:.1f}" for h in held) + " MB")
     return {"memory_magic_ratio": ratio, "memory_magic_growth_mb": growth}
 
 
