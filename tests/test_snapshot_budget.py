@@ -141,3 +141,27 @@ def test_quiet_text_and_static_cells_take_no_snapshot(nb):
         with capture_output(display=True):
             nb.run_cell(f"%%autograd {option}\ny = (x * 3).sum()")
         assert snapshot_budget(nb).used == 0, option
+
+
+def test_over_the_budget_a_snapshot_never_keeps_a_tensor_alive(nb):
+    import gc
+    import weakref
+
+    nb.run_cell("%config AutogradMagics.snapshot_mb = 0")
+    nb.run_cell("import torch\nw0 = torch.randn(1000, requires_grad=True)\nh = w0 * 2")
+    ref = weakref.ref(nb.user_ns["h"])
+    s = traced(nb, "y = (h * 3).sum()")
+    assert s.can_rerun and id(ref()) in s._snapshot.shared and s.snapshot_nbytes == 0  # shared, not copied
+    nb.run_cell("del h, y")
+    gc.collect()
+    assert ref() is None  # the session (still open, as a widget's is) did not keep it
+
+
+def test_within_the_budget_a_rebound_input_is_kept_for_the_variant(nb):
+    nb.run_cell("import torch\nw0 = torch.tensor([1., 2.], requires_grad=True)\nz = w0 * 2")
+    s = traced(nb, "z = z * 3")  # rebinds the name it reads: the old z lives on in the snapshot only
+    assert s.snapshot_nbytes == 2 * 4 + 2 * 4  # z kept alive, and a copy of w0, the leaf its graph reaches
+    v = s.rerun(Toggles(no_grad=True))
+    assert v.error is None
+    out = next(r for r in v.records if r.name == "z" and not r.external)
+    np.testing.assert_array_equal(out.value, (torch.tensor([1., 2.]) * 2 * 3).numpy())

@@ -122,6 +122,8 @@ class Sandbox:
             ns = dict(user_ns)
             memo = {id(t): t for t in snap.shared.values()}
             ns.update(copy_with_grads(snap.frozen, memo, snap.frozen_leaves))
+            for name, ref in snap.shared_refs.items():
+                ns[name] = ref()  # the very tensor the real run read (missing() made sure it is alive)
             for name in snap.live:
                 if name in user_ns:
                     ns[name] = copy_live(user_ns[name], memo, skip=snap.pre)

@@ -384,10 +384,12 @@ class Snapshot:
     frozen_leaves: list = field(default_factory=list)  # leaf tensors inside `frozen`
     live: list[str] = field(default_factory=list)  # not copied up front: copied from the present state
     broken: dict[str, str] = field(default_factory=dict)  # name -> why it cannot be copied
-    shared: dict[int, torch.Tensor] = field(default_factory=dict)  # shared with the real run
+    # shared with the real run, held weakly: a snapshot never keeps a tensor (or its graph) alive
+    shared: "weakref.WeakValueDictionary[int, torch.Tensor]" = field(default_factory=weakref.WeakValueDictionary)
     # pre-run state of shared tensors and of the leaves inside `live` names (their copies get it)
     pre: dict[int, PreRun] = field(default_factory=dict)
     live_objects: dict[str, Any] = field(default_factory=dict)  # live name -> weakref to its pre-run object
+    shared_refs: dict[str, Any] = field(default_factory=dict)  # name bound to a shared tensor -> weakref to it
     shared_names: list[str] = field(default_factory=list)  # names of shared non-leaf tensors
     device: dict[str, tuple[str, int]] = field(default_factory=dict)  # name -> (a device, bytes on devices)
     copy_device: bool = False
@@ -404,6 +406,9 @@ class Snapshot:
                 found[(name, "device:" + dev)] = nbytes
         for name, ref in self.live_objects.items():
             if ref is not None and ref() is not user_ns.get(name, _GONE):
+                found[(name, "replaced")] = 0
+        for name, ref in self.shared_refs.items():
+            if ref() is None:  # rebound, and the tensor the cell read is gone
                 found[(name, "replaced")] = 0
         owners = None
         for key, state in self.pre.items():
@@ -530,6 +535,16 @@ def _freeze(
     memo = {id(t): t for t in snap.shared.values()}
     for name, size in sizes.items():
         obj = user_ns[name]
+        if isinstance(obj, torch.Tensor) and id(obj) in snap.shared:
+            # the tensor itself, no copy: kept alive (a cell may rebind the name it reads, `z = z.mean()`)
+            # when its bytes fit the budget, else held weakly (a variant needs it still alive)
+            nbytes = tensor_bytes(obj)
+            if allowance.reserve(nbytes):
+                snap.frozen[name] = obj
+                snap.nbytes += nbytes
+            else:
+                snap.shared_refs[name] = weakref.ref(obj)
+            continue
         on_dev = name in snap.device and not snap.copy_device
         if on_dev or not allowance.reserve(size):
             snap.live.append(name)
