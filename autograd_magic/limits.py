@@ -37,3 +37,9 @@ SNAPSHOT_EXPLAINED = 300  # records with why-explanations in the static snapshot
 
 # ---- the notebook (notebook/) ----
 NOTEBOOK_RECORDS = 20_000  # records of earlier traced cells kept for later cells' backward; oldest cells go first
+
+# ---- re-run snapshots across the notebook (notebook/session.py, issue 14) ----
+# One budget for every traced cell's snapshot together (`%config AutogradMagics.snapshot_mb`): a new
+# snapshot releases the least recently used ones to fit; what still does not fit is not copied but
+# checked by version counter when a variant runs (the toggles go off if the real run changed it).
+NOTEBOOK_SNAPSHOT_BYTES = SNAPSHOT_BYTES

@@ -77,3 +77,12 @@ def test_the_view_says_what_a_re_run_repeats_and_skips(shell, tmp_path):
     assert "re-run this cell's Python code" in note and f"!echo run >> {log}" in note
     assert any("shell commands and magics" in str(o.data) for o in cap.outputs)  # in the snapshot output too
     session.close()
+
+
+def test_every_variant_says_it_re_ran_the_python_code(shell, tmp_path):
+    log = tmp_path / "py.txt"
+    shell.run_cell("import torch\nx = torch.ones(3, requires_grad=True)")
+    body = f"with open({str(log)!r}, 'a') as f:\n    f.write('py\\n')\ny = (x * x).sum()"
+    run(shell, "%%autograd --quiet --detach y -o v\n" + body)
+    assert lines(log) == ["py", "py"]  # the real run and the variant, as the note says
+    assert any("re-ran the cell's Python code" in n and "written again" in n for n in shell.user_ns["v"].notes)

@@ -32,7 +32,7 @@ class CellOptions:
     layout_timeout: float = limits.LAYOUT_SECONDS
     auto: bool = False  # traced by `%autograd on`, not by a written `%%autograd` line
     copy_device: bool = False  # --copy-device: re-runs may copy tensors on a GPU (or another device)
-    snapshot_bytes: int = limits.SNAPSHOT_BYTES  # the notebook's one budget for re-run snapshots
+    snapshot_bytes: int = limits.NOTEBOOK_SNAPSHOT_BYTES  # the notebook's one budget for re-run snapshots
 
     @property
     def rerunnable(self) -> bool:

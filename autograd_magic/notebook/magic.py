@@ -31,7 +31,7 @@ class AutogradMagics(Magics):
     layout_timeout = Float(5.0, help="Seconds Graphviz may spend laying out a graph.").tag(config=True)
     static = Bool(False, help="Show the static HTML snapshot instead of the widget.").tag(config=True)
     snapshot_mb = Integer(
-        limits.SNAPSHOT_BYTES // 2**20,
+        limits.NOTEBOOK_SNAPSHOT_BYTES // 2**20,
         help="MB the notebook's traced cells may keep in copies for the toggles and the gradient check (one budget for all cells).",
     ).tag(config=True)
 

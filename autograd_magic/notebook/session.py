@@ -166,7 +166,7 @@ class SnapshotBudget:
     releases its previous snapshot before it takes a new one.
     """
 
-    def __init__(self, budget: int = limits.SNAPSHOT_BYTES) -> None:
+    def __init__(self, budget: int = limits.NOTEBOOK_SNAPSHOT_BYTES) -> None:
         self.budget = budget
         self._held: "OrderedDict[int, tuple[weakref.ref, int]]" = OrderedDict()  # oldest use first
         self._by_cell: dict[str, weakref.ref] = {}

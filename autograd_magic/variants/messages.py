@@ -60,5 +60,6 @@ def skipped_line(skipped: list[str], variant: bool) -> str:
     """What a re-run does not do again: the cell's shell commands and magics."""
     shown = ", ".join(f"`{s}`" for s in skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     if variant:
-        return f"This variant re-ran the cell's Python code (a file it writes is written again); it skipped {shown}."
+        said = "This variant re-ran the cell's Python code in a sandbox (a file it writes is written again)"
+        return f"{said}; it skipped {shown}." if skipped else f"{said}; shell commands and magics never run again."
     return f"{RERUN_REPEATS_CODE}, but never its shell commands and magics: {shown} ran once, in the real run."

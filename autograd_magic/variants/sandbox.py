@@ -304,8 +304,7 @@ def run_variant(
                 display=False, capture=True, detail_limit=detail_limit,
             )
         trace = run.trace
-        if sandbox.skipped:
-            notes.append(skipped_line(sandbox.skipped, variant=True))
+        notes.append(skipped_line(sandbox.skipped, variant=True))
     except SandboxError as exc:  # the pre-run state is gone: said in one line
         return _failed(original, TraceError(type="SandboxError", message=str(exc)), toggles.no_grad, names)
     except Exception as exc:
