@@ -8,8 +8,10 @@ the `%%autograd` lines (the extension loaded alike, so imports match).
 
 Each side runs in a fresh process (peak RSS is per process) with an IPython InteractiveShell that
 has `%load_ext autograd_magic` and runs every cell through `run_cell`, widgets displayed.
-Printed: peak RSS traced and plain, traced/plain, the goal (peak <= 1.1 x plain + 64 MB), and the
-resident memory added per re-run of the traced cell (after the first run; gc collected).
+Printed: peak RSS traced and plain, traced/plain, the goal (peak <= 1.1 x plain + 64 MB), the
+resident memory added per re-run of the traced cell (gc collected; a least-squares slope), the same
+with freed memory handed back to the OS first (`malloc_trim`, in separate processes, so what the
+magic keeps shows apart from what glibc holds on to), and the bytes the notebook's snapshots hold.
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ def rss_mb():
                 return int(line.split()[1]) / 1024
     return float("nan")
 
-magic = sys.argv[1] == "traced"
+magic = sys.argv[1].startswith("traced")
+trim = sys.argv[1].endswith("_trim")  # return freed memory to the OS before each reading (growth only)
+def trimmed():
+    if trim:
+        import ctypes
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except Exception:
+            pass
 shell = InteractiveShell.instance()
 def cell(text, traced=False):
     result = shell.run_cell(("%%autograd\n" + text) if (traced and magic) else text, store_history=True)
@@ -47,11 +57,15 @@ after, held = [], []
 def snapshot_mb():
     if not magic:
         return 0.0
-    from autograd_magic.notebook.session import snapshot_budget
+    try:
+        from autograd_magic.notebook.session import snapshot_budget
+    except ImportError:  # a version of the package before the notebook's budget
+        return float("nan")
     return snapshot_budget(shell).used / 2**20
 for _ in range({reruns}):
     cell("loss = m(inp).pow(2).mean(); loss.backward()", traced=True)
     gc.collect()
+    trimmed()
     after.append(rss_mb())
     held.append(snapshot_mb())
 cell("loss2 = m(inp).pow(2).mean()")
@@ -72,14 +86,22 @@ def _run(side: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _slope(values: list) -> float:
+    """Least-squares MB per run: RSS is noisy run to run."""
+    n = len(values)
+    mean_x, mean_y = (n - 1) / 2, sum(values) / n
+    return sum((i - mean_x) * (a - mean_y) for i, a in enumerate(values)) / max(sum((i - mean_x) ** 2 for i in range(n)), 1)
+
+
 def main(repeats: int = 1) -> dict:
     plain = min((_run("plain") for _ in range(repeats)), key=lambda r: r["peak"])
     traced = min((_run("traced") for _ in range(repeats)), key=lambda r: r["peak"])
+    # growth kept, not what the allocator holds on to: freed memory returned to the OS before each reading
+    plain_trim, traced_trim = _run("plain_trim"), _run("traced_trim")
     bound = 1.1 * plain["peak"] + 64
     after = traced["after"]
-    n = len(after)
-    mean_x, mean_y = (n - 1) / 2, sum(after) / n  # least-squares slope: RSS is noisy run to run
-    growth = sum((i - mean_x) * (a - mean_y) for i, a in enumerate(after)) / max(sum((i - mean_x) ** 2 for i in range(n)), 1)
+    growth = _slope(after)
+    kept = _slope(traced_trim["after"])
     ratio = traced["peak"] / plain["peak"]
     model_mb = LAYERS * (WIDTH * WIDTH + WIDTH) * 4 / 2**20
     print(
@@ -94,11 +116,16 @@ def main(repeats: int = 1) -> dict:
         f"memory_magic growth per re-run of the traced cell {growth:+.0f} MB   (RSS after each run: "
         + ", ".join(f"{a:.0f}" for a in after) + f" MB; plain {', '.join(f'{a:.0f}' for a in plain['after'])} MB)"
     )
+    print(
+        f"memory_magic kept per re-run (after malloc_trim) {kept:+.1f} MB   (traced "
+        + ", ".join(f"{a:.0f}" for a in traced_trim["after"]) + " MB; plain "
+        + ", ".join(f"{a:.0f}" for a in plain_trim["after"]) + f" MB, {_slope(plain_trim['after']):+.1f} MB per run)"
+    )
     held = traced.get("held")
     if held is not None:
         print("memory_magic snapshot bytes held by the notebook after each traced cell: "
               + ", ".join(f"{h:.1f}" for h in held) + " MB")
-    return {"memory_magic_ratio": ratio, "memory_magic_growth_mb": growth}
+    return {"memory_magic_ratio": ratio, "memory_magic_growth_mb": growth, "memory_magic_kept_mb": kept}
 
 
 if __name__ == "__main__":
