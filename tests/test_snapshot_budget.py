@@ -165,3 +165,17 @@ def test_within_the_budget_a_rebound_input_is_kept_for_the_variant(nb):
     assert v.error is None
     out = next(r for r in v.records if r.name == "z" and not r.external)
     np.testing.assert_array_equal(out.value, (torch.tensor([1., 2.]) * 2 * 3).numpy())
+
+
+def test_the_widget_shows_the_line_and_turns_its_toggles_off(nb):
+    from autograd_magic.notebook.widget import make_view
+
+    nb.run_cell("%config AutogradMagics.snapshot_mb = 0")
+    nb.run_cell("import torch\nm = torch.nn.Linear(64, 64)\ninp = torch.randn(4, 64)\nm(inp).sum().backward()")
+    s = traced(nb, "loss = m(inp).sum()\nloss.backward()")
+    view = make_view(s, graph=False)
+    assert view.payload["can_rerun"] is False
+    assert s.rerun_blocked in view.payload["notes"]
+    view.no_grad = True  # a click anyway: one line in the status, nothing re-run
+    assert "snapshot budget" in view.status and view.variant is None
+    view.close()
