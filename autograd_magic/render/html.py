@@ -30,7 +30,7 @@ from ..data.trace import Record, Trace, TraceError
 from .. import limits
 
 BOX = (
-    "font-family:-apple-system,BlinkMacSystemFont,'Segoe UI',Helvetica,Arial,sans-serif;font-size:13px;"
+    "font-family:system-ui,'Segoe UI',Helvetica,Arial,sans-serif;font-size:13px;"
     "color:#1f2328;background:#ffffff;border:1px solid #d0d7de;border-radius:6px;padding:8px;"
     "overflow-x:auto;max-width:100%;line-height:1.4"
 )

@@ -68,7 +68,7 @@ def graph_html(shown: Trace, timeout: Optional[float] = None) -> str:
             if small.svg is None:
                 return _dot_html(dot, small.hint)
             svg = compact_svg(small.svg)
-            if len(svg) > limits.SNAPSHOT_GRAPH_BYTES:
+            if len(svg) > limits.SNAPSHOT_GRAPH_SMALL_BYTES:
                 return f"<i>{_html.escape(LEFT_OUT.format(size=len(svg) // 1000))}</i>"
             note = (
                 f"A smaller drawing: at most {limits.SNAPSHOT_GRAPH_SMALL} nodes, the rest folded; "
@@ -120,6 +120,12 @@ def compact_svg(svg: str) -> str:
     svg = _CLASS.sub(r"\1", svg).replace(' stroke="none"', "")  # classes serve the widget; none is SVG's default
     svg = _GEOMETRY.sub(_round, svg)
     svg = _SIZE.sub(r' font-size="\1"', svg)
+    svg = svg.replace(' fill="#000000"', "").replace("scale(1 1) rotate(0) ", "")  # SVG's defaults
+    svg = svg.replace(' xmlns:xlink="http://www.w3.org/1999/xlink"', "") if "xlink:" not in svg else svg
+    if svg.count("<g>") == svg.count("</g>") - 1:  # the bare groups of nodes and edges, not the root
+        svg = svg.replace("<g>", "")
+        last = svg.rfind("</g>")
+        svg = svg[:last].replace("</g>", "") + svg[last:]
     hoisted = [a for a in _HOISTED if svg.count(a) > 1]
     for a in hoisted:
         svg = svg.replace(a, "")
