@@ -358,7 +358,9 @@ def table(
         extras = line_extras(trace, line)
         if not rows and not extras:
             continue
-        body.append("<tbody>" + group_header(trace, line) + rows + extras + "</tbody>")
+        head = group_header(trace, line)
+        budget.size -= len(head) + len(extras)  # the line's header counts against the bytes too
+        body.append("<tbody>" + head + rows + extras + "</tbody>")
     if budget.left_out:
         text = f"{budget.left_out} more tensors are not shown here (the interactive view and str(trace) show them all)"
         body.append("<tbody>" + _note_row(text) + "</tbody>")
