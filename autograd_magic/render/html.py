@@ -34,7 +34,6 @@ BOX = (
     "color:#1f2328;background:#ffffff;border:1px solid #d0d7de;border-radius:6px;padding:8px;"
     "overflow-x:auto;max-width:100%;line-height:1.4"
 )
-TABLE = "border-collapse:collapse;margin:6px 0;font-size:12px;color:#1f2328"
 MAX_ROWS = limits.SNAPSHOT_ROWS
 WIDGET_HAS_ALL = "the live widget shows them all"
 

@@ -26,14 +26,8 @@ from ..data.trace import Preview, Record, Trace
 
 from .. import limits
 
-MONO = "font-family:SFMono-Regular,Menlo,Consolas,'Liberation Mono',monospace"
-TD = "padding:3px 8px;border-top:1px solid #d0d7de;vertical-align:top;text-align:left"
-TH = "padding:4px 8px;text-align:left;font-weight:600;border-bottom:2px solid #d0d7de"
-GROUP = f"padding:6px 8px 2px;background:#f6f8fa;text-align:left;font-weight:normal;{MONO}"
-PRE = f"margin:0;white-space:pre;{MONO};font-size:12px;background:transparent;padding:0"
 CHANGED = "background:#fff1b8"
 MUTED = "color:#57606a;font-size:11px"
-BADGE = "display:inline-block;margin-left:4px;padding:0 4px;border-radius:3px;font-size:10px;background:#eaeef2;color:#24292f"
 ERROR = "background:#ffebe9;color:#82071e"
 # The snapshot's style sheet: every rule under `.agm-s` (the snapshot's box), nothing fetched.
 CSS = (
