@@ -24,7 +24,7 @@ from typing import Iterable, Optional, Union
 from ..data.identity import match_records
 from ..explain.wording import variant_description
 from .html_table import (
-    COLUMNS, CSS, ERROR, MUTED, esc, full_row, header_row, muted, row,
+    COLUMNS, CSS, ERROR, MUTED, TABLE_LAYOUT, esc, full_row, header_row, muted, row,
 )
 from ..data.trace import Record, Trace, TraceError
 from .. import limits
@@ -181,10 +181,10 @@ def line_order(trace: Trace) -> list[Optional[int]]:
 def group_header(trace: Trace, line: Optional[int]) -> str:
     if line is None:
         text = "from outside the cell (earlier cells, the namespace)"
-        return f'<tr><th colspan="{len(COLUMNS)}" class="g"><i>{esc(text)}</i></th></tr>'
+        return f'<tr><th colspan="{len(COLUMNS)}" class="g" style="text-align:left"><i>{esc(text)}</i></th></tr>'
     source = clip(trace.source_line(line), 400)
     code = f' <code style="white-space:pre">{esc(source)}</code>' if source.strip() else ""
-    return f'<tr><th colspan="{len(COLUMNS)}" class="g">{muted(f"line {line}")}{code}</th></tr>'
+    return f'<tr><th colspan="{len(COLUMNS)}" class="g" style="text-align:left">{muted(f"line {line}")}{code}</th></tr>'
 
 
 # ---- repeated numbered blocks: `layers.0` … `layers.5` listed once ----
@@ -312,7 +312,7 @@ def folded(records: list[Record], trace: Trace, originals: dict[int, Record], co
     summary = f"{len(records)} op{'s' if len(records) != 1 else ''} inside " + where_text
     inner = (
         f'<details><summary style="{MUTED}">{esc(summary)}</summary>'
-        f'<table style="width:100%">{rows}</table></details>'
+        f'<table style="width:100%;table-layout:auto">{rows}</table></details>'
     )
     return full_row(inner)
 
@@ -365,4 +365,4 @@ def table(
         body.append("<tbody>" + _note_row(text) + "</tbody>")
     if not trace.records:
         body.append("<tbody>" + _note_row("no tensors were made") + "</tbody>")
-    return f"<table>{header_row()}{''.join(body)}</table>"
+    return f"<table{TABLE_LAYOUT}>{header_row()}{''.join(body)}</table>"

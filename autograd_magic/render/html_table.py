@@ -39,7 +39,7 @@ CSS = (
     ".agm-s code,.agm-s pre,.agm-s .m{font-family:Menlo,Consolas,'Liberation Mono',monospace}"
     ".agm-s pre{margin:0;white-space:pre;font-size:12px;background:transparent;padding:0;color:inherit}"
     ".agm-s .w{white-space:pre-wrap}"
-    ".agm-s .b{display:inline-block;margin-left:4px;padding:0 4px;border-radius:3px;font-size:10px;"
+    ".agm-s .b{display:inline-block;margin-left:1px;padding:0 4px;border-radius:3px;font-size:10px;"
     "background:#eaeef2;color:#24292f}"
     ".agm-s summary{cursor:pointer}"
 )
@@ -50,8 +50,17 @@ def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+# Where the style sheet is dropped (Lab's untrusted output, GitHub), the host's own table rules
+# apply: Lab's lay a table out in equal fixed columns and let a <pre> wrap, which folds a printed
+# tensor into a narrow column. These two inline rules, one per table and one per long value, keep
+# the columns as wide as their content and a value as torch printed it.
+TABLE_LAYOUT = ' style="table-layout:auto"'
+PRE_LAYOUT = ' style="white-space:pre"'
+
+
 def pre(text: str) -> str:
-    return f"<pre>{esc(text)}</pre>"
+    """A printed value; kept unwrapped inline when it has several lines (a one-liner may wrap)."""
+    return f"<pre{PRE_LAYOUT if chr(10) in text else ''}>{esc(text)}</pre>"
 
 
 def muted(html_text: str, tag: str = "span") -> str:
@@ -60,9 +69,10 @@ def muted(html_text: str, tag: str = "span") -> str:
 
 
 def badge(text: str, style: str = "") -> str:
+    """A small tag after a name; the space before it separates them where the sheet is dropped."""
     if style:
-        return f'<span class="b" style="{style}">{esc(text)}</span>'
-    return f'<span class="b">{esc(text)}</span>'
+        return f' <span class="b" style="{style}">{esc(text)}</span>'
+    return f' <span class="b">{esc(text)}</span>'
 
 
 def header_row() -> str:
@@ -194,5 +204,6 @@ def row(r: Record, trace: Trace, orig: Optional[Record] = None, compare: bool = 
 
 
 def full_row(inner: str, style: str = "") -> str:
-    attr = f' style="{style}"' if style else ""
+    """A row across every column, its text from the left (hosts right-align cells: Lab does)."""
+    attr = f' style="text-align:left;{style}"' if style else ' style="text-align:left"'
     return f'<tr><td colspan="{len(COLUMNS)}"{attr}>{inner}</td></tr>'

@@ -20,7 +20,7 @@ from typing import Optional
 from ..explain.errors import explain_error
 from ..explain.why import explain_record
 from ..explain.wording import verdict
-from .html_table import ERROR, esc, muted
+from .html_table import ERROR, TABLE_LAYOUT, esc, muted
 from ..data.trace import Record, Trace
 from ..explain.stepper import Step, describe_grad, steps
 from .. import limits
@@ -43,7 +43,7 @@ def _prose(text: str) -> str:
 
 def _table(head: tuple[str, ...], rows: list[str]) -> str:
     cells = "".join(f"<th>{esc(h)}</th>" for h in head)
-    return f'<table><thead><tr>{cells}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return f'<table{TABLE_LAYOUT}><thead><tr>{cells}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _td(html: str, cls: str = "") -> str:
@@ -169,7 +169,8 @@ def why_candidates(trace: Trace) -> list[Record]:
     Internals are folded into their call line everywhere, and are left out. First the
     tensors at the error's line; then the named ones and the leaves (why their `.grad`
     is what it is, or None); then the rest, of which only a few: an unnamed intermediate's
-    why mostly repeats that a non-leaf keeps no `.grad`.
+    why mostly repeats that a non-leaf keeps no `.grad`. Data from outside the cell that
+    takes no part in autograd (no grad, no requires_grad) is left to the live widget.
     """
     err_line = trace.error.line if trace.error is not None else None
 
@@ -187,7 +188,7 @@ def why_candidates(trace: Trace) -> list[Record]:
     shown = [r for r in trace.records[:MAX_RECORDS] if not (r.internal and not r.external)]
     ranked = sorted(shown, key=lambda r: (rank(r), r.id))
     others = [r for r in ranked if rank(r) == 3][: limits.SNAPSHOT_WHY_UNNAMED]
-    return [r for r in ranked if rank(r) < 3] + others + [r for r in ranked if rank(r) > 3]
+    return [r for r in ranked if rank(r) < 3] + others  # data from outside that takes no part: the widget
 
 
 # ---- the gradient check ----
