@@ -43,3 +43,27 @@ NOTEBOOK_RECORDS = 20_000  # records of earlier traced cells kept for later cell
 # snapshot releases the least recently used ones to fit; what still does not fit is not copied but
 # checked by version counter when a variant runs (the toggles go off if the real run changed it).
 NOTEBOOK_SNAPSHOT_BYTES = SNAPSHOT_BYTES
+
+# ---- the static snapshot's size (render/snapshot.py, html.py, teach_html.py, text.py) ----
+# Each traced cell writes its snapshot (text/html + text/plain) into the notebook file: these
+# keep it under ~150 KB whatever the model (a seed cell far less); every cut says so in a line.
+SNAPSHOT_HTML_BYTES = 120_000  # the whole text/html; past it, the last sections give way to a line
+SNAPSHOT_TABLE_BYTES = 56_000  # the table of tensors: rows stop here ("N more tensors ...")
+SNAPSHOT_GRAPH_BYTES = 8_000  # the graph's SVG (compacted); larger, it is redrawn with fewer nodes
+SNAPSHOT_GRAPH_SMALL = 10  # nodes in that smaller drawing (start and end kept, the middle folded)
+SNAPSHOT_GRAPH_SMALL_BYTES = 16_000  # that smaller drawing's SVG; larger still, the graph is left out (one line says so)
+SNAPSHOT_DOT_CHARS = 8_000  # DOT text shown when no SVG could be laid out
+SNAPSHOT_STEPS_SHOWN = 6  # first backward steps shown per pass
+SNAPSHOT_PASSES = 4  # backward passes shown step by step (the rest are listed)
+SNAPSHOT_STEPPER_BYTES = 24_000  # the stepper section
+SNAPSHOT_WHY = 8  # tensors with a why-explanation
+SNAPSHOT_WHY_BYTES = 12_000  # the why section
+SNAPSHOT_CALL_ROWS = 8  # ops inside one call listed (the rest are counted)
+SNAPSHOT_REPEAT_BLOCKS = 1  # of N identical numbered blocks (layers.0 … layers.5), those listed
+SNAPSHOT_VALUE_LINES = 6  # a printed value up to this many lines is shown whole ...
+SNAPSHOT_VALUE_CHARS = 360  # ... and up to this many characters; else its head and statistics
+SNAPSHOT_VALUE_HEAD = 2  # lines of that head
+SNAPSHOT_TEXT_CHARS = 1_000  # characters of any one message (errors, notes) in the snapshot
+TEXT_ROWS = 300  # rows of the text table (text/plain, str(trace)); the rest are counted
+SNAPSHOT_PASS_ITEMS = 20  # backward passes listed (a training loop makes hundreds)
+SNAPSHOT_WHY_UNNAMED = 2  # of those, unnamed intermediates (their why mostly repeats "a non-leaf keeps no .grad")

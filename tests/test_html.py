@@ -7,6 +7,7 @@ plain PyTorch printing the same tensors.
 from __future__ import annotations
 
 import html
+import re
 from html.parser import HTMLParser
 
 import pytest
@@ -27,12 +28,18 @@ class _Tags(HTMLParser):
         super().__init__()
         self.tags: list[tuple[str, list]] = []
         self.text: list[str] = []
+        self.sheets: list[str] = []  # the text of each <style> element
+        self._in_style = False
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, attrs))
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag):
+        self._in_style = False
 
     def handle_data(self, data):
-        self.text.append(data)
+        (self.sheets if self._in_style else self.text).append(data)
 
 
 def parse(fragment: str) -> _Tags:
@@ -43,13 +50,24 @@ def parse(fragment: str) -> _Tags:
 
 
 def assert_safe(fragment: str) -> _Tags:
-    """Only layout tags, no event handlers, no scripts, no external styles."""
+    """Only layout tags, no event handlers, no scripts, no external styles.
+
+    One <style> element is allowed: the snapshot's own sheet, exactly `html_table.CSS`
+    (every rule scoped to `.agm-s`, nothing fetched), never one made of user text.
+    """
+    from autograd_magic.render.html_table import CSS
+
     assert "<script" not in fragment.lower()
     parsed = parse(fragment)
     for tag, attrs in parsed.tags:
-        assert tag in ALLOWED_TAGS, tag
+        assert tag in ALLOWED_TAGS | {"style"}, tag
         for name, _ in attrs:
             assert name in {"style", "class", "colspan", "open", "data-record", "data-changed"}, name
+    assert sum(1 for tag, _ in parsed.tags if tag == "style") <= 1
+    assert parsed.sheets in ([], [CSS])
+    selectors = [sel for group in re.findall(r"([^{}]+)\{[^{}]*\}", CSS) for sel in group.split(",")]
+    assert selectors and all(sel.startswith(".agm-s ") for sel in selectors), selectors
+    assert "url(" not in CSS and "@import" not in CSS and "<" not in CSS
     return parsed
 
 

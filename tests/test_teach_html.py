@@ -11,13 +11,22 @@ VOID = {"br", "hr", "img", "meta", "input", "col", "wbr"}
 
 
 class _Balance(HTMLParser):
-    def __init__(self):
+    """Balanced tags, no scripts, no event handlers; a <style> only where `sheet` is allowed
+    (a whole snapshot has its one sheet, `html_table.CSS`; the fragments have none)."""
+
+    def __init__(self, sheet: bool = False):
         super().__init__()
         self.stack: list[str] = []
         self.bad: list[str] = []
+        self.sheet = sheet
+        self.sheets: list[str] = []
+
+    def handle_data(self, data):
+        if self.stack and self.stack[-1] == "style":
+            self.sheets.append(data)
 
     def handle_starttag(self, tag, attrs):
-        if tag in ("script", "style", "link", "iframe"):
+        if tag in ("script", "link", "iframe") or (tag == "style" and not self.sheet):
             self.bad.append(tag)
         if any(name.startswith("on") for name, _ in attrs):
             self.bad.append(f"{tag} event handler")
@@ -29,12 +38,15 @@ class _Balance(HTMLParser):
         self.stack.pop()
 
 
-def well_formed(fragment: str) -> None:
-    p = _Balance()
+def well_formed(fragment: str, sheet: bool = False) -> None:
+    from autograd_magic.render.html_table import CSS
+
+    p = _Balance(sheet)
     p.feed(fragment)
     p.close()
     assert not p.stack, p.stack
     assert not p.bad, p.bad
+    assert p.sheets in ([], [CSS])
 
 
 def traced(shell, body: str, flags: str = "--quiet"):
@@ -108,7 +120,7 @@ def test_teach_sections_fit_the_snapshot(shell):
     secs = teach_sections(t)
     assert len(secs) == 3
     page = render_html(t, sections=secs)
-    well_formed(page)
+    well_formed(page, sheet=True)
     assert "backward, step by step" in page and "gradient check" in page and "✓ agrees" in page
     t.gradcheck = None
     assert len(teach_sections(t)) == 2

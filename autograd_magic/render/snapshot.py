@@ -1,34 +1,137 @@
-"""The static snapshot: one inline-styled HTML fragment with every section, and the mimebundle.
+"""The static snapshot: one HTML fragment with every section, and the mimebundle.
 
 What GitHub, nbviewer, nbconvert and a page without a kernel show: the table,
 the graph (inline SVG, or the DOT text when layout can't run in time), the
-backward stepper, the why-explanations and the gradient check. No scripts.
+first backward steps, the explanations that matter and the gradient check.
+No scripts.
+
+A traced cell writes this into the notebook file, so it is a summary bounded in
+bytes whatever the model (`limits.SNAPSHOT_*`): each part has its budget (see
+html.py and teach_html.py), the graph is redrawn with fewer nodes when its SVG
+is too large, and if the whole still exceeds `SNAPSHOT_HTML_BYTES` the last
+sections give way, each to one line saying the live widget has it. Only what is
+shown is built.
 """
 
 from __future__ import annotations
 
+import html as _html
+import re
 from typing import Optional
 
+from .. import limits
 from ..data.trace import Trace
+from .dot import render_dot
 from .html import render_html, section
-from .layout import svg_or_fallback_html
-from .teach_html import teach_sections
+from .layout import layout
+from .teach_html import teach_parts
+
+LEFT_OUT = "Left out of this snapshot to keep the notebook small ({size} KB); the live widget shows it."
 
 
 def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = True, timeout: Optional[float] = None) -> str:
-    """The static snapshot with every section: table, graph, stepper, why, gradient check."""
-    sections = []
+    """The static snapshot: table, graph, first backward steps, why, gradient check, within its byte budget."""
+    shown = variant or trace
+    parts: list[tuple[str, str, bool]] = []  # (title, body, open), in the order shown
     if graph:
         try:
-            # inline SVG, or the DOT text with a one-line hint when layout can't run in time
-            sections.append(section("autograd graph", svg_or_fallback_html(variant or trace, timeout=timeout)))
+            body = graph_html(shown, timeout=timeout)
+            if body:
+                parts.append(("autograd graph", body, True))
         except Exception:  # the table still shows; the graph is a bonus here
             pass
     try:
-        sections.extend(teach_sections(variant or trace))
+        parts.extend(teach_parts(shown))
     except Exception:  # the explanations are a bonus too; the table always shows
         pass
-    return render_html(trace, variant=variant, sections=[s for s in sections if s])
+    sections = [section(t, b, o) for t, b, o in parts]
+    base = len(render_html(trace, variant=variant))
+    # past the budget, the last sections give way first: the why, the steps, then the graph
+    for i in range(len(sections) - 1, -1, -1):
+        if base + sum(len(s) for s in sections) <= limits.SNAPSHOT_HTML_BYTES:
+            break
+        title, body, _ = parts[i]
+        note = _html.escape(LEFT_OUT.format(size=max(1, len(body) // 1000)))
+        sections[i] = section(title, f"<i>{note}</i>", open=False)
+    return render_html(trace, variant=variant, sections=sections)
+
+
+def graph_html(shown: Trace, timeout: Optional[float] = None) -> str:
+    """The graph for the snapshot: the widget's drawing when its SVG fits the budget, else a
+    smaller one (fewer nodes, the rest folded), else the DOT text cut short; "" when none fits."""
+    dot = render_dot(shown)
+    result = layout(dot, timeout)
+    if result.svg is not None:
+        svg = compact_svg(result.svg)
+        if len(svg) > limits.SNAPSHOT_GRAPH_BYTES:
+            small = layout(render_dot(shown, max_nodes=limits.SNAPSHOT_GRAPH_SMALL), timeout)
+            if small.svg is None:
+                return _dot_html(dot, small.hint)
+            svg = compact_svg(small.svg)
+            if len(svg) > limits.SNAPSHOT_GRAPH_SMALL_BYTES:
+                return f"<i>{_html.escape(LEFT_OUT.format(size=len(svg) // 1000))}</i>"
+            note = (
+                f"A smaller drawing: at most {limits.SNAPSHOT_GRAPH_SMALL} nodes, the rest folded; "
+                "the live widget draws the whole graph."
+            )
+            return f'<div style="color:#57606a;font-size:11px">{_html.escape(note)}</div>' + _svg_box(svg)
+        return _svg_box(svg)
+    return _dot_html(dot, result.hint)
+
+
+def _svg_box(svg: str) -> str:
+    return f'<div class="am-graph" style="overflow:auto;max-width:100%">{svg}</div>'
+
+
+def _dot_html(dot: str, hint: Optional[str]) -> str:
+    cut = len(dot) > limits.SNAPSHOT_DOT_CHARS
+    text = dot[: limits.SNAPSHOT_DOT_CHARS] + ("\n… (cut short; the live widget has the whole graph)" if cut else "")
+    return (
+        '<div class="am-graph am-graph-fallback">'
+        f'<p style="margin:0 0 4px 0;color:#8a6d3b">{_html.escape(hint or "")}</p>'
+        '<pre style="max-height:24em;overflow:auto;font-size:11px;white-space:pre">'
+        f"{_html.escape(text)}</pre></div>"
+    )
+
+
+_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_BETWEEN = re.compile(r">\s+<")
+_TITLE = re.compile(r"<title>[^<]*</title>")
+_ID = re.compile(r' id="(?:graph|node|edge|clust)\d+"')
+_GEOMETRY = re.compile(r' (points|d|x|y)="([^"]*)"')
+_NUMBER = re.compile(r"-?\d+\.\d+")
+_CLASS = re.compile(r'(<g) class="[^"]*"')
+_SIZE = re.compile(r' font-size="(\d+)\.00"')
+# what every <text> of Graphviz's says: said once on the <svg> instead (SVG inherits them)
+_HOISTED = (' xml:space="preserve"', ' text-anchor="start"', ' font-family="Helvetica,sans-Serif"')
+
+
+def _round(m: "re.Match") -> str:  # a point is 1/72 inch: whole points draw the same graph
+    value = _NUMBER.sub(lambda n: "%d" % round(float(n.group())), m.group(2))
+    return f' {m.group(1)}="{value}"'
+
+
+def compact_svg(svg: str) -> str:
+    """Graphviz's SVG drawn the same in fewer bytes: no comments, tooltips (`<title>`), ids or
+    blank space between tags; coordinates to whole points; the attributes every text repeats said
+    once on the root (inherited). Only attribute values Graphviz wrote are touched."""
+    svg = _BETWEEN.sub("><", _COMMENT.sub("", svg)).strip()
+    svg = _ID.sub("", _TITLE.sub("", svg))
+    svg = _CLASS.sub(r"\1", svg).replace(' stroke="none"', "")  # classes serve the widget; none is SVG's default
+    svg = _GEOMETRY.sub(_round, svg)
+    svg = _SIZE.sub(r' font-size="\1"', svg)
+    svg = svg.replace(' fill="#000000"', "").replace("scale(1 1) rotate(0) ", "")  # SVG's defaults
+    svg = svg.replace(' xmlns:xlink="http://www.w3.org/1999/xlink"', "") if "xlink:" not in svg else svg
+    if svg.count("<g>") == svg.count("</g>") - 1:  # the bare groups of nodes and edges, not the root
+        svg = svg.replace("<g>", "")
+        last = svg.rfind("</g>")
+        svg = svg[:last].replace("</g>", "") + svg[last:]
+    hoisted = [a for a in _HOISTED if svg.count(a) > 1]
+    for a in hoisted:
+        svg = svg.replace(a, "")
+    if hoisted and svg.startswith("<svg "):
+        svg = "<svg" + "".join(hoisted) + svg[4:]
+    return svg
 
 
 def mimebundle(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import limits
 from ..data.trace import Record, Trace
 from ..explain.format import format_short, format_shape
 from ..explain.wording import flags, gradient_cell, variant_description
@@ -44,16 +45,22 @@ def render_text(trace: Trace, width: int = 120) -> str:
                 _grad_text(r, trace),
             )
         )
+    left_out = max(len(rows) - 1 - limits.TEXT_ROWS, 0)  # text/plain goes into the notebook file too
+    rows = rows[: limits.TEXT_ROWS + 1]
     internal = sum(1 for r in trace.records if r.internal and not r.external)
     widths = [min(max(len(row[i]) for row in rows), cap) for i, cap in enumerate((5, 40, 36, 12, 40, 26, 40))]
     for row in rows:
         cells = [(c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(row, widths)]
         lines.append("  ".join(cells).rstrip())
+    if left_out:
+        lines.append(f"… {left_out} more tensors (trace.records and the live widget have them all)")
     if internal:
         lines.append(f"({internal} ops inside functions and modules folded into their call lines)")
-    for p in trace.passes:
+    for p in trace.passes[: limits.SNAPSHOT_PASS_ITEMS]:
         where = f"line {p.line}: {p.expr}" if p.line else p.kind
         lines.append(f"backward pass {p.index + 1} ({where}): {len(p.steps)} nodes" + (f" — {p.error}" if p.error else ""))
+    if len(trace.passes) > limits.SNAPSHOT_PASS_ITEMS:
+        lines.append(f"… {len(trace.passes) - limits.SNAPSHOT_PASS_ITEMS} more backward passes")
     if trace.error:
         e = trace.error
         lines.append(f"error at line {e.line}: {e.type}: {e.message}")
