@@ -37,3 +37,10 @@ SNAPSHOT_EXPLAINED = 300  # records with why-explanations in the static snapshot
 
 # ---- the notebook (notebook/) ----
 NOTEBOOK_RECORDS = 20_000  # records of earlier traced cells kept for later cells' backward; oldest cells go first
+
+# ---- the live view's first screen (notebook/widget.py, render/payload.py) ----
+# The widget's synced state (what a saved notebook keeps) carries what the first screen shows;
+# the page asks for the rest over the widget's comm: more rows, more steps, the graph's SVG.
+WIDGET_FIRST_ROWS = 300  # table rows in the first payload; "show more" asks for this many at a time
+WIDGET_FIRST_STEPS = 20  # backward steps per pass in the first payload; the stepper asks for the rest
+WIDGET_STATE_BYTES = 300_000  # the goal for one view's synced state, JSON (tests/test_widget_latency.py)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ["bench.bench_engine", "bench.bench_memory", "bench.bench_layout", "bench.bench_widget"]
+MODULES = ["bench.bench_engine", "bench.bench_memory", "bench.bench_layout", "bench.bench_widget", "bench.bench_latency"]
 
 
 def main() -> None:
