@@ -218,7 +218,7 @@ import json, sys, time, warnings
 sys.path.insert(0, sys.argv[1])
 from bench.bench_latency import make_shell, WIRE, widget_state_bytes, Breakdown
 from IPython.utils.capture import capture_output
-import torch  # both modes: the cost of importing torch is not the magic's
+# torch is imported by the notebook's own cells, as in a fresh kernel
 cells, traced = json.loads(sys.stdin.read()), sys.argv[2] == "traced"
 shell = make_shell()
 parts = Breakdown()

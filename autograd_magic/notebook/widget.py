@@ -38,6 +38,12 @@ from typing import Any, Optional
 import anywidget
 import traitlets as t
 
+# Paid once when the extension loads, not by the first traced cell (each was ~10-40 ms of
+# it): the sandbox's snapshot saves numpy's RNG state (numpy imports numpy.random lazily),
+# and a widget's first instance imports `secrets` for its id.
+import numpy.random  # noqa: F401
+import secrets  # noqa: F401
+
 from ..data.identity import match_records
 from ..data.trace import Trace
 from ..explain.wording import check_lines
@@ -94,7 +100,7 @@ class AutogradView(anywidget.AnyWidget):
         self._variant = variant
         self._graph_on = graph
         self._layout_timeout = layout_timeout
-        self._version = 0  # bumped with every run shown; answers to the page carry it
+        self._table_version = 0  # bumped with every run shown; answers to the page carry it
         self._payload_of: Optional[Trace] = None
         self._graph_wanted = False  # the page asked for the graph: new ones are pushed
         self._set_initial_toggles(variant)
@@ -161,10 +167,10 @@ class AutogradView(anywidget.AnyWidget):
                 self._send_graph(self.graph_svg)  # laid out now, on first read (`_default_graph`)
             elif kind == "steps" and _int_in(0)(content.get("pass")) and _int_in(0)(content.get("start")):
                 answer = build_steps(self.shown, content["pass"], content["start"])
-                self.send(dict(answer, type="steps", version=self._version))
+                self.send(dict(answer, type="steps", version=self._table_version))
             elif kind == "rows" and _int_in(0)(content.get("start")):
                 answer = build_rows(self.shown, self._original, content["start"])
-                self.send(dict(answer, type="rows", version=self._version))
+                self.send(dict(answer, type="rows", version=self._table_version))
         except Exception as e:  # a question from the page must never raise into the notebook
             try:
                 self.status = f"Could not answer the page: {type(e).__name__}: {e}"
@@ -181,7 +187,7 @@ class AutogradView(anywidget.AnyWidget):
             self._send_graph(change["new"])
 
     def _send_graph(self, svg: str) -> None:
-        self.send({"type": "graph", "svg": svg, "version": self._version})
+        self.send({"type": "graph", "svg": svg, "version": self._table_version})
 
     # ---- what is shown ---------------------------------------------------------------------
     @property
@@ -265,11 +271,11 @@ class AutogradView(anywidget.AnyWidget):
         shown = self.shown
         original = self._original
         if shown is not self._payload_of:  # a new run shown: what the page fetched for the old one is stale
-            self._version += 1
+            self._table_version += 1
             self._payload_of = shown
         payload = build_payload(shown, original, can_rerun=self.can_rerun)
         payload["gradcheck"] = check_lines(self._trace.gradcheck)
-        payload["version"] = self._version
+        payload["version"] = self._table_version
         payload["graph"] = self._graph_on
         with self.hold_sync():
             self.payload = payload
