@@ -19,6 +19,7 @@ traced and 3 times plain; per cell the best traced minus the best plain is
 what the magic adds: `seed added median .. worst .. (first cell ..)`.
 
     python -m bench.bench_latency
+    PYTHONPATH=/path/to/other/checkout python bench/bench_latency.py   # the same cases on another tree
 """
 
 from __future__ import annotations
@@ -214,11 +215,16 @@ def _cells(path: Path) -> list[str]:
 
 
 _CHILD = r"""
-import json, sys, time, warnings
-sys.path.insert(0, sys.argv[1])
-from bench.bench_latency import make_shell, WIRE, widget_state_bytes, Breakdown
+import importlib.util, json, sys, time, warnings
+# this file by its path: the package measured is whichever PYTHONPATH names (a baseline checkout too)
+spec = importlib.util.spec_from_file_location("bench_latency", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+make_shell, widget_state_bytes, Breakdown = bench.make_shell, bench.widget_state_bytes, bench.Breakdown
 from IPython.utils.capture import capture_output
-# torch is imported by the notebook's own cells, as in a fresh kernel
+# Both modes start with torch imported, untimed: %load_ext imports it (the package needs it), so
+# without this the plain run's `import torch` cell would pay what the traced run paid at %load_ext.
+import torch
 cells, traced = json.loads(sys.stdin.read()), sys.argv[2] == "traced"
 shell = make_shell()
 parts = Breakdown()
@@ -247,7 +253,7 @@ print(json.dumps({"times": times, "states": states, "load_ext": load_ext}))
 
 def _child(cells: list[str], mode: str) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(ROOT), mode], input=json.dumps(cells), capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _CHILD, str(Path(__file__).resolve()), mode], input=json.dumps(cells), capture_output=True, text=True, timeout=600
     )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-2000:])
@@ -280,6 +286,9 @@ def seed_cases(repeats: int = 3) -> dict:
 
 def main() -> dict:
     warnings.filterwarnings("ignore")
+    import autograd_magic
+
+    print(f"# autograd_magic from {Path(autograd_magic.__file__).parent}")
     results = {"big": big_cases()}
     if NOTEBOOKS:
         results["seeds"] = seed_cases()

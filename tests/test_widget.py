@@ -349,7 +349,7 @@ def test_the_magic_displays_this_view(shell, monkeypatch):
     shell.run_cell(GRID_SETUP)
     result = shell.run_cell("%%autograd --no-graph\n" + GRID_CELL)
     assert result.success
-    ((view, snapshot),) = shown  # one display call, two outputs: the widget, then its snapshot
+    ((view,), (snapshot,)) = shown  # two outputs: the widget first (the page draws it at once), then its snapshot
     assert isinstance(view, AutogradView)
     assert snapshot.model_id == view.model_id
     assert _numbers(_row(view.payload, "x")["grad"]) == pytest.approx(_plain_grid()[0].grad.flatten().tolist())

@@ -169,7 +169,7 @@ def test_a_transformer_cell_s_widget_state_stays_under_its_bound(shell, monkeypa
     monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.append(objs))
     shell.run_cell(TRANSFORMER_SETUP)
     assert shell.run_cell("%%autograd\nm(inp).pow(2).mean().backward()").success
-    ((view, _snapshot),) = shown
+    ((view,), (_snapshot,)) = shown
     state = len(json.dumps(view.get_state()))
     assert state <= limits.WIDGET_STATE_BYTES, state
     (p,) = view.payload["passes"]
