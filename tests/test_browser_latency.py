@@ -84,7 +84,7 @@ def test_transformer_cell_first_screen_then_on_demand(jupyter, browser):
         run_all(page)
         view = page.locator(".jp-OutputArea-output .agm-root").first
         view.locator("tr.agm-row").first.wait_for(timeout=TIMEOUT)
-        page.wait_for_function("() => window.__agmTimes[3] !== undefined && window.__agmTimes[1] !== undefined", timeout=TIMEOUT)
+        page.wait_for_function("() => window.__agmTimes[3] !== undefined && window.__agmTimes[1] !== undefined && window.__agmTimes.reply !== undefined && window.__agmTimes.snapshot !== undefined", timeout=TIMEOUT)
         times = page.evaluate("() => window.__agmTimes")
         print(f"\ntransformer cell to a drawn widget {times['3'] / 1000:.2f} s, plain cell {times['1'] / 1000:.2f} s"
               f" (the traced cell's prompt numbered at {times.get('reply', 0) / 1000:.2f} s, its snapshot output in the page at {times.get('snapshot', 0) / 1000:.2f} s)")
