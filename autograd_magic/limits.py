@@ -67,3 +67,10 @@ SNAPSHOT_TEXT_CHARS = 1_000  # characters of any one message (errors, notes) in 
 TEXT_ROWS = 300  # rows of the text table (text/plain, str(trace)); the rest are counted
 SNAPSHOT_PASS_ITEMS = 20  # backward passes listed (a training loop makes hundreds)
 SNAPSHOT_WHY_UNNAMED = 2  # of those, unnamed intermediates (their why mostly repeats "a non-leaf keeps no .grad")
+
+# ---- the live view's first screen (notebook/widget.py, render/payload.py) ----
+# The widget's synced state (what a saved notebook keeps) carries what the first screen shows;
+# the page asks for the rest over the widget's comm: more rows, more steps, the graph's SVG.
+WIDGET_FIRST_ROWS = 300  # table rows in the first payload; "show more" asks for this many at a time
+WIDGET_FIRST_STEPS = 20  # backward steps per pass in the first payload; the stepper asks for the rest
+WIDGET_STATE_BYTES = 300_000  # the goal for one view's synced state, JSON (tests/test_widget_latency.py)

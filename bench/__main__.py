@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ["bench.bench_engine", "bench.bench_memory", "bench.bench_memory_magic", "bench.bench_layout", "bench.bench_widget", "bench.bench_size"]
+MODULES = [
+    "bench.bench_engine", "bench.bench_memory", "bench.bench_memory_magic", "bench.bench_layout",
+    "bench.bench_widget", "bench.bench_latency", "bench.bench_size",
+]
 
 
 def main() -> None:

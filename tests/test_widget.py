@@ -349,7 +349,7 @@ def test_the_magic_displays_this_view(shell, monkeypatch):
     shell.run_cell(GRID_SETUP)
     result = shell.run_cell("%%autograd --no-graph\n" + GRID_CELL)
     assert result.success
-    ((view, snapshot),) = shown  # one display call, two outputs: the widget, then its snapshot
+    ((view,), (snapshot,)) = shown  # two outputs: the widget first (the page draws it at once), then its snapshot
     assert isinstance(view, AutogradView)
     assert snapshot.model_id == view.model_id
     assert _numbers(_row(view.payload, "x")["grad"]) == pytest.approx(_plain_grid()[0].grad.flatten().tolist())
@@ -375,11 +375,20 @@ def _synthetic(n: int, hostile: str = "") -> Trace:
 
 
 def test_payload_of_ten_thousand_ops_stays_under_a_megabyte():
-    payload = build_payload(_synthetic(10_000))
+    from autograd_magic.render.payload import build_rows
+
+    trace = _synthetic(10_000)
+    payload = build_payload(trace)
     size = len(json.dumps(payload))
-    assert size < 1_000_000, size
-    top = sum(len(g["rows"]) for g in payload["lines"])
-    folded = sum(c["count"] for g in payload["lines"] for c in g["folded"])
+    assert size < 300_000, size  # the first screen; the rest is asked for page by page
+    pages, more = [payload], payload["more_rows"]
+    while more:
+        start = sum(len(g["rows"]) + sum(len(c["rows"]) for c in g["folded"]) for p in pages for g in p["lines"])
+        pages.append(build_rows(trace, None, start))
+        more = pages[-1]["more_rows"]
+    assert sum(len(json.dumps(p)) for p in pages) < 1_000_000
+    top = sum(len(g["rows"]) for p in pages for g in p["lines"])
+    folded = sum(c["count"] for p in pages for g in p["lines"] for c in g["folded"] if not c.get("more"))
     assert top + payload["hidden_rows"] + folded == 10_000  # every op is shown or counted
 
 

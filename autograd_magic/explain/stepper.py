@@ -106,11 +106,14 @@ class Step:
     text: str
 
 
-def steps(trace: Trace, pass_index: int = 0) -> list[Step]:
-    """The recorded steps of backward pass `pass_index`, in the order the engine ran them."""
+def steps(trace: Trace, pass_index: int = 0, start: int = 0, stop: Optional[int] = None) -> list[Step]:
+    """The recorded steps of backward pass `pass_index`, in the order the engine ran them.
+
+    `start`/`stop` pick a slice (as `list[start:stop]`): a view shows a few steps first and
+    says the rest when asked, so only the steps asked for are put in words."""
     p = trace.passes[pass_index]
     by_node = {s.node_id: s for s in p.steps}
-    return [_step(trace, p, s, by_node) for s in p.steps]
+    return [_step(trace, p, s, by_node) for s in p.steps[start:stop]]
 
 
 def _step(trace: Trace, p: BackwardPass, s: BackwardStep, by_node: dict[int, BackwardStep]) -> Step:
@@ -201,6 +204,9 @@ def rule_for(node: str, expr: Optional[str] = None) -> str:
     return f"{node}: applies the derivative of its forward operation (the chain rule)"
 
 
+SENTENCE_VALUE = 60  # characters of a gradient's values in a step's sentence
+
+
 def describe_grad(p: Optional[Preview]) -> str:
     """A gradient in a sentence: `1.`, `0.1667 in each of 6 elements`, `[10., 16., 22.]`."""
     if p is None:
@@ -210,7 +216,10 @@ def describe_grad(p: Optional[Preview]) -> str:
         if np.all(vals == vals[0]):
             one = format_short(Preview(shape=(), dtype=p.dtype, values=np.asarray(vals[0])))
             return f"{one} in each of {p.numel} elements"
-    return format_short(p, 60)
+    if p.values is not None and getattr(p.values, "size", 0) * 3 > SENTENCE_VALUE:
+        # n values print in at least 3n characters on one line: format_short's summary, unformatted
+        return f"[{'x'.join(map(str, p.shape))}]" + (f" mean {p.mean:.4g}" if p.mean is not None else "")
+    return format_short(p, SENTENCE_VALUE)
 
 
 def _who(labels: list[str], node: Optional[str]) -> str:

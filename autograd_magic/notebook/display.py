@@ -39,7 +39,10 @@ def show(
     if mode == "widget" and session is not None:
         view = make_view(session, variant=variant, graph=graph, layout_timeout=layout_timeout)
         if isinstance(view, AutogradView):
-            display(view, view.snapshot())  # two outputs: the widget, then its snapshot
+            # two outputs: the widget, then its snapshot. The widget goes out first, so the page
+            # draws it while the snapshot (the whole static page) is still being built.
+            display(view)
+            display(view.snapshot())
         else:
             display(view)
         return

@@ -196,6 +196,14 @@ class View {
     this.pingTimer = null;
     this.timers = [];
     this.hidden = []; // [element, its display before] of the snapshot outputs this view hides
+    // What the page asked Python for (custom messages), kept for the payload's version they answer:
+    // table rows past the first screen, backward steps past the first few, the graph's SVG.
+    this.version = null;
+    this.pages = []; // answers to {"type": "rows"}: more line groups, in table order
+    this.loadedRows = 0;
+    this.steps = {}; // pass index -> sparse array of steps
+    this.asked = new Set(); // questions sent and not yet answered
+    this.graphText = null; // null: not arrived yet
     this.root = h("div", { class: "agm-root" });
     el.appendChild(this.root);
     this.buildToolbar();
@@ -278,8 +286,24 @@ class View {
     }, timeout);
   }
 
+  // A question to Python (the answer comes as a custom message); each is sent once.
+  ask(question) {
+    const key = JSON.stringify(question);
+    if (this.dead || this.asked.has(key)) return;
+    this.asked.add(key);
+    try {
+      this.model.send(question);
+    } catch (e) {
+      this.asked.delete(key); // no comm (a view drawn from saved state): nothing to ask
+    }
+  }
+
   onCustom(msg) {
-    if (!msg || msg.type !== "pong") return;
+    if (!msg || typeof msg !== "object") return;
+    if (msg.type === "graph") return this.onGraph(msg);
+    if (msg.type === "steps") return this.onSteps(msg);
+    if (msg.type === "rows") return this.onRows(msg);
+    if (msg.type !== "pong") return;
     if (this.pingTimer !== null) clearTimeout(this.pingTimer);
     this.pingTimer = null;
     this.unconfirmed = {};
@@ -295,7 +319,74 @@ class View {
     }
     this.deadLine.hidden = !dead;
     this.root.classList.toggle("agm-is-dead", dead);
+    if (!dead) this.asked.clear(); // questions lost to a kernel that seemed gone may be asked again
     this.drawAll();
+    if (this.graphText === null) this.drawGraph();
+  }
+
+  // ---- what was asked for: kept while the payload it belongs to is the one shown ----
+  checkVersion() {
+    const v = (this.get("payload") || {}).version;
+    if (v === this.version) return;
+    this.version = v;
+    this.pages = [];
+    this.steps = {};
+    this.loadedRows = countRows((this.get("payload") || {}).lines || []);
+    for (const key of [...this.asked]) if (!key.includes('"graph"')) this.asked.delete(key);
+  }
+
+  current(msg) {
+    this.checkVersion();
+    return msg.version === this.version;
+  }
+
+  onRows(msg) {
+    this.asked.delete(JSON.stringify({ type: "rows", start: msg.start }));
+    if (!this.current(msg) || msg.start !== this.loadedRows || !Array.isArray(msg.lines)) return;
+    this.pages.push(msg);
+    this.loadedRows += countRows(msg.lines);
+    this.drawAll();
+  }
+
+  onSteps(msg) {
+    this.asked.delete(JSON.stringify({ type: "steps", pass: msg.pass, start: msg.start }));
+    if (!this.current(msg) || !Array.isArray(msg.steps)) return;
+    const have = (this.steps[msg.pass] = this.steps[msg.pass] || []);
+    msg.steps.forEach((s, k) => (have[msg.start + k] = s));
+    const [pi] = this.currentPass();
+    if (pi === msg.pass) this.onStep();
+  }
+
+  onGraph(msg) {
+    this.graphText = typeof msg.svg === "string" ? msg.svg : "";
+    this.drawGraph();
+  }
+
+  // The table's line groups: the first screen's, then each page asked for, merged by line and call.
+  lines() {
+    this.checkVersion();
+    const p = this.get("payload") || {};
+    if (!this.pages.length) return p.lines || [];
+    const out = (p.lines || []).map((g) => ({ ...g, rows: [...g.rows], folded: g.folded.map((c) => ({ ...c, rows: [...c.rows] })) }));
+    for (const page of this.pages) {
+      for (const g of page.lines) {
+        let into = out.find((o) => o.line === g.line);
+        if (!into) out.push((into = { ...g, rows: [], folded: [] }));
+        into.rows.push(...g.rows);
+        for (const c of g.folded) {
+          const call = into.folded.find((o) => o.call === c.call);
+          if (call) call.rows.push(...c.rows);
+          else into.folded.push({ ...c, rows: [...c.rows] });
+        }
+      }
+    }
+    return out;
+  }
+
+  moreRows() {
+    this.checkVersion();
+    const last = this.pages[this.pages.length - 1] || this.get("payload") || {};
+    return last.more_rows || 0;
   }
 
   // ---- the snapshot output published next to this widget ----
@@ -409,13 +500,25 @@ class View {
     const span = this.columns().length;
     const head = h("tr", {}, this.columns().map(([key, t]) => h("th", { class: "agm-h-" + key.replace("_", "-"), text: t })));
     const body = h("tbody");
-    for (const group of p.lines) {
+    const lines = this.lines();
+    for (const group of lines) {
       body.appendChild(lineRow(group, span));
       if (p.error && p.error.line === group.line) body.appendChild(errorRow(p.error, span));
       for (const row of group.rows) body.appendChild(this.rowEl(row, "", live));
       for (const call of group.folded) body.append(...this.foldedRows(group, call, span, live));
     }
-    if (p.error && !p.lines.some((g) => g.line === p.error.line)) body.appendChild(errorRow(p.error, span));
+    if (p.error && !lines.some((g) => g.line === p.error.line)) body.appendChild(errorRow(p.error, span));
+    const more = this.moreRows();
+    if (more) {
+      const button = h("button", { type: "button", class: "agm-more-rows", text: `show more rows (${more} not loaded yet)` });
+      button.disabled = this.dead;
+      button.addEventListener("click", () => {
+        button.disabled = true;
+        button.textContent = "loading…";
+        this.ask({ type: "rows", start: this.loadedRows });
+      });
+      body.appendChild(h("tr", {}, h("td", { colspan: span }, button)));
+    }
     if (p.hidden_rows) body.appendChild(noteRow(`${p.hidden_rows} more tensors not shown (see the Trace's records)`, span));
     this.table.replaceChildren(h("thead", {}, head), body);
   }
@@ -485,8 +588,18 @@ class View {
   }
 
   drawGraph() {
-    const text = this.get("graph_svg");
+    const wanted = (this.get("payload") || {}).graph !== false;
+    const text = this.graphText;
     this.gv = null;
+    if (text === null && wanted) {
+      // asked for when the view is drawn; Python lays it out after the cell has returned
+      this.ask({ type: "graph" });
+      this.graph.hidden = false;
+      this.graphBar.hidden = true;
+      this.graphPane.style.height = "";
+      const say = this.dead ? "The graph is drawn by the kernel, which is gone: re-run the cell to see it." : "laying out the graph…";
+      return this.graphPane.replaceChildren(h("div", { class: "agm-muted agm-graph-wait", text: say }));
+    }
     if (!text) {
       this.graph.hidden = true;
       return this.graphPane.replaceChildren();
@@ -657,11 +770,34 @@ class View {
     return passes.length ? [Math.min(this.get("pass_index"), passes.length - 1), passes] : [-1, passes];
   }
 
+  // Pass `pi`'s steps as far as they are here: the first screen's, then what was asked for.
+  passSteps(pi, passes) {
+    this.checkVersion();
+    const first = passes[pi].steps || [];
+    const have = this.steps[pi] || [];
+    const n = passes[pi].n_steps === undefined ? first.length : passes[pi].n_steps;
+    const steps = new Array(n);
+    for (let k = 0; k < n; k++) steps[k] = first[k] || have[k];
+    return steps;
+  }
+
+  // Ask for the step shown (and the ones just after it) before the stepper gets there.
+  fetchSteps(pi, steps, step) {
+    for (const k of [step, step + 1, step + 5]) {
+      if (k < 0 || k >= steps.length || steps[k]) continue;
+      let start = k;
+      while (start > 0 && !steps[start - 1] && k - start < 19) start--;
+      this.ask({ type: "steps", pass: pi, start });
+      return;
+    }
+  }
+
   drawStepper() {
     const [pi, passes] = this.currentPass();
     if (pi < 0) return this.stepper.replaceChildren();
-    const steps = passes[pi].steps;
+    const steps = this.passSteps(pi, passes);
     const step = this.get("step");
+    this.fetchSteps(pi, steps, step);
     const pick = h("select", { class: "agm-pass" }, passes.map((p, i) => h("option", { value: i, text: `pass ${i + 1}: ${p.expr || p.kind}` })));
     pick.value = String(pi);
     pick.addEventListener("change", () => {
@@ -682,7 +818,7 @@ class View {
 
   stepIds() {
     const [pi, passes] = this.currentPass();
-    const s = pi < 0 ? null : passes[pi].steps[this.get("step")];
+    const s = pi < 0 ? null : this.passSteps(pi, passes)[this.get("step")];
     return s ? s.records : [];
   }
 
@@ -706,7 +842,7 @@ class View {
   // A selection made in the graph may name an op folded inside a call: unfold it and show the row.
   onSelect() {
     const sel = this.get("selected");
-    for (const group of this.get("payload").lines || []) {
+    for (const group of this.lines()) {
       for (const call of group.folded) {
         const key = `${group.line}:${call.call}`;
         if (!this.expanded.has(key) && call.rows.some((r) => r.id === sel)) {
@@ -758,7 +894,6 @@ class View {
       "change:payload change:detach_ids change:flip_ids": () => this.drawAll(),
       "change:no_grad": () => (this.noGrad.checked = this.get("no_grad")),
       "change:detail": () => this.drawDetail(),
-      "change:graph_svg": () => this.drawGraph(),
       "change:selected": () => this.onSelect(),
       "change:step change:pass_index": () => this.onStep(),
       "change:status change:busy": () => this.drawStatus(),
@@ -797,8 +932,18 @@ function errorRow(err, span) {
   if (err.explain) td.appendChild(h("div", { class: "agm-note", text: err.explain }));
   return h("tr", { class: "agm-error" }, td);
 }
+function countRows(lines) {
+  let n = 0;
+  for (const g of lines) {
+    n += g.rows.length;
+    for (const c of g.folded) n += c.rows.length;
+  }
+  return n;
+}
+
 function stepText(steps, step) {
   if (steps[step]) return `step ${step + 1}/${steps.length} — ${steps[step].text}`;
+  if (step >= 0 && step < steps.length) return `step ${step + 1}/${steps.length} — loading…`;
   return steps.length ? `${steps.length} steps: press next to walk the backward pass` : "no autograd node ran in this pass";
 }
 

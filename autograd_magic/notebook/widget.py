@@ -3,9 +3,20 @@
 Traffic is deliberately narrow. The page sends record ids and toggle states
 (`selected`, `detach_ids`, `flip_ids`, `no_grad`, `step`, `request_check`);
 Python re-runs the cell in the sandbox when a toggle changes and answers with
-`payload` (the table, from `_payload`), `detail` (the selected row) and
-`graph_svg`. Nothing the page sends is evaluated. Every callback catches its
-own errors and shows them in `status`: the view never dies with a traceback.
+`payload` (the first screen: the table's first rows, each pass with its first
+steps) and `detail` (the selected row, built when it is selected). Nothing the
+page sends is evaluated. Every callback catches its own errors and shows them
+in `status`: the view never dies with a traceback.
+
+What is not on the first screen is not built before the cell returns, and is
+not synced state (a saved notebook keeps only the first screen): the page asks
+over the comm, with custom messages, and Python answers each the same way —
+`{"type": "graph"}` (the graph's SVG: Graphviz runs only once the page wants
+it; `graph_svg` holds it, and a new value is pushed to the page),
+`{"type": "steps", "pass": i, "start": s}` (more backward steps) and
+`{"type": "rows", "start": n}` (more table rows). Each answer carries the
+payload's `version`, so the page drops an answer to a question about a table
+that a re-run has since replaced.
 
 A traced cell publishes two outputs: this widget (whose own text/plain is
 empty) and, next to it, `snapshot()`: the static HTML snapshot and the
@@ -27,12 +38,18 @@ from typing import Any, Optional
 import anywidget
 import traitlets as t
 
+# Paid once when the extension loads, not by the first traced cell (each was ~10-40 ms of
+# it): the sandbox's snapshot saves numpy's RNG state (numpy imports numpy.random lazily),
+# and a widget's first instance imports `secrets` for its id.
+import numpy.random  # noqa: F401
+import secrets  # noqa: F401
+
 from ..data.identity import match_records
 from ..data.trace import Trace
 from ..explain.wording import check_lines
 from ..render.dot import render_dot
 from ..render.layout import svg_or_fallback_html
-from ..render.payload import build_detail, build_payload
+from ..render.payload import build_detail, build_payload, build_rows, build_steps
 from ..render.snapshot import mimebundle, snapshot_html
 from ..variants.interventions import Toggles
 from .session import CellSession
@@ -54,7 +71,8 @@ class AutogradView(anywidget.AnyWidget):
     # Python -> page
     payload = t.Dict().tag(sync=True)
     detail = t.Dict().tag(sync=True)
-    graph_svg = t.Unicode("").tag(sync=True)
+    # not synced: made when the page asks for it ({"type": "graph"}), sent as a custom message
+    graph_svg = t.Unicode("")
     status = t.Unicode("").tag(sync=True)
     busy = t.Bool(False).tag(sync=True)
     snapshot_class = t.Unicode("").tag(sync=True)  # the class marking this view's snapshot output
@@ -82,8 +100,12 @@ class AutogradView(anywidget.AnyWidget):
         self._variant = variant
         self._graph_on = graph
         self._layout_timeout = layout_timeout
+        self._table_version = 0  # bumped with every run shown; answers to the page carry it
+        self._payload_of: Optional[Trace] = None
+        self._graph_wanted = False  # the page asked for the graph: new ones are pushed
         self._set_initial_toggles(variant)
         self._refresh()
+        self.observe(self._on_graph, names=["graph_svg"])
         self.observe(self._on_toggle, names=["no_grad", "detach_ids", "flip_ids"])
         self.observe(self._on_select, names=["selected"])
         self.observe(self._on_check, names=["request_check"])
@@ -132,13 +154,40 @@ class AutogradView(anywidget.AnyWidget):
             self.status = f"Ignored an update from the page: {type(e).__name__}"
 
     def _on_page_msg(self, _widget: Any, content: Any, _buffers: Any) -> None:
-        """Answer the page's liveness ping; any other custom message is ignored."""
+        """Answer the page's questions: the liveness ping, the graph, more steps, more rows.
+
+        Each field is checked as `set_state` checks a trait; anything else is ignored."""
         try:
-            if isinstance(content, dict) and content.get("type") == "ping":
+            kind = content.get("type") if isinstance(content, dict) else None
+            if kind == "ping":
                 n = content.get("n")
                 self.send({"type": "pong", "n": n if type(n) is int and 0 <= n < _MAX_INT else 0})
-        except Exception:  # a ping must never raise into the notebook
-            pass
+            elif kind == "graph":
+                self._graph_wanted = True
+                self._send_graph(self.graph_svg)  # laid out now, on first read (`_default_graph`)
+            elif kind == "steps" and _int_in(0)(content.get("pass")) and _int_in(0)(content.get("start")):
+                answer = build_steps(self.shown, content["pass"], content["start"])
+                self.send(dict(answer, type="steps", version=self._table_version))
+            elif kind == "rows" and _int_in(0)(content.get("start")):
+                answer = build_rows(self.shown, self._original, content["start"])
+                self.send(dict(answer, type="rows", version=self._table_version))
+        except Exception as e:  # a question from the page must never raise into the notebook
+            try:
+                self.status = f"Could not answer the page: {type(e).__name__}: {e}"
+            except Exception:
+                pass
+
+    @t.default("graph_svg")
+    def _default_graph(self) -> str:
+        """The graph is laid out when first read: when the page asks for it, not before."""
+        return self._graph()
+
+    def _on_graph(self, change: dict) -> None:
+        if self._graph_wanted:
+            self._send_graph(change["new"])
+
+    def _send_graph(self, svg: str) -> None:
+        self.send({"type": "graph", "svg": svg, "version": self._table_version})
 
     # ---- what is shown ---------------------------------------------------------------------
     @property
@@ -154,6 +203,11 @@ class AutogradView(anywidget.AnyWidget):
     @property
     def shown(self) -> Trace:
         return self._variant or self._trace
+
+    @property
+    def _original(self) -> Optional[Trace]:
+        """The real run when a variant is shown (rows are marked against it), else None."""
+        return self._trace if self._variant is not None else None
 
     @property
     def can_rerun(self) -> bool:
@@ -215,12 +269,20 @@ class AutogradView(anywidget.AnyWidget):
 
     def _refresh(self) -> None:
         shown = self.shown
-        original = self._trace if self._variant is not None else None
+        original = self._original
+        if shown is not self._payload_of:  # a new run shown: what the page fetched for the old one is stale
+            self._table_version += 1
+            self._payload_of = shown
         payload = build_payload(shown, original, can_rerun=self.can_rerun)
         payload["gradcheck"] = check_lines(self._trace.gradcheck)
+        payload["version"] = self._table_version
+        payload["graph"] = self._graph_on
         with self.hold_sync():
             self.payload = payload
-            self.graph_svg = self._graph()
+            if self._graph_wanted:
+                self.graph_svg = self._graph()  # the page shows a graph: the new one is pushed
+            else:
+                self._trait_values.pop("graph_svg", None)  # laid out again when next asked for
             if not 0 <= self.selected < len(shown.records):
                 self.selected = -1
             self.detail = build_detail(shown, self.selected, original) if self.selected >= 0 else {}
@@ -241,7 +303,7 @@ class AutogradView(anywidget.AnyWidget):
         self._session.check()
         payload = dict(self.payload)
         payload["gradcheck"] = check_lines(self._trace.gradcheck)
-        self.payload = payload
+        self.payload = payload  # same version: rows and steps the page fetched still hold
         self.status = ""
 
     # ---- two outputs: the widget, and the snapshot next to it -----------------------------

@@ -23,8 +23,10 @@ from ..explain.wording import flags, gradient_cell, hides_value, record_label, u
 from .. import limits
 
 MAX_ROWS = limits.WIDGET_ROWS
+FIRST_ROWS = limits.WIDGET_FIRST_ROWS
 INTERNAL_PER_CALL = limits.WIDGET_ROWS_PER_CALL
 MAX_STEPS = limits.WIDGET_STEPS
+FIRST_STEPS = limits.WIDGET_FIRST_STEPS
 SHORT = 60  # characters of a one-line value
 CELL_LINES, CELL_WIDTH = 4, 72  # a value printed in a table cell; larger ones are summarized
 TEXT = limits.WIDGET_TEXT
@@ -36,15 +38,36 @@ def _clip(text: Optional[str], limit: int = TEXT) -> Optional[str]:
     return text[: limit - 1] + "…"
 
 
+# Every element prints at least one character and is parted from the next by at least one
+# more (", " on a line, "," then a line break across lines): n values take 2n - 1 characters
+# besides line breaks, and 3n once joined on one line. Past these counts the printout can't fit
+# a table cell or a one-line value, and formatting every value to find that out is skipped.
+CELL_MAX_VALUES = (CELL_LINES * CELL_WIDTH) // 2
+
+
+def _summary(p: Preview) -> str:
+    """`format_short`'s line for a value too long to print on one line: `[2x3] mean 4.5`."""
+    dims = "x".join(map(str, p.shape))
+    return f"[{dims}]" + (f" mean {p.mean:.4g}" if p.mean is not None else "")
+
+
 def cell_value(p: Optional[Preview]) -> str:
-    """A table cell's value: the body `print(tensor)` shows, or a one-line summary when large."""
+    """A table cell's value: the body `print(tensor)` shows, or a one-line summary when large.
+
+    The same text as `format_values` when it fits CELL_LINES x CELL_WIDTH, else `format_short`'s
+    line; values that cannot fit are not formatted at all (a big model's rows, each one's
+    preview a 6x6x6 block, cost most of the table's time before)."""
     if p is None or p.values is None:
         return format_short(p, SHORT)
+    size = getattr(p.values, "size", None)
+    if size is not None and size > CELL_MAX_VALUES:
+        return _summary(p)  # as format_short says it: 3n > SHORT characters on one line
     text = format_values(p, indent=0)
     lines = text.splitlines()
     if len(lines) <= CELL_LINES and all(len(line) <= CELL_WIDTH for line in lines):
         return text
-    return format_short(p, SHORT)
+    short = " ".join(text.split())  # format_short's text, without formatting the values again
+    return short if len(short) <= SHORT else _summary(p)
 
 
 # ---- gradients in words (explain/wording.py says them for every view) -----------------------
@@ -115,28 +138,68 @@ def build_payload(
     original: Optional[Trace] = None,
     *,
     can_rerun: bool = True,
-    max_rows: int = MAX_ROWS,
+    max_rows: int = FIRST_ROWS,
+    first_steps: int = FIRST_STEPS,
 ) -> dict[str, Any]:
-    """Everything the table, banner and stepper draw. `original` marks `trace` as a variant."""
+    """What the first screen draws: the table's first `max_rows` rows, the banner, each pass
+    with its first `first_steps` steps. `original` marks `trace` as a variant.
+
+    The rest comes when the page asks: more rows (`build_rows`), more steps (`build_steps`),
+    the selected row (`build_detail`). `more_rows` says how many rows are left to ask for."""
+    lines_out, hidden, more = _table(trace, original, 0, max_rows)
+    return {
+        "variant": _variant_info(trace) if original is not None else None,
+        "lines": lines_out,
+        "hidden_rows": hidden,
+        "more_rows": more,
+        "records": len(trace.records),
+        "passes": [_pass(trace, p.index, first_steps) for p in trace.passes],
+        "error": _error(trace),
+        "notes": [_clip(n) for n in trace.notes],
+        "can_rerun": can_rerun,
+    }
+
+
+def build_rows(trace: Trace, original: Optional[Trace], start: int, count: int = FIRST_ROWS) -> dict[str, Any]:
+    """Table rows `start` to `start + count` (in the order `build_payload` lists them), grouped by line.
+
+    A call folded on an earlier page lists here only its further rows (`"more": True`);
+    its count is the whole call's, as on the first page."""
+    start = max(0, int(start))
+    count = max(1, min(int(count), MAX_ROWS))
+    lines_out, hidden, more = _table(trace, original, start, count)
+    return {"start": start, "lines": lines_out, "hidden_rows": hidden, "more_rows": more}
+
+
+def _table(trace: Trace, original: Optional[Trace], start: int, count: int) -> tuple[list, int, int]:
+    """(line groups with the rows numbered start..start+count-1, rows never sent, rows left to ask for).
+
+    Rows are numbered in table order, folded ops included (the first INTERNAL_PER_CALL of each
+    call); rows past MAX_ROWS are never sent, only counted (`hidden`)."""
     oid = _match(original, trace) if original is not None else {}
     by_id = {r.id: r for r in original.records} if original is not None else {}
-    budget = max_rows
-    lines_out, hidden = [], 0
+    index, stop = 0, min(start + count, MAX_ROWS)
+    lines_out, hidden, more = [], 0, 0
     for group in _line_groups(trace):
         rows, folded = [], {}
         for r in group["records"]:
             if r.internal and not r.external:
-                call = folded.setdefault(r.internal, {"call": r.internal, "count": 0, "rows": []})
+                call = folded.setdefault(r.internal, {"call": r.internal, "count": 0, "rows": [], "index": index})
                 call["count"] += 1
-                if len(call["rows"]) >= INTERNAL_PER_CALL:
+                if call["count"] > INTERNAL_PER_CALL:
                     continue
                 target = call["rows"]
             else:
                 target = rows
-            if budget <= 0:
+            n, index = index, index + 1
+            if n >= MAX_ROWS:
                 hidden += target is rows  # folded ops are already counted by their call
                 continue
-            budget -= 1
+            if n >= stop:
+                more += 1
+                continue
+            if n < start:
+                continue
             row = _row(r, trace)
             if original is not None:
                 _mark_changes(row, r, oid, by_id, original, trace)
@@ -145,17 +208,23 @@ def build_payload(
             if base is not None and base.is_leaf:
                 row["can_flip"] = True
             target.append(row)
-        lines_out.append({"line": group["line"], "source": group["source"], "rows": rows, "folded": list(folded.values())})
-    return {
-        "variant": _variant_info(trace) if original is not None else None,
-        "lines": lines_out,
-        "hidden_rows": hidden,
-        "records": len(trace.records),
-        "passes": [_pass(trace, p.index) for p in trace.passes],
-        "error": _error(trace),
-        "notes": [_clip(n) for n in trace.notes],
-        "can_rerun": can_rerun,
-    }
+        calls = []
+        for call in folded.values():
+            first = call.pop("index")
+            if first >= MAX_ROWS:
+                listed = start == 0  # never on a page: counted on the first one
+            elif first >= stop:
+                listed = False  # listed on the page its first row is on
+            elif first < start:
+                listed = bool(call["rows"])  # listed on an earlier page: only its further rows
+                call["more"] = True
+            else:
+                listed = True
+            if listed:
+                calls.append(call)
+        if rows or calls:
+            lines_out.append({"line": group["line"], "source": group["source"], "rows": rows, "folded": calls})
+    return lines_out, hidden, more
 
 
 def _mark_changes(row: dict, r: Record, oid: dict, by_id: dict, original: Trace, trace: Trace) -> None:
@@ -191,22 +260,37 @@ def _error(trace: Trace) -> Optional[dict[str, Any]]:
 # ---- the backward stepper ------------------------------------------------------------------
 
 
-def _pass(trace: Trace, index: int) -> dict[str, Any]:
+def _pass(trace: Trace, index: int, first_steps: int = FIRST_STEPS) -> dict[str, Any]:
+    """A pass's summary and its first steps; `n_steps` says how many there are in all."""
     p = trace.passes[index]
-    steps = [{"i": s["i"], "node": s["node"], "records": s["records"], "text": _clip(s["text"])} for s in _steps(trace, index)]
+    total = min(len(p.steps), MAX_STEPS)
     return {
         "index": p.index,
         "kind": p.kind,
         "line": p.line,
         "expr": _clip(p.expr, 200),
         "error": _clip(p.error),
-        "steps": steps[:MAX_STEPS],
-        "more_steps": max(0, len(steps) - MAX_STEPS),
+        "steps": _steps(trace, index, 0, min(first_steps, total)),
+        "n_steps": total,
+        "more_steps": max(0, len(p.steps) - MAX_STEPS),
     }
 
 
-def _steps(trace: Trace, index: int) -> list[dict[str, Any]]:
-    return [{"i": s.index, "node": s.node, "records": list(s.records), "text": s.text} for s in stepper_steps(trace, index)]
+def build_steps(trace: Trace, index: int, start: int, count: int = FIRST_STEPS) -> dict[str, Any]:
+    """Steps `start` to `start + count` of pass `index` (what the stepper asks for as it walks)."""
+    if not 0 <= index < len(trace.passes):
+        return {"pass": index, "start": start, "steps": []}
+    total = min(len(trace.passes[index].steps), MAX_STEPS)
+    start = max(0, min(int(start), total))
+    stop = min(total, start + max(1, min(int(count), MAX_STEPS)))
+    return {"pass": index, "start": start, "steps": _steps(trace, index, start, stop)}
+
+
+def _steps(trace: Trace, index: int, start: int = 0, stop: Optional[int] = None) -> list[dict[str, Any]]:
+    return [
+        {"i": s.index, "node": s.node, "records": list(s.records), "text": _clip(s.text)}
+        for s in stepper_steps(trace, index, start, stop)
+    ]
 
 
 # ---- the detail panel ----------------------------------------------------------------------
