@@ -317,6 +317,8 @@ def _check_reader(page, kind: str, name: str, with_state: bool) -> None:
         view.locator(".agm-dead-line", has_text=DEAD).wait_for(timeout=20_000)
         assert view.locator("input.agm-nograd").is_disabled()
         assert not snapshot.is_visible()
+        # the graph: with no kernel to lay it out, the drawing the hidden snapshot saved
+        view.locator(".agm-graph-pane svg").first.wait_for(timeout=10_000)
         shown = view
         text = view.locator(".agm-table").inner_text()
         assert all(g in text for g in GRID_GRAD), text[:500]

@@ -406,6 +406,7 @@ class View {
           if (this.hidden.some(([el]) => el === target)) continue;
           this.hidden.push([target, target.style.display]);
           target.style.display = "none";
+          if (this.dead && this.graphText === null && !this.svg) this.drawGraph(); // its saved drawing
         }
         return;
       }
@@ -416,6 +417,16 @@ class View {
       this.observer = new MutationObserver(find);
       this.observer.observe(area, { childList: true });
     }
+  }
+
+  // The graph's SVG inside the snapshot output this view hides (null when there is none); it goes
+  // through safeSvg like any other.
+  savedGraph() {
+    for (const [el] of this.hidden) {
+      const svg = el.querySelector(".agm-snapshot svg, svg");
+      if (svg && svg.outerHTML) return svg.outerHTML;
+    }
+    return null;
   }
 
   destroy() {
@@ -589,7 +600,9 @@ class View {
 
   drawGraph() {
     const wanted = (this.get("payload") || {}).graph !== false;
-    const text = this.graphText;
+    let text = this.graphText;
+    // no kernel to lay it out (a saved notebook reopened): the drawing its snapshot saved, if any
+    if (text === null && wanted && this.dead) text = this.savedGraph();
     this.gv = null;
     if (text === null && wanted) {
       // asked for when the view is drawn; Python lays it out after the cell has returned
