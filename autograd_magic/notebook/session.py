@@ -53,6 +53,7 @@ class CellSession:
         self._snapshot = snapshot
         self._blocked = ""  # why no re-run can start from the pre-run state any more
         self._budget: Optional["SnapshotBudget"] = None
+        self._on_replaced: list = []  # callbacks for when the same notebook cell runs again
 
     @classmethod
     def run(
@@ -77,6 +78,8 @@ class CellSession:
         session = cls(shell, source, run.trace, snapshot, first_line=first_line, detail_limit=detail_limit)
         if budget is not None and snapshot is not None:
             budget.admit(session, cell_id)
+        elif budget is not None:
+            budget.track(session, cell_id)
         if session.rerun_blocked:
             session.close()
             run.trace.notes.append(session.rerun_blocked)
@@ -146,6 +149,20 @@ class CellSession:
         if self._budget is not None:
             self._budget.forget(self)
 
+    def on_replaced(self, callback) -> None:
+        """Call `callback()` when the same notebook cell runs again (its output, this view, is replaced)."""
+        self._on_replaced.append(callback)
+
+    def replaced(self) -> None:
+        """The cell ran again: the snapshot goes, and whatever showed this session (its view) closes."""
+        self.close()
+        callbacks, self._on_replaced = self._on_replaced, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a view that can't close must not stop the new run
+                pass
+
     def release(self, why: str) -> None:
         """The notebook's budget took this snapshot back (for newer cells): re-runs are off, said in `why`."""
         if self._snapshot is not None and not self._blocked:
@@ -181,6 +198,10 @@ class SnapshotBudget:
         self._held[key] = (weakref.ref(session, lambda _ref, key=key: self._drop(key)), nbytes)
         self.used += nbytes
         session._budget = self
+        self.track(session, cell_id)
+
+    def track(self, session: CellSession, cell_id: Optional[str]) -> None:
+        """Remember which notebook cell `session` shows, so that the cell's next run replaces it."""
         if cell_id:
             self._by_cell[cell_id] = weakref.ref(session)
 
@@ -191,7 +212,7 @@ class SnapshotBudget:
         ref = self._by_cell.pop(cell_id, None)
         old = ref() if ref is not None else None
         if old is not None:
-            old.close()
+            old.replaced()
 
     def touch(self, session: CellSession) -> None:
         if id(session) in self._held:

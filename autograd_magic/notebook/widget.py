@@ -110,6 +110,8 @@ class AutogradView(anywidget.AnyWidget):
         self.observe(self._on_select, names=["selected"])
         self.observe(self._on_check, names=["request_check"])
         self.on_msg(self._on_page_msg)
+        # the cell runs again: this view's output is replaced, so its model (and its Trace) go
+        session.on_replaced(self.close)
 
     @property
     def session(self) -> CellSession:
