@@ -37,3 +37,9 @@ SNAPSHOT_EXPLAINED = 300  # records with why-explanations in the static snapshot
 
 # ---- the notebook (notebook/) ----
 NOTEBOOK_RECORDS = 20_000  # records of earlier traced cells kept for later cells' backward; oldest cells go first
+
+# ---- trace speed (issue 14) ----
+# A non-contiguous float tensor up to this many bytes is copied compact once for its
+# statistics (then summed in vector loops); a larger one is reduced in place, in
+# float64 buffers, so no preview ever allocates more than this beside the tensor.
+PREVIEW_COPY_BYTES = 16 << 20
