@@ -43,3 +43,6 @@ NOTEBOOK_RECORDS = 20_000  # records of earlier traced cells kept for later cell
 # statistics (then summed in vector loops); a larger one is reduced in place, in
 # float64 buffers, so no preview ever allocates more than this beside the tensor.
 PREVIEW_COPY_BYTES = 16 << 20
+# Device (CUDA) tensors' previews are reduced on the device and queued; the queue is
+# copied to the host in one transfer when it holds this many, and when the run ends.
+PREVIEW_QUEUE = 256

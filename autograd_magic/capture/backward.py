@@ -266,8 +266,8 @@ class BackwardRecorder:
             name, variable = names[nid], variables[nid]
             outs = self._records_of(keys[nid], name, variable)
             try:
-                handles.append(node.register_prehook(self._pre(p, nid, name, outs, edges, by_node)))
-                handles.append(node.register_hook(self._post(nid, by_node, variable, edges, handoff)))
+                handles.append(node.register_prehook(self._guarded(self._pre(p, nid, name, outs, edges, by_node))))
+                handles.append(node.register_hook(self._guarded(self._post(nid, by_node, variable, edges, handoff))))
             except Exception:
                 continue
 
@@ -349,7 +349,7 @@ class BackwardRecorder:
                 p.steps.append(step)
                 by_node[nid] = step
 
-        return self._guarded(pre)
+        return pre
 
     def _post(self, nid: int, by_node: dict, variable, edges, handoff):
         held, previews = self._held, self.previews
@@ -381,7 +381,7 @@ class BackwardRecorder:
                 if variable is not None and step.grad_in:
                     self._note_new_grad(variable, grad_outputs[0], step.grad_in[0])
 
-        return self._guarded(post)
+        return post
 
     def _flush_held(self) -> None:
         """Gradients sent to nodes that did not run (autograd.grad stops at its inputs)."""

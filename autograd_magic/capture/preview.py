@@ -148,8 +148,16 @@ def preview(t: torch.Tensor, with_stats: bool = True) -> Preview:
 
 
 def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
-    """`preview` for callers already inside `quietly` (the tracer's hot path)."""
+    """`preview` for callers already inside `quietly` (the tracer's hot path).
+
+    While a tracer has a `DeviceQueue` active, a device tensor's preview is
+    taken on its device and comes back to the host with the queue's next
+    flush (its fields are filled then); a CPU tensor's is taken now.
+    """
     try:
+        queue = _active_queue
+        if queue is not None and queue.takes(t):
+            return queue.add(t, with_stats)
         if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
             name = _FAST_DTYPES.get(t.dtype)
             if name is not None and t.is_cpu and t.layout == torch.strided and not t.is_neg():
@@ -165,6 +173,123 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
 
 
 _FAST_DTYPES = {torch.float32: "torch.float32", torch.float64: "torch.float64"}
+
+
+# ---- device tensors: reduced where they live, read back in batches ----------------------
+
+_DEFERRED_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+_active_queue: Optional["DeviceQueue"] = None
+#: tests only: CPU float tensors take the deferred path too, so its logic runs without a GPU
+DEFER_CPU = False
+
+
+def activate(queue: Optional["DeviceQueue"]) -> Optional["DeviceQueue"]:
+    """Make `queue` the one `preview_quiet` defers into; returns the one it replaces."""
+    global _active_queue
+    previous, _active_queue = _active_queue, queue
+    return previous
+
+
+class DeviceQueue:
+    """Previews of device tensors taken with no host synchronisation per op.
+
+    Reading a CUDA tensor's values or a statistic on the host waits for the
+    device (a sync per op). Instead each op queues, on the tensor's own
+    device and in stream order, a copy of the values a preview shows (at most
+    PREVIEW_EDGE_BLOCK elements) and one float64 vector of its exact
+    statistics (min, max, sum, sum of squares). `flush` concatenates what is
+    queued and copies it to the host in one transfer per device and dtype,
+    then fills the previews in. The tracer flushes when the queue holds
+    PREVIEW_QUEUE previews and when its run ends; until then the queued
+    previews' fields are empty (nothing reads them during a run). Float dtypes
+    only; integer and bool device tensors are read at once.
+    """
+
+    def __init__(self, include_cpu: bool = False, limit: int = limits.PREVIEW_QUEUE):
+        self.include_cpu = include_cpu or DEFER_CPU
+        self.limit = limit
+        self._pending: list[tuple] = []  # (preview, values block, stats or None)
+        self.flushes = 0
+        self.host_copies = 0  # device-to-host transfers made, all flushes together
+
+    def takes(self, t) -> bool:
+        if t.is_cpu and not self.include_cpu:
+            return False
+        return (
+            (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
+            and t.dtype in _DEFERRED_DTYPES
+            and t.layout == torch.strided
+            and not t.is_meta
+            and not t.is_neg()
+        )
+
+    def add(self, t: torch.Tensor, with_stats: bool) -> Preview:
+        d = t.detach()
+        shape = tuple(d.shape)
+        p = Preview(shape=shape, dtype=str(d.dtype), device=str(d.device), layout="strided")
+        n = d.numel()
+        if n <= FULL_LIMIT:
+            block = d.clone()
+        else:
+            block = _edge_block(d)  # torch.cat: already a copy
+            if block.numel() <= EDGE_LIMIT:
+                p.summarized = True
+            else:
+                block = d.reshape(-1)[:FULL_LIMIT].clone()
+                p.flat_head = True
+        if d.dtype == torch.bfloat16:
+            block = block.to(torch.float32)  # as `_to_numpy` shows it: numpy has no bfloat16
+        stats = None
+        if with_stats and n:
+            if n > STATS_LIMIT:
+                p.note = "statistics skipped: tensor too large"
+            else:
+                lo, hi = torch.aminmax(d)
+                stats = torch.stack([
+                    lo.to(torch.float64), hi.to(torch.float64), d.sum(dtype=torch.float64),
+                    torch.linalg.vector_norm(d, dtype=torch.float64),
+                ])
+        self._pending.append((p, block, stats))
+        if len(self._pending) >= self.limit:
+            self.flush()
+        return p
+
+    def flush(self) -> None:
+        """Copy every queued preview to the host (one transfer per device and dtype) and fill them in."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self.flushes += 1
+        try:
+            self._fill(pending)
+        except Exception as exc:  # a preview must never break the user's cell
+            for p, _, _ in pending:
+                if p.values is None:
+                    p.note = f"no preview: {exc}"
+
+    def _fill(self, pending: list) -> None:
+        groups: dict[tuple, list] = {}
+        for entry in pending:
+            groups.setdefault((entry[1].device, entry[1].dtype), []).append(entry)
+        for entries in groups.values():
+            host = self._to_host(torch.cat([b.reshape(-1) for _, b, _ in entries]))
+            at = 0
+            for p, b, _ in entries:
+                k = b.numel()
+                p.values = host[at : at + k].reshape(tuple(b.shape))
+                at += k
+        with_stats = [(p, s) for p, _, s in pending if s is not None]
+        by_device: dict = {}
+        for p, s in with_stats:
+            by_device.setdefault(s.device, []).append((p, s))
+        for entries in by_device.values():
+            host = self._to_host(torch.stack([s for _, s in entries]))
+            for (p, _), (lo, hi, total, norm) in zip(entries, host.tolist()):
+                p.min, p.max, p.mean, p.norm = lo, hi, total / p.numel, norm
+
+    def _to_host(self, t: torch.Tensor) -> np.ndarray:
+        self.host_copies += 1
+        return t.cpu().numpy()
 _minimum, _maximum = np.minimum.reduce, np.maximum.reduce
 
 
