@@ -286,7 +286,11 @@ class BackwardRecorder:
         """Record the user's named tensors this pass reaches (a backward-only cell still shows x.grad)."""
         in_graph = {id(n) for n in nodes}
         leaves = {id(v) for v in variables if v is not None}
-        for name, t in self.tracer.names.requires_grad_tensors():
+        # A module's parameters are leaves: walking every module of the namespace matters only
+        # when a leaf this pass reaches has no record yet (`record_for` of a recorded one is a no-op).
+        record_of = self.tracer.record_of
+        unrecorded = any(v is not None and record_of(v) is None for v in variables)
+        for name, t in self.tracer.names.requires_grad_tensors(modules=unrecorded):
             try:
                 reached = id(t) in leaves or (t.grad_fn is not None and id(t.grad_fn) in in_graph)
             except RuntimeError:  # e.g. a no_grad view whose base changed in place: reading grad_fn raises
