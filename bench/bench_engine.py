@@ -192,7 +192,8 @@ def _cell_case(setup: str, body: str):
     from autograd_magic.run.execute import execute
 
     shell = InteractiveShell.instance()
-    shell.run_cell("%load_ext autograd_magic", store_history=False)
+    if "autograd_magic" not in shell.extension_manager.loaded:
+        shell.run_cell("%load_ext autograd_magic", store_history=False)
     shell.reset(new_session=False)
     shell.run_cell(setup, store_history=False, silent=True)
 
