@@ -117,9 +117,17 @@ def test_no_host_read_per_op_only_per_flush(monkeypatch, host_reads):
 
 def test_a_full_queue_flushes_early_and_fills_the_same_previews(monkeypatch):
     monkeypatch.setattr(P, "DEFER_CPU", True)
-    monkeypatch.setattr(P.limits, "PREVIEW_QUEUE", 3)
-    monkeypatch.setattr(P.DeviceQueue.__init__, "__defaults__", (False, 3))
+    queues = []
+    original = P.DeviceQueue.__init__
+
+    def small(self, include_cpu=False, limit=None):
+        original(self, include_cpu, 3)
+        queues.append(self)
+
+    monkeypatch.setattr(P.DeviceQueue, "__init__", small)
     deferred, _, _ = _mlp_step()
+    (queue,) = queues
+    assert queue.flushes > 5  # every third preview, and once more at the end
     monkeypatch.setattr(P, "DEFER_CPU", False)
     immediate, _, _ = _mlp_step()
     for (where, pa), (_, pb) in zip(_all_previews(immediate), _all_previews(deferred)):
