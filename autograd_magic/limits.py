@@ -74,3 +74,12 @@ SNAPSHOT_WHY_UNNAMED = 2  # of those, unnamed intermediates (their why mostly re
 WIDGET_FIRST_ROWS = 300  # table rows in the first payload; "show more" asks for this many at a time
 WIDGET_FIRST_STEPS = 20  # backward steps per pass in the first payload; the stepper asks for the rest
 WIDGET_STATE_BYTES = 300_000  # the goal for one view's synced state, JSON (tests/test_widget_latency.py)
+
+# ---- trace speed (issue 14) ----
+# A non-contiguous float tensor up to this many bytes is copied compact once for its
+# statistics (then summed in vector loops); a larger one is reduced in place, in
+# float64 buffers, so no preview ever allocates more than this beside the tensor.
+PREVIEW_COPY_BYTES = 16 << 20
+# Device (CUDA) tensors' previews are reduced on the device and queued; the queue is
+# copied to the host in one transfer when it holds this many, and when the run ends.
+PREVIEW_QUEUE = 256

@@ -46,7 +46,18 @@ MAX_WALK = limits.PASS_WALK
 
 
 def node_name(node) -> str:
-    return node.name().split("::")[-1]
+    return node.name().rpartition("::")[2]
+
+
+# a custom autograd.Function's node: its ctx may hold any attribute, `variable` too
+_PY_NODE = torch.autograd.function.BackwardCFunction
+
+
+def _key_or_none(node) -> Optional[tuple]:
+    try:
+        return node_key(node)
+    except Exception:
+        return None
 
 
 def _as_tuple(x: Any) -> tuple:
@@ -160,20 +171,16 @@ class BackwardRecorder:
         except Exception:  # e.g. reading grad_fn of a no_grad view changed in place raises
             pass
 
-    def _records_of(self, node, name: str) -> list[tuple[int, int]]:
-        """[(output index, record id)] whose gradient this node receives."""
+    def _records_of(self, key, name: str, variable) -> list[tuple[int, int]]:
+        """[(output index, record id)] whose gradient the node (`key`, `name`, its leaf if any) receives."""
         if name == "AccumulateGrad":
-            variable = getattr(node, "variable", None)
             ref, rids = self.leaf_records.get(id(variable), (None, ()))
             if ref is not None and ref() is variable:
                 return [(0, rid) for rid in rids]
             # a leaf that came to require grad after it was recorded (`requires_grad_()`, a sandbox flip)
             rid = self.tracer.record_of(variable) if variable is not None else None
             return [(0, rid)] if rid is not None else []
-        try:
-            return self.node_records.get(node_key(node), [])
-        except Exception:
-            return []
+        return self.node_records.get(key, []) if key is not None else []
 
     def grad_seen(self, leaf: torch.Tensor, g: torch.Tensor):
         """The preview of `leaf.grad` taken in the last pass, if it is still that
@@ -220,28 +227,35 @@ class BackwardRecorder:
             for nxt, _ in nf:
                 if nxt is not None and id(nxt) not in index:
                     stack.append(nxt)
-        self._hook_named_tensors(nodes)  # first: their records are among the nodes' below
-        if self.tracer.earlier is not None:
-            self._bring_in_earlier(nodes)
+        # Each node's name, key and leaf read once: a missing attribute raises inside
+        # getattr, and this runs for every node of every pass (an unrolled RNN: hundreds).
         names = [node_name(node) for node in nodes]
+        variables = [getattr(node, "variable", None) if name == "AccumulateGrad" or isinstance(node, _PY_NODE) else None
+                     for node, name in zip(nodes, names)]
+        keys = [_key_or_none(node) for node in nodes]
+        self._hook_named_tensors(nodes, variables)  # first: their records are among the nodes' below
+        if self.tracer.earlier is not None:
+            self._bring_in_earlier(keys, variables)
         if len(nodes) >= MAX_NODES:
             # Too many steps to keep, but each record still gets its gradient.
             self.tracer.note(f"a backward pass had over {MAX_NODES} nodes: its steps were not recorded")
-            for node, name in zip(nodes, names):
-                outs = self._records_of(node, name)
+            for node, name, key, variable in zip(nodes, names, keys, variables):
+                outs = self._records_of(key, name, variable)
                 if outs:
                     handles.append(node.register_prehook(self._guarded(self._grads_only(p, outs))))
             return
         p.nodes = names
         fan_in: dict[tuple, int] = {}  # (node id, input slot) -> edges into it
         edges_of = []
+        all_edges = p.edges
+        get = index.get
         for nid, nf in enumerate(nexts_of):
             edges = []
             for nxt, slot in nf:
-                target = index.get(id(nxt)) if nxt is not None else None
+                target = get(id(nxt)) if nxt is not None else None
                 edges.append((target, slot))
                 if target is not None:
-                    p.edges.append((nid, target))
+                    all_edges.append((nid, target))
                     fan_in[(target, slot)] = fan_in.get((target, slot), 0) + 1
             edges_of.append(edges)
         by_node: dict[int, BackwardStep] = {}
@@ -249,30 +263,34 @@ class BackwardRecorder:
             edges = edges_of[nid]
             # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends
             handoff = [t is not None and fan_in[(t, slot)] == 1 for t, slot in edges]
-            outs = self._records_of(node, names[nid])
+            name, variable = names[nid], variables[nid]
+            outs = self._records_of(keys[nid], name, variable)
             try:
-                handles.append(node.register_prehook(self._guarded(self._pre(p, nid, names[nid], outs, edges, by_node))))
-                handles.append(node.register_hook(self._guarded(self._post(nid, by_node, getattr(node, "variable", None), edges, handoff))))
+                handles.append(node.register_prehook(self._guarded(self._pre(p, nid, name, outs, edges, by_node))))
+                handles.append(node.register_hook(self._guarded(self._post(nid, by_node, variable, edges, handoff))))
             except Exception:
                 continue
 
-    def _bring_in_earlier(self, nodes: list) -> None:
+    def _bring_in_earlier(self, keys: list, variables: list) -> None:
         """Nodes made by earlier traced cells (a backward-only cell): their records join this trace."""
-        for node in nodes:
+        for key, variable in zip(keys, variables):
             try:
-                key = node_key(node)
-                if key not in self.node_records and not hasattr(node, "variable"):
+                if key is not None and key not in self.node_records and variable is None:
                     self.tracer.bring_in_node(key)
             except Exception as exc:  # bookkeeping: the pass runs the same without it
                 self.tracer.note(f"could not bring in records of an earlier cell: {type(exc).__name__}: {exc}")
                 return
 
     @quietly
-    def _hook_named_tensors(self, nodes: list) -> None:
+    def _hook_named_tensors(self, nodes: list, variables: list) -> None:
         """Record the user's named tensors this pass reaches (a backward-only cell still shows x.grad)."""
         in_graph = {id(n) for n in nodes}
-        leaves = {id(getattr(n, "variable", None)) for n in nodes if hasattr(n, "variable")}
-        for name, t in self.tracer.names.requires_grad_tensors():
+        leaves = {id(v) for v in variables if v is not None}
+        # A module's parameters are leaves: walking every module of the namespace matters only
+        # when a leaf this pass reaches has no record yet (`record_for` of a recorded one is a no-op).
+        record_of = self.tracer.record_of
+        unrecorded = any(v is not None and record_of(v) is None for v in variables)
+        for name, t in self.tracer.names.requires_grad_tensors(modules=unrecorded):
             try:
                 reached = id(t) in leaves or (t.grad_fn is not None and id(t.grad_fn) in in_graph)
             except RuntimeError:  # e.g. a no_grad view whose base changed in place: reading grad_fn raises

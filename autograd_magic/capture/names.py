@@ -115,8 +115,8 @@ class NameIndex:
         if self._tensors is not None:
             _remember(self._tensors, t, name)
 
-    def requires_grad_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        """Namespace tensors (and parameters) that take part in autograd."""
+    def requires_grad_tensors(self, modules: bool = True) -> list[tuple[str, torch.Tensor]]:
+        """Namespace tensors (and, with `modules`, modules' parameters) that take part in autograd."""
         if self._tensors is None:
             self._build()
         found = []
@@ -126,7 +126,7 @@ class NameIndex:
             kind = _kind(value)
             if kind == "tensor" and value.requires_grad:
                 found.append((name, value))
-            elif kind == "module":
+            elif kind == "module" and modules:
                 try:
                     found.extend((p, t) for p, t in value.named_parameters(prefix=name) if t.requires_grad)
                 except Exception:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import weakref
 from typing import Optional
 
@@ -23,6 +24,7 @@ FULL_LIMIT = limits.PREVIEW_FULL
 EDGE = limits.PREVIEW_EDGE
 EDGE_LIMIT = limits.PREVIEW_EDGE_BLOCK
 STATS_LIMIT = limits.STATS_ELEMENTS
+COPY_LIMIT = limits.PREVIEW_COPY_BYTES
 
 
 def _stat(t: torch.Tensor) -> tuple:
@@ -70,20 +72,16 @@ def _sum(flat: np.ndarray) -> float:
     return float(np.einsum("i->", flat) if flat.size <= _EINSUM_LIMIT else np.add.reduce(flat))
 
 
-_CHUNK = 1 << 20
-
-
 def _sums(a: np.ndarray) -> tuple[float, float]:
-    """Sum and sum of squares in float64, one bounded chunk at a time.
+    """Sum and sum of squares in float64, with no full-size copy.
 
-    `a.flat[i:j]` copies just those elements, whatever the strides, so a
-    non-contiguous view or an integer tensor never gets a full-size copy.
+    Both reductions cast to float64 in the iterator's small buffers, whatever
+    the strides, so a non-contiguous view or an integer tensor never gets a
+    full-size copy.
     """
-    total = squares = 0.0
-    for start in range(0, a.size, _CHUNK):
-        chunk = a.flat[start : start + _CHUNK].astype(np.float64, copy=False)
-        total += float(np.add.reduce(chunk))
-        squares += float(np.einsum("i,i->", chunk, chunk))
+    axes = list(range(a.ndim))
+    total = float(np.add.reduce(a, axis=None, dtype=np.float64))
+    squares = float(np.einsum(a, axes, a, axes, [], dtype=np.float64))
     return total, squares
 
 
@@ -150,8 +148,16 @@ def preview(t: torch.Tensor, with_stats: bool = True) -> Preview:
 
 
 def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
-    """`preview` for callers already inside `quietly` (the tracer's hot path)."""
+    """`preview` for callers already inside `quietly` (the tracer's hot path).
+
+    While a tracer has a `DeviceQueue` active, a device tensor's preview is
+    taken on its device and comes back to the host with the queue's next
+    flush (its fields are filled then); a CPU tensor's is taken now.
+    """
     try:
+        queue = _active_queue
+        if queue is not None and queue.takes(t):
+            return queue.add(t, with_stats)
         if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
             name = _FAST_DTYPES.get(t.dtype)
             if name is not None and t.is_cpu and t.layout == torch.strided and not t.is_neg():
@@ -167,6 +173,123 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
 
 
 _FAST_DTYPES = {torch.float32: "torch.float32", torch.float64: "torch.float64"}
+
+
+# ---- device tensors: reduced where they live, read back in batches ----------------------
+
+_DEFERRED_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+_active_queue: Optional["DeviceQueue"] = None
+#: tests only: CPU float tensors take the deferred path too, so its logic runs without a GPU
+DEFER_CPU = False
+
+
+def activate(queue: Optional["DeviceQueue"]) -> Optional["DeviceQueue"]:
+    """Make `queue` the one `preview_quiet` defers into; returns the one it replaces."""
+    global _active_queue
+    previous, _active_queue = _active_queue, queue
+    return previous
+
+
+class DeviceQueue:
+    """Previews of device tensors taken with no host synchronisation per op.
+
+    Reading a CUDA tensor's values or a statistic on the host waits for the
+    device (a sync per op). Instead each op queues, on the tensor's own
+    device and in stream order, a copy of the values a preview shows (at most
+    PREVIEW_EDGE_BLOCK elements) and one float64 vector of its exact
+    statistics (min, max, sum, sum of squares). `flush` concatenates what is
+    queued and copies it to the host in one transfer per device and dtype,
+    then fills the previews in. The tracer flushes when the queue holds
+    PREVIEW_QUEUE previews and when its run ends; until then the queued
+    previews' fields are empty (nothing reads them during a run). Float dtypes
+    only; integer and bool device tensors are read at once.
+    """
+
+    def __init__(self, include_cpu: bool = False, limit: int = limits.PREVIEW_QUEUE):
+        self.include_cpu = include_cpu or DEFER_CPU
+        self.limit = limit
+        self._pending: list[tuple] = []  # (preview, values block, stats or None)
+        self.flushes = 0
+        self.host_copies = 0  # device-to-host transfers made, all flushes together
+
+    def takes(self, t) -> bool:
+        if t.is_cpu and not self.include_cpu:
+            return False
+        return (
+            (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
+            and t.dtype in _DEFERRED_DTYPES
+            and t.layout == torch.strided
+            and not t.is_meta
+            and not t.is_neg()
+        )
+
+    def add(self, t: torch.Tensor, with_stats: bool) -> Preview:
+        d = t.detach()
+        shape = tuple(d.shape)
+        p = Preview(shape=shape, dtype=str(d.dtype), device=str(d.device), layout="strided")
+        n = d.numel()
+        if n <= FULL_LIMIT:
+            block = d.clone()
+        else:
+            block = _edge_block(d)  # torch.cat: already a copy
+            if block.numel() <= EDGE_LIMIT:
+                p.summarized = True
+            else:
+                block = d.reshape(-1)[:FULL_LIMIT].clone()
+                p.flat_head = True
+        if d.dtype == torch.bfloat16:
+            block = block.to(torch.float32)  # as `_to_numpy` shows it: numpy has no bfloat16
+        stats = None
+        if with_stats and n:
+            if n > STATS_LIMIT:
+                p.note = "statistics skipped: tensor too large"
+            else:
+                lo, hi = torch.aminmax(d)
+                stats = torch.stack([
+                    lo.to(torch.float64), hi.to(torch.float64), d.sum(dtype=torch.float64),
+                    torch.linalg.vector_norm(d, dtype=torch.float64),
+                ])
+        self._pending.append((p, block, stats))
+        if len(self._pending) >= self.limit:
+            self.flush()
+        return p
+
+    def flush(self) -> None:
+        """Copy every queued preview to the host (one transfer per device and dtype) and fill them in."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self.flushes += 1
+        try:
+            self._fill(pending)
+        except Exception as exc:  # a preview must never break the user's cell
+            for p, _, _ in pending:
+                if p.values is None:
+                    p.note = f"no preview: {exc}"
+
+    def _fill(self, pending: list) -> None:
+        groups: dict[tuple, list] = {}
+        for entry in pending:
+            groups.setdefault((entry[1].device, entry[1].dtype), []).append(entry)
+        for entries in groups.values():
+            host = self._to_host(torch.cat([b.reshape(-1) for _, b, _ in entries]))
+            at = 0
+            for p, b, _ in entries:
+                k = b.numel()
+                p.values = host[at : at + k].reshape(tuple(b.shape))
+                at += k
+        with_stats = [(p, s) for p, _, s in pending if s is not None]
+        by_device: dict = {}
+        for p, s in with_stats:
+            by_device.setdefault(s.device, []).append((p, s))
+        for entries in by_device.values():
+            host = self._to_host(torch.stack([s for _, s in entries]))
+            for (p, _), (lo, hi, total, norm) in zip(entries, host.tolist()):
+                p.min, p.max, p.mean, p.norm = lo, hi, total / p.numel, norm
+
+    def _to_host(self, t: torch.Tensor) -> np.ndarray:
+        self.host_copies += 1
+        return t.cpu().numpy()
 _minimum, _maximum = np.minimum.reduce, np.maximum.reduce
 
 
@@ -206,6 +329,21 @@ def _edge_index(shape: tuple):
 
 
 def _small_stats(p: Preview, v: np.ndarray) -> None:
+    # Up to PREVIEW_FULL elements: Python's own loops over one list beat five
+    # numpy calls (each ~1 us of overhead on a few elements). A finite sum means
+    # every element is finite; otherwise (inf, nan, an overflowing sum) numpy's
+    # exact path below, which handles each of them.
+    items = v.ravel().tolist()
+    try:
+        total = math.fsum(items)
+    except (ValueError, OverflowError):  # inf - inf, or finite values whose sum overflows
+        total = math.nan
+    if math.isfinite(total):
+        n = len(items)
+        p.min, p.max, p.mean = float(min(items)), float(max(items)), total / n
+        p.norm = math.sqrt(math.fsum(map(operator.mul, items, items)))
+        if math.isfinite(p.norm):
+            return
     # Finiteness is read before the float64 cast: casting a signaling NaN (e.g.
     # from uninitialized memory) warns "invalid value encountered in cast".
     if np.isfinite(v).all():
@@ -234,10 +372,19 @@ _SAFE_SQUARES = {4: 1e37, 8: 1e300}
 
 
 def _sum_and_norm(p: Preview, a: np.ndarray, n: int) -> None:
-    if a.dtype.kind == "f" and a.dtype.itemsize >= 4 and (a.flags.c_contiguous or a.flags.f_contiguous):
-        # sum and norm each one vector C loop; memory order ('K') makes a
-        # transposed tensor (a weight's grad) a view too
-        flat = a.ravel(order="K")
+    if a.dtype.kind == "f" and a.dtype.itemsize >= 4:
+        if a.flags.c_contiguous or a.flags.f_contiguous:
+            # sum and norm each one vector C loop; memory order ('K') makes a
+            # transposed tensor (a weight's grad) a view too
+            flat = a.ravel(order="K")
+        elif a.nbytes <= COPY_LIMIT:
+            # a strided view (attention's heads, a slice): one compact copy, then the
+            # same vector loops; ten times faster than striding through it twice
+            flat = np.ascontiguousarray(a).reshape(-1)
+        else:
+            total, squares = _sums(a)
+            p.mean, p.norm = total / n, float(np.sqrt(squares))
+            return
         p.mean = _sum(flat) / n
         p.norm = _norm(flat)
     else:  # integers, float16 (its own sums lose digits), sliced or expanded: float64 chunks, no full copy

@@ -26,7 +26,7 @@ from .backward import BackwardRecorder
 from .earlier import CellRecords, EarlierCells, bring_in
 from .interventions import Intervention
 from .names import NameIndex
-from .preview import preview_quiet, quietly
+from .preview import DeviceQueue, activate, preview_quiet, quietly
 from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
 from ..data.trace import Record, Trace
 from .sites import SiteFinder
@@ -156,11 +156,16 @@ class Tracer:
         self.calls = 0  # the traced code's torch calls so far: what may have touched a tensor
         self._final_names: dict[int, str] = {}
         self.final_namespace: Optional[dict] = None  # set by trace() to name records at the end
+        # device tensors' previews: reduced on the device, read back in batches (no sync per op)
+        self.device_previews = DeviceQueue()
+        self._outer_queue: Optional[DeviceQueue] = None
+        self._queue_on = False
 
     # ---- lifecycle ----
     def start(self) -> "Tracer":
         try:
             purge_stale_modes()
+            self._outer_queue, self._queue_on = activate(self.device_previews), True
             self._mode = _Mode(self)
             self._mode.__enter__()
             # Importing dynamo just to set a stance costs ~70 MB: only when compiled
@@ -183,13 +188,25 @@ class Tracer:
                 compat.restore_stance(self._stance)
                 self._stance = None  # cleared only once restored: an interrupted stop() can run again
             try:
-                self._finish_records()
+                try:
+                    self._finish_records()
+                finally:
+                    self._end_device_previews()
             finally:
                 if self.earlier is not None:  # weak: the cells after this one find its live tensors
                     self._refs_at_end = {rid: ref for rid, (ref, _) in self._live.items()}
                 self._by_tensor.clear()
                 self._live.clear()
         return self.trace
+
+    def _end_device_previews(self) -> None:
+        """Read the queued device previews back (one transfer) and give the queue slot back."""
+        try:
+            self.device_previews.flush()
+        finally:
+            if self._queue_on:
+                activate(self._outer_queue)
+                self._queue_on = False
 
     def _pop_mode(self) -> None:
         mode = self._mode
