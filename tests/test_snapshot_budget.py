@@ -144,9 +144,6 @@ def test_quiet_text_and_static_cells_take_no_snapshot(nb):
 
 
 def test_over_the_budget_a_snapshot_never_keeps_a_tensor_alive(nb):
-    import gc
-    import weakref
-
     nb.run_cell("%config AutogradMagics.snapshot_mb = 0")
     nb.run_cell("import torch\nw0 = torch.randn(1000, requires_grad=True)\nh = w0 * 2")
     ref = weakref.ref(nb.user_ns["h"])
@@ -179,3 +176,28 @@ def test_the_widget_shows_the_line_and_turns_its_toggles_off(nb):
     view.no_grad = True  # a click anyway: one line in the status, nothing re-run
     assert "snapshot budget" in view.status and view.variant is None
     view.close()
+
+
+def test_a_cell_run_again_closes_its_previous_view(nb):
+    """The old widget model goes (its comm closed), with its Trace; another cell's view stays."""
+    from autograd_magic.notebook.widget import AutogradView
+
+    views = []
+    original = AutogradView.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        views.append(self)
+
+    AutogradView.__init__ = spy
+    try:
+        nb.run_cell("import torch\nx = torch.randn(10, requires_grad=True)")
+        traced(nb, "y = (x * 3).sum()\ny.backward()", cell_id="cell-v")
+        traced(nb, "z = (x * 2).sum()", cell_id="cell-w")
+        first, other = views
+        traced(nb, "y = (x * 3).sum()\ny.backward()", cell_id="cell-v")
+    finally:
+        AutogradView.__init__ = original
+    assert first.comm is None  # closed: the front end drops its model
+    assert other.comm is not None and views[-1].comm is not None
+    assert not first.session.can_rerun
