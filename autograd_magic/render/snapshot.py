@@ -45,15 +45,16 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
     except Exception:  # the explanations are a bonus too; the table always shows
         pass
     sections = [section(t, b, o) for t, b, o in parts]
-    base = len(render_html(trace, variant=variant))
+    base = render_html(trace, variant=variant)  # the sections go last, just inside its closing tag
     # past the budget, the last sections give way first: the why, the steps, then the graph
     for i in range(len(sections) - 1, -1, -1):
-        if base + sum(len(s) for s in sections) <= limits.SNAPSHOT_HTML_BYTES:
+        if len(base) + sum(len(s) for s in sections) <= limits.SNAPSHOT_HTML_BYTES:
             break
         title, body, _ = parts[i]
         note = _html.escape(LEFT_OUT.format(size=max(1, len(body) // 1000)))
         sections[i] = section(title, f"<i>{note}</i>", open=False)
-    return render_html(trace, variant=variant, sections=sections)
+    assert base.endswith("</div>")
+    return base[: -len("</div>")] + "".join(sections) + "</div>"
 
 
 def graph_html(shown: Trace, timeout: Optional[float] = None) -> str:
