@@ -234,7 +234,7 @@ class Trace:
         return str(self)
 
     def to_html(self) -> str:
-        """A static, script-free HTML snapshot (inline styles only)."""
+        """A static, script-free HTML snapshot (one scoped style sheet, no scripts)."""
         return _view("html")(self)
 
     def to_dot(self, **options) -> str:

@@ -1,7 +1,7 @@
 """Choosing and publishing the view: widget, static snapshot, text.
 
 A traced cell publishes two outputs: the widget (its text/plain empty)
-and the snapshot (inline-styled HTML and the text table) marked with the
+and the snapshot (HTML with one scoped style sheet, and the text table) marked with the
 widget's model id. Lab's widget renderer has no fallback when the widget's
 model is missing (a reloaded notebook whose widget state was not saved): it
 says "model not found" and shows nothing else of that output, so the snapshot
