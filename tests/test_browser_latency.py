@@ -10,8 +10,11 @@ Reference numbers come from the same model in plain PyTorch.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+
+import nbformat
 
 import pytest
 import torch
@@ -115,5 +118,22 @@ def test_transformer_cell_first_screen_then_on_demand(jupyter, browser):
         view.scroll_into_view_if_needed()
         page.wait_for_timeout(300)
         view.screenshot(path=str(SCREENSHOTS / "lab_transformer_on_demand.png"))
+
+        # saved: the traced cell's outputs (the widget's and its snapshot) stay small in the file
+        path = jupyter.root / "transformer.ipynb"
+        before = path.stat().st_mtime_ns
+        page.locator(".jp-Notebook").first.click()
+        page.keyboard.press("Control+s")
+        for _ in range(100):
+            if path.stat().st_mtime_ns != before:
+                break
+            page.wait_for_timeout(100)
+        page.wait_for_timeout(500)
+        saved = nbformat.read(str(path), as_version=4)
+        outputs = saved.cells[3].outputs
+        assert any("text/html" in o.get("data", {}) for o in outputs)
+        size = len(json.dumps(outputs).encode())
+        print(f"the traced cell's outputs in the saved file: {size / 1000:.0f} KB")
+        assert size <= 150_000
     finally:
         page.close()
