@@ -422,8 +422,18 @@ class View {
   // The graph's SVG inside the snapshot output this view hides (null when there is none); it goes
   // through safeSvg like any other.
   savedGraph() {
+    const DATA = "data:image/svg+xml,";
     for (const [el] of this.hidden) {
-      const svg = el.querySelector(".agm-snapshot svg, svg");
+      const img = el.querySelector(".am-graph img");
+      const src = img ? img.getAttribute("src") || "" : "";
+      if (src.startsWith(DATA)) {
+        try {
+          return decodeURIComponent(src.slice(DATA.length));
+        } catch (e) {
+          return null; // not a drawing we wrote
+        }
+      }
+      const svg = el.querySelector(".am-graph svg");
       if (svg && svg.outerHTML) return svg.outerHTML;
     }
     return null;

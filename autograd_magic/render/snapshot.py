@@ -80,8 +80,27 @@ def graph_html(shown: Trace, timeout: Optional[float] = None) -> str:
     return _dot_html(dot, result.hint)
 
 
+_DOUBLE_QUOTED = re.compile(r'="([^"\']*)"')
+
+
+def svg_data_uri(svg: str) -> str:
+    """`svg` as a `data:image/svg+xml,` URI, ready for a double-quoted attribute.
+
+    Only what a data URI and the attribute need is escaped (`%`, `#`, `"`, `&`), and
+    attribute values are re-quoted with `'`, so the drawing grows by a few percent only."""
+    body = _DOUBLE_QUOTED.sub(r"='\1'", svg)
+    body = body.replace("%", "%25").replace("#", "%23").replace('"', "%22").replace("\n", "%0A")
+    return "data:image/svg+xml," + body.replace("&", "&amp;")
+
+
 def _svg_box(svg: str) -> str:
-    return f'<div class="am-graph" style="overflow:auto;max-width:100%">{svg}</div>'
+    # an image, not inline SVG: JupyterLab's sanitizer (an untrusted, shared notebook) drops
+    # inline <svg> and leaves its texts run together, but keeps a data: image; an image also
+    # runs nothing, whatever the drawing says
+    return (
+        '<div class="am-graph" style="overflow:auto;max-width:100%">'
+        f'<img src="{svg_data_uri(svg)}" alt="the autograd graph" style="max-width:100%;height:auto"></div>'
+    )
 
 
 def _dot_html(dot: str, hint: Optional[str]) -> str:
