@@ -433,8 +433,8 @@ class View {
           return null; // not a drawing we wrote
         }
       }
-      const svg = el.querySelector(".am-graph svg");
-      if (svg && svg.outerHTML) return svg.outerHTML;
+      const svg = el.querySelector(".am-graph svg"); // a snapshot saved before the graph was an image
+      if (svg && typeof XMLSerializer !== "undefined") return new XMLSerializer().serializeToString(svg);
     }
     return null;
   }
