@@ -42,6 +42,9 @@ class _Formatter:
 
     The mode (integer-valued, scientific) and the width come from the nonzero finite values
     only, as torch's do; nan, inf and zeros are then padded to that width, or overflow it.
+    The width is found without printing every value: a value's printed width grows with its
+    magnitude on each side of zero (its integer digits, or its exponent's size away from 0),
+    so the widest is among the largest and smallest magnitudes of each sign.
     """
 
     def __init__(self, vals: np.ndarray, opts: PrintOptions):
@@ -50,27 +53,32 @@ class _Formatter:
         self.int_mode, self.sci_mode, self.max_width = True, False, 1
         flat = vals.reshape(-1)
         if not self.floating:
-            for v in flat:
-                self.max_width = max(self.max_width, len(self._plain(v)))
+            if flat.size:
+                extremes = (bool(flat.min()), bool(flat.max())) if flat.dtype.kind == "b" else (flat.min(), flat.max())
+                self.max_width = max(len(self._plain(v)) for v in extremes)
             return
         flat = flat.astype(np.float64)
         with np.errstate(invalid="ignore"):
             finite = flat[np.isfinite(flat) & (flat != 0)]
         if finite.size == 0:
             return
-        lo, hi = float(np.abs(finite).min()), float(np.abs(finite).max())
+        magnitude = np.abs(finite)
+        lo, hi = float(magnitude.min()), float(magnitude.max())
         self.int_mode = bool(np.all(finite == np.ceil(finite)))
         auto = hi / lo > 1000.0 or hi > 1.0e8 or lo < 1.0e-4
         self.sci_mode = auto if opts.sci_mode is None else opts.sci_mode
         prec = opts.precision
-        for v in finite.tolist():
-            if self.sci_mode:
-                width = len(f"{v:.{prec}e}")
-            elif self.int_mode:
-                width = len(f"{v:.0f}") + 1
-            else:
-                width = len(f"{v:.{prec}f}")
-            self.max_width = max(self.max_width, width)
+        for side in (finite[finite > 0], finite[finite < 0]):
+            if not side.size:
+                continue
+            for v in (float(side.min()), float(side.max())):
+                if self.sci_mode:
+                    width = len(f"{v:.{prec}e}")
+                elif self.int_mode:
+                    width = len(f"{v:.0f}") + 1
+                else:
+                    width = len(f"{v:.{prec}f}")
+                self.max_width = max(self.max_width, width)
 
     @staticmethod
     def _plain(v) -> str:
