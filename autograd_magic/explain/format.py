@@ -42,6 +42,9 @@ class _Formatter:
 
     The mode (integer-valued, scientific) and the width come from the nonzero finite values
     only, as torch's do; nan, inf and zeros are then padded to that width, or overflow it.
+    The width is found without printing every value: a value's printed width grows with its
+    magnitude on each side of zero (its integer digits, or its exponent's size away from 0),
+    so the widest is among the largest and smallest magnitudes of each sign.
     """
 
     def __init__(self, vals: np.ndarray, opts: PrintOptions):
@@ -50,27 +53,32 @@ class _Formatter:
         self.int_mode, self.sci_mode, self.max_width = True, False, 1
         flat = vals.reshape(-1)
         if not self.floating:
-            for v in flat:
-                self.max_width = max(self.max_width, len(self._plain(v)))
+            if flat.size:
+                extremes = (bool(flat.min()), bool(flat.max())) if flat.dtype.kind == "b" else (flat.min(), flat.max())
+                self.max_width = max(len(self._plain(v)) for v in extremes)
             return
         flat = flat.astype(np.float64)
         with np.errstate(invalid="ignore"):
             finite = flat[np.isfinite(flat) & (flat != 0)]
         if finite.size == 0:
             return
-        lo, hi = float(np.abs(finite).min()), float(np.abs(finite).max())
+        magnitude = np.abs(finite)
+        lo, hi = float(magnitude.min()), float(magnitude.max())
         self.int_mode = bool(np.all(finite == np.ceil(finite)))
         auto = hi / lo > 1000.0 or hi > 1.0e8 or lo < 1.0e-4
         self.sci_mode = auto if opts.sci_mode is None else opts.sci_mode
         prec = opts.precision
-        for v in finite.tolist():
-            if self.sci_mode:
-                width = len(f"{v:.{prec}e}")
-            elif self.int_mode:
-                width = len(f"{v:.0f}") + 1
-            else:
-                width = len(f"{v:.{prec}f}")
-            self.max_width = max(self.max_width, width)
+        for side in (finite[finite > 0], finite[finite < 0]):
+            if not side.size:
+                continue
+            for v in (float(side.min()), float(side.max())):
+                if self.sci_mode:
+                    width = len(f"{v:.{prec}e}")
+                elif self.int_mode:
+                    width = len(f"{v:.0f}") + 1
+                else:
+                    width = len(f"{v:.{prec}f}")
+                self.max_width = max(self.max_width, width)
 
     @staticmethod
     def _plain(v) -> str:
@@ -95,8 +103,10 @@ class _Formatter:
         return (self.max_width - len(ret)) * " " + ret
 
 
-def _element_formatter(vals: np.ndarray, opts: PrintOptions) -> tuple[Callable, int]:
-    """How one element prints, and the element width torch wraps lines by."""
+def _element_formatter(vals: np.ndarray, opts: PrintOptions) -> tuple[Callable, int, int]:
+    """How one element prints, the element width torch wraps lines by, and the fewest
+    characters one element prints in (every element but an overflowing nan, inf or zero
+    prints in exactly that many when real)."""
     if np.iscomplexobj(vals):
         real, imag = _Formatter(vals.real, opts), _Formatter(vals.imag, opts)
 
@@ -104,9 +114,170 @@ def _element_formatter(vals: np.ndarray, opts: PrintOptions) -> tuple[Callable, 
             imag_str = (imag.format(v.imag) + "j").lstrip()
             return real.format(v.real) + ("" if imag_str[0] in "+-" else "+") + imag_str
 
-        return fmt, real.max_width + 2 + imag.max_width + 1
+        return fmt, real.max_width + 2 + imag.max_width + 1, real.max_width + 3  # real, sign, digit, "j"
     f = _Formatter(vals, opts)
-    return f.format, f.max_width + 2
+    return f.format, f.max_width + 2, f.max_width
+
+
+_SUMMARY_ITEM = " ..."  # torch's item for the cut middle of a summarized row (joined by ", ")
+
+
+class Printout:
+    """A printed value laid out in lines before any element is formatted.
+
+    Which elements go on which line depends only on the shape and on the one element width
+    torch picks from all values (found cheaply, see `_Formatter`), so the number of lines and
+    a lower bound on the characters are known at once, and `line(i)` formats only the
+    elements of line i. `text()` is the whole printout (what `format_values` and
+    `format_tensor` return), for a caller that needs everything; a caller that shows the
+    first lines of a long value (the snapshot) or a summary of it (the widget's table) asks
+    only for what it shows.
+
+    Each line is `[prefix, items, suffix]`: items are indices into the flat values, None for
+    torch's ` ...`, joined by ", ". `suffixes` (`grad_fn=<...>`, ...) are added to the last
+    line as torch adds them, with the closing `)`, when `close` is set.
+    """
+
+    def __init__(self, lines: list, values: Optional[np.ndarray] = None, fmt: Optional[Callable] = None,
+                 element_min: int = 0):
+        self._lines = lines
+        self._flat = values.reshape(-1) if values is not None else None
+        self._fmt = fmt
+        self._element_min = element_min
+        self._suffixes: tuple = ()
+        self._close = False
+        self._indent, self._linewidth = 0, DEFAULT_OPTIONS.linewidth
+        self._tail: Optional[list[str]] = None
+        self.size = 0 if self._flat is None else int(self._flat.size)  # elements printed
+
+    @classmethod
+    def literal(cls, text: str) -> "Printout":
+        return cls([[line, [], ""] for line in text.split("\n")])
+
+    def wrap(self, prefix: str, suffixes: list[str], linewidth: int) -> "Printout":
+        """`prefix` (`tensor(`) before the first line; `suffixes` and `)` after the last, as torch
+        adds them (`_add_suffixes`, continuation lines indented by the prefix)."""
+        self._lines[0][0] = prefix + self._lines[0][0]
+        self._suffixes, self._close = tuple(suffixes), True
+        self._indent, self._linewidth = len(prefix), linewidth
+        self._tail = None
+        return self
+
+    @property
+    def min_lines(self) -> int:
+        """Lines of the printout, at least (exactly, when there are no suffixes to place)."""
+        return len(self._lines)
+
+    def min_line_chars(self, i: int) -> int:
+        """Characters of line i at least (of the last line, before any suffix)."""
+        prefix, items, suffix = self._lines[i]
+        n = len(items)
+        if not n:
+            return len(prefix) + len(suffix)
+        cut = sum(1 for j in items if j is None)
+        return len(prefix) + len(suffix) + (n - cut) * self._element_min + cut * len(_SUMMARY_ITEM) + 2 * (n - 1)
+
+    def min_chars(self) -> int:
+        """Characters of the whole printout at least."""
+        total = sum(self.min_line_chars(i) for i in range(len(self._lines))) + len(self._lines) - 1
+        return total + sum(len(s) + 2 for s in self._suffixes) + (1 if self._close else 0)
+
+    def _render(self, i: int, limit: Optional[int] = None) -> str:
+        prefix, items, suffix = self._lines[i]
+        if not items:
+            return prefix + suffix
+        flat, fmt = self._flat, self._fmt
+        if limit is None:
+            return prefix + ", ".join(_SUMMARY_ITEM if j is None else fmt(flat[j]) for j in items) + suffix
+        out, size = [prefix], len(prefix)
+        for k, j in enumerate(items):
+            piece = (", " if k else "") + (_SUMMARY_ITEM if j is None else fmt(flat[j]))
+            out.append(piece)
+            size += len(piece)
+            if size > limit:
+                return "".join(out)
+        return "".join(out) + suffix
+
+    def _tail_lines(self) -> list[str]:
+        if self._tail is None:
+            last = self._render(len(self._lines) - 1)
+            if self._close:
+                last = _add_suffixes(last, list(self._suffixes), self._indent, self._linewidth)
+            self._tail = last.split("\n")
+        return self._tail
+
+    def line(self, i: int, limit: Optional[int] = None) -> Optional[str]:
+        """Line i of the printout exactly, or None past its end. With `limit`, a line longer
+        than `limit` may come back cut short: its first characters, more than `limit` of them."""
+        last = len(self._lines) - 1
+        if i < last:
+            return self._render(i, limit)
+        if i == last and limit is not None:
+            head = self._render(i, limit)
+            if len(head) > limit:  # the suffixes only lengthen this line or follow it
+                return head
+        tail = self._tail_lines()
+        return tail[i - last] if i - last < len(tail) else None
+
+    def text(self) -> str:
+        return "\n".join([self._render(i) for i in range(len(self._lines) - 1)] + self._tail_lines())
+
+
+def _layout(shape: tuple, full_shape: tuple, summarize: bool, element_width: int, linewidth: int,
+            indent: int) -> list:
+    """torch's nested-bracket layout as Printout lines (see `Printout`), no element formatted."""
+    position = 0
+
+    def block(shape: tuple, full_shape: tuple, ind: int) -> list:
+        nonlocal position
+        n, full_n = shape[0], full_shape[0]
+        cut = summarize and full_n > n  # only dims that were actually cut get "..."
+        half = n // 2
+        if len(shape) == 1:
+            items: list = list(range(position, position + n))
+            position += n
+            if cut:
+                items = items[:half] + [None] + items[half:]
+            per_line = max(1, math.floor((linewidth - ind) / element_width))
+            pad = " " * (ind + 1)
+            lines = [[pad, items[i : i + per_line], ","] for i in range(0, len(items), per_line)]
+            lines[0][0] = "["
+            lines[-1][2] = "]"
+            return lines
+        parts = [block(shape[1:], full_shape[1:], ind + 1) for _ in range(n)]
+        if cut:
+            parts = parts[:half] + [[["...", [], ""]]] + parts[half:]
+        pad, blank = " " * (ind + 1), len(shape) - 2  # torch's separator: "," then newlines, then the indent
+        lines = []
+        for k, part in enumerate(parts):
+            if k:
+                part[0][0] = pad + part[0][0]
+                lines.extend(["", [], ""] for _ in range(blank))
+            if k < len(parts) - 1:
+                part[-1][2] += ","
+            lines.extend(part)
+        lines[0][0] = "[" + lines[0][0]
+        lines[-1][2] += "]"
+        return lines
+
+    return block(shape, full_shape, indent)
+
+
+def values_printout(p: Preview, indent: int = 7, options: PrintOptions = DEFAULT_OPTIONS) -> Printout:
+    """`format_values`'s printout, laid out and not yet formatted."""
+    if p.values is None:
+        return Printout.literal(f"<{p.note or 'no values'}>")
+    vals = np.asarray(p.values)
+    fmt, element_width, element_min = _element_formatter(vals, options)
+    if p.flat_head:
+        lines = [["[", list(range(vals.size)), ", ...]"]]
+    elif vals.ndim == 0:
+        lines = [["", [0], ""]]
+    elif vals.size == 0:
+        return Printout.literal("[]")
+    else:
+        lines = _layout(vals.shape, p.shape, p.summarized, element_width, options.linewidth, indent)
+    return Printout(lines, vals, fmt, element_min)
 
 
 def format_values(p: Preview, indent: int = 7, options: PrintOptions = DEFAULT_OPTIONS) -> str:
@@ -117,37 +288,7 @@ def format_values(p: Preview, indent: int = 7, options: PrintOptions = DEFAULT_O
     tensor too large even for its edge block (`flat_head`) prints them flat, then `...]`:
     torch's own printout of such a tensor cannot be rebuilt from them.
     """
-    if p.values is None:
-        return f"<{p.note or 'no values'}>"
-    vals = np.asarray(p.values)
-    fmt, element_width = _element_formatter(vals, options)
-    if p.flat_head:
-        return "[" + ", ".join(fmt(v) for v in vals.reshape(-1)) + ", ...]"
-    if vals.ndim == 0:
-        return fmt(vals.reshape(-1)[0])
-    if vals.size == 0:
-        return "[]"
-    cells = iter([fmt(v) for v in vals.reshape(-1)])
-    summarize = p.summarized
-
-    def block(shape: tuple, full_shape: tuple, ind: int) -> str:
-        n, full_n = shape[0], full_shape[0]
-        cut = summarize and full_n > n  # only dims that were actually cut get "..."
-        half = n // 2
-        if len(shape) == 1:
-            items = [next(cells) for _ in range(n)]
-            if cut:
-                items = items[:half] + [" ..."] + items[half:]
-            per_line = max(1, math.floor((options.linewidth - ind) / element_width))
-            lines = [", ".join(items[i : i + per_line]) for i in range(0, len(items), per_line)]
-            return "[" + (",\n" + " " * (ind + 1)).join(lines) + "]"
-        parts = [block(shape[1:], full_shape[1:], ind + 1) for _ in range(n)]
-        if cut:
-            parts = parts[:half] + ["..."] + parts[half:]
-        sep = "," + "\n" * (len(shape) - 1) + " " * (ind + 1)
-        return "[" + sep.join(parts) + "]"
-
-    return block(vals.shape, p.shape, indent)
+    return values_printout(p, indent, options).text()
 
 
 def _add_suffixes(body: str, suffixes: list[str], indent: int, linewidth: int) -> str:
@@ -164,6 +305,38 @@ def _add_suffixes(body: str, suffixes: list[str], indent: int, linewidth: int) -
     return "".join(out) + ")"
 
 
+def tensor_printout(
+    p: Optional[Preview],
+    grad_fn: Optional[str] = None,
+    requires_grad: bool = False,
+    options: PrintOptions = DEFAULT_OPTIONS,
+) -> Printout:
+    """`format_tensor`'s printout, laid out and not yet formatted."""
+    if p is None:
+        return Printout.literal("—")
+    if p.note and p.values is None:
+        return Printout.literal(f"tensor(<{p.note}>, size={list(p.shape)})")
+    prefix = "tensor("
+    suffix = []
+    if p.device != "cpu":
+        suffix.append(f"device='{p.device}'")
+    if p.numel == 0:
+        body = Printout.literal("[]")
+        if len(p.shape) != 1:
+            suffix.append(f"size={tuple(p.shape)}")
+        if p.dtype != "torch.float32":
+            suffix.append(f"dtype={p.dtype}")
+    else:
+        body = values_printout(p, indent=len(prefix), options=options)
+        if p.dtype not in _DEFAULT_DTYPES:
+            suffix.append(f"dtype={p.dtype}")
+    if grad_fn:
+        suffix.append(f"grad_fn=<{grad_fn}>")
+    elif requires_grad:
+        suffix.append("requires_grad=True")
+    return body.wrap(prefix, suffix, options.linewidth)
+
+
 def format_tensor(
     p: Optional[Preview],
     grad_fn: Optional[str] = None,
@@ -175,33 +348,15 @@ def format_tensor(
     The default dtype is taken to be float32 (torch's own default): a Preview does not
     record `torch.get_default_dtype()`.
     """
-    if p is None:
-        return "—"
-    if p.note and p.values is None:
-        return f"tensor(<{p.note}>, size={list(p.shape)})"
-    prefix = "tensor("
-    suffix = []
-    if p.device != "cpu":
-        suffix.append(f"device='{p.device}'")
-    if p.numel == 0:
-        body = "[]"
-        if len(p.shape) != 1:
-            suffix.append(f"size={tuple(p.shape)}")
-        if p.dtype != "torch.float32":
-            suffix.append(f"dtype={p.dtype}")
-    else:
-        body = format_values(p, indent=len(prefix), options=options)
-        if p.dtype not in _DEFAULT_DTYPES:
-            suffix.append(f"dtype={p.dtype}")
-    if grad_fn:
-        suffix.append(f"grad_fn=<{grad_fn}>")
-    elif requires_grad:
-        suffix.append("requires_grad=True")
-    return _add_suffixes(prefix + body, suffix, len(prefix), options.linewidth)
+    return tensor_printout(p, grad_fn, requires_grad, options).text()
+
+
+def record_printout(r: Record) -> Printout:
+    return tensor_printout(r.preview, r.grad_fn, r.requires_grad and r.grad_fn is None)
 
 
 def format_record_value(r: Record) -> str:
-    return format_tensor(r.preview, r.grad_fn, r.requires_grad and r.grad_fn is None)
+    return record_printout(r).text()
 
 
 def format_short(p: Optional[Preview], limit: int = 48) -> str:
@@ -210,9 +365,13 @@ def format_short(p: Optional[Preview], limit: int = 48) -> str:
         return "—"
     if p.values is None:
         return f"[{'x'.join(map(str, p.shape))}] {p.note or ''}".strip()
-    text = " ".join(format_values(p, indent=0).split())
-    if len(text) <= limit:
-        return text
+    vals = np.asarray(p.values)
+    # n values print in at least 3n characters on one line ("[" and "]" or ", " around each):
+    # past the limit the summary follows without formatting them
+    if vals.ndim == 0 or 3 * vals.size <= limit:
+        text = " ".join(format_values(p, indent=0).split())
+        if len(text) <= limit:
+            return text
     dims = "x".join(map(str, p.shape))
     stats = f" mean {p.mean:.4g}" if p.mean is not None else ""
     return f"[{dims}]{stats}"

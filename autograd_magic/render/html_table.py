@@ -21,7 +21,7 @@ from typing import Optional
 from ..data.identity import changed_fields
 from ..explain import wording
 from ..explain.wording import flags, grad_phrase
-from ..explain.format import format_record_value, format_short, format_shape, format_stats, format_tensor
+from ..explain.format import Printout, format_short, format_shape, format_stats, record_printout, tensor_printout
 from ..data.trace import Preview, Record, Trace
 
 from .. import limits
@@ -94,11 +94,32 @@ def compact_value(text: str) -> str:
     return "\n".join(kept) + "\n        …"
 
 
-def value_html(p: Optional[Preview], text: str) -> str:
-    """`text` (the tensor as torch prints it) in full when short, else its head and exact stats."""
-    short = compact_value(text)
-    if short == text:
-        return pre(text)
+def compact_printout(po: Printout) -> tuple[str, bool]:
+    """`compact_value` of the printout's text, and whether it was cut, formatting only what is
+    shown: when the layout alone proves the text too long (more lines, or more characters at
+    least, than a value shown whole may have), only the head's lines are formatted."""
+    if po.min_lines <= limits.SNAPSHOT_VALUE_LINES and po.min_chars() <= limits.SNAPSHOT_VALUE_CHARS:
+        text = po.text()  # may fit: formatted whole (a few lines at most)
+        short = compact_value(text)
+        return short, short != text
+    kept: list[str] = []
+    size = 0
+    for i in range(limits.SNAPSHOT_VALUE_HEAD):  # compact_value's loop, over lines formatted on demand
+        line = po.line(i, limits.SNAPSHOT_VALUE_CHARS - size if kept else limits.SNAPSHOT_VALUE_CHARS)
+        if line is None:
+            break
+        if size + len(line) > limits.SNAPSHOT_VALUE_CHARS and kept:
+            break
+        kept.append(line[: limits.SNAPSHOT_VALUE_CHARS])
+        size += len(line)
+    return "\n".join(kept) + "\n        …", True
+
+
+def value_html(p: Optional[Preview], po: Printout) -> str:
+    """The tensor as torch prints it (`po`) in full when short, else its head and exact stats."""
+    short, cut = compact_printout(po)
+    if not cut:
+        return pre(short)
     stats = format_stats(p)
     return pre(short) + (muted(esc(stats), "div") if stats else "")
 
@@ -141,9 +162,9 @@ def badges(r: Record) -> list[str]:
 
 def gradient_cell(r: Record, trace: Trace) -> str:
     """The gradient as torch prints it, or "—" before any backward, or why `.grad` is None."""
-    text, note = wording.gradient_cell(r, trace, format_tensor)
+    text, note = wording.gradient_cell(r, trace, lambda g: value_html(g, tensor_printout(g)))
     if r.grad_preview is not None:
-        body = value_html(r.grad_preview, text)
+        body = text  # already HTML
         if len(r.grads) > 1 and r.attr_grad is None:
             body += muted(f"from backward pass {max(r.grads) + 1} of {len(trace.passes)}", "div")
         if note:  # the gradient flowed through, but torch does not keep it in `.grad`
@@ -161,7 +182,7 @@ def value_cells(r: Record, trace: Trace) -> dict[str, str]:
         "tensor": label_cell(r, trace),
         "value": (
             esc(wording.uninitialised_value(trace, r)) if wording.hides_value(r)
-            else value_html(p, format_record_value(r)) if p is not None else esc("—")
+            else value_html(p, record_printout(r)) if p is not None else esc("—")
         ),
         "shape": esc(format_shape(p)),
         "dtype": esc(p.dtype.replace("torch.", "") if p else ""),

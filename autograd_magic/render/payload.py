@@ -16,7 +16,7 @@ from typing import Any, Optional
 from ..data.identity import changed_fields, match_records
 from ..data.trace import Preview, Record, Trace
 from ..explain.errors import explain_error
-from ..explain.format import format_record_value, format_shape, format_short, format_stats, format_tensor, format_values
+from ..explain.format import format_record_value, format_shape, format_short, format_stats, format_tensor, values_printout
 from ..explain.stepper import steps as stepper_steps
 from ..explain.why import explain_record
 from ..explain.wording import flags, gradient_cell, hides_value, record_label, uninitialised_value, variant_description
@@ -62,7 +62,12 @@ def cell_value(p: Optional[Preview]) -> str:
     size = getattr(p.values, "size", None)
     if size is not None and size > CELL_MAX_VALUES:
         return _summary(p)  # as format_short says it: 3n > SHORT characters on one line
-    text = format_values(p, indent=0)
+    po = values_printout(p, indent=0)
+    if 3 * po.size > SHORT and (
+        po.min_lines > CELL_LINES or any(po.min_line_chars(i) > CELL_WIDTH for i in range(po.min_lines))
+    ):
+        return _summary(p)  # the layout alone shows it can't fit, nor go on one line
+    text = po.text()
     lines = text.splitlines()
     if len(lines) <= CELL_LINES and all(len(line) <= CELL_WIDTH for line in lines):
         return text
