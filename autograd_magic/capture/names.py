@@ -85,6 +85,19 @@ class NameIndex:
         self._built_size = len(self.namespace)
         self._stale = False
 
+    def _module_paths(self) -> dict[int, str]:
+        """id(module) -> its path, for every module reachable from the namespace (as `_build`)."""
+        modules: dict[int, str] = {}
+        for name, value in list(self.namespace.items()):
+            if not isinstance(name, str) or name.startswith("_") or _kind(value) != "module":
+                continue
+            try:
+                for path, sub in value.named_modules(prefix=name):
+                    modules.setdefault(id(sub), path)
+            except Exception:
+                continue
+        return modules
+
     def _changed(self) -> bool:
         return self._stale or len(self.namespace) != self._built_size
 
@@ -105,7 +118,9 @@ class NameIndex:
         if name is None:
             # A module created by the traced code itself (`model = ...`, or
             # `net.append(...)`, which binds no name): look again, once per module.
-            self._build()
+            # Only the modules are walked again (not every parameter and buffer):
+            # each op of a module the namespace does not hold comes here once per run.
+            self._modules = self._module_paths()
             name = self._modules.get(id(m))
             if name is None:  # made inside a function: remember, don't search again
                 name = self._unnamed[id(m)] = type(m).__name__
