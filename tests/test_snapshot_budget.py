@@ -144,6 +144,9 @@ def test_quiet_text_and_static_cells_take_no_snapshot(nb):
 
 
 def test_over_the_budget_a_snapshot_never_keeps_a_tensor_alive(nb):
+    import gc
+    import weakref
+
     nb.run_cell("%config AutogradMagics.snapshot_mb = 0")
     nb.run_cell("import torch\nw0 = torch.randn(1000, requires_grad=True)\nh = w0 * 2")
     ref = weakref.ref(nb.user_ns["h"])
