@@ -194,3 +194,14 @@ def numbers(text: str) -> list[float]:
     import re
 
     return [float(m) for m in re.findall(r"-?\d+(?:\.\d*)?(?:e[-+]?\d+)?", text)]
+
+
+def saved_by(page, path: Path, save) -> None:
+    """Call `save()` (a menu click, a key press) and wait until the page has written `path`."""
+    before = path.stat().st_mtime_ns
+    save()
+    for _ in range(100):
+        if path.stat().st_mtime_ns != before:
+            break
+        page.wait_for_timeout(100)
+    page.wait_for_timeout(500)  # the write may still be under way when the time stamp changes

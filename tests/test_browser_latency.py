@@ -19,7 +19,7 @@ import nbformat
 import pytest
 import torch
 
-from browser_util import jupyter_server, numbers, run_all, wait_kernel_ready, write_notebook
+from browser_util import jupyter_server, numbers, run_all, saved_by, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
@@ -121,14 +121,8 @@ def test_transformer_cell_first_screen_then_on_demand(jupyter, browser):
 
         # saved: the traced cell's outputs (the widget's and its snapshot) stay small in the file
         path = jupyter.root / "transformer.ipynb"
-        before = path.stat().st_mtime_ns
         page.locator(".jp-Notebook").first.click()
-        page.keyboard.press("Control+s")
-        for _ in range(100):
-            if path.stat().st_mtime_ns != before:
-                break
-            page.wait_for_timeout(100)
-        page.wait_for_timeout(500)
+        saved_by(page, path, lambda: page.keyboard.press("Control+s"))
         saved = nbformat.read(str(path), as_version=4)
         outputs = saved.cells[3].outputs
         assert any("text/html" in o.get("data", {}) for o in outputs)
