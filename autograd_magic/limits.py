@@ -83,3 +83,7 @@ PREVIEW_COPY_BYTES = 16 << 20
 # Device (CUDA) tensors' previews are reduced on the device and queued; the queue is
 # copied to the host in one transfer when it holds this many, and when the run ends.
 PREVIEW_QUEUE = 256
+
+# ---- the explorer (variants/explore.py, issue 15) ----
+EXPLORE_CURVE_SECONDS = 3.0  # point-by-point re-runs for one curve when a batched run is not possible; fewer points said
+JACOBIAN_MAX_ENTRIES = 1024  # entries (output numel × input numel) of a Jacobian computed; larger ones are said too big

@@ -110,6 +110,10 @@ class BackwardRecorder:
             kwargs = {**kwargs, "retain_graph": True}  # sandbox: never free a graph the real run still owns
             if func is torch.Tensor.backward and len(args) > 2:
                 args = args[:2]
+        for iv in tracer.interventions:
+            seed = iv.backward_gradient(roots, gradient)
+            if seed is not None:  # a variant's own gradient (the explorer's batched run); the pass still says what the cell gave
+                args, kwargs = _with_gradient(func, args, kwargs, seed)
         # This pass's own cache and hand-offs, made before the hooks that use them.
         outer_previews, self.previews = self.previews, PreviewCache()
         outer_held, self._held = self._held, {}
@@ -404,3 +408,16 @@ class BackwardRecorder:
                 self._new_grads[id(variable)] = (g.data_ptr(), self.previews.version_seen(received), shown)
         except Exception:
             pass
+
+
+def _with_gradient(func, args: tuple, kwargs: dict, gradient) -> tuple[tuple, dict]:
+    """The call's arguments with its gradient argument (by position or by name) set to `gradient`."""
+    if func is torch.Tensor.backward:
+        i, name = 1, "gradient"
+    elif func is torch.autograd.grad:
+        i, name = 2, "grad_outputs"
+    else:
+        i, name = 1, "grad_tensors"
+    if len(args) > i:
+        return args[:i] + (gradient,) + args[i + 1 :], kwargs
+    return args, {**kwargs, name: gradient}

@@ -6,7 +6,8 @@ consults them at three points: an op's output (replace it, e.g. cast or nudge
 it, or flip its requires_grad), whether a tensor is cut from the graph (by
 the name it is bound to or by the source span that made it), and whether
 backward() must keep its graph (a re-run shares graphs with the real run and
-must never free them).
+must never free them); and the gradient a backward call is given (the
+explorer's batched run seeds a batched root with ones).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class Intervention:
 
     def replace_output(self, record: Record, tensor: torch.Tensor) -> Optional[torch.Tensor]:
         """A tensor to use instead of the op's output (its record is `record`), or None to keep it."""
+        return None
+
+    def backward_gradient(self, roots: tuple, gradient):
+        """The gradient argument to give this backward()/autograd.grad() call instead of `gradient`
+        (as the call takes it: a tensor for `Tensor.backward`, a tuple otherwise), or None to keep it."""
         return None
 
     @property

@@ -430,7 +430,10 @@ class Tracer:
             for iv in self._replacers:
                 replaced = iv.replace_output(self.trace.records[-1], out)
                 if replaced is not None and replaced is not out:
-                    self._by_tensor[id(replaced)] = (weakref.ref(replaced), len(self.trace.records) - 1)
+                    rec = self.trace.records[-1]
+                    self._by_tensor[id(replaced)] = (weakref.ref(replaced), rec.id)
+                    if replaced.is_leaf and replaced.requires_grad and self._adopt(rec, replaced):
+                        self.backward.note_record(rec.id, replaced)  # a new leaf: its .grad is the record's
                     out = replaced
         return self._maybe_detach(span, expr, out) if self._detaching else out
 

@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from .explore import Exploration
+
 
 @dataclass
 class Preview:
@@ -186,6 +188,7 @@ class Trace:
     first_line: int = 1  # editor line of the source's first line
     variant_of: Optional["Trace"] = None  # the original run, for a toggled variant
     gradcheck: Optional[list] = None  # filled by the gradient check
+    exploration: Optional[Exploration] = None  # the explorer's data, filled when asked for (`CellSession.exploration`)
     # first record of a source span -> how many more times that span ran
     # beyond the detail limit (loop iterations counted, not kept)
     repeats: dict[int, int] = field(default_factory=dict)

@@ -21,7 +21,9 @@ from typing import Any, Optional
 from ..capture.earlier import EarlierCells
 from ..data.trace import Trace
 from ..variants.messages import skipped_line, snapshot_missing_line, snapshot_released_line
-from ..run.execute import CellRun, execute
+from ..run.execute import CellRun, cell_number, execute
+from ..data.explore import Exploration, ScalarInput
+from ..variants import explore as explorer
 from ..variants.gradcheck import LeafCheck, gradcheck_cell
 from ..variants.interventions import Toggles
 from ..variants.sandbox import Snapshot, run_variant, take_snapshot
@@ -54,6 +56,8 @@ class CellSession:
         self._blocked = ""  # why no re-run can start from the pre-run state any more
         self._budget: Optional["SnapshotBudget"] = None
         self._on_replaced: list = []  # callbacks for when the same notebook cell runs again
+        self._exploration: Optional[Exploration] = None
+        self._curves: dict = {}  # the explorer's curves, by toggles and the other inputs' values
 
     @classmethod
     def run(
@@ -76,6 +80,7 @@ class CellSession:
             snapshot = _snapshot(shell, source, allowance, copy_device)
         run = execute(shell, source, first_line=first_line, detail_limit=detail_limit, earlier=earlier_cells(shell))
         session = cls(shell, source, run.trace, snapshot, first_line=first_line, detail_limit=detail_limit)
+        register_cell(shell, cell_number(shell), session)
         if budget is not None and snapshot is not None:
             budget.admit(session, cell_id)
         elif budget is not None:
@@ -125,10 +130,86 @@ class CellSession:
         if not self.can_rerun:
             raise RuntimeError(self.rerun_blocked or NO_RERUN)
         self._touch()
-        return run_variant(
+        probe = self._measure(toggles)
+        variant = run_variant(
             self.shell, self.source, self.trace, self._snapshot, toggles,
-            detail_limit=self.detail_limit, first_line=self.first_line,
+            detail_limit=self.detail_limit, first_line=self.first_line, probe=probe,
         )
+        if toggles.values:
+            variant.exploration = self._explore(toggles, getattr(probe, "at", None), variant)
+        return variant
+
+    # ---- the explorer ----
+    def inputs(self) -> list[ScalarInput]:
+        """The cell's scalar inputs (a scan of the real run's records: no re-run)."""
+        try:
+            return explorer.scalar_inputs(self.trace)
+        except Exception:  # bookkeeping never breaks the view
+            return []
+
+    def exploration(self) -> Exploration:
+        """What the explorer shows for the real run (computed once, kept on `self.trace.exploration`)."""
+        if self._exploration is None:
+            self._exploration = self._explore(Toggles(), None, None)
+            self.trace.exploration = self._exploration
+        return self._exploration
+
+    def _measure(self, toggles: Toggles):
+        """The probe that measures the output and its slopes on a re-run's own graph (when inputs are set)."""
+        if not toggles.values:
+            return None
+        try:
+            out = explorer.explored_output(self.trace)
+            inputs = explorer.scalar_inputs(self.trace, out) if out is not None else []
+            return explorer.measure_at(out, inputs, self.trace) if inputs else None
+        except Exception:
+            return None
+
+    def _explore(self, toggles: Toggles, at, variant: Optional[Trace]) -> Exploration:
+        try:
+            ex = self._explore_unsafe(toggles, at)
+        except Exception as exc:  # the explorer never breaks the cell or the view
+            ex = Exploration(note=f"the explorer failed: {type(exc).__name__}: {exc}"[: limits.WIDGET_TEXT])
+        if variant is not None and variant.error is not None and not ex.note:
+            ex.note = f"the re-run raised {variant.error.type}: {variant.error.message}"[: limits.WIDGET_TEXT]
+        return ex
+
+    def _explore_unsafe(self, toggles: Toggles, at) -> Exploration:
+        blocked = self.rerun_blocked
+        if blocked:
+            ex = explorer.explore(explorer.Runs(None, self.source, self.trace, None), blocked=blocked)
+            jac = self._earlier_jacobian()
+            if jac is not None:
+                ex.jacobian = jac
+                ex.output, ex.output_label = jac.output, jac.output_label
+                ex.note = ex.note or blocked
+            return ex
+        if not self.can_rerun:
+            ex = explorer.explore(explorer.Runs(None, self.source, self.trace, None), blocked=NO_RERUN)
+            return ex
+        self._touch()
+        base = Toggles(no_grad=toggles.no_grad, detach_ids=toggles.detach_ids, flip_ids=toggles.flip_ids,
+                       detach_names=toggles.detach_names)
+        runs = explorer.Runs(self.shell, self.source, self.trace, self._snapshot, self.first_line, base)
+        return explorer.explore(runs, values=dict(toggles.values), at=at, cache=self._curves.setdefault(base, {}))
+
+    def _earlier_jacobian(self):
+        """backward(v) here of a graph an earlier traced cell built: its Jacobian, by re-running that cell."""
+        p = self.trace.passes[0] if self.trace.passes else None
+        rid = p.roots[0] if p is not None and p.roots else None
+        if rid is None:
+            return None
+        root = self.trace.records[rid]
+        if root.cell is None:
+            return None
+        earlier = cell_session(self.shell, root.cell)
+        if earlier is None or not earlier.can_rerun:
+            why = earlier.rerun_blocked if earlier is not None and earlier.rerun_blocked else "it is not traced or its snapshot is gone"
+            from ..data.explore import Jacobian
+
+            return Jacobian(output=root.id, output_label=root.label, input=-1, input_label="",
+                            note=f"no Jacobian: {root.label} was built by cell [{root.cell}], which cannot be re-run ({why})"[: limits.WIDGET_TEXT])
+        return explorer.earlier_jacobian(earlier, self.trace, root)
 
     def check(self) -> list[LeafCheck]:
         """The gradient check of the real run's first backward pass, kept on its Trace."""
@@ -264,6 +345,30 @@ class _Grant(Allowance):
 
 
 _NOTEBOOKS: "weakref.WeakKeyDictionary[Any, EarlierCells]" = weakref.WeakKeyDictionary()
+_CELLS: "weakref.WeakKeyDictionary[Any, dict[int, weakref.ref]]" = weakref.WeakKeyDictionary()
+
+
+def register_cell(shell: Any, number: Any, session: CellSession) -> None:
+    """Remember the session of the traced cell with execution count `number` (weakly): a later
+    cell's backward(v) through its graph re-runs it there for the Jacobian."""
+    if shell is None or not isinstance(number, int):
+        return
+    try:
+        cells = _CELLS.setdefault(shell, {})
+    except TypeError:
+        return
+    cells[number] = weakref.ref(session)
+    for n in [n for n, ref in cells.items() if ref() is None]:
+        del cells[n]
+
+
+def cell_session(shell: Any, number: int) -> Optional[CellSession]:
+    """The session of the traced cell `number` (its execution count), while it is alive."""
+    try:
+        ref = _CELLS.get(shell, {}).get(number)
+    except TypeError:
+        return None
+    return ref() if ref is not None else None
 _BUDGETS: "weakref.WeakKeyDictionary[Any, SnapshotBudget]" = weakref.WeakKeyDictionary()
 
 

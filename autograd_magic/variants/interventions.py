@@ -20,16 +20,17 @@ from ..data.trace import Record
 
 @dataclass(frozen=True)
 class Toggles:
-    """A variant as asked for: grad mode off, tensors cut, leaves' requires_grad flipped."""
+    """A variant as asked for: grad mode off, tensors cut, leaves' requires_grad flipped, inputs set."""
 
     no_grad: bool = False
     detach_ids: tuple[int, ...] = ()  # record ids of the real run
     flip_ids: tuple[int, ...] = ()  # record ids of the real run's leaves
     detach_names: tuple[str, ...] = ()  # names or source expressions (`--detach y "3*x + 2"`)
+    values: tuple[tuple[int, float], ...] = ()  # the explorer's inputs: (record id of the real run's scalar leaf, new value)
 
     @property
     def any(self) -> bool:
-        return bool(self.no_grad or self.detach_ids or self.flip_ids or self.detach_names)
+        return bool(self.no_grad or self.detach_ids or self.flip_ids or self.detach_names or self.values)
 
 
 def record_key(r: Record) -> tuple:
@@ -79,6 +80,47 @@ class FlipRequiresGrad(Intervention):
             out = t.detach().requires_grad_(not t.requires_grad)
         record.requires_grad, record.is_leaf, record.grad_fn = out.requires_grad, True, None
         return out
+
+
+class SetValues(Intervention):
+    """The explorer's inputs made by the cell: each leaf replaced, where its op made it, by one holding the new value.
+
+    A value is a number, or a tensor (the batched curve's 1-D run of every x). The new
+    leaf has the op's dtype and device and requires grad, as the input did; `made`
+    keeps it (by record key) so the explorer can differentiate with respect to it.
+    """
+
+    def __init__(self, values: dict[tuple, object]):
+        self.values = values  # record key -> value
+        self.made: dict[tuple, torch.Tensor] = {}
+
+    def replace_output(self, record: Record, t: torch.Tensor) -> Optional[torch.Tensor]:
+        key = record_key(record)
+        if key not in self.values:
+            return None
+        out = new_leaf(self.values[key], t)
+        self.made[key] = out
+        record.requires_grad, record.is_leaf, record.grad_fn = True, True, None
+        try:
+            from ..capture.preview import preview_quiet
+
+            record.preview = preview_quiet(out)  # the row shows the value the re-run used
+        except Exception:  # a preview is bookkeeping: the run goes on
+            pass
+        return out
+
+
+def new_leaf(value, like: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf with requires_grad holding `value`, with `like`'s dtype and device (never a view of it).
+
+    A tensor that already requires grad is used as it is (cast if need be): the Jacobian's
+    run differentiates with respect to the very tensor `torch.autograd.functional.jacobian` passes.
+    """
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        return value.to(dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        t = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach().clone()
+    return t.requires_grad_(True)
 
 
 class Float64(Intervention):
@@ -132,4 +174,16 @@ def interventions_for(toggles: Toggles, original_records: list[Record]) -> tuple
         interventions.append(Detach(names, spans))
     if made_here:
         interventions.append(FlipRequiresGrad(made_here))
+    inside = {record_key(r): v for r, v in _valued(toggles, recs) if not r.external and r.span is not None}
+    if inside:
+        interventions.append(SetValues(inside))
     return interventions, cut, [r for r in flips if r not in made_here]
+
+
+def _valued(toggles: Toggles, recs: list[Record]) -> list[tuple[Record, float]]:
+    return [(recs[i], float(v)) for i, v in toggles.values if 0 <= i < len(recs)]
+
+
+def external_values(toggles: Toggles, recs: list[Record]) -> list[tuple[Record, float]]:
+    """The inputs made by earlier cells: set by name in the sandbox namespace (`run_variant`)."""
+    return [(r, v) for r, v in _valued(toggles, recs) if r.external or r.span is None]

@@ -31,7 +31,7 @@ import torch
 
 from ..capture.torch_compat import set_version, version_of
 from ..run.execute import execute
-from .interventions import Toggles, interventions_for
+from .interventions import Toggles, external_values, interventions_for, new_leaf
 from ..data.trace import Record, Trace, TraceError
 from .side_effects import quiet_get_ipython
 from .snapshot import (
@@ -222,6 +222,37 @@ def _flip_external(ns: dict, records: list[Record], notes: list[str]) -> None:
         notes.append(f"requires_grad of {r.label} flipped to {t.requires_grad}")
 
 
+def set_external_value(ns: dict, snapshot: Snapshot, r: Record, value) -> tuple[torch.Tensor, str]:
+    """Bind the name of an earlier cell's scalar input, in the sandbox only, to a new leaf holding `value`.
+
+    The user's tensor is never written: the name is rebound in the sandbox's namespace.
+    Returns (the new leaf, a line when the sandbox shares the old one with the real run:
+    graphs earlier cells built from it keep its real value). Raises SandboxError when the
+    name does not hold a leaf the cell can read.
+    """
+    name = r.name or ""
+    old = ns.get(name) if name.isidentifier() else None
+    if not isinstance(old, torch.Tensor) or not old.is_leaf:
+        raise SandboxError(f"`{r.label}` cannot be set: it is not a tensor the cell reads by name")
+    note = ""
+    if any(t is old for t in snapshot.shared.values()):
+        note = (f"`{r.label}` is your real tensor here (an earlier cell's graph reaches it): the re-run binds the name "
+                "to the new value, tensors earlier cells computed from it keep the real one")
+    ns[name] = new_leaf(value, old)
+    return ns[name], note
+
+
+def _set_external(ns: dict, snapshot: Snapshot, valued: list, notes: list[str]) -> None:
+    for r, value in valued:
+        try:
+            _, note = set_external_value(ns, snapshot, r, value)
+        except SandboxError as exc:
+            notes.append(str(exc))
+            continue
+        if note:
+            notes.append(note)
+
+
 def _detach_notes(cut: list[Record]) -> list[str]:
     """What detaching by source span means for ops inside calls and in loops."""
     notes = []
@@ -275,11 +306,15 @@ def run_variant(
     *,
     detail_limit: int = limits.DETAIL_LIMIT,
     first_line: int = 2,
+    probe=None,
 ) -> Trace:
     """Re-run `source` in a sandbox with `toggles`; the variant's Trace, never an exception.
 
     Record ids in `toggles` are those of `original`. `first_line` is the
     editor line of the body's first line (2 under a `%%autograd` line).
+    `probe` (the explorer's) adds `probe.interventions`, and is called with
+    `probe.before(ns)` before the cell runs and `probe.after(ns, trace)` while the
+    sandbox is still open (to differentiate the re-run's graph).
     """
     names = list(toggles.detach_names)
     notes: list[str] = []
@@ -299,10 +334,16 @@ def run_variant(
         sandbox = Sandbox(shell, snapshot)
         with sandbox as ns:
             _flip_external(ns, flip_outside, notes)
+            _set_external(ns, snapshot, external_values(toggles, original.records), notes)
+            if probe is not None:
+                probe.before(ns)
+                interventions = interventions + list(probe.interventions)
             run = execute(
                 shell, source, first_line=first_line, namespace=ns, interventions=interventions,
                 display=False, capture=True, detail_limit=detail_limit,
             )
+            if probe is not None:
+                probe.after(ns, run.trace)
         trace = run.trace
         notes.append(skipped_line(sandbox.skipped, variant=True))
     except SandboxError as exc:  # the pre-run state is gone: said in one line
