@@ -142,6 +142,7 @@ class _Probe(Intervention):
         self.leaves: dict[int, torch.Tensor] = {}
         self.after_run: Optional[Callable] = None
         self.error = ""
+        self._snapshot = None  # set by `Runs.run` (an external input is rebound there)
         setter = {}
         if replace is not None and not replace[0].external:
             setter[record_key(replace[0])] = replace[1]
@@ -588,9 +589,11 @@ def measure_at(out: Record, inputs: list[ScalarInput], trace: Trace) -> "_Probe"
         usable = [t is not None and t.requires_grad for t in leaves]
         grads = [None] * len(leaves)
         if f.requires_grad and any(usable):
-            got = torch.autograd.grad(f, [t for t, u in zip(leaves, usable) if u], retain_graph=True, allow_unused=True)
-            it = iter(got)
-            grads = [(_finite(g) if g is not None else 0.0) if u else None for u in usable for g in [next(it) if u else None]]
+            got = iter(torch.autograd.grad(f, [t for t, u in zip(leaves, usable) if u], retain_graph=True, allow_unused=True))
+            grads = []
+            for u in usable:
+                g = next(got) if u else None
+                grads.append(None if not u else (_finite(g) if g is not None else 0.0))
         for i, g in zip(inputs, grads):
             p.at[i.record] = (y, g)
 
