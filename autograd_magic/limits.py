@@ -83,3 +83,9 @@ PREVIEW_COPY_BYTES = 16 << 20
 # Device (CUDA) tensors' previews are reduced on the device and queued; the queue is
 # copied to the host in one transfer when it holds this many, and when the run ends.
 PREVIEW_QUEUE = 256
+
+# ---- the explorer's views (render/explore.py, notebook/widget.py, issue 15) ----
+EXPLORE_SNAPSHOT_BYTES = 6_000  # the snapshot's explore section; past it, the Jacobian then curves give way to a line
+EXPLORE_JACOBIAN_SHOWN = 8  # rows and columns of a Jacobian shown (the rest: "…" and its shape)
+EXPLORE_VECTOR_SHOWN = 8  # entries of v, v·J and .grad shown
+EXPLORE_VALUE_BOUND = 1e6  # a value from the page's slider or number box beyond this is refused

@@ -22,6 +22,7 @@ from typing import Optional
 from .. import limits
 from ..data.trace import Trace
 from .dot import render_dot
+from .explore import explore_html
 from .html import render_html, section
 from .layout import layout
 from .teach_html import teach_parts
@@ -41,6 +42,12 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
         except Exception:  # the table still shows; the graph is a bonus here
             pass
     try:
+        body = explore_section(trace, variant)
+        if body:
+            parts.append(("explore", body, True))
+    except Exception:  # the explorer is a bonus as well: a drawing that fails leaves the rest
+        pass
+    try:
         parts.extend(teach_parts(shown))
     except Exception:  # the explanations are a bonus too; the table always shows
         pass
@@ -55,6 +62,20 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
         sections[i] = section(title, f"<i>{note}</i>", open=False)
     assert base.endswith("</div>")
     return base[: -len("</div>")] + "".join(sections) + "</div>"
+
+
+def explore_section(trace: Trace, variant: Optional[Trace] = None) -> str:
+    """The explorer at the cell's values (the shown run's, else the real run's): each curve as an
+    image of its SVG (as the graph is, so Lab's sanitizer keeps it), the Jacobian; "" when empty."""
+    for run in (variant, trace):
+        exploration = getattr(run, "exploration", None) if run is not None else None
+        if exploration is not None and not exploration.empty:
+            return explore_html(exploration, picture=_curve_image)
+    return ""
+
+
+def _curve_image(svg: str) -> str:
+    return f'<img src="{svg_data_uri(svg)}" alt="the output plotted against the input" style="max-width:100%;height:auto">'
 
 
 def graph_html(shown: Trace, timeout: Optional[float] = None) -> str:
