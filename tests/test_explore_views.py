@@ -248,7 +248,8 @@ def test_the_snapshot_shows_the_curve_at_the_cell_s_values(shell):
     assert len(snap) - len(without) <= limits.EXPLORE_SNAPSHOT_BYTES + 200
     # a variant with values of its own shows its point; without, the real run's
     variant = _poly_trace(shell)
-    assert "slope 93 at x = 2" in snapshot_html(trace, variant=variant, graph=False)
+    plain = snapshot_html(trace, variant=variant, graph=False)
+    assert "slope 93 at x = 2" in plain and rx.VARIANT_WITHOUT_EXPLORATION.replace("'", "&#x27;") in plain
     variant.exploration = _poly_exploration(trace, 1.0)
     assert "slope 22 at x = 1" in snapshot_html(trace, variant=variant, graph=False)
 
@@ -467,3 +468,78 @@ def test_the_front_end_has_the_explorer_s_hooks():
         assert hook in js, hook
     assert "safeSvg(curve.svg)" in js  # the curve goes through the same allowlist as the graph
     assert not re.search(r"innerHTML|outerHTML|insertAdjacentHTML", js)
+
+
+# ---- the page's side, in Node on a stand-in DOM (tests/explore_page.mjs) ---------------------
+
+
+def _page_run(steps: list) -> list:
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no Node.js to run the front end's module")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [node, str(root / "tests" / "explore_page.mjs"), str(root / "autograd_magic" / "notebook" / "widget.js")],
+        input=json.dumps(steps), capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_page_keeps_one_request_in_flight_and_sends_only_the_latest(explorer):
+    view, session, explore, log = explorer
+    first = json.loads(json.dumps(view.payload))
+    rid = session.x_id
+    # Python's payloads for the two values the page will send, made by the view itself
+    explore({str(rid): 2.1}, seq=1)
+    at_21 = json.loads(json.dumps(view.payload))
+    explore({str(rid): 2.3}, seq=2)
+    at_23 = json.loads(json.dumps(view.payload))
+    steps = [
+        {"payload": first},
+        {"slide": [rid, 2.1]},
+        {"slide": [rid, 2.2]},
+        {"slide": [rid, 2.3]},
+        {"payload": at_21},  # Python shows 2.1 ...
+        {"answer": {"type": "explored", "seq": 1, "version": at_21["version"], "ok": True}},  # ... then answers
+        {"answer": {"type": "explored", "seq": 1, "version": at_21["version"], "ok": True}},  # a repeat: ignored
+        {"payload": at_23},
+        {"answer": {"type": "explored", "seq": 2, "version": at_23["version"], "ok": True}},
+        {"type": [rid, 2.75]},
+        {"dead": True},
+    ]
+    out = _page_run(steps)
+    shown = out[0]
+    assert shown["hidden"] is False and shown["slope"] == ["slope 93 at x = 2"]
+    assert shown["sliders"] == [{"record": str(rid), "value": "2", "disabled": False, "min": 1, "max": 3}]
+    # the first step goes at once; the next two wait, and only the latest of them is kept
+    assert [m["values"] for m in out[1]["sent"]] == [{str(rid): 2.1}]
+    assert out[3]["sent"] == out[1]["sent"]
+    # Python's payload for 2.1 arrives while the slider is at 2.3: the slider is not pulled back
+    assert out[4]["sliders"][0]["value"] == "2.3" and out[4]["slope"] == [at_21["explore"]["curves"][0]["caption"]]
+    assert out[4]["moved"]  # the rows the step changed are flagged
+    # the answer: the time is recorded and the latest position (2.3, never 2.2) is sent
+    assert out[5]["ms"] is not None and float(out[5]["ms"]) >= 0
+    assert [(m["seq"], m["values"]) for m in out[5]["sent"]] == [(1, {str(rid): 2.1}), (2, {str(rid): 2.3})]
+    assert len(out[6]["sent"]) == 2  # a stale or repeated answer sends nothing
+    assert len(out[8]["sent"]) == 2 and out[8]["slope"] == [f"slope {rx.number(torch_point(2.3)[1])} at x = 2.3"]
+    assert out[8]["sliders"][0]["value"] == "2.3" and out[8]["numbers"] == ["2.3"]
+    # the number box sends its exact value
+    assert out[9]["sent"][-1] == {"type": "explore", "values": {str(rid): 2.75}, "seq": 3}
+    # no kernel: the sliders are disabled, with a line saying why
+    assert out[10]["sliders"][0]["disabled"] is True and "kernel" in out[10]["reason"]
+
+
+def test_the_page_draws_the_jacobian_from_python_s_words():
+    jac = _torch_jacobian([1.0, 0.5, 2.0])
+    payload = {"lines": [], "passes": [], "can_rerun": True, "explore": rx.explore_payload(Exploration(jacobian=jac))}
+    (out,) = _page_run([{"payload": payload}])
+    parts = rx.jacobian_parts(jac)
+    assert out["hidden"] is False and out["sliders"] == []
+    assert out["jacobian"] == [[r["label"], *r["cells"]] for r in parts["rows"]] + [["v·J", *parts["vj"]], ["x.grad", *parts["grad"]]]
+    (empty,) = _page_run([{"payload": {"lines": [], "passes": [], "can_rerun": True, "explore": None}}])
+    assert empty["hidden"] is True

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,7 +56,7 @@ from ..data.identity import changed_fields, match_records
 from ..data.trace import Trace
 from ..explain.wording import check_lines
 from ..render.dot import render_dot
-from ..render.explore import explore_payload
+from ..render.explore import at_point, explore_payload
 from ..render.layout import svg_or_fallback_html
 from ..render.payload import build_detail, build_payload, build_rows, build_steps
 from ..render.snapshot import mimebundle, snapshot_html
@@ -349,21 +348,7 @@ class AutogradView(anywidget.AnyWidget):
         if real is None:
             return None
         shown = getattr(self._variant, "exploration", None) if self._variant is not None else real
-        note = ""
-        if not isinstance(shown, Exploration):
-            shown = real
-            note = "The curves and the Jacobian are the real run's: this variant has none of its own."
-        curves = []
-        by_input = {c.input: c for c in real.curves}
-        for c in shown.curves:
-            base = by_input.get(c.input)
-            if not c.xs and base is not None:  # the variant moved the point; the range drawn is the real run's
-                c = _with_range(c, base)
-            curves.append(c)
-        merged = Exploration(
-            inputs=real.inputs, output=shown.output, output_label=shown.output_label or real.output_label,
-            curves=curves, jacobian=shown.jacobian, note=" ".join(filter(None, [shown.note, note])),
-        )
+        merged = at_point(real, shown if isinstance(shown, Exploration) else None, variant=self._variant is not None)
         return explore_payload(merged, self._values)
 
     def _on_explore(self, content: dict) -> None:
@@ -540,11 +525,6 @@ def _same_value(value: float, control: Any) -> bool:
     """A slider back at the cell's own value (to a millionth of its step): no value toggle."""
     tolerance = 1e-6 * abs(control.step) if control.step else 1e-12 * max(1.0, abs(control.value))
     return abs(value - control.value) <= tolerance
-
-
-def _with_range(curve: Any, base: Any) -> Any:
-    """`curve` (a variant's point, tangent and secant) drawn over `base`'s range and values."""
-    return replace(curve, xs=list(base.xs), ys=list(base.ys), slopes=list(base.slopes))
 
 
 def _moved(before: Trace, now: Trace) -> dict[int, list[str]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence
 
 from .. import limits
@@ -357,6 +358,37 @@ def explore_html(
         what = f"{dropped} curve" + ("s" if dropped > 1 else "")
         curves.append(f'<div style="{MUTED}">{_esc(LEFT_OUT.format(what=what.capitalize()))}</div>')
     return "".join(curves) + jac + note
+
+
+# ---- one run's point on the real run's curves ----------------------------------------------
+
+
+VARIANT_WITHOUT_EXPLORATION = "The curves and the Jacobian are the real run's: this variant has none of its own."
+
+
+def at_point(real: Exploration, shown: Optional[Exploration], variant: bool = False) -> Exploration:
+    """What a view shows for a run with an input moved: the real run's controls and curves' range
+    (a variant's curves may come without xs and ys), the shown run's points, tangents, Jacobian.
+    A `variant` with no exploration of its own shows the real run's, saying so."""
+    if shown is None and variant and not real.empty:
+        return replace(real, note=" ".join(filter(None, [real.note, VARIANT_WITHOUT_EXPLORATION])))
+    if shown is None or shown is real:
+        return real
+    by_input = {c.input: c for c in real.curves}
+    curves = []
+    for c in shown.curves:
+        base = by_input.get(c.input)
+        if not c.xs and base is not None:
+            c = replace(c, xs=list(base.xs), ys=list(base.ys), slopes=list(base.slopes))
+        curves.append(c)
+    return Exploration(
+        inputs=real.inputs or shown.inputs,
+        output=shown.output if shown.output is not None else real.output,
+        output_label=shown.output_label or real.output_label,
+        curves=curves,
+        jacobian=shown.jacobian,
+        note=shown.note,
+    )
 
 
 # ---- the widget's payload ------------------------------------------------------------------

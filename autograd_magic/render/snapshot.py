@@ -22,7 +22,7 @@ from typing import Optional
 from .. import limits
 from ..data.trace import Trace
 from .dot import render_dot
-from .explore import explore_html
+from .explore import at_point, explore_html
 from .html import render_html, section
 from .layout import layout
 from .teach_html import teach_parts
@@ -65,13 +65,17 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
 
 
 def explore_section(trace: Trace, variant: Optional[Trace] = None) -> str:
-    """The explorer at the cell's values (the shown run's, else the real run's): each curve as an
-    image of its SVG (as the graph is, so Lab's sanitizer keeps it), the Jacobian; "" when empty."""
-    for run in (variant, trace):
-        exploration = getattr(run, "exploration", None) if run is not None else None
-        if exploration is not None and not exploration.empty:
-            return explore_html(exploration, picture=_curve_image)
-    return ""
+    """The explorer at the values of the run shown (a variant's point on the real run's curves),
+    each curve an image of its SVG (as the graph is, so Lab's sanitizer keeps it); "" when empty."""
+    real = getattr(trace, "exploration", None)
+    shown = getattr(variant, "exploration", None) if variant is not None else None
+    if real is None:
+        exploration = shown
+    else:
+        exploration = at_point(real, shown, variant=variant is not None)
+    if exploration is None or exploration.empty:
+        return ""
+    return explore_html(exploration, picture=_curve_image)
 
 
 def _curve_image(svg: str) -> str:
