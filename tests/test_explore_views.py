@@ -543,3 +543,16 @@ def test_the_page_draws_the_jacobian_from_python_s_words():
     assert out["jacobian"] == [[r["label"], *r["cells"]] for r in parts["rows"]] + [["v·J", *parts["vj"]], ["x.grad", *parts["grad"]]]
     (empty,) = _page_run([{"payload": {"lines": [], "passes": [], "can_rerun": True, "explore": None}}])
     assert empty["hidden"] is True
+
+
+def test_an_explorer_that_fails_leaves_the_view_and_says_why(shell, monkeypatch):
+    import autograd_magic.notebook.widget as widget
+
+    session = FakeSession(shell)
+    monkeypatch.setattr(session, "exploration", lambda: (_ for _ in ()).throw(ValueError("no <curve>\nmore")))
+    view = widget.AutogradView(session, graph=False)
+    ex = view.payload["explore"]
+    assert ex["inputs"] == [] and ex["note"] == "The explorer could not run: ValueError: no <curve>"
+    assert view.status == "" and _row(view.payload, "y")["value"]
+    snap = view.snapshot()._repr_mimebundle_()["text/html"]
+    assert "<b>explore</b>" not in snap and "<curve>" not in snap

@@ -38,7 +38,6 @@ learn whether this object still exists in a kernel; it answers with a pong.
 from __future__ import annotations
 
 import html
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,18 +50,16 @@ import traitlets as t
 import numpy.random  # noqa: F401
 import secrets  # noqa: F401
 
-from ..data.explore import Exploration
-from ..data.identity import changed_fields, match_records
+from ..data.identity import match_records
 from ..data.trace import Trace
 from ..explain.wording import check_lines
 from ..render.dot import render_dot
-from ..render.explore import at_point, explore_payload
 from ..render.layout import svg_or_fallback_html
 from ..render.payload import build_detail, build_payload, build_rows, build_steps
 from ..render.snapshot import mimebundle, snapshot_html
 from ..variants.interventions import Toggles
+from .explorer import Explorer, mark_moved, moved, one_line
 from .session import CellSession
-from .. import limits
 
 _HERE = Path(__file__).parent
 
@@ -113,9 +110,7 @@ class AutogradView(anywidget.AnyWidget):
         self._table_version = 0  # bumped with every run shown; answers to the page carry it
         self._payload_of: Optional[Trace] = None
         self._graph_wanted = False  # the page asked for the graph: new ones are pushed
-        self._values: dict[int, float] = {}  # the explorer's inputs set away from the cell's values
-        self._exploration: Optional[Exploration] = None  # the real run's, asked of the session once
-        self._exploration_asked = False
+        self._explorer = Explorer(session, self._trace)  # the sliders' inputs and what they moved
         self._moved: dict[int, list[str]] = {}  # shown record id -> columns changed from the run shown before
         self._set_initial_toggles(variant)
         self._refresh()
@@ -186,7 +181,7 @@ class AutogradView(anywidget.AnyWidget):
                 self.send(dict(answer, type="steps", version=self._table_version))
             elif kind == "rows" and _int_in(0)(content.get("start")):
                 answer = build_rows(self.shown, self._original, content["start"])
-                _mark_moved(answer["lines"], self._moved)
+                mark_moved(answer["lines"], self._moved)
                 self.send(dict(answer, type="rows", version=self._table_version))
             elif kind == "explore":
                 self._on_explore(content)
@@ -282,10 +277,10 @@ class AutogradView(anywidget.AnyWidget):
             detach_ids=self._valid_ids(self.detach_ids),
             flip_ids=self._valid_ids(self.flip_ids, leaves_only=True),
         )
-        if self._values:
+        if self._explorer.values:
             if "values" not in getattr(Toggles, "__dataclass_fields__", {}):
                 raise RuntimeError("this version cannot re-run a cell with an input set to another value")
-            toggles["values"] = tuple(sorted(self._values.items()))
+            toggles["values"] = self._explorer.toggles()
         return Toggles(**toggles)
 
     def _rerun(self, busy: bool = True) -> None:
@@ -300,13 +295,13 @@ class AutogradView(anywidget.AnyWidget):
         original = self._original
         if shown is not self._payload_of:  # a new run shown: what the page fetched for the old one is stale
             self._table_version += 1
-            self._moved = _moved(self._payload_of, shown) if self._payload_of is not None else {}
+            self._moved = moved(self._payload_of, shown) if self._payload_of is not None else {}
             self._payload_of = shown
         else:
             self._moved = {}
         payload = build_payload(shown, original, can_rerun=self.can_rerun)
-        _mark_moved(payload["lines"], self._moved)
-        payload["explore"] = self._explore_payload()
+        mark_moved(payload["lines"], self._moved)
+        payload["explore"] = self._explorer.payload(self._variant)
         payload["gradcheck"] = check_lines(self._trace.gradcheck)
         payload["version"] = self._table_version
         payload["graph"] = self._graph_on
@@ -323,34 +318,6 @@ class AutogradView(anywidget.AnyWidget):
                 self.step = -1
 
     # ---- the explorer ----------------------------------------------------------------------
-    def _real_exploration(self) -> Optional[Exploration]:
-        """The real run's exploration, asked of the session once (it re-runs the cell for the
-        curve); kept on the real run's Trace so that the snapshot shows it too."""
-        if not self._exploration_asked:
-            self._exploration_asked = True
-            explore = getattr(self._session, "exploration", None)
-            found = getattr(self._trace, "exploration", None)
-            if found is None and callable(explore):
-                try:
-                    found = explore()
-                except Exception as e:  # the table and the graph still show; the explorer says why not
-                    found = Exploration(note=_one_line(f"The explorer could not run: {type(e).__name__}: {e}"))
-            if isinstance(found, Exploration):
-                self._exploration = found
-                if getattr(self._trace, "exploration", None) is None:
-                    self._trace.exploration = found
-        return self._exploration
-
-    def _explore_payload(self) -> Optional[dict]:
-        """The explorer's part of the payload: the real run's inputs (their controls at the values
-        set), the shown run's curves and Jacobian (the real run's drawn range kept)."""
-        real = self._real_exploration()
-        if real is None:
-            return None
-        shown = getattr(self._variant, "exploration", None) if self._variant is not None else real
-        merged = at_point(real, shown if isinstance(shown, Exploration) else None, variant=self._variant is not None)
-        return explore_payload(merged, self._values)
-
     def _on_explore(self, content: dict) -> None:
         """A slider moved: check what the page sent, re-run with it, show that run, then answer."""
         seq = content.get("seq")
@@ -358,51 +325,27 @@ class AutogradView(anywidget.AnyWidget):
             self.status = "Ignored a request from the explorer: it had no sequence number."
             return
         try:
-            values = self._explore_values(content.get("values"))
+            values = self._explorer.check(content.get("values"))
         except ValueError as e:
-            self.status = _one_line(f"Ignored a request from the explorer: {e}")
+            self.status = one_line(f"Ignored a request from the explorer: {e}")
             self._answer_explored(seq, ok=False)
             return
-        before = self._values
-        cell = {i.record: i for i in self._real_exploration().inputs}
-        merged = {**before, **values}
-        self._values = {rid: v for rid, v in merged.items() if not _same_value(v, cell[rid])}
+        before = self._explorer.values
+        self._explorer.values = self._explorer.moved_to(values)
         ok = True
-        if self._values != before:
+        if self._explorer.values != before:
             try:
                 self._rerun(busy=False)
                 self.status = ""
             except Exception as e:  # the view stays on the run it showed, the sliders' values with it
-                self._values = before
+                self._explorer.values = before
                 try:
                     self._refresh()  # the controls go back to the values of the run shown
                 except Exception:
                     pass
-                self.status = _one_line(f"Could not re-run the cell with that value: {type(e).__name__}: {e}")
+                self.status = one_line(f"Could not re-run the cell with that value: {type(e).__name__}: {e}")
                 ok = False
         self._answer_explored(seq, ok=ok)
-
-    def _explore_values(self, values: Any) -> dict[int, float]:
-        """Record id -> value, each id one of the explorer's inputs, each value a finite number
-        within EXPLORE_VALUE_BOUND; anything else raises ValueError (and nothing re-runs)."""
-        exploration = self._real_exploration()
-        inputs = {i.record for i in exploration.inputs} if exploration is not None else set()
-        if not inputs:
-            raise ValueError("this cell has no input to set")
-        if type(values) is not dict:
-            raise ValueError("values must map input ids to numbers")
-        if len(values) > len(inputs):
-            raise ValueError(f"{len(values)} values for {len(inputs)} inputs")
-        out = {}
-        for key, value in values.items():
-            rid = int(key) if type(key) is str and key.isdigit() and len(key) <= 16 else None
-            if rid not in inputs:
-                raise ValueError(f"{str(key)[:40]!r} is not one of the inputs")
-            # (the bound first: a thousand-digit int has no float to test for finiteness)
-            if type(value) not in (int, float) or abs(value) > limits.EXPLORE_VALUE_BOUND or not math.isfinite(value):
-                raise ValueError(f"the value for input {rid} is not a finite number within ±{limits.EXPLORE_VALUE_BOUND:g}")
-            out[rid] = float(value)
-        return out
 
     def _answer_explored(self, seq: int, ok: bool = True) -> None:
         self.send({"type": "explored", "seq": seq, "version": self._table_version, "ok": ok})
@@ -444,7 +387,7 @@ class AutogradView(anywidget.AnyWidget):
     def snapshot(self) -> "SnapshotOutput":
         """The output published next to the widget: the static snapshot, marked with this model id."""
         try:
-            self._real_exploration()  # on the Trace, so the snapshot draws the curve too
+            self._explorer.exploration  # asked for now: on the Trace, the snapshot draws the curve too
             body = snapshot_html(self._trace, variant=self._variant, graph=self._graph_on, timeout=self._layout_timeout)
         except Exception as e:  # the widget still shows; the snapshot says why it is missing
             body = f"<pre>{html.escape(str(self.shown))}</pre><!-- {html.escape(type(e).__name__)} -->"
@@ -513,38 +456,6 @@ def _id_list(v: Any) -> bool:
 
 def _never(v: Any) -> bool:
     return False
-
-
-def _one_line(text: str, limit: int = limits.WIDGET_TEXT) -> str:
-    """A message for `status`: its first line, cut to `limit` characters."""
-    line = (str(text).strip().splitlines() or [""])[0]
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def _same_value(value: float, control: Any) -> bool:
-    """A slider back at the cell's own value (to a millionth of its step): no value toggle."""
-    tolerance = 1e-6 * abs(control.step) if control.step else 1e-12 * max(1.0, abs(control.value))
-    return abs(value - control.value) <= tolerance
-
-
-def _moved(before: Trace, now: Trace) -> dict[int, list[str]]:
-    """Record id in `now` -> the columns (value, grad) that differ from the same record in `before`."""
-    out = {}
-    for old, new in match_records(before, now).items():
-        fields = changed_fields(before.records[old], now.records[new]) & {"value", "grad"}
-        if fields:
-            out[new] = sorted(fields)
-    return out
-
-
-def _mark_moved(lines: list, moved: dict[int, list[str]]) -> None:
-    """Flag the payload's rows that `moved` names (top-level rows and rows folded in calls)."""
-    if not moved:
-        return
-    for group in lines:
-        for row in [*group["rows"], *(r for call in group["folded"] for r in call["rows"])]:
-            if row["id"] in moved:
-                row["moved"] = moved[row["id"]]
 
 
 # The traits the page sets (`widget.js` calls model.set on these names only), and what each may hold.
