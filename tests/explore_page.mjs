@@ -248,6 +248,7 @@ for (const step of steps) {
     sent: model.sent.filter((m) => m.type === "explore"),
     hidden: ex.hidden,
     ms: ex.getAttribute("data-ms"),
+    seq: ex.getAttribute("data-seq"),
     slope: el.querySelectorAll("div.agm-explore-slope").map((s) => s.textContent),
     sliders: sliders.map((s) => ({ record: s.getAttribute("data-record"), value: s.value, disabled: s.disabled, min: s.min, max: s.max })),
     numbers: el.querySelectorAll("input.agm-explore-number").map((s) => s.value),

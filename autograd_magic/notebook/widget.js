@@ -937,15 +937,25 @@ class View {
     this.explore.classList.add("agm-exploring");
   }
 
-  // Python answers after the new payload is set (the view is drawn by then): the time from the
-  // slider's input event to here goes in data-ms; then the latest position, if it moved on, is sent.
+  // Python answers after it set the new payload, but ipywidgets applies a state update
+  // asynchronously and a custom message at once: the answer can overtake its payload. A request
+  // is done when both are here (the payload of the answer's version drawn): then the time from the
+  // slider's input event goes in data-ms, and the latest position, if it moved on, is sent.
   onExplored(msg) {
     if (!this.inFlight || msg.seq !== this.inFlight.seq) return;
-    clearTimeout(this.inFlight.timer);
-    const ms = performance.now() - this.inFlight.t0;
+    this.inFlight.answer = msg;
+    this.finishExplored();
+  }
+
+  finishExplored() {
+    const done = this.inFlight;
+    if (!done || !done.answer) return;
+    const version = (this.get("payload") || {}).version;
+    if (done.answer.version !== undefined && version !== done.answer.version) return; // its payload is on the way
+    clearTimeout(done.timer);
     this.inFlight = null;
-    this.explore.setAttribute("data-ms", ms.toFixed(1));
-    this.explore.setAttribute("data-seq", String(msg.seq));
+    this.explore.setAttribute("data-ms", (performance.now() - done.t0).toFixed(1));
+    this.explore.setAttribute("data-seq", String(done.answer.seq));
     this.explore.classList.remove("agm-exploring");
     if (this.pending) this.flushExplore();
     else this.syncControls(); // a refused value: the controls go back to the run shown
@@ -1090,6 +1100,7 @@ class View {
     const check = p.gradcheck ? [h("h5", { text: "gradient check" }), h("pre", { text: p.gradcheck.join("\n") })] : [];
     this.checkOut.replaceChildren(...check);
     this.highlight();
+    this.finishExplored(); // an explorer's answer that came before this payload is done now
   }
 
   drawStatus() {
