@@ -87,3 +87,9 @@ PREVIEW_QUEUE = 256
 # ---- the explorer (variants/explore.py, issue 15) ----
 EXPLORE_CURVE_SECONDS = 3.0  # point-by-point re-runs for one curve when a batched run is not possible; fewer points said
 JACOBIAN_MAX_ENTRIES = 1024  # entries (output numel × input numel) of a Jacobian computed; larger ones are said too big
+
+# ---- the explorer's views (render/explore.py, notebook/widget.py, issue 15) ----
+EXPLORE_SNAPSHOT_BYTES = 6_000  # the snapshot's explore section; past it, the Jacobian then curves give way to a line
+EXPLORE_JACOBIAN_SHOWN = 8  # rows and columns of a Jacobian shown (the rest: "…" and its shape)
+EXPLORE_VECTOR_SHOWN = 8  # entries of v, v·J and .grad shown
+EXPLORE_VALUE_BOUND = 1e6  # a value from the page's slider or number box beyond this is refused

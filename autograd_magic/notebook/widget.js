@@ -40,6 +40,9 @@ const PING_TIMEOUT_RENDER = 8000;
 const PING_TIMEOUT_ACTION = 5000;
 const TOGGLES = { no_grad: 1, detach_ids: 1, flip_ids: 1 }; // what a dead kernel leaves undone
 const DEAD_TEXT = "This view's kernel is gone (restarted or shut down): re-run the cell to explore it again.";
+// The explorer's one request in flight is given up after this long without an answer (the next
+// slider step is then sent): a kernel that is only slow still answers, and late answers are dropped.
+const EXPLORE_TIMEOUT = 15000;
 
 // Zoom limits of the graph, relative to its natural size (1 = Graphviz's points at 96 dpi).
 const ZOOM_MIN = 0.05;
@@ -215,8 +218,9 @@ class View {
     const main = h("div", { class: "agm-main" }, this.tableWrap, this.detail);
     this.stepper = h("div", { class: "agm-stepper" });
     this.buildGraph();
+    this.buildExplore();
     this.checkOut = h("div", { class: "agm-gradcheck" });
-    this.root.append(this.toolbar, this.deadLine, this.banner, main, this.stepper, this.graph, this.checkOut);
+    this.root.append(this.toolbar, this.deadLine, this.banner, main, this.explore, this.stepper, this.graph, this.checkOut);
   }
 
   get(key) {
@@ -248,6 +252,7 @@ class View {
       this.model.set("no_grad", false);
       this.model.set("detach_ids", []);
       this.set("flip_ids", []);
+      this.resetExplore();
     });
     this.check = h("button", { class: "agm-check", text: "check gradients", type: "button" });
     this.check.addEventListener("click", () => this.set("request_check", this.get("request_check") + 1));
@@ -303,6 +308,7 @@ class View {
     if (msg.type === "graph") return this.onGraph(msg);
     if (msg.type === "steps") return this.onSteps(msg);
     if (msg.type === "rows") return this.onRows(msg);
+    if (msg.type === "explored") return this.onExplored(msg);
     if (msg.type !== "pong") return;
     if (this.pingTimer !== null) clearTimeout(this.pingTimer);
     this.pingTimer = null;
@@ -316,6 +322,7 @@ class View {
     if (dead) {
       for (const [key, value] of Object.entries(this.unconfirmed)) this.model.set(key, value); // local only
       this.unconfirmed = {};
+      this.dropExplore();
     }
     this.deadLine.hidden = !dead;
     this.root.classList.toggle("agm-is-dead", dead);
@@ -490,7 +497,7 @@ class View {
   }
 
   rowEl(row, cls, live) {
-    const classes = ["agm-row", cls, row.detached && "agm-detached", row.new && "agm-new"];
+    const classes = ["agm-row", cls, row.detached && "agm-detached", row.new && "agm-new", row.moved && "agm-moved-row"];
     const tr = h("tr", { class: classes.filter(Boolean).join(" "), "data-id": row.id });
     for (const [key] of this.columns()) tr.appendChild(this.dataCell(row, key, live));
     tr.addEventListener("click", () => this.set("selected", row.id));
@@ -499,7 +506,8 @@ class View {
 
   dataCell(row, key, live) {
     const changed = (row.changed || []).includes(key);
-    const td = h("td", { class: "agm-c-" + key.replace("_", "-") + (changed ? " agm-changed" : "") });
+    const moved = (row.moved || []).includes(key); // changed from the run shown before (a slider step)
+    const td = h("td", { class: "agm-c-" + key.replace("_", "-") + (changed ? " agm-changed" : "") + (moved ? " agm-moved" : "") });
     if (key === "label") {
       td.appendChild(h("span", { class: "agm-c-detach" }, this.detachBox(row, live)));
       td.title = fullLabel(row);
@@ -787,6 +795,192 @@ class View {
     this.applyView();
   }
 
+  // ---- the explorer: per scalar input a slider and a number box, the curve; the Jacobian ----
+  // The curve's SVG is Python's (one renderer for the snapshot and this view), rebuilt through
+  // safeSvg like the graph; every other string is set as text. At most one request is in flight:
+  // while Python re-runs the cell, slider steps only replace the one waiting (no backlog).
+  buildExplore() {
+    this.exploreInputs = h("div", { class: "agm-explore-inputs" });
+    this.exploreReason = h("div", { class: "agm-muted agm-explore-reason" });
+    this.exploreNote = h("div", { class: "agm-muted agm-explore-note" });
+    this.jacobian = h("div", { class: "agm-jacobian" });
+    this.explore = h(
+      "div",
+      { class: "agm-explore", hidden: true },
+      h("h5", { text: "explore" }),
+      this.exploreReason,
+      this.exploreInputs,
+      this.jacobian,
+      this.exploreNote,
+    );
+    this.exploreKey = null; // the inputs the controls were built for
+    this.controls = new Map(); // record id -> {slider, number, plot, slope, secant, note}
+    this.exploreSeq = 0;
+    this.inFlight = null; // {seq, t0, timer}: the request Python has not answered yet
+    this.pending = null; // {values, t0}: the latest position, waiting for that answer
+    this.sentValues = null; // what the last request sent (JSON): the same again is not sent
+  }
+
+  buildControls(inputs, key) {
+    this.exploreKey = key;
+    this.controls.clear();
+    const rows = inputs.map((input) => {
+      const rec = input.record;
+      const step = input.step > 0 ? input.step : "any";
+      const slider = h("input", { type: "range", class: "agm-explore-slider", "data-record": rec, min: input.lo, max: input.hi, step });
+      const number = h("input", { type: "number", class: "agm-explore-number", "data-record": rec, step });
+      slider.addEventListener("input", () => {
+        number.value = slider.value;
+        this.exploreInput(performance.now());
+      });
+      number.addEventListener("change", () => {
+        if (number.value === "" || !Number.isFinite(Number(number.value))) return;
+        slider.value = number.value; // the slider clamps to its range; the box keeps the exact value
+        this.exploreInput(performance.now());
+      });
+      const plot = h("div", { class: "agm-explore-plot" });
+      const slope = h("div", { class: "agm-explore-slope" });
+      const secant = h("div", { class: "agm-explore-secant agm-muted" });
+      const note = h("div", { class: "agm-note" });
+      const where = input.external ? " (from an earlier cell)" : "";
+      const bar = h("div", { class: "agm-explore-bar" }, h("code", { text: input.label }), slider, number, h("span", { class: "agm-muted", text: where }));
+      this.controls.set(rec, { slider, number, plot, slope, secant, note });
+      return h("div", { class: "agm-explore-input", "data-record": rec }, bar, plot, slope, secant, note);
+    });
+    this.exploreInputs.replaceChildren(...rows);
+  }
+
+  drawExplore(p, live) {
+    const ex = p.explore;
+    const inputs = (ex && ex.inputs) || [];
+    if (!ex || (!inputs.length && !ex.jacobian)) {
+      this.explore.hidden = true;
+      this.exploreInputs.replaceChildren();
+      this.jacobian.replaceChildren();
+      this.exploreKey = null;
+      this.controls.clear();
+      return;
+    }
+    this.explore.hidden = false;
+    const key = JSON.stringify(inputs.map((i) => [i.record, i.lo, i.hi, i.step]));
+    if (key !== this.exploreKey) this.buildControls(inputs, key);
+    const curves = new Map((ex.curves || []).map((c) => [c.input, c]));
+    for (const input of inputs) {
+      const c = this.controls.get(input.record);
+      c.slider.disabled = c.number.disabled = !live;
+      const curve = curves.get(input.record);
+      const svg = curve && curve.svg ? safeSvg(curve.svg).svg : null;
+      c.plot.replaceChildren(...(svg ? [svg] : []));
+      c.slope.textContent = curve ? curve.caption : "";
+      c.secant.textContent = curve ? curve.secant_text : "";
+      c.note.textContent = curve ? curve.note || "" : "";
+    }
+    this.syncControls();
+    let reason = "";
+    if (inputs.length && !live) {
+      reason = this.dead
+        ? "The sliders need the kernel, which is gone: re-run the cell to move them."
+        : "The sliders re-run the cell, which this view cannot do (the note above says why).";
+    }
+    this.exploreReason.textContent = reason;
+    this.exploreNote.textContent = ex.note || "";
+    this.jacobian.replaceChildren(...jacobianNodes(ex.jacobian));
+  }
+
+  // The controls show the values of the run shown, unless the user is moving them right now.
+  syncControls() {
+    if (this.inFlight !== null || this.pending !== null) return;
+    const ex = (this.get("payload") || {}).explore;
+    for (const input of (ex && ex.inputs) || []) {
+      const c = this.controls.get(input.record);
+      if (!c || input.current === null || input.current === undefined) continue;
+      c.slider.value = String(input.current);
+      c.number.value = String(input.current);
+    }
+  }
+
+  exploreValues() {
+    const out = {};
+    for (const [rec, c] of this.controls) {
+      const v = Number(c.number.value);
+      if (c.number.value !== "" && Number.isFinite(v)) out[rec] = v;
+    }
+    return out;
+  }
+
+  exploreInput(t0) {
+    this.pending = { values: this.exploreValues(), t0 };
+    this.flushExplore();
+  }
+
+  flushExplore() {
+    if (this.inFlight !== null || this.pending === null || this.dead) return;
+    const { values, t0 } = this.pending;
+    this.pending = null;
+    const text = JSON.stringify(values);
+    if (text === this.sentValues) return this.syncControls();
+    const seq = ++this.exploreSeq;
+    this.ping(PING_TIMEOUT_ACTION);
+    try {
+      this.model.send({ type: "explore", values, seq });
+    } catch (e) {
+      return; // no comm (a view drawn from saved state): the sliders are disabled there
+    }
+    this.sentValues = text;
+    const timer = setTimeout(() => {
+      if (!this.inFlight || this.inFlight.seq !== seq) return;
+      this.inFlight = null;
+      this.sentValues = null;
+      this.flushExplore();
+    }, EXPLORE_TIMEOUT);
+    this.inFlight = { seq, t0, timer };
+    this.explore.classList.add("agm-exploring");
+  }
+
+  // Python answers after it set the new payload, but ipywidgets applies a state update
+  // asynchronously and a custom message at once: the answer can overtake its payload. A request
+  // is done when both are here (the payload of the answer's version drawn): then the time from the
+  // slider's input event goes in data-ms, and the latest position, if it moved on, is sent.
+  onExplored(msg) {
+    if (!this.inFlight || msg.seq !== this.inFlight.seq) return;
+    this.inFlight.answer = msg;
+    this.finishExplored();
+  }
+
+  finishExplored() {
+    const done = this.inFlight;
+    if (!done || !done.answer) return;
+    const version = (this.get("payload") || {}).version;
+    if (done.answer.version !== undefined && version !== done.answer.version) return; // its payload is on the way
+    clearTimeout(done.timer);
+    this.inFlight = null;
+    this.explore.setAttribute("data-ms", (performance.now() - done.t0).toFixed(1));
+    this.explore.setAttribute("data-seq", String(done.answer.seq));
+    this.explore.classList.remove("agm-exploring");
+    if (this.pending) this.flushExplore();
+    else this.syncControls(); // a refused value: the controls go back to the run shown
+  }
+
+  dropExplore() {
+    if (this.inFlight) clearTimeout(this.inFlight.timer);
+    this.inFlight = null;
+    this.pending = null;
+    this.sentValues = null;
+    this.explore.classList.remove("agm-exploring");
+  }
+
+  // "reset toggles" puts the inputs back at the cell's values too.
+  resetExplore() {
+    const ex = (this.get("payload") || {}).explore;
+    const inputs = (ex && ex.inputs) || [];
+    if (!inputs.some((i) => i.current !== i.value)) return;
+    for (const i of inputs) {
+      const c = this.controls.get(i.record);
+      if (c && i.value !== null) c.slider.value = c.number.value = String(i.value);
+    }
+    this.exploreInput(performance.now());
+  }
+
   // ---- the backward stepper ----
   currentPass() {
     const passes = this.get("payload").passes || [];
@@ -901,10 +1095,12 @@ class View {
       : null;
     this.banner.replaceChildren(...[variant, ...notes].filter(Boolean));
     this.drawTable(p, live);
+    this.drawExplore(p, live);
     this.drawStepper();
     const check = p.gradcheck ? [h("h5", { text: "gradient check" }), h("pre", { text: p.gradcheck.join("\n") })] : [];
     this.checkOut.replaceChildren(...check);
     this.highlight();
+    this.finishExplored(); // an explorer's answer that came before this payload is done now
   }
 
   drawStatus() {
@@ -968,6 +1164,27 @@ function stepText(steps, step) {
   if (steps[step]) return `step ${step + 1}/${steps.length} — ${steps[step].text}`;
   if (step >= 0 && step < steps.length) return `step ${step + 1}/${steps.length} — loading…`;
   return steps.length ? `${steps.length} steps: press next to walk the backward pass` : "no autograd node ran in this pass";
+}
+
+// The Jacobian's grid as Python worded it (render/explore.py jacobian_parts): J's rows, each led by
+// its entry of v when backward() was given one, then v·J and the leaf's .grad under J's columns.
+function jacobianNodes(jac) {
+  if (!jac) return [];
+  const rows = jac.rows || [];
+  const labelled = rows.some((r) => r.label);
+  const lead = labelled || !!jac.vj || !!jac.grad;
+  const tr = (label, cells, head) =>
+    h("tr", {}, lead ? h(head ? "th" : "td", { text: label }) : null, (cells || []).map((c) => h("td", { text: c })));
+  const body = rows.map((r, k) => (!labelled && k === 0 ? tr("J", r.cells, true) : tr(r.label, r.cells, false)));
+  if (jac.vj) body.push(tr("v·J", jac.vj, true));
+  if (jac.grad) body.push(tr(jac.grad_label, jac.grad, true));
+  const verdict = jac.verdict ? h("div", { class: jac.agrees ? "agm-ok" : "agm-errtext", text: jac.verdict }) : null;
+  return [
+    h("div", {}, h("strong", { text: "Jacobian " }), jac.title),
+    body.length ? h("table", { class: "agm-jac-table" }, h("tbody", {}, body)) : null,
+    verdict,
+    jac.note ? h("div", { class: "agm-muted", text: jac.note }) : null,
+  ].filter(Boolean);
 }
 
 function detailNodes(d, inputs) {

@@ -25,6 +25,12 @@ widget (GitHub, nbviewer, nbconvert, a reloaded page whose widget state was not
 saved, where Lab only says "model not found") show the snapshot; where the
 widget draws, its front end hides the snapshot output next to it.
 
+The explorer's sliders send `{"type": "explore", "values": {"<record id>": x}, "seq": n}`:
+Python re-runs the cell with those inputs set (`Toggles.values`, composed with the other
+toggles), shows that run, and answers `{"type": "explored", "seq": n, "version": v}` once the
+new payload is set; the page keeps at most one such request in flight. Rows whose value or
+gradient changed from the run shown before carry `moved` (the page flashes them).
+
 The page also pings (`{"type": "ping", "n": n}` through a custom message) to
 learn whether this object still exists in a kernel; it answers with a pong.
 """
@@ -52,6 +58,7 @@ from ..render.layout import svg_or_fallback_html
 from ..render.payload import build_detail, build_payload, build_rows, build_steps
 from ..render.snapshot import mimebundle, snapshot_html
 from ..variants.interventions import Toggles
+from .explorer import Explorer, mark_moved, moved, one_line
 from .session import CellSession
 
 _HERE = Path(__file__).parent
@@ -103,6 +110,8 @@ class AutogradView(anywidget.AnyWidget):
         self._table_version = 0  # bumped with every run shown; answers to the page carry it
         self._payload_of: Optional[Trace] = None
         self._graph_wanted = False  # the page asked for the graph: new ones are pushed
+        self._explorer = Explorer(session, self._trace)  # the sliders' inputs and what they moved
+        self._moved: dict[int, list[str]] = {}  # shown record id -> columns changed from the run shown before
         self._set_initial_toggles(variant)
         self._refresh()
         self.observe(self._on_graph, names=["graph_svg"])
@@ -172,7 +181,10 @@ class AutogradView(anywidget.AnyWidget):
                 self.send(dict(answer, type="steps", version=self._table_version))
             elif kind == "rows" and _int_in(0)(content.get("start")):
                 answer = build_rows(self.shown, self._original, content["start"])
+                mark_moved(answer["lines"], self._moved)
                 self.send(dict(answer, type="rows", version=self._table_version))
+            elif kind == "explore":
+                self._on_explore(content)
         except Exception as e:  # a question from the page must never raise into the notebook
             try:
                 self.status = f"Could not answer the page: {type(e).__name__}: {e}"
@@ -258,13 +270,22 @@ class AutogradView(anywidget.AnyWidget):
             ok = [i for i in ok if records[i].is_leaf]
         return tuple(sorted(set(ok)))
 
-    def _rerun(self) -> None:
-        toggles = Toggles(
+    def _toggles(self) -> Toggles:
+        """Every toggle the page set, and the explorer's inputs where they differ from the cell's."""
+        toggles = dict(
             no_grad=self.no_grad,
             detach_ids=self._valid_ids(self.detach_ids),
             flip_ids=self._valid_ids(self.flip_ids, leaves_only=True),
         )
-        if toggles.any:
+        if self._explorer.values:
+            if "values" not in getattr(Toggles, "__dataclass_fields__", {}):
+                raise RuntimeError("this version cannot re-run a cell with an input set to another value")
+            toggles["values"] = self._explorer.toggles()
+        return Toggles(**toggles)
+
+    def _rerun(self, busy: bool = True) -> None:
+        toggles = self._toggles()
+        if busy and toggles.any:
             self.busy = True
         self._variant = self._session.rerun(toggles)
         self._refresh()
@@ -274,8 +295,13 @@ class AutogradView(anywidget.AnyWidget):
         original = self._original
         if shown is not self._payload_of:  # a new run shown: what the page fetched for the old one is stale
             self._table_version += 1
+            self._moved = moved(self._payload_of, shown) if self._payload_of is not None else {}
             self._payload_of = shown
+        else:
+            self._moved = {}
         payload = build_payload(shown, original, can_rerun=self.can_rerun)
+        mark_moved(payload["lines"], self._moved)
+        payload["explore"] = self._explorer.payload(self._variant)
         payload["gradcheck"] = check_lines(self._trace.gradcheck)
         payload["version"] = self._table_version
         payload["graph"] = self._graph_on
@@ -290,6 +316,39 @@ class AutogradView(anywidget.AnyWidget):
             self.detail = build_detail(shown, self.selected, original) if self.selected >= 0 else {}
             if self.step >= 0:
                 self.step = -1
+
+    # ---- the explorer ----------------------------------------------------------------------
+    def _on_explore(self, content: dict) -> None:
+        """A slider moved: check what the page sent, re-run with it, show that run, then answer."""
+        seq = content.get("seq")
+        if not _int_in(0)(seq):
+            self.status = "Ignored a request from the explorer: it had no sequence number."
+            return
+        try:
+            values = self._explorer.check(content.get("values"))
+        except ValueError as e:
+            self.status = one_line(f"Ignored a request from the explorer: {e}")
+            self._answer_explored(seq, ok=False)
+            return
+        before = self._explorer.values
+        self._explorer.values = self._explorer.moved_to(values)
+        ok = True
+        if self._explorer.values != before:
+            try:
+                self._rerun(busy=False)
+                self.status = ""
+            except Exception as e:  # the view stays on the run it showed, the sliders' values with it
+                self._explorer.values = before
+                try:
+                    self._refresh()  # the controls go back to the values of the run shown
+                except Exception:
+                    pass
+                self.status = one_line(f"Could not re-run the cell with that value: {type(e).__name__}: {e}")
+                ok = False
+        self._answer_explored(seq, ok=ok)
+
+    def _answer_explored(self, seq: int, ok: bool = True) -> None:
+        self.send({"type": "explored", "seq": seq, "version": self._table_version, "ok": ok})
 
     def _graph(self) -> str:
         if not self._graph_on:
@@ -328,6 +387,7 @@ class AutogradView(anywidget.AnyWidget):
     def snapshot(self) -> "SnapshotOutput":
         """The output published next to the widget: the static snapshot, marked with this model id."""
         try:
+            self._explorer.exploration  # asked for now: on the Trace, the snapshot draws the curve too
             body = snapshot_html(self._trace, variant=self._variant, graph=self._graph_on, timeout=self._layout_timeout)
         except Exception as e:  # the widget still shows; the snapshot says why it is missing
             body = f"<pre>{html.escape(str(self.shown))}</pre><!-- {html.escape(type(e).__name__)} -->"

@@ -22,6 +22,7 @@ from typing import Optional
 from .. import limits
 from ..data.trace import Trace
 from .dot import render_dot
+from .explore import at_point, explore_html
 from .html import render_html, section
 from .layout import layout
 from .teach_html import teach_parts
@@ -41,6 +42,12 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
         except Exception:  # the table still shows; the graph is a bonus here
             pass
     try:
+        body = explore_section(trace, variant)
+        if body:
+            parts.append(("explore", body, True))
+    except Exception:  # the explorer is a bonus as well: a drawing that fails leaves the rest
+        pass
+    try:
         parts.extend(teach_parts(shown))
     except Exception:  # the explanations are a bonus too; the table always shows
         pass
@@ -55,6 +62,24 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
         sections[i] = section(title, f"<i>{note}</i>", open=False)
     assert base.endswith("</div>")
     return base[: -len("</div>")] + "".join(sections) + "</div>"
+
+
+def explore_section(trace: Trace, variant: Optional[Trace] = None) -> str:
+    """The explorer at the values of the run shown (a variant's point on the real run's curves),
+    each curve an image of its SVG (as the graph is, so Lab's sanitizer keeps it); "" when empty."""
+    real = getattr(trace, "exploration", None)
+    shown = getattr(variant, "exploration", None) if variant is not None else None
+    if real is None:
+        exploration = shown
+    else:
+        exploration = at_point(real, shown, variant=variant is not None)
+    if exploration is None or exploration.empty:
+        return ""
+    return explore_html(exploration, picture=_curve_image)
+
+
+def _curve_image(svg: str) -> str:
+    return f'<img src="{svg_data_uri(svg)}" alt="the output plotted against the input" style="max-width:100%;height:auto">'
 
 
 def graph_html(shown: Trace, timeout: Optional[float] = None) -> str:
