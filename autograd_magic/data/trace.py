@@ -8,7 +8,7 @@ running. Views (text, HTML, DOT, widget) read only these classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -192,7 +192,6 @@ class Trace:
     # first record of a source span -> how many more times that span ran
     # beyond the detail limit (loop iterations counted, not kept)
     repeats: dict[int, int] = field(default_factory=dict)
-    exploration: Optional["Exploration"] = None
 
     def __iter__(self) -> Iterator[Record]:
         return iter(self.records)
