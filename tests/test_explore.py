@@ -199,12 +199,20 @@ def test_jacobian_of_backward_v_in_the_cell(shell):
 
 
 def test_jacobian_of_a_small_vector_leaf(shell):
+    """A non-scalar output of a vector leaf, no backward at all: its Jacobian, as torch computes it."""
     plain(shell, "import torch\ntorch.manual_seed(0)")
-    s = traced(shell, "w = torch.randn(3, requires_grad=True)\nloss = (w ** 2).sum() * w[0]\nloss.backward()")
+    s = traced(shell, "w = torch.randn(3, requires_grad=True)\nh = w * w.sum() + w[0]")
     j = explored(shell, s, s.exploration).jacobian
     w = shell.user_ns["w"]
-    check_jacobian(j, lambda t: (t**2).sum() * t[0], w.detach())
-    assert j.out_shape == () and j.in_shape == (3,)
+    check_jacobian(j, lambda t: t * t.sum() + t[0], w.detach())
+    assert j.out_shape == (3,) and j.in_shape == (3,) and j.v is None
+
+
+def test_a_scalar_output_has_no_jacobian_beyond_its_gradient(shell):
+    """d loss / d w of a scalar loss is the gradient row the table shows as w.grad: no Jacobian block."""
+    plain(shell, "import torch\ntorch.manual_seed(0)")
+    s = traced(shell, "w = torch.randn(3, requires_grad=True)\nloss = (w ** 2).sum() * w[0]\nloss.backward()")
+    assert explored(shell, s, s.exploration).jacobian is None
 
 
 def test_seed_003_backward_v_in_a_later_cell(shell, seeds):

@@ -111,9 +111,10 @@ class BackwardRecorder:
             if func is torch.Tensor.backward and len(args) > 2:
                 args = args[:2]
         for iv in tracer.interventions:
-            seed = iv.backward_gradient(roots, gradient)
-            if seed is not None:  # a variant's own gradient (the explorer's batched run); the pass still says what the cell gave
-                args, kwargs = _with_gradient(func, args, kwargs, seed)
+            iv.sees_backward(roots, gradient)
+            swap = iv.backward_roots(roots, gradient)
+            if swap is not None:  # a variant's own roots (the explorer's batched run); the pass still says what the cell gave
+                args, kwargs = _with_roots(func, args, kwargs, tuple(swap))
         # This pass's own cache and hand-offs, made before the hooks that use them.
         outer_previews, self.previews = self.previews, PreviewCache()
         outer_held, self._held = self._held, {}
@@ -410,14 +411,17 @@ class BackwardRecorder:
             pass
 
 
-def _with_gradient(func, args: tuple, kwargs: dict, gradient) -> tuple[tuple, dict]:
-    """The call's arguments with its gradient argument (by position or by name) set to `gradient`."""
+def _with_roots(func, args: tuple, kwargs: dict, roots: tuple) -> tuple[tuple, dict]:
+    """The call's arguments differentiating `roots` instead, with no gradient argument."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("gradient", "grad_tensors", "grad_outputs", "tensors", "outputs")}
     if func is torch.Tensor.backward:
-        i, name = 1, "gradient"
-    elif func is torch.autograd.grad:
-        i, name = 2, "grad_outputs"
-    else:
-        i, name = 1, "grad_tensors"
-    if len(args) > i:
-        return args[:i] + (gradient,) + args[i + 1 :], kwargs
-    return args, {**kwargs, name: gradient}
+        return (roots[0], None) + args[2:], kwargs
+    if func is torch.autograd.grad:
+        rest = args[1:]
+        if len(rest) >= 2:
+            rest = (rest[0], None) + rest[2:]
+        return (roots,) + rest, kwargs
+    rest = args[1:]
+    if rest:
+        rest = (None,) + rest[1:]
+    return (roots,) + rest, kwargs

@@ -6,8 +6,8 @@ consults them at three points: an op's output (replace it, e.g. cast or nudge
 it, or flip its requires_grad), whether a tensor is cut from the graph (by
 the name it is bound to or by the source span that made it), and whether
 backward() must keep its graph (a re-run shares graphs with the real run and
-must never free them); and the gradient a backward call is given (the
-explorer's batched run seeds a batched root with ones).
+must never free them); and what a backward call differentiates (the
+explorer's batched run differentiates a batched root's sum).
 """
 
 from __future__ import annotations
@@ -39,9 +39,15 @@ class Intervention:
         """A tensor to use instead of the op's output (its record is `record`), or None to keep it."""
         return None
 
-    def backward_gradient(self, roots: tuple, gradient):
-        """The gradient argument to give this backward()/autograd.grad() call instead of `gradient`
-        (as the call takes it: a tensor for `Tensor.backward`, a tuple otherwise), or None to keep it."""
+    def backward_roots(self, roots: tuple, gradient) -> Optional[tuple]:
+        """Tensors to differentiate instead of `roots`, with no gradient argument, or None to keep the
+        call as it is. The explorer's batched run differentiates the sum of a batched root: every
+        point's own backward at once (an explicit gradient of ones would do the same, but makes torch
+        import its symbolic-shapes machinery, about a second, on first use)."""
+        return None
+
+    def sees_backward(self, roots: tuple, gradient) -> None:
+        """Told of each backward()/autograd.grad() call: its roots and the gradient it was given."""
         return None
 
     @property

@@ -200,7 +200,7 @@ class CellSession:
         if rid is None:
             return None
         root = self.trace.records[rid]
-        if root.cell is None:
+        if root.cell is None or not p.gradient_given:  # backward() of a scalar: its Jacobian is the gradient shown
             return None
         earlier = cell_session(self.shell, root.cell)
         if earlier is None or not earlier.can_rerun:

@@ -59,7 +59,7 @@ from ..render.payload import build_detail, build_payload, build_rows, build_step
 from ..render.snapshot import mimebundle, snapshot_html
 from ..variants.interventions import Toggles
 from .explorer import Explorer, mark_moved, moved, one_line
-from .session import CellSession
+from .session import NO_RERUN, CellSession
 
 _HERE = Path(__file__).parent
 
@@ -325,6 +325,8 @@ class AutogradView(anywidget.AnyWidget):
             self.status = "Ignored a request from the explorer: it had no sequence number."
             return
         try:
+            if not self.can_rerun:  # the sliders are disabled on the page; a stale page may still send
+                raise ValueError(self._session.rerun_blocked or NO_RERUN)
             values = self._explorer.check(content.get("values"))
         except ValueError as e:
             self.status = one_line(f"Ignored a request from the explorer: {e}")

@@ -73,9 +73,16 @@ def explore_section(trace: Trace, variant: Optional[Trace] = None) -> str:
         exploration = shown
     else:
         exploration = at_point(real, shown, variant=variant is not None)
-    if exploration is None or exploration.empty:
+    if exploration is None or not _worth_a_section(exploration):
         return ""
     return explore_html(exploration, picture=_curve_image)
+
+
+def _worth_a_section(exploration) -> bool:
+    """A curve with points or a Jacobian (computed, or said why not). An explorer that could only say
+    why it can't re-run repeats the view's own line about toggles: the widget says it, the snapshot
+    does not spend bytes on it."""
+    return any(c.xs for c in exploration.curves) or exploration.jacobian is not None
 
 
 def _curve_image(svg: str) -> str:

@@ -127,7 +127,7 @@ class _Probe(Intervention):
     """Catches the output (and the inputs the cell makes) in a re-run, and differentiates there.
 
     `batch` = (input record, 1-D tensor of xs): the batched curve's run (the
-    input replaced by all xs at once; backward() of a batched root gets ones).
+    input replaced by all xs at once; backward() of a batched root differentiates its sum).
     `jac` = (input record, tensor): the Jacobian's run (the input replaced by
     the tensor `torch.autograd.functional.jacobian` passes).
     """
@@ -158,16 +158,15 @@ class _Probe(Intervention):
             self.out = t
         return None
 
-    def backward_gradient(self, roots: tuple, gradient):
-        if self.out is None or not any(r is self.out for r in roots):
-            return None
-        if len(roots) == 1 and self.v is None:
+    def sees_backward(self, roots: tuple, gradient) -> None:
+        if self.out is not None and self.v is None and len(roots) == 1 and roots[0] is self.out:
             g = gradient[0] if isinstance(gradient, (tuple, list)) and gradient else gradient
             self.v = g.detach() if isinstance(g, torch.Tensor) else None
-        if self.batch and gradient is None:  # a batched root: every point's own backward, at once
-            ones = tuple(torch.ones_like(r) for r in roots)
-            return ones[0] if len(roots) == 1 and not isinstance(roots, list) else ones
-        return None
+
+    def backward_roots(self, roots: tuple, gradient):
+        if not self.batch or gradient is not None or self.out is None or not any(r is self.out for r in roots):
+            return None
+        return tuple(r.sum() if r.numel() != 1 else r for r in roots)  # every point's own backward, at once
 
     def before(self, ns: dict) -> None:
         for r in self.want:
@@ -322,9 +321,12 @@ def curve(runs: Runs, out: Record, inp: ScalarInput, values: dict, budget: float
     batched = _batched(runs, out, inp, c.xs, values)
     if batched is not None:
         ys, slopes = batched
-        y_end = _point(runs, out, inp, c.xs[0], values, weighted)[0]
-        y_mid = known[0] if known is not None else _point(runs, out, inp, c.xs[STEPS], values, weighted)[0]
-        if _close(ys[0], y_end) and _close(ys[STEPS], y_mid):
+        # checked against the run at x0: the real run's own value when known (no run needed), else point runs
+        # at x0 and at one end. A batched op that mixes points (softmax, cumsum) changes the value at x0.
+        ok = _close(ys[STEPS], known[0]) if known is not None else (
+            _close(ys[STEPS], _point(runs, out, inp, c.xs[STEPS], values, weighted)[0])
+            and _close(ys[0], _point(runs, out, inp, c.xs[0], values, weighted)[0]))
+        if ok:
             c.ys, c.slopes, c.batched = ys, slopes, True
             return c
     deadline = time.perf_counter() + budget
@@ -437,7 +439,11 @@ def _pass_gradient(trace: Trace, root: Record) -> Optional[np.ndarray]:
 
 
 def jacobian_leaf(trace: Trace, out: Record) -> Optional[Record]:
-    """The leaf for the Jacobian: the first small vector leaf the output depends on, else (non-scalar output) a scalar one."""
+    """The leaf for the Jacobian of a non-scalar output: the first vector leaf it depends on, else a scalar one.
+
+    A scalar output has none: its Jacobian is the gradient row the table already shows as `.grad`."""
+    if out.preview is None or out.preview.numel <= 1:
+        return None
     leaves = [trace.records[i] for i in sorted(_ancestors(trace, out.id))]
     leaves = [r for r in leaves if r.is_leaf and r.requires_grad and _is_float(r) and r.shape is not None]
     vectors = [r for r in leaves if r.preview.numel > 1]
