@@ -83,3 +83,9 @@ PREVIEW_COPY_BYTES = 16 << 20
 # Device (CUDA) tensors' previews are reduced on the device and queued; the queue is
 # copied to the host in one transfer when it holds this many, and when the run ends.
 PREVIEW_QUEUE = 256
+
+# ---- debugging a training cell: NaN/Inf origin and gradient flow (explain/debug.py, render/debug.py, issue 16) ----
+DEBUG_INPUTS = 4  # inputs of the first non-finite op listed with their statistics
+DEBUG_FLOW_BARS = 40  # bars in the gradient-flow chart: past it one bar per module, then the first and last ones
+DEBUG_FLOW_BYTES = 12_000  # the chart's SVG; past it fewer bars are drawn
+DEBUG_PASSES = 3  # backward passes whose first non-finite gradient the banner names (the rest are counted)
