@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from xml.etree import ElementTree
+
 import numpy as np
 import pytest
 import torch
@@ -143,6 +145,8 @@ def test_log_of_zero_is_found_where_torch_first_sees_a_nonfinite_value(shell):
     assert nf is not None and nf.label == first == "p"  # ... through the log, three ops after x
     assert nf.op == "log" and nf.expr == "torch.log(z)"
     assert t.source_line(nf.line).strip() == "p = torch.log(z)"
+    made = [r.id for r in t.records]
+    assert made.index(nf.record) - made.index(t.last("x").id) == 3  # three ops after the input
     assert nf.kind == _kind(plain["p"].detach())
     assert nf.count == int((~torch.isfinite(plain["p"])).sum())
     (z,) = nf.inputs
@@ -253,6 +257,9 @@ def test_a_thirty_layer_tanh_stack_flags_its_vanishing_early_gradients(shell):
     assert "exploding" not in flags.values()
     svg = flow_svg(flow)
     assert "<script" not in svg and "vanishing" in svg and len(svg) <= 12_000
+    root = ElementTree.fromstring(svg)  # well-formed; 60 parameters are more bars than fit: one per module
+    bars = [g for g in root.iter("{http://www.w3.org/2000/svg}g")]
+    assert len(bars) == 30 and "per module" in svg
     html = snapshot_html(t, graph=False)
     assert "gradient flow" in html and "data:image/svg+xml," in html and "vanishing: model.0.weight" in html
     assert build_payload(t)["debug"]["flow"]["svg"].startswith("<svg")
@@ -275,3 +282,14 @@ def test_chart_stays_within_its_bytes_for_a_wide_model(shell):
     svg = flow_svg(flow)
     assert len(svg) <= 12_000 and "more" in svg
     assert np.isfinite(flow.total)
+
+
+def test_a_nan_in_a_later_loop_iteration_names_that_iteration(shell):
+    cell = "w = torch.tensor([1.0, 2.0], requires_grad=True)\nfor i in range(3):\n    y = torch.log(w - i * 0.5)\n"
+    shell.run_cell("import torch")
+    plain = [torch.log(torch.tensor([1.0, 2.0]) - i * 0.5) for i in range(3)]
+    first = next(i for i, y in enumerate(plain) if _kind(y))
+    t = _traced(shell, cell)
+    nf = t.nonfinite
+    assert nf.label == "y" and nf.occurrence == first == 2 and nf.kind == _kind(plain[first])
+    assert "(run 3 of that line)" in str(t).splitlines()[1]

@@ -193,7 +193,8 @@ def grad_flow(trace: Trace, leaves: bool = False) -> list[PassFlow]:
     """Per backward pass, the norm of the gradient each parameter received, and per module.
 
     A parameter is a leaf that requires grad and belongs to a module: its name is a module
-    path (`model.0.weight`), or a module this cell built made it, or a module's op read it.
+    path (`model.0.weight`), or a module this cell built made it, or it has no name and a
+    module's op read it (a module the namespace does not hold).
     With `leaves=True` every leaf that received a gradient counts (hand-written `W1`, `b1`).
     Passes where no parameter received a gradient are left out."""
     params = _parameters(trace, leaves)
@@ -233,8 +234,8 @@ def _parameters(trace: Trace, leaves: bool) -> dict[int, tuple[list[Record], str
         read_in = next((module_of[r.id] for r in chain if r.id in module_of), None)
         if name and "." in name:
             module: Optional[str] = name.rsplit(".", 1)[0]
-        else:
-            module = read_in or made_by
+        else:  # a named plain tensor a module reads (`model(x)`) is an input, not a parameter
+            module = made_by or (read_in if name is None else None)
         if module is None and not leaves:
             continue
         root = trace.records[root_id]
