@@ -17,6 +17,7 @@ import pytest
 import torch
 from IPython.utils.capture import capture_output
 
+from autograd_magic import limits
 from autograd_magic.capture.preview import DeviceQueue, preview
 from autograd_magic.explain.debug import EXPLODING, VANISHING, nonfinite_kind
 from autograd_magic.render.debug import banner_html, debug_payload, flow_svg
@@ -256,7 +257,7 @@ def test_a_thirty_layer_tanh_stack_flags_its_vanishing_early_gradients(shell):
     assert flags["model.0.weight"] == "vanishing" and flags["model.58.weight"] is None
     assert "exploding" not in flags.values()
     svg = flow_svg(flow)
-    assert "<script" not in svg and "vanishing" in svg and len(svg) <= 12_000
+    assert "<script" not in svg and "vanishing" in svg and len(svg) <= limits.DEBUG_FLOW_BYTES
     root = ElementTree.fromstring(svg)  # well-formed; 60 parameters are more bars than fit: one per module
     bars = [g for g in root.iter("{http://www.w3.org/2000/svg}g")]
     assert len(bars) == 30 and "per module" in svg
@@ -280,7 +281,7 @@ def test_chart_stays_within_its_bytes_for_a_wide_model(shell):
     (flow,) = t.grad_flow()
     assert len(flow.params) == 600 and len(flow.modules) == 300
     svg = flow_svg(flow)
-    assert len(svg) <= 12_000 and "more" in svg
+    assert len(svg) <= limits.DEBUG_FLOW_BYTES and "more" in svg
     assert np.isfinite(flow.total)
 
 
