@@ -12,10 +12,15 @@ Outside IPython (or inside a cell), the same engine::
     with am.trace() as t:
         ...
     t.records, str(t), t.to_html(), t.to_dot()
+
+Debugging a training cell: `t.nonfinite` (the first op whose output holds a NaN or an
+Inf), `t.backward_nonfinite` (per pass, the first node whose gradient does) and
+`t.grad_flow()` (per pass, each parameter's gradient norm, vanishing/exploding flagged).
 """
 
 from __future__ import annotations
 
+from .explain.debug import backward_nonfinite, grad_flow, nonfinite_origin
 from .data.trace import BackwardPass, BackwardStep, Preview, Record, Trace, TraceError, register_views
 from .notebook.display import mimebundle, show
 from .notebook.magic import AutogradMagics, load_ipython_extension, unload_ipython_extension
@@ -26,6 +31,7 @@ from .render.text import render_text
 from .run.api import trace
 
 register_views(text=render_text, html=render_html, dot=render_dot, svg=render_svg, show=show, mimebundle=mimebundle)
+register_views(nonfinite=nonfinite_origin, backward_nonfinite=backward_nonfinite, grad_flow=grad_flow)
 
 __all__ = [
     "trace",

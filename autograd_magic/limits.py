@@ -93,3 +93,9 @@ EXPLORE_SNAPSHOT_BYTES = 6_000  # the snapshot's explore section; past it, the J
 EXPLORE_JACOBIAN_SHOWN = 8  # rows and columns of a Jacobian shown (the rest: "…" and its shape)
 EXPLORE_VECTOR_SHOWN = 8  # entries of v, v·J and .grad shown
 EXPLORE_VALUE_BOUND = 1e6  # a value from the page's slider or number box beyond this is refused
+
+# ---- debugging a training cell: NaN/Inf origin and gradient flow (explain/debug.py, render/debug.py, issue 16) ----
+DEBUG_INPUTS = 4  # inputs of the first non-finite op listed with their statistics
+DEBUG_FLOW_BARS = 40  # bars in the gradient-flow chart: past it one bar per module, then the first and last ones
+DEBUG_FLOW_BYTES = 12_000  # the chart's SVG; past it fewer bars are drawn
+DEBUG_PASSES = 3  # backward passes whose first non-finite gradient the banner names (the rest are counted)

@@ -255,12 +255,32 @@ class Trace:
     def _repr_mimebundle_(self, include=None, exclude=None):
         return _view("mimebundle")(self, include=include, exclude=exclude)
 
+    # ---- debugging a training cell: computed by explain/debug.py, registered like the views ----
+    @property
+    def nonfinite(self):
+        """The first recorded op whose output holds a NaN or an Inf (a `data.debug.NonFinite`:
+        its line, expression, op and inputs with their statistics), or None."""
+        return _view("nonfinite")(self)
+
+    @property
+    def backward_nonfinite(self) -> list:
+        """For each backward pass with a non-finite gradient, the first node (in the order the
+        engine ran them) that received or sent one (`data.debug.BackwardNonFinite`)."""
+        return _view("backward_nonfinite")(self)
+
+    def grad_flow(self, leaves: bool = False) -> list:
+        """Per backward pass, the norm of the gradient each parameter and each module received,
+        flagged "vanishing" or "exploding" (`data.debug.PassFlow`). `leaves=True` counts every
+        leaf that received a gradient, not only modules' parameters."""
+        return _view("grad_flow")(self, leaves=leaves)
+
 
 _VIEWS: dict[str, Callable[..., Any]] = {}
 
 
 def register_views(**views: Callable[..., Any]) -> None:
-    """Called once by `autograd_magic/__init__.py`: text, html, dot, svg, show, mimebundle."""
+    """Called once by `autograd_magic/__init__.py`: text, html, dot, svg, show, mimebundle, and
+    the debugging analyses (nonfinite, backward_nonfinite, grad_flow)."""
     _VIEWS.update(views)
 
 

@@ -212,6 +212,7 @@ class View {
     this.buildToolbar();
     this.deadLine = h("div", { class: "agm-dead-line", hidden: true, text: DEAD_TEXT });
     this.banner = h("div", { class: "agm-banner" });
+    this.debugBox = h("div", { class: "agm-debug" }); // issue 16: the first NaN/Inf, gradient flow
     this.table = h("table", { class: "agm-table" });
     this.tableWrap = h("div", { class: "agm-table-wrap" }, this.table);
     this.detail = h("div", { class: "agm-detail" });
@@ -220,7 +221,7 @@ class View {
     this.buildGraph();
     this.buildExplore();
     this.checkOut = h("div", { class: "agm-gradcheck" });
-    this.root.append(this.toolbar, this.deadLine, this.banner, main, this.explore, this.stepper, this.graph, this.checkOut);
+    this.root.append(this.toolbar, this.deadLine, this.debugBox, this.banner, main, this.explore, this.stepper, this.graph, this.checkOut);
   }
 
   get(key) {
@@ -580,6 +581,39 @@ class View {
       return link;
     });
     this.detail.replaceChildren(...detailNodes(d, inputs));
+  }
+
+  // ---- debugging (issue 16): where the first NaN/Inf appeared, and the gradient-flow chart ----
+  // Sentences go in as text; each one's button selects its record (row and graph node). The
+  // chart's SVG goes through safeSvg; its bars carry ids p<record>, localized to …-p<record>.
+  drawDebug(d) {
+    if (!d) return this.debugBox.replaceChildren();
+    const line = (text, id) => {
+      if (id === null || id === undefined) return h("span", { text });
+      const link = h("button", { type: "button", class: "agm-link agm-debug-link", text, title: "select this tensor" });
+      link.addEventListener("click", () => this.set("selected", id));
+      return link;
+    };
+    const out = [];
+    if (d.forward) {
+      const inputs = (d.forward.inputs || []).map((s) => h("div", { class: "agm-muted", text: s }));
+      out.push(h("div", { class: "agm-debug-nf" }, line(d.forward.text, d.forward.id), ...inputs));
+    }
+    for (const b of d.backward || []) out.push(h("div", { class: "agm-debug-nf" }, line(b.text, b.id)));
+    if (d.more_backward) out.push(h("div", { class: "agm-muted", text: `… and ${d.more_backward} more backward passes` }));
+    if (d.flow) {
+      const { svg } = safeSvg(d.flow.svg);
+      for (const g of svg ? svg.querySelectorAll("g[id]") : []) {
+        const m = /-p(\d+)$/.exec(g.getAttribute("id") || "");
+        if (!m) continue;
+        g.setAttribute("data-id", m[1]);
+        g.classList.add("agm-flow-bar");
+        g.addEventListener("click", () => this.set("selected", Number(m[1])));
+      }
+      const summary = h("summary", { text: "gradient flow" });
+      out.push(h("details", { class: "agm-flow", open: true }, summary, svg, h("div", { class: "agm-muted", text: d.flow.summary })));
+    }
+    this.debugBox.replaceChildren(...out);
   }
 
   // ---- the graph: Graphviz SVG whose record nodes are titled r<id>, fitted, zoomed, panned ----
@@ -1094,6 +1128,7 @@ class View {
       ? h("div", { class: "agm-variant", text: `Variant (your variables are untouched): ${p.variant.text}. Changed cells are highlighted; hover for the original.` })
       : null;
     this.banner.replaceChildren(...[variant, ...notes].filter(Boolean));
+    this.drawDebug(p.debug);
     this.drawTable(p, live);
     this.drawExplore(p, live);
     this.drawStepper();

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from ..data.identity import changed_fields, match_records
 from ..data.trace import Preview, Record, Trace
 from ..explain.errors import explain_error
+from .debug import debug_payload
 from ..explain.format import format_record_value, format_shape, format_short, format_stats, format_tensor, values_printout
 from ..explain.stepper import steps as stepper_steps
 from ..explain.why import explain_record
@@ -162,7 +163,16 @@ def build_payload(
         "error": _error(trace),
         "notes": [_clip(n) for n in trace.notes],
         "can_rerun": can_rerun,
+        "debug": _debug(trace),
     }
+
+
+def _debug(trace: Trace) -> Optional[dict[str, Any]]:
+    """The NaN/Inf banner and the gradient-flow chart (render/debug.py); never breaks the view."""
+    try:
+        return debug_payload(trace)
+    except Exception:
+        return None
 
 
 def build_rows(trace: Trace, original: Optional[Trace], start: int, count: int = FIRST_ROWS) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Optional
 
 from .. import limits
 from ..data.trace import Trace
+from .debug import flow_section, with_banner
 from .dot import render_dot
 from .explore import at_point, explore_html
 from .html import render_html, section
@@ -41,6 +42,12 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
                 parts.append(("autograd graph", body, True))
         except Exception:  # the table still shows; the graph is a bonus here
             pass
+    try:  # issue 16: the gradient norms of the last pass's parameters (nothing without parameters)
+        flow = flow_section(shown)
+        if flow is not None:
+            parts.append(("gradient flow", _flow_html(*flow), True))
+    except Exception:  # a bonus like the graph
+        pass
     try:
         body = explore_section(trace, variant)
         if body:
@@ -53,6 +60,10 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
         pass
     sections = [section(t, b, o) for t, b, o in parts]
     base = render_html(trace, variant=variant)  # the sections go last, just inside its closing tag
+    try:
+        base = with_banner(base, shown)  # the first NaN/Inf, at the top (nothing when all is finite)
+    except Exception:
+        pass
     # past the budget, the last sections give way first: the why, the steps, then the graph
     for i in range(len(sections) - 1, -1, -1):
         if len(base) + sum(len(s) for s in sections) <= limits.SNAPSHOT_HTML_BYTES:
@@ -132,6 +143,14 @@ def _svg_box(svg: str) -> str:
     return (
         '<div class="am-graph" style="overflow:auto;max-width:100%">'
         f'<img src="{svg_data_uri(svg)}" alt="the autograd graph" style="max-width:100%;height:auto"></div>'
+    )
+
+
+def _flow_html(svg: str, summary: str) -> str:
+    # an image, like the graph (see _svg_box); its text said once more below it, readable anywhere
+    return (
+        f'<img src="{svg_data_uri(svg)}" alt="{_html.escape(summary.splitlines()[0])}" style="max-width:100%;height:auto">'
+        f'<div style="color:#57606a;font-size:11px;white-space:pre-wrap">{_html.escape(summary)}</div>'
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import limits
 from ..data.trace import Record, Trace
+from .debug import text_lines as debug_lines
 from ..explain.format import format_short, format_shape
 from ..explain.wording import flags, gradient_cell, variant_description
 
@@ -22,6 +23,10 @@ def render_text(trace: Trace, width: int = 120) -> str:
     if trace.variant_of is not None or trace.grad_mode == "no_grad" or trace.detached:
         head += f"  [variant: {variant_description(trace)}]"
     lines = [head]
+    try:
+        lines.extend(debug_lines(trace))  # the first NaN/Inf (issue 16); nothing when all is finite
+    except Exception:
+        pass
     rows = [("line", "name / expression", "value", "shape", "flags", "grad_fn", "grad")]
     for r in trace.records:
         if r.internal and not r.external:

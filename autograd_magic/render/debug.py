@@ -1,0 +1,227 @@
+"""The debugging views of a training cell (issue 16): the NaN/Inf banner and the gradient-flow chart.
+
+Pure functions of a Trace (through `explain/debug.py`): the banner's HTML for the static
+snapshot, its plain data for the widget, one line for the text view, and the chart as a
+compact SVG with no scripts and no styles (presentation attributes only, so the widget's
+allowlist sanitizer keeps all of it). Nothing shows when every recorded value and gradient
+is finite and no module parameter received a gradient: a classroom cell looks as before.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import zlib
+from typing import Any, Optional
+
+from ..data.debug import PassFlow
+from ..data.trace import Trace
+from ..explain.debug import (
+    EXPLODING, VANISHING, backward_nonfinite, backward_sentence, flow_summary, grad_flow, nonfinite_origin,
+    number, operand_sentences, origin_sentence,
+)
+from .. import limits
+
+RED_BOX = "background:#ffebe9;color:#82071e;padding:4px 8px;margin:6px 0;border-radius:4px;white-space:pre-wrap"
+MUTED = "color:#57606a;font-size:11px"
+ROW_MARK = "background:#ffebe9"  # the origin's row in the table
+COLORS = {None: "#4c78a8", "vanishing": "#bf8700", "exploding": "#cf222e"}
+
+
+def _esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+# ---- the banner -------------------------------------------------------------------------------
+
+
+def anchor(trace: Trace, rid: int) -> str:
+    """The id given to record `rid`'s row in the snapshot: unique per cell on one page."""
+    return f"agm-nf-{zlib.crc32(trace.source.encode('utf-8', 'replace')):08x}-{rid}"
+
+
+def text_lines(trace: Trace) -> list[str]:
+    """What the text view says first: the forward origin and each pass's first non-finite node."""
+    lines = []
+    nf = nonfinite_origin(trace)
+    if nf is not None:
+        lines.append(origin_sentence(nf))
+        lines.extend("  " + s for s in operand_sentences(nf))
+    found = backward_nonfinite(trace)
+    lines.extend(backward_sentence(b, trace) for b in found[: limits.DEBUG_PASSES])
+    if len(found) > limits.DEBUG_PASSES:
+        lines.append(f"… and {len(found) - limits.DEBUG_PASSES} more backward passes with non-finite gradients")
+    return lines
+
+
+def banner_html(trace: Trace) -> str:
+    """The snapshot's red box at the top, "" when everything recorded is finite. The origin's
+    sentence links to its row (`anchor`), which `mark_origin_row` gives that id."""
+    nf = nonfinite_origin(trace)
+    found = backward_nonfinite(trace)
+    if nf is None and not found:
+        return ""
+    parts = []
+    if nf is not None:
+        link = f' <a href="#{anchor(trace, nf.record)}" style="color:inherit">(its row)</a>'
+        inputs = "".join(f'<div style="{MUTED}">{_esc(s)}</div>' for s in operand_sentences(nf))
+        parts.append(f"<div><b>{_esc(origin_sentence(nf))}</b>{link}{inputs}</div>")
+    for b in found[: limits.DEBUG_PASSES]:
+        parts.append(f"<div>{_esc(backward_sentence(b, trace))}</div>")
+    if len(found) > limits.DEBUG_PASSES:
+        parts.append(f'<div style="{MUTED}">… and {len(found) - limits.DEBUG_PASSES} more backward passes</div>')
+    return f'<div class="am-debug" style="{RED_BOX}">{"".join(parts)}</div>'
+
+
+def with_banner(snapshot: str, trace: Trace) -> str:
+    """`snapshot` (render_html's fragment) with the banner at its top and the origin's row marked."""
+    banner = banner_html(trace)
+    if not banner:
+        return snapshot
+    nf = nonfinite_origin(trace)
+    if nf is not None:
+        row = f'<tr data-record="{nf.record}">'
+        snapshot = snapshot.replace(row, f'<tr data-record="{nf.record}" id="{anchor(trace, nf.record)}" style="{ROW_MARK}">', 1)
+    at = snapshot.find("</style>")
+    at = at + len("</style>") if at >= 0 else snapshot.find(">") + 1
+    return snapshot[:at] + banner + snapshot[at:]
+
+
+# ---- the widget's data ------------------------------------------------------------------------
+
+
+def debug_payload(trace: Trace) -> Optional[dict[str, Any]]:
+    """The banner and chart for the widget as plain strings (the page sets them as text; the SVG
+    goes through its sanitizer), None when there is nothing to show."""
+    nf = nonfinite_origin(trace)
+    found = backward_nonfinite(trace)
+    flows = grad_flow(trace)
+    if nf is None and not found and not flows:
+        return None
+    out: dict[str, Any] = {"forward": None, "backward": [], "more_backward": 0, "flow": None}
+    if nf is not None:
+        out["forward"] = {"text": origin_sentence(nf), "id": nf.record, "inputs": operand_sentences(nf)}
+    for b in found[: limits.DEBUG_PASSES]:
+        ids = list(dict.fromkeys(b.targets + b.records))
+        out["backward"].append({"text": backward_sentence(b, trace), "pass": b.pass_index, "id": ids[0] if ids else None})
+    out["more_backward"] = max(0, len(found) - limits.DEBUG_PASSES)
+    if flows:
+        out["flow"] = {"svg": flow_svg(flows[-1]), "summary": flow_text(flows, flows[-1])}
+    return out
+
+
+def flow_text(flows: list[PassFlow], flow: PassFlow) -> str:
+    text = flow_summary(flow)
+    if len(flows) > 1:
+        text += f" (the last of {len(flows)} passes drawn; trace.grad_flow() has each)"
+    return text
+
+
+def flow_section(trace: Trace) -> Optional[tuple[str, str]]:
+    """(SVG, summary text) for the snapshot's gradient-flow section, None when no parameter got a gradient."""
+    flows = grad_flow(trace)
+    if not flows:
+        return None
+    flow = flows[-1]
+    return flow_svg(flow), flow_text(flows, flow) + _flagged_text(flow)
+
+
+def _flagged_text(flow: PassFlow, limit: int = 6) -> str:
+    out = []
+    for flag in ("exploding", "vanishing"):
+        hit = [p for p in flow.params if p.flag == flag]
+        if hit:
+            names = ", ".join(f"{p.label} ({number(p.norm)})" for p in hit[:limit])
+            out.append(f"{flag}: {names}" + (f" and {len(hit) - limit} more" if len(hit) > limit else ""))
+    return ("\n" + "\n".join(out)) if out else ""
+
+
+# ---- the chart --------------------------------------------------------------------------------
+
+ROW, LABEL_CHARS, CHAR_W, BAR_W, VALUE_W, TOP = 13, 34, 6, 240, 104, 44
+
+
+def _bars(flow: PassFlow, limit: int) -> tuple[list[tuple], str, int]:
+    """(bars as (label, norm, flag, record id or None), what a bar is, bars left out)."""
+    if len(flow.params) <= limit:
+        return [(p.label, p.norm, p.flag, p.record) for p in flow.params], "parameter", 0
+    items = [(m.module, m.norm, m.flag, m.params[0]) for m in flow.modules]
+    what = "module"
+    if not items or len(items) > 4 * limit:  # a few huge modules, or none: the parameters, cut
+        items, what = [(p.label, p.norm, p.flag, p.record) for p in flow.params], "parameter"
+    if len(items) <= limit:
+        return items, what, 0
+    half = limit // 2
+    return items[:half] + [None] + items[-half:], what, len(items) - 2 * half
+
+
+def flow_svg(flow: PassFlow) -> str:
+    """The gradient norms of one pass as horizontal bars on a log scale, flagged ones coloured;
+    at most DEBUG_FLOW_BARS bars (one per module past that) and DEBUG_FLOW_BYTES bytes."""
+    limit = limits.DEBUG_FLOW_BARS
+    while True:
+        svg = _draw(flow, *_bars(flow, limit))
+        if len(svg) <= limits.DEBUG_FLOW_BYTES or limit <= 4:
+            return svg
+        limit //= 2
+
+
+def _scale(norms: list[float]) -> tuple[float, float]:
+    """log10 of the chart's left edge and right edge: every positive finite norm fits."""
+    positive = [n for n in norms if n is not None and math.isfinite(n) and n > 0]
+    if not positive:
+        return -1.0, 0.0
+    hi = math.ceil(math.log10(max(positive)))
+    lo = math.floor(math.log10(min(positive)))
+    return min(lo, hi - 1), hi if hi > lo else lo + 1
+
+
+def _draw(flow: PassFlow, bars: list, what: str, left_out: int) -> str:
+    norms = [b[1] for b in bars if b is not None]
+    lo, hi = _scale(norms)
+    label_w = CHAR_W * min(LABEL_CHARS, max([len(b[0]) for b in bars if b is not None] + [8])) + 8
+    width = max(480, label_w + BAR_W + VALUE_W)  # the legend needs 480
+    height = TOP + ROW * len(bars) + 6
+    x = lambda v: label_w + BAR_W * (math.log10(v) - lo) / (hi - lo)  # noqa: E731
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        'font-family="Helvetica,Arial,sans-serif" font-size="10">',
+        f'<text x="2" y="10" fill="#1f2328">gradient norm per {what}, pass {flow.pass_index + 1}, log scale</text>',
+        f'<rect x="2" y="15" width="8" height="8" fill="{COLORS["vanishing"]}"/>'
+        f'<text x="13" y="22" fill="#57606a">vanishing: &lt; {VANISHING:g} × the largest</text>'
+        f'<rect x="170" y="15" width="8" height="8" fill="{COLORS["exploding"]}"/>'
+        f'<text x="181" y="22" fill="#57606a">exploding: &gt; {EXPLODING:g} × its own value, or non-finite</text>',
+    ]
+    step = max(1, math.ceil((hi - lo) / 8))
+    for d in range(int(lo), int(hi) + 1, step):  # a grid line per decade (or per few)
+        gx = round(x(10.0 ** d), 1)
+        out.append(f'<line x1="{gx}" y1="{TOP - 8}" x2="{gx}" y2="{height - 4}" stroke="#d0d7de"/>')
+        out.append(f'<text x="{gx}" y="{TOP - 10}" fill="#57606a" text-anchor="middle">1e{d}</text>')
+    for i, bar in enumerate(bars):
+        y = TOP + ROW * i
+        if bar is None:
+            out.append(f'<text x="{label_w - 4}" y="{y + 9}" fill="#57606a" text-anchor="end">… {left_out} more</text>')
+            continue
+        out.append(_bar(bar, y, label_w, x))
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _bar(bar: tuple, y: int, label_w: int, x) -> str:
+    label, norm, flag, rid = bar
+    shown = label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
+    color = COLORS[flag]
+    g = f'<g id="p{rid}">' if rid is not None else "<g>"
+    g += f'<text x="{label_w - 4}" y="{y + 9}" fill="#1f2328" text-anchor="end">{_esc(shown)}</text>'
+    if norm is not None and not math.isfinite(norm):
+        end = label_w + BAR_W
+        g += f'<rect x="{label_w}" y="{y + 1}" width="{BAR_W}" height="{ROW - 3}" fill="{color}" fill-opacity="0.35"/>'
+    elif norm:
+        end = max(label_w + 1, round(x(norm), 1))
+        g += f'<rect x="{label_w}" y="{y + 1}" width="{round(end - label_w, 1)}" height="{ROW - 3}" fill="{color}"/>'
+    else:
+        end = label_w
+    note = number(norm) + (f" {flag}" if flag else "")
+    g += f'<text x="{end + 3}" y="{y + 9}" fill="{color if flag else "#57606a"}">{_esc(note)}</text>'
+    return g + "</g>"
+
