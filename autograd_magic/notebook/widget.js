@@ -42,6 +42,7 @@ const TOGGLES = { no_grad: 1, detach_ids: 1, flip_ids: 1 }; // what a dead kerne
 const DEAD_TEXT = "This view's kernel is gone (restarted or shut down): re-run the cell to explore it again.";
 // The explorer's one request in flight is given up after this long without an answer (the next
 // slider step is then sent): a kernel that is only slow still answers, and late answers are dropped.
+const EXPLORE_TIMES = 100; // slider-to-view times kept in data-ms
 const EXPLORE_TIMEOUT = 15000;
 
 // Zoom limits of the graph, relative to its natural size (1 = Graphviz's points at 96 dpi).
@@ -867,6 +868,11 @@ class View {
         number.value = slider.value;
         this.exploreInput(performance.now());
       });
+      // Enter applies the box (and stays here: Lab's own Enter would leave for the cell's editor)
+      number.addEventListener("keydown", (e) => {
+        e.stopPropagation();
+        if (e.key === "Enter") number.dispatchEvent(new Event("change"));
+      });
       number.addEventListener("change", () => {
         if (number.value === "" || !Number.isFinite(Number(number.value))) return;
         slider.value = number.value; // the slider clamps to its range; the box keeps the exact value
@@ -874,7 +880,7 @@ class View {
       });
       const plot = h("div", { class: "agm-explore-plot" });
       const slope = h("div", { class: "agm-explore-slope" });
-      const secant = h("div", { class: "agm-explore-secant agm-muted" });
+      const secant = h("div", { class: "agm-explore-secant" });
       const note = h("div", { class: "agm-note" });
       const where = input.external ? " (from an earlier cell)" : "";
       const bar = h("div", { class: "agm-explore-bar" }, h("code", { text: input.label }), slider, number, h("span", { class: "agm-muted", text: where }));
@@ -988,11 +994,21 @@ class View {
     if (done.answer.version !== undefined && version !== done.answer.version) return; // its payload is on the way
     clearTimeout(done.timer);
     this.inFlight = null;
-    this.explore.setAttribute("data-ms", (performance.now() - done.t0).toFixed(1));
+    // the last EXPLORE_TIMES of them, as JSON (the browser test reads the median and the worst)
+    this.exploreTimes = [...(this.exploreTimes || []), Math.round((performance.now() - done.t0) * 10) / 10].slice(-EXPLORE_TIMES);
+    this.explore.setAttribute("data-ms", JSON.stringify(this.exploreTimes));
     this.explore.setAttribute("data-seq", String(done.answer.seq));
     this.explore.classList.remove("agm-exploring");
-    if (this.pending) this.flushExplore();
-    else this.syncControls(); // a refused value: the controls go back to the run shown
+    if (this.pending) return this.flushExplore();
+    this.syncControls(); // a refused value: the controls go back to the run shown
+    // the slider rests: the graph, left at an earlier run while it moved, is laid out again
+    if (done.answer.graph_stale && this.graphText !== null) {
+      try {
+        this.model.send({ type: "graph" });
+      } catch (e) {
+        // no comm: nothing to ask
+      }
+    }
   }
 
   dropExplore() {

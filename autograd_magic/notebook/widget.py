@@ -283,14 +283,18 @@ class AutogradView(anywidget.AnyWidget):
             toggles["values"] = self._explorer.toggles()
         return Toggles(**toggles)
 
-    def _rerun(self, busy: bool = True) -> None:
+    def _rerun(self, busy: bool = True, graph_now: bool = True) -> None:
         toggles = self._toggles()
         if busy and toggles.any:
             self.busy = True
         self._variant = self._session.rerun(toggles)
-        self._refresh()
+        self._refresh(graph_now)
 
-    def _refresh(self) -> None:
+    def _refresh(self, graph_now: bool = True) -> None:
+        """Show the run `shown`: a new payload, and the graph pushed if the page shows one.
+
+        A slider step (`graph_now=False`) leaves the graph to be laid out when the page asks
+        again, once the slider rests: a Graphviz layout per step would cost more than the step."""
         shown = self.shown
         original = self._original
         if shown is not self._payload_of:  # a new run shown: what the page fetched for the old one is stale
@@ -307,7 +311,7 @@ class AutogradView(anywidget.AnyWidget):
         payload["graph"] = self._graph_on
         with self.hold_sync():
             self.payload = payload
-            if self._graph_wanted:
+            if self._graph_wanted and graph_now:
                 self.graph_svg = self._graph()  # the page shows a graph: the new one is pushed
             else:
                 self._trait_values.pop("graph_svg", None)  # laid out again when next asked for
@@ -337,7 +341,7 @@ class AutogradView(anywidget.AnyWidget):
         ok = True
         if self._explorer.values != before:
             try:
-                self._rerun(busy=False)
+                self._rerun(busy=False, graph_now=False)
                 self.status = ""
             except Exception as e:  # the view stays on the run it showed, the sliders' values with it
                 self._explorer.values = before
@@ -350,7 +354,9 @@ class AutogradView(anywidget.AnyWidget):
         self._answer_explored(seq, ok=ok)
 
     def _answer_explored(self, seq: int, ok: bool = True) -> None:
-        self.send({"type": "explored", "seq": seq, "version": self._table_version, "ok": ok})
+        # graph_stale: the graph shown is of an earlier run; the page asks for it once the slider rests
+        stale = self._graph_wanted and "graph_svg" not in self._trait_values
+        self.send({"type": "explored", "seq": seq, "version": self._table_version, "ok": ok, "graph_stale": stale})
 
     def _graph(self) -> str:
         if not self._graph_on:

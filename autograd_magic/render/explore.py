@@ -25,10 +25,11 @@ from typing import Any, Callable, Optional, Sequence
 from .. import limits
 from ..data.explore import Curve, Exploration, Jacobian
 
-# The drawing's frame, in SVG user units (pixels at 100 %): the plot box, then two caption lines.
-WIDTH, HEIGHT = 320, 186
+# The drawing's frame, in SVG user units (pixels at 100 %). The captions ("slope 93 at x = 2",
+# the secant's) are text beside the drawing, in the widget and the snapshot alike, in the colours of
+# their lines: readable where an image is not shown, selectable, found by a search.
+WIDTH, HEIGHT = 320, 160
 LEFT, RIGHT, TOP, BOTTOM = 46, 312, 8, 142
-CAPTION_Y = (170, 183)
 TANGENT_SPAN = 0.3  # the tangent and the secant reach this fraction of the x range each side of x0
 CURVE, TANGENT, SECANT, AXIS = "#0969da", "#cf222e", "#8250df", "#8c959f"
 LABEL_CHARS = 24  # an input's or output's name in the drawing; longer ones are cut with "…"
@@ -201,7 +202,7 @@ def _axes(frame: _Frame) -> str:
 
 
 def curve_svg(curve: Curve) -> str:
-    """The output against one input over the curve's xs: the tangent at (x0, y0), the secant, the caption."""
+    """The output against one input over the curve's xs: the tangent at (x0, y0) and the secant."""
     xs = [x for x in curve.xs if _finite(x)]
     x_lo, x_hi = (min(xs), max(xs)) if xs else (0.0, 1.0)
     if _finite(curve.x0) and not xs:
@@ -221,10 +222,6 @@ def curve_svg(curve: Curve) -> str:
         parts.append(f'<circle class="agm-point" cx="{_c(frame.px(curve.x0))}" cy="{_c(frame.py(curve.y0))}" r="3" fill="{TANGENT}"/>')
     names = f"{_short(curve.output_label)} against {_short(curve.input_label)}"
     parts.append(f'<text x="{LEFT + 4}" y="{TOP + 10}" fill="#57606a">{_esc(names)}</text>')
-    parts.append(f'<text class="agm-caption" x="{LEFT}" y="{CAPTION_Y[0]}" fill="{TANGENT}">{_esc(slope_caption(curve))}</text>')
-    secant = secant_caption(curve)
-    if secant:
-        parts.append(f'<text x="{LEFT}" y="{CAPTION_Y[1]}" fill="{SECANT}">{_esc(secant)}</text>')
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" '
         f'font-family="Helvetica,Arial,sans-serif" font-size="10">{"".join(parts)}</svg>'
@@ -325,8 +322,8 @@ def inline_svg(svg: str) -> str:
 
 def curve_html(curve: Curve, picture: Callable[[str], str] = inline_svg) -> str:
     """One curve: its drawing (`picture` embeds the SVG text), then the caption as text."""
-    words = [slope_caption(curve), secant_caption(curve)]
-    caption = " · ".join(_esc(w) for w in words if w)
+    words = [(slope_caption(curve), TANGENT), (secant_caption(curve), SECANT)]
+    caption = " · ".join(f'<span style="color:{colour}">{_esc(w)}</span>' for w, colour in words if w)
     note = f'<div style="{MUTED}">{_esc(_clip(curve.note, limits.SNAPSHOT_TEXT_CHARS))}</div>' if curve.note else ""
     return f'<div class="agm-curve-box">{picture(curve_svg(curve))}<div class="m">{caption}</div>{note}</div>'
 
