@@ -122,3 +122,70 @@ def test_dragging_x_from_2_to_1_moves_the_slope_from_93_to_22(jupyter, browser, 
         assert numbers(caption.inner_text())[0] == pytest.approx(slope15, rel=1e-5)
     finally:
         page.close()
+
+
+def _seed_003() -> list[str]:
+    nb = json.loads((ROOT / "notebooks" / "seed_003.ipynb").read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def _save(page, path: Path) -> None:
+    from browser_util import saved_by
+
+    def click():
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^File$")).first.click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Save( Notebook)?$")).first.click()
+
+    saved_by(page, path, click)
+
+
+def test_the_jacobian_of_backward_v_live_then_in_the_saved_notebook(browser, tmp_path_factory):
+    """Seed 003 cell by cell in Lab: `z.backward(v)`'s view shows J = dz/dx and v·J next to x.grad
+    (the verdict torch's own numbers give); saved, then opened by a fresh server (no kernel ran
+    it), the snapshot still shows the polynomial's curve and that Jacobian."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("explore_saved")
+    seed = _seed_003()
+    fails = [i for i, c in enumerate(seed) if "x = torch.randn(4)\n" in c]  # on purpose: no requires_grad
+    # one %load_ext; the part that fails on purpose (backward() of a tensor that needs no grad) would stop Run All
+    cells = _seed_000_polynomial() + seed[1:fails[0]] + seed[fails[0] + 4:]
+    assert "z.backward(v)" in cells[-1]
+    write_notebook(root / "explore.ipynb", cells)
+    with jupyter_server(root, tmp_path_factory.mktemp("teacher")) as server:
+        page = browser.new_page()
+        try:
+            page.goto(server.page_url("lab", "explore.ipynb"))
+            wait_kernel_ready(page)
+            run_all(page)
+            last = page.locator(".jp-CodeCell").nth(len(cells) - 1)
+            view = last.locator(".agm-root")
+            jac = view.locator(".agm-jacobian")
+            jac.filter(has_text="v·J equals x.grad").wait_for(timeout=TIMEOUT)
+            assert "✓" in jac.inner_text()
+            last.scroll_into_view_if_needed()
+            last.screenshot(path=str(SCREENSHOTS / "lab_explore_jacobian.png"))
+            page.wait_for_timeout(500)
+            _save(page, root / "explore.ipynb")
+        finally:
+            page.close()
+    with jupyter_server(root, tmp_path_factory.mktemp("student")) as server:
+        page = browser.new_page()
+        try:
+            page.goto(server.page_url("lab", "explore.ipynb"))
+            page.locator(".jp-OutputArea-output .agm-snapshot").first.wait_for(timeout=TIMEOUT)
+            poly = page.locator(".jp-CodeCell").nth(3).locator(".agm-snapshot")  # %load_ext, import, x, y
+            poly.wait_for(state="visible", timeout=TIMEOUT)
+            _, slope2 = _plain(2.0)
+            assert f"slope {slope2:g} at x = 2" in poly.inner_text()
+            image = poly.locator("img[src^='data:image/svg+xml']")
+            assert image.count() >= 2  # the graph and the curve
+            assert all(img.evaluate("i => i.complete && i.naturalWidth > 0") for img in image.all())  # drawn
+            last = page.locator(".jp-CodeCell").nth(len(cells) - 1).locator(".agm-snapshot")
+            last.wait_for(state="visible", timeout=TIMEOUT)
+            assert "v·J equals x.grad ✓" in last.inner_text()
+            poly.scroll_into_view_if_needed()
+            poly.screenshot(path=str(SCREENSHOTS / "lab_explore_saved_curve.png"))
+            last.scroll_into_view_if_needed()
+            last.screenshot(path=str(SCREENSHOTS / "lab_explore_saved_jacobian.png"))
+        finally:
+            page.close()

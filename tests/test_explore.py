@@ -246,3 +246,49 @@ def test_nice_steps():
     for x0 in (2.0, 0.3, -30.0, 7.0, 1e-3):
         step = explorer.nice_step(x0)
         assert 2 * max(1, abs(x0)) / 40 <= step * (1 + 1e-9) <= 2.5 * 2 * max(1, abs(x0)) / 40
+
+
+# ---- what a saved notebook keeps: the published snapshot, through the magic as users run it ----
+def _published_snapshot(shell, body) -> str:
+    with capture_output(display=True) as cap:
+        result = shell.run_cell(f"%%autograd\n{body}", store_history=True)
+    assert result.success, result.error_in_exec
+    found = [o.data["text/html"] for o in cap.outputs if "agm-snapshot" in o.data.get("text/html", "")]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_the_saved_snapshot_keeps_the_curve_at_the_cells_value(shell, seeds):
+    """Seed 000 cell by cell: the polynomial's snapshot has the drawing (an SVG image, no script) and
+    says the slope torch computes at x = 2, with the secant beside it."""
+    cells = seeds.NOTEBOOKS["000"]
+    x_cell = next(c for c in cells if "requires_grad" in c and "2." in c)
+    poly_cell = next(c for c in cells if "2*x**4" in c)
+    plain(shell, "import torch")
+    _published_snapshot(shell, x_cell)
+    snap = _published_snapshot(shell, poly_cell)
+    assert f"slope {torch_slope(2.0):g} at x = 2" in snap
+    secant = (poly(2.1) - poly(1.9)) / 0.2
+    assert f"secant (h = 0.1): {secant:.4g}" in snap
+    assert "data:image/svg+xml," in snap and "<script" not in snap.lower()
+
+
+def test_the_saved_snapshot_keeps_seed_003s_jacobian(shell, seeds):
+    """Seed 003 cell by cell: `z.backward(v)`'s snapshot shows J = dz/dx and v·J = x.grad, which
+    plain PyTorch computes from the same x."""
+    cells = seeds.NOTEBOOKS["003"]
+    plain(shell, "import torch")
+    for cell in cells[:-1]:  # as a student runs them; some fail on purpose (backward() without requires_grad)
+        if "torch.randn(4, requires_grad" in cell:
+            _published_snapshot(shell, cell)
+        else:
+            with capture_output(display=True):
+                shell.run_cell("%%autograd --quiet\n" + cell, store_history=True)
+    snap = _published_snapshot(shell, cells[-1])
+    x = shell.user_ns["x"].detach()
+    J = torch.autograd.functional.jacobian(lambda t: (t + 2) * (t + 2) * 2, x)
+    v = torch.tensor([0.1, 1.0, 0.01, 1.01])
+    assert torch.allclose(v @ J, shell.user_ns["x"].grad)
+    assert "v·J equals x.grad ✓" in snap
+    for value in torch.diagonal(J).tolist():  # the matrix shows its diagonal as torch computes it
+        assert f"{value:.4g}" in snap
