@@ -306,6 +306,47 @@ def test_each_record_gets_the_gradient_its_node_received():
     np.testing.assert_allclose(mul.grad_out[0].values + mul.grad_out[1].values, want["a"].numpy(), rtol=1e-6)
 
 
+def test_what_each_node_sends_is_the_chain_rule_in_a_chain_and_through_views():
+    """Nodes feeding single edges (no post-hook: their receivers fill in what they sent), a view's
+    backward (TBackward, with one) and a fan-in: every edge's gradient against plain torch."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+
+    def f(x, w):
+        a = x.exp()
+        b = a.sin()
+        c = b @ w.t()
+        d = c.tanh()
+        e = d * d
+        return e.sum(), {"a": a, "b": b, "c": c, "d": d, "e": e}
+
+    with am.trace() as t:
+        a = x.exp()
+        b = a.sin()
+        c = b @ w.t()
+        d = c.tanh()
+        e = d * d
+        e.sum().backward()
+    want = _grads_wrt(f, [x, w], ["a", "b", "c", "d", "e"])
+    steps = {s.node_id: s for s in t.passes[0].steps}
+    sent_to = {}  # receiver node -> sum of what its senders sent (the engine adds a fan-in up)
+    for s in steps.values():
+        assert len(s.grad_out) == len(s.next_ids)
+        for g, target in zip(s.grad_out, s.next_ids):
+            if target in steps:
+                assert g is not None, s.node
+                sent_to[target] = sent_to.get(target, 0) + g.values
+    for name in want:
+        record = t.last(name)
+        node = next(s for s in steps.values() if record.id in s.records)
+        np.testing.assert_allclose(sent_to[node.node_id], want[name].numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(node.grad_in[0].values, want[name].numpy(), rtol=1e-5, atol=1e-7)
+    for leaf, name in ((x, "x"), (w, "w")):
+        acc = next(s for s in steps.values() if t.last(name).id in s.records)
+        np.testing.assert_allclose(sent_to[acc.node_id], leaf.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_a_record_changed_in_place_keeps_the_gradient_of_its_own_version():
     x = torch.ones(3, requires_grad=True)
     with am.trace() as t:
