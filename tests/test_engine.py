@@ -392,3 +392,22 @@ def test_a_leaf_grad_changed_by_a_post_accumulate_hook_is_read_afresh():
     finally:
         h.remove()
     assert t.last("w").attr_grad.max == float(w.grad.max()) == 20.0
+
+
+def test_module_names_follow_every_change_of_the_namespace():
+    """Unnamed modules (a model held by a closure) are looked up without walking the whole
+    namespace each time, yet any name bound to another value, with no `name = ...` line the
+    tracer sees (a loop target, `globals()[...]`), is still found."""
+    from autograd_magic.capture.names import NameIndex
+
+    ns = {"net": torch.nn.Sequential(torch.nn.Linear(2, 2)), "m": None, "n": 3}
+    names = NameIndex(ns)
+    assert names.module_name(ns["net"][0]) == "net.0"
+    hidden = [torch.nn.ReLU(), torch.nn.Tanh()]
+    assert [names.module_name(h) for h in hidden] == ["ReLU", "Tanh"]  # reachable from no name
+    ns["m"] = torch.nn.Linear(3, 3)  # same size; a name that held no module now holds one
+    assert names.module_name(ns["m"]) == "m"
+    ns["net"].append(torch.nn.Linear(2, 2))  # no name bound at all: the module trees are walked again
+    assert names.module_name(ns["net"][1]) == "net.1"
+    ns["m"] = torch.nn.Sequential(torch.nn.Linear(1, 1))
+    assert names.module_name(ns["m"][0]) == "m.0"
