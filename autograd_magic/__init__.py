@@ -20,6 +20,11 @@ Inf), `t.backward_nonfinite` (per pass, the first node whose gradient does) and
 
 from __future__ import annotations
 
+# First: in a notebook the Graphviz worker starts while the rest of the package imports.
+from .render.layout import warm_in_notebook as _warm_in_notebook
+
+_warm_in_notebook()
+
 from .explain.debug import backward_nonfinite, grad_flow, nonfinite_origin
 from .data.trace import BackwardPass, BackwardStep, Preview, Record, Trace, TraceError, register_views
 from .notebook.display import mimebundle, show

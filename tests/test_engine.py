@@ -306,6 +306,47 @@ def test_each_record_gets_the_gradient_its_node_received():
     np.testing.assert_allclose(mul.grad_out[0].values + mul.grad_out[1].values, want["a"].numpy(), rtol=1e-6)
 
 
+def test_what_each_node_sends_is_the_chain_rule_in_a_chain_and_through_views():
+    """Nodes feeding single edges (no post-hook: their receivers fill in what they sent), a view's
+    backward (TBackward, with one) and a fan-in: every edge's gradient against plain torch."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+
+    def f(x, w):
+        a = x.exp()
+        b = a.sin()
+        c = b @ w.t()
+        d = c.tanh()
+        e = d * d
+        return e.sum(), {"a": a, "b": b, "c": c, "d": d, "e": e}
+
+    with am.trace() as t:
+        a = x.exp()
+        b = a.sin()
+        c = b @ w.t()
+        d = c.tanh()
+        e = d * d
+        e.sum().backward()
+    want = _grads_wrt(f, [x, w], ["a", "b", "c", "d", "e"])
+    steps = {s.node_id: s for s in t.passes[0].steps}
+    sent_to = {}  # receiver node -> sum of what its senders sent (the engine adds a fan-in up)
+    for s in steps.values():
+        assert len(s.grad_out) == len(s.next_ids)
+        for g, target in zip(s.grad_out, s.next_ids):
+            if target in steps:
+                assert g is not None, s.node
+                sent_to[target] = sent_to.get(target, 0) + g.values
+    for name in want:
+        record = t.last(name)
+        node = next(s for s in steps.values() if record.id in s.records)
+        np.testing.assert_allclose(sent_to[node.node_id], want[name].numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(node.grad_in[0].values, want[name].numpy(), rtol=1e-5, atol=1e-7)
+    for leaf, name in ((x, "x"), (w, "w")):
+        acc = next(s for s in steps.values() if t.last(name).id in s.records)
+        np.testing.assert_allclose(sent_to[acc.node_id], leaf.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_a_record_changed_in_place_keeps_the_gradient_of_its_own_version():
     x = torch.ones(3, requires_grad=True)
     with am.trace() as t:
@@ -351,3 +392,22 @@ def test_a_leaf_grad_changed_by_a_post_accumulate_hook_is_read_afresh():
     finally:
         h.remove()
     assert t.last("w").attr_grad.max == float(w.grad.max()) == 20.0
+
+
+def test_module_names_follow_every_change_of_the_namespace():
+    """Unnamed modules (a model held by a closure) are looked up without walking the whole
+    namespace each time, yet any name bound to another value, with no `name = ...` line the
+    tracer sees (a loop target, `globals()[...]`), is still found."""
+    from autograd_magic.capture.names import NameIndex
+
+    ns = {"net": torch.nn.Sequential(torch.nn.Linear(2, 2)), "m": None, "n": 3}
+    names = NameIndex(ns)
+    assert names.module_name(ns["net"][0]) == "net.0"
+    hidden = [torch.nn.ReLU(), torch.nn.Tanh()]
+    assert [names.module_name(h) for h in hidden] == ["ReLU", "Tanh"]  # reachable from no name
+    ns["m"] = torch.nn.Linear(3, 3)  # same size; a name that held no module now holds one
+    assert names.module_name(ns["m"]) == "m"
+    ns["net"].append(torch.nn.Linear(2, 2))  # no name bound at all: the module trees are walked again
+    assert names.module_name(ns["net"][1]) == "net.1"
+    ns["m"] = torch.nn.Sequential(torch.nn.Linear(1, 1))
+    assert names.module_name(ns["m"][0]) == "m.0"

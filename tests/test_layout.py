@@ -174,3 +174,22 @@ def test_a_busy_worker_does_not_make_another_caller_wait():
     finally:
         lock.release()
     assert result.svg is not None and "<title>r0</title>" in result.svg
+
+
+_WORKER_STARTED = (
+    "import autograd_magic.render.layout as L\n"
+    "print(L._SERVER_PROCESS._proc is not None)\n"
+)
+
+
+@pytest.mark.skipif(os.name != "posix" or not any(n == "pygraphviz" for n, _ in _layout.engines()),
+                    reason="the long-lived worker is POSIX only, and serves pygraphviz")
+@pytest.mark.parametrize("in_notebook", [True, False])
+def test_the_worker_starts_as_the_package_imports_only_in_a_notebook(in_notebook):
+    """The first traced cell must not wait for the worker to start: in an IPython shell it starts
+    when the package begins importing (before `%load_ext` returns); a plain script starts none."""
+    shell = "from IPython.core.interactiveshell import InteractiveShell\nInteractiveShell.instance()\n"
+    code = (shell if in_notebook else "") + _WORKER_STARTED
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(in_notebook)

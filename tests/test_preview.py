@@ -32,6 +32,8 @@ def _cases():
     yield "float64", torch.randn(40, 50, generator=g, dtype=torch.float64)
     yield "3-d", torch.randn(7, 8, 9, generator=g)
     yield "5-d", torch.randn(7, 7, 7, 7, 7, generator=g)
+    yield "permuted", torch.randn(8, 32, 4, 16, generator=g).permute(0, 2, 1, 3)  # attention's heads
+    yield "permuted, a size-1 dim", torch.randn(1, 32, 3, 64, generator=g).permute(2, 0, 1, 3)
     yield "parameter", torch.nn.Parameter(torch.randn(32, 32, generator=g))
     yield "requires grad", torch.randn(20, 20, generator=g, requires_grad=True) * 2
     yield "int", torch.arange(1000).reshape(10, 100)
@@ -94,7 +96,9 @@ def test_the_run_cache_never_mixes_up_tensors_sharing_memory():
     cache = PreviewCache()
     z = torch.randn(40, 40, dtype=torch.complex64)
     w = torch.randn(40, 40)
-    views = [w, w.t(), w.view(1600), w[:20], torch._neg_view(w), z.imag, z.conj().imag]
+    heads = torch.randn(4, 10, 2, 8)
+    views = [w, w.t(), w.view(1600), w[:20], torch._neg_view(w), z.imag, z.conj().imag,
+             heads, heads.permute(0, 2, 1, 3), heads.permute(0, 2, 1, 3)[:, :, 1:], heads.transpose(1, 3)[..., :5]]
     for v in views + views[::-1]:  # every order: a cached entry must only ever serve equal values
         p = cache.get(v)
         plain = v.detach().clone().to(torch.float64)
@@ -103,3 +107,26 @@ def test_the_run_cache_never_mixes_up_tensors_sharing_memory():
     w.mul_(2)  # in place: every view's version moves on, nothing stale is served
     for v in (w, w.t()):
         assert cache.get(v).max == pytest.approx(float(v.max()))
+
+
+def test_a_permuted_tensor_shows_its_base_statistics_read_once():
+    """A permuted view (attention's heads) holds its base's elements: the run's cache hands it
+    the base's statistics (only its edge values are read), the same ones a fresh preview gives."""
+    from autograd_magic.capture import preview as pv
+
+    base = torch.randn(8, 32, 4, 16)
+    view = base.permute(0, 2, 1, 3)
+    cache = pv.PreviewCache()
+    first = cache.get(base)
+    reads = []
+    real = pv._large_stats
+    pv._large_stats = lambda *a: (reads.append(a), real(*a))[1]
+    try:
+        shown = cache.get(view)
+    finally:
+        pv._large_stats = real
+    assert reads == []  # no second pass over the elements
+    assert (shown.min, shown.max, shown.mean, shown.norm) == (first.min, first.max, first.mean, first.norm)
+    fresh = preview(view)
+    assert (fresh.min, fresh.max, fresh.mean, fresh.norm) == (first.min, first.max, first.mean, first.norm)
+    np.testing.assert_array_equal(shown.values, fresh.values)  # its own values, as torch orders them

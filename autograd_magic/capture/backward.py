@@ -53,6 +53,16 @@ def node_name(node) -> str:
 _PY_NODE = torch.autograd.function.BackwardCFunction
 
 
+# Backward nodes whose gradients out are views of (or are) the gradient they received: their
+# post-hook previews those while the received one is alive, so the statistics are copied, not recomputed.
+_VIEW_GRADS = ("View", "Transpose", "Permute", "TBackward", "Expand", "Squeeze", "Alias", "Reshape",
+               "Select", "Slice", "Split", "Unbind", "Diagonal", "AsStrided", "Unfold", "Narrow")
+
+
+def _sends_views(name: str) -> bool:
+    return any(part in name for part in _VIEW_GRADS)
+
+
 def _key_or_none(node) -> Optional[tuple]:
     try:
         return node_key(node)
@@ -264,15 +274,29 @@ class BackwardRecorder:
                     fan_in[(target, slot)] = fan_in.get((target, slot), 0) + 1
             edges_of.append(edges)
         by_node: dict[int, BackwardStep] = {}
+        # Every node a plain backward() reaches runs, so what a node sends along edges nothing
+        # else feeds is exactly what each receiver's pre-hook gets: such a node needs no post-hook
+        # (one registration and one Python call per node fewer). autograd.grad and
+        # backward(inputs=...) stop early: there a post-hook holds what was sent.
+        all_run = p.kind == "backward" and not p.inputs
+        handoffs = [[t is not None and fan_in[(t, slot)] == 1 for t, slot in edges] for edges in edges_of]
+        posts = [not (all_run and variables[nid] is None and edges_of[nid] and all(handoffs[nid])
+                      and not _sends_views(names[nid])) for nid in range(len(nodes))]
+        fed: dict[int, list] = {}  # receiver -> [(its slot, sender without a post-hook, sender's edge)]
+        for nid, edges in enumerate(edges_of):
+            if not posts[nid]:
+                for i, (target, slot) in enumerate(edges):
+                    fed.setdefault(target, []).append((slot, nid, i))
         for nid, node in enumerate(nodes):
             edges = edges_of[nid]
-            # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends
-            handoff = [t is not None and fan_in[(t, slot)] == 1 for t, slot in edges]
             name, variable = names[nid], variables[nid]
             outs = self._records_of(keys[nid], name, variable)
             try:
-                handles.append(node.register_prehook(self._guarded(self._pre(p, nid, name, outs, edges, by_node))))
-                handles.append(node.register_hook(self._guarded(self._post(nid, by_node, variable, edges, handoff))))
+                pre = self._pre(p, nid, name, outs, edges, by_node, fed.get(nid, ()), not posts[nid])
+                handles.append(node.register_prehook(self._guarded(pre)))
+                if posts[nid]:
+                    # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends
+                    handles.append(node.register_hook(self._guarded(self._post(nid, by_node, variable, edges, handoffs[nid]))))
             except Exception:
                 continue
 
@@ -333,13 +357,19 @@ class BackwardRecorder:
 
         return pre
 
-    def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict):
+    def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict, fed=(), no_post: bool = False):
+        """The node's pre-hook: its step, the gradients it receives, and (`fed`) the gradients
+        senders without a post-hook sent it, which are exactly those it receives."""
         nexts = [target for target, _ in edges]
         held, previews = self._held, self.previews  # this pass's
 
         def pre(grad_outputs):
             with no_torch_function():  # our reads are not the user's ops
                 grad_in = [previews.get(g) for g in grad_outputs]
+                for slot, sender_id, i in fed:
+                    sender = by_node.get(sender_id)
+                    if sender is not None and slot < len(grad_in) and sender.grad_out[i] is None:
+                        sender.grad_out[i] = grad_in[slot]
                 if held:
                     for slot in range(len(grad_outputs)):
                         sent = held.pop((nid, slot), None)  # released before the node runs: AccumulateGrad may take it over
@@ -355,6 +385,8 @@ class BackwardRecorder:
                     grad_in=grad_in,
                     next_ids=nexts,
                 )
+                if no_post:  # filled in by its receivers' pre-hooks
+                    step.grad_out = [None] * len(nexts)
                 p.steps.append(step)
                 by_node[nid] = step
 

@@ -46,6 +46,8 @@ class NameIndex:
         self._modules: Optional[dict[int, str]] = None
         self._unnamed: dict[int, str] = {}  # modules not in the namespace: survives rebuilds
         self._stale = True  # the namespace may hold names the index lacks
+        self._roots: Optional[list] = None  # names holding a module, and the namespace then:
+        self._roots_at: tuple = ()  # (its size, the sum of its values' ids)
         # which module each name held before the run: a name bound to a new one was built by it
         self._modules_before = {name: id(v) for name, v in list(self.namespace.items()) if _kind(v) == "module"}
 
@@ -85,12 +87,25 @@ class NameIndex:
         self._built_size = len(self.namespace)
         self._stale = False
 
+    def _module_roots(self) -> list:
+        """The namespace's (name, module) pairs; the names are looked for again only once some
+        name holds another value (each unnamed module's first op looks its path up)."""
+        values = list(self.namespace.values())
+        at = (len(values), sum(map(id, values)))  # C loops: any name bound to another value moves it
+        if self._roots is None or at != self._roots_at:
+            self._roots = [
+                name for name, value in list(self.namespace.items())
+                if isinstance(name, str) and not name.startswith("_") and _kind(value) == "module"
+            ]
+            self._roots_at = at
+        get = self.namespace.get
+        return [(name, get(name)) for name in self._roots]
+
     def _module_paths(self) -> dict[int, str]:
-        """id(module) -> its path, for every module reachable from the namespace (as `_build`)."""
+        """id(module) -> its path, for every module reachable from the namespace (as `_build`).
+        The module trees are walked each time (`net.append(...)` binds no name)."""
         modules: dict[int, str] = {}
-        for name, value in list(self.namespace.items()):
-            if not isinstance(name, str) or name.startswith("_") or _kind(value) != "module":
-                continue
+        for name, value in self._module_roots():
             try:
                 for path, sub in value.named_modules(prefix=name):
                     modules.setdefault(id(sub), path)

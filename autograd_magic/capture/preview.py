@@ -373,9 +373,10 @@ _SAFE_SQUARES = {4: 1e37, 8: 1e300}
 
 def _sum_and_norm(p: Preview, a: np.ndarray, n: int) -> None:
     if a.dtype.kind == "f" and a.dtype.itemsize >= 4:
-        if a.flags.c_contiguous or a.flags.f_contiguous:
-            # sum and norm each one vector C loop; memory order ('K') makes a
-            # transposed tensor (a weight's grad) a view too
+        if a.flags.c_contiguous or a.flags.f_contiguous or _dense_permutation(a.shape, [st // a.itemsize for st in a.strides]):
+            # sum and norm each one vector C loop; memory order ('K') makes a transposed
+            # or permuted tensor (a weight's grad, attention's heads) a view too, summed in
+            # the order its contiguous base is, so both show the same statistics
             flat = a.ravel(order="K")
         elif a.nbytes <= COPY_LIMIT:
             # a strided view (attention's heads, a slice): one compact copy, then the
@@ -431,12 +432,22 @@ def _preview(t: torch.Tensor, with_stats: bool) -> Preview:
 
 
 def _dense_key(t: torch.Tensor) -> Optional[tuple]:
-    """The memory block of a dense tensor in row- or column-major order: a tensor
-    and its transpose hold the same elements, so they have the same statistics."""
-    transposed = t.dim() == 2 and t.shape[0] > 1 and t.stride() == (1, t.shape[0])
-    if not (transposed or t.is_contiguous()):
+    """The memory block of a dense tensor in any axis order: a tensor and its transpose
+    or permutation (attention's heads) hold the same elements, so the same statistics."""
+    if not (t.is_contiguous() or _dense_permutation(t.shape, t.stride())):
         return None
     return (t.data_ptr(), t.numel(), t.dtype)
+
+
+def _dense_permutation(shape, strides) -> bool:
+    """The strides, sorted, are a contiguous tensor's: the elements fill one block of memory
+    with no gaps and no overlaps (a transpose, permute, movedim of a contiguous tensor)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(strides, shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 class PreviewCache:
