@@ -85,7 +85,7 @@ PREVIEW_COPY_BYTES = 16 << 20
 PREVIEW_QUEUE = 256
 
 # ---- the explorer (variants/explore.py, issue 15) ----
-EXPLORE_CURVE_SECONDS = 3.0  # point-by-point re-runs for one curve when a batched run is not possible; fewer points said
+EXPLORE_CURVE_SECONDS = 0.5  # point-by-point re-runs for one curve when a batched run is not possible (coarse to fine; fewer points said). It runs as the cell ends: a heavy cell's curve is coarser, never seconds late
 JACOBIAN_MAX_ENTRIES = 1024  # entries (output numel × input numel) of a Jacobian computed; larger ones are said too big
 
 # ---- the explorer's views (render/explore.py, notebook/widget.py, issue 15) ----

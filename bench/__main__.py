@@ -6,7 +6,7 @@ import importlib
 
 MODULES = [
     "bench.bench_engine", "bench.bench_memory", "bench.bench_memory_magic", "bench.bench_layout",
-    "bench.bench_widget", "bench.bench_latency", "bench.bench_size",
+    "bench.bench_widget", "bench.bench_latency", "bench.bench_size", "bench.bench_explore",
 ]
 
 

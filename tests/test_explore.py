@@ -292,3 +292,36 @@ def test_the_saved_snapshot_keeps_seed_003s_jacobian(shell, seeds):
     assert "v·J equals x.grad ✓" in snap
     for value in torch.diagonal(J).tolist():  # the matrix shows its diagonal as torch computes it
         assert f"{value:.4g}" in snap
+
+
+def test_a_slow_cell_gets_a_coarser_curve_over_the_whole_range_in_time(shell, monkeypatch):
+    """The curve is computed as the cell ends: a cell too slow to re-run 41 times within the budget
+    gets the ends and the middle first, then finer, and says how many points it left out."""
+    from autograd_magic import limits
+
+    monkeypatch.setattr(limits, "EXPLORE_CURVE_SECONDS", 0.3)
+    monkeypatch.setattr(explorer.limits, "EXPLORE_CURVE_SECONDS", 0.3)
+    plain(shell, "import torch, time")
+    body = "x = torch.tensor(0.5, requires_grad=True)\ntime.sleep(0.03)\ny = torch.softmax(torch.stack([x, 2 * x]), 0)[0]"
+    s = traced(shell, body)
+    started = time.perf_counter()
+    (c,) = s.exploration().curves
+    took = time.perf_counter() - started
+    assert took < 0.3 + 0.5  # the budget, a run in flight when it ran out, and the point's own runs
+    f = lambda x: torch.softmax(torch.stack([x, 2 * x]), 0)[0]
+    got = [i for i, y in enumerate(c.ys) if y is not None]
+    assert 0 in got and len(c.xs) - 1 in got and len(c.xs) // 2 in got  # the whole range, coarsely
+    assert len(got) < len(c.xs) and "points left out" in c.note
+    for i in got:
+        assert c.ys[i] == pytest.approx(float(f(torch.tensor(c.xs[i]))), rel=1e-5)
+
+
+def test_a_models_forward_gets_no_jacobian_section_in_its_snapshot(shell):
+    """`out = m(inp)`: a non-scalar output of leaves far too big for a Jacobian (the weights). The
+    view may say so; the saved snapshot does not spend bytes on it."""
+    plain(shell, "import torch\ntorch.manual_seed(0)\nm = torch.nn.Linear(64, 64)\ninp = torch.randn(8, 64)")
+    s = traced(shell, "out = m(inp)")
+    j = s.exploration().jacobian
+    assert j is None or (j.rows == [] and j.note.startswith("too big:"))
+    snap = _published_snapshot(shell, "out = m(inp)")
+    assert "Jacobian" not in snap and "too big" not in snap

@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
+# How a Jacobian over `limits.JACOBIAN_MAX_ENTRIES` begins its note ("too big: 300 × 300 = 90000 entries > 1024")
+TOO_BIG = "too big:"
+
+
 @dataclass
 class ScalarInput:
     """One control: a 0-d float leaf with requires_grad that the output depends on."""

@@ -56,7 +56,10 @@ class Explorer:
             return None
         shown = getattr(variant, "exploration", None) if variant is not None else real
         merged = at_point(real, shown if isinstance(shown, Exploration) else None, variant=variant is not None)
-        return explore_payload(merged, self.values)
+        out = explore_payload(merged, self.values)
+        if out is not None and out["note"] and real.note in self._trace.notes:
+            out["note"] = ""  # the view's own line above says it (why re-runs are off): once is enough
+        return out
 
     def toggles(self) -> tuple[tuple[int, float], ...]:
         """`Toggles.values`: the moved inputs, in record order."""

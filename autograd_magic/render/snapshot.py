@@ -20,6 +20,7 @@ import re
 from typing import Optional
 
 from .. import limits
+from ..data.explore import TOO_BIG
 from ..data.trace import Trace
 from .debug import flow_section, with_banner
 from .dot import render_dot
@@ -91,9 +92,10 @@ def explore_section(trace: Trace, variant: Optional[Trace] = None) -> str:
 
 def _worth_a_section(exploration) -> bool:
     """A curve with points or a Jacobian (computed, or said why not). An explorer that could only say
-    why it can't re-run repeats the view's own line about toggles: the widget says it, the snapshot
-    does not spend bytes on it."""
-    return any(c.xs for c in exploration.curves) or exploration.jacobian is not None
+    why it can't re-run repeats the view's own line about toggles, and a Jacobian too big to compute
+    (a model's weights) says only that: the widget says them, the snapshot does not spend bytes on them."""
+    j = exploration.jacobian
+    return any(c.xs for c in exploration.curves) or (j is not None and (bool(j.rows) or not j.note.startswith(TOO_BIG)))
 
 
 def _curve_image(svg: str) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..capture.interventions import Intervention
-from ..data.explore import Curve, Exploration, Jacobian, ScalarInput
+from ..data.explore import TOO_BIG, Curve, Exploration, Jacobian, ScalarInput
 from ..data.trace import Preview, Record, Trace
 from .interventions import SetValues, Toggles, record_key
 from .sandbox import SandboxError, run_variant, set_external_value
@@ -331,16 +331,16 @@ def curve(runs: Runs, out: Record, inp: ScalarInput, values: dict, budget: float
             return c
     deadline = time.perf_counter() + budget
     failed: list[tuple[float, str]] = []
-    for x in c.xs:
+    n = len(c.xs)
+    c.ys, c.slopes = [None] * n, [None] * n
+    for i in _coarse_to_fine(n):  # a slow cell's budget still spans the whole range, only coarser
         if time.perf_counter() > deadline:
-            c.ys.append(None)
-            c.slopes.append(None)
-            continue
-        y, slope, why = _point(runs, out, inp, x, values, weighted)
-        c.ys.append(y)
-        c.slopes.append(slope)
+            break
+        y, slope, why = _point(runs, out, inp, c.xs[i], values, weighted)
+        c.ys[i], c.slopes[i] = y, slope
         if why:
-            failed.append((x, why))
+            failed.append((c.xs[i], why))
+    failed.sort()
     skipped = sum(1 for y, s in zip(c.ys, c.slopes) if y is None and s is None) - len(failed)
     notes = []
     if failed:
@@ -350,6 +350,18 @@ def curve(runs: Runs, out: Record, inp: ScalarInput, values: dict, budget: float
         notes.append(f"{skipped} of {len(c.xs)} points left out: the cell is too slow to re-run for all within {budget:g} s")
     c.note = "; ".join(notes)
     return c
+
+
+def _coarse_to_fine(n: int) -> list[int]:
+    """0 … n-1 with the ends and the middle first, then each half's middle, and so on."""
+    order, seen, step = [], set(), n - 1
+    while step >= 1:
+        for i in range(0, n, step):
+            if i not in seen:
+                seen.add(i)
+                order.append(i)
+        step //= 2
+    return order + [i for i in range(n) if i not in seen]
 
 
 def _at(c: Curve, x0: float, y0: Optional[float], slope: Optional[float], runs: Runs, out: Record,
@@ -447,8 +459,9 @@ def jacobian_leaf(trace: Trace, out: Record) -> Optional[Record]:
     leaves = [trace.records[i] for i in sorted(_ancestors(trace, out.id))]
     leaves = [r for r in leaves if r.is_leaf and r.requires_grad and _is_float(r) and r.shape is not None]
     vectors = [r for r in leaves if r.preview.numel > 1]
-    if vectors:
-        return vectors[0]
+    small = [r for r in vectors if out.preview.numel * r.preview.numel <= limits.JACOBIAN_MAX_ENTRIES]
+    if small or vectors:  # the first one small enough; else the first, whose Jacobian is said too big
+        return (small or vectors)[0]
     if out.shape is not None and out.preview.numel > 1 and leaves:
         return leaves[0]
     return None
@@ -457,7 +470,7 @@ def jacobian_leaf(trace: Trace, out: Record) -> Optional[Record]:
 def too_big(out_n: int, in_n: int) -> str:
     n = out_n * in_n
     if n > limits.JACOBIAN_MAX_ENTRIES:
-        return f"too big: {out_n} × {in_n} = {n} entries > {limits.JACOBIAN_MAX_ENTRIES}"
+        return f"{TOO_BIG} {out_n} × {in_n} = {n} entries > {limits.JACOBIAN_MAX_ENTRIES}"
     return ""
 
 
