@@ -13,6 +13,7 @@ import pytest
 import torch
 from IPython.utils.capture import capture_output
 from test_sandbox import assert_same_state, user_state
+from test_snapshot_budget import traced  # a %%autograd cell in widget mode; the session the magic made
 
 from autograd_magic.notebook.session import CellSession, cell_session
 from autograd_magic.variants import explore as explorer
@@ -23,26 +24,6 @@ POLY = "y = 2*x**4 + x**3 + 3*x**2 + 5*x + 1"
 
 def poly(x):
     return 2 * x**4 + x**3 + 3 * x**2 + 5 * x + 1
-
-
-def traced(shell, body):
-    """Run a `%%autograd` cell in widget mode; the session the magic made (the widget holds it)."""
-    made = []
-    original = CellSession.run.__func__
-
-    def spy(cls, *args, **kwargs):
-        session, run = original(cls, *args, **kwargs)
-        made.append(session)
-        return session, run
-
-    CellSession.run = classmethod(spy)
-    try:
-        with capture_output(display=True):
-            result = shell.run_cell(f"%%autograd\n{body}", store_history=True)
-    finally:
-        CellSession.run = classmethod(original)
-    assert result.success, result.error_in_exec
-    return made[-1]
 
 
 def plain(shell, body):
