@@ -15,7 +15,7 @@ from IPython.utils.capture import capture_output
 from test_sandbox import assert_same_state, user_state
 from test_snapshot_budget import traced  # a %%autograd cell in widget mode; the session the magic made
 
-from autograd_magic.notebook.session import CellSession, cell_session
+from autograd_magic.notebook.session import cell_session
 from autograd_magic.variants import explore as explorer
 from autograd_magic.variants.interventions import Toggles
 
