@@ -26,6 +26,7 @@ from .backward import BackwardRecorder
 from .earlier import CellRecords, EarlierCells, bring_in
 from .interventions import Intervention
 from .names import NameIndex
+from .finite import UNINITIALISED, checkable, holds_nonfinite
 from .preview import DeviceQueue, activate, preview_quiet, quietly
 from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
 from ..data.trace import Record, Trace
@@ -160,6 +161,8 @@ class Tracer:
         self.device_previews = DeviceQueue()
         self._outer_queue: Optional[DeviceQueue] = None
         self._queue_on = False
+        # ops past the detail limit are checked for NaN/Inf until the first is found (issue 16)
+        self._watching = True
 
     # ---- lifecycle ----
     def start(self) -> "Tracer":
@@ -191,7 +194,10 @@ class Tracer:
                 try:
                     self._finish_records()
                 finally:
-                    self._end_device_previews()
+                    try:
+                        self._end_device_previews()
+                    finally:
+                        self.backward.finish_iterations()  # after the previews are filled: it reads them
             finally:
                 if self.earlier is not None:  # weak: the cells after this one find its live tensors
                     self._refs_at_end = {rid: ref for rid, (ref, _) in self._live.items()}
@@ -371,8 +377,12 @@ class Tracer:
         occurrence = self._span_counts.get(span, 0)  # runs of anything at this span: a unique key
         self._span_counts[span] = occurrence + 1
         if count >= self.detail_limit and key is not None:
-            # The fast path of a loop's later runs: no torch call, no preview
-            # (how many ran is read off `_site_runs` at the end).
+            # The fast path of a loop's later runs: no preview, only a finiteness check until
+            # the first NaN/Inf (how many ran is read off `_site_runs` at the end).
+            if self._watching and self._past_limit_nonfinite(func_name, outs):
+                self._watching = False  # the first one of the cell's later runs: recorded in full
+                return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
+                                       module, site, past_limit=count)
             first = site[1]
             # later uses link to the loop's first record of this site; an in-place op's tensor is
             # not the loop's value (init_ over a module's parameters): it keeps a record of its own
@@ -387,17 +397,50 @@ class Tracer:
             return self._maybe_detach(span, None, out) if self._detaching else out
         return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site)
 
+    def _past_limit_nonfinite(self, func_name: str, outs) -> bool:
+        """Does an output of this op, run past the detail limit, hold a NaN or an Inf? Never raises."""
+        if func_name in UNINITIALISED:  # leftover memory, not a value anyone computed
+            return False
+        try:
+            if _stack_len() == 0:  # ours is off the stack in here: no mode sees these reads
+                return self._any_nonfinite(outs)
+            with compat.no_torch_function():  # a user's mode below ours must not see them
+                return self._any_nonfinite(outs)
+        except Exception as exc:
+            self._watching = False
+            self.note(f"ops past the limit were not checked for NaN/Inf: {type(exc).__name__}: {exc}")
+            return False
+
+    def _any_nonfinite(self, outs) -> bool:
+        for t in outs:
+            if checkable(t):
+                if holds_nonfinite(t):
+                    return True
+            elif not t.is_cpu and t.is_floating_point():
+                # reading a device value on the host waits for the device at every op
+                self.note(f"ops past the limit on {t.device.type} were not checked for NaN/Inf (it would wait "
+                          "for the device at each op); the loss and gradient norm per iteration still are")
+        return False
+
     @quietly
-    def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site):
+    def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site,
+                   past_limit: Optional[int] = None):
+        """`past_limit`: the op's run count, when it is recorded past the detail limit (the first
+        NaN/Inf of a loop's later runs): its inputs are previewed as they are now, since their
+        records show their first run, and the run is never changed (no variant's replacement)."""
         op = op_name(func)
         inplace = is_inplace(func_name, op)
         inputs = []
+        tensors = []
         for a in args:
             for t in tensors_in(a):
+                tensors.append(t)
                 inputs.append(self._input_record(t, span, internal, inplace))
         for a in kwargs.values():
             for t in tensors_in(a):
+                tensors.append(t)
                 inputs.append(self._input_record(t, span, internal, inplace))
+        seen_inputs = [preview_quiet(t) for t in tensors] if past_limit is not None else []
         expr = self.source_map.text(span)
         grad_enabled = torch.is_grad_enabled()
         for i, t in enumerate(outs):
@@ -420,12 +463,16 @@ class Tracer:
                 internal=internal,
                 module=module,
                 preview=preview_quiet(t),
+                run=past_limit,
+                input_previews=seen_inputs,
             )
             if mutated is not None:
                 rec.name = self.trace.records[mutated].name
             if key is not None and site[1] is None:
                 site[1] = rec.id
             self._add(rec, t)
+        if past_limit is not None:
+            return self._maybe_detach(span, None, out) if self._detaching else out
         if self._replacers and isinstance(out, torch.Tensor):
             for iv in self._replacers:
                 replaced = iv.replace_output(self.trace.records[-1], out)
