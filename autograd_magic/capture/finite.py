@@ -26,6 +26,14 @@ import torch
 
 from .torch_compat import no_torch_function
 
+try:  # einsum without its Python wrapper: half the cost on a loop's small tensors (~1 µs, not 2)
+    from numpy._core.multiarray import c_einsum as _einsum
+except ImportError:  # numpy 1.x keeps it here
+    try:
+        from numpy.core.multiarray import c_einsum as _einsum
+    except ImportError:
+        _einsum = np.einsum
+
 _CHECKED = {torch.float32, torch.float64, torch.float16}
 
 
@@ -47,22 +55,29 @@ def holds_nonfinite(t: torch.Tensor) -> bool:
     the ufunc reductions, raises no floating-point warning into the user's cell."""
     a = t.detach().numpy()
     if a.flags.c_contiguous:
-        total = np.einsum("i->", a.reshape(-1))
+        total = _einsum("i->", a.reshape(-1))
     else:
         axes = list(range(a.ndim))
-        total = np.einsum(a, axes, [])
+        total = _einsum(a, axes, [])
     if math.isfinite(total):
         return False
     return not bool(np.isfinite(a).all())  # NaN/Inf, or finite values whose sum overflowed
 
 
 def _squared_norm_now(g: torch.Tensor) -> float:
-    """sum(g**2) of a CPU gradient, in float64 (no overflow for float32 values)."""
+    """sum(g**2) of a CPU gradient: one vector loop in its own dtype over any strides (a weight's
+    gradient arrives transposed), and in float64 only when that is not finite (an overflow of the
+    squares, or a NaN/Inf, which float64 keeps)."""
     if checkable(g) and g.dtype != torch.float16:
         a = g.detach().numpy()
         if a.flags.c_contiguous:
             flat = a.reshape(-1)
-            return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+            sq = float(_einsum("i,i->", flat, flat))
+        else:
+            axes = list(range(a.ndim))
+            sq = float(_einsum(a, axes, a, axes, []))
+        if math.isfinite(sq):
+            return sq
     n = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64))
     return n * n
 
@@ -124,12 +139,13 @@ def loss_value(roots, deferred: DeferredScalars, fill: Callable[[float], None]) 
     """The value of a single one-element root (a loss): now on the CPU, at `deferred.read` on a device."""
     if len(roots) != 1 or not isinstance(roots[0], torch.Tensor) or roots[0].numel() != 1:
         return
-    d = roots[0].detach()
+    d = roots[0]
     if d.is_complex() or d.is_meta:
         return
     if d.is_cpu:
-        fill(float(d.reshape(())))
+        fill(d.item())
     else:
+        d = d.detach()
         deferred.later(d.reshape(()).to(torch.float64, copy=True), fill)  # its value now, in stream order
 
 

@@ -12,6 +12,7 @@ exactly as called and hooks only read.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import weakref
@@ -161,8 +162,10 @@ class Tracer:
         self.device_previews = DeviceQueue()
         self._outer_queue: Optional[DeviceQueue] = None
         self._queue_on = False
-        # ops past the detail limit are checked for NaN/Inf until the first is found (issue 16)
+        # ops past the detail limit since the last backward call, checked for NaN/Inf only when
+        # that call's loss is not finite (issue 16; see `check_window`), until the first is found
         self._watching = True
+        self._window: list[tuple] = []
 
     # ---- lifecycle ----
     def start(self) -> "Tracer":
@@ -186,7 +189,10 @@ class Tracer:
         """Pop the mode and remove every hook; safe to call twice and on any error."""
         try:
             self._pop_mode()
+            if self._window:  # the ops after the last backward call (or a cell with none): checked now
+                self.check_window()
         finally:
+            self._window = []
             if self._stance is not None:
                 compat.restore_stance(self._stance)
                 self._stance = None  # cleared only once restored: an interrupted stop() can run again
@@ -379,10 +385,18 @@ class Tracer:
         if count >= self.detail_limit and key is not None:
             # The fast path of a loop's later runs: no preview, only a finiteness check until
             # the first NaN/Inf (how many ran is read off `_site_runs` at the end).
-            if self._watching and self._past_limit_nonfinite(func_name, outs):
-                self._watching = False  # the first one of the cell's later runs: recorded in full
-                return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
-                                       module, site, past_limit=count)
+            if self._watching and outs and not outs[0].is_cpu:
+                self._watching = False  # a device value read on the host would wait for the device at each op
+                self.note(f"ops past the limit on {outs[0].device.type} are not checked for NaN/Inf (that would wait "
+                          "for the device); the loss and gradient norm of each iteration still are")
+            if self._watching:
+                # kept (the op's inputs and outputs, a reference each) until the next backward call
+                # says whether its loss is finite: a cheap append, where checking each op costs more
+                self._window.append((func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
+                                     module, site, count, torch.is_grad_enabled(),
+                                     [compat.version_of(t) for t in outs]))
+                if len(self._window) >= limits.FINITE_WINDOW:
+                    self.check_window()
             first = site[1]
             # later uses link to the loop's first record of this site; an in-place op's tensor is
             # not the loop's value (init_ over a module's parameters): it keeps a record of its own
@@ -397,34 +411,62 @@ class Tracer:
             return self._maybe_detach(span, None, out) if self._detaching else out
         return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site)
 
-    def _past_limit_nonfinite(self, func_name: str, outs) -> bool:
-        """Does an output of this op, run past the detail limit, hold a NaN or an Inf? Never raises."""
-        if func_name in UNINITIALISED:  # leftover memory, not a value anyone computed
-            return False
-        try:
-            if _stack_len() == 0:  # ours is off the stack in here: no mode sees these reads
-                return self._any_nonfinite(outs)
-            with compat.no_torch_function():  # a user's mode below ours must not see them
-                return self._any_nonfinite(outs)
-        except Exception as exc:
-            self._watching = False
-            self.note(f"ops past the limit were not checked for NaN/Inf: {type(exc).__name__}: {exc}")
-            return False
+    def loss_is_finite(self, roots) -> bool:
+        """Whether the tensors a backward call differentiates hold only finite values (CPU ones;
+        a device tensor is not read here: that would wait for the device)."""
+        for t in roots:
+            if not isinstance(t, torch.Tensor) or not checkable(t):
+                continue
+            if t.numel() == 1:  # a loss: one number read, no array made
+                if not math.isfinite(t.item()):
+                    return False
+            elif holds_nonfinite(t):
+                return False
+        return True
 
-    def _any_nonfinite(self, outs) -> bool:
-        for t in outs:
-            if checkable(t):
-                if holds_nonfinite(t):
-                    return True
-            elif not t.is_cpu and t.is_floating_point():
-                # reading a device value on the host waits for the device at every op
-                self.note(f"ops past the limit on {t.device.type} were not checked for NaN/Inf (it would wait "
-                          "for the device at each op); the loss and gradient norm per iteration still are")
-        return False
+    @quietly
+    def before_backward(self, roots) -> None:
+        """Called as each backward call starts: the ops past the limit since the previous one are
+        searched for the first NaN/Inf when this call's loss is not finite, else let go. A NaN or
+        an Inf that reaches the loss is found in the iteration where it first does."""
+        if not self._window:
+            return
+        try:
+            if self.loss_is_finite(roots):
+                self._window.clear()
+            else:
+                self.check_window()
+        except Exception as exc:
+            self._drop_window(exc)
+
+    @quietly
+    def check_window(self) -> None:
+        """Check each kept op's outputs in the order they ran; record the first that holds a NaN
+        or an Inf in full, with its inputs as they are now (unchanged since, by their versions)."""
+        window, self._window = self._window, []
+        try:
+            for entry in window:
+                (func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count,
+                 grad_enabled, versions) = entry
+                if func_name in UNINITIALISED:  # leftover memory, not a value anyone computed
+                    continue
+                for t, v in zip(outs, versions):
+                    if checkable(t) and compat.version_of(t) == v and holds_nonfinite(t):
+                        self._watching = False  # the first one of the cell's later runs
+                        self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
+                                        module, site, past_limit=count, grad_enabled=grad_enabled)
+                        return
+        except Exception as exc:
+            self._drop_window(exc)
+
+    def _drop_window(self, exc: Exception) -> None:
+        self._watching = False
+        self._window = []
+        self.note(f"ops past the limit were not checked for NaN/Inf: {type(exc).__name__}: {exc}")
 
     @quietly
     def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site,
-                   past_limit: Optional[int] = None):
+                   past_limit: Optional[int] = None, grad_enabled: Optional[bool] = None):
         """`past_limit`: the op's run count, when it is recorded past the detail limit (the first
         NaN/Inf of a loop's later runs): its inputs are previewed as they are now, since their
         records show their first run, and the run is never changed (no variant's replacement)."""
@@ -442,7 +484,8 @@ class Tracer:
                 inputs.append(self._input_record(t, span, internal, inplace))
         seen_inputs = [preview_quiet(t) for t in tensors] if past_limit is not None else []
         expr = self.source_map.text(span)
-        grad_enabled = torch.is_grad_enabled()
+        if grad_enabled is None:
+            grad_enabled = torch.is_grad_enabled()
         for i, t in enumerate(outs):
             mutated = self.record_of(t) if inplace else None
             rec = Record(
