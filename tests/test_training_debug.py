@@ -247,3 +247,42 @@ def test_on_a_device_the_scalars_match_and_nothing_syncs_per_op(shell):
     t = _traced(shell, cell)
     for it, (loss, norm) in zip(t.training(), plain):
         assert _same(it.loss, loss, rel=1e-6) and _same(it.grad_norm, norm, rel=1e-5)
+
+
+# ---- a loop with no backward call: what is kept is checked when the cell ends, or when the window is full ----
+
+NO_BACKWARD = """w = torch.tensor([3.0, 2.5, 4.0])
+for i in range(30):
+    y = torch.log(w - i * 0.1)
+"""
+
+
+@pytest.mark.parametrize("window", [limits.FINITE_WINDOW, 5])
+def test_a_loop_without_backward_is_checked_all_the_same(shell, monkeypatch, window):
+    monkeypatch.setattr(limits, "FINITE_WINDOW", window)
+    _, found, _ = _plain_loop(NO_BACKWARD)
+    iteration, func, kind, (operand,) = found
+    t = _traced(shell, NO_BACKWARD)
+    nf = t.nonfinite
+    assert func == "log" and iteration > limits.DETAIL_LIMIT
+    assert (nf.op, nf.run, nf.kind) == (func, iteration, kind)
+    (inp,) = nf.inputs
+    assert inp.preview.min == operand.min().item() and inp.preview.max == operand.max().item()
+    assert t.training() == []  # no backward call, no chart
+    assert "training loop" not in snapshot_html(t, graph=False)
+
+
+def test_device_scalars_are_read_back_together():
+    from autograd_magic.capture.finite import DeferredScalars, LeafNorms
+
+    got = {}
+    deferred = DeferredScalars()
+    deferred.later(torch.tensor(2.5), lambda v: got.setdefault("a", v))
+    deferred.later(torch.tensor([7.0], dtype=torch.float16), lambda v: got.setdefault("b", v))
+    norms = LeafNorms()
+    for g in (torch.randn(4, 3).t(), torch.randn(5)):
+        norms.add(g)
+    norms.norm(deferred, lambda v: got.setdefault("norm", v))
+    assert "a" not in got and "norm" in got  # CPU gradients: their norm now; the deferred ones wait
+    deferred.read()
+    assert got["a"] == 2.5 and got["b"] == 7.0
