@@ -12,6 +12,7 @@ exactly as called and hooks only read.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import weakref
@@ -26,6 +27,7 @@ from .backward import BackwardRecorder
 from .earlier import CellRecords, EarlierCells, bring_in
 from .interventions import Intervention
 from .names import NameIndex
+from .finite import UNINITIALISED, checkable, holds_nonfinite
 from .preview import DeviceQueue, activate, preview_quiet, quietly
 from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
 from ..data.trace import Record, Trace
@@ -160,6 +162,10 @@ class Tracer:
         self.device_previews = DeviceQueue()
         self._outer_queue: Optional[DeviceQueue] = None
         self._queue_on = False
+        # ops past the detail limit since the last backward call, checked for NaN/Inf only when
+        # that call's loss is not finite (issue 16; see `check_window`), until the first is found
+        self._watching = True
+        self._window: list[tuple] = []
 
     # ---- lifecycle ----
     def start(self) -> "Tracer":
@@ -183,7 +189,10 @@ class Tracer:
         """Pop the mode and remove every hook; safe to call twice and on any error."""
         try:
             self._pop_mode()
+            if self._window:  # the ops after the last backward call (or a cell with none): checked now
+                self.check_window()
         finally:
+            self._window = []
             if self._stance is not None:
                 compat.restore_stance(self._stance)
                 self._stance = None  # cleared only once restored: an interrupted stop() can run again
@@ -191,7 +200,10 @@ class Tracer:
                 try:
                     self._finish_records()
                 finally:
-                    self._end_device_previews()
+                    try:
+                        self._end_device_previews()
+                    finally:
+                        self.backward.finish_iterations()  # after the previews are filled: it reads them
             finally:
                 if self.earlier is not None:  # weak: the cells after this one find its live tensors
                     self._refs_at_end = {rid: ref for rid, (ref, _) in self._live.items()}
@@ -371,8 +383,20 @@ class Tracer:
         occurrence = self._span_counts.get(span, 0)  # runs of anything at this span: a unique key
         self._span_counts[span] = occurrence + 1
         if count >= self.detail_limit and key is not None:
-            # The fast path of a loop's later runs: no torch call, no preview
-            # (how many ran is read off `_site_runs` at the end).
+            # The fast path of a loop's later runs: no preview, only a finiteness check until
+            # the first NaN/Inf (how many ran is read off `_site_runs` at the end).
+            if self._watching and outs and not outs[0].is_cpu:
+                self._watching = False  # a device value read on the host would wait for the device at each op
+                self.note(f"ops past the limit on {outs[0].device.type} are not checked for NaN/Inf (that would wait "
+                          "for the device); the loss and gradient norm of each iteration still are")
+            if self._watching:
+                # kept (the op's inputs and outputs, a reference each) until the next backward call
+                # says whether its loss is finite: a cheap append, where checking each op costs more
+                self._window.append((func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
+                                     module, site, count, torch.is_grad_enabled(),
+                                     [compat.version_of(t) for t in outs]))
+                if len(self._window) >= limits.FINITE_WINDOW:
+                    self.check_window()
             first = site[1]
             # later uses link to the loop's first record of this site; an in-place op's tensor is
             # not the loop's value (init_ over a module's parameters): it keeps a record of its own
@@ -387,19 +411,81 @@ class Tracer:
             return self._maybe_detach(span, None, out) if self._detaching else out
         return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site)
 
+    def loss_is_finite(self, roots) -> bool:
+        """Whether the tensors a backward call differentiates hold only finite values (CPU ones;
+        a device tensor is not read here: that would wait for the device)."""
+        for t in roots:
+            if not isinstance(t, torch.Tensor) or not checkable(t):
+                continue
+            if t.numel() == 1:  # a loss: one number read, no array made
+                if not math.isfinite(t.item()):
+                    return False
+            elif holds_nonfinite(t):
+                return False
+        return True
+
     @quietly
-    def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site):
+    def before_backward(self, roots) -> None:
+        """Called as each backward call starts: the ops past the limit since the previous one are
+        searched for the first NaN/Inf when this call's loss is not finite, else let go. A NaN or
+        an Inf that reaches the loss is found in the iteration where it first does."""
+        if not self._window:
+            return
+        try:
+            if self.loss_is_finite(roots):
+                self._window.clear()
+            else:
+                self.check_window()
+        except Exception as exc:
+            self._drop_window(exc)
+
+    @quietly
+    def check_window(self) -> None:
+        """Check each kept op's outputs in the order they ran; record the first that holds a NaN
+        or an Inf in full, with its inputs as they are now (unchanged since, by their versions)."""
+        window, self._window = self._window, []
+        try:
+            for entry in window:
+                (func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count,
+                 grad_enabled, versions) = entry
+                if func_name in UNINITIALISED:  # leftover memory, not a value anyone computed
+                    continue
+                for t, v in zip(outs, versions):
+                    if checkable(t) and compat.version_of(t) == v and holds_nonfinite(t):
+                        self._watching = False  # the first one of the cell's later runs
+                        self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
+                                        module, site, past_limit=count, grad_enabled=grad_enabled)
+                        return
+        except Exception as exc:
+            self._drop_window(exc)
+
+    def _drop_window(self, exc: Exception) -> None:
+        self._watching = False
+        self._window = []
+        self.note(f"ops past the limit were not checked for NaN/Inf: {type(exc).__name__}: {exc}")
+
+    @quietly
+    def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site,
+                   past_limit: Optional[int] = None, grad_enabled: Optional[bool] = None):
+        """`past_limit`: the op's run count, when it is recorded past the detail limit (the first
+        NaN/Inf of a loop's later runs): its inputs are previewed as they are now, since their
+        records show their first run, and the run is never changed (no variant's replacement)."""
         op = op_name(func)
         inplace = is_inplace(func_name, op)
         inputs = []
+        tensors = []
         for a in args:
             for t in tensors_in(a):
+                tensors.append(t)
                 inputs.append(self._input_record(t, span, internal, inplace))
         for a in kwargs.values():
             for t in tensors_in(a):
+                tensors.append(t)
                 inputs.append(self._input_record(t, span, internal, inplace))
+        seen_inputs = [preview_quiet(t) for t in tensors] if past_limit is not None else []
         expr = self.source_map.text(span)
-        grad_enabled = torch.is_grad_enabled()
+        if grad_enabled is None:
+            grad_enabled = torch.is_grad_enabled()
         for i, t in enumerate(outs):
             mutated = self.record_of(t) if inplace else None
             rec = Record(
@@ -420,12 +506,16 @@ class Tracer:
                 internal=internal,
                 module=module,
                 preview=preview_quiet(t),
+                run=past_limit,
+                input_previews=seen_inputs,
             )
             if mutated is not None:
                 rec.name = self.trace.records[mutated].name
             if key is not None and site[1] is None:
                 site[1] = rec.id
             self._add(rec, t)
+        if past_limit is not None:
+            return self._maybe_detach(span, None, out) if self._detaching else out
         if self._replacers and isinstance(out, torch.Tensor):
             for iv in self._replacers:
                 replaced = iv.replace_output(self.trace.records[-1], out)

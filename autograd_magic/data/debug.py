@@ -7,6 +7,7 @@ Computed from a Trace by `explain/debug.py` and read by every view; like the res
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,6 +40,7 @@ class NonFinite:
     line: Optional[int] = None
     expr: Optional[str] = None
     occurrence: int = 0  # the loop iteration of this line, 0 for the first run
+    run: Optional[int] = None  # found past --limit: how many times this very op ran before (its iteration)
     module: Optional[str] = None
     external: bool = False  # the tensor came from outside the cell already holding it
     preview: Optional[Preview] = None
@@ -115,3 +117,30 @@ class PassFlow:
     @property
     def flagged(self) -> list[ParamGrad]:
         return [p for p in self.params if p.flag]
+
+
+@dataclass
+class IterationScalars:
+    """One backward call of the cell: the scalars a training loop's chart draws.
+
+    `loss` is the value of the tensor differentiated when it has one element; `grad_norm`
+    the norm over every gradient the pass put into leaves (what `clip_grad_norm_` counts
+    after `zero_grad()`), or over what `autograd.grad` returned. Both are None when unknown.
+    `pass_index` is the recorded `BackwardPass`; None for a call past `--limit`, which runs
+    unrecorded but still gives these.
+    """
+
+    index: int  # the cell's backward calls, in order, from 0
+    line: Optional[int] = None
+    loss: Optional[float] = None
+    grad_norm: Optional[float] = None
+    pass_index: Optional[int] = None
+
+    @property
+    def finite(self) -> bool:
+        """False when the loss or the gradient norm is a NaN or an Inf."""
+        return all(v is None or math.isfinite(v) for v in (self.loss, self.grad_norm))
+
+    @property
+    def recorded(self) -> bool:
+        return self.pass_index is not None

@@ -93,6 +93,11 @@ class Record:
     # a tensor no recorded op made but a call of this cell did: a module's parameter
     # (`torch.nn.Linear(4, 8)` on `line`); still `external` to the ops a re-run can replay
     created_by: Optional[str] = None
+    # an op recorded past --limit because its output was the first NaN/Inf found in a loop's
+    # later runs (issue 16): how many times this very op ran before it (its loop iteration) ...
+    run: Optional[int] = None
+    # ... and its inputs as they were then, one per `inputs` (their records show their first run)
+    input_previews: list[Optional[Preview]] = field(default_factory=list)
 
     # ---- the fields DESIGN.md promises, derived from the above ----
     @property
@@ -192,6 +197,10 @@ class Trace:
     # first record of a source span -> how many more times that span ran
     # beyond the detail limit (loop iterations counted, not kept)
     repeats: dict[int, int] = field(default_factory=dict)
+    # every backward call's loss and total gradient norm, recorded or past --limit
+    # (`data.debug.IterationScalars`, at most limits.TRAIN_ITERATIONS; the rest counted)
+    iterations: list = field(default_factory=list)
+    iterations_left_out: int = 0
 
     def __iter__(self) -> Iterator[Record]:
         return iter(self.records)
@@ -274,13 +283,18 @@ class Trace:
         leaf that received a gradient, not only modules' parameters."""
         return _view("grad_flow")(self, leaves=leaves)
 
+    def training(self) -> list:
+        """The loss and the total gradient norm of every backward call, in order, those past
+        `--limit` too (`data.debug.IterationScalars`): what the training-loop chart draws."""
+        return _view("training")(self)
+
 
 _VIEWS: dict[str, Callable[..., Any]] = {}
 
 
 def register_views(**views: Callable[..., Any]) -> None:
     """Called once by `autograd_magic/__init__.py`: text, html, dot, svg, show, mimebundle, and
-    the debugging analyses (nonfinite, backward_nonfinite, grad_flow)."""
+    the debugging analyses (nonfinite, backward_nonfinite, grad_flow, training)."""
     _VIEWS.update(views)
 
 

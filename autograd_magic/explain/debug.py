@@ -9,9 +9,13 @@ Inf" is answered exactly from two floats, with no extra pass over the data.
     nonfinite_origin(trace)      the first op whose output holds a NaN or an Inf, or None
     backward_nonfinite(trace)    per backward pass, the first node whose gradient is non-finite
     grad_flow(trace)             per pass, each parameter's and each module's gradient norm, flagged
+    training(trace)              every backward call's loss and total gradient norm, in order
 
-Only what the trace recorded is checked: loop iterations past `--limit` are counted, not
-kept, so a NaN that first appears there is not found here.
+Loop iterations past `--limit` are counted, not kept, but the tracer checks each of their
+ops' outputs for NaN/Inf (CPU tensors; capture/finite.py) and records the first one it finds
+in full, with its inputs as they were then (`Record.run`, `Record.input_previews`): the
+origin is found there too. Each backward call past the limit still gives its loss and
+total gradient norm (`Trace.iterations`).
 
 Flags, within one pass:
 - "vanishing": a norm below VANISHING (1e-7) times the pass's largest norm;
@@ -32,7 +36,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..data.debug import BackwardNonFinite, ModuleGrad, NonFinite, Operand, ParamGrad, PassFlow
+from ..data.debug import BackwardNonFinite, IterationScalars, ModuleGrad, NonFinite, Operand, ParamGrad, PassFlow
 from ..data.trace import BackwardPass, BackwardStep, Preview, Record, Trace
 from .format import format_stats
 from .wording import is_uninitialised, record_label
@@ -99,17 +103,33 @@ def nonfinite_origin(trace: Trace) -> Optional[NonFinite]:
 
 def _origin(trace: Trace, r: Record, kind: str) -> NonFinite:
     inputs, seen = [], set()
-    for i in r.inputs:
+    for k, i in enumerate(r.inputs):
         if i in seen or not 0 <= i < len(trace.records):
             continue
         seen.add(i)
         src = trace.records[i]
-        inputs.append(Operand(i, record_label(src), src.preview, nonfinite_kind(src.preview)))
+        # an op found past --limit: its inputs as they were then, not as their records first saw them
+        shown = r.input_previews[k] if k < len(r.input_previews) else src.preview
+        inputs.append(Operand(i, record_label(src), shown, nonfinite_kind(shown)))
     return NonFinite(
         record=r.id, kind=kind, op=r.op, label=record_label(r), line=r.line, expr=r.expr,
-        occurrence=r.occurrence, module=r.module, external=r.external and not r.inputs,
+        occurrence=r.occurrence, run=r.run, module=r.module, external=r.external and not r.inputs,
         preview=r.preview, count=_count(r.preview), inputs=inputs,
     )
+
+
+# ---- a training loop: the loss and total gradient norm of every backward call ----------------
+
+
+def training(trace: Trace) -> list[IterationScalars]:
+    """Every backward call of the cell in order, recorded or past `--limit`: its loss (a one-element
+    root's value) and the total norm of the gradients it put into leaves (`Trace.iterations`)."""
+    return list(trace.iterations)
+
+
+def first_nonfinite_iteration(trace: Trace) -> Optional[IterationScalars]:
+    """The first backward call whose loss or gradient norm is a NaN or an Inf."""
+    return next((it for it in trace.iterations if not it.finite), None)
 
 
 # ---- backward: the first node whose gradient is non-finite, per pass --------------------------
@@ -327,7 +347,9 @@ def origin_sentence(nf: NonFinite) -> str:
     named = nf.expr and nf.label not in (nf.expr, nf.op)
     what = f"`{nf.label} = {nf.expr}`" if named else f"`{nf.expr or nf.label}`"
     where = f" on line {nf.line}" if nf.line is not None else ""
-    if nf.occurrence:
+    if nf.run is not None:
+        where += f" (iteration {nf.run + 1} of that op, past --limit: found by its finiteness check)"
+    elif nf.occurrence:
         where += f" (run {nf.occurrence + 1} of that line)"
     details = [f"op {nf.op}"]
     if nf.count is not None and nf.preview is not None:
@@ -392,4 +414,28 @@ def flow_summary(flow: PassFlow) -> str:
         text += f"; {vanishing} vanishing (< {VANISHING:g} × largest)"
     if exploding:
         text += f"; {exploding} exploding (> {EXPLODING:g} × the norm of its own value, or non-finite)"
+    return text
+
+
+def iteration_sentence(it: IterationScalars) -> str:
+    """'Backward call 31 (line 7, past --limit): loss nan, total gradient norm nan'."""
+    where = f"line {it.line}, " if it.line is not None else ""
+    recorded = f"pass {it.pass_index + 1}" if it.pass_index is not None else "past --limit, not recorded"
+    return (f"First non-finite iteration: backward call {it.index + 1} ({where}{recorded}): "
+            f"loss {number(it.loss)}, total gradient norm {number(it.grad_norm)}")
+
+
+def training_summary(iterations: list[IterationScalars], left_out: int = 0) -> str:
+    """One line under the training chart: how many calls, the first and last loss, the first non-finite one."""
+    n = len(iterations)
+    recorded = sum(1 for it in iterations if it.recorded)
+    text = f"{n} backward calls ({recorded} recorded in detail)"
+    losses = [it.loss for it in iterations if it.loss is not None]
+    if losses:
+        text += f": loss {number(losses[0])} → {number(losses[-1])}"
+    bad = next((it for it in iterations if not it.finite), None)
+    if bad is not None:
+        text += f"; first non-finite at call {bad.index + 1}"
+    if left_out:
+        text += f"; {left_out} later calls not kept"
     return text

@@ -584,7 +584,7 @@ class View {
     this.detail.replaceChildren(...detailNodes(d, inputs));
   }
 
-  // ---- debugging (issue 16): where the first NaN/Inf appeared, and the gradient-flow chart ----
+  // ---- debugging (issue 16): where the first NaN/Inf appeared, the training-loop and gradient-flow charts ----
   // Sentences go in as text; each one's button selects its record (row and graph node). The
   // chart's SVG goes through safeSvg; its bars carry ids p<record>, localized to …-p<record>.
   drawDebug(d) {
@@ -602,6 +602,11 @@ class View {
     }
     for (const b of d.backward || []) out.push(h("div", { class: "agm-debug-nf" }, line(b.text, b.id)));
     if (d.more_backward) out.push(h("div", { class: "agm-muted", text: `… and ${d.more_backward} more backward passes` }));
+    if (d.training) {
+      const { svg } = safeSvg(d.training.svg);
+      const summary = h("summary", { text: "training loop" });
+      out.push(h("details", { class: "agm-flow agm-training", open: true }, summary, svg, h("div", { class: "agm-muted", text: d.training.summary })));
+    }
     if (d.flow) {
       const { svg } = safeSvg(d.flow.svg);
       for (const g of svg ? svg.querySelectorAll("g[id]") : []) {

@@ -1,4 +1,5 @@
-"""The debugging views of a training cell (issue 16): the NaN/Inf banner and the gradient-flow chart.
+"""The debugging views of a training cell (issue 16): the NaN/Inf banner, the gradient-flow chart
+and the training-loop chart (loss and total gradient norm per backward call).
 
 Pure functions of a Trace (through `explain/debug.py`): the banner's HTML for the static
 snapshot, its plain data for the widget, one line for the text view, and the chart as a
@@ -14,11 +15,11 @@ import math
 import zlib
 from typing import Any, Optional
 
-from ..data.debug import PassFlow
+from ..data.debug import IterationScalars, PassFlow
 from ..data.trace import Trace
 from ..explain.debug import (
-    EXPLODING, VANISHING, backward_nonfinite, backward_sentence, flow_summary, grad_flow, nonfinite_origin,
-    number, operand_sentences, origin_sentence,
+    EXPLODING, VANISHING, backward_nonfinite, backward_sentence, first_nonfinite_iteration, flow_summary, grad_flow,
+    iteration_sentence, nonfinite_origin, number, operand_sentences, origin_sentence, training, training_summary,
 )
 from .. import limits
 
@@ -51,7 +52,16 @@ def text_lines(trace: Trace) -> list[str]:
     lines.extend(backward_sentence(b, trace) for b in found[: limits.DEBUG_PASSES])
     if len(found) > limits.DEBUG_PASSES:
         lines.append(f"… and {len(found) - limits.DEBUG_PASSES} more backward passes with non-finite gradients")
+    bad = _unrecorded_nonfinite(trace)
+    if bad is not None:
+        lines.append(iteration_sentence(bad))
     return lines
+
+
+def _unrecorded_nonfinite(trace: Trace) -> Optional[IterationScalars]:
+    """The first non-finite backward call, when it ran past --limit (a recorded one is in the banner already)."""
+    bad = first_nonfinite_iteration(trace)
+    return bad if bad is not None and not bad.recorded else None
 
 
 def banner_html(trace: Trace) -> str:
@@ -59,7 +69,8 @@ def banner_html(trace: Trace) -> str:
     sentence links to its row (`anchor`), which `mark_origin_row` gives that id."""
     nf = nonfinite_origin(trace)
     found = backward_nonfinite(trace)
-    if nf is None and not found:
+    bad = _unrecorded_nonfinite(trace)
+    if nf is None and not found and bad is None:
         return ""
     parts = []
     if nf is not None:
@@ -70,6 +81,8 @@ def banner_html(trace: Trace) -> str:
         parts.append(f"<div>{_esc(backward_sentence(b, trace))}</div>")
     if len(found) > limits.DEBUG_PASSES:
         parts.append(f'<div style="{MUTED}">… and {len(found) - limits.DEBUG_PASSES} more backward passes</div>')
+    if bad is not None:
+        parts.append(f"<div>{_esc(iteration_sentence(bad))}</div>")
     return f'<div class="am-debug" style="{RED_BOX}">{"".join(parts)}</div>'
 
 
@@ -96,15 +109,21 @@ def debug_payload(trace: Trace) -> Optional[dict[str, Any]]:
     nf = nonfinite_origin(trace)
     found = backward_nonfinite(trace)
     flows = grad_flow(trace)
-    if nf is None and not found and not flows:
+    chart = training_section(trace)
+    bad = _unrecorded_nonfinite(trace)
+    if nf is None and not found and not flows and chart is None and bad is None:
         return None
-    out: dict[str, Any] = {"forward": None, "backward": [], "more_backward": 0, "flow": None}
+    out: dict[str, Any] = {"forward": None, "backward": [], "more_backward": 0, "flow": None, "training": None}
     if nf is not None:
         out["forward"] = {"text": origin_sentence(nf), "id": nf.record, "inputs": operand_sentences(nf)}
     for b in found[: limits.DEBUG_PASSES]:
         ids = list(dict.fromkeys(b.targets + b.records))
         out["backward"].append({"text": backward_sentence(b, trace), "pass": b.pass_index, "id": ids[0] if ids else None})
     out["more_backward"] = max(0, len(found) - limits.DEBUG_PASSES)
+    if bad is not None:
+        out["backward"].append({"text": iteration_sentence(bad), "pass": None, "id": None})
+    if chart is not None:
+        out["training"] = {"svg": chart[0], "summary": chart[1]}
     if flows:
         out["flow"] = {"svg": flow_svg(flows[-1]), "summary": flow_text(flows, flows[-1])}
     return out
@@ -225,3 +244,128 @@ def _bar(bar: tuple, y: int, label_w: int, x) -> str:
     g += f'<text x="{end + 3}" y="{y + 9}" fill="{color if flag else "#57606a"}">{_esc(note)}</text>'
     return g + "</g>"
 
+
+
+# ---- the training-loop chart: loss and total gradient norm per backward call ---------------------
+
+CHART_W, PANEL_H, LEFT, TOP_PAD, GAP = 420, 64, 58, 18, 26
+NAN_COLOR, LOSS_COLOR, NORM_COLOR = "#cf222e", "#4c78a8", "#8250df"
+
+
+def training_section(trace: Trace) -> Optional[tuple[str, str]]:
+    """(SVG, summary) of the training chart, None for fewer than two backward calls."""
+    iterations = training(trace)
+    if len(iterations) < 2:
+        return None
+    return training_svg(iterations), training_summary(iterations, trace.iterations_left_out)
+
+
+def _sample(iterations: list[IterationScalars], limit: int) -> list[IterationScalars]:
+    """At most about `limit` of them, evenly spread; the first non-finite one and the last always kept."""
+    if len(iterations) <= limit:
+        return list(iterations)
+    step = len(iterations) / limit
+    keep = {int(i * step) for i in range(limit)} | {len(iterations) - 1}
+    bad = next((k for k, it in enumerate(iterations) if not it.finite), None)
+    if bad is not None:
+        keep.add(bad)
+    return [iterations[k] for k in sorted(keep)]
+
+
+def training_svg(iterations: list[IterationScalars]) -> str:
+    """Two small line charts over the backward calls: the loss (linear) above, the total gradient
+    norm (log scale) below; a non-finite value is a red mark at the panel's top, recorded passes
+    are dots. At most DEBUG_CHART_POINTS points a line and DEBUG_CHART_BYTES bytes."""
+    limit = limits.DEBUG_CHART_POINTS
+    while True:
+        svg = _chart(iterations, _sample(iterations, limit))
+        if len(svg) <= limits.DEBUG_CHART_BYTES or limit <= 20:
+            return svg
+        limit //= 2
+
+
+def _finite(v: Optional[float]) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _chart(everything: list[IterationScalars], shown: list[IterationScalars]) -> str:
+    first, last = everything[0].index, everything[-1].index
+    span = max(1, last - first)
+    x = lambda i: round(LEFT + CHART_W * (i - first) / span, 1)  # noqa: E731
+    width = LEFT + CHART_W + 12
+    height = TOP_PAD + 2 * PANEL_H + GAP + 18
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        'font-family="Helvetica,Arial,sans-serif" font-size="10">',
+        '<text x="2" y="10" fill="#1f2328">per backward call: loss, and total gradient norm (log scale); '
+        f'<tspan fill="{NAN_COLOR}">× NaN/Inf</tspan>, ● recorded</text>',
+    ]
+    top = TOP_PAD
+    out.append(_panel(shown, [it.loss for it in shown], "loss", top, x, log=False, color=LOSS_COLOR))
+    out.append(_panel(shown, [it.grad_norm for it in shown], "grad norm", top + PANEL_H + GAP, x, log=True, color=NORM_COLOR))
+    axis_y = top + 2 * PANEL_H + GAP + 12
+    out.append(f'<text x="{LEFT}" y="{axis_y}" fill="#57606a">{first + 1}</text>')
+    out.append(f'<text x="{LEFT + CHART_W}" y="{axis_y}" fill="#57606a" text-anchor="end">{last + 1} (backward call)</text>')
+    bad = next((it for it in everything if not it.finite), None)
+    if bad is not None:
+        bx = x(bad.index)
+        out.append(f'<line x1="{bx}" y1="{top}" x2="{bx}" y2="{top + 2 * PANEL_H + GAP}" stroke="{NAN_COLOR}" '
+                   'stroke-dasharray="3,2"/>')
+        out.append(f'<text x="{bx}" y="{axis_y}" fill="{NAN_COLOR}" text-anchor="middle">{bad.index + 1}</text>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _panel(shown: list[IterationScalars], values: list, title: str, top: int, x, log: bool, color: str) -> str:
+    """One panel: its frame, its scale's two ends, the line (broken where a value is missing),
+    dots for recorded passes and red marks for non-finite values."""
+    usable = [v for v in values if _finite(v) and (not log or v > 0)]
+    out = [f'<rect x="{LEFT}" y="{top}" width="{CHART_W}" height="{PANEL_H}" fill="none" stroke="#d0d7de"/>',
+           f'<text x="{LEFT - 4}" y="{top + PANEL_H // 2 + 3}" fill="{color}" text-anchor="end">{_esc(title)}</text>']
+    if usable:
+        lo, hi = min(usable), max(usable)
+        if log:
+            lo, hi = math.log10(lo), math.log10(hi)
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+        y = lambda v: round(top + PANEL_H - 3 - (PANEL_H - 6) * (((math.log10(v) if log else v) - lo) / (hi - lo)), 1)  # noqa: E731
+        shown_lo = number(10 ** lo if log else lo)
+        shown_hi = number(10 ** hi if log else hi)
+        out.append(f'<text x="{LEFT - 4}" y="{top + 8}" fill="#57606a" text-anchor="end">{shown_hi}</text>')
+        out.append(f'<text x="{LEFT - 4}" y="{top + PANEL_H}" fill="#57606a" text-anchor="end">{shown_lo}</text>')
+        run: list[str] = []
+        for it, v in zip(shown, values):
+            if _finite(v) and (not log or v > 0):
+                run.append(f"{x(it.index)},{y(v)}")
+                continue
+            out.append(_line(run, color))
+            run = []
+        out.append(_line(run, color))
+        for it, v in zip(shown, values):
+            if it.recorded and _finite(v) and (not log or v > 0):
+                out.append(f'<circle cx="{x(it.index)}" cy="{y(v)}" r="2.5" fill="{color}"/>')
+    out.extend(_nonfinite_marks(shown, values, top, x))
+    return "".join(out)
+
+
+def _nonfinite_marks(shown: list[IterationScalars], values: list, top: int, x) -> list[str]:
+    """A red × where a run of non-finite values starts, and a red band along the panel's top while it lasts."""
+    out, start = [], None
+    for k, v in enumerate(values + [0.0]):
+        bad = v is not None and not math.isfinite(v)
+        if bad and start is None:
+            start = k
+        elif not bad and start is not None:
+            x0, x1, cy = x(shown[start].index), x(shown[k - 1].index), top + 5
+            if x1 > x0:
+                out.append(f'<rect x="{x0}" y="{top}" width="{round(x1 - x0, 1)}" height="2" fill="{NAN_COLOR}"/>')
+            out.append(f'<path d="M{x0 - 3},{cy - 3}L{x0 + 3},{cy + 3}M{x0 - 3},{cy + 3}L{x0 + 3},{cy - 3}" '
+                       f'stroke="{NAN_COLOR}" stroke-width="1.5"/>')
+            start = None
+    return out
+
+
+def _line(points: list[str], color: str) -> str:
+    if len(points) < 2:
+        return ""
+    return f'<polyline points="{" ".join(points)}" fill="none" stroke="{color}" stroke-width="1.5"/>'

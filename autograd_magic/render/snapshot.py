@@ -22,7 +22,7 @@ from typing import Optional
 from .. import limits
 from ..data.explore import TOO_BIG
 from ..data.trace import Trace
-from .debug import flow_section, with_banner
+from .debug import flow_section, training_section, with_banner
 from .dot import render_dot
 from .explore import at_point, explore_html
 from .html import render_html, section
@@ -43,6 +43,12 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
                 parts.append(("autograd graph", body, True))
         except Exception:  # the table still shows; the graph is a bonus here
             pass
+    try:  # issue 16: loss and total gradient norm per backward call (only for two calls or more)
+        chart = training_section(shown)
+        if chart is not None:
+            parts.append(("training loop", _flow_html(*chart), True))
+    except Exception:  # a bonus like the graph
+        pass
     try:  # issue 16: the gradient norms of the last pass's parameters (nothing without parameters)
         flow = flow_section(shown)
         if flow is not None:

@@ -1,0 +1,153 @@
+"""Cheap checks for a loop's later runs, which `--limit` counts but does not record (issue 16).
+
+Past the detail limit an op gets no preview. Two questions still matter for a training
+cell and cost little to answer:
+
+- forward: does this op's output hold a NaN or an Inf? (`holds_nonfinite`). One vector
+  sum, no temporary: a sum of floats is finite exactly when every element is, unless the
+  sum itself overflows, and only then is every element checked. Measured on the loop
+  benchmark's tensors (128×64 float32): ~2 µs, a third of `torch.isfinite(t).all()`.
+- backward: what did the pass put into the leaves, in total (`grad_norm_squared`)?
+  The norm of each gradient an AccumulateGrad node receives, read by a pre-hook on those
+  nodes only.
+
+A device tensor is never read on the host here (that would wait for the device at every
+op): its backward norms are reduced on the device and read back once when the run ends
+(`DeferredScalars`); its forward check is skipped (the tracer says so once).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .torch_compat import no_torch_function
+
+try:  # einsum without its Python wrapper: half the cost on a loop's small tensors (~1 µs, not 2)
+    from numpy._core.multiarray import c_einsum as _einsum
+except ImportError:  # numpy 1.x keeps it here
+    try:
+        from numpy.core.multiarray import c_einsum as _einsum
+    except ImportError:
+        _einsum = np.einsum
+
+_CHECKED = {torch.float32, torch.float64, torch.float16}
+
+
+def checkable(t) -> bool:
+    """A CPU float tensor whose memory numpy can read as it is (the case `holds_nonfinite` answers)."""
+    return (
+        (type(t) is torch.Tensor or type(t) is torch.nn.Parameter)
+        and t.dtype in _CHECKED
+        and t.is_cpu
+        and t.layout == torch.strided
+        and not t.is_neg()
+    )
+
+
+def holds_nonfinite(t: torch.Tensor) -> bool:
+    """True when the CPU float tensor `t` holds a NaN or an Inf (see `checkable`).
+
+    einsum's sum runs in vector registers over any strides, makes no temporary and, unlike
+    the ufunc reductions, raises no floating-point warning into the user's cell."""
+    a = t.detach().numpy()
+    if a.flags.c_contiguous:
+        total = _einsum("i->", a.reshape(-1))
+    else:
+        axes = list(range(a.ndim))
+        total = _einsum(a, axes, [])
+    if math.isfinite(total):
+        return False
+    return not bool(np.isfinite(a).all())  # NaN/Inf, or finite values whose sum overflowed
+
+
+def _squared_norm_now(g: torch.Tensor) -> float:
+    """sum(g**2) of a CPU gradient: one vector loop in its own dtype over any strides (a weight's
+    gradient arrives transposed), and in float64 only when that is not finite (an overflow of the
+    squares, or a NaN/Inf, which float64 keeps)."""
+    if checkable(g) and g.dtype != torch.float16:
+        a = g.detach().numpy()
+        if a.flags.c_contiguous:
+            flat = a.reshape(-1)
+            sq = float(_einsum("i,i->", flat, flat))
+        else:
+            axes = list(range(a.ndim))
+            sq = float(_einsum(a, axes, a, axes, []))
+        if math.isfinite(sq):
+            return sq
+    n = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float64))
+    return n * n
+
+
+class DeferredScalars:
+    """Scalars of device tensors, kept on the device until `read` copies them all at once."""
+
+    def __init__(self):
+        self._pending: list[tuple[torch.Tensor, Callable[[float], None]]] = []
+
+    def later(self, t: torch.Tensor, fill: Callable[[float], None]) -> None:
+        """Call `fill` with the value of the 0-dim (or one-element) device tensor `t` at `read`."""
+        self._pending.append((t, fill))
+
+    def read(self) -> None:
+        """Fill every deferred value in: one transfer per device."""
+        pending, self._pending = self._pending, []
+        by_device: dict = {}
+        for entry in pending:
+            by_device.setdefault(entry[0].device, []).append(entry)
+        with no_torch_function():
+            for entries in by_device.values():
+                values = torch.stack([t.detach().reshape(()).to(torch.float64) for t, _ in entries]).cpu().tolist()
+                for (_, fill), v in zip(entries, values):
+                    fill(v)
+
+
+class LeafNorms:
+    """The squared norms of the gradients one pass sent into leaves (or `autograd.grad` returned):
+    a CPU gradient's summed now, a device gradient's reduced on its device and summed there."""
+
+    def __init__(self):
+        self.host = 0.0
+        self.device: list[torch.Tensor] = []
+        self.count = 0
+
+    def add(self, g) -> None:
+        if not isinstance(g, torch.Tensor):
+            return
+        self.count += 1
+        if g.is_cpu:
+            self.host += _squared_norm_now(g)
+        else:
+            self.device.append(torch.linalg.vector_norm(g.detach(), dtype=torch.float64))
+
+    def norm(self, deferred: DeferredScalars, fill: Callable[[float], None]) -> None:
+        """Hand `fill` the total norm: now when every gradient was on the CPU, else at `deferred.read`."""
+        if self.count == 0:
+            return
+        if not self.device:
+            fill(math.sqrt(self.host))
+            return
+        host = self.host
+        total = torch.stack(self.device).square().sum()
+        deferred.later(total, lambda sq: fill(math.sqrt(sq + host)))
+
+
+def loss_value(roots, deferred: DeferredScalars, fill: Callable[[float], None]) -> None:
+    """The value of a single one-element root (a loss): now on the CPU, at `deferred.read` on a device."""
+    if len(roots) != 1 or not isinstance(roots[0], torch.Tensor) or roots[0].numel() != 1:
+        return
+    d = roots[0]
+    if d.is_complex() or d.is_meta:
+        return
+    if d.is_cpu:
+        fill(d.item())
+    else:
+        d = d.detach()
+        deferred.later(d.reshape(()).to(torch.float64, copy=True), fill)  # its value now, in stream order
+
+
+#: ops whose output is leftover memory (as explain/wording.py's UNINITIALISED_OPS): never a NaN anyone made
+UNINITIALISED = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "empty_permuted"})

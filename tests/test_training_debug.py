@@ -1,0 +1,288 @@
+"""Debugging a training loop past `--limit` (issue 16, second landing), against plain PyTorch.
+
+A 50-iteration logistic regression whose learning rate is too high: the sigmoid saturates to
+exactly 1.0 and `torch.log(1 - p)` turns -inf around iteration 34, long after the three
+iterations `--limit` records. Plain torch says, with a TorchFunctionMode of the test's own
+that checks every output with `torch.isfinite`, which op first made a NaN/Inf, in which
+iteration and from which inputs; and, running the same loop, what each iteration's loss and
+total gradient norm are. The trace must say the same, and the traced run must compute exactly
+what the plain one does.
+"""
+
+from __future__ import annotations
+
+import math
+from xml.etree import ElementTree
+
+import pytest
+import torch
+from IPython.utils.capture import capture_output
+from torch.overrides import TorchFunctionMode
+
+from autograd_magic import limits
+from autograd_magic.data.debug import IterationScalars
+from autograd_magic.render.debug import banner_html, debug_payload, training_svg
+from autograd_magic.render.payload import build_payload
+from autograd_magic.render.snapshot import snapshot_html
+
+LOOP = """torch.manual_seed(0)
+model = torch.nn.Linear(2, 1)
+X = torch.randn(64, 2)
+Y = (X[:, :1] + X[:, 1:] > 0).float()
+opt = torch.optim.SGD(model.parameters(), lr={lr})
+for i in range(50):
+    opt.zero_grad()
+    p = torch.sigmoid(model(X))
+    loss = -(Y * torch.log(p) + (1 - Y) * torch.log(1 - p)).mean()
+    loss.backward()
+    opt.step()
+"""
+DIVERGES, CONVERGES = 4.0, 0.5
+
+# a loop that never zeroes its gradients: each pass adds into .grad, the pass's own share is the delta
+ACCUMULATES = """torch.manual_seed(1)
+w = torch.randn(5, requires_grad=True)
+xs = torch.randn(12, 5)
+for i in range(12):
+    loss = (xs[i] * w).sum().tanh() ** 2
+    loss.backward()
+"""
+
+GRAD_LOOP = """torch.manual_seed(2)
+w = torch.randn(3, requires_grad=True)
+for i in range(8):
+    loss = (w * (i + 1)).pow(3).sum()
+    (g,) = torch.autograd.grad(loss, w)
+"""
+
+
+def _traced(shell, cell: str):
+    shell.run_cell("import torch")
+    with capture_output(display=True):
+        result = shell.run_cell("%%autograd -o t --quiet\n" + cell)
+    assert result.success, result.error_in_exec
+    return shell.user_ns["t"]
+
+
+class _PlainWatch(TorchFunctionMode):
+    """Plain torch's answers, from a mode of the test's own: the first op whose output holds a NaN
+    or an Inf (the loop's `i` then, and its tensor inputs at that moment), and for each backward
+    call its loss and the total norm of what it gave: `get_total_norm` of the change in each
+    leaf's .grad, or of autograd.grad's results."""
+
+    def __init__(self, ns: dict):
+        super().__init__()
+        self.ns, self.found, self.scalars = ns, None, []
+
+    def _leaves(self):
+        if "model" in self.ns:
+            return list(self.ns["model"].parameters())
+        return [t for t in self.ns.values() if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.backward:
+            leaves = self._leaves()
+            before = [None if t.grad is None else t.grad.clone() for t in leaves]
+            out = func(*args, **kwargs)
+            deltas = [t.grad - b if b is not None else t.grad for t, b in zip(leaves, before) if t.grad is not None]
+            self.scalars.append((args[0].item(), torch.nn.utils.get_total_norm(deltas).item()))
+            return out
+        out = func(*args, **kwargs)
+        if func is torch.autograd.grad:
+            root = args[0][0] if isinstance(args[0], (tuple, list)) else args[0]
+            self.scalars.append((root.item(), torch.nn.utils.get_total_norm(list(out)).item()))
+            return out
+        if self.found is None:
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                    inputs = [a.detach().clone() for a in args if isinstance(a, torch.Tensor)]
+                    kind = "nan" if torch.isnan(t).any() else "inf"
+                    self.found = (self.ns.get("i"), func.__name__, kind, inputs)
+                    break
+        return out
+
+
+def _plain_loop(cell: str):
+    """Run `cell` plainly under `_PlainWatch`: [(loss, norm)] per backward call, the first
+    non-finite op, and the namespace at the end."""
+    ns: dict = {"torch": torch}
+    watch = _PlainWatch(ns)
+    with watch:
+        exec(cell, ns)
+    return watch.scalars, watch.found, ns
+
+
+def _same(a, b, rel=1e-5) -> bool:
+    if a is None or b is None:
+        return a is b
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    return a == pytest.approx(b, rel=rel, abs=1e-12)
+
+
+# ---- the first NaN/Inf, found in an iteration --limit did not record ---------------------------
+
+
+def test_a_nan_past_the_limit_is_named_with_its_iteration_and_its_inputs_statistics(shell):
+    cell = LOOP.format(lr=DIVERGES)
+    _, found, _ = _plain_loop(cell)
+    iteration, func, kind, (operand,) = found
+    assert iteration >= 3 * limits.DETAIL_LIMIT  # well past the iterations the trace records
+    t = _traced(shell, cell)
+    nf = t.nonfinite
+    assert nf is not None and nf.op == func == "log" and nf.kind == kind
+    assert nf.expr == "torch.log(1 - p)" and t.source_line(nf.line).strip().startswith("loss = -(Y * torch.log(p)")
+    assert nf.run == iteration  # the op's own runs before it: the loop's `i`
+    (inp,) = nf.inputs
+    assert inp.preview.min == operand.min().item() and inp.preview.max == operand.max().item()
+    assert inp.preview.mean == pytest.approx(operand.mean().item(), rel=1e-6)
+    assert inp.preview.norm == pytest.approx(operand.norm().item(), rel=1e-6)
+    assert nf.count == int((~torch.isfinite(torch.log(operand))).sum())
+    assert f"iteration {iteration + 1} of that op" in str(t).splitlines()[1]
+    html = snapshot_html(t, graph=False)
+    assert f'<tr data-record="{nf.record}" id="' in html  # the origin's row, which the banner links to
+    assert "First Inf in forward" in banner_html(t) and "torch.log(1 - p)" in banner_html(t)
+    assert build_payload(t)["debug"]["forward"]["id"] == nf.record
+
+
+def test_the_traced_loop_computes_exactly_what_the_plain_loop_does(shell):
+    cell = LOOP.format(lr=DIVERGES)
+    _, _, plain = _plain_loop(cell)
+    after_plain = torch.rand(3)  # the RNG right after the cell
+    _traced(shell, cell)
+    after_traced = torch.rand(3)
+    traced = shell.user_ns["model"]
+    for a, b in zip(traced.parameters(), plain["model"].parameters()):
+        assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)  # bit for bit, NaN where plain has NaN
+        assert torch.allclose(a.grad, b.grad, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(after_plain, after_traced)  # both seeded 0 in the cell: the same draws after it
+
+
+# ---- the loss and total gradient norm of every backward call ---------------------------------
+
+
+@pytest.mark.parametrize("lr", [DIVERGES, CONVERGES])
+def test_every_iterations_loss_and_gradient_norm_match_plain_torch(shell, lr):
+    cell = LOOP.format(lr=lr)
+    plain, _, _ = _plain_loop(cell)
+    t = _traced(shell, cell)
+    its = t.training()
+    assert [it.index for it in its] == list(range(50)) and len(plain) == 50
+    assert [it.pass_index for it in its] == [0, 1, 2] + [None] * 47  # three recorded, the rest past --limit
+    for it, (loss, norm) in zip(its, plain):
+        assert _same(it.loss, loss, rel=1e-6), (it, loss)
+        assert _same(it.grad_norm, norm), (it, norm)
+        assert it.finite == (math.isfinite(loss) and math.isfinite(norm))
+        assert it.line is not None and t.source_line(it.line).strip() == "loss.backward()"
+    if lr == CONVERGES:
+        assert all(it.finite for it in its) and t.nonfinite is None and t.backward_nonfinite == []
+        assert banner_html(t) == ""  # a finite loop shows no banner
+        assert "am-debug" not in snapshot_html(t, graph=False)
+    else:
+        first = next(k for k, (loss, norm) in enumerate(plain) if not (math.isfinite(loss) and math.isfinite(norm)))
+        assert next(it.index for it in its if not it.finite) == first
+
+
+def test_a_pass_adds_its_own_share_when_gradients_accumulate(shell):
+    plain, _, _ = _plain_loop(ACCUMULATES)
+    t = _traced(shell, ACCUMULATES)
+    its = t.training()
+    assert len(its) == len(plain) == 12
+    for it, (loss, norm) in zip(its, plain):
+        assert _same(it.loss, loss, rel=1e-6) and _same(it.grad_norm, norm)
+
+
+def test_autograd_grad_past_the_limit_counts_what_it_returns(shell):
+    plain, _, _ = _plain_loop(GRAD_LOOP)
+    t = _traced(shell, GRAD_LOOP)
+    its = t.training()
+    assert len(its) == len(plain) == 8 and sum(it.recorded for it in its) == limits.DETAIL_LIMIT
+    for it, (loss, norm) in zip(its, plain):
+        assert _same(it.loss, loss, rel=1e-6) and _same(it.grad_norm, norm)
+
+
+def test_past_the_iteration_bound_calls_are_counted(shell, monkeypatch):
+    monkeypatch.setattr(limits, "TRAIN_ITERATIONS", 5)
+    t = _traced(shell, ACCUMULATES)
+    assert len(t.training()) == 5 and t.iterations_left_out == 7
+    assert any("backward calls" in n for n in t.notes)
+
+
+# ---- the chart --------------------------------------------------------------------------------
+
+
+def test_the_chart_shows_for_two_passes_or_more_and_marks_the_nan(shell):
+    t = _traced(shell, LOOP.format(lr=DIVERGES))
+    html = snapshot_html(t, graph=False)
+    assert "training loop" in html
+    chart = build_payload(t)["debug"]["training"]
+    root = ElementTree.fromstring(chart["svg"])  # well-formed, drawn with presentation attributes only
+    assert "<script" not in chart["svg"] and "style=" not in chart["svg"]
+    assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) >= 2  # loss and gradient norm
+    first = next(it for it in t.training() if not it.finite)
+    assert f"first non-finite at call {first.index + 1}" in chart["summary"]
+    assert chart["svg"].count(f'stroke="#cf222e" stroke-width="1.5"') == 2  # one × per panel: NaN from there on
+
+    single = _traced(shell, "x = torch.tensor([1.0, 2.0], requires_grad=True)\n(x * x).sum().backward()\n")
+    assert len(single.training()) == 1
+    assert "training loop" not in snapshot_html(single, graph=False) and debug_payload(single) is None
+
+
+def test_a_long_run_stays_within_the_charts_bytes():
+    rows = [IterationScalars(index=k, loss=1 / (k + 1), grad_norm=math.exp(-k / 500), pass_index=k if k < 3 else None)
+            for k in range(10_000)]
+    rows[7000].loss = math.nan
+    svg = training_svg(rows)
+    assert len(svg) <= limits.DEBUG_CHART_BYTES
+    ElementTree.fromstring(svg)
+    assert ">7001<" in svg  # the first non-finite call is named on the axis even when sampled
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_device_the_scalars_match_and_nothing_syncs_per_op(shell):
+    cell = LOOP.format(lr=CONVERGES).replace("torch.nn.Linear(2, 1)", "torch.nn.Linear(2, 1).cuda()")
+    cell = cell.replace("X = torch.randn(64, 2)", "X = torch.randn(64, 2).cuda()")
+    plain, _, _ = _plain_loop(cell)
+    t = _traced(shell, cell)
+    for it, (loss, norm) in zip(t.training(), plain):
+        assert _same(it.loss, loss, rel=1e-6) and _same(it.grad_norm, norm, rel=1e-5)
+
+
+# ---- a loop with no backward call: what is kept is checked when the cell ends, or when the window is full ----
+
+NO_BACKWARD = """w = torch.tensor([3.0, 2.5, 4.0])
+for i in range(30):
+    y = torch.log(w - i * 0.1)
+"""
+
+
+@pytest.mark.parametrize("window", [limits.FINITE_WINDOW, 5])
+def test_a_loop_without_backward_is_checked_all_the_same(shell, monkeypatch, window):
+    monkeypatch.setattr(limits, "FINITE_WINDOW", window)
+    _, found, _ = _plain_loop(NO_BACKWARD)
+    iteration, func, kind, (operand,) = found
+    t = _traced(shell, NO_BACKWARD)
+    nf = t.nonfinite
+    assert func == "log" and iteration > limits.DETAIL_LIMIT
+    assert (nf.op, nf.run, nf.kind) == (func, iteration, kind)
+    (inp,) = nf.inputs
+    assert inp.preview.min == operand.min().item() and inp.preview.max == operand.max().item()
+    assert t.training() == []  # no backward call, no chart
+    assert "training loop" not in snapshot_html(t, graph=False)
+
+
+def test_device_scalars_are_read_back_together():
+    from autograd_magic.capture.finite import DeferredScalars, LeafNorms
+
+    got = {}
+    deferred = DeferredScalars()
+    deferred.later(torch.tensor(2.5), lambda v: got.setdefault("a", v))
+    deferred.later(torch.tensor([7.0], dtype=torch.float16), lambda v: got.setdefault("b", v))
+    norms = LeafNorms()
+    for g in (torch.randn(4, 3).t(), torch.randn(5)):
+        norms.add(g)
+    norms.norm(deferred, lambda v: got.setdefault("norm", v))
+    assert "a" not in got and "norm" in got  # CPU gradients: their norm now; the deferred ones wait
+    deferred.read()
+    assert got["a"] == 2.5 and got["b"] == 7.0
