@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from autograd_magic import limits
 from autograd_magic.data.debug import IterationScalars
+from autograd_magic.explain.debug import ordinal
 from autograd_magic.render.debug import banner_html, debug_payload, training_svg
 from autograd_magic.render.payload import build_payload
 from autograd_magic.render.snapshot import snapshot_html
@@ -139,7 +140,7 @@ def test_a_nan_past_the_limit_is_named_with_its_iteration_and_its_inputs_statist
     assert inp.preview.mean == pytest.approx(operand.mean().item(), rel=1e-6)
     assert inp.preview.norm == pytest.approx(operand.norm().item(), rel=1e-6)
     assert nf.count == int((~torch.isfinite(torch.log(operand))).sum())
-    assert f"iteration {iteration + 1} of that op" in str(t).splitlines()[1]
+    assert f"the {ordinal(iteration + 1)} time it ran" in str(t).splitlines()[1]
     html = snapshot_html(t, graph=False)
     assert f'<tr data-record="{nf.record}" id="' in html  # the origin's row, which the banner links to
     assert "First Inf in forward" in banner_html(t) and "torch.log(1 - p)" in banner_html(t)
@@ -286,3 +287,8 @@ def test_device_scalars_are_read_back_together():
     assert "a" not in got and "norm" in got  # CPU gradients: their norm now; the deferred ones wait
     deferred.read()
     assert got["a"] == 2.5 and got["b"] == 7.0
+
+
+@pytest.mark.parametrize("n,word", [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"), (12, "12th"), (13, "13th"), (21, "21st"), (35, "35th"), (112, "112th")])
+def test_ordinals(n, word):
+    assert ordinal(n) == word

@@ -342,13 +342,19 @@ def number(x: Optional[float]) -> str:
     return f"{x:.3g}"
 
 
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, 11th, 12th, 13th, 21st, 35th."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def origin_sentence(nf: NonFinite) -> str:
     """'First NaN in forward: `torch.log(z)` on line 4 (op log, 2 of 3 elements)'."""
     named = nf.expr and nf.label not in (nf.expr, nf.op)
     what = f"`{nf.label} = {nf.expr}`" if named else f"`{nf.expr or nf.label}`"
     where = f" on line {nf.line}" if nf.line is not None else ""
     if nf.run is not None:
-        where += f" (iteration {nf.run + 1} of that op, past --limit: found by its finiteness check)"
+        where += f" (the {ordinal(nf.run + 1)} time it ran, past --limit: found by its finiteness check)"
     elif nf.occurrence:
         where += f" (run {nf.occurrence + 1} of that line)"
     details = [f"op {nf.op}"]

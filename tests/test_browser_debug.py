@@ -1,0 +1,75 @@
+"""Debugging a training cell in real JupyterLab: where the first NaN came from, and the loop's chart.
+
+A 50-iteration logistic-regression loop with a learning rate that diverges: `torch.log(1 - p)`
+turns -inf in an iteration past `--limit`. The view names that op at its top; its link selects
+the tensor's row; the training-loop chart and the gradient-flow chart are drawn (through the
+page's SVG sanitizer). Which iteration goes non-finite first comes from plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from autograd_magic.explain.debug import ordinal
+from browser_util import jupyter_server, run_all, wait_kernel_ready, write_notebook
+
+pytestmark = pytest.mark.browser
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+TIMEOUT = 60_000
+LOOP = """torch.manual_seed(0)
+model = torch.nn.Linear(2, 1)
+X = torch.randn(64, 2)
+Y = (X[:, :1] + X[:, 1:] > 0).float()
+opt = torch.optim.SGD(model.parameters(), lr=4.0)
+for i in range(50):
+    opt.zero_grad()
+    p = torch.sigmoid(model(X))
+    loss = -(Y * torch.log(p) + (1 - Y) * torch.log(1 - p)).mean()
+    loss.backward()
+    opt.step()
+"""
+
+
+def _first_nonfinite_iteration() -> int:
+    ns: dict = {"torch": torch}
+    code = LOOP.replace("    loss.backward()", "    if not torch.isfinite(loss): break\n    loss.backward()")
+    exec(code, ns)
+    return ns["i"]
+
+
+def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path_factory):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    root = tmp_path_factory.mktemp("debug")
+    write_notebook(root / "train.ipynb", ["%load_ext autograd_magic\nimport torch", "%%autograd\n" + LOOP])
+    first = _first_nonfinite_iteration()
+    assert first > 3  # past the default --limit: the op ran unrecorded then
+    with jupyter_server(root, tmp_path_factory.mktemp("state")) as server:
+        page = browser.new_page()
+        try:
+            page.goto(server.page_url("lab", "train.ipynb"))
+            wait_kernel_ready(page)
+            run_all(page)
+            view = page.locator(".jp-OutputArea-output .agm-root").first
+            banner = view.locator(".agm-debug-nf").first
+            banner.wait_for(timeout=TIMEOUT)
+            text = banner.inner_text()
+            assert re.search(r"inf|NaN", text, re.I) and "log" in text, text
+            # the iteration plain PyTorch finds first (i counts from 0; the view says "the 35th time it ran")
+            assert f"the {ordinal(first + 1)} time it ran" in text, text
+            link = banner.locator("button.agm-debug-link").first
+            link.click()
+            view.locator("tr.agm-row.agm-selected").first.wait_for(timeout=TIMEOUT)
+            assert "log" in view.locator(".agm-detail").inner_text()
+            chart = view.locator("details.agm-training svg")
+            chart.first.wait_for(timeout=TIMEOUT)
+            assert view.locator("details.agm-flow svg").count() >= 1
+            assert view.locator("script").count() == 0
+            view.scroll_into_view_if_needed()
+            view.screenshot(path=str(SCREENSHOTS / "lab_debug_training.png"))
+        finally:
+            page.close()
