@@ -102,6 +102,7 @@ DEBUG_PASSES = 3  # backward passes whose first non-finite gradient the banner n
 
 # ---- debugging a training loop past --limit (capture/finite.py, render/debug.py, issue 16, second landing) ----
 FINITE_WINDOW = 4_096  # ops past --limit kept for the NaN/Inf search between two backward calls; past it they are checked at once
+FINITE_WINDOW_BYTES = 64 << 20  # ... and the bytes of their outputs the window may keep alive (an inference loop has no backward call)
 TRAIN_ITERATIONS = 10_000  # backward calls whose loss and gradient norm are kept; later ones are counted
 DEBUG_CHART_POINTS = 300  # points per line of the training chart; more iterations are sampled (non-finite ones kept)
 DEBUG_CHART_BYTES = 9_000  # the training chart's SVG; past it fewer points are drawn

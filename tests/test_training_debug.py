@@ -292,3 +292,21 @@ def test_device_scalars_are_read_back_together():
 @pytest.mark.parametrize("n,word", [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"), (12, "12th"), (13, "13th"), (21, "21st"), (35, "35th"), (112, "112th")])
 def test_ordinals(n, word):
     assert ordinal(n) == word
+
+
+def test_the_window_keeps_a_bounded_number_of_bytes_alive(shell, monkeypatch):
+    """An inference loop has no backward call to empty the window: the outputs it keeps for the
+    NaN/Inf search are checked and let go once they reach FINITE_WINDOW_BYTES, so the loop's
+    tensors die as they would in a plain run, and the first NaN/Inf is found all the same."""
+    monkeypatch.setattr(limits, "FINITE_WINDOW_BYTES", 1 << 16)
+    shell.run_cell("import torch, weakref\nrefs, most = [], 0")
+    body = ("with torch.no_grad():\n    for i in range(40):\n        h = torch.ones(256, 64) * i\n"
+            "        refs.append(weakref.ref(h))\n        most = max(most, sum(r() is not None for r in refs))\n")
+    with capture_output():
+        shell.run_cell("%%autograd --quiet\n" + body)
+    window = (1 << 16) // (256 * 64 * 4)  # outputs of 64 KB: one window's worth
+    assert shell.user_ns["most"] <= window + 2, shell.user_ns["most"]  # and the `h` being made
+    _, found, _ = _plain_loop(NO_BACKWARD)
+    iteration, func, kind, _ = found
+    nf = _traced(shell, NO_BACKWARD).nonfinite
+    assert (nf.op, nf.run, nf.kind) == (func, iteration, kind)

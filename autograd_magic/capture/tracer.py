@@ -166,6 +166,7 @@ class Tracer:
         # that call's loss is not finite (issue 16; see `check_window`), until the first is found
         self._watching = True
         self._window: list[tuple] = []
+        self._window_bytes = 0  # what the window keeps alive: bounded, or an inference loop would hold every output
 
     # ---- lifecycle ----
     def start(self) -> "Tracer":
@@ -395,7 +396,8 @@ class Tracer:
                 self._window.append((func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
                                      module, site, count, torch.is_grad_enabled(),
                                      [compat.version_of(t) for t in outs]))
-                if len(self._window) >= limits.FINITE_WINDOW:
+                self._window_bytes += sum(t.numel() * t.element_size() for t in outs)
+                if len(self._window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
                     self.check_window()
             first = site[1]
             # later uses link to the loop's first record of this site; an in-place op's tensor is
@@ -434,6 +436,7 @@ class Tracer:
         try:
             if self.loss_is_finite(roots):
                 self._window.clear()
+                self._window_bytes = 0
             else:
                 self.check_window()
         except Exception as exc:
@@ -443,7 +446,7 @@ class Tracer:
     def check_window(self) -> None:
         """Check each kept op's outputs in the order they ran; record the first that holds a NaN
         or an Inf in full, with its inputs as they are now (unchanged since, by their versions)."""
-        window, self._window = self._window, []
+        window, self._window, self._window_bytes = self._window, [], 0
         try:
             for entry in window:
                 (func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count,
