@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+from IPython.utils.capture import capture_output
 from torch.overrides import TorchFunctionMode
 
 from fuzz_programs import fresh_shell, run
@@ -541,3 +542,20 @@ def test_no_tensor_kept_alive(ipy, magic):
     ipy.run_cell("del x, y, z", store_history=False)
     gc.collect()
     assert [r() is None for r in ipy.user_ns["refs"]] == [True] * 4
+
+
+def test_a_users_mode_sees_none_of_the_nan_search_past_the_limit(ipy):
+    """Past --limit the tracer keeps a loop's ops and searches them for the first NaN/Inf: reading
+    their sizes, versions and values must not reach a mode of the user's (it sees a plain run's ops)."""
+    loop = ("h = torch.ones(3)\nfor i in range(8):\n    h = h * 2\n"
+            "h = h / torch.zeros(3)\nfor i in range(6):\n    h = h + 1\n")
+    seen = {}
+    for traced in (False, True):
+        mode = _Counting()
+        with mode:
+            with capture_output():
+                result = ipy.run_cell(("%%autograd --quiet -o nan_trace\n" if traced else "") + loop)
+        assert result.success, result.error_in_exec
+        seen[traced] = list(mode.calls)
+    assert seen[True] == seen[False]
+    assert ipy.user_ns["nan_trace"].nonfinite is not None  # the search ran, and found the Inf

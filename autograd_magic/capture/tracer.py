@@ -386,19 +386,10 @@ class Tracer:
         if count >= self.detail_limit and key is not None:
             # The fast path of a loop's later runs: no preview, only a finiteness check until
             # the first NaN/Inf (how many ran is read off `_site_runs` at the end).
-            if self._watching and outs and not outs[0].is_cpu:
-                self._watching = False  # a device value read on the host would wait for the device at each op
-                self.note(f"ops past the limit on {outs[0].device.type} are not checked for NaN/Inf (that would wait "
-                          "for the device); the loss and gradient norm of each iteration still are")
             if self._watching:
-                # kept (the op's inputs and outputs, a reference each) until the next backward call
-                # says whether its loss is finite: a cheap append, where checking each op costs more
-                self._window.append((func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
-                                     module, site, count, torch.is_grad_enabled(),
-                                     [compat.version_of(t) for t in outs]))
-                self._window_bytes += sum(t.numel() * t.element_size() for t in outs)
-                if len(self._window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
-                    self.check_window()
+                with compat.no_torch_function():  # our reads (device, size, version) are not the user's ops
+                    self._keep_for_nan_search(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
+                                              module, site, count)
             first = site[1]
             # later uses link to the loop's first record of this site; an in-place op's tensor is
             # not the loop's value (init_ over a module's parameters): it keeps a record of its own
@@ -412,6 +403,22 @@ class Tracer:
                     self._by_tensor[id(t)] = (weakref.ref(t), first)
             return self._maybe_detach(span, None, out) if self._detaching else out
         return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site)
+
+    def _keep_for_nan_search(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
+                             module, site, count) -> None:
+        """A later run's op, kept (its inputs and outputs, a reference each) until the next backward
+        call says whether its loss is finite: a cheap append, where checking each op costs more."""
+        if outs and not outs[0].is_cpu:
+            self._watching = False  # a device value read on the host would wait for the device at each op
+            self.note(f"ops past the limit on {outs[0].device.type} are not checked for NaN/Inf (that would wait "
+                      "for the device); the loss and gradient norm of each iteration still are")
+            return
+        self._window.append((func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
+                             module, site, count, torch.is_grad_enabled(),
+                             [compat.version_of(t) for t in outs]))
+        self._window_bytes += sum(t.numel() * t.element_size() for t in outs)
+        if len(self._window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
+            self.check_window()
 
     def loss_is_finite(self, roots) -> bool:
         """Whether the tensors a backward call differentiates hold only finite values (CPU ones;
@@ -434,7 +441,9 @@ class Tracer:
         if not self._window:
             return
         try:
-            if self.loss_is_finite(roots):
+            with compat.no_torch_function():  # our reads of the loss are not the user's ops
+                finite = self.loss_is_finite(roots)
+            if finite:
                 self._window.clear()
                 self._window_bytes = 0
             else:
@@ -448,19 +457,23 @@ class Tracer:
         or an Inf in full, with its inputs as they are now (unchanged since, by their versions)."""
         window, self._window, self._window_bytes = self._window, [], 0
         try:
-            for entry in window:
-                (func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count,
-                 grad_enabled, versions) = entry
-                if func_name in UNINITIALISED:  # leftover memory, not a value anyone computed
-                    continue
-                for t, v in zip(outs, versions):
-                    if checkable(t) and compat.version_of(t) == v and holds_nonfinite(t):
-                        self._watching = False  # the first one of the cell's later runs
-                        self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
-                                        module, site, past_limit=count, grad_enabled=grad_enabled)
-                        return
+            with compat.no_torch_function():  # our reads are not the user's ops (a mode of theirs may be on)
+                self._search_window(window)
         except Exception as exc:
             self._drop_window(exc)
+
+    def _search_window(self, window: list) -> None:
+        for entry in window:
+            (func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count,
+             grad_enabled, versions) = entry
+            if func_name in UNINITIALISED:  # leftover memory, not a value anyone computed
+                continue
+            for t, v in zip(outs, versions):
+                if checkable(t) and compat.version_of(t) == v and holds_nonfinite(t):
+                    self._watching = False  # the first one of the cell's later runs
+                    self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
+                                    module, site, past_limit=count, grad_enabled=grad_enabled)
+                    return
 
     def _drop_window(self, exc: Exception) -> None:
         self._watching = False
