@@ -530,8 +530,8 @@ class Tracer:
             if key is not None and site[1] is None:
                 site[1] = rec.id
             self._add(rec, t)
-        if past_limit is not None:
-            return self._maybe_detach(span, None, out) if self._detaching else out
+        if past_limit is not None:  # found after the fact: the cell already has this op's output
+            return out
         if self._replacers and isinstance(out, torch.Tensor):
             for iv in self._replacers:
                 replaced = iv.replace_output(self.trace.records[-1], out)

@@ -226,31 +226,18 @@ def _finite(x) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def _point(runs: Runs, out: Record, inp: ScalarInput, x: float, values: dict, weighted: bool) -> tuple:
-    """(y, slope, why) at input = x, the other inputs at `values`."""
-    rec = runs.trace.records[inp.record]
-    probe = _Probe(out, [rec])
-    result: dict = {}
-
-    def measure(p: _Probe, trace: Trace) -> None:
-        f = _scalar_of(p, p.v if weighted else None)
-        if f is None:
-            return
-        result["y"] = _finite(f.detach())
-        leaf = p.leaves.get(inp.record)
-        if f.requires_grad and leaf is not None and leaf.requires_grad:
-            (g,) = torch.autograd.grad(f, leaf, retain_graph=True, allow_unused=True)
-            result["slope"] = _finite(g) if g is not None else 0.0
-
-    probe.after_run = measure
+def _point(runs: Runs, out: Record, inp: ScalarInput, x: float, values: dict) -> tuple:
+    """(y, slope, why) at input = x, the other inputs at `values`: measured as a variant's point is."""
+    probe = measure_at(out, [inp], runs.trace)
     trace = runs.run(probe, {**values, inp.record: float(x)})
+    y, slope = probe.at.get(inp.record, (None, None))
     if trace.error is not None:
-        return result.get("y"), result.get("slope"), f"{trace.error.type}: {trace.error.message}"
+        return y, slope, f"{trace.error.type}: {trace.error.message}"
     if probe.error:
-        return result.get("y"), result.get("slope"), probe.error
-    if "y" not in result:
+        return y, slope, probe.error
+    if inp.record not in probe.at:
         return None, None, f"the re-run did not compute {out.label} again"
-    return result["y"], result.get("slope"), ""
+    return y, slope, ""
 
 
 def _path_keys(trace: Trace, out: Record, inp: Record) -> Optional[list[tuple]]:
@@ -317,15 +304,14 @@ def curve(runs: Runs, out: Record, inp: ScalarInput, values: dict, budget: float
           known: Optional[tuple] = None) -> Curve:
     """The output against `inp` over its grid; `known` = (y, slope) at x0 from the run shown, if any."""
     c = Curve(input=inp.record, input_label=inp.label, output=out.id, output_label=out.label, xs=grid(inp), h=inp.step)
-    weighted = _uses_gradient(runs.trace, out)
     batched = _batched(runs, out, inp, c.xs, values)
     if batched is not None:
         ys, slopes = batched
         # checked against the run at x0: the real run's own value when known (no run needed), else point runs
         # at x0 and at one end. A batched op that mixes points (softmax, cumsum) changes the value at x0.
         ok = _close(ys[STEPS], known[0]) if known is not None else (
-            _close(ys[STEPS], _point(runs, out, inp, c.xs[STEPS], values, weighted)[0])
-            and _close(ys[0], _point(runs, out, inp, c.xs[0], values, weighted)[0]))
+            _close(ys[STEPS], _point(runs, out, inp, c.xs[STEPS], values)[0])
+            and _close(ys[0], _point(runs, out, inp, c.xs[0], values)[0]))
         if ok:
             c.ys, c.slopes, c.batched = ys, slopes, True
             return c
@@ -336,7 +322,7 @@ def curve(runs: Runs, out: Record, inp: ScalarInput, values: dict, budget: float
     for i in _coarse_to_fine(n):  # a slow cell's budget still spans the whole range, only coarser
         if time.perf_counter() > deadline:
             break
-        y, slope, why = _point(runs, out, inp, c.xs[i], values, weighted)
+        y, slope, why = _point(runs, out, inp, c.xs[i], values)
         c.ys[i], c.slopes[i] = y, slope
         if why:
             failed.append((c.xs[i], why))
@@ -376,9 +362,8 @@ def _at(c: Curve, x0: float, y0: Optional[float], slope: Optional[float], runs: 
     if abs(i - j) < 1e-6 and 1 <= j <= len(c.xs) - 2:
         lo, hi = c.ys[j - 1], c.ys[j + 1]
     else:
-        weighted = _uses_gradient(runs.trace, out)
-        lo = _point(runs, out, inp, x0 - inp.step, values, weighted)[0]
-        hi = _point(runs, out, inp, x0 + inp.step, values, weighted)[0]
+        lo = _point(runs, out, inp, x0 - inp.step, values)[0]
+        hi = _point(runs, out, inp, x0 + inp.step, values)[0]
     if lo is not None and hi is not None:
         c.secant = (hi - lo) / (2 * inp.step)
     return c
@@ -536,9 +521,9 @@ def _curve_at(runs: Runs, out: Record, inp: ScalarInput, now: dict, at: Optional
         y0 = known[0] if known is not None else base.ys[j]
         slope = base.slopes[j] if base.slopes else None
         if slope is None or (not base.batched and y0 is None):
-            y0, slope, _ = _point(runs, out, inp, x0, others, _uses_gradient(runs.trace, out))
+            y0, slope, _ = _point(runs, out, inp, x0, others)
     else:
-        y0, slope, _ = _point(runs, out, inp, x0, others, _uses_gradient(runs.trace, out))
+        y0, slope, _ = _point(runs, out, inp, x0, others)
     return _at(base, x0, y0, slope, runs, out, inp, others)
 
 
