@@ -39,7 +39,7 @@ class Tracer(Protocol):
     source_map: Any
 
     def note(self, text: str) -> None: ...
-    def before_backward(self, roots) -> None: ...
+    def before_backward(self, roots, loss: Optional[float] = None) -> None: ...
     def site(self, func_name: str) -> tuple: ...
     def record_of(self, t: torch.Tensor) -> Optional[int]: ...
     def record_for(self, t: torch.Tensor, name: Optional[str] = None, from_earlier: bool = False) -> int: ...
@@ -103,7 +103,7 @@ class BackwardRecorder:
     def run(self, func, args, kwargs):
         tracer = self.tracer
         span, _ = tracer.site(getattr(func, "__name__", ""))
-        tracer.before_backward(self._arguments(func, args, kwargs)[0])
+        roots, inputs, gradient, retain = self._arguments(func, args, kwargs)
         count = self._site_counts.get(span, 0)
         self._site_counts[span] = count + 1
         if count >= tracer.detail_limit and span is not None:
@@ -111,9 +111,12 @@ class BackwardRecorder:
             if count == tracer.detail_limit:
                 tracer.note(f"backward on line {span[0]} ran more than {tracer.detail_limit} times: later passes were not recorded")
             entry = self._iteration(span, None)
-            return func(*args, **kwargs) if entry is None else self._run_unrecorded(func, args, kwargs, entry)
+            if entry is None:
+                tracer.before_backward(roots)
+                return func(*args, **kwargs)
+            return self._run_unrecorded(func, args, kwargs, roots, entry)
+        tracer.before_backward(roots)
         kind = "grad" if func is torch.autograd.grad else "backward"
-        roots, inputs, gradient, retain = self._arguments(func, args, kwargs)
         p = BackwardPass(
             index=len(tracer.trace.passes),
             kind=kind,
@@ -191,7 +194,7 @@ class BackwardRecorder:
         trace.iterations.append(entry)
         return entry
 
-    def _run_unrecorded(self, func, args, kwargs, entry: IterationScalars):
+    def _run_unrecorded(self, func, args, kwargs, roots: tuple, entry: IterationScalars):
         """A pass past the limit: run as called; the loss is the root's value, and the gradient
         norm is over what the leaves received. After `zero_grad()` (every known leaf's `.grad`
         None) that is each leaf's `.grad` afterwards, read with no hook at all; otherwise
@@ -203,9 +206,13 @@ class BackwardRecorder:
         grad_call = func is torch.autograd.grad
         after: list = []
         try:
-            roots, _, _, _ = self._arguments(func, args, kwargs)
+            # the loss, read once: the NaN search past the limit asks whether it is finite
+            self._loss(roots, entry)
+        finally:
+            self.tracer.before_backward(roots, entry.loss)
+        try:
             after = [] if grad_call else self._leaves_without_grad()
-            self._loss_and_hooks(roots, entry, norms, None if grad_call or after else handles)
+            self._hooks(roots, norms, None if grad_call or after else handles)
         except Exception as exc:  # bookkeeping only: the pass runs the same without it
             for h in handles:
                 h.remove()
@@ -236,8 +243,14 @@ class BackwardRecorder:
         return leaves
 
     @quietly
-    def _loss_and_hooks(self, roots, entry: IterationScalars, norms: LeafNorms, handles: Optional[list]) -> None:
-        loss_value(roots, self.deferred, lambda v: setattr(entry, "loss", v))
+    def _loss(self, roots, entry: IterationScalars) -> None:
+        try:
+            loss_value(roots, self.deferred, lambda v: setattr(entry, "loss", v))
+        except Exception as exc:  # bookkeeping only: the pass runs the same without it
+            self.tracer.note(f"the loss of a pass past the limit was not kept: {type(exc).__name__}: {exc}")
+
+    @quietly
+    def _hooks(self, roots, norms: LeafNorms, handles: Optional[list]) -> None:
         if handles is None:  # autograd.grad: what it returns is the pass's gradient
             return
         hook = self._leaf_norm(norms)
@@ -269,10 +282,8 @@ class BackwardRecorder:
 
     @quietly
     def _finish_norms(self, norms: LeafNorms, entry: IterationScalars, results, leaves: list) -> None:
-        for g in _as_tuple(results):
-            norms.add(g)
-        for t in leaves:  # each had no .grad before the pass: what it holds now is what it received
-            norms.add(t.grad)
+        # the leaves each had no .grad before the pass: what they hold now is what they received
+        norms.add_all([*_as_tuple(results), *(t.grad for t in leaves)])
         norms.norm(self.deferred, lambda v: setattr(entry, "grad_norm", v))
 
     def finish_iterations(self) -> None:

@@ -38,6 +38,23 @@ def version_of(t: torch.Tensor) -> Optional[int]:
         return None
 
 
+def versions_of(tensors) -> list:
+    """`version_of` of each tensor, in one try (the loop's hot path)."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return [version_of(t) for t in tensors]
+
+
+def foreach_norms(tensors: list) -> Optional[list[float]]:
+    """The 2-norm of each tensor (same device and dtype), in one call: torch's `_foreach_norm`,
+    in the tensors' own dtype (so an overflow reads inf). None where torch has no such call."""
+    fn = getattr(torch, "_foreach_norm", None)
+    if fn is None:
+        return None
+    return torch.stack(fn(tensors)).tolist()
+
+
 def set_version(t: torch.Tensor, version: int) -> None:
     """Give `t` back a version counter value (graphs saved it at that version). No-op if torch can't."""
     setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)

@@ -67,6 +67,37 @@ def _is_stale(mode) -> bool:
     return isinstance(mode, _Mode) and mode.stale
 
 
+# What a torch function is to the mode, decided once per function object: most calls in a
+# training loop are attribute reads (`p.grad`) and writes, which need one dict lookup, not five checks.
+_OP, _GET, _PASS, _BACKWARD = 0, 1, 2, 3
+_BACKWARD_FUNCS = (torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad)
+_KINDS: dict = {}
+_KINDS_MAX = 8192  # functions made on the fly (rare) are classified each time past this
+
+
+def _call_kind(func) -> tuple[int, str]:
+    try:
+        return _KINDS[func]
+    except (KeyError, TypeError):  # new, or unhashable
+        pass
+    name = getattr(func, "__name__", "")
+    if any(func is f for f in _BACKWARD_FUNCS):
+        kind = _BACKWARD
+    elif name in NOT_OPS:
+        kind = _PASS
+    elif name == "__get__":
+        kind = _GET
+    else:
+        kind = _OP
+    entry = (kind, name)
+    if len(_KINDS) < _KINDS_MAX:
+        try:
+            _KINDS[func] = entry
+        except TypeError:
+            pass
+    return entry
+
+
 class _Mode(TorchFunctionMode):
     def __init__(self, tracer: "Tracer"):
         super().__init__()
@@ -74,22 +105,22 @@ class _Mode(TorchFunctionMode):
         self.stale = False  # set once its run ended: it must never record again
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         tracer = self.tracer
         # stale: pushed back after its run by a late finalizer, inert until purged;
         # busy: the tracer's own work (previews, naming) is not the user's
         if self.stale or tracer.busy:
-            return func(*args, **kwargs)
+            return func(*args, **(kwargs or {}))
         tracer.calls += 1
-        if func in tracer.backward_funcs:
-            return tracer.backward.run(func, args, kwargs)
-        name = getattr(func, "__name__", "")
-        if name in NOT_OPS:
+        kind, name = _call_kind(func)
+        kwargs = kwargs or {}
+        if kind == _PASS:
             return func(*args, **kwargs)
+        if kind == _BACKWARD:
+            return tracer.backward.run(func, args, kwargs)
         out = func(*args, **kwargs)
         # Fast exits for what is not a new tensor: attribute reads (p.grad, .shape)
         # and non-tensor results are most calls in an optimizer step.
-        if name == "__get__":
+        if kind == _GET:
             if type(out) is not torch.Tensor:
                 return out
             if _stack_len() == 0:  # ours is off the stack in here: nothing would see the read
@@ -99,9 +130,10 @@ class _Mode(TorchFunctionMode):
                     fn = grad_fn_name(out)
             if fn is None:
                 return out
-        if out is None and not name.endswith("_"):
-            return out
-        if not isinstance(out, (torch.Tensor, tuple, list)) and out is not None:
+        elif out is None:
+            if not name.endswith("_"):
+                return out
+        elif not isinstance(out, (torch.Tensor, tuple, list)):
             return out
         try:
             return tracer.on_op(func, name, args, kwargs, out)
@@ -145,7 +177,6 @@ class Tracer:
         self.earlier = earlier
         self.brought: dict[tuple[int, int], int] = {}  # (cell, its record id) -> record id here
         self._refs_at_end: dict[int, weakref.ref] = {}
-        self.backward_funcs = {torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad}
         self.backward = BackwardRecorder(self)
         self._by_tensor: dict[int, tuple[weakref.ref, int]] = {}
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
@@ -386,10 +417,13 @@ class Tracer:
         if count >= self.detail_limit and key is not None:
             # The fast path of a loop's later runs: no preview, only a finiteness check until
             # the first NaN/Inf (how many ran is read off `_site_runs` at the end).
-            if self._watching:
-                with compat.no_torch_function():  # our reads (device, size, version) are not the user's ops
-                    self._keep_for_nan_search(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
-                                              module, site, count)
+            if self._watching and outs:
+                entry = (func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count)
+                if _stack_len() == 0:  # ours is off the stack in here: nothing would see our reads
+                    self._keep_for_nan_search(entry, outs)
+                else:
+                    with compat.no_torch_function():  # our reads (device, size, version) are not the user's ops
+                        self._keep_for_nan_search(entry, outs)
             first = site[1]
             # later uses link to the loop's first record of this site; an in-place op's tensor is
             # not the loop's value (init_ over a module's parameters): it keeps a record of its own
@@ -404,25 +438,27 @@ class Tracer:
             return self._maybe_detach(span, None, out) if self._detaching else out
         return self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site)
 
-    def _keep_for_nan_search(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
-                             module, site, count) -> None:
+    def _keep_for_nan_search(self, entry: tuple, outs: list) -> None:
         """A later run's op, kept (its inputs and outputs, a reference each) until the next backward
         call says whether its loss is finite: a cheap append, where checking each op costs more."""
-        if outs and not outs[0].is_cpu:
+        first = outs[0]
+        if not first.is_cpu:
             self._watching = False  # a device value read on the host would wait for the device at each op
-            self.note(f"ops past the limit on {outs[0].device.type} are not checked for NaN/Inf (that would wait "
+            self.note(f"ops past the limit on {first.device.type} are not checked for NaN/Inf (that would wait "
                       "for the device); the loss and gradient norm of each iteration still are")
             return
-        self._window.append((func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
-                             module, site, count, torch.is_grad_enabled(),
-                             [compat.version_of(t) for t in outs]))
-        self._window_bytes += sum(t.numel() * t.element_size() for t in outs)
-        if len(self._window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
+        window = self._window
+        window.append((entry, torch.is_grad_enabled(), compat.versions_of(outs)))
+        self._window_bytes += first.nbytes if len(outs) == 1 else sum(t.nbytes for t in outs)
+        if len(window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
             self.check_window()
 
-    def loss_is_finite(self, roots) -> bool:
+    def loss_is_finite(self, roots, loss: Optional[float] = None) -> bool:
         """Whether the tensors a backward call differentiates hold only finite values (CPU ones;
-        a device tensor is not read here: that would wait for the device)."""
+        a device tensor is not read here: that would wait for the device). `loss`: the value of
+        the single one-element root, already read."""
+        if loss is not None and len(roots) == 1:
+            return math.isfinite(loss)
         for t in roots:
             if not isinstance(t, torch.Tensor) or not checkable(t):
                 continue
@@ -434,7 +470,7 @@ class Tracer:
         return True
 
     @quietly
-    def before_backward(self, roots) -> None:
+    def before_backward(self, roots, loss: Optional[float] = None) -> None:
         """Called as each backward call starts: the ops past the limit since the previous one are
         searched for the first NaN/Inf when this call's loss is not finite, else let go. A NaN or
         an Inf that reaches the loss is found in the iteration where it first does."""
@@ -442,7 +478,7 @@ class Tracer:
             return
         try:
             with compat.no_torch_function():  # our reads of the loss are not the user's ops
-                finite = self.loss_is_finite(roots)
+                finite = self.loss_is_finite(roots, loss)
             if finite:
                 self._window.clear()
                 self._window_bytes = 0
@@ -463,9 +499,8 @@ class Tracer:
             self._drop_window(exc)
 
     def _search_window(self, window: list) -> None:
-        for entry in window:
-            (func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count,
-             grad_enabled, versions) = entry
+        for entry, grad_enabled, versions in window:
+            func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count = entry
             if func_name in UNINITIALISED:  # leftover memory, not a value anyone computed
                 continue
             for t, v in zip(outs, versions):
