@@ -74,6 +74,7 @@ class _PlainWatch(TorchFunctionMode):
     def __init__(self, ns: dict):
         super().__init__()
         self.ns, self.found, self.scalars = ns, None, []
+        self.counts: dict[str, int] = {}  # differentiable outputs made so far, per op name
 
     def _leaves(self):
         if "model" in self.ns:
@@ -100,7 +101,11 @@ class _PlainWatch(TorchFunctionMode):
                     inputs = [a.detach().clone() for a in args if isinstance(a, torch.Tensor)]
                     kind = "nan" if torch.isnan(t).any() else "inf"
                     self.found = (self.ns.get("i"), func.__name__, kind, inputs)
+                    self.runs_before = self.counts.get(func.__name__, 0)
+                    self.backward_calls_before = len(self.scalars)
                     break
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                self.counts[func.__name__] = self.counts.get(func.__name__, 0) + 1
         return out
 
 
@@ -145,6 +150,36 @@ def test_a_nan_past_the_limit_is_named_with_its_iteration_and_its_inputs_statist
     assert f'<tr data-record="{nf.record}" id="' in html  # the origin's row, which the banner links to
     assert "First Inf in forward" in banner_html(t) and "torch.log(1 - p)" in banner_html(t)
     assert build_payload(t)["debug"]["forward"]["id"] == nf.record
+
+
+# an op that runs four times per iteration: its runs and the loop's iterations differ
+INNER_STEPS = """torch.manual_seed(0)
+w = torch.tensor([0.5], requires_grad=True)
+for i in range(8):
+    h = torch.ones(1)
+    for k in range(4):
+        h = h + torch.exp(w * 3)
+    loss = h.sum()
+    loss.backward()
+    with torch.no_grad():
+        w += 10.0
+"""
+
+
+def test_a_nan_past_the_limit_names_the_loop_iteration_apart_from_the_op_s_own_runs(shell):
+    ns: dict = {"torch": torch}
+    watch = _PlainWatch(ns)
+    with watch:
+        exec(INNER_STEPS, ns)
+    i, func, kind, _ = watch.found
+    assert func == "exp" and kind == "inf" and watch.runs_before > 3 * watch.backward_calls_before > 0
+    t = _traced(shell, INNER_STEPS)
+    nf = t.nonfinite
+    assert nf is not None and nf.op == "exp" and nf.expr == "torch.exp(w * 3)"
+    assert nf.run == watch.runs_before  # exp's own runs before it: four per iteration
+    assert nf.iteration == watch.backward_calls_before == i  # the backward calls before it: the loop's `i`
+    line = str(t).splitlines()[1]
+    assert f"the {ordinal(watch.runs_before + 1)} time it ran, in iteration {i + 1} of the loop" in line, line
 
 
 def test_the_traced_loop_computes_exactly_what_the_plain_loop_does(shell):

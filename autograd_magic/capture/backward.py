@@ -32,6 +32,7 @@ class Tracer(Protocol):
 
     trace: Trace
     calls: int
+    backward_calls: int
     detail_limit: int
     keeps_graphs: bool
     earlier: Any
@@ -102,6 +103,7 @@ class BackwardRecorder:
     # ---- the call itself ----
     def run(self, func, args, kwargs):
         tracer = self.tracer
+        tracer.backward_calls += 1
         span, _ = tracer.site(getattr(func, "__name__", ""))
         roots, inputs, gradient, retain = self._arguments(func, args, kwargs)
         count = self._site_counts.get(span, 0)

@@ -187,6 +187,7 @@ class Tracer:
         self._noted: set[str] = set()
         self.busy = False
         self.calls = 0  # the traced code's torch calls so far: what may have touched a tensor
+        self.backward_calls = 0  # backward calls so far: the loop iteration an op runs in
         self._final_names: dict[int, str] = {}
         self.final_namespace: Optional[dict] = None  # set by trace() to name records at the end
         # device tensors' previews: reduced on the device, read back in batches (no sync per op)
@@ -448,7 +449,7 @@ class Tracer:
                       "for the device); the loss and gradient norm of each iteration still are")
             return
         window = self._window
-        window.append((entry, torch.is_grad_enabled(), compat.versions_of(outs)))
+        window.append((entry, torch.is_grad_enabled(), compat.versions_of(outs), self.backward_calls))
         self._window_bytes += first.nbytes if len(outs) == 1 else sum(t.nbytes for t in outs)
         if len(window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
             self.check_window()
@@ -499,7 +500,7 @@ class Tracer:
             self._drop_window(exc)
 
     def _search_window(self, window: list) -> None:
-        for entry, grad_enabled, versions in window:
+        for entry, grad_enabled, versions, backward_calls in window:
             func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count = entry
             if func_name in UNINITIALISED:  # leftover memory, not a value anyone computed
                 continue
@@ -507,7 +508,8 @@ class Tracer:
                 if checkable(t) and compat.version_of(t) == v and holds_nonfinite(t):
                     self._watching = False  # the first one of the cell's later runs
                     self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
-                                    module, site, past_limit=count, grad_enabled=grad_enabled)
+                                    module, site, past_limit=count, grad_enabled=grad_enabled,
+                                    iteration=backward_calls if backward_calls else None)
                     return
 
     def _drop_window(self, exc: Exception) -> None:
@@ -517,7 +519,8 @@ class Tracer:
 
     @quietly
     def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site,
-                   past_limit: Optional[int] = None, grad_enabled: Optional[bool] = None):
+                   past_limit: Optional[int] = None, grad_enabled: Optional[bool] = None,
+                   iteration: Optional[int] = None):
         """`past_limit`: the op's run count, when it is recorded past the detail limit (the first
         NaN/Inf of a loop's later runs): its inputs are previewed as they are now, since their
         records show their first run, and the run is never changed (no variant's replacement)."""
@@ -558,6 +561,7 @@ class Tracer:
                 module=module,
                 preview=preview_quiet(t),
                 run=past_limit,
+                iteration=iteration,
                 input_previews=seen_inputs,
             )
             if mutated is not None:

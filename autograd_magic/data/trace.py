@@ -94,8 +94,10 @@ class Record:
     # (`torch.nn.Linear(4, 8)` on `line`); still `external` to the ops a re-run can replay
     created_by: Optional[str] = None
     # an op recorded past --limit because its output was the first NaN/Inf found in a loop's
-    # later runs (issue 16): how many times this very op ran before it (its loop iteration) ...
+    # later runs (issue 16): how many times this very op ran before it ...
     run: Optional[int] = None
+    # ... the backward calls of the cell before it ran (its training-loop iteration, 0-based), when any ...
+    iteration: Optional[int] = None
     # ... and its inputs as they were then, one per `inputs` (their records show their first run)
     input_previews: list[Optional[Preview]] = field(default_factory=list)
 

@@ -113,7 +113,7 @@ def _origin(trace: Trace, r: Record, kind: str) -> NonFinite:
         inputs.append(Operand(i, record_label(src), shown, nonfinite_kind(shown)))
     return NonFinite(
         record=r.id, kind=kind, op=r.op, label=record_label(r), line=r.line, expr=r.expr,
-        occurrence=r.occurrence, run=r.run, module=r.module, external=r.external and not r.inputs,
+        occurrence=r.occurrence, run=r.run, iteration=r.iteration, module=r.module, external=r.external and not r.inputs,
         preview=r.preview, count=_count(r.preview), inputs=inputs,
     )
 
@@ -354,7 +354,8 @@ def origin_sentence(nf: NonFinite) -> str:
     what = f"`{nf.label} = {nf.expr}`" if named else f"`{nf.expr or nf.label}`"
     where = f" on line {nf.line}" if nf.line is not None else ""
     if nf.run is not None:
-        where += f" (the {ordinal(nf.run + 1)} time it ran, past --limit: found by its finiteness check)"
+        loop = f", in iteration {nf.iteration + 1} of the loop" if nf.iteration is not None else ""
+        where += f" (the {ordinal(nf.run + 1)} time it ran{loop}, past --limit: found by its finiteness check)"
     elif nf.occurrence:
         where += f" (run {nf.occurrence + 1} of that line)"
     details = [f"op {nf.op}"]
