@@ -25,6 +25,11 @@ from torch.overrides import TorchFunctionMode
 
 import autograd_magic as am
 
+try:
+    from . import cases
+except ImportError:  # run as a script
+    import cases
+
 REPEATS = 9
 # issue 14's targets, printed beside each figure
 GOALS = {"train_loop_200": 1.8, "mlp256_fwd_bwd": 2.0, "transformer_trace": 2.0}
@@ -164,26 +169,6 @@ def _mlp256_previews(plain):
     return run, shown, len(tensors)
 
 
-TRANSFORMER_SETUP = """\
-import torch
-torch.manual_seed(0)
-enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(256, 4, 512, batch_first=True), 6)
-src = torch.randn(8, 32, 256)"""
-TRANSFORMER_CELL = "enc(src).pow(2).mean().backward()"
-
-LSTM_SETUP = """\
-import torch
-torch.manual_seed(0)
-cell = torch.nn.LSTMCell(16, 32)
-xs = torch.randn(50, 4, 16)"""
-LSTM_CELL = """\
-h = torch.zeros(4, 32)
-c = torch.zeros(4, 32)
-for t in range(50):
-    h, c = cell(xs[t], (h, c))
-h.sum().backward()"""
-
-
 def _cell_case(setup: str, body: str):
     """A cell traced as `%%autograd` traces it (its tracing alone), against IPython running it plain."""
     from IPython.core.interactiveshell import InteractiveShell
@@ -211,11 +196,11 @@ def _cell_case(setup: str, body: str):
 
 
 def transformer_case():
-    return _cell_case(TRANSFORMER_SETUP, TRANSFORMER_CELL)
+    return _cell_case(cases.TRANSFORMER_SETUP, cases.TRANSFORMER)
 
 
 def lstm_case():
-    return _cell_case(LSTM_SETUP, LSTM_CELL)
+    return _cell_case(cases.LSTM_SETUP, cases.LSTM)
 
 
 class _EmptyMode(TorchFunctionMode):

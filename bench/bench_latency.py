@@ -33,30 +33,13 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the child loads this file by path: the cases come from beside it
+    sys.path.append(str(ROOT))
+from bench import cases  # noqa: E402
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("seed_*.ipynb"))
 MAGIC = "%%autograd\n"
 
-TRANSFORMER_SETUP = """\
-import torch, warnings
-warnings.filterwarnings("ignore")
-torch.manual_seed(0)
-m = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(256, 4, 512, batch_first=True), 6)
-inp = torch.randn(8, 32, 256)"""
-TRANSFORMER = "m(inp).pow(2).mean().backward()"
-
-LSTM_SETUP = """\
-import torch
-torch.manual_seed(0)
-cell = torch.nn.LSTMCell(16, 32)
-xs = torch.randn(50, 4, 16)"""
-LSTM = """\
-h = torch.zeros(4, 32)
-c = torch.zeros(4, 32)
-for t in range(50):
-    h, c = cell(xs[t], (h, c))
-h.sum().backward()"""
-
-CASES = [("transformer", TRANSFORMER_SETUP, TRANSFORMER), ("lstm50", LSTM_SETUP, LSTM)]
+CASES = [("transformer", cases.TRANSFORMER_SETUP, cases.TRANSFORMER), ("lstm50", cases.LSTM_SETUP, cases.LSTM)]
 
 
 # ---- a shell that serialises what it publishes, as a kernel does ----------------------------

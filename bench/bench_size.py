@@ -23,20 +23,17 @@ from pathlib import Path
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
+try:
+    from . import cases
+except ImportError:  # run as a script
+    import cases
+
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 KB = 1000
 GOAL_MODEL, GOAL_SEED = 150 * KB, 20 * KB
 
-TRANSFORMER_SETUP = (
-    "import torch\nfrom torch import nn\ntorch.manual_seed(0)\n"
-    "m = nn.TransformerEncoder(nn.TransformerEncoderLayer(256, 4, 512, batch_first=True), 6)\n"
-    "x = torch.randn(8, 32, 256)"
-)
-TRANSFORMER = "loss = m(x).pow(2).mean()\nloss.backward()"
-LSTM_SETUP = "import torch\nfrom torch import nn\ntorch.manual_seed(0)\ncell = nn.LSTMCell(16, 32)\nxs = torch.randn(50, 4, 16)"
-LSTM = "h = torch.zeros(4, 32); c = torch.zeros(4, 32)\nfor t in range(50):\n    h, c = cell(xs[t], (h, c))\nh.sum().backward()"
-MODELS = {"transformer": (TRANSFORMER_SETUP, TRANSFORMER), "lstm": (LSTM_SETUP, LSTM)}
+MODELS = cases.MODELS
 
 
 def snapshot_bytes(outputs) -> int:

@@ -16,7 +16,8 @@ import torch
 from IPython.utils.capture import capture_output
 
 from autograd_magic import limits
-from bench.bench_size import LSTM, LSTM_SETUP, TRANSFORMER, TRANSFORMER_SETUP, snapshot_bytes
+from bench.bench_size import snapshot_bytes
+from bench.cases import LSTM, LSTM_SETUP, TRANSFORMER_NAMED as TRANSFORMER, TRANSFORMER_SETUP
 
 SEED_GOAL, MODEL_GOAL = 20_000, 150_000
 
