@@ -345,3 +345,17 @@ def test_the_window_keeps_a_bounded_number_of_bytes_alive(shell, monkeypatch):
     iteration, func, kind, _ = found
     nf = _traced(shell, NO_BACKWARD).nonfinite
     assert (nf.op, nf.run, nf.kind) == (func, iteration, kind)
+
+
+def test_a_loop_of_sparse_tensors_past_the_limit_is_kept_for_the_search_without_a_skipped_op():
+    import autograd_magic as am
+
+    torch.manual_seed(3)
+    w = torch.randn(3, 3, requires_grad=True)
+    with am.trace() as t:
+        for i in range(3 * limits.DETAIL_LIMIT):
+            s = torch.randn(3, 3).to_sparse()
+            y = torch.sparse.mm(s, w).sum()
+            y.backward()
+    assert not [n for n in t.notes if "skipped" in n or "not checked" in n], t.notes
+    assert len(t.training()) == 3 * limits.DETAIL_LIMIT
