@@ -103,10 +103,36 @@ class _Formatter:
         return (self.max_width - len(ret)) * " " + ret
 
 
+# The table, the snapshot and the text view print the same previews: what only depends on a
+# preview's values (the formatter) or on its shape and element width (the line layout) is kept,
+# keyed by exactly what it depends on, so each is worked out once. Bounded, oldest dropped.
+_MEMO_ENTRIES = 512
+_MEMO_VALUE_BYTES = 4096  # previews hold at most PREVIEW_EDGE_BLOCK elements: all of them fit
+_FORMATTERS: dict = {}
+_LAYOUTS: dict = {}
+
+
+def _remember(memo: dict, key, value):
+    if len(memo) >= _MEMO_ENTRIES:
+        del memo[next(iter(memo))]
+    memo[key] = value
+    return value
+
+
 def _element_formatter(vals: np.ndarray, opts: PrintOptions) -> tuple[Callable, int, int]:
     """How one element prints, the element width torch wraps lines by, and the fewest
     characters one element prints in (every element but an overflowing nan, inf or zero
-    prints in exactly that many when real)."""
+    prints in exactly that many when real). Depends on the values alone (not their shape)."""
+    if vals.nbytes > _MEMO_VALUE_BYTES:
+        return _new_element_formatter(vals, opts)
+    key = (vals.dtype.str, vals.tobytes(), opts)
+    found = _FORMATTERS.get(key)
+    if found is None:
+        found = _remember(_FORMATTERS, key, _new_element_formatter(vals, opts))
+    return found
+
+
+def _new_element_formatter(vals: np.ndarray, opts: PrintOptions) -> tuple[Callable, int, int]:
     if np.iscomplexobj(vals):
         real, imag = _Formatter(vals.real, opts), _Formatter(vals.imag, opts)
 
@@ -225,7 +251,17 @@ class Printout:
 
 def _layout(shape: tuple, full_shape: tuple, summarize: bool, element_width: int, linewidth: int,
             indent: int) -> list:
-    """torch's nested-bracket layout as Printout lines (see `Printout`), no element formatted."""
+    """torch's nested-bracket layout as Printout lines (see `Printout`), no element formatted:
+    a new list of lines each time (`Printout.wrap` changes the first), their items shared."""
+    key = (shape, tuple(full_shape), summarize, element_width, linewidth, indent)
+    lines = _LAYOUTS.get(key)
+    if lines is None:
+        lines = _remember(_LAYOUTS, key, _new_layout(*key))
+    return [list(line) for line in lines]
+
+
+def _new_layout(shape: tuple, full_shape: tuple, summarize: bool, element_width: int, linewidth: int,
+                indent: int) -> list:
     position = 0
 
     def block(shape: tuple, full_shape: tuple, ind: int) -> list:
