@@ -37,6 +37,9 @@ PRECISION = DEFAULT_OPTIONS.precision
 _DEFAULT_DTYPES = {"torch.float32", "torch.int64", "torch.bool", "torch.complex64"}
 
 
+_PYTHON_FLOATS = 48  # up to this many values (about where numpy gets faster), the formatter's figures are found with Python floats
+
+
 class _Formatter:
     """torch's `_Formatter` (torch/_tensor_str.py) over a numpy array: one width for all elements.
 
@@ -57,21 +60,31 @@ class _Formatter:
                 extremes = (bool(flat.min()), bool(flat.max())) if flat.dtype.kind == "b" else (flat.min(), flat.max())
                 self.max_width = max(len(self._plain(v)) for v in extremes)
             return
-        flat = flat.astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            finite = flat[np.isfinite(flat) & (flat != 0)]
-        if finite.size == 0:
-            return
-        magnitude = np.abs(finite)
-        lo, hi = float(magnitude.min()), float(magnitude.max())
-        self.int_mode = bool(np.all(finite == np.ceil(finite)))
+        if flat.size <= _PYTHON_FLOATS and flat.dtype.itemsize <= 8:
+            # a few values: the same figures from Python floats (each value exactly as a double),
+            # without numpy's cost per call
+            finite = [v for v in flat.tolist() if v != 0 and math.isfinite(v)]
+            if not finite:
+                return
+            magnitude = [abs(v) for v in finite]
+            lo, hi = min(magnitude), max(magnitude)
+            self.int_mode = all(v.is_integer() for v in finite)
+            sides = [(min(side), max(side)) for side in ([v for v in finite if v > 0], [v for v in finite if v < 0]) if side]
+        else:
+            flat = flat.astype(np.float64)
+            with np.errstate(invalid="ignore"):
+                finite = flat[np.isfinite(flat) & (flat != 0)]
+            if finite.size == 0:
+                return
+            magnitude = np.abs(finite)
+            lo, hi = float(magnitude.min()), float(magnitude.max())
+            self.int_mode = bool(np.all(finite == np.ceil(finite)))
+            sides = [(float(side.min()), float(side.max())) for side in (finite[finite > 0], finite[finite < 0]) if side.size]
         auto = hi / lo > 1000.0 or hi > 1.0e8 or lo < 1.0e-4
         self.sci_mode = auto if opts.sci_mode is None else opts.sci_mode
         prec = opts.precision
-        for side in (finite[finite > 0], finite[finite < 0]):
-            if not side.size:
-                continue
-            for v in (float(side.min()), float(side.max())):
+        for extremes in sides:
+            for v in extremes:
                 if self.sci_mode:
                     width = len(f"{v:.{prec}e}")
                 elif self.int_mode:
@@ -123,7 +136,7 @@ def _element_formatter(vals: np.ndarray, opts: PrintOptions) -> tuple[Callable, 
     """How one element prints, the element width torch wraps lines by, and the fewest
     characters one element prints in (every element but an overflowing nan, inf or zero
     prints in exactly that many when real). Depends on the values alone (not their shape)."""
-    if vals.nbytes > _MEMO_VALUE_BYTES:
+    if vals.nbytes > _MEMO_VALUE_BYTES or vals.dtype.kind not in "biufc":  # numbers only: their bytes are their values
         return _new_element_formatter(vals, opts)
     key = (vals.dtype.str, vals.tobytes(), opts)
     found = _FORMATTERS.get(key)
