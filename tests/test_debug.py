@@ -294,3 +294,32 @@ def test_a_nan_in_a_later_loop_iteration_names_that_iteration(shell):
     nf = t.nonfinite
     assert nf.label == "y" and nf.occurrence == first == 2 and nf.kind == _kind(plain[first])
     assert "(run 3 of that line)" in str(t).splitlines()[1]
+
+
+def test_one_show_analyses_a_trace_once_and_says_the_same(shell, monkeypatch):
+    """Within `one_look` (what display.show wraps the view and snapshot in), the banner, the text
+    view and the widget's data read one analysis of the trace; outside it each makes its own.
+    What they say is the same either way."""
+    import autograd_magic.render.debug as rdebug
+
+    shell.run_cell("import torch")
+    t = _traced(shell, LOG0)
+    calls = []
+    real = rdebug.backward_nonfinite
+    monkeypatch.setattr(rdebug, "backward_nonfinite", lambda tr: calls.append(tr) or real(tr))
+
+    def everything():
+        return rdebug.text_lines(t), banner_html(t), debug_payload(t)
+
+    apart = everything()
+    assert len(calls) == 3
+    calls.clear()
+    with rdebug.one_look():
+        together = everything()
+        with rdebug.one_look():  # nested: the outer one's answers still hold
+            assert everything() == together
+    assert len(calls) == 1
+    assert together == apart and apart[1]  # LOG0's NaN: the banner says something
+    calls.clear()
+    everything()
+    assert len(calls) == 3  # nothing kept after the show

@@ -275,3 +275,25 @@ def test_random_values_print_as_torch_prints_them(values, rows, dtype, precision
     with printoptions(**opts):
         expected = str(t)
     assert ours(t, PrintOptions(**opts)) == expected
+
+
+def test_printouts_kept_for_reuse_are_not_changed_by_their_users():
+    """The formatter and line layout are kept by what they depend on (values; shape and width):
+    a `tensor(` prefix, suffixes or another value of the same shape printed in between must not
+    change what the next printout of the same preview says. Each text is torch's."""
+    from autograd_magic.explain import format as fmt
+
+    fmt._FORMATTERS.clear()
+    fmt._LAYOUTS.clear()
+    a = torch.arange(24.0).reshape(2, 3, 4) / 7
+    b = -torch.arange(24.0).reshape(2, 3, 4) * 1000  # same shape, another width and mode
+    c = (torch.arange(24.0).reshape(2, 3, 4) / 7).requires_grad_()  # a's values, with a suffix
+    first = format_values(preview(a))
+    for _ in range(2):
+        assert ours(a) == torchs(a)
+        assert ours(b) == torchs(b)
+        assert ours(c) == torchs(c)
+        assert format_values(preview(a)) == first
+    assert fmt._FORMATTERS and fmt._LAYOUTS  # kept, not worked out anew each time
+    body = torchs(a)[len("tensor("):-1]  # the body at its default indent, 7
+    assert first == body

@@ -193,3 +193,37 @@ def test_the_worker_starts_as_the_package_imports_only_in_a_notebook(in_notebook
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(in_notebook)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the long-lived worker is POSIX only")
+def test_graphs_sent_ahead_come_back_as_laid_out_then():
+    """`prefetch` starts a layout and returns; `layout` later reads that answer (the same SVG a
+    plain call gives), in any order, and an unasked answer lands in the cache."""
+    a, b = SMALL.replace("x", "ahead1"), SMALL.replace("x", "ahead2")
+    expected = {d: layout(d).svg for d in (a, b)}
+    _layout._CACHE.clear()
+    server = _layout._SERVER_PROCESS
+    assert _layout.prefetch(a) and _layout.prefetch(b)
+    assert [d for d, _ in server._ahead] == [a, b]
+    assert _layout.prefetch(SMALL.replace("x", "third")) is False  # two wait at most
+    got_b = layout(b)  # asked out of order: a's answer is read first, into the cache
+    assert got_b.svg == expected[b] and got_b.engine == "pygraphviz"
+    assert not server._ahead and a in _layout._CACHE
+    assert layout(a).svg == expected[a]
+    assert _layout.prefetch(a) is False  # already drawn: nothing to start
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the long-lived worker is POSIX only")
+def test_a_graph_sent_ahead_keeps_its_time_limit():
+    """The limit runs from when the graph was sent: a slow one is stopped and its worker killed."""
+    layout(SMALL)
+    worker = _layout._SERVER_PROCESS._proc
+    big = _big_dot()
+    assert _layout.prefetch(big, timeout=0.05)
+    time.sleep(0.2)
+    start = time.perf_counter()
+    result = layout(big, timeout=60)  # the prefetch's limit holds, not this call's (callers pass the same)
+    assert result.svg is None and "took over" in result.hint
+    assert time.perf_counter() - start < 1
+    assert worker.poll() is not None and not _layout._SERVER_PROCESS._ahead
+    assert layout(SMALL.replace("x", "after")).svg is not None  # a new worker takes over

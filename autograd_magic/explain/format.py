@@ -37,6 +37,9 @@ PRECISION = DEFAULT_OPTIONS.precision
 _DEFAULT_DTYPES = {"torch.float32", "torch.int64", "torch.bool", "torch.complex64"}
 
 
+_PYTHON_FLOATS = 48  # up to this many values (about where numpy gets faster), the formatter's figures are found with Python floats
+
+
 class _Formatter:
     """torch's `_Formatter` (torch/_tensor_str.py) over a numpy array: one width for all elements.
 
@@ -57,21 +60,31 @@ class _Formatter:
                 extremes = (bool(flat.min()), bool(flat.max())) if flat.dtype.kind == "b" else (flat.min(), flat.max())
                 self.max_width = max(len(self._plain(v)) for v in extremes)
             return
-        flat = flat.astype(np.float64)
-        with np.errstate(invalid="ignore"):
-            finite = flat[np.isfinite(flat) & (flat != 0)]
-        if finite.size == 0:
-            return
-        magnitude = np.abs(finite)
-        lo, hi = float(magnitude.min()), float(magnitude.max())
-        self.int_mode = bool(np.all(finite == np.ceil(finite)))
+        if flat.size <= _PYTHON_FLOATS and flat.dtype.itemsize <= 8:
+            # a few values: the same figures from Python floats (each value exactly as a double),
+            # without numpy's cost per call
+            finite = [v for v in flat.tolist() if v != 0 and math.isfinite(v)]
+            if not finite:
+                return
+            magnitude = [abs(v) for v in finite]
+            lo, hi = min(magnitude), max(magnitude)
+            self.int_mode = all(v.is_integer() for v in finite)
+            sides = [(min(side), max(side)) for side in ([v for v in finite if v > 0], [v for v in finite if v < 0]) if side]
+        else:
+            flat = flat.astype(np.float64)
+            with np.errstate(invalid="ignore"):
+                finite = flat[np.isfinite(flat) & (flat != 0)]
+            if finite.size == 0:
+                return
+            magnitude = np.abs(finite)
+            lo, hi = float(magnitude.min()), float(magnitude.max())
+            self.int_mode = bool(np.all(finite == np.ceil(finite)))
+            sides = [(float(side.min()), float(side.max())) for side in (finite[finite > 0], finite[finite < 0]) if side.size]
         auto = hi / lo > 1000.0 or hi > 1.0e8 or lo < 1.0e-4
         self.sci_mode = auto if opts.sci_mode is None else opts.sci_mode
         prec = opts.precision
-        for side in (finite[finite > 0], finite[finite < 0]):
-            if not side.size:
-                continue
-            for v in (float(side.min()), float(side.max())):
+        for extremes in sides:
+            for v in extremes:
                 if self.sci_mode:
                     width = len(f"{v:.{prec}e}")
                 elif self.int_mode:
@@ -103,10 +116,36 @@ class _Formatter:
         return (self.max_width - len(ret)) * " " + ret
 
 
+# The table, the snapshot and the text view print the same previews: what only depends on a
+# preview's values (the formatter) or on its shape and element width (the line layout) is kept,
+# keyed by exactly what it depends on, so each is worked out once. Bounded, oldest dropped.
+_MEMO_ENTRIES = 512
+_MEMO_VALUE_BYTES = 4096  # previews hold at most PREVIEW_EDGE_BLOCK elements: all of them fit
+_FORMATTERS: dict = {}
+_LAYOUTS: dict = {}
+
+
+def _remember(memo: dict, key, value):
+    if len(memo) >= _MEMO_ENTRIES:
+        del memo[next(iter(memo))]
+    memo[key] = value
+    return value
+
+
 def _element_formatter(vals: np.ndarray, opts: PrintOptions) -> tuple[Callable, int, int]:
     """How one element prints, the element width torch wraps lines by, and the fewest
     characters one element prints in (every element but an overflowing nan, inf or zero
-    prints in exactly that many when real)."""
+    prints in exactly that many when real). Depends on the values alone (not their shape)."""
+    if vals.nbytes > _MEMO_VALUE_BYTES or vals.dtype.kind not in "biufc":  # numbers only: their bytes are their values
+        return _new_element_formatter(vals, opts)
+    key = (vals.dtype.str, vals.tobytes(), opts)
+    found = _FORMATTERS.get(key)
+    if found is None:
+        found = _remember(_FORMATTERS, key, _new_element_formatter(vals, opts))
+    return found
+
+
+def _new_element_formatter(vals: np.ndarray, opts: PrintOptions) -> tuple[Callable, int, int]:
     if np.iscomplexobj(vals):
         real, imag = _Formatter(vals.real, opts), _Formatter(vals.imag, opts)
 
@@ -225,7 +264,17 @@ class Printout:
 
 def _layout(shape: tuple, full_shape: tuple, summarize: bool, element_width: int, linewidth: int,
             indent: int) -> list:
-    """torch's nested-bracket layout as Printout lines (see `Printout`), no element formatted."""
+    """torch's nested-bracket layout as Printout lines (see `Printout`), no element formatted:
+    a new list of lines each time (`Printout.wrap` changes the first), their items shared."""
+    key = (shape, tuple(full_shape), summarize, element_width, linewidth, indent)
+    lines = _LAYOUTS.get(key)
+    if lines is None:
+        lines = _remember(_LAYOUTS, key, _new_layout(*key))
+    return [list(line) for line in lines]
+
+
+def _new_layout(shape: tuple, full_shape: tuple, summarize: bool, element_width: int, linewidth: int,
+                indent: int) -> list:
     position = 0
 
     def block(shape: tuple, full_shape: tuple, ind: int) -> list:

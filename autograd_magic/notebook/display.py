@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Optional
 
 from ..data.trace import Trace
-from ..render.snapshot import mimebundle
+from ..render.debug import one_look
+from ..render.snapshot import mimebundle, prefetch_graph
 from .session import CellSession
 from .widget import AutogradView, make_view
 
@@ -37,13 +38,28 @@ def show(
         print(str(variant or trace))
         return
     if mode == "widget" and session is not None:
-        view = make_view(session, variant=variant, graph=graph, layout_timeout=layout_timeout)
-        if isinstance(view, AutogradView):
-            # two outputs: the widget, then its snapshot. The widget goes out first, so the page
-            # draws it while the snapshot (the whole static page) is still being built.
-            display(view)
-            display(view.snapshot())
-        else:
-            display(view)
+        with one_look():  # the view, the text and the snapshot read the same trace: its analyses are made once
+            _show_widget(trace, variant, graph, session, layout_timeout)
         return
-    display(mimebundle(trace, variant=variant, graph=graph, timeout=layout_timeout), raw=True)
+    with one_look():
+        bundle = mimebundle(trace, variant=variant, graph=graph, timeout=layout_timeout)
+    display(bundle, raw=True)
+
+
+def _show_widget(trace: Trace, variant: Optional[Trace], graph: bool, session: CellSession, layout_timeout: float) -> None:
+    from IPython.display import display
+
+    # the snapshot's graph layout starts first: Graphviz (another process) works while the view is built
+    try:
+        dots = prefetch_graph(variant or trace, layout_timeout) if graph else None
+    except Exception:  # the snapshot draws its graph (or says why not) as ever
+        dots = None
+    view = make_view(session, variant=variant, graph=graph, layout_timeout=layout_timeout)
+    if isinstance(view, AutogradView):
+        view.snapshot_dots = dots
+        # two outputs: the widget, then its snapshot. The widget goes out first, so the page
+        # draws it while the snapshot (the whole static page) is still being built.
+        display(view)
+        display(view.snapshot())
+    else:
+        display(view)

@@ -56,7 +56,7 @@ from ..explain.wording import check_lines
 from ..render.dot import render_dot
 from ..render.layout import svg_or_fallback_html
 from ..render.payload import build_detail, build_payload, build_rows, build_steps
-from ..render.snapshot import mimebundle, snapshot_html
+from ..render.snapshot import GraphDots, mimebundle, snapshot_html
 from ..variants.interventions import Toggles
 from .explorer import Explorer, mark_moved, moved, one_line
 from .session import NO_RERUN, CellSession
@@ -112,6 +112,7 @@ class AutogradView(anywidget.AnyWidget):
         self._graph_wanted = False  # the page asked for the graph: new ones are pushed
         self._explorer = Explorer(session, self._trace)  # the sliders' inputs and what they moved
         self._moved: dict[int, list[str]] = {}  # shown record id -> columns changed from the run shown before
+        self.snapshot_dots: Optional[GraphDots] = None  # the snapshot graph's DOT, its layout started early (display.show)
         self._set_initial_toggles(variant)
         self._refresh()
         self.observe(self._on_graph, names=["graph_svg"])
@@ -394,12 +395,14 @@ class AutogradView(anywidget.AnyWidget):
 
     def snapshot(self) -> "SnapshotOutput":
         """The output published next to the widget: the static snapshot, marked with this model id."""
+        text = str(self.shown)  # first: the graph's layout (started early) runs on meanwhile
         try:
             self._explorer.exploration  # asked for now: on the Trace, the snapshot draws the curve too
-            body = snapshot_html(self._trace, variant=self._variant, graph=self._graph_on, timeout=self._layout_timeout)
+            dots, self.snapshot_dots = self.snapshot_dots, None
+            body = snapshot_html(self._trace, variant=self._variant, graph=self._graph_on, timeout=self._layout_timeout, dots=dots)
         except Exception as e:  # the widget still shows; the snapshot says why it is missing
-            body = f"<pre>{html.escape(str(self.shown))}</pre><!-- {html.escape(type(e).__name__)} -->"
-        return SnapshotOutput(body, str(self.shown), self.model_id)
+            body = f"<pre>{html.escape(text)}</pre><!-- {html.escape(type(e).__name__)} -->"
+        return SnapshotOutput(body, text, self.model_id)
 
 
 # What the widget's output says where widgets don't draw (GitHub, nbconvert): nothing; the

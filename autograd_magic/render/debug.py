@@ -13,7 +13,8 @@ from __future__ import annotations
 import html
 import math
 import zlib
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 from ..data.debug import IterationScalars, PassFlow
 from ..data.trace import Trace
@@ -33,6 +34,35 @@ def _esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+# ---- one look per cell ------------------------------------------------------------------------
+
+_SCOPE: Optional[dict] = None
+
+
+@contextmanager
+def one_look() -> Iterator[None]:
+    """Within it, each analysis below is worked out once per trace: the widget's payload, the text
+    view and the snapshot of one cell all read the same finished trace (display.show)."""
+    global _SCOPE
+    outer = _SCOPE
+    if outer is None:
+        _SCOPE = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _SCOPE = None
+
+
+def _once(fn: Callable, obj: Any) -> Any:
+    if _SCOPE is None:
+        return fn(obj)
+    hit = _SCOPE.get((fn, id(obj)))
+    if hit is None or hit[0] is not obj:  # the object is kept with it: its id can't be reused meanwhile
+        hit = _SCOPE[(fn, id(obj))] = (obj, fn(obj))
+    return hit[1]
+
+
 # ---- the banner -------------------------------------------------------------------------------
 
 
@@ -44,11 +74,11 @@ def anchor(trace: Trace, rid: int) -> str:
 def text_lines(trace: Trace) -> list[str]:
     """What the text view says first: the forward origin and each pass's first non-finite node."""
     lines = []
-    nf = nonfinite_origin(trace)
+    nf = _once(nonfinite_origin, trace)
     if nf is not None:
         lines.append(origin_sentence(nf))
         lines.extend("  " + s for s in operand_sentences(nf))
-    found = backward_nonfinite(trace)
+    found = _once(backward_nonfinite, trace)
     lines.extend(backward_sentence(b, trace) for b in found[: limits.DEBUG_PASSES])
     if len(found) > limits.DEBUG_PASSES:
         lines.append(f"… and {len(found) - limits.DEBUG_PASSES} more backward passes with non-finite gradients")
@@ -67,8 +97,8 @@ def _unrecorded_nonfinite(trace: Trace) -> Optional[IterationScalars]:
 def banner_html(trace: Trace) -> str:
     """The snapshot's red box at the top, "" when everything recorded is finite. The origin's
     sentence links to its row (`anchor`), which `mark_origin_row` gives that id."""
-    nf = nonfinite_origin(trace)
-    found = backward_nonfinite(trace)
+    nf = _once(nonfinite_origin, trace)
+    found = _once(backward_nonfinite, trace)
     bad = _unrecorded_nonfinite(trace)
     if nf is None and not found and bad is None:
         return ""
@@ -91,7 +121,7 @@ def with_banner(snapshot: str, trace: Trace) -> str:
     banner = banner_html(trace)
     if not banner:
         return snapshot
-    nf = nonfinite_origin(trace)
+    nf = _once(nonfinite_origin, trace)
     if nf is not None:
         row = f'<tr data-record="{nf.record}">'
         snapshot = snapshot.replace(row, f'<tr data-record="{nf.record}" id="{anchor(trace, nf.record)}" style="{ROW_MARK}">', 1)
@@ -106,9 +136,9 @@ def with_banner(snapshot: str, trace: Trace) -> str:
 def debug_payload(trace: Trace) -> Optional[dict[str, Any]]:
     """The banner and chart for the widget as plain strings (the page sets them as text; the SVG
     goes through its sanitizer), None when there is nothing to show."""
-    nf = nonfinite_origin(trace)
-    found = backward_nonfinite(trace)
-    flows = grad_flow(trace)
+    nf = _once(nonfinite_origin, trace)
+    found = _once(backward_nonfinite, trace)
+    flows = _once(grad_flow, trace)
     chart = training_section(trace)
     bad = _unrecorded_nonfinite(trace)
     if nf is None and not found and not flows and chart is None and bad is None:
@@ -125,7 +155,7 @@ def debug_payload(trace: Trace) -> Optional[dict[str, Any]]:
     if chart is not None:
         out["training"] = {"svg": chart[0], "summary": chart[1]}
     if flows:
-        out["flow"] = {"svg": flow_svg(flows[-1]), "summary": flow_text(flows, flows[-1])}
+        out["flow"] = {"svg": _once(flow_svg, flows[-1]), "summary": flow_text(flows, flows[-1])}
     return out
 
 
@@ -138,11 +168,11 @@ def flow_text(flows: list[PassFlow], flow: PassFlow) -> str:
 
 def flow_section(trace: Trace) -> Optional[tuple[str, str]]:
     """(SVG, summary text) for the snapshot's gradient-flow section, None when no parameter got a gradient."""
-    flows = grad_flow(trace)
+    flows = _once(grad_flow, trace)
     if not flows:
         return None
     flow = flows[-1]
-    return flow_svg(flow), flow_text(flows, flow) + _flagged_text(flow)
+    return _once(flow_svg, flow), flow_text(flows, flow) + _flagged_text(flow)
 
 
 def _flagged_text(flow: PassFlow, limit: int = 6) -> str:

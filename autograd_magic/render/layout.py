@@ -131,6 +131,18 @@ def layout(dot: str, timeout: Optional[float] = None) -> Layout:
     return Layout(None, available[0][0], time.perf_counter() - start, hint or _timeout_hint(limit))
 
 
+def prefetch(dot: str, timeout: Optional[float] = None) -> bool:
+    """Start laying `dot` out now and return at once (POSIX, the pygraphviz worker); a later
+    `layout(dot)` reads the answer. The time limit runs from now. False when nothing was
+    started (no worker here, already drawn, or two graphs already wait)."""
+    if dot in _CACHE or os.name != "posix":
+        return False
+    limit = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+    if not any(name == "pygraphviz" for name, _ in engines()):
+        return False
+    return _SERVER_PROCESS.send_ahead(dot, limit)
+
+
 def render_svg(dot: str, timeout: Optional[float] = None) -> str:
     """The SVG of `dot`, or `LayoutError(hint)`."""
     result = layout(dot, timeout)
@@ -220,12 +232,39 @@ class _Server:
         self._pid = os.getpid()  # a forked child must not talk to its parent's worker
         self._served = 0
         self._lock = threading.Lock()
+        self._ahead: list[tuple[str, float]] = []  # (DOT, deadline) sent ahead, answers not read yet
         atexit.register(self.close)
 
     def warm(self) -> None:
         """Start the worker now (it imports pygraphviz while the caller goes on)."""
         with self._lock:
             self._ensure()
+
+    def send_ahead(self, dot: str, timeout: float) -> bool:
+        """Hand `dot` to the worker and return at once; `run(dot)` reads its answer later.
+
+        The worker lays it out while the kernel builds the rest of the view. Its time limit
+        runs from now. At most two graphs wait; the second only when small, so that writing
+        it can never block on a worker that is itself blocked writing the first answer."""
+        payload = dot.encode("utf-8")
+        if not self._lock.acquire(timeout=0.05):
+            return False
+        try:
+            if len(self._ahead) >= 2 or (self._ahead and len(payload) > _AHEAD_SMALL):
+                return False
+            if any(d == dot for d, _ in self._ahead):
+                return True
+            try:
+                proc = self._ensure()
+                proc.stdin.write(len(payload).to_bytes(8, "big") + payload)
+                proc.stdin.flush()
+            except OSError:
+                self._discard()
+                return False
+            self._ahead.append((dot, time.monotonic() + timeout))
+            return True
+        finally:
+            self._lock.release()
 
     def run(self, dot: str, timeout: float) -> Optional[tuple[str, str]]:
         """Like `_run`; None when another thread holds the worker (the caller starts its own)."""
@@ -234,13 +273,15 @@ class _Server:
         if not self._lock.acquire(timeout=min(timeout, 0.05)):
             return None
         try:
+            answer = self._read_ahead(dot)
+            if answer is not None:
+                return answer
             for attempt in range(2):  # a worker found dead while idle is replaced once
                 try:
                     proc = self._ensure()
                     proc.stdin.write(len(payload).to_bytes(8, "big") + payload)
                     proc.stdin.flush()
-                    head = _read_exact(proc.stdout.fileno(), 9, deadline)
-                    body = _read_exact(proc.stdout.fileno(), int.from_bytes(head[1:], "big"), deadline)
+                    answer = self._answer(proc, deadline)
                 except TimeoutError:
                     self._discard()
                     return "timeout", ""
@@ -255,11 +296,49 @@ class _Server:
                 self._served += 1
                 if self._served >= self.RECYCLE:
                     self._discard()
-                text = body.decode("utf-8", errors="replace")
-                return ("ok", text) if head[:1] == b"K" and "<svg" in text else ("error", text[:200])
+                return answer
             return "error", "the layout worker stopped"
         finally:
             self._lock.release()
+
+    def _answer(self, proc: subprocess.Popen, deadline: float) -> tuple[str, str]:
+        head = _read_exact(proc.stdout.fileno(), 9, deadline)
+        body = _read_exact(proc.stdout.fileno(), int.from_bytes(head[1:], "big"), deadline)
+        text = body.decode("utf-8", errors="replace")
+        return ("ok", text) if head[:1] == b"K" and "<svg" in text else ("error", text[:200])
+
+    def _read_ahead(self, wanted: str) -> Optional[tuple[str, str]]:
+        """Read the answers to graphs sent ahead, in order, up to `wanted` (all when it is not
+        among them): `wanted`'s is returned, another's SVG goes into the cache. None when
+        `wanted` was not sent ahead or its answer was lost. Caller holds the lock."""
+        found = None
+        if self._proc is None or self._pid != os.getpid():  # a forked child: the parent's worker
+            self._ahead.clear()
+        if all(d != wanted for d, _ in self._ahead):
+            wanted = None
+        while self._ahead:
+            dot, deadline = self._ahead.pop(0)
+            try:
+                answer: Optional[tuple[str, str]] = self._answer(self._proc, deadline)
+            except TimeoutError:
+                answer = ("timeout", "")
+                self._discard()  # the graphs behind it go with the worker
+            except (OSError, EOFError):
+                answer = None  # the worker stopped: `run` lays the wanted one out again
+                self._discard()
+            except BaseException:
+                self._discard()
+                raise
+            else:
+                self._served += 1
+            if dot == wanted:
+                found = answer
+                break
+            if answer is not None and answer[0] == "ok":
+                _remember(dot, _inline(answer[1]), "pygraphviz")
+        if not self._ahead and self._served >= self.RECYCLE:
+            self._discard()
+        return found
 
     def close(self) -> None:
         with self._lock:
@@ -275,9 +354,13 @@ class _Server:
         return self._proc
 
     def _discard(self) -> None:
+        self._ahead.clear()  # their answers go with the worker
         proc, self._proc = self._proc, None
         if proc is not None and self._pid == os.getpid():
             _kill(proc)
+
+
+_AHEAD_SMALL = 16_000  # bytes of DOT a second graph sent ahead may have (well under a pipe's buffer)
 
 
 def _read_exact(fd: int, n: int, deadline: float) -> bytes:

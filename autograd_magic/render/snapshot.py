@@ -26,23 +26,21 @@ from .debug import flow_section, training_section, with_banner
 from .dot import render_dot
 from .explore import at_point, explore_html
 from .html import render_html, section
-from .layout import layout
+from .layout import layout, prefetch
 from .teach_html import teach_parts
 
 LEFT_OUT = "Left out of this snapshot to keep the notebook small ({size} KB); the live widget shows it."
 
 
-def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = True, timeout: Optional[float] = None) -> str:
-    """The static snapshot: table, graph, first backward steps, why, gradient check, within its byte budget."""
+def snapshot_html(
+    trace: Trace, variant: Optional[Trace] = None, graph: bool = True, timeout: Optional[float] = None,
+    dots: Optional["GraphDots"] = None,
+) -> str:
+    """The static snapshot: table, graph, first backward steps, why, gradient check, within its byte budget.
+
+    `dots`: the graph's DOT from `prefetch_graph` (its layout started earlier)."""
     shown = variant or trace
-    parts: list[tuple[str, str, bool]] = []  # (title, body, open), in the order shown
-    if graph:
-        try:
-            body = graph_html(shown, timeout=timeout)
-            if body:
-                parts.append(("autograd graph", body, True))
-        except Exception:  # the table still shows; the graph is a bonus here
-            pass
+    parts: list[tuple[str, str, bool]] = []  # (title, body, open), in the order shown; the graph goes first
     try:  # issue 16: loss and total gradient norm per backward call (only for two calls or more)
         chart = training_section(shown)
         if chart is not None:
@@ -65,12 +63,19 @@ def snapshot_html(trace: Trace, variant: Optional[Trace] = None, graph: bool = T
         parts.extend(teach_parts(shown))
     except Exception:  # the explanations are a bonus too; the table always shows
         pass
-    sections = [section(t, b, o) for t, b, o in parts]
     base = render_html(trace, variant=variant)  # the sections go last, just inside its closing tag
     try:
         base = with_banner(base, shown)  # the first NaN/Inf, at the top (nothing when all is finite)
     except Exception:
         pass
+    if graph:  # built last: a layout started early (`prefetch_graph`) has had the longest to run
+        try:
+            body = graph_html(shown, timeout=timeout, dots=dots)
+            if body:
+                parts.insert(0, ("autograd graph", body, True))
+        except Exception:  # the table still shows; the graph is a bonus here
+            pass
+    sections = [section(t, b, o) for t, b, o in parts]
     # past the budget, the last sections give way first: the why, the steps, then the graph
     for i in range(len(sections) - 1, -1, -1):
         if len(base) + sum(len(s) for s in sections) <= limits.SNAPSHOT_HTML_BYTES:
@@ -108,15 +113,50 @@ def _curve_image(svg: str) -> str:
     return f'<img src="{svg_data_uri(svg)}" alt="the output plotted against the input" style="max-width:100%;height:auto">'
 
 
-def graph_html(shown: Trace, timeout: Optional[float] = None) -> str:
+class GraphDots:
+    """The snapshot graph's DOT for one run: the whole graph's, and the smaller drawing's when asked."""
+
+    def __init__(self, shown: Trace) -> None:
+        self.shown = shown
+        self.dot = render_dot(shown)
+        self._small: Optional[str] = None
+
+    @property
+    def small(self) -> str:
+        if self._small is None:
+            self._small = render_dot(self.shown, max_nodes=limits.SNAPSHOT_GRAPH_SMALL)
+        return self._small
+
+
+# A graph's compacted SVG takes about 2 to 2.6 characters per character of its DOT: past this
+# much DOT the smaller drawing is likely needed too, and its layout is started with the first.
+_LIKELY_TOO_BIG = limits.SNAPSHOT_GRAPH_BYTES // 2
+
+
+def prefetch_graph(shown: Trace, timeout: Optional[float] = None) -> GraphDots:
+    """The snapshot graph's DOT, its layout started now in the layout worker (render/layout.py),
+    so that Graphviz works while the view and the rest of the snapshot are built; `graph_html`
+    given these `dots` reads the answer. The SVG is the same either way."""
+    dots = GraphDots(shown)
+    try:
+        if prefetch(dots.dot, timeout) and len(dots.dot) > _LIKELY_TOO_BIG:
+            prefetch(dots.small, timeout)
+    except Exception:  # only a head start: graph_html lays it out as ever
+        pass
+    return dots
+
+
+def graph_html(shown: Trace, timeout: Optional[float] = None, dots: Optional[GraphDots] = None) -> str:
     """The graph for the snapshot: the widget's drawing when its SVG fits the budget, else a
     smaller one (fewer nodes, the rest folded), else the DOT text cut short; "" when none fits."""
-    dot = render_dot(shown)
+    if dots is None or dots.shown is not shown:
+        dots = GraphDots(shown)
+    dot = dots.dot
     result = layout(dot, timeout)
     if result.svg is not None:
         svg = compact_svg(result.svg)
         if len(svg) > limits.SNAPSHOT_GRAPH_BYTES:
-            small = layout(render_dot(shown, max_nodes=limits.SNAPSHOT_GRAPH_SMALL), timeout)
+            small = layout(dots.small, timeout)
             if small.svg is None:
                 return _dot_html(dot, small.hint)
             svg = compact_svg(small.svg)
