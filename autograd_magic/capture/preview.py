@@ -58,18 +58,27 @@ def _edge_block(t: torch.Tensor) -> torch.Tensor:
 _EINSUM_LIMIT = 1_000_000  # einsum's vector sums keep a float32 total exact to ~1e-7 up to about here
 
 
+try:  # np.einsum without its Python wrapper (~0.7 us a call); the same C loops
+    from numpy._core.multiarray import c_einsum as _c_einsum
+except ImportError:  # numpy 1.x
+    try:
+        from numpy.core.multiarray import c_einsum as _c_einsum
+    except ImportError:
+        _c_einsum = np.einsum
+
+
 def _norm(a: np.ndarray) -> float:
     # Plain ufuncs, never BLAS: OpenBLAS's thread pool spinning next to
     # torch's OpenMP pool slowed the user's own ops several-fold.
     if a.size <= _EINSUM_LIMIT:
-        return math.sqrt(float(np.einsum("i,i->", a, a)))  # a C loop, no BLAS, no temporary
+        return math.sqrt(float(_c_einsum("i,i->", a, a)))  # a C loop, no BLAS, no temporary
     return float(torch.linalg.vector_norm(torch.from_numpy(np.ascontiguousarray(a)) if not a.flags.c_contiguous else torch.from_numpy(a)))
 
 
 def _sum(flat: np.ndarray) -> float:
     # einsum's sum runs in vector registers, twice as fast as the pairwise
     # ufunc sum and as accurate at these sizes; pairwise beyond them
-    return float(np.einsum("i->", flat) if flat.size <= _EINSUM_LIMIT else np.add.reduce(flat))
+    return float(_c_einsum("i->", flat) if flat.size <= _EINSUM_LIMIT else np.add.reduce(flat))
 
 
 def _sums(a: np.ndarray) -> tuple[float, float]:
@@ -98,7 +107,7 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
         index = _edge_index(a.shape)
         if index is not None:
             if a.flags.c_contiguous:  # most intermediates and gradients: one `take` of cached flat indices
-                flat_index, block = _flat_edge_index(a.shape, index)
+                flat_index, block, _ = _flat_edge_index(a.shape, index)
                 p.values = a.reshape(-1).take(flat_index).reshape(block)
             else:
                 p.values = a[index]  # fancy indexing copies just the edge block
@@ -158,12 +167,22 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
         queue = _active_queue
         if queue is not None and queue.takes(t):
             return queue.add(t, with_stats)
-        if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        kind = type(t)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
             name = _FAST_DTYPES.get(t.dtype)
             if name is not None and t.is_cpu and t.layout == torch.strided and not t.is_neg():
                 # the common case, kept lean: a float tensor on the CPU
                 a = t.detach().numpy()
-                p = Preview(shape=a.shape, dtype=name)
+                shape = a.shape
+                edge = _FLAT_EDGE.get(shape) if a.flags.c_contiguous else None
+                if edge is not None and edge[0] is not None:
+                    # larger than a full copy, contiguous: the same reductions as `_numpy_preview`, inlined
+                    flat = a.reshape(-1)
+                    p = Preview(shape, name, values=flat.take(edge[0]).reshape(edge[1]), summarized=True)
+                    if with_stats:
+                        _flat_stats(p, flat, edge[2])
+                    return p
+                p = Preview(shape=shape, dtype=name)
                 _numpy_preview(p, a, with_stats)
                 return p
         return _preview(t, with_stats)
@@ -293,7 +312,9 @@ class DeviceQueue:
 _minimum, _maximum = np.minimum.reduce, np.maximum.reduce
 
 
-_FLAT_EDGE: dict = {}  # shape -> (flat indices of the edge block, its shape)
+# shape -> (flat indices of the edge block, its shape, element count): filled by
+# `_flat_edge_index` for shapes past PREVIEW_FULL whose edge block fits (the fast path's test)
+_FLAT_EDGE: dict = {}
 
 
 def _flat_edge_index(shape: tuple, index: tuple):
@@ -301,10 +322,32 @@ def _flat_edge_index(shape: tuple, index: tuple):
     hit = _FLAT_EDGE.get(shape)
     if hit is None:
         grid = np.ravel_multi_index(np.broadcast_arrays(*index), shape)
-        hit = (grid.reshape(-1), grid.shape)
+        n = 1
+        for s in shape:
+            n *= s
+        hit = (grid.reshape(-1), grid.shape, n)
         if len(_FLAT_EDGE) < 4096:
             _FLAT_EDGE[shape] = hit
     return hit
+
+
+def _flat_stats(p: Preview, flat: np.ndarray, n: int) -> None:
+    """min/max/mean/norm of a contiguous float array, as `_numpy_preview` computes them."""
+    if n > STATS_LIMIT or n > _EINSUM_LIMIT:
+        if n > STATS_LIMIT:
+            p.note = "statistics skipped: tensor too large"
+        else:
+            _large_stats(p, flat, n)
+        return
+    lo, hi = float(_minimum(flat)), float(_maximum(flat))
+    p.min, p.max = lo, hi
+    big = max(abs(lo), abs(hi))  # nan when any element is nan
+    if big * big * n < _SAFE_SQUARES.get(flat.dtype.itemsize, 0.0):  # no inf/nan, no overflow
+        p.mean = float(_c_einsum("i->", flat)) / n
+        p.norm = math.sqrt(float(_c_einsum("i,i->", flat, flat)))
+        return
+    with np.errstate(all="ignore"):  # inf/nan/overflow: no RuntimeWarning in the user's cell
+        _sum_and_norm(p, flat, n)
 
 
 _EDGE_INDEX: dict = {}  # shape -> numpy index of the edge block, or None when too large

@@ -210,6 +210,9 @@ class Tracer:
                     self._refs_at_end = {rid: ref for rid, (ref, _) in self._live.items()}
                 self._by_tensor.clear()
                 self._live.clear()
+                # the recorder's way back is weak from now on: no cycle keeps the run's records
+                # (and their arrays) alive until the garbage collector runs, nor makes it run
+                self.backward.tracer = weakref.proxy(self)
         return self.trace
 
     def _end_device_previews(self) -> None:
