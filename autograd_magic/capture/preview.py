@@ -524,21 +524,19 @@ class PreviewCache:
         if not isinstance(t, torch.Tensor):
             return None
         try:
-            return self._cached(t)
+            version = version_of(t)
+            if version is None:  # inference tensors: no version counter, so no way to trust a copy
+                return preview_quiet(t)
+            seen = self._seen
+            hit = seen.get(id(t))
+            # the engine sums a node's incoming grads in place into the first one it got (version bumps)
+            if hit is not None and hit[2] == version and hit[0]() is t:
+                return hit[1]
+            shown = self._fresh(t, version)
+            seen[id(t)] = (weakref.ref(t), shown, version)
+            return shown
         except Exception:  # e.g. functorch's wrapped tensors have no storage to point at
             return preview_quiet(t)
-
-    def _cached(self, t: torch.Tensor) -> Preview:
-        version = version_of(t)
-        if version is None:  # inference tensors: no version counter, so no way to trust a copy
-            return preview_quiet(t)
-        hit = self._seen.get(id(t))
-        # the engine sums a node's incoming grads in place into the first one it got (version bumps)
-        if hit is not None and hit[0]() is t and hit[2] == version:
-            return hit[1]
-        shown = self._fresh(t, version)
-        self._seen[id(t)] = (weakref.ref(t), shown, version)
-        return shown
 
     def _fresh(self, t: torch.Tensor, version: int) -> Preview:
         if type(t) is not torch.Tensor or t.numel() <= FULL_LIMIT or not t.is_cpu or t.layout != torch.strided:

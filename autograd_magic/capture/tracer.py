@@ -132,7 +132,8 @@ class Tracer:
         self.names = NameIndex(namespace)
         # `root`: which anchor frames are the traced code's top level (default: not a function)
         self.sites = SiteFinder(source_map, anchor, self.names.module_name, **({"root": root} if root else {}))
-        self.trace = Trace(source="\n".join(source_map.lines))
+        source = getattr(source_map, "source", None)
+        self.trace = Trace(source=source if source is not None else "\n".join(source_map.lines))
         self.detail_limit = detail_limit
         # A variant's changes (detach, flip, cast, nudge); the real run has none and only reads.
         self.interventions = tuple(interventions)
