@@ -95,6 +95,8 @@ class BackwardRecorder:
         self.leaf_records: dict[int, tuple] = {}
         # leaves' new `.grad`s of the last pass: id(leaf) -> (data_ptr, version, preview)
         self._new_grads: dict[int, tuple] = {}
+        # this pass's AccumulateGrad pre-hooks: (leaf, received grad's data_ptr, shape, version, preview)
+        self._accumulated: list[tuple] = []
         self._last_calls = -1  # tracer.calls when the last pass ended
         self._held: dict[tuple, tuple] = {}  # (receiver node id, slot) -> (gradient sent, sender's step, index)
         self.deferred = DeferredScalars()  # device scalars of passes past the limit, read once at the end
@@ -137,6 +139,7 @@ class BackwardRecorder:
         outer_previews, self.previews = self.previews, PreviewCache()
         outer_held, self._held = self._held, {}
         self._new_grads = {}
+        outer_accumulated, self._accumulated = self._accumulated, []
         handles: list = []
         try:
             try:
@@ -160,7 +163,9 @@ class BackwardRecorder:
                     self._flush_held()
                 except Exception as exc:
                     tracer.note(f"part of a backward pass was not recorded: {type(exc).__name__}: {exc}")
+                self._note_new_grads()
             finally:
+                self._accumulated = outer_accumulated
                 # Dropped with the pass: after it, the user's code may change a gradient
                 # in ways no version counter sees (`x.grad.data.zero_()`, a numpy view).
                 pass_previews, self.previews = self.previews, outer_previews
@@ -401,8 +406,11 @@ class BackwardRecorder:
         # backward(inputs=...) stop early: there a post-hook holds what was sent.
         all_run = p.kind == "backward" and not p.inputs
         handoffs = [[t is not None and fan_in[(t, slot)] == 1 for t, slot in edges] for edges in edges_of]
-        posts = [not (all_run and variables[nid] is None and edges_of[nid] and all(handoffs[nid])
-                      and not _sends_views(names[nid])) for nid in range(len(nodes))]
+        # AccumulateGrad sends nothing: whether its leaf's `.grad` is the gradient it received is
+        # read once the pass is over (`_note_new_grads`), from what its pre-hook saw
+        posts = [names[nid] != "AccumulateGrad" and not (
+                     all_run and variables[nid] is None and edges_of[nid] and all(handoffs[nid])
+                     and not _sends_views(names[nid])) for nid in range(len(nodes))]
         fed: dict[int, list] = {}  # receiver -> [(its slot, sender without a post-hook, sender's edge)]
         for nid, edges in enumerate(edges_of):
             if not posts[nid]:
@@ -413,7 +421,8 @@ class BackwardRecorder:
             name, variable = names[nid], variables[nid]
             outs = self._records_of(keys[nid], name, variable)
             try:
-                pre = self._pre(p, nid, name, outs, edges, by_node, fed.get(nid, ()), not posts[nid])
+                pre = self._pre(p, nid, name, outs, edges, by_node, fed.get(nid, ()), not posts[nid],
+                                variable if name == "AccumulateGrad" else None)
                 handles.append(node.register_prehook(pre))
                 if posts[nid]:
                     # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends
@@ -481,7 +490,8 @@ class BackwardRecorder:
     def _missed(self, exc: Exception) -> None:
         self.tracer.note(f"part of a backward pass was not recorded: {type(exc).__name__}: {exc}")
 
-    def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict, fed=(), no_post: bool = False):
+    def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict, fed=(), no_post: bool = False,
+             leaf=None):
         """The node's pre-hook: its step, the gradients it receives, and (`fed`) the gradients
         senders without a post-hook sent it, which are exactly those it receives. Guarded like
         `_guarded`'s hooks (inlined: one Python call per node fewer)."""
@@ -490,6 +500,7 @@ class BackwardRecorder:
         steps = p.steps
         store = self._store if outs else None
         missed = self._missed
+        accumulated, version_seen = self._accumulated, self.previews.version_seen
 
         def pre(grad_outputs):
             try:
@@ -510,6 +521,10 @@ class BackwardRecorder:
                                         grad_in, [None] * len(nexts) if no_post else [], nexts)
                     steps.append(step)
                     by_node[nid] = step
+                    if leaf is not None and grad_in:
+                        g = grad_outputs[0]
+                        if g is not None:  # no reference kept: the leaf may take this gradient over
+                            accumulated.append((leaf, g.data_ptr(), g.shape, version_seen(g), grad_in[0]))
             except Exception as exc:
                 missed(exc)
             return None  # never replaces a gradient
@@ -545,8 +560,6 @@ class BackwardRecorder:
                                 sent[i] = get(g)
                         except Exception:  # no storage to point at (functorch, sparse): read by the receiver
                             received = set()
-                    if variable is not None and step.grad_in:
-                        self._note_new_grad(variable, grad_outputs[0], step.grad_in[0])
             except Exception as exc:
                 missed(exc)
             return None  # never replaces a gradient
@@ -560,16 +573,22 @@ class BackwardRecorder:
             if i < len(sender.grad_out) and sender.grad_out[i] is None:
                 sender.grad_out[i] = self.previews(g)
 
-    def _note_new_grad(self, variable, received, shown) -> None:
+    @quietly
+    def _note_new_grads(self) -> None:
+        accumulated, self._accumulated = self._accumulated, []
+        for leaf, ptr, shape, version, shown in accumulated:
+            try:
+                self._note_new_grad(leaf, ptr, shape, version, shown)
+            except Exception:
+                pass
+
+    def _note_new_grad(self, variable, ptr: int, shape, version, shown) -> None:
         """AccumulateGrad has run: when the leaf's `.grad` is the very gradient it
         received (torch hands it over rather than copying), remember its preview."""
-        try:
-            g = variable.grad
-            if g is not None and received is not None and g.data_ptr() == received.data_ptr() and g.shape == received.shape:
-                # the version it had when previewed: a post-accumulate-grad hook may have changed it since
-                self._new_grads[id(variable)] = (g.data_ptr(), self.previews.version_seen(received), shown)
-        except Exception:
-            pass
+        g = variable.grad
+        if g is not None and g.data_ptr() == ptr and g.shape == shape:
+            # the version it had when previewed: a post-accumulate-grad hook may have changed it since
+            self._new_grads[id(variable)] = (ptr, version, shown)
 
 
 def pass_scalars(trace: Trace, p: BackwardPass) -> tuple[Optional[float], Optional[float]]:

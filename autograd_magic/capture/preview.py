@@ -124,8 +124,24 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
         p.min, p.max, p.mean, p.norm = float(count == n), float(count > 0), count / n, float(np.sqrt(count))
     elif n <= FULL_LIMIT:
         _small_stats(p, p.values)
+    elif 0 in a.strides:
+        _expanded_stats(p, a, n)
     else:
         _large_stats(p, a, n)
+
+
+def _expanded_stats(p: Preview, a: np.ndarray, n: int) -> None:
+    """An expanded tensor (stride 0: a loss's gradient out of mean/sum) repeats its base's
+    elements, each as often: its statistics are the base's, the norm times sqrt(repeats)."""
+    base = a[tuple(slice(0, 1) if st == 0 else slice(None) for st in a.strides)]
+    m = base.size
+    q = Preview(shape=base.shape, dtype=p.dtype)
+    if m <= FULL_LIMIT:
+        _small_stats(q, base.copy())
+    else:
+        _large_stats(q, base, m)
+    p.min, p.max, p.mean = q.min, q.max, q.mean
+    p.norm = q.norm * math.sqrt(n // m) if q.norm is not None else None
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
