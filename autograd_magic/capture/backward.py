@@ -63,8 +63,16 @@ _VIEW_GRADS = ("View", "Transpose", "Permute", "TBackward", "Expand", "Squeeze",
                "Select", "Slice", "Split", "Unbind", "Diagonal", "AsStrided", "Unfold", "Narrow")
 
 
+_SENDS_VIEWS: dict[str, bool] = {}  # node name -> whether it sends views (read per node per pass)
+
+
 def _sends_views(name: str) -> bool:
-    return any(part in name for part in _VIEW_GRADS)
+    hit = _SENDS_VIEWS.get(name)
+    if hit is None:
+        hit = any(part in name for part in _VIEW_GRADS)
+        if len(_SENDS_VIEWS) < 4096:
+            _SENDS_VIEWS[name] = hit
+    return hit
 
 
 def _key_or_none(node) -> Optional[tuple]:

@@ -190,14 +190,27 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
                 # the common case, kept lean: a float tensor on the CPU
                 a = t.detach().numpy()
                 shape = a.shape
-                edge = _FLAT_EDGE.get(shape) if a.flags.c_contiguous else None
-                if edge is not None and edge[0] is not None:
-                    # larger than a full copy, contiguous: the same reductions as `_numpy_preview`, inlined
-                    flat = a.reshape(-1)
-                    p = Preview(shape, name, values=flat.take(edge[0]).reshape(edge[1]), summarized=True)
-                    if with_stats:
-                        _flat_stats(p, flat, edge[2])
-                    return p
+                if a.size > FULL_LIMIT:
+                    # larger than a full copy and dense (C order, or F order: a weight's gradient as
+                    # mm sends it): the same reductions as `_numpy_preview`, over memory order
+                    if a.flags.c_contiguous:
+                        edge = _FLAT_EDGE.get(shape) or _edge_of(shape)
+                        if edge is not None:
+                            flat = a.reshape(-1)
+                            p = Preview(shape, name, values=flat.take(edge[0]).reshape(edge[1]), summarized=True)
+                            if with_stats:
+                                _flat_stats(p, flat, edge[2])
+                            return p
+                    elif a.flags.f_contiguous:
+                        at = a.T  # C order: its edge block is the transpose of `a`'s
+                        edge = _FLAT_EDGE.get(at.shape) or _edge_of(at.shape)
+                        if edge is not None:
+                            flat = at.reshape(-1)
+                            values = np.ascontiguousarray(flat.take(edge[0]).reshape(edge[1]).T)
+                            p = Preview(shape, name, values=values, summarized=True)
+                            if with_stats:
+                                _flat_stats(p, flat, edge[2])
+                            return p
                 p = Preview(shape=shape, dtype=name)
                 _numpy_preview(p, a, with_stats)
                 return p
@@ -345,6 +358,12 @@ def _flat_edge_index(shape: tuple, index: tuple):
         if len(_FLAT_EDGE) < 4096:
             _FLAT_EDGE[shape] = hit
     return hit
+
+
+def _edge_of(shape: tuple):
+    """`_flat_edge_index` of a shape past PREVIEW_FULL, or None when its edge block is too large."""
+    index = _edge_index(shape)
+    return _flat_edge_index(shape, index) if index is not None else None
 
 
 def _flat_stats(p: Preview, flat: np.ndarray, n: int) -> None:
