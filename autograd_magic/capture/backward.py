@@ -107,6 +107,7 @@ class BackwardRecorder:
         self._accumulated: list[tuple] = []
         self._last_calls = -1  # tracer.calls when the last pass ended
         self._held: dict[tuple, tuple] = {}  # (receiver node id, slot) -> (gradient sent, sender's step, index)
+        self._pass_hooks: Optional[_PassHooks] = None  # what the pre-hooks of the pass being hooked share
         self.deferred = DeferredScalars()  # device scalars of passes past the limit, read once at the end
 
     # ---- the call itself ----
@@ -174,6 +175,7 @@ class BackwardRecorder:
                 self._note_new_grads()
             finally:
                 self._accumulated = outer_accumulated
+                self._pass_hooks = None  # it points back here: no cycle outlives the pass
                 # Dropped with the pass: after it, the user's code may change a gradient
                 # in ways no version counter sees (`x.grad.data.zero_()`, a numpy view).
                 pass_previews, self.previews = self.previews, outer_previews
@@ -478,15 +480,7 @@ class BackwardRecorder:
 
     def _guarded(self, hook):
         """A hook that runs inside torch's engine: an error of ours is noted, never raised into backward()."""
-
-        def guarded(*args):
-            try:
-                hook(*args)
-            except Exception as exc:
-                self.tracer.note(f"part of a backward pass was not recorded: {type(exc).__name__}: {exc}")
-            return None  # never replaces a gradient
-
-        return guarded
+        return _Guarded(self, hook)
 
     def _grads_only(self, p: BackwardPass, outs):
         def pre(grad_outputs):
@@ -500,79 +494,16 @@ class BackwardRecorder:
 
     def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict, fed=(), no_post: bool = False,
              leaf=None):
-        """The node's pre-hook: its step, the gradients it receives, and (`fed`) the gradients
-        senders without a post-hook sent it, which are exactly those it receives. Guarded like
-        `_guarded`'s hooks (inlined: one Python call per node fewer)."""
-        nexts = [target for target, _ in edges]
-        held, get = self._held, self.previews.get  # this pass's
-        steps = p.steps
-        store = self._store if outs else None
-        missed = self._missed
-        accumulated, version_seen = self._accumulated, self.previews.version_seen
-
-        def pre(grad_outputs):
-            try:
-                with no_torch_function():  # our reads are not the user's ops
-                    grad_in = [get(g) for g in grad_outputs]
-                    for slot, sender_id, i in fed:
-                        sender = by_node.get(sender_id)
-                        if sender is not None and slot < len(grad_in) and sender.grad_out[i] is None:
-                            sender.grad_out[i] = grad_in[slot]
-                    if held:
-                        for slot in range(len(grad_outputs)):
-                            sent = held.pop((nid, slot), None)  # released before the node runs: AccumulateGrad may take it over
-                            if sent is not None:
-                                g, sender, i = sent
-                                if i < len(sender.grad_out) and sender.grad_out[i] is None:
-                                    sender.grad_out[i] = grad_in[slot] if g is grad_outputs[slot] else get(g)
-                    step = BackwardStep(len(steps), name, nid, store(p, outs, grad_in) if store is not None else [],
-                                        grad_in, [None] * len(nexts) if no_post else [], nexts)
-                    steps.append(step)
-                    by_node[nid] = step
-                    if leaf is not None and grad_in:
-                        g = grad_outputs[0]
-                        if g is not None:  # no reference kept: the leaf may take this gradient over
-                            accumulated.append((leaf, g.data_ptr(), g.shape, version_seen(g), grad_in[0]))
-            except Exception as exc:
-                missed(exc)
-            return None  # never replaces a gradient
-
-        return pre
+        """The node's pre-hook (`_PreHook`): its step, the gradients it receives, and (`fed`) the
+        gradients senders without a post-hook sent it, which are exactly those it receives."""
+        shared = self._pass_hooks
+        if shared is None or shared.p is not p or shared.by_node is not by_node:
+            shared = self._pass_hooks = _PassHooks(self, p, by_node)
+        return _PreHook(shared, nid, name, outs, [target for target, _ in edges], fed, no_post, leaf)
 
     def _post(self, nid: int, by_node: dict, variable, edges, handoff):
-        held, get = self._held, self.previews.get
-        missed = self._missed
-
-        def post(grad_inputs, grad_outputs):
-            try:
-                step = by_node.get(nid)
-                if step is None:
-                    return None
-                with no_torch_function():
-                    sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
-                    received = None
-                    for i, g in enumerate(grad_inputs):
-                        if g is None:
-                            continue
-                        if i >= len(handoff) or not handoff[i]:
-                            sent[i] = get(g)
-                            continue
-                        # Read once, by the receiver's pre-hook; held until then, which the
-                        # engine does too (a slot fed once is never summed in place).
-                        held[edges[i]] = (g, step, i)
-                        try:
-                            if received is None:
-                                received = {r.data_ptr() for r in grad_outputs if r is not None}
-                            if g.data_ptr() in received:
-                                # a view of what it received (TBackward): cheap now, while that one is alive
-                                sent[i] = get(g)
-                        except Exception:  # no storage to point at (functorch, sparse): read by the receiver
-                            received = set()
-            except Exception as exc:
-                missed(exc)
-            return None  # never replaces a gradient
-
-        return post
+        """The node's post-hook (`_PostHook`): what it sends along each edge."""
+        return _PostHook(self._held, self.previews.get, nid, by_node, edges, handoff)
 
     def _flush_held(self) -> None:
         """Gradients sent to nodes that did not run (autograd.grad stops at its inputs)."""
@@ -597,6 +528,112 @@ class BackwardRecorder:
         if g is not None and g.data_ptr() == ptr and g.shape == shape:
             # the version it had when previewed: a post-accumulate-grad hook may have changed it since
             self._new_grads[id(variable)] = (ptr, version, shown)
+
+
+class _PassHooks:
+    """What every pre-hook of one pass shares (one object, not a closure's cells per node)."""
+
+    __slots__ = ("recorder", "p", "by_node", "held", "get", "steps", "accumulated", "version_seen")
+
+    def __init__(self, recorder: BackwardRecorder, p: BackwardPass, by_node: dict):
+        self.recorder, self.p, self.by_node = recorder, p, by_node
+        self.held, self.get = recorder._held, recorder.previews.get  # this pass's
+        self.steps = p.steps
+        self.accumulated, self.version_seen = recorder._accumulated, recorder.previews.version_seen
+
+
+class _PreHook:
+    """A node's pre-hook. Guarded like `_guarded`'s hooks (inlined: one Python call per node
+    fewer); its state in slots, since a pass holds one per node while it runs."""
+
+    __slots__ = ("shared", "nid", "name", "outs", "nexts", "fed", "no_post", "leaf")
+
+    def __init__(self, shared: _PassHooks, nid: int, name: str, outs, nexts: list, fed, no_post: bool, leaf):
+        self.shared, self.nid, self.name, self.outs, self.nexts = shared, nid, name, outs, nexts
+        self.fed, self.no_post, self.leaf = fed, no_post, leaf
+
+    def __call__(self, grad_outputs):
+        shared = self.shared
+        try:
+            with no_torch_function():  # our reads are not the user's ops
+                get, by_node, held, nid = shared.get, shared.by_node, shared.held, self.nid
+                grad_in = [get(g) for g in grad_outputs]
+                for slot, sender_id, i in self.fed:
+                    sender = by_node.get(sender_id)
+                    if sender is not None and slot < len(grad_in) and sender.grad_out[i] is None:
+                        sender.grad_out[i] = grad_in[slot]
+                if held:
+                    for slot in range(len(grad_outputs)):
+                        sent = held.pop((nid, slot), None)  # released before the node runs: AccumulateGrad may take it over
+                        if sent is not None:
+                            g, sender, i = sent
+                            if i < len(sender.grad_out) and sender.grad_out[i] is None:
+                                sender.grad_out[i] = grad_in[slot] if g is grad_outputs[slot] else get(g)
+                outs, nexts, steps = self.outs, self.nexts, shared.steps
+                step = BackwardStep(len(steps), self.name, nid, shared.recorder._store(shared.p, outs, grad_in) if outs else [],
+                                    grad_in, [None] * len(nexts) if self.no_post else [], nexts)
+                steps.append(step)
+                by_node[nid] = step
+                leaf = self.leaf
+                if leaf is not None and grad_in:
+                    g = grad_outputs[0]
+                    if g is not None:  # no reference kept: the leaf may take this gradient over
+                        shared.accumulated.append((leaf, g.data_ptr(), g.shape, shared.version_seen(g), grad_in[0]))
+        except Exception as exc:
+            shared.recorder._missed(exc)
+        return None  # never replaces a gradient
+
+
+class _Guarded:
+    """`BackwardRecorder._guarded`'s hook (slots: a pass holds one per hooked node)."""
+
+    __slots__ = ("recorder", "hook")
+
+    def __init__(self, recorder: BackwardRecorder, hook):
+        self.recorder, self.hook = recorder, hook
+
+    def __call__(self, *args):
+        try:
+            self.hook(*args)
+        except Exception as exc:
+            self.recorder._missed(exc)
+        return None  # never replaces a gradient
+
+
+class _PostHook:
+    """A node's post-hook: previews what it sends, or holds it for the receiver's pre-hook."""
+
+    __slots__ = ("held", "get", "nid", "by_node", "edges", "handoff")
+
+    def __init__(self, held: dict, get, nid: int, by_node: dict, edges, handoff):
+        self.held, self.get, self.nid, self.by_node, self.edges, self.handoff = held, get, nid, by_node, edges, handoff
+
+    def __call__(self, grad_inputs, grad_outputs):
+        step = self.by_node.get(self.nid)
+        if step is None:
+            return None
+        get, held, edges, handoff = self.get, self.held, self.edges, self.handoff
+        with no_torch_function():
+            sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
+            received = None
+            for i, g in enumerate(grad_inputs):
+                if g is None:
+                    continue
+                if i >= len(handoff) or not handoff[i]:
+                    sent[i] = get(g)
+                    continue
+                # Read once, by the receiver's pre-hook; held until then, which the
+                # engine does too (a slot fed once is never summed in place).
+                held[edges[i]] = (g, step, i)
+                try:
+                    if received is None:
+                        received = {r.data_ptr() for r in grad_outputs if r is not None}
+                    if g.data_ptr() in received:
+                        # a view of what it received (TBackward): cheap now, while that one is alive
+                        sent[i] = get(g)
+                except Exception:  # no storage to point at (functorch, sparse): read by the receiver
+                    received = set()
+        return None
 
 
 def pass_scalars(trace: Trace, p: BackwardPass) -> tuple[Optional[float], Optional[float]]:
