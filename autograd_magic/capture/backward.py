@@ -442,9 +442,11 @@ class BackwardRecorder:
 
     def _bring_in_earlier(self, keys: list, variables: list) -> None:
         """Nodes made by earlier traced cells (a backward-only cell): their records join this trace."""
+        node_records, find = self.node_records, self.tracer.earlier.find
         for key, variable in zip(keys, variables):
             try:
-                if key is not None and key not in self.node_records and variable is None:
+                # most nodes are none of theirs: looked up here, brought in only when found
+                if key is not None and variable is None and key not in node_records and find(key) is not None:
                     self.tracer.bring_in_node(key)
             except Exception as exc:  # bookkeeping: the pass runs the same without it
                 self.tracer.note(f"could not bring in records of an earlier cell: {type(exc).__name__}: {exc}")
