@@ -181,7 +181,7 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
     """
     try:
         queue = _active_queue
-        if queue is not None and queue.takes(t):
+        if queue is not None and (queue.include_cpu or not t.is_cpu) and queue.takes(t):  # a CPU tensor: not queued
             return queue.add(t, with_stats)
         kind = type(t)
         if kind is torch.Tensor or kind is torch.nn.Parameter:
