@@ -64,8 +64,16 @@ _VIEW_GRADS = ("View", "Transpose", "Permute", "TBackward", "Expand", "Squeeze",
                "Select", "Slice", "Split", "Unbind", "Diagonal", "AsStrided", "Unfold", "Narrow")
 
 
+_SENDS_VIEWS: dict[str, bool] = {}  # node name -> whether it sends views (read per node per pass)
+
+
 def _sends_views(name: str) -> bool:
-    return any(part in name for part in _VIEW_GRADS)
+    hit = _SENDS_VIEWS.get(name)
+    if hit is None:
+        hit = any(part in name for part in _VIEW_GRADS)
+        if len(_SENDS_VIEWS) < 4096:
+            _SENDS_VIEWS[name] = hit
+    return hit
 
 
 def _key_or_none(node) -> Optional[tuple]:
@@ -96,8 +104,11 @@ class BackwardRecorder:
         self.leaf_records: dict[int, tuple] = {}
         # leaves' new `.grad`s of the last pass: id(leaf) -> (data_ptr, version, preview)
         self._new_grads: dict[int, tuple] = {}
+        # this pass's AccumulateGrad pre-hooks: (leaf, received grad's data_ptr, shape, version, preview)
+        self._accumulated: list[tuple] = []
         self._last_calls = -1  # tracer.calls when the last pass ended
         self._held: dict[tuple, tuple] = {}  # (receiver node id, slot) -> (gradient sent, sender's step, index)
+        self._pass_hooks: Optional[_PassHooks] = None  # what the pre-hooks of the pass being hooked share
         self.deferred = DeferredScalars()  # device scalars of passes past the limit, read once at the end
 
     # ---- the call itself ----
@@ -142,6 +153,7 @@ class BackwardRecorder:
         outer_previews, self.previews = self.previews, PreviewCache()
         outer_held, self._held = self._held, {}
         self._new_grads = {}
+        outer_accumulated, self._accumulated = self._accumulated, []
         handles: list = []
         try:
             try:
@@ -165,7 +177,10 @@ class BackwardRecorder:
                     self._flush_held()
                 except Exception as exc:
                     tracer.note(f"part of a backward pass was not recorded: {type(exc).__name__}: {exc}")
+                self._note_new_grads()
             finally:
+                self._accumulated = outer_accumulated
+                self._pass_hooks = None  # it points back here: no cycle outlives the pass
                 # Dropped with the pass: after it, the user's code may change a gradient
                 # in ways no version counter sees (`x.grad.data.zero_()`, a numpy view).
                 pass_previews, self.previews = self.previews, outer_previews
@@ -414,8 +429,11 @@ class BackwardRecorder:
         # backward(inputs=...) stop early: there a post-hook holds what was sent.
         all_run = p.kind == "backward" and not p.inputs
         handoffs = [[t is not None and fan_in[(t, slot)] == 1 for t, slot in edges] for edges in edges_of]
-        posts = [not (all_run and variables[nid] is None and edges_of[nid] and all(handoffs[nid])
-                      and not _sends_views(names[nid])) for nid in range(len(nodes))]
+        # AccumulateGrad sends nothing: whether its leaf's `.grad` is the gradient it received is
+        # read once the pass is over (`_note_new_grads`), from what its pre-hook saw
+        posts = [names[nid] != "AccumulateGrad" and not (
+                     all_run and variables[nid] is None and edges_of[nid] and all(handoffs[nid])
+                     and not _sends_views(names[nid])) for nid in range(len(nodes))]
         fed: dict[int, list] = {}  # receiver -> [(its slot, sender without a post-hook, sender's edge)]
         for nid, edges in enumerate(edges_of):
             if not posts[nid]:
@@ -426,8 +444,9 @@ class BackwardRecorder:
             name, variable = names[nid], variables[nid]
             outs = self._records_of(keys[nid], name, variable)
             try:
-                pre = self._pre(p, nid, name, outs, edges, by_node, fed.get(nid, ()), not posts[nid])
-                handles.append(node.register_prehook(self._guarded(pre)))
+                pre = self._pre(p, nid, name, outs, edges, by_node, fed.get(nid, ()), not posts[nid],
+                                variable if name == "AccumulateGrad" else None)
+                handles.append(node.register_prehook(pre))
                 if posts[nid]:
                     # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends
                     handles.append(node.register_hook(self._guarded(self._post(nid, by_node, variable, edges, handoffs[nid]))))
@@ -436,9 +455,11 @@ class BackwardRecorder:
 
     def _bring_in_earlier(self, keys: list, variables: list) -> None:
         """Nodes made by earlier traced cells (a backward-only cell): their records join this trace."""
+        node_records, find = self.node_records, self.tracer.earlier.find
         for key, variable in zip(keys, variables):
             try:
-                if key is not None and key not in self.node_records and variable is None:
+                # most nodes are none of theirs: looked up here, brought in only when found
+                if key is not None and variable is None and key not in node_records and find(key) is not None:
                     self.tracer.bring_in_node(key)
             except Exception as exc:  # bookkeeping: the pass runs the same without it
                 self.tracer.note(f"could not bring in records of an earlier cell: {type(exc).__name__}: {exc}")
@@ -474,15 +495,7 @@ class BackwardRecorder:
 
     def _guarded(self, hook):
         """A hook that runs inside torch's engine: an error of ours is noted, never raised into backward()."""
-
-        def guarded(*args):
-            try:
-                hook(*args)
-            except Exception as exc:
-                self.tracer.note(f"part of a backward pass was not recorded: {type(exc).__name__}: {exc}")
-            return None  # never replaces a gradient
-
-        return guarded
+        return _Guarded(self, hook)
 
     def _grads_only(self, p: BackwardPass, outs):
         def pre(grad_outputs):
@@ -491,16 +504,76 @@ class BackwardRecorder:
 
         return pre
 
-    def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict, fed=(), no_post: bool = False):
-        """The node's pre-hook: its step, the gradients it receives, and (`fed`) the gradients
-        senders without a post-hook sent it, which are exactly those it receives."""
-        nexts = [target for target, _ in edges]
-        held, previews = self._held, self.previews  # this pass's
+    def _missed(self, exc: Exception) -> None:
+        self.tracer.note(f"part of a backward pass was not recorded: {type(exc).__name__}: {exc}")
 
-        def pre(grad_outputs):
+    def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict, fed=(), no_post: bool = False,
+             leaf=None):
+        """The node's pre-hook (`_PreHook`): its step, the gradients it receives, and (`fed`) the
+        gradients senders without a post-hook sent it, which are exactly those it receives."""
+        shared = self._pass_hooks
+        if shared is None or shared.p is not p or shared.by_node is not by_node:
+            shared = self._pass_hooks = _PassHooks(self, p, by_node)
+        return _PreHook(shared, nid, name, outs, [target for target, _ in edges], fed, no_post, leaf)
+
+    def _post(self, nid: int, by_node: dict, variable, edges, handoff):
+        """The node's post-hook (`_PostHook`): what it sends along each edge."""
+        return _PostHook(self._held, self.previews.get, nid, by_node, edges, handoff)
+
+    def _flush_held(self) -> None:
+        """Gradients sent to nodes that did not run (autograd.grad stops at its inputs)."""
+        held, self._held = self._held, {}
+        for g, sender, i in held.values():
+            if i < len(sender.grad_out) and sender.grad_out[i] is None:
+                sender.grad_out[i] = self.previews(g)
+
+    @quietly
+    def _note_new_grads(self) -> None:
+        accumulated, self._accumulated = self._accumulated, []
+        for leaf, ptr, shape, version, shown in accumulated:
+            try:
+                self._note_new_grad(leaf, ptr, shape, version, shown)
+            except Exception:
+                pass
+
+    def _note_new_grad(self, variable, ptr: int, shape, version, shown) -> None:
+        """AccumulateGrad has run: when the leaf's `.grad` is the very gradient it
+        received (torch hands it over rather than copying), remember its preview."""
+        g = variable.grad
+        if g is not None and g.data_ptr() == ptr and g.shape == shape:
+            # the version it had when previewed: a post-accumulate-grad hook may have changed it since
+            self._new_grads[id(variable)] = (ptr, version, shown)
+
+
+class _PassHooks:
+    """What every pre-hook of one pass shares (one object, not a closure's cells per node)."""
+
+    __slots__ = ("recorder", "p", "by_node", "held", "get", "steps", "accumulated", "version_seen")
+
+    def __init__(self, recorder: BackwardRecorder, p: BackwardPass, by_node: dict):
+        self.recorder, self.p, self.by_node = recorder, p, by_node
+        self.held, self.get = recorder._held, recorder.previews.get  # this pass's
+        self.steps = p.steps
+        self.accumulated, self.version_seen = recorder._accumulated, recorder.previews.version_seen
+
+
+class _PreHook:
+    """A node's pre-hook. Guarded like `_guarded`'s hooks (inlined: one Python call per node
+    fewer); its state in slots, since a pass holds one per node while it runs."""
+
+    __slots__ = ("shared", "nid", "name", "outs", "nexts", "fed", "no_post", "leaf")
+
+    def __init__(self, shared: _PassHooks, nid: int, name: str, outs, nexts: list, fed, no_post: bool, leaf):
+        self.shared, self.nid, self.name, self.outs, self.nexts = shared, nid, name, outs, nexts
+        self.fed, self.no_post, self.leaf = fed, no_post, leaf
+
+    def __call__(self, grad_outputs):
+        shared = self.shared
+        try:
             with no_torch_function():  # our reads are not the user's ops
-                grad_in = [previews.get(g) for g in grad_outputs]
-                for slot, sender_id, i in fed:
+                get, by_node, held, nid = shared.get, shared.by_node, shared.held, self.nid
+                grad_in = [get(g) for g in grad_outputs]
+                for slot, sender_id, i in self.fed:
                     sender = by_node.get(sender_id)
                     if sender is not None and slot < len(grad_in) and sender.grad_out[i] is None:
                         sender.grad_out[i] = grad_in[slot]
@@ -510,71 +583,72 @@ class BackwardRecorder:
                         if sent is not None:
                             g, sender, i = sent
                             if i < len(sender.grad_out) and sender.grad_out[i] is None:
-                                sender.grad_out[i] = grad_in[slot] if g is grad_outputs[slot] else previews.get(g)
-                step = BackwardStep(
-                    index=len(p.steps),
-                    node=name,
-                    node_id=nid,
-                    records=self._store(p, outs, grad_in) if outs else [],
-                    grad_in=grad_in,
-                    next_ids=nexts,
-                )
-                if no_post:  # filled in by its receivers' pre-hooks
-                    step.grad_out = [None] * len(nexts)
-                p.steps.append(step)
+                                sender.grad_out[i] = grad_in[slot] if g is grad_outputs[slot] else get(g)
+                outs, nexts, steps = self.outs, self.nexts, shared.steps
+                step = BackwardStep(len(steps), self.name, nid, shared.recorder._store(shared.p, outs, grad_in) if outs else [],
+                                    grad_in, [None] * len(nexts) if self.no_post else [], nexts)
+                steps.append(step)
                 by_node[nid] = step
+                leaf = self.leaf
+                if leaf is not None and grad_in:
+                    g = grad_outputs[0]
+                    if g is not None:  # no reference kept: the leaf may take this gradient over
+                        shared.accumulated.append((leaf, g.data_ptr(), g.shape, shared.version_seen(g), grad_in[0]))
+        except Exception as exc:
+            shared.recorder._missed(exc)
+        return None  # never replaces a gradient
 
-        return pre
 
-    def _post(self, nid: int, by_node: dict, variable, edges, handoff):
-        held, previews = self._held, self.previews
+class _Guarded:
+    """`BackwardRecorder._guarded`'s hook (slots: a pass holds one per hooked node)."""
 
-        def post(grad_inputs, grad_outputs):
-            step = by_node.get(nid)
-            if step is None:
-                return
-            with no_torch_function():
-                sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
-                received = None
-                for i, g in enumerate(grad_inputs):
-                    if g is None:
-                        continue
-                    if i >= len(handoff) or not handoff[i]:
-                        sent[i] = previews.get(g)
-                        continue
-                    # Read once, by the receiver's pre-hook; held until then, which the
-                    # engine does too (a slot fed once is never summed in place).
-                    held[edges[i]] = (g, step, i)
-                    try:
-                        if received is None:
-                            received = {r.data_ptr() for r in grad_outputs if r is not None}
-                        if g.data_ptr() in received:
-                            # a view of what it received (TBackward): cheap now, while that one is alive
-                            sent[i] = previews.get(g)
-                    except Exception:  # no storage to point at (functorch, sparse): read by the receiver
-                        received = set()
-                if variable is not None and step.grad_in:
-                    self._note_new_grad(variable, grad_outputs[0], step.grad_in[0])
+    __slots__ = ("recorder", "hook")
 
-        return post
+    def __init__(self, recorder: BackwardRecorder, hook):
+        self.recorder, self.hook = recorder, hook
 
-    def _flush_held(self) -> None:
-        """Gradients sent to nodes that did not run (autograd.grad stops at its inputs)."""
-        held, self._held = self._held, {}
-        for g, sender, i in held.values():
-            if i < len(sender.grad_out) and sender.grad_out[i] is None:
-                sender.grad_out[i] = self.previews(g)
-
-    def _note_new_grad(self, variable, received, shown) -> None:
-        """AccumulateGrad has run: when the leaf's `.grad` is the very gradient it
-        received (torch hands it over rather than copying), remember its preview."""
+    def __call__(self, *args):
         try:
-            g = variable.grad
-            if g is not None and received is not None and g.data_ptr() == received.data_ptr() and g.shape == received.shape:
-                # the version it had when previewed: a post-accumulate-grad hook may have changed it since
-                self._new_grads[id(variable)] = (g.data_ptr(), self.previews.version_seen(received), shown)
-        except Exception:
-            pass
+            self.hook(*args)
+        except Exception as exc:
+            self.recorder._missed(exc)
+        return None  # never replaces a gradient
+
+
+class _PostHook:
+    """A node's post-hook: previews what it sends, or holds it for the receiver's pre-hook."""
+
+    __slots__ = ("held", "get", "nid", "by_node", "edges", "handoff")
+
+    def __init__(self, held: dict, get, nid: int, by_node: dict, edges, handoff):
+        self.held, self.get, self.nid, self.by_node, self.edges, self.handoff = held, get, nid, by_node, edges, handoff
+
+    def __call__(self, grad_inputs, grad_outputs):
+        step = self.by_node.get(self.nid)
+        if step is None:
+            return None
+        get, held, edges, handoff = self.get, self.held, self.edges, self.handoff
+        with no_torch_function():
+            sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
+            received = None
+            for i, g in enumerate(grad_inputs):
+                if g is None:
+                    continue
+                if i >= len(handoff) or not handoff[i]:
+                    sent[i] = get(g)
+                    continue
+                # Read once, by the receiver's pre-hook; held until then, which the
+                # engine does too (a slot fed once is never summed in place).
+                held[edges[i]] = (g, step, i)
+                try:
+                    if received is None:
+                        received = {r.data_ptr() for r in grad_outputs if r is not None}
+                    if g.data_ptr() in received:
+                        # a view of what it received (TBackward): cheap now, while that one is alive
+                        sent[i] = get(g)
+                except Exception:  # no storage to point at (functorch, sparse): read by the receiver
+                    received = set()
+        return None
 
 
 def pass_scalars(trace: Trace, p: BackwardPass) -> tuple[Optional[float], Optional[float]]:

@@ -7,6 +7,7 @@ The index is built lazily, once per run, the first time a name is needed.
 
 from __future__ import annotations
 
+import types
 import weakref
 from typing import Optional
 
@@ -27,8 +28,22 @@ def _lookup(index: dict, t: torch.Tensor) -> Optional[str]:
     return hit[1] if hit is not None and hit[0]() is t else None
 
 
+# Exact types no tensor or module can be (their `__class__` cannot be overridden): most of
+# a namespace (functions, classes, modules, numbers) is told apart with no isinstance call.
+_PLAIN_TYPES = frozenset({
+    types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type,
+    int, float, complex, str, bytes, bool, type(None), list, tuple, dict, set, frozenset,
+})
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def _kind(value) -> Optional[str]:
     """'tensor', 'module' or None: a value whose `__class__` raises (a lazy proxy) is neither."""
+    cls = type(value)
+    if cls in _PLAIN_TYPES:
+        return None
+    if cls in _TENSOR_TYPES:
+        return "tensor"
     try:
         if isinstance(value, torch.Tensor):
             return "tensor"

@@ -58,18 +58,27 @@ def _edge_block(t: torch.Tensor) -> torch.Tensor:
 _EINSUM_LIMIT = 1_000_000  # einsum's vector sums keep a float32 total exact to ~1e-7 up to about here
 
 
+try:  # np.einsum without its Python wrapper (~0.7 us a call); the same C loops
+    from numpy._core.multiarray import c_einsum as _c_einsum
+except ImportError:  # numpy 1.x
+    try:
+        from numpy.core.multiarray import c_einsum as _c_einsum
+    except ImportError:
+        _c_einsum = np.einsum
+
+
 def _norm(a: np.ndarray) -> float:
     # Plain ufuncs, never BLAS: OpenBLAS's thread pool spinning next to
     # torch's OpenMP pool slowed the user's own ops several-fold.
     if a.size <= _EINSUM_LIMIT:
-        return math.sqrt(float(np.einsum("i,i->", a, a)))  # a C loop, no BLAS, no temporary
+        return math.sqrt(float(_c_einsum("i,i->", a, a)))  # a C loop, no BLAS, no temporary
     return float(torch.linalg.vector_norm(torch.from_numpy(np.ascontiguousarray(a)) if not a.flags.c_contiguous else torch.from_numpy(a)))
 
 
 def _sum(flat: np.ndarray) -> float:
     # einsum's sum runs in vector registers, twice as fast as the pairwise
     # ufunc sum and as accurate at these sizes; pairwise beyond them
-    return float(np.einsum("i->", flat) if flat.size <= _EINSUM_LIMIT else np.add.reduce(flat))
+    return float(_c_einsum("i->", flat) if flat.size <= _EINSUM_LIMIT else np.add.reduce(flat))
 
 
 def _sums(a: np.ndarray) -> tuple[float, float]:
@@ -98,7 +107,7 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
         index = _edge_index(a.shape)
         if index is not None:
             if a.flags.c_contiguous:  # most intermediates and gradients: one `take` of cached flat indices
-                flat_index, block = _flat_edge_index(a.shape, index)
+                flat_index, block, _ = _flat_edge_index(a.shape, index)
                 p.values = a.reshape(-1).take(flat_index).reshape(block)
             else:
                 p.values = a[index]  # fancy indexing copies just the edge block
@@ -115,8 +124,24 @@ def _numpy_preview(p: Preview, a: np.ndarray, with_stats: bool) -> None:
         p.min, p.max, p.mean, p.norm = float(count == n), float(count > 0), count / n, float(np.sqrt(count))
     elif n <= FULL_LIMIT:
         _small_stats(p, p.values)
+    elif 0 in a.strides:
+        _expanded_stats(p, a, n)
     else:
         _large_stats(p, a, n)
+
+
+def _expanded_stats(p: Preview, a: np.ndarray, n: int) -> None:
+    """An expanded tensor (stride 0: a loss's gradient out of mean/sum) repeats its base's
+    elements, each as often: its statistics are the base's, the norm times sqrt(repeats)."""
+    base = a[tuple(slice(0, 1) if st == 0 else slice(None) for st in a.strides)]
+    m = base.size
+    q = Preview(shape=base.shape, dtype=p.dtype)
+    if m <= FULL_LIMIT:
+        _small_stats(q, base.copy())
+    else:
+        _large_stats(q, base, m)
+    p.min, p.max, p.mean = q.min, q.max, q.mean
+    p.norm = q.norm * math.sqrt(n // m) if q.norm is not None else None
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -156,14 +181,37 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
     """
     try:
         queue = _active_queue
-        if queue is not None and queue.takes(t):
+        if queue is not None and (queue.include_cpu or not t.is_cpu) and queue.takes(t):  # a CPU tensor: not queued
             return queue.add(t, with_stats)
-        if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        kind = type(t)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
             name = _FAST_DTYPES.get(t.dtype)
             if name is not None and t.is_cpu and t.layout == torch.strided and not t.is_neg():
                 # the common case, kept lean: a float tensor on the CPU
                 a = t.detach().numpy()
-                p = Preview(shape=a.shape, dtype=name)
+                shape = a.shape
+                if a.size > FULL_LIMIT:
+                    # larger than a full copy and dense (C order, or F order: a weight's gradient as
+                    # mm sends it): the same reductions as `_numpy_preview`, over memory order
+                    if a.flags.c_contiguous:
+                        edge = _FLAT_EDGE.get(shape) or _edge_of(shape)
+                        if edge is not None:
+                            flat = a.reshape(-1)
+                            p = Preview(shape, name, values=flat.take(edge[0]).reshape(edge[1]), summarized=True)
+                            if with_stats:
+                                _flat_stats(p, flat, edge[2])
+                            return p
+                    elif a.flags.f_contiguous:
+                        at = a.T  # C order: its edge block is the transpose of `a`'s
+                        edge = _FLAT_EDGE.get(at.shape) or _edge_of(at.shape)
+                        if edge is not None:
+                            flat = at.reshape(-1)
+                            values = np.ascontiguousarray(flat.take(edge[0]).reshape(edge[1]).T)
+                            p = Preview(shape, name, values=values, summarized=True)
+                            if with_stats:
+                                _flat_stats(p, flat, edge[2])
+                            return p
+                p = Preview(shape=shape, dtype=name)
                 _numpy_preview(p, a, with_stats)
                 return p
         return _preview(t, with_stats)
@@ -293,7 +341,9 @@ class DeviceQueue:
 _minimum, _maximum = np.minimum.reduce, np.maximum.reduce
 
 
-_FLAT_EDGE: dict = {}  # shape -> (flat indices of the edge block, its shape)
+# shape -> (flat indices of the edge block, its shape, element count): filled by
+# `_flat_edge_index` for shapes past PREVIEW_FULL whose edge block fits (the fast path's test)
+_FLAT_EDGE: dict = {}
 
 
 def _flat_edge_index(shape: tuple, index: tuple):
@@ -301,10 +351,38 @@ def _flat_edge_index(shape: tuple, index: tuple):
     hit = _FLAT_EDGE.get(shape)
     if hit is None:
         grid = np.ravel_multi_index(np.broadcast_arrays(*index), shape)
-        hit = (grid.reshape(-1), grid.shape)
+        n = 1
+        for s in shape:
+            n *= s
+        hit = (grid.reshape(-1), grid.shape, n)
         if len(_FLAT_EDGE) < 4096:
             _FLAT_EDGE[shape] = hit
     return hit
+
+
+def _edge_of(shape: tuple):
+    """`_flat_edge_index` of a shape past PREVIEW_FULL, or None when its edge block is too large."""
+    index = _edge_index(shape)
+    return _flat_edge_index(shape, index) if index is not None else None
+
+
+def _flat_stats(p: Preview, flat: np.ndarray, n: int) -> None:
+    """min/max/mean/norm of a contiguous float array, as `_numpy_preview` computes them."""
+    if n > STATS_LIMIT or n > _EINSUM_LIMIT:
+        if n > STATS_LIMIT:
+            p.note = "statistics skipped: tensor too large"
+        else:
+            _large_stats(p, flat, n)
+        return
+    lo, hi = float(_minimum(flat)), float(_maximum(flat))
+    p.min, p.max = lo, hi
+    big = max(abs(lo), abs(hi))  # nan when any element is nan
+    if big * big * n < _SAFE_SQUARES.get(flat.dtype.itemsize, 0.0):  # no inf/nan, no overflow
+        p.mean = float(_c_einsum("i->", flat)) / n
+        p.norm = math.sqrt(float(_c_einsum("i,i->", flat, flat)))
+        return
+    with np.errstate(all="ignore"):  # inf/nan/overflow: no RuntimeWarning in the user's cell
+        _sum_and_norm(p, flat, n)
 
 
 _EDGE_INDEX: dict = {}  # shape -> numpy index of the edge block, or None when too large
@@ -481,21 +559,19 @@ class PreviewCache:
         if not isinstance(t, torch.Tensor):
             return None
         try:
-            return self._cached(t)
+            version = version_of(t)
+            if version is None:  # inference tensors: no version counter, so no way to trust a copy
+                return preview_quiet(t)
+            seen = self._seen
+            hit = seen.get(id(t))
+            # the engine sums a node's incoming grads in place into the first one it got (version bumps)
+            if hit is not None and hit[2] == version and hit[0]() is t:
+                return hit[1]
+            shown = self._fresh(t, version)
+            seen[id(t)] = (weakref.ref(t), shown, version)
+            return shown
         except Exception:  # e.g. functorch's wrapped tensors have no storage to point at
             return preview_quiet(t)
-
-    def _cached(self, t: torch.Tensor) -> Preview:
-        version = version_of(t)
-        if version is None:  # inference tensors: no version counter, so no way to trust a copy
-            return preview_quiet(t)
-        hit = self._seen.get(id(t))
-        # the engine sums a node's incoming grads in place into the first one it got (version bumps)
-        if hit is not None and hit[0]() is t and hit[2] == version:
-            return hit[1]
-        shown = self._fresh(t, version)
-        self._seen[id(t)] = (weakref.ref(t), shown, version)
-        return shown
 
     def _fresh(self, t: torch.Tensor, version: int) -> Preview:
         if type(t) is not torch.Tensor or t.numel() <= FULL_LIMIT or not t.is_cpu or t.layout != torch.strided:

@@ -16,25 +16,50 @@ from typing import Optional
 BIND_NAME = "__autograd_magic_bind__"
 
 
+# filename -> (linecache's list, its lines without newlines, them joined, span -> text):
+# `with trace()` reads its file once, not at each run (linecache hands back the same list
+# until the file changes, and the entry keeps that list alive, so its id is not reused)
+_FILES: dict[str, tuple] = {}
+# id(code) -> (code, its positions): shared by every map (the code is kept, so no id is reused)
+_POSITIONS: dict[int, tuple[CodeType, list]] = {}
+_CACHED_MAX = 512
+
+
+def _file_lines(filename: str) -> tuple:
+    raw = linecache.getlines(filename)
+    hit = _FILES.get(filename)
+    if hit is not None and hit[0] is raw:
+        return hit
+    lines = [l.rstrip("\n") for l in raw]
+    hit = (raw, lines, "\n".join(lines), {})
+    if len(_FILES) >= _CACHED_MAX:
+        _FILES.clear()
+    _FILES[filename] = hit
+    return hit
+
+
 class SourceMap:
     """Source text and spans for the code objects of one traced region."""
 
     def __init__(self, filename: str, source: Optional[str] = None):
         self.filename = filename
         if source is None:
-            self.lines = [l.rstrip("\n") for l in linecache.getlines(filename)]
+            _, self.lines, self.source, self._text = _file_lines(filename)
         else:
             self.lines = source.split("\n")
+            self.source = source
+            self._text: dict[tuple, Optional[str]] = {}
         # Keyed by id(code): hashing a code object hashes its bytecode and
         # constants (~0.6 us), and this runs for every op. The code is kept
         # in the value, so its id cannot be reused while the map lives.
-        self._positions: dict[int, tuple[CodeType, list]] = {}
-        self._text: dict[tuple, Optional[str]] = {}
+        self._positions: dict[int, tuple[CodeType, list]] = _POSITIONS
 
     def span(self, frame: FrameType) -> Optional[tuple[int, int, int, int]]:
         code = frame.f_code
         entry = self._positions.get(id(code))
         if entry is None:
+            if len(self._positions) >= _CACHED_MAX:
+                self._positions.clear()
             entry = self._positions[id(code)] = (code, list(code.co_positions()))
         positions = entry[1]
         i = frame.f_lasti // 2

@@ -164,7 +164,8 @@ class Tracer:
         self.names = NameIndex(namespace)
         # `root`: which anchor frames are the traced code's top level (default: not a function)
         self.sites = SiteFinder(source_map, anchor, self.names.module_name, **({"root": root} if root else {}))
-        self.trace = Trace(source="\n".join(source_map.lines))
+        source = getattr(source_map, "source", None)
+        self.trace = Trace(source=source if source is not None else "\n".join(source_map.lines))
         self.detail_limit = detail_limit
         # A variant's changes (detach, flip, cast, nudge); the real run has none and only reads.
         self.interventions = tuple(interventions)
@@ -242,6 +243,9 @@ class Tracer:
                     self._refs_at_end = {rid: ref for rid, (ref, _) in self._live.items()}
                 self._by_tensor.clear()
                 self._live.clear()
+                # the recorder's way back is weak from now on: no cycle keeps the run's records
+                # (and their arrays) alive until the garbage collector runs, nor makes it run
+                self.backward.tracer = weakref.proxy(self)
         return self.trace
 
     def _end_device_previews(self) -> None:
@@ -307,14 +311,17 @@ class Tracer:
 
     @quietly  # also reached from the fast path, outside `_record_op`
     def _input_record(self, t: torch.Tensor, span, internal: Optional[str], inplace: bool) -> int:
+        return self._input_record_quiet(t, span, internal, inplace)
+
+    def _input_record_quiet(self, t: torch.Tensor, span, internal: Optional[str], inplace: bool) -> int:
         """An op's input; a parameter first seen filled in place inside a call of this cell
         (a module's `__init__` initialising it) was created by that call, not outside the cell."""
-        rid = self.record_of(t)
-        if rid is not None:
-            return rid
+        entry = self._by_tensor.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
         if not inplace or internal is None or not isinstance(t, torch.nn.Parameter):
-            return self.record_for(t)
-        rid = self._external(t, None)
+            return self._external_quiet(t, None)  # `record_for`: it has no record of its own
+        rid = self._external_quiet(t, None)
         rec = self.trace.records[rid]
         rec.created_by, rec.line = self.source_map.text(span), span[0] if span else None
         return rid
@@ -372,6 +379,9 @@ class Tracer:
 
     @quietly
     def _external(self, t: torch.Tensor, name: Optional[str]) -> int:
+        return self._external_quiet(t, name)
+
+    def _external_quiet(self, t: torch.Tensor, name: Optional[str]) -> int:
         shown = preview_quiet(t)
         rec = Record(
             id=len(self.trace.records),
@@ -529,14 +539,15 @@ class Tracer:
         inplace = is_inplace(func_name, op)
         inputs = []
         tensors = []
-        for a in args:
-            for t in tensors_in(a):
-                tensors.append(t)
-                inputs.append(self._input_record(t, span, internal, inplace))
-        for a in kwargs.values():
-            for t in tensors_in(a):
-                tensors.append(t)
-                inputs.append(self._input_record(t, span, internal, inplace))
+        input_record = self._input_record_quiet  # already quiet in here
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(a, torch.Tensor):
+                tensors.append(a)
+                inputs.append(input_record(a, span, internal, inplace))
+            elif isinstance(a, (list, tuple)):
+                for t in tensors_in(a):
+                    tensors.append(t)
+                    inputs.append(input_record(t, span, internal, inplace))
         seen_inputs = [preview_quiet(t) for t in tensors] if past_limit is not None else []
         expr = self.source_map.text(span)
         if grad_enabled is None:
