@@ -130,3 +130,17 @@ def test_a_permuted_tensor_shows_its_base_statistics_read_once():
     fresh = preview(view)
     assert (fresh.min, fresh.max, fresh.mean, fresh.norm) == (first.min, first.max, first.mean, first.norm)
     np.testing.assert_array_equal(shown.values, fresh.values)  # its own values, as torch orders them
+
+
+def test_float64_values_whose_squares_overflow_give_torchs_norm_and_no_warning():
+    import warnings
+
+    from autograd_magic.capture.preview import preview
+
+    t = torch.tensor([1e200, -3e199, 2.0], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning from numpy would reach the user's cell
+        p = preview(t)
+    assert p.note is None
+    assert p.norm == torch.linalg.vector_norm(t).item() == math.inf
+    assert p.min == t.min().item() and p.max == t.max().item() and p.mean == pytest.approx(t.mean().item())

@@ -426,7 +426,9 @@ def _small_stats(p: Preview, v: np.ndarray) -> None:
     # from uninitialized memory) warns "invalid value encountered in cast".
     if np.isfinite(v).all():
         v = v.astype(np.float64, copy=False)
-        p.min, p.max, p.mean, p.norm = float(v.min()), float(v.max()), float(v.mean()), float(np.sqrt((v * v).sum()))
+        p.min, p.max, p.mean = float(v.min()), float(v.max()), float(v.mean())
+        with np.errstate(over="ignore"):  # float64 values past 1e154: the squares overflow to inf, as torch's norm does
+            p.norm = float(np.sqrt((v * v).sum()))
         return
     with np.errstate(all="ignore"):  # inf/nan values: no RuntimeWarning in the user's cell
         v = v.astype(np.float64, copy=False)
