@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from autograd_magic.explain.debug import ordinal
-from test_training_debug import DIVERGES, LOOP as TRAINING_LOOP
+from test_training_debug import DIVERGES, LOOP as TRAINING_LOOP, _plain_loop
 from browser_util import jupyter_server, run_all, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
@@ -59,6 +59,18 @@ def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path
             chart = view.locator("details.agm-training svg")
             chart.first.wait_for(timeout=TIMEOUT)
             assert view.locator("details.agm-flow svg").count() >= 1
+            # three recorded passes: a button each, the last one drawn first; pass 1's chart shows
+            # the total gradient norm plain torch's first backward call gives
+            flow = view.locator("details.agm-flow:not(.agm-training)")
+            passes = flow.locator("button.agm-flow-pass")
+            assert passes.count() == 3 and passes.nth(2).get_attribute("aria-pressed") == "true"
+            assert flow.locator(".agm-flow-summary").inner_text().startswith("pass 3:")
+            passes.nth(0).click()
+            assert passes.nth(0).get_attribute("aria-pressed") == "true"
+            caption = flow.locator(".agm-flow-summary").inner_text()
+            (_, norm), *_ = _plain_loop(LOOP)[0]
+            assert caption.startswith("pass 1:") and f"total gradient norm {norm:.3g}" in caption, (caption, norm)
+            assert flow.locator("svg").count() == 1
             assert view.locator("script").count() == 0
             view.scroll_into_view_if_needed()
             view.screenshot(path=str(SCREENSHOTS / "lab_debug_training.png"))

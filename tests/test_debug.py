@@ -323,3 +323,26 @@ def test_one_show_analyses_a_trace_once_and_says_the_same(shell, monkeypatch):
     calls.clear()
     everything()
     assert len(calls) == 3  # nothing kept after the show
+
+
+def test_the_widget_gets_each_recorded_pass_s_gradient_flow_with_torch_s_norms():
+    import autograd_magic as am
+    from autograd_magic.render.debug import debug_payload
+
+    torch.manual_seed(4)
+    model = torch.nn.Linear(3, 2)
+    xs = torch.randn(6, 4, 3)
+    plain_norms = []
+    with am.trace(detail_limit=10) as t:
+        for k in range(6):
+            model.zero_grad()
+            model(xs[k]).pow(2).sum().backward()
+            plain_norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
+    flow = debug_payload(t)["flow"]
+    passes = flow["passes"]
+    assert len(passes) == limits.DEBUG_FLOW_PASSES and flow["selected"] == len(passes) - 1
+    assert [p["pass"] for p in passes] == [2, 3, 4, 5]  # the last four of six
+    for p in passes:
+        assert p["svg"].startswith("<svg") and p["summary"].startswith(f"pass {p['pass'] + 1}:")
+        assert f"total gradient norm {plain_norms[p['pass']]:.3g}" in p["summary"]
+        assert "2 earlier passes" in p["summary"]

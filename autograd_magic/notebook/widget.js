@@ -607,8 +607,17 @@ class View {
       const summary = h("summary", { text: "training loop" });
       out.push(h("details", { class: "agm-flow agm-training", open: true }, summary, svg, h("div", { class: "agm-muted", text: d.training.summary })));
     }
-    if (d.flow) {
-      const { svg } = safeSvg(d.flow.svg);
+    if (d.flow) out.push(this.flowChart(d.flow));
+    this.debugBox.replaceChildren(...out);
+  }
+
+  // One pass's bar chart; with several passes (`passes`), a button per pass switches the chart.
+  flowChart(flow) {
+    const passes = Array.isArray(flow.passes) && flow.passes.length ? flow.passes : [flow];
+    const chart = h("div", { class: "agm-flow-chart" });
+    const caption = h("div", { class: "agm-muted agm-flow-summary" });
+    const show = (k) => {
+      const { svg } = safeSvg(String(passes[k].svg || ""));
       for (const g of svg ? svg.querySelectorAll("g[id]") : []) {
         const m = /-p(\d+)$/.exec(g.getAttribute("id") || "");
         if (!m) continue;
@@ -616,10 +625,21 @@ class View {
         g.classList.add("agm-flow-bar");
         g.addEventListener("click", () => this.set("selected", Number(m[1])));
       }
-      const summary = h("summary", { text: "gradient flow" });
-      out.push(h("details", { class: "agm-flow", open: true }, summary, svg, h("div", { class: "agm-muted", text: d.flow.summary })));
-    }
-    this.debugBox.replaceChildren(...out);
+      chart.replaceChildren(...(svg ? [svg] : []));
+      caption.textContent = String(passes[k].summary || "");
+      buttons.forEach((b, i) => b.setAttribute("aria-pressed", String(i === k)));
+    };
+    const buttons = passes.length > 1
+      ? passes.map((p, k) => {
+          const b = h("button", { type: "button", class: "agm-zoom-btn agm-flow-pass", text: String(p.label || `pass ${k + 1}`) });
+          b.addEventListener("click", () => show(k));
+          return b;
+        })
+      : [];
+    const picker = buttons.length ? [h("div", { class: "agm-flow-passes" }, h("span", { class: "agm-muted", text: "backward pass: " }), ...buttons)] : [];
+    const k = Number.isInteger(flow.selected) && flow.selected >= 0 && flow.selected < passes.length ? flow.selected : passes.length - 1;
+    show(k);
+    return h("details", { class: "agm-flow", open: true }, h("summary", { text: "gradient flow" }), ...picker, chart, caption);
   }
 
   // ---- the graph: Graphviz SVG whose record nodes are titled r<id>, fitted, zoomed, panned ----

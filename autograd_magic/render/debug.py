@@ -155,8 +155,21 @@ def debug_payload(trace: Trace) -> Optional[dict[str, Any]]:
     if chart is not None:
         out["training"] = {"svg": chart[0], "summary": chart[1]}
     if flows:
-        out["flow"] = {"svg": _once(flow_svg, flows[-1]), "summary": flow_text(flows, flows[-1])}
+        out["flow"] = flow_payload(flows)
     return out
+
+
+def flow_payload(flows: list[PassFlow]) -> dict[str, Any]:
+    """The gradient-flow chart of the last pass; with several passes, the last DEBUG_FLOW_PASSES
+    of them (`passes`), which the widget switches between, the last one first shown."""
+    if len(flows) == 1:
+        return {"svg": _once(flow_svg, flows[0]), "summary": flow_text(flows, flows[0])}
+    shown = flows[-limits.DEBUG_FLOW_PASSES:]
+    left = len(flows) - len(shown)
+    more = f" ({left} earlier passes: trace.grad_flow() has each)" if left else ""
+    passes = [{"pass": f.pass_index, "label": f"pass {f.pass_index + 1}", "svg": _once(flow_svg, f),
+               "summary": flow_summary(f) + more} for f in shown]
+    return {"passes": passes, "selected": len(passes) - 1}
 
 
 def flow_text(flows: list[PassFlow], flow: PassFlow) -> str:
