@@ -1,4 +1,4 @@
-"""Debugging a training cell in real JupyterLab: where the first NaN came from, and the loop's chart.
+"""Debugging a training cell in real JupyterLab and Notebook 7: where the first NaN came from, and the loop's chart.
 
 A 50-iteration logistic-regression loop with a learning rate that diverges: `torch.log(1 - p)`
 turns -inf in an iteration past `--limit`. The view names that op at its top; its link selects
@@ -32,7 +32,8 @@ def _first_nonfinite_iteration() -> int:
     return ns["i"]
 
 
-def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path_factory):
+@pytest.mark.parametrize("kind", ["lab", "notebook"])
+def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path_factory, kind):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     root = tmp_path_factory.mktemp("debug")
     write_notebook(root / "train.ipynb", ["%load_ext autograd_magic\nimport torch", "%%autograd\n" + LOOP])
@@ -41,7 +42,7 @@ def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path
     with jupyter_server(root, tmp_path_factory.mktemp("state")) as server:
         page = browser.new_page()
         try:
-            page.goto(server.page_url("lab", "train.ipynb"))
+            page.goto(server.page_url(kind, "train.ipynb"))
             wait_kernel_ready(page)
             run_all(page)
             view = page.locator(".jp-OutputArea-output .agm-root").first
@@ -73,6 +74,6 @@ def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path
             assert flow.locator("svg").count() == 1
             assert view.locator("script").count() == 0
             view.scroll_into_view_if_needed()
-            view.screenshot(path=str(SCREENSHOTS / "lab_debug_training.png"))
+            view.screenshot(path=str(SCREENSHOTS / f"{kind}_debug_training.png"))
         finally:
             page.close()
