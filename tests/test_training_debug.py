@@ -179,7 +179,7 @@ def test_a_nan_past_the_limit_names_the_loop_iteration_apart_from_the_op_s_own_r
     assert nf.run == watch.runs_before  # exp's own runs before it: four per iteration
     assert nf.iteration == watch.backward_calls_before == i  # the backward calls before it: the loop's `i`
     line = str(t).splitlines()[1]
-    assert f"the {ordinal(watch.runs_before + 1)} time it ran, in iteration {i + 1} of the loop" in line, line
+    assert f"the {ordinal(watch.runs_before + 1)} time it ran, after {i} backward calls" in line, line
 
 
 def test_the_traced_loop_computes_exactly_what_the_plain_loop_does(shell):
@@ -359,3 +359,40 @@ def test_a_loop_of_sparse_tensors_past_the_limit_is_kept_for_the_search_without_
             y.backward()
     assert not [n for n in t.notes if "skipped" in n or "not checked" in n], t.notes
     assert len(t.training()) == 3 * limits.DETAIL_LIMIT
+
+
+def test_a_sparse_gradient_adds_no_note_and_shows_torch_s_gradient():
+    import autograd_magic as am
+
+    torch.manual_seed(5)
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    idx = torch.tensor([1, 2, 1])
+    with am.trace() as t:
+        emb(idx).sum().backward()
+    assert t.notes == []
+    assert emb.weight.grad.layout == torch.sparse_coo
+
+
+def test_functions_made_on_the_fly_are_not_kept_alive_by_the_tracer():
+    import gc
+    import weakref
+
+    import autograd_magic as am
+    from torch.overrides import handle_torch_function, has_torch_function
+
+    refs = []
+    x = torch.ones(2)
+    with am.trace():
+        for _ in range(3):
+            held = torch.zeros(4)
+
+            def op(t, held=held):
+                if has_torch_function((t,)):
+                    return handle_torch_function(op, (t,), t)
+                return t + held.sum()
+
+            op(x)
+            refs.append(weakref.ref(held))
+            del held, op
+    gc.collect()
+    assert all(r() is None for r in refs)

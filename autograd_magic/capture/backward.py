@@ -592,7 +592,8 @@ class _PreHook:
                 leaf = self.leaf
                 if leaf is not None and grad_in:
                     g = grad_outputs[0]
-                    if g is not None:  # no reference kept: the leaf may take this gradient over
+                    if g is not None and g.layout == torch.strided:  # no reference kept: the leaf may take it over
+                        # (a sparse gradient has no data pointer: its .grad is previewed afresh at the end)
                         shared.accumulated.append((leaf, g.data_ptr(), g.shape, shared.version_seen(g), grad_in[0]))
         except Exception as exc:
             shared.recorder._missed(exc)

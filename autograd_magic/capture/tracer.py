@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import types
 import weakref
 from types import CodeType
 from typing import Any, Callable, Iterable, Optional
@@ -90,6 +91,10 @@ def _call_kind(func) -> tuple[int, str]:
     else:
         kind = _OP
     entry = (kind, name)
+    # torch's own functions only: a user's function or bound method (a closure, a lambda made on the
+    # fly) would be kept alive with everything it holds
+    if isinstance(func, (types.FunctionType, types.MethodType)) and not (getattr(func, "__module__", None) or "").startswith("torch"):
+        return entry
     if len(_KINDS) < _KINDS_MAX:
         try:
             _KINDS[func] = entry

@@ -41,7 +41,7 @@ class NonFinite:
     expr: Optional[str] = None
     occurrence: int = 0  # the loop iteration of this line, 0 for the first run
     run: Optional[int] = None  # found past --limit: how many times this very op ran before
-    iteration: Optional[int] = None  # ... and how many backward calls (the training loop's iteration, 0-based)
+    iteration: Optional[int] = None  # ... and how many backward calls came before it (one a loop iteration: its index)
     module: Optional[str] = None
     external: bool = False  # the tensor came from outside the cell already holding it
     preview: Optional[Preview] = None

@@ -354,7 +354,9 @@ def origin_sentence(nf: NonFinite) -> str:
     what = f"`{nf.label} = {nf.expr}`" if named else f"`{nf.expr or nf.label}`"
     where = f" on line {nf.line}" if nf.line is not None else ""
     if nf.run is not None:
-        loop = f", in iteration {nf.iteration + 1} of the loop" if nf.iteration is not None else ""
+        # the backward calls before it: a loop's iteration when it calls backward() once an iteration
+        calls = nf.iteration
+        loop = f", after {calls} backward call{'s' if calls != 1 else ''}" if calls is not None else ""
         where += f" (the {ordinal(nf.run + 1)} time it ran{loop}, past --limit: found by its finiteness check)"
     elif nf.occurrence:
         where += f" (run {nf.occurrence + 1} of that line)"
