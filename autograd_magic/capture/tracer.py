@@ -193,7 +193,7 @@ class Tracer:
         self._noted: set[str] = set()
         self.busy = False
         self.calls = 0  # the traced code's torch calls so far: what may have touched a tensor
-        self.backward_calls = 0  # backward calls so far: the loop iteration an op runs in
+        self.backward_calls = 0  # backward calls so far: a NaN found past --limit says how many came before it
         self._final_names: dict[int, str] = {}
         self.final_namespace: Optional[dict] = None  # set by trace() to name records at the end
         # device tensors' previews: reduced on the device, read back in batches (no sync per op)
