@@ -144,3 +144,18 @@ def test_float64_values_whose_squares_overflow_give_torchs_norm_and_no_warning()
     assert p.note is None
     assert p.norm == torch.linalg.vector_norm(t).item() == math.inf
     assert p.min == t.min().item() and p.max == t.max().item() and p.mean == pytest.approx(t.mean().item())
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 1e36), (torch.float32, 3e19), (torch.float64, 1e306), (torch.float64, 1e155)])
+def test_an_expanded_tensor_whose_sums_overflow_shows_what_torch_shows(dtype, big):
+    """An expanded tensor's statistics come from its base (stride 0): where the sums over all of
+    its elements overflow the dtype, torch's mean or norm is inf, and so is the preview's."""
+    import warnings
+
+    for t in (torch.full((1, 3), big, dtype=dtype).expand(1000, 3), torch.full((1,), -big, dtype=dtype).expand(5000)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            p = preview(t)
+        assert p.mean == pytest.approx(t.mean().item())
+        assert p.norm == pytest.approx(torch.linalg.vector_norm(t).item())
+        assert p.min == t.min().item() and p.max == t.max().item()

@@ -142,6 +142,17 @@ def _expanded_stats(p: Preview, a: np.ndarray, n: int) -> None:
         _large_stats(q, base, m)
     p.min, p.max, p.mean = q.min, q.max, q.mean
     p.norm = q.norm * math.sqrt(n // m) if q.norm is not None else None
+    # The base's sums are taken over m elements, torch's (and the dense path's) over all n in the
+    # tensor's own dtype: where those overflow it shows inf, and so does this preview.
+    top = _FLOAT_MAX.get(a.dtype.itemsize) if a.dtype.kind == "f" else None
+    if top is not None:
+        if p.mean is not None and math.isfinite(p.mean) and abs(p.mean) * n > top:
+            p.mean = math.copysign(math.inf, p.mean)
+        if p.norm is not None and math.isfinite(p.norm) and p.norm > math.sqrt(top):
+            p.norm = math.inf
+
+
+_FLOAT_MAX = {4: float(np.finfo(np.float32).max), 8: float(np.finfo(np.float64).max)}
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
