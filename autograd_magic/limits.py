@@ -100,6 +100,7 @@ DEBUG_FLOW_BARS = 40  # bars in the gradient-flow chart: past it one bar per mod
 DEBUG_FLOW_BYTES = 12_000  # the chart's SVG; past it fewer bars are drawn
 DEBUG_PASSES = 3  # backward passes whose first non-finite gradient the banner names (the rest are counted)
 DEBUG_FLOW_PASSES = 4  # the last backward passes whose gradient flow the widget can switch between
+DEBUG_FLOW_EARLIER_BYTES = 12_000  # the snapshot's drawings of those passes before the last (folded): past it, fewer
 
 # ---- debugging a training loop past --limit (capture/finite.py, render/debug.py, issue 16, second landing) ----
 FINITE_WINDOW = 4_096  # ops past --limit kept for the NaN/Inf search between two backward calls; past it they are checked at once

@@ -325,9 +325,9 @@ def test_one_show_analyses_a_trace_once_and_says_the_same(shell, monkeypatch):
     assert len(calls) == 3  # nothing kept after the show
 
 
-def test_the_widget_gets_each_recorded_pass_s_gradient_flow_with_torch_s_norms():
+def _six_passes():
+    """A trace of six backward passes of a Linear, and torch's total gradient norm after each."""
     import autograd_magic as am
-    from autograd_magic.render.debug import debug_payload
 
     torch.manual_seed(4)
     model = torch.nn.Linear(3, 2)
@@ -338,6 +338,34 @@ def test_the_widget_gets_each_recorded_pass_s_gradient_flow_with_torch_s_norms()
             model.zero_grad()
             model(xs[k]).pow(2).sum().backward()
             plain_norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item())
+    return t, plain_norms
+
+
+def test_the_snapshot_draws_the_last_pass_and_folds_the_ones_the_widget_can_switch_to():
+    """The saved snapshot has the same passes as the widget's buttons: the last one drawn open,
+    the three before it each a folded block (latest first) with torch's total norm of that pass."""
+    import re
+    import urllib.parse
+
+    t, plain_norms = _six_passes()
+    html = snapshot_html(t, graph=False)
+    start = html.index("<b>gradient flow</b>")
+    body = html[start:]
+    folded = re.findall(r"<details><summary><b>pass (\d+)</b></summary><div>(.*?)</div></details>", body)
+    assert [int(n) for n, _ in folded] == [5, 4, 3]  # DEBUG_FLOW_PASSES in all, the last one open above them
+    for n, block in folded:
+        assert f"total gradient norm {plain_norms[int(n) - 1]:.3g}" in block
+        svg = urllib.parse.unquote(re.search(r'src="data:image/svg\+xml,([^"]*)"', block).group(1))
+        assert f"pass {n}, log scale" in svg
+    last = body[: body.index("<details><summary><b>pass 5")]
+    assert f"total gradient norm {plain_norms[5]:.3g}" in last and "the last of 6 passes; the last 4 drawn" in last
+    assert "pass 6, log scale" in urllib.parse.unquote(last)
+
+
+def test_the_widget_gets_each_recorded_pass_s_gradient_flow_with_torch_s_norms():
+    from autograd_magic.render.debug import debug_payload
+
+    t, plain_norms = _six_passes()
     flow = debug_payload(t)["flow"]
     passes = flow["passes"]
     assert len(passes) == limits.DEBUG_FLOW_PASSES and flow["selected"] == len(passes) - 1

@@ -179,13 +179,28 @@ def flow_text(flows: list[PassFlow], flow: PassFlow) -> str:
     return text
 
 
-def flow_section(trace: Trace) -> Optional[tuple[str, str]]:
-    """(SVG, summary text) for the snapshot's gradient-flow section, None when no parameter got a gradient."""
+def flow_section(trace: Trace) -> Optional[tuple[str, str, list[tuple[str, str, str]]]]:
+    """(SVG, summary text, earlier passes) for the snapshot's gradient-flow section, None when no
+    parameter got a gradient. The last pass is drawn first; `earlier` holds the passes before it
+    that the widget can switch to as well (DEBUG_FLOW_PASSES in all), latest first, each as
+    (label, SVG, summary), as long as their drawings fit in DEBUG_FLOW_EARLIER_BYTES together."""
     flows = _once(grad_flow, trace)
     if not flows:
         return None
     flow = flows[-1]
-    return _once(flow_svg, flow), flow_text(flows, flow) + _flagged_text(flow)
+    earlier, room = [], limits.DEBUG_FLOW_EARLIER_BYTES
+    for f in reversed(flows[-limits.DEBUG_FLOW_PASSES:-1]):
+        svg = _once(flow_svg, f)
+        room -= len(svg)
+        if room < 0:
+            break
+        earlier.append((f"pass {f.pass_index + 1}", svg, flow_summary(f) + _flagged_text(f)))
+    text = flow_summary(flow)
+    if len(flows) > 1:
+        drawn = len(earlier) + 1
+        text += (f" (the last of {len(flows)} passes; " + (f"the last {drawn} drawn, " if drawn > 1 else "")
+                 + "trace.grad_flow() has each)")
+    return _once(flow_svg, flow), text + _flagged_text(flow), earlier
 
 
 def _flagged_text(flow: PassFlow, limit: int = 6) -> str:

@@ -50,7 +50,11 @@ def snapshot_html(
     try:  # issue 16: the gradient norms of the last pass's parameters (nothing without parameters)
         flow = flow_section(shown)
         if flow is not None:
-            parts.append(("gradient flow", _flow_html(*flow), True))
+            svg, summary, earlier = flow
+            # the last pass drawn; the ones before it (the widget's pass buttons) folded beneath it
+            body = _flow_html(svg, summary) + "".join(
+                section(label, _flow_html(s, text), open=False) for label, s, text in earlier)
+            parts.append(("gradient flow", body, True))
     except Exception:  # a bonus like the graph
         pass
     try:
