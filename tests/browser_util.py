@@ -205,3 +205,15 @@ def saved_by(page, path: Path, save) -> None:
             break
         page.wait_for_timeout(100)
     page.wait_for_timeout(500)  # the write may still be under way when the time stamp changes
+
+
+def save_by_menu(page, path: Path) -> None:
+    """File > Save (Lab's "Save Notebook", Notebook 7's "Save"), as a user clicks it; returns once
+    `path` is written."""
+    import re
+
+    def click():
+        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^File$")).first.click()
+        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Save( Notebook)?$")).first.click()
+
+    saved_by(page, path, click)

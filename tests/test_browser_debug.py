@@ -16,7 +16,7 @@ import torch
 
 from autograd_magic.explain.debug import ordinal
 from test_training_debug import DIVERGES, LOOP as TRAINING_LOOP, _plain_loop
-from browser_util import jupyter_server, run_all, wait_kernel_ready, write_notebook
+from browser_util import jupyter_server, run_all, save_by_menu, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
@@ -75,5 +75,31 @@ def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path
             assert view.locator("script").count() == 0
             view.scroll_into_view_if_needed()
             view.screenshot(path=str(SCREENSHOTS / f"{kind}_debug_training.png"))
+            page.wait_for_timeout(500)
+            save_by_menu(page, root / "train.ipynb")
+        finally:
+            page.close()
+    # opened by a fresh server (no kernel ran it): the snapshot draws the last pass's gradient flow
+    # and folds the passes before it, each with plain torch's total norm of that pass
+    norms = [n for _, n in _plain_loop(LOOP)[0][:3]]
+    with jupyter_server(root, tmp_path_factory.mktemp("reopened")) as server:
+        page = browser.new_page()
+        try:
+            page.goto(server.page_url(kind, "train.ipynb"))
+            snap = page.locator(".jp-OutputArea-output .agm-snapshot").first
+            snap.wait_for(state="visible", timeout=TIMEOUT)
+            assert f"the {ordinal(first + 1)} time it ran" in snap.inner_text()
+            flow = snap.locator("details", has=page.locator("summary", has_text=re.compile("^gradient flow$"))).first
+            assert f"total gradient norm {norms[2]:.3g}" in flow.locator(":scope > div > div").first.inner_text()
+            folded = flow.locator("details")
+            assert [folded.nth(i).locator("summary").inner_text() for i in range(folded.count())] == ["pass 2", "pass 1"]
+            earliest = folded.nth(1)
+            earliest.locator("summary").click()  # unfolds, as a reader clicks it
+            image = earliest.locator("img[src^='data:image/svg+xml']")
+            image.wait_for(state="visible", timeout=TIMEOUT)
+            assert image.evaluate("i => i.complete && i.naturalWidth > 0")  # drawn
+            assert f"total gradient norm {norms[0]:.3g}" in earliest.inner_text()
+            flow.scroll_into_view_if_needed()
+            flow.screenshot(path=str(SCREENSHOTS / f"{kind}_debug_saved_flow.png"))
         finally:
             page.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from browser_util import jupyter_server, numbers, run_all, wait_kernel_ready, write_notebook
+from browser_util import jupyter_server, numbers, run_all, save_by_menu, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
@@ -129,16 +129,6 @@ def _seed_003() -> list[str]:
     return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
-def _save(page, path: Path) -> None:
-    from browser_util import saved_by
-
-    def click():
-        page.locator(".lm-MenuBar-itemLabel", has_text=re.compile("^File$")).first.click()
-        page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Save( Notebook)?$")).first.click()
-
-    saved_by(page, path, click)
-
-
 def test_the_jacobian_of_backward_v_live_then_in_the_saved_notebook(browser, tmp_path_factory):
     """Seed 003 cell by cell in Lab: `z.backward(v)`'s view shows J = dz/dx and v·J next to x.grad
     (the verdict torch's own numbers give); saved, then opened by a fresh server (no kernel ran
@@ -165,7 +155,7 @@ def test_the_jacobian_of_backward_v_live_then_in_the_saved_notebook(browser, tmp
             last.scroll_into_view_if_needed()
             last.screenshot(path=str(SCREENSHOTS / "lab_explore_jacobian.png"))
             page.wait_for_timeout(500)
-            _save(page, root / "explore.ipynb")
+            save_by_menu(page, root / "explore.ipynb")
         finally:
             page.close()
     with jupyter_server(root, tmp_path_factory.mktemp("student")) as server:

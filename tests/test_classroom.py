@@ -16,7 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from browser_util import SETTINGS, jupyter_server, run_all, saved_by, wait_kernel_ready, write_notebook
+from browser_util import SETTINGS, jupyter_server, run_all, save_by_menu, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
@@ -68,7 +68,7 @@ def _open_run(page, server, kind: str, name: str):
 
 
 def _save(page, path: Path) -> None:
-    saved_by(page, path, lambda: _menu(page, "File", re.compile(r"^Save( Notebook)?$")))
+    save_by_menu(page, path)
     nb = nbformat.read(str(path), as_version=4)
     assert any(o.output_type == "display_data" for c in nb.cells for o in c.get("outputs", []))
 

@@ -197,9 +197,10 @@ def flow_section(trace: Trace) -> Optional[tuple[str, str, list[tuple[str, str, 
         earlier.append((f"pass {f.pass_index + 1}", svg, flow_summary(f) + _flagged_text(f)))
     text = flow_summary(flow)
     if len(flows) > 1:
-        drawn = len(earlier) + 1
-        text += (f" (the last of {len(flows)} passes; " + (f"the last {drawn} drawn, " if drawn > 1 else "")
-                 + "trace.grad_flow() has each)")
+        text += f" (the last of {len(flows)} passes"
+        if earlier:
+            text += f"; the {len(earlier)} before it folded below" if len(earlier) > 1 else "; the one before it folded below"
+        text += ")" if len(earlier) + 1 == len(flows) else "; trace.grad_flow() has each)"
     return _once(flow_svg, flow), text + _flagged_text(flow), earlier
 
 
