@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+#: where the browser tests leave their screenshots (look at them)
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
+TIMEOUT = 60_000  # ms, for anything that goes through the kernel
+
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -177,6 +181,13 @@ def run_all(page) -> None:
     """Run > Run All Cells, by the menu labels a user clicks."""
     page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
     page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+
+
+def seed_cells(name: str) -> list[str]:
+    """The code cells of the repository's notebooks/<name>.ipynb (a seed), as they are written there."""
+    path = Path(__file__).resolve().parent.parent / "notebooks" / f"{name}.ipynb"
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return ["".join(c["source"]) for c in doc["cells"] if c["cell_type"] == "code"]
 
 
 def write_notebook(path: Path, cells: list[str]) -> None:

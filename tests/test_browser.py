@@ -9,16 +9,14 @@ plain PyTorch. A missing chromium fails the test (see `make browser-deps`).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from browser_util import jupyter_server, numbers, run_all, wait_kernel_ready, write_notebook
+from browser_util import SCREENSHOTS, TIMEOUT, jupyter_server, numbers, run_all, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
 
 CELLS = [
     "%load_ext autograd_magic\nimport torch",
@@ -32,7 +30,6 @@ CELLS = [
     "raise ValueError('<img src=x onerror=\"window.__pwned=2\">')",
 ]
 HOSTILE = '<img src=x onerror="window.__pwned=2">'
-TIMEOUT = 60_000  # ms, for anything that goes through the kernel
 
 
 def _plain_grads() -> tuple[list[float], list[float]]:

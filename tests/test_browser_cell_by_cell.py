@@ -8,25 +8,21 @@ the reference) and say, with its controls disabled, why toggles are off.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from browser_util import jupyter_server, numbers, run_all, wait_kernel_ready, write_notebook
+from browser_util import SCREENSHOTS, TIMEOUT, jupyter_server, numbers, run_all, seed_cells, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOTS = ROOT / "build" / "screenshots"
-TIMEOUT = 60_000
 
 
 def _seed_000_first_part() -> list[str]:
-    nb = json.loads((ROOT / "notebooks" / "seed_000.ipynb").read_text(encoding="utf-8"))
-    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    cells = seed_cells("seed_000")
     end = next(i for i, c in enumerate(cells) if c.strip().endswith("y.backward()"))
     return cells[: end + 1]
 

@@ -9,19 +9,16 @@ page's SVG sanitizer). Which iteration goes non-finite first comes from plain Py
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from autograd_magic.explain.debug import ordinal
 from test_training_debug import DIVERGES, LOOP as TRAINING_LOOP, _plain_loop
-from browser_util import jupyter_server, run_all, save_by_menu, wait_kernel_ready, write_notebook
+from browser_util import SCREENSHOTS, TIMEOUT, jupyter_server, run_all, save_by_menu, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
-TIMEOUT = 60_000
 LOOP = TRAINING_LOOP.format(lr=DIVERGES)  # the loop the engine's tests check against plain torch
 
 

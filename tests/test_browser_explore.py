@@ -18,19 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from browser_util import jupyter_server, numbers, run_all, save_by_menu, wait_kernel_ready, write_notebook
+from browser_util import SCREENSHOTS, TIMEOUT, jupyter_server, numbers, run_all, save_by_menu, seed_cells, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOTS = ROOT / "build" / "screenshots"
-TIMEOUT = 60_000
 
 
 def _seed_000_polynomial() -> list[str]:
     """The seed's cells up to the polynomial (`y = ...`), as the seed has them."""
-    nb = json.loads((ROOT / "notebooks" / "seed_000.ipynb").read_text(encoding="utf-8"))
-    cells = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    cells = seed_cells("seed_000")
     end = next(i for i, c in enumerate(cells) if "2*x**4" in c)
     return cells[: end + 1]
 
@@ -124,18 +121,13 @@ def test_dragging_x_from_2_to_1_moves_the_slope_from_93_to_22(jupyter, browser, 
         page.close()
 
 
-def _seed_003() -> list[str]:
-    nb = json.loads((ROOT / "notebooks" / "seed_003.ipynb").read_text(encoding="utf-8"))
-    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
-
-
 def test_the_jacobian_of_backward_v_live_then_in_the_saved_notebook(browser, tmp_path_factory):
     """Seed 003 cell by cell in Lab: `z.backward(v)`'s view shows J = dz/dx and v·J next to x.grad
     (the verdict torch's own numbers give); saved, then opened by a fresh server (no kernel ran
     it), the snapshot still shows the polynomial's curve and that Jacobian."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     root = tmp_path_factory.mktemp("explore_saved")
-    seed = _seed_003()
+    seed = seed_cells("seed_003")
     fails = [i for i, c in enumerate(seed) if "x = torch.randn(4)\n" in c]  # on purpose: no requires_grad
     # one %load_ext; the part that fails on purpose (backward() of a tensor that needs no grad) would stop Run All
     cells = _seed_000_polynomial() + seed[1:fails[0]] + seed[fails[0] + 4:]

@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import nbformat
 
 import pytest
 import torch
 
-from browser_util import jupyter_server, numbers, run_all, saved_by, wait_kernel_ready, write_notebook
+from browser_util import SCREENSHOTS, TIMEOUT, jupyter_server, numbers, run_all, saved_by, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
-TIMEOUT = 60_000
 
 SETUP = (
     "%load_ext autograd_magic\nimport torch, warnings\nwarnings.filterwarnings('ignore')\ntorch.manual_seed(0)\n"

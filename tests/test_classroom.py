@@ -16,12 +16,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from browser_util import SETTINGS, jupyter_server, run_all, save_by_menu, wait_kernel_ready, write_notebook
+from browser_util import SCREENSHOTS, SETTINGS, TIMEOUT, jupyter_server, run_all, save_by_menu, wait_kernel_ready, write_notebook
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "build" / "screenshots"
-TIMEOUT = 60_000
 DEAD = "This view's kernel is gone (restarted or shut down): re-run the cell to explore it again."
 
 CELLS = [

@@ -9,20 +9,15 @@ what plain torch computes for the same expressions (retain_grad on a replica).
 from __future__ import annotations
 
 import gc
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from autograd_magic.notebook.session import CellSession, earlier_cells
+from browser_util import seed_cells
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _seed_cells(name: str) -> list[str]:
-    nb = json.loads((ROOT / "notebooks" / name).read_text(encoding="utf-8"))
-    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
 def _with_output(cell: str, name: str) -> str:
@@ -65,7 +60,7 @@ def _reaches(t, start: int, target: int) -> bool:
 
 
 def test_seed_000_backward_cell_shows_the_polynomials_intermediates(shell):
-    cells = _seed_cells("seed_000.ipynb")
+    cells = seed_cells("seed_000")
     backward = next(i for i, c in enumerate(cells) if c.strip().endswith("y.backward()"))
     for i, cell in enumerate(cells[: backward + 1]):
         shell.run_cell(_with_output(cell, "t") if i == backward else cell, store_history=True).raise_error()
@@ -108,7 +103,7 @@ def test_the_backward_cells_variants_say_why_they_are_off(shell):
 
 def test_seed_000_matrix_part_each_cell_its_own(shell):
     """x, y, z, out each made by its own traced cell; `out.backward()` shows all four, linked."""
-    cells = _seed_cells("seed_000.ipynb")
+    cells = seed_cells("seed_000")
     start = next(i for i, c in enumerate(cells) if "[[1.,2,3],[3,2,1]]" in c)
     end = next(i for i, c in enumerate(cells) if "out.backward()" in c)
     shell.run_cell("import torch")

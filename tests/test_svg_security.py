@@ -25,15 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from browser_util import jupyter_server, run_all, wait_kernel_ready
+from browser_util import SCREENSHOTS, TIMEOUT, jupyter_server, run_all, wait_kernel_ready
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDGET_JS = ROOT / "autograd_magic" / "notebook" / "widget.js"
-SCREENSHOTS = ROOT / "build" / "screenshots"
 EVIL_HOST = "agm-evil.invalid"  # any request naming it is a fetch the SVG was not allowed to make
-TIMEOUT = 60_000
 
 GRID_SETUP = "import torch\nx = torch.tensor([[1.,2,3],[3,2,1]], requires_grad=True)"
 GRID_CELL = "y = 3*x + 2\nz = 2*y**2\nout = z.mean()\nout.backward()"
