@@ -362,6 +362,32 @@ def test_the_snapshot_draws_the_last_pass_and_folds_the_ones_the_widget_can_swit
     assert "pass 6, log scale" in urllib.parse.unquote(last)
 
 
+def test_past_the_snapshot_budget_the_earlier_passes_give_way_before_the_last_one(monkeypatch):
+    """A snapshot over its byte budget first drops the folded earlier passes and keeps the last
+    pass's chart; only past that does the gradient-flow section give way to a line."""
+    t, plain_norms = _six_passes()
+    full = snapshot_html(t, graph=False)
+    folded = full.count("<details><summary><b>pass ")
+    assert folded == 3
+    monkeypatch.setattr(limits, "SNAPSHOT_HTML_BYTES", len(full) - 1)
+    lean = snapshot_html(t, graph=False)
+    assert "<details><summary><b>pass " not in lean and len(lean) <= limits.SNAPSHOT_HTML_BYTES
+    body = lean[lean.index("<b>gradient flow</b>"):]
+    assert f"total gradient norm {plain_norms[5]:.3g}" in body and "pass 6, log scale" in urllib_unquote(body)
+    assert "the last of 6 passes; trace.grad_flow() has each" in body  # no word of folded passes
+    # tighter still: the whole section gives way to its line, as any section does
+    monkeypatch.setattr(limits, "SNAPSHOT_HTML_BYTES", 1000)
+    tight = snapshot_html(t, graph=False)
+    flow = tight[tight.index("<b>gradient flow</b>"):]
+    assert flow[: flow.index("</details>")].count("Left out of this snapshot") == 1
+
+
+def urllib_unquote(text: str) -> str:
+    import urllib.parse
+
+    return urllib.parse.unquote(text)
+
+
 def test_the_widget_gets_each_recorded_pass_s_gradient_flow_with_torch_s_norms():
     from autograd_magic.render.debug import debug_payload
 

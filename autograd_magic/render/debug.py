@@ -179,16 +179,17 @@ def flow_text(flows: list[PassFlow], flow: PassFlow) -> str:
     return text
 
 
-def flow_section(trace: Trace) -> Optional[tuple[str, str, list[tuple[str, str, str]]]]:
+def flow_section(trace: Trace, earlier_bytes: int = limits.DEBUG_FLOW_EARLIER_BYTES,
+                 ) -> Optional[tuple[str, str, list[tuple[str, str, str]]]]:
     """(SVG, summary text, earlier passes) for the snapshot's gradient-flow section, None when no
     parameter got a gradient. The last pass is drawn first; `earlier` holds the passes before it
     that the widget can switch to as well (DEBUG_FLOW_PASSES in all), latest first, each as
-    (label, SVG, summary), as long as their drawings fit in DEBUG_FLOW_EARLIER_BYTES together."""
+    (label, SVG, summary), as long as their drawings fit in `earlier_bytes` together."""
     flows = _once(grad_flow, trace)
     if not flows:
         return None
     flow = flows[-1]
-    earlier, room = [], limits.DEBUG_FLOW_EARLIER_BYTES
+    earlier, room = [], earlier_bytes
     for f in reversed(flows[-limits.DEBUG_FLOW_PASSES:-1]):
         svg = _once(flow_svg, f)
         room -= len(svg)

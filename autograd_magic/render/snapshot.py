@@ -41,6 +41,7 @@ def snapshot_html(
     `dots`: the graph's DOT from `prefetch_graph` (its layout started earlier)."""
     shown = variant or trace
     parts: list[tuple[str, str, bool]] = []  # (title, body, open), in the order shown; the graph goes first
+    lean = None  # the gradient-flow section with its last pass only, when it has earlier ones
     try:  # issue 16: loss and total gradient norm per backward call (only for two calls or more)
         chart = training_section(shown)
         if chart is not None:
@@ -50,11 +51,9 @@ def snapshot_html(
     try:  # issue 16: the gradient norms of the last pass's parameters (nothing without parameters)
         flow = flow_section(shown)
         if flow is not None:
-            svg, summary, earlier = flow
-            # the last pass drawn; the ones before it (the widget's pass buttons) folded beneath it
-            body = _flow_html(svg, summary) + "".join(
-                section(label, _flow_html(s, text), open=False) for label, s, text in earlier)
-            parts.append(("gradient flow", body, True))
+            parts.append(("gradient flow", _flow_body(flow), True))
+            if flow[2]:  # past the budget, the passes before the last give way first
+                lean = ("gradient flow", _flow_body(flow_section(shown, earlier_bytes=0)), True)
     except Exception:  # a bonus like the graph
         pass
     try:
@@ -80,6 +79,10 @@ def snapshot_html(
         except Exception:  # the table still shows; the graph is a bonus here
             pass
     sections = [section(t, b, o) for t, b, o in parts]
+    if lean is not None and len(base) + sum(len(s) for s in sections) > limits.SNAPSHOT_HTML_BYTES:
+        i = next(i for i, part in enumerate(parts) if part[0] == "gradient flow")
+        parts[i] = lean
+        sections[i] = section(*lean)
     # past the budget, the last sections give way first: the why, the steps, then the graph
     for i in range(len(sections) - 1, -1, -1):
         if len(base) + sum(len(s) for s in sections) <= limits.SNAPSHOT_HTML_BYTES:
@@ -196,6 +199,12 @@ def _svg_box(svg: str) -> str:
         '<div class="am-graph" style="overflow:auto;max-width:100%">'
         f'<img src="{svg_data_uri(svg)}" alt="the autograd graph" style="max-width:100%;height:auto"></div>'
     )
+
+
+def _flow_body(flow: tuple) -> str:
+    """The last pass drawn; the ones before it (the widget's pass buttons) folded beneath it."""
+    svg, summary, earlier = flow
+    return _flow_html(svg, summary) + "".join(section(label, _flow_html(s, text), open=False) for label, s, text in earlier)
 
 
 def _flow_html(svg: str, summary: str) -> str:
