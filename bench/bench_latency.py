@@ -208,6 +208,11 @@ from IPython.utils.capture import capture_output
 # Both modes start with torch imported, untimed: %load_ext imports it (the package needs it), so
 # without this the plain run's `import torch` cell would pay what the traced run paid at %load_ext.
 import torch
+# torch's first backward() with an explicit gradient imports sympy (~0.3 s, in plain torch too): paid
+# here, untimed, or that one-time import swamps what the magic adds to seed_003's `z.backward(v)` cell
+_w = torch.ones(2, requires_grad=True)
+(_w * 2).backward(torch.ones(2))
+del _w
 cells, traced = json.loads(sys.stdin.read()), sys.argv[2] == "traced"
 shell = make_shell()
 parts = Breakdown()
