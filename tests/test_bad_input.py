@@ -18,7 +18,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from fuzz_programs import fresh_shell, run
 

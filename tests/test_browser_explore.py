@@ -37,7 +37,7 @@ def _plain(x0: float) -> tuple[float, float]:
     x = torch.tensor(x0, requires_grad=True)
     y = 2 * x**4 + x**3 + 3 * x**2 + 5 * x + 1
     (dy,) = torch.autograd.grad(y, x)
-    return float(y), float(dy)
+    return y.item(), dy.item()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ place.
 from __future__ import annotations
 
 import gc
-import os
 import signal
 import threading
 import time

@@ -258,7 +258,7 @@ def test_the_chart_shows_for_two_passes_or_more_and_marks_the_nan(shell):
     assert len(root.findall("{http://www.w3.org/2000/svg}polyline")) >= 2  # loss and gradient norm
     first = next(it for it in t.training() if not it.finite)
     assert f"first non-finite at call {first.index + 1}" in chart["summary"]
-    assert chart["svg"].count(f'stroke="#cf222e" stroke-width="1.5"') == 2  # one × per panel: NaN from there on
+    assert chart["svg"].count('stroke="#cf222e" stroke-width="1.5"') == 2  # one × per panel: NaN from there on
 
     single = _traced(shell, "x = torch.tensor([1.0, 2.0], requires_grad=True)\n(x * x).sum().backward()\n")
     assert len(single.training()) == 1
