@@ -163,20 +163,13 @@ def flow_payload(flows: list[PassFlow]) -> dict[str, Any]:
     """The gradient-flow chart of the last pass; with several passes, the last DEBUG_FLOW_PASSES
     of them (`passes`), which the widget switches between, the last one first shown."""
     if len(flows) == 1:
-        return {"svg": _once(flow_svg, flows[0]), "summary": flow_text(flows, flows[0])}
+        return {"svg": _once(flow_svg, flows[0]), "summary": flow_summary(flows[0])}
     shown = flows[-limits.DEBUG_FLOW_PASSES:]
     left = len(flows) - len(shown)
     more = f" ({left} earlier passes: trace.grad_flow() has each)" if left else ""
     passes = [{"pass": f.pass_index, "label": f"pass {f.pass_index + 1}", "svg": _once(flow_svg, f),
                "summary": flow_summary(f) + more} for f in shown]
     return {"passes": passes, "selected": len(passes) - 1}
-
-
-def flow_text(flows: list[PassFlow], flow: PassFlow) -> str:
-    text = flow_summary(flow)
-    if len(flows) > 1:
-        text += f" (the last of {len(flows)} passes drawn; trace.grad_flow() has each)"
-    return text
 
 
 def flow_section(trace: Trace, earlier_bytes: int = limits.DEBUG_FLOW_EARLIER_BYTES,

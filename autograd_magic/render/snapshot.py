@@ -41,19 +41,18 @@ def snapshot_html(
     `dots`: the graph's DOT from `prefetch_graph` (its layout started earlier)."""
     shown = variant or trace
     parts: list[tuple[str, str, bool]] = []  # (title, body, open), in the order shown; the graph goes first
-    lean = None  # the gradient-flow section with its last pass only, when it has earlier ones
+    folded = False  # whether the gradient-flow section folds earlier passes (they give way first)
     try:  # issue 16: loss and total gradient norm per backward call (only for two calls or more)
         chart = training_section(shown)
         if chart is not None:
             parts.append(("training loop", _flow_html(*chart), True))
     except Exception:  # a bonus like the graph
         pass
-    try:  # issue 16: the gradient norms of the last pass's parameters (nothing without parameters)
+    try:  # issue 16: the parameters' gradient norms, the last pass drawn (nothing without parameters)
         flow = flow_section(shown)
         if flow is not None:
             parts.append(("gradient flow", _flow_body(flow), True))
-            if flow[2]:  # past the budget, the passes before the last give way first
-                lean = ("gradient flow", _flow_body(flow_section(shown, earlier_bytes=0)), True)
+            folded = bool(flow[2])
     except Exception:  # a bonus like the graph
         pass
     try:
@@ -79,10 +78,13 @@ def snapshot_html(
         except Exception:  # the table still shows; the graph is a bonus here
             pass
     sections = [section(t, b, o) for t, b, o in parts]
-    if lean is not None and len(base) + sum(len(s) for s in sections) > limits.SNAPSHOT_HTML_BYTES:
-        i = next(i for i, part in enumerate(parts) if part[0] == "gradient flow")
-        parts[i] = lean
-        sections[i] = section(*lean)
+    if folded and len(base) + sum(len(s) for s in sections) > limits.SNAPSHOT_HTML_BYTES:
+        try:  # past the budget, the gradient flow's earlier passes give way first: the last one stays
+            i = next(i for i, part in enumerate(parts) if part[0] == "gradient flow")
+            parts[i] = ("gradient flow", _flow_body(flow_section(shown, earlier_bytes=0)), True)
+            sections[i] = section(*parts[i])
+        except Exception:
+            pass
     # past the budget, the last sections give way first: the why, the steps, then the graph
     for i in range(len(sections) - 1, -1, -1):
         if len(base) + sum(len(s) for s in sections) <= limits.SNAPSHOT_HTML_BYTES:
