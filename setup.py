@@ -1,7 +1,8 @@
 """The one compiled part: capture/_fused.c, a preview's statistics in one pass.
 
-Optional: where it cannot be built (no C compiler), the package installs without
-it and previews take the same statistics with numpy, in four passes.
+Optional: where it cannot be built (no C compiler), or where no kernel of it runs
+(not x86-64 with AVX2 or AVX-512), previews take the same statistics with numpy,
+in four passes.
 """
 
 from setuptools import Extension, setup

@@ -3,8 +3,12 @@
  * A preview's exact statistics are four reductions over each tensor the traced
  * cell makes. numpy runs them as four passes over memory (min, max, sum, dot);
  * here they are one, in SIMD lanes, with the sums kept in float64 (float32
- * inputs are widened lane by lane). Pure C with GCC/Clang vector extensions:
- * no intrinsics, so any architecture the compiler targets gets the same code.
+ * inputs are widened lane by lane).
+ *
+ * Kernels for x86-64 with AVX2+FMA or AVX-512, picked at import by what the CPU
+ * runs. Elsewhere (another architecture, an older CPU, a compiler without these
+ * intrinsics) `kernels()` is empty and preview.py keeps numpy's four passes: a
+ * plain C loop there measured slower than numpy's own vectorized reductions.
  *
  * `stats(buffer)` takes any C-contiguous buffer of format 'f' or 'd' and
  * returns (min, max, sum, sum of squares) as Python floats, or None when the
@@ -17,12 +21,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
-
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef int i32x8 __attribute__((vector_size(32)));
-typedef double f64x4 __attribute__((vector_size(32)));
-typedef long long i64x4 __attribute__((vector_size(32)));
 
 /* Below these, no finite sum of squares in the dtype can have overflowed (as preview.py's _SAFE_SQUARES). */
 #define SAFE_F32 1e37
@@ -43,110 +41,9 @@ typedef long long i64x4 __attribute__((vector_size(32)));
     out[2] = s;                      \
     out[3] = q
 
-/* NaN-blind min/max (a NaN never wins a comparison): a NaN still reaches the
- * sum of squares, which is what the caller tests. */
-static inline f32x8 min_f32(f32x8 a, f32x8 b) {
-    i32x8 m = a < b;
-    return (f32x8)(((i32x8)a & m) | ((i32x8)b & ~m));
-}
-
-static inline f32x8 max_f32(f32x8 a, f32x8 b) {
-    i32x8 m = a > b;
-    return (f32x8)(((i32x8)a & m) | ((i32x8)b & ~m));
-}
-
-static inline f64x4 min_f64(f64x4 a, f64x4 b) {
-    i64x4 m = a < b;
-    return (f64x4)(((i64x4)a & m) | ((i64x4)b & ~m));
-}
-
-static inline f64x4 max_f64(f64x4 a, f64x4 b) {
-    i64x4 m = a > b;
-    return (f64x4)(((i64x4)a & m) | ((i64x4)b & ~m));
-}
-
-static inline f64x4 widen(const float *p) {
-    f32x4 v;
-    memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, f64x4);
-}
-
-static void stats_f32_portable(const float *x, Py_ssize_t n, double out[4]) {
-    float lo = x[0], hi = x[0];
-    double s = 0.0, q = 0.0;
-    Py_ssize_t i = 0;
-    if (n >= 16) {
-        f32x8 vlo, vhi;
-        memcpy(&vlo, x, sizeof vlo);
-        vhi = vlo;
-        f64x4 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
-        for (; i + 16 <= n; i += 16) {
-            f32x8 a, b;
-            memcpy(&a, x + i, sizeof a);
-            memcpy(&b, x + i + 8, sizeof b);
-            vlo = min_f32(vlo, min_f32(a, b));
-            vhi = max_f32(vhi, max_f32(a, b));
-            f64x4 d0 = widen(x + i), d1 = widen(x + i + 4), d2 = widen(x + i + 8), d3 = widen(x + i + 12);
-            s0 += d0;
-            q0 += d0 * d0;
-            s1 += d1;
-            q1 += d1 * d1;
-            s2 += d2;
-            q2 += d2 * d2;
-            s3 += d3;
-            q3 += d3 * d3;
-        }
-        s0 = (s0 + s1) + (s2 + s3);
-        q0 = (q0 + q1) + (q2 + q3);
-        lo = vlo[0];
-        hi = vhi[0];
-        for (int k = 0; k < 8; k++) {
-            if (vlo[k] < lo) lo = vlo[k];
-            if (vhi[k] > hi) hi = vhi[k];
-        }
-        for (int k = 0; k < 4; k++) {
-            s += s0[k];
-            q += q0[k];
-        }
-    }
-    TAIL(float);
-}
-
-static void stats_f64_portable(const double *x, Py_ssize_t n, double out[4]) {
-    double lo = x[0], hi = x[0], s = 0.0, q = 0.0;
-    Py_ssize_t i = 0;
-    if (n >= 8) {
-        f64x4 vlo, vhi, s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};
-        memcpy(&vlo, x, sizeof vlo);
-        vhi = vlo;
-        for (; i + 8 <= n; i += 8) {
-            f64x4 a, b;
-            memcpy(&a, x + i, sizeof a);
-            memcpy(&b, x + i + 4, sizeof b);
-            vlo = min_f64(vlo, min_f64(a, b));
-            vhi = max_f64(vhi, max_f64(a, b));
-            s0 += a;
-            q0 += a * a;
-            s1 += b;
-            q1 += b * b;
-        }
-        s0 += s1;
-        q0 += q1;
-        lo = vlo[0];
-        hi = vhi[0];
-        for (int k = 0; k < 4; k++) {
-            if (vlo[k] < lo) lo = vlo[k];
-            if (vhi[k] > hi) hi = vhi[k];
-            s += s0[k];
-            q += q0[k];
-        }
-    }
-    TAIL(double);
-}
-
-/* x86-64 with AVX2 and FMA (checked at import): the same loops in intrinsics, whose min/max
- * are single instructions where the portable code needs a compare and a blend. */
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+/* x86-64 with AVX2 and FMA, or AVX-512 (checked at import). min/max are NaN-blind (a NaN never
+ * wins a comparison), but a NaN still reaches the sum of squares, which is what the caller tests. */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(AUTOGRAD_MAGIC_NO_SIMD)
 #include <immintrin.h>
 #define HAVE_AVX2_KERNELS 1
 
@@ -223,13 +120,95 @@ __attribute__((target("avx2,fma"))) static void stats_f64_avx2(const double *x, 
     }
     TAIL(double);
 }
+
+/* AVX-512 (F and DQ): twice the lanes, so half the instructions per element. */
+__attribute__((target("avx512f,avx512dq"))) static void stats_f32_avx512(const float *x, Py_ssize_t n, double out[4]) {
+    float lo = x[0], hi = x[0];
+    double s = 0.0, q = 0.0;
+    Py_ssize_t i = 0;
+    if (n >= 32) {
+        __m512 vlo = _mm512_loadu_ps(x), vhi = vlo;
+        __m512d s0 = _mm512_setzero_pd(), s1 = s0, s2 = s0, s3 = s0, q0 = s0, q1 = s0, q2 = s0, q3 = s0;
+        for (; i + 32 <= n; i += 32) {
+            __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+            vlo = _mm512_min_ps(vlo, _mm512_min_ps(a, b));
+            vhi = _mm512_max_ps(vhi, _mm512_max_ps(a, b));
+            __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+            __m512d d1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+            __m512d d2 = _mm512_cvtps_pd(_mm512_castps512_ps256(b));
+            __m512d d3 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1)));
+            s0 = _mm512_add_pd(s0, d0);
+            s1 = _mm512_add_pd(s1, d1);
+            s2 = _mm512_add_pd(s2, d2);
+            s3 = _mm512_add_pd(s3, d3);
+            q0 = _mm512_fmadd_pd(d0, d0, q0);
+            q1 = _mm512_fmadd_pd(d1, d1, q1);
+            q2 = _mm512_fmadd_pd(d2, d2, q2);
+            q3 = _mm512_fmadd_pd(d3, d3, q3);
+        }
+        lo = _mm512_reduce_min_ps(vlo);
+        hi = _mm512_reduce_max_ps(vhi);
+        s = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(s0, s1), _mm512_add_pd(s2, s3)));
+        q = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(q0, q1), _mm512_add_pd(q2, q3)));
+    }
+    TAIL(float);
+}
+
+__attribute__((target("avx512f,avx512dq"))) static void stats_f64_avx512(const double *x, Py_ssize_t n, double out[4]) {
+    double lo = x[0], hi = x[0], s = 0.0, q = 0.0;
+    Py_ssize_t i = 0;
+    if (n >= 16) {
+        __m512d vlo = _mm512_loadu_pd(x), vhi = vlo;
+        __m512d s0 = _mm512_setzero_pd(), s1 = s0, q0 = s0, q1 = s0;
+        for (; i + 16 <= n; i += 16) {
+            __m512d a = _mm512_loadu_pd(x + i), b = _mm512_loadu_pd(x + i + 8);
+            vlo = _mm512_min_pd(vlo, _mm512_min_pd(a, b));
+            vhi = _mm512_max_pd(vhi, _mm512_max_pd(a, b));
+            s0 = _mm512_add_pd(s0, a);
+            s1 = _mm512_add_pd(s1, b);
+            q0 = _mm512_fmadd_pd(a, a, q0);
+            q1 = _mm512_fmadd_pd(b, b, q1);
+        }
+        lo = _mm512_reduce_min_pd(vlo);
+        hi = _mm512_reduce_max_pd(vhi);
+        s = _mm512_reduce_add_pd(_mm512_add_pd(s0, s1));
+        q = _mm512_reduce_add_pd(_mm512_add_pd(q0, q1));
+    }
+    TAIL(double);
+}
 #endif
 
 typedef void (*f32_kernel)(const float *, Py_ssize_t, double[4]);
 typedef void (*f64_kernel)(const double *, Py_ssize_t, double[4]);
-static f32_kernel stats_f32 = stats_f32_portable;
-static f64_kernel stats_f64 = stats_f64_portable;
 
+/* The kernels, best last: import picks the last one the CPU runs. */
+struct kernel {
+    const char *name;
+    f32_kernel f32;
+    f64_kernel f64;
+};
+#ifdef HAVE_AVX2_KERNELS
+static const struct kernel KERNELS[] = {
+    {"avx2", stats_f32_avx2, stats_f64_avx2},
+    {"avx512", stats_f32_avx512, stats_f64_avx512},
+};
+#define N_KERNELS ((int)(sizeof KERNELS / sizeof KERNELS[0]))
+#else
+static const struct kernel KERNELS[1] = {{"none", NULL, NULL}};
+#define N_KERNELS 0
+#endif
+static int current = -1; /* none runs here: stats() always answers None */
+
+static int runs_here(int k) {
+#ifdef HAVE_AVX2_KERNELS
+    if (strcmp(KERNELS[k].name, "avx2") == 0)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (strcmp(KERNELS[k].name, "avx512") == 0)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#endif
+    (void)k;
+    return 0;
+}
 
 static PyObject *fused_stats(PyObject *self, PyObject *arg) {
     Py_buffer view;
@@ -240,18 +219,19 @@ static PyObject *fused_stats(PyObject *self, PyObject *arg) {
     double out[4];
     double safe;
     Py_ssize_t n;
+    if (current < 0) goto none;
     if (fmt[0] == 'f' && fmt[1] == 0 && view.itemsize == 4) {
         n = view.len / 4;
         if (n == 0) goto none;
         Py_BEGIN_ALLOW_THREADS
-        stats_f32((const float *)view.buf, n, out);
+        KERNELS[current].f32((const float *)view.buf, n, out);
         Py_END_ALLOW_THREADS
         safe = SAFE_F32;
     } else if (fmt[0] == 'd' && fmt[1] == 0 && view.itemsize == 8) {
         n = view.len / 8;
         if (n == 0) goto none;
         Py_BEGIN_ALLOW_THREADS
-        stats_f64((const double *)view.buf, n, out);
+        KERNELS[current].f64((const double *)view.buf, n, out);
         Py_END_ALLOW_THREADS
         safe = SAFE_F64;
     } else {
@@ -272,34 +252,41 @@ none:
     Py_RETURN_NONE;
 }
 
-/* use(name): switch kernels ("portable" or "avx2", where the CPU has it); returns the one it replaced. For tests. */
+/* use(name): switch to another kernel this CPU runs; returns the name of the one it replaced. For tests. */
 static PyObject *fused_use(PyObject *self, PyObject *arg) {
     const char *name = PyUnicode_AsUTF8(arg);
     if (name == NULL) return NULL;
-    const char *was = stats_f32 == stats_f32_portable ? "portable" : "avx2";
-    if (strcmp(name, "portable") == 0) {
-        stats_f32 = stats_f32_portable;
-        stats_f64 = stats_f64_portable;
-#ifdef HAVE_AVX2_KERNELS
-    } else if (strcmp(name, "avx2") == 0 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        stats_f32 = stats_f32_avx2;
-        stats_f64 = stats_f64_avx2;
-#endif
-    } else {
-        PyErr_Format(PyExc_ValueError, "no kernel %R on this machine (portable%s)", arg,
-#ifdef HAVE_AVX2_KERNELS
-                     __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? ", avx2" : ""
-#else
-                     ""
-#endif
-        );
-        return NULL;
+    for (int k = 0; k < N_KERNELS; k++) {
+        if (strcmp(name, KERNELS[k].name) == 0 && runs_here(k)) {
+            const char *was = current < 0 ? "none" : KERNELS[current].name;
+            current = k;
+            return PyUnicode_FromString(was);
+        }
     }
-    return PyUnicode_FromString(was);
+    PyErr_Format(PyExc_ValueError, "no kernel %R on this machine", arg);
+    return NULL;
+}
+
+/* kernels() -> the names of the kernels this CPU runs, best last (import picks that one). */
+static PyObject *fused_kernels(PyObject *self, PyObject *unused) {
+    PyObject *names = PyList_New(0);
+    if (names == NULL) return NULL;
+    for (int k = 0; k < N_KERNELS; k++) {
+        if (!runs_here(k)) continue;
+        PyObject *one = PyUnicode_FromString(KERNELS[k].name);
+        if (one == NULL || PyList_Append(names, one) < 0) {
+            Py_XDECREF(one);
+            Py_DECREF(names);
+            return NULL;
+        }
+        Py_DECREF(one);
+    }
+    return names;
 }
 
 static PyMethodDef methods[] = {
-    {"use", fused_use, METH_O, "use(name) -> the kernel it replaces: 'portable', or 'avx2' where the CPU has it (tests)."},
+    {"use", fused_use, METH_O, "use(name) -> the name of the kernel it replaces (tests)."},
+    {"kernels", fused_kernels, METH_NOARGS, "kernels() -> the names of the kernels this CPU runs, best last."},
     {"stats", fused_stats, METH_O,
      "stats(buffer) -> (min, max, sum, sum of squares) of a C-contiguous float32/float64 block in one pass, "
      "or None (a NaN/Inf, squares that would overflow the dtype, another format, no elements)."},
@@ -311,10 +298,12 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", NULL, -1, m
 PyMODINIT_FUNC PyInit__fused(void) {
 #ifdef HAVE_AVX2_KERNELS
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        stats_f32 = stats_f32_avx2;
-        stats_f64 = stats_f64_avx2;
-    }
 #endif
+    for (int k = N_KERNELS - 1; k >= 0; k--) {
+        if (runs_here(k)) {
+            current = k;
+            break;
+        }
+    }
     return PyModule_Create(&module);
 }

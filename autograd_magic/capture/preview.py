@@ -234,7 +234,10 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
 _FAST_DTYPES = {torch.float32: "torch.float32", torch.float64: "torch.float64"}
 
 try:  # the one compiled part (setup.py): min, max, sum and sum of squares of a dense block in one pass
-    from ._fused import stats as _fused_stats
+    from . import _fused
+
+    # None where no kernel of it runs on this CPU (not x86-64 with AVX2 or AVX-512)
+    _fused_stats = _fused.stats if _fused.kernels() else None
 except ImportError:  # not built (no C compiler at install): numpy's four passes, the same statistics
     _fused_stats = None
 
