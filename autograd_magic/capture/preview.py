@@ -242,6 +242,17 @@ except ImportError:  # not built (no C compiler at install): numpy's four passes
     _fused_stats = None
 
 
+def _fused_filled(p: Preview, flat: np.ndarray, n: int) -> bool:
+    """min/max/mean/norm of a C-contiguous float block in one pass; False (nothing set) for a
+    NaN, an Inf, squares near the dtype's overflow or another dtype: numpy's exact path then."""
+    found = _fused_stats(flat)
+    if found is None:
+        return False
+    p.min, p.max, total, squares = found
+    p.mean, p.norm = total / n, math.sqrt(squares)
+    return True
+
+
 # ---- device tensors: reduced where they live, read back in batches ----------------------
 
 _DEFERRED_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
@@ -393,12 +404,8 @@ def _flat_stats(p: Preview, flat: np.ndarray, n: int) -> None:
         else:
             _large_stats(p, flat, n)
         return
-    if _fused_stats is not None:
-        found = _fused_stats(flat)  # one pass; None for a NaN, an Inf or squares near overflow
-        if found is not None:
-            p.min, p.max, total, squares = found
-            p.mean, p.norm = total / n, math.sqrt(squares)
-            return
+    if _fused_stats is not None and _fused_filled(p, flat, n):
+        return
     lo, hi = float(_minimum(flat)), float(_maximum(flat))
     p.min, p.max = lo, hi
     big = max(abs(lo), abs(hi))  # nan when any element is nan
@@ -436,12 +443,8 @@ def _small_stats(p: Preview, v: np.ndarray) -> None:
     # numpy calls (each ~1 us of overhead on a few elements). A finite sum means
     # every element is finite; otherwise (inf, nan, an overflowing sum) numpy's
     # exact path below, which handles each of them.
-    if _fused_stats is not None and v.dtype.kind == "f" and v.flags.c_contiguous:
-        found = _fused_stats(v)  # None for other dtypes, a NaN, an Inf or squares near overflow
-        if found is not None:
-            p.min, p.max, total, squares = found
-            p.mean, p.norm = total / v.size, math.sqrt(squares)
-            return
+    if _fused_stats is not None and v.dtype.kind == "f" and v.flags.c_contiguous and _fused_filled(p, v, v.size):
+        return
     items = v.ravel().tolist()
     try:
         total = math.fsum(items)
@@ -472,12 +475,8 @@ def _large_stats(p: Preview, a: np.ndarray, n: int) -> None:
     # call, which on a busy 2-core machine cost 2-5x more, erratically.
     if _fused_stats is not None and a.dtype.kind == "f" and a.dtype.itemsize >= 4 and (
         a.flags.c_contiguous or a.flags.f_contiguous or _dense_permutation(a.shape, [st // a.itemsize for st in a.strides])
-    ):  # dense in any axis order: one pass over its memory block
-        found = _fused_stats(a.ravel(order="K"))
-        if found is not None:
-            p.min, p.max, total, squares = found
-            p.mean, p.norm = total / n, math.sqrt(squares)
-            return
+    ) and _fused_filled(p, a.ravel(order="K"), n):  # dense in any axis order: one pass over its memory block
+        return
     p.min, p.max = lo, hi = float(_minimum(a, axis=None)), float(_maximum(a, axis=None))  # the ufuncs: no wrapper
     big = max(abs(lo), abs(hi))  # nan when any element is nan
     if big * big * n < _SAFE_SQUARES.get(a.dtype.itemsize, 0.0):  # no inf/nan, no overflow: skip errstate (~2 us)
