@@ -15,8 +15,8 @@
  * block holds a NaN or an Inf, or squares large enough that the tensor's own
  * dtype would overflow: the caller's exact numpy path handles those, so torch's
  * inf/nan results are reproduced there and only there. It never raises for a
- * well-formed buffer; a buffer it cannot read is a TypeError/BufferError, which
- * the caller treats as "use numpy".
+ * C-contiguous buffer; any other (a strided view) raises BufferError, so
+ * preview.py passes only contiguous blocks.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
