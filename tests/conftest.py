@@ -74,6 +74,19 @@ def load_seeds():
     return SimpleNamespace(NOTEBOOKS=notebooks, RAISES=RAISES, EXPECTED=EXPECTED)
 
 
+@pytest.fixture(params=["fused", "numpy"])
+def stats_path(request, monkeypatch):
+    """The test on both paths of exact statistics: the compiled one-pass kernel, and numpy's
+    (what runs where it is not built). Previews and gradient norms both read this switch."""
+    from autograd_magic.capture import preview as preview_mod
+
+    if request.param == "numpy":
+        monkeypatch.setattr(preview_mod, "_fused_stats", None)
+    elif preview_mod._fused_stats is None:
+        pytest.skip("the compiled statistics are not built")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def seeds():
     return load_seeds()

@@ -8,18 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from autograd_magic.capture import preview as preview_mod
 from autograd_magic.capture.preview import EDGE, FULL_LIMIT, preview
 
 
-@pytest.fixture(autouse=True, params=["fused", "numpy"])
-def stats_path(request, monkeypatch):
-    """Every test here on both paths: the compiled one-pass statistics, and numpy's (where it is not built)."""
-    if request.param == "numpy":
-        monkeypatch.setattr(preview_mod, "_fused_stats", None)
-    elif preview_mod._fused_stats is None:
-        pytest.skip("the compiled statistics are not built")
-    return request.param
+@pytest.fixture(autouse=True)
+def _both_paths(stats_path):
+    """Every test here on both paths (conftest's `stats_path`)."""
+    return stats_path
 
 
 def _edges(t: torch.Tensor) -> torch.Tensor:

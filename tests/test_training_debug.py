@@ -199,7 +199,7 @@ def test_the_traced_loop_computes_exactly_what_the_plain_loop_does(shell):
 
 
 @pytest.mark.parametrize("lr", [DIVERGES, CONVERGES])
-def test_every_iterations_loss_and_gradient_norm_match_plain_torch(shell, lr):
+def test_every_iterations_loss_and_gradient_norm_match_plain_torch(shell, lr, stats_path):
     cell = LOOP.format(lr=lr)
     plain, _, _ = _plain_loop(cell)
     t = _traced(shell, cell)
@@ -220,7 +220,7 @@ def test_every_iterations_loss_and_gradient_norm_match_plain_torch(shell, lr):
         assert next(it.index for it in its if not it.finite) == first
 
 
-def test_a_pass_adds_its_own_share_when_gradients_accumulate(shell):
+def test_a_pass_adds_its_own_share_when_gradients_accumulate(shell, stats_path):
     plain, _, _ = _plain_loop(ACCUMULATES)
     t = _traced(shell, ACCUMULATES)
     its = t.training()
@@ -229,7 +229,7 @@ def test_a_pass_adds_its_own_share_when_gradients_accumulate(shell):
         assert _same(it.loss, loss, rel=1e-6) and _same(it.grad_norm, norm)
 
 
-def test_autograd_grad_past_the_limit_counts_what_it_returns(shell):
+def test_autograd_grad_past_the_limit_counts_what_it_returns(shell, stats_path):
     plain, _, _ = _plain_loop(GRAD_LOOP)
     t = _traced(shell, GRAD_LOOP)
     its = t.training()
