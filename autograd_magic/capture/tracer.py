@@ -465,8 +465,11 @@ class Tracer:
             return
         window = self._window
         window.append((entry, torch.is_grad_enabled(), compat.versions_of(outs), self.backward_calls))
-        # numel * element_size, not nbytes: a sparse tensor has no nbytes
-        self._window_bytes += sum(t.numel() * t.element_size() for t in outs)
+        # numel * element_size, not nbytes: a sparse tensor has no nbytes; most ops have one output
+        if len(outs) == 1:
+            self._window_bytes += first.numel() * first.element_size()
+        else:
+            self._window_bytes += sum(t.numel() * t.element_size() for t in outs)
         if len(window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
             self.check_window()
 
