@@ -132,7 +132,8 @@ class LeafNorms:
             self.device.append(torch.linalg.vector_norm(g.detach(), dtype=torch.float64))
 
     def add_all(self, grads: list) -> None:
-        """`add` of each, the CPU float ones of one dtype in one call (a pass's leaves' `.grad`s)."""
+        """`add` of each (a pass's leaves' `.grad`s): one compiled pass each where it is built,
+        else the CPU float ones of one dtype in one call of torch's `_foreach_norm`."""
         grads = [g for g in grads if isinstance(g, torch.Tensor)]
         if _preview._fused_stats is not None:  # one compiled pass each beats torch's batched call on a loop's grads
             for g in grads:
