@@ -1,8 +1,10 @@
-"""The one compiled part: capture/_fused.c, a preview's statistics in one pass.
+"""The compiled parts, both optional (no C compiler: the same results in Python):
 
-Optional: where it cannot be built (no C compiler), or where no kernel of it runs
-(not x86-64 with AVX2 or AVX-512), previews take the same statistics with numpy,
-in four passes.
+- capture/_fused.c: a preview's statistics in one pass. Where it is not built, or
+  where no kernel of it runs (not x86-64 with AVX2 or AVX-512), previews take the
+  same statistics with numpy, in four passes.
+- capture/_walk.c: the site walk (where each op came from), run for every op.
+  Where it is not built, sites.py walks the stack in Python.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +16,12 @@ setup(
             ["autograd_magic/capture/_fused.c"],
             extra_compile_args=["-O3"],
             optional=True,
-        )
+        ),
+        Extension(
+            "autograd_magic.capture._walk",
+            ["autograd_magic/capture/_walk.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
     ]
 )

@@ -10,6 +10,7 @@ module's forward), so the record is attributed to the call site and marked
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -19,6 +20,11 @@ from typing import Callable, Optional
 import torch
 
 from .source import SourceMap
+
+try:  # optional (setup.py): where it is not built, `find` is the Python walk
+    from ._walk import Walker as _Walker
+except ImportError:
+    _Walker = None
 
 # Files whose frames only route a call to its __torch_function__; an op seen
 # from them is not "inside" anything of interest.
@@ -66,9 +72,21 @@ class SiteFinder:
         self.root = root
         self.module_name = module_name
         self._kinds: dict[int, tuple] = {}  # id(code) -> (code, kind)
+        if _Walker is not None:
+            # The compiled walk (capture/_walk.c): the same answer as `_find_py`, a few times
+            # faster. Its callbacks hold nothing that holds this finder: no reference cycle.
+            classify = functools.partial(_code_kind, anchor=anchor, root=root)
+            kinds = self._kinds
+            walker = _Walker(kinds, classify, getattr(source_map, "_positions", {}), source_map.span, torch.nn.Module,
+                             module_name, functools.partial(_enclosing_module, kinds=kinds, classify=classify))
+            self.find = walker.find
 
     def find(self, func_name: str):
-        """(span, internal, key, module) of the current op.
+        """(span, internal, key, module) of the current op (`_find_py`; the compiled walk where built)."""
+        return self._find_py(func_name, sys._getframe(1))
+
+    def _find_py(self, func_name: str, f):
+        """(span, internal, key, module) of the op the frame `f` handles.
 
         `key` tells loop iterations of one op apart from different ops that
         share a span: a module's internals share the span of the line that
@@ -79,7 +97,6 @@ class SiteFinder:
         frame: module hooks would do it too, but any global module hook sends
         every module call down torch's slow path.
         """
-        f = sys._getframe(1)
         internal = None
         inner = None
         module = None
@@ -111,31 +128,37 @@ class SiteFinder:
         return None, internal or "outside the traced code", None, name
 
     def _enclosing_module(self, f) -> Optional[torch.nn.Module]:
-        """The module whose call runs this frame, up to the traced code's root."""
-        while f is not None:
-            kind = self._kind(f.f_code)
-            if kind == _MODULE_CALL or kind == _ANCHOR_FORWARD:
-                return _frame_self(f)
-            if kind == _ANCHOR_ROOT:
-                return None
-            f = f.f_back
-        return None
-
-    def _kind(self, code) -> int:
-        entry = self._kinds.get(id(code))
-        if entry is None:
-            entry = self._kinds[id(code)] = (code, self._code_kind(code))
-        return entry[1]
+        return _enclosing_module(f, self._kinds, self._code_kind)
 
     def _code_kind(self, code) -> int:
-        """Classified once per code object: the frame walk runs for every op."""
-        if self.anchor(code):
-            if self.root(code):
-                return _ANCHOR_ROOT
-            forward = code.co_name == "forward" and code.co_argcount > 0 and code.co_varnames[0] == "self"
-            return _ANCHOR_FORWARD if forward else _ANCHOR
-        if code is _CALL_IMPL:
-            return _MODULE_CALL
-        if code.co_filename.startswith(_OUR_DIR) or code.co_filename.endswith(_DISPATCH_FILES):
-            return _ROUTING
-        return _OTHER
+        return _code_kind(code, self.anchor, self.root)
+
+
+def _enclosing_module(f, kinds: dict, classify) -> Optional[torch.nn.Module]:
+    """The module whose call runs this frame, up to the traced code's root."""
+    while f is not None:
+        code = f.f_code
+        entry = kinds.get(id(code))
+        if entry is None:
+            entry = kinds[id(code)] = (code, classify(code))
+        kind = entry[1]
+        if kind == _MODULE_CALL or kind == _ANCHOR_FORWARD:
+            return _frame_self(f)
+        if kind == _ANCHOR_ROOT:
+            return None
+        f = f.f_back
+    return None
+
+
+def _code_kind(code, anchor: Callable[[CodeType], bool], root: Callable[[CodeType], bool]) -> int:
+    """Classified once per code object: the frame walk runs for every op."""
+    if anchor(code):
+        if root(code):
+            return _ANCHOR_ROOT
+        forward = code.co_name == "forward" and code.co_argcount > 0 and code.co_varnames[0] == "self"
+        return _ANCHOR_FORWARD if forward else _ANCHOR
+    if code is _CALL_IMPL:
+        return _MODULE_CALL
+    if code.co_filename.startswith(_OUR_DIR) or code.co_filename.endswith(_DISPATCH_FILES):
+        return _ROUTING
+    return _OTHER

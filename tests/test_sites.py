@@ -1,0 +1,175 @@
+"""The compiled site walk (capture/_walk.c) gives the answer the Python walk gives.
+
+Where each op came from (its span, what it ran inside, the module, the loop
+site it counts towards) is found by walking the stack for every op; the
+compiled walk runs where it is built, the Python one elsewhere. Each program
+here is traced on both, in the same shell from the same state, and every
+record's attribution must match; a few facts are also checked against what
+the program plainly does, so that two equally wrong walks cannot pass.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from autograd_magic.capture import sites as sites_mod
+
+compiled = pytest.mark.skipif(sites_mod._Walker is None, reason="the compiled site walk is not built")
+
+SETUP = """
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+torch.manual_seed(0)
+"""
+
+PROGRAMS = {
+    "top level": "x = torch.randn(3, requires_grad=True)\ny = (x * 2 + 1).sin().sum()\ny.backward()",
+    "function of the cell": (
+        "def f(a):\n    return a.exp() * 3\n"
+        "x = torch.randn(4, requires_grad=True)\nz = f(x) + f(x * 2)\nz.sum().backward()"
+    ),
+    "module of the cell": (
+        "class Block(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.lin = nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n        h = self.lin(x)\n        return torch.tanh(h) + helper(h)\n"
+        "def helper(h):\n    return h.relu()\n"
+        "net = nn.Sequential(Block(), nn.ReLU(), Block())\n"
+        "out = net(torch.randn(2, 4)).pow(2).mean()\nout.backward()"
+    ),
+    "torch modules and functional": (
+        "m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))\n"
+        "X, Y = torch.randn(5, 8), torch.randn(5, 1)\n"
+        "loss = F.mse_loss(m(X), Y)\nloss.backward()"
+    ),
+    "training loop past the limit": (
+        "m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "X, Y = torch.randn(16, 4), torch.randn(16, 1)\n"
+        "for _ in range(30):\n"
+        "    opt.zero_grad()\n"
+        "    loss = F.mse_loss(m(X), Y)\n"
+        "    loss.backward()\n"
+        "    opt.step()"
+    ),
+    "lambda, comprehension, generator": (
+        "x = torch.randn(3, requires_grad=True)\n"
+        "sq = lambda t: t * t\n"
+        "parts = [sq(x[i]) for i in range(3)]\n"
+        "total = sum(p for p in parts)\n"
+        "total.backward()"
+    ),
+    "an error half-way": "x = torch.randn(3, requires_grad=True)\ny = x * 2\nz = y @ torch.randn(4, 4)",
+}
+
+
+def _attribution(trace) -> list[tuple]:
+    return [(r.op, r.span, r.line, r.expr, r.internal, r.module, r.occurrence, r.run) for r in trace.records]
+
+
+def _run_on(path: str, shell, cell: str, monkeypatch):
+    from autograd_magic.notebook.session import earlier_cells
+    from autograd_magic.run.execute import execute
+
+    with monkeypatch.context() as m:
+        if path == "python":
+            m.setattr(sites_mod, "_Walker", None)
+        shell.reset(new_session=False)
+        shell.run_cell(SETUP, store_history=False, silent=True)
+        run = execute(shell, cell, first_line=2, earlier=earlier_cells(shell))
+    return run.trace, run.error
+
+
+def test_the_compiled_walk_is_built_and_used():
+    # `make setup` compiles it; a silent fallback to the Python walk would hide a broken build
+    from autograd_magic.capture.source import SourceMap
+
+    assert sites_mod._Walker is not None
+    finder = sites_mod.SiteFinder(SourceMap("<nowhere>", "x = 1"), anchor=lambda c: False, module_name=str)
+    assert isinstance(finder.find.__self__, sites_mod._Walker)
+
+
+@compiled
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_the_compiled_walk_attributes_every_op_as_the_python_walk_does(name, shell, monkeypatch):
+    cell = PROGRAMS[name]
+    fast, fast_error = _run_on("compiled", shell, cell, monkeypatch)
+    slow, slow_error = _run_on("python", shell, cell, monkeypatch)
+    assert type(fast_error) is type(slow_error)
+    assert _attribution(fast) == _attribution(slow)
+    assert fast.repeats == slow.repeats
+    assert [p.line for p in fast.passes] == [p.line for p in slow.passes]
+    assert fast.notes == slow.notes
+    assert fast.records  # something was recorded at all
+
+
+@compiled
+def test_the_compiled_walk_names_modules_and_inner_calls(shell, monkeypatch):
+    """Facts of the program itself, on the compiled walk (lines count from the %%autograd line): each
+    Block's ops carry its name in the Sequential, its Linear's op ran inside `Linear.forward` at the
+    line that called it, `helper` (the cell's own function) shows its own line, not its caller's."""
+    trace, error = _run_on("compiled", shell, PROGRAMS["module of the cell"], monkeypatch)
+    assert error is None
+    by_op = {}
+    for r in trace.records:
+        by_op.setdefault(r.op, []).append(r)
+    assert [(r.module, r.line, r.internal) for r in by_op["tanh"]] == [("net.0", 8, None), ("net.2", 8, None)]
+    assert [(r.module, r.line, r.expr) for r in by_op["linear"]] == [("net.0.lin", 7, "self.lin(x)"), ("net.2.lin", 7, "self.lin(x)")]
+    assert {r.internal for r in by_op["linear"]} == {"Linear.forward"}
+    helper = [r for r in by_op["relu"] if r.expr == "h.relu()"]
+    assert [(r.module, r.line, r.internal) for r in helper] == [("net.0", 10, None), ("net.2", 10, None)]
+    (pow_,) = by_op["pow"]
+    assert (pow_.line, pow_.internal, pow_.module) == (12, None, None)
+
+
+@compiled
+def test_a_loop_counts_as_one_site_per_op_on_the_compiled_walk(shell, monkeypatch):
+    from autograd_magic import limits
+
+    trace, error = _run_on("compiled", shell, PROGRAMS["training loop past the limit"], monkeypatch)
+    assert error is None
+    linear = [r for r in trace.records if r.op == "linear"]
+    assert len(linear) == 2 * min(30, limits.DETAIL_LIMIT)  # two layers, each its own site
+    assert {r.module for r in linear} == {"m.0", "m.2"}
+    firsts = {}
+    for r in linear:
+        firsts.setdefault(r.module, r.id)
+    assert {trace.repeats.get(rid) for rid in firsts.values()} == {30 - limits.DETAIL_LIMIT}
+    # SGD's update runs at one site for all four parameters: 4 * 30 runs, the first kept in detail
+    assert 4 * 30 - limits.DETAIL_LIMIT in trace.repeats.values()
+
+
+@compiled
+def test_the_compiled_walk_holds_no_reference_to_its_finder():
+    """Its callbacks are plain functions, not the finder's bound methods: a finder (and the
+    namespace index it reaches) is freed when the tracer is, without the garbage collector."""
+    import gc
+    import weakref
+
+    from autograd_magic.capture.source import SourceMap
+
+    finder = sites_mod.SiteFinder(SourceMap("<nowhere>", "x = 1"), anchor=lambda c: False, module_name=str)
+    assert type(finder.find).__name__ == "builtin_function_or_method"
+    ref = weakref.ref(finder)
+    gc.disable()
+    try:
+        del finder
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+@compiled
+def test_the_compiled_walk_starts_at_its_callers_frame():
+    """Called from a frame nothing classifies as the traced code, it walks to the top of the stack
+    and says the op ran outside it, naming the first frame that is not routing (this function)."""
+    from autograd_magic.capture.source import SourceMap
+
+    finder = sites_mod.SiteFinder(SourceMap("<nowhere>", "x = 1"), anchor=lambda c: False, module_name=str)
+    span, internal, key, module = finder.find("not_this_name")
+    assert (span, key, module) == (None, None, None)
+    assert internal == sys._getframe(0).f_code.co_qualname
+    assert finder._find_py("not_this_name", sys._getframe(0)) == (span, internal, key, module)
