@@ -62,6 +62,18 @@ PROGRAMS = {
         "total = sum(p for p in parts)\n"
         "total.backward()"
     ),
+    "decorated, nested, recursive": (
+        "@torch.no_grad()\ndef frozen(a):\n    return a * 10\n"
+        "def outer(a):\n    def inner(b):\n        return b.sigmoid()\n    return inner(a) + frozen(a)\n"
+        "def depth(a, n):\n    return a if n == 0 else depth(a * 1.5, n - 1)\n"
+        "x = torch.randn(3, requires_grad=True)\ny = (outer(x) + depth(x, 4)).sum()\ny.backward()"
+    ),
+    "generator and class body": (
+        "x = torch.randn(2, 3, requires_grad=True)\n"
+        "def rows(t):\n    for r in t:\n        yield r.exp()\n"
+        "class Holder:\n    scale = torch.tensor(2.0)\n"
+        "total = torch.stack(list(rows(x))).mul(Holder.scale).sum()\ntotal.backward()"
+    ),
     "an error half-way": "x = torch.randn(3, requires_grad=True)\ny = x * 2\nz = y @ torch.randn(4, 4)",
 }
 
