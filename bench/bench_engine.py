@@ -15,10 +15,8 @@ machine noise hits both sides alike; best and median ratios are printed.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -110,10 +108,7 @@ def seed_cells_case():
     """All five seed notebooks, cell by cell, as a plain shell and under %%autograd --quiet."""
     from IPython.core.interactiveshell import InteractiveShell
 
-    seeds = Path(__file__).resolve().parent.parent.parent / "shared" / "seeds" / "cells.py"
-    spec = importlib.util.spec_from_file_location("seed_cells", seeds)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    notebooks = cases.seed_notebooks()
     shell = InteractiveShell.instance()
     shell.run_cell("%load_ext autograd_magic", store_history=False)
     import contextlib
@@ -122,7 +117,7 @@ def seed_cells_case():
     def run(prefix: str):
         def go():
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                for cells in mod.NOTEBOOKS.values():
+                for cells in notebooks.values():
                     shell.reset(new_session=False)
                     torch.manual_seed(0)
                     for cell in cells:

@@ -15,13 +15,14 @@ The SVG cache is cleared before each case.
 
 from __future__ import annotations
 
-import importlib.util
 import time
-from pathlib import Path
 from typing import Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
-SEEDS = ROOT.parent / "shared" / "seeds" / "cells.py"
+try:
+    from . import cases
+except ImportError:  # run as a script
+    import cases
+
 
 TRANSFORMER = """\
 torch.manual_seed(0)
@@ -79,12 +80,7 @@ def _traced(shell, cell: str, flags: str = ""):
 
 
 def _seed_traces(shell) -> Iterator[tuple[str, object]]:
-    if not SEEDS.exists():
-        return
-    spec = importlib.util.spec_from_file_location("seed_cells", SEEDS)
-    seeds = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seeds)
-    for notebook, cells in seeds.NOTEBOOKS.items():
+    for notebook, cells in cases.seed_notebooks().items():
         shell.reset(new_session=False)
         for i, cell in enumerate(cells):
             trace = _traced(shell, cell)
@@ -137,8 +133,8 @@ def main() -> dict:
         if not drawn:
             print(f"# {name}: no SVG, the DOT-text fallback would be shown")
 
-    for cases in (_seed_traces(shell), _big_traces(shell)):
-        for name, trace in cases:
+    for found in (_seed_traces(shell), _big_traces(shell)):
+        for name, trace in found:
             traces[name] = trace
             report(name, trace, {})
     for name, trace, options in _extra_cases(traces):

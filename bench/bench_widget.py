@@ -12,10 +12,8 @@ the sandboxed re-run, the payload and the graph layout — best of 3
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 from IPython.core.interactiveshell import InteractiveShell
 
@@ -25,7 +23,11 @@ from autograd_magic.notebook.session import CellSession
 from autograd_magic.notebook.widget import make_view
 from autograd_magic.render.payload import build_rows
 
-SEEDS = Path(__file__).resolve().parent.parent.parent / "shared" / "seeds" / "cells.py"
+try:
+    from . import cases
+except ImportError:  # run as a script
+    import cases
+
 LOOP = "h = x\nfor i in range(5000):\n    h = h * 0.999 + 0.001\nh.sum().backward()"
 
 
@@ -57,10 +59,7 @@ def payload_sizes(shell) -> None:
 
 
 def _seeds():
-    spec = importlib.util.spec_from_file_location("seed_cells", SEEDS)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.NOTEBOOKS
+    return cases.seed_notebooks()
 
 
 def toggle_times(shell) -> None:
@@ -85,8 +84,7 @@ def toggle_times(shell) -> None:
 def main() -> None:
     shell = _shell()
     payload_sizes(shell)
-    if SEEDS.exists():
-        toggle_times(shell)
+    toggle_times(shell)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 from IPython.utils.capture import capture_output
 
 NOTEBOOKS = ["000", "001", "002", "003", "004"]
+ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
 def test_the_seed_cells_come_from_the_repositorys_own_notebooks(seeds):
@@ -32,6 +34,17 @@ def test_the_seed_cells_come_from_the_repositorys_own_notebooks(seeds):
     assert first == ["import torch"] * 5  # the %load_ext cell is dropped, the %%autograd line stripped
     assert not any(c.startswith("%") for cells in seeds.NOTEBOOKS.values() for c in cells)
     assert seeds.NOTEBOOKS["003"][9] == "z.backward()" and ("003", 9) in seeds.RAISES
+
+
+def test_the_benchmarks_run_the_same_seed_cells(seeds):
+    """`make bench` reads the seeds from the repository's notebooks too (a clean clone has
+    nothing beside it), and gets exactly the cells the tests run."""
+    from bench import cases
+
+    assert cases.seed_notebooks() == seeds.NOTEBOOKS
+    for path in sorted((ROOT_DIR / "bench").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"[\"']shared[\"'/]|\.\./shared|parent\.parent\.parent", text), f"{path.name} reads outside the repository"
 
 
 def test_a_missing_seed_notebook_fails_rather_than_skips(monkeypatch, tmp_path):
