@@ -73,8 +73,8 @@ class SiteFinder:
         self.module_name = module_name
         self._kinds: dict[int, tuple] = {}  # id(code) -> (code, kind)
         if _Walker is not None:
-            # The compiled walk (capture/_walk.c): the same answer as `_find_py`, a few times
-            # faster. Its callbacks hold nothing that holds this finder: no reference cycle.
+            # The compiled walk (capture/_walk.c): the same answer as `_find_py`, without the
+            # interpreter's cost per frame. Its callbacks hold nothing that holds this finder: no cycle.
             classify = functools.partial(_code_kind, anchor=anchor, root=root)
             kinds = self._kinds
             walker = _Walker(kinds, classify, getattr(source_map, "_positions", {}), source_map.span, torch.nn.Module,
