@@ -10,14 +10,22 @@ the program plainly does, so that two equally wrong walks cannot pass.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
-import torch
+from hypothesis import HealthCheck, given, settings
 
 from autograd_magic.capture import sites as sites_mod
+from fuzz_programs import fresh_shell, programs
+from fuzz_programs import run as run_fuzz
 
 compiled = pytest.mark.skipif(sites_mod._Walker is None, reason="the compiled site walk is not built")
+
+
+@pytest.fixture(scope="module")
+def fuzz_shell():
+    return fresh_shell()
 
 SETUP = """
 import torch
@@ -185,3 +193,23 @@ def test_the_compiled_walk_starts_at_its_callers_frame():
     assert (span, key, module) == (None, None, None)
     assert internal == sys._getframe(0).f_code.co_qualname
     assert finder._find_py("not_this_name", sys._getframe(0)) == (span, internal, key, module)
+
+
+@compiled
+@settings(max_examples=int(os.environ.get("AUTOGRAD_MAGIC_SITE_EXAMPLES", 60)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cell=programs())
+def test_random_cells_are_attributed_alike_on_both_walks(cell, fuzz_shell, monkeypatch):
+    """The fuzzer's random cells (loops, functions of the cell, nn.Linear, in-place ops, no_grad
+    blocks, optimizer steps, errors) through `%%autograd`, once per walk."""
+    magic = "%%autograd --quiet -o site_trace"
+    run_fuzz(fuzz_shell, cell, traced=True, magic=magic)
+    fast = fuzz_shell.user_ns.get("site_trace")
+    with monkeypatch.context() as m:
+        m.setattr(sites_mod, "_Walker", None)
+        run_fuzz(fuzz_shell, cell, traced=True, magic=magic)
+        slow = fuzz_shell.user_ns.get("site_trace")
+    assert (fast is None) == (slow is None), cell
+    if fast is not None:
+        assert _attribution(fast) == _attribution(slow), cell
+        assert fast.repeats == slow.repeats and fast.notes == slow.notes, cell
