@@ -133,6 +133,12 @@ static PyObject *span_of(Walker *w, PyFrameObject *f, PyObject *code) {
     return out;
 }
 
+/* The module's name by the Python callback, or None when the op ran in no module. New reference. */
+static PyObject *name_of(Walker *w, PyObject *module) {
+    if (module == NULL || module == Py_None) return Py_NewRef(Py_None);
+    return PyObject_CallOneArg(w->module_name, module);
+}
+
 /* (span, internal, key, module name) of the current op: SiteFinder.find. */
 static PyObject *walker_find(Walker *w, PyObject *func_name) {
     PyFrameObject *f = PyEval_GetFrame(); /* borrowed: the frame that called find() */
@@ -162,15 +168,10 @@ static PyObject *walker_find(Walker *w, PyObject *func_name) {
             PyObject *span = span_of(w, f, (PyObject *)code);
             Py_DECREF(code);
             if (span == NULL) goto done;
-            PyObject *name;
-            if (module != NULL && module != Py_None) {
-                name = PyObject_CallOneArg(w->module_name, module);
-                if (name == NULL) {
-                    Py_DECREF(span);
-                    goto done;
-                }
-            } else {
-                name = Py_NewRef(Py_None);
+            PyObject *name = name_of(w, module);
+            if (name == NULL) {
+                Py_DECREF(span);
+                goto done;
             }
             PyObject *key;
             if (inner == NULL) {
@@ -214,13 +215,8 @@ static PyObject *walker_find(Walker *w, PyObject *func_name) {
     }
     /* no anchor on the stack */
     {
-        PyObject *name;
-        if (module != NULL && module != Py_None) {
-            name = PyObject_CallOneArg(w->module_name, module);
-            if (name == NULL) goto done;
-        } else {
-            name = Py_NewRef(Py_None);
-        }
+        PyObject *name = name_of(w, module);
+        if (name == NULL) goto done;
         result = PyTuple_Pack(4, Py_None, internal != NULL ? internal : w->outside, Py_None, name);
         Py_DECREF(name);
     }

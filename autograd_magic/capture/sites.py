@@ -72,21 +72,19 @@ class SiteFinder:
         self.root = root
         self.module_name = module_name
         self._kinds: dict[int, tuple] = {}  # id(code) -> (code, kind)
+        # code -> kind, for a code object seen the first time (a partial, not a bound method: see below)
+        self._classify = classify = functools.partial(_code_kind, anchor=anchor, root=root)
         if _Walker is not None:
             # The compiled walk (capture/_walk.c): the same answer as `_find_py`, without the
             # interpreter's cost per frame. Its callbacks hold nothing that holds this finder: no cycle.
-            classify = functools.partial(_code_kind, anchor=anchor, root=root)
             kinds = self._kinds
             walker = _Walker(kinds, classify, getattr(source_map, "_positions", {}), source_map.span, torch.nn.Module,
                              module_name, functools.partial(_enclosing_module, kinds=kinds, classify=classify))
             self.find = walker.find
 
-    def find(self, func_name: str):
-        """(span, internal, key, module) of the current op (`_find_py`; the compiled walk where built)."""
-        return self._find_py(func_name, sys._getframe(1))
-
-    def _find_py(self, func_name: str, f):
-        """(span, internal, key, module) of the op the frame `f` handles.
+    def _find_py(self, func_name: str, f=None):
+        """(span, internal, key, module) of the current op: the op the frame `f` (default: the
+        caller's) handles. `find` is this where the compiled walk is not built.
 
         `key` tells loop iterations of one op apart from different ops that
         share a span: a module's internals share the span of the line that
@@ -97,6 +95,8 @@ class SiteFinder:
         frame: module hooks would do it too, but any global module hook sends
         every module call down torch's slow path.
         """
+        if f is None:
+            f = sys._getframe(1)
         internal = None
         inner = None
         module = None
@@ -107,11 +107,11 @@ class SiteFinder:
             # per frame per op. The value holds the code, so no id is reused.
             entry = kinds.get(id(code))
             if entry is None:
-                entry = kinds[id(code)] = (code, self._code_kind(code))
+                entry = kinds[id(code)] = (code, self._classify(code))
             kind = entry[1]
             if kind >= _ANCHOR:
                 if module is None and kind != _ANCHOR_ROOT:  # in a function or module the traced code defines
-                    module = _frame_self(f) if kind == _ANCHOR_FORWARD else self._enclosing_module(f.f_back)
+                    module = _frame_self(f) if kind == _ANCHOR_FORWARD else _enclosing_module(f.f_back, kinds, self._classify)
                 span = self.source_map.span(f)
                 name = self.module_name(module) if module is not None else None
                 if inner is None:
@@ -127,11 +127,7 @@ class SiteFinder:
         name = self.module_name(module) if module is not None else None
         return None, internal or "outside the traced code", None, name
 
-    def _enclosing_module(self, f) -> Optional[torch.nn.Module]:
-        return _enclosing_module(f, self._kinds, self._code_kind)
-
-    def _code_kind(self, code) -> int:
-        return _code_kind(code, self.anchor, self.root)
+    find = _find_py  # replaced per instance by the compiled walk where it is built
 
 
 def _enclosing_module(f, kinds: dict, classify) -> Optional[torch.nn.Module]:
