@@ -34,6 +34,7 @@ from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
 from ..data.trace import Record, Trace
 from .sites import SiteFinder
 from .source import SourceMap
+from .steps import STEP, OptimizerSteps
 from .. import limits
 
 _stack_len = compat.mode_stack_len
@@ -184,6 +185,7 @@ class Tracer:
         self.brought: dict[tuple[int, int], int] = {}  # (cell, its record id) -> record id here
         self._refs_at_end: dict[int, weakref.ref] = {}
         self.backward = BackwardRecorder(self)
+        self.steps = OptimizerSteps(self)  # a loop's optimizer steps past the limit, run with the mode lifted
         self._by_tensor: dict[int, tuple[weakref.ref, int]] = {}
         self._live: dict[int, tuple[weakref.ref, int]] = {}  # record id -> (tensor ref, version)
         self._site_runs: dict[tuple, list] = {}  # site key -> [runs so far, id of its first record]
@@ -213,6 +215,7 @@ class Tracer:
             self._outer_queue, self._queue_on = activate(self.device_previews), True
             self._mode = _Mode(self)
             self._mode.__enter__()
+            self.steps.start()
             # Importing dynamo just to set a stance costs ~70 MB: only when compiled
             # code may run (dynamo already loaded, or the traced source compiles).
             if "torch._dynamo" in sys.modules or "compile" in self.trace.source:
@@ -227,6 +230,7 @@ class Tracer:
     def stop(self) -> Trace:
         """Pop the mode and remove every hook; safe to call twice and on any error."""
         try:
+            self.steps.stop()
             self._pop_mode()
             if self._window:  # the ops after the last backward call (or a cell with none): checked now
                 self.check_window()
@@ -473,6 +477,21 @@ class Tracer:
         if len(window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
             self.check_window()
 
+    def keep_step(self, opt, params: list, span, internal: str, occurrence: int, count: int) -> None:
+        """An optimizer step run with the mode lifted (`capture/steps.py`), in the NaN window in its
+        place: its outputs are the optimizer's CPU parameters (as for ops past the limit), each with
+        the gradient it was updated from, kept as an update op's inputs would be."""
+        with compat.no_torch_function():
+            params = [p for p in params if p.is_cpu]
+            if not params:
+                return
+            grads = tuple(p.grad for p in params)
+            entry = (opt.step, STEP, grads, {}, None, params, span, internal, None, occurrence, None, [count, None], count)
+            self._window.append((entry, False, compat.versions_of(params), self.backward_calls))
+            self._window_bytes += sum(p.numel() * p.element_size() for p in params)
+        if len(self._window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
+            self.check_window()
+
     def loss_is_finite(self, roots, loss: Optional[float] = None) -> bool:
         """Whether the tensors a backward call differentiates hold only finite values (CPU ones;
         a device tensor is not read here: that would wait for the device). `loss`: the value of
@@ -523,12 +542,15 @@ class Tracer:
             func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site, count = entry
             if func_name in UNINITIALISED:  # leftover memory, not a value anyone computed
                 continue
-            for t, v in zip(outs, versions):
+            for i, (t, v) in enumerate(zip(outs, versions)):
                 if checkable(t) and compat.version_of(t) == v and holds_nonfinite(t):
                     self._watching = False  # the first one of the cell's later runs
+                    if func_name == STEP:  # a lifted optimizer step: the parameter it made non-finite, from its gradient
+                        args, outs = tuple(g for g in args[i:i + 1] if g is not None), [t]
                     self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
                                     module, site, past_limit=count, grad_enabled=grad_enabled,
-                                    iteration=backward_calls if backward_calls else None)
+                                    iteration=backward_calls if backward_calls else None,
+                                    inplace=True if func_name == STEP else None)
                     return
 
     def _drop_window(self, exc: Exception) -> None:
@@ -539,12 +561,13 @@ class Tracer:
     @quietly
     def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site,
                    past_limit: Optional[int] = None, grad_enabled: Optional[bool] = None,
-                   iteration: Optional[int] = None):
+                   iteration: Optional[int] = None, inplace: Optional[bool] = None):
         """`past_limit`: the op's run count, when it is recorded past the detail limit (the first
         NaN/Inf of a loop's later runs): its inputs are previewed as they are now, since their
         records show their first run, and the run is never changed (no variant's replacement)."""
         op = op_name(func)
-        inplace = is_inplace(func_name, op)
+        if inplace is None:
+            inplace = is_inplace(func_name, op)
         inputs = []
         tensors = []
         input_record = self._input_record_quiet  # already quiet in here

@@ -1,0 +1,168 @@
+"""A training loop's optimizer steps past --limit, run with the tracer's mode lifted (issue 16's cost).
+
+An optimizer step is torch's own code: per parameter a few attribute reads and in-place updates
+(about 25 torch calls for a two-layer MLP under SGD), each one dispatched through the tracer's
+mode. Past the detail limit none of them is recorded: they are counted, and their outputs wait in
+the NaN window. Measured on the loop benchmark, that dispatch and counting cost more than the step
+itself.
+
+So once two calls of one `opt.step()` line have run alike (the same ops the same number of times)
+and recorded nothing, its later calls run with the mode off torch's stack: torch's own optimizer
+step hooks lift it and put it back. Such a call counts as the one before it did, and it is one
+entry of the NaN window, whose outputs are the optimizer's parameters: a NaN or an Inf the step
+put into a parameter is found in execution order, attributed to the `opt.step()` line.
+
+Never lifted: in a variant (its interventions see every op), with a closure (LBFGS runs the
+model's forward and backward inside its step), with other step hooks (they would run untraced),
+or when another mode sits above ours.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks, \
+    register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from . import torch_compat as compat
+
+#: the NaN window's name for a lifted step: no torch function has a dot in its name
+STEP = "Optimizer.step"
+
+
+class _Site:
+    """One `opt.step()` span: what its last calls did, and whether they may run lifted."""
+
+    __slots__ = ("calls", "last", "alike")
+
+    def __init__(self):
+        self.calls = 0
+        self.last: Optional[tuple] = None  # (site deltas, span deltas, torch calls) of the last traced call
+        self.alike = False  # the last two traced calls matched and recorded nothing
+
+
+class OptimizerSteps:
+    """The step hooks of one tracer: registered at its start, removed at its stop."""
+
+    def __init__(self, tracer):
+        self.tracer = tracer
+        self._handles: list = []
+        self._sites: dict[tuple, _Site] = {}
+        self._open: Optional[tuple] = None  # the call in progress: (site, span, lifted mode or the counts before it)
+        self.lifted = 0  # calls run lifted (tests, benchmarks)
+
+    def start(self) -> None:
+        self._handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
+
+    def stop(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._raised()  # the tracer takes its mode off the stack, wherever it is
+        self._open = None
+
+    def _raised(self, mode_back: bool = False) -> None:
+        """A lifted step that never reached its post-hook raised, and the cell went on (it caught
+        the error): the ops since ran untraced. The next step call puts the mode back."""
+        opened = self._open
+        if opened is None or opened[2][0] != "lifted":
+            return
+        self._open = None
+        mode = opened[2][1]
+        if mode_back and not mode.stale and not any(compat.mode_at(i) is mode for i in range(compat.mode_stack_len())):
+            compat.push_mode(mode)
+        self.tracer.note(f"an optimizer step past --limit (line {opened[1][0]}) raised: the ops after it "
+                         "until the next step were not traced")
+
+    # ---- the hooks ----
+    def _pre(self, opt, args, kwargs) -> None:
+        tracer = self.tracer
+        self._raised(mode_back=True)
+        self._open = None
+        mode = tracer._mode
+        if mode is None or mode.stale or tracer.busy:
+            return
+        try:
+            with compat.no_torch_function():
+                span, _, _, _ = tracer.sites.find("step")
+            if span is None:
+                return
+            site = self._sites.get(span)
+            if site is None:
+                site = self._sites[span] = _Site()
+            site.calls += 1
+            if site.alike and self._may_lift(opt, args, kwargs, mode):
+                compat.pop_mode()
+                self.lifted += 1
+                self._open = (site, span, ("lifted", mode, opt))
+                return
+            self._open = (site, span, self._counts())
+        except Exception as exc:  # bookkeeping only: the step runs traced as before
+            self._open = None
+            tracer.note(f"an optimizer step was not counted: {type(exc).__name__}: {exc}")
+
+    def _post(self, opt, args, kwargs) -> None:
+        opened, self._open = self._open, None
+        if opened is None:
+            return
+        site, span, state = opened
+        tracer = self.tracer
+        if state[0] == "lifted":
+            try:
+                self._count_as_before(site, span, opt)  # before the mode is back: nothing here is the user's
+            except Exception as exc:
+                site.alike = False
+                tracer.note(f"an optimizer step past --limit was not counted: {type(exc).__name__}: {exc}")
+            finally:
+                compat.push_mode(state[1])
+            return
+        try:
+            self._compare(site, state)
+        except Exception as exc:
+            site.alike = False
+            tracer.note(f"an optimizer step was not counted: {type(exc).__name__}: {exc}")
+
+    # ---- deciding ----
+    def _may_lift(self, opt, args, kwargs, mode) -> bool:
+        tracer = self.tracer
+        if tracer.interventions or len(args) > 1 or kwargs:
+            return False
+        if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
+            return False
+        if len(_global_optimizer_pre_hooks) > 1 or len(_global_optimizer_post_hooks) > 1:
+            return False  # a hook of someone else's would run untraced
+        n = compat.mode_stack_len()
+        return n > 0 and compat.mode_at(n - 1) is mode
+
+    def _counts(self) -> tuple:
+        tracer = self.tracer
+        return ("traced", {k: v[0] for k, v in tracer._site_runs.items()}, dict(tracer._span_counts),
+                tracer.calls, len(tracer.trace.records), len(tracer.trace.notes))
+
+    def _compare(self, site: _Site, before: tuple) -> None:
+        """A traced call ended: what it counted, and whether the next call may run lifted."""
+        tracer = self.tracer
+        _, runs, spans, calls, records, notes = before
+        quiet = len(tracer.trace.records) == records and len(tracer.trace.notes) == notes
+        site_deltas = tuple((k, v[0] - runs.get(k, 0)) for k, v in tracer._site_runs.items() if v[0] != runs.get(k, 0))
+        span_deltas = tuple((k, n - spans.get(k, 0)) for k, n in tracer._span_counts.items() if n != spans.get(k, 0))
+        done = (site_deltas, span_deltas, tracer.calls - calls)
+        site.alike = quiet and done == site.last and all(k in runs for k, _ in site_deltas)
+        site.last = done
+
+    def _count_as_before(self, site: _Site, span, opt) -> None:
+        """A lifted call: counted as the traced one before it, and kept in the NaN window."""
+        tracer = self.tracer
+        site_deltas, span_deltas, calls = site.last
+        occurrence = tracer._span_counts.get(span, 0)
+        runs = tracer._site_runs
+        for k, n in site_deltas:
+            runs[k][0] += n
+        counts = tracer._span_counts
+        for k, n in span_deltas:
+            counts[k] = counts.get(k, 0) + n
+        tracer.calls += calls
+        if tracer._watching:
+            params = [p for g in opt.param_groups for p in g["params"] if isinstance(p, torch.Tensor)]
+            tracer.keep_step(opt, params, span, type(opt).__name__ + ".step", occurrence, site.calls - 1)

@@ -1,0 +1,185 @@
+"""A training loop's optimizer steps past --limit run with the tracer's mode lifted (capture/steps.py).
+
+What a lifted step must keep, each checked against plain PyTorch or against the same cell with
+lifting switched off: the values the loop computes, bit for bit; every count the trace keeps;
+a NaN that a step puts into a parameter, found at that step; and nothing lifted where untraced
+code would run (a closure, someone's step hook, a mode above ours), nor left lifted when a step
+raises.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from IPython.utils.capture import capture_output
+
+from autograd_magic import limits
+from autograd_magic.capture import steps as steps_module
+
+LOOP = """torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+X, Y = torch.randn(32, 6), torch.randn(32, 1)
+opt = {opt}
+for i in range(30):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(X), Y)
+    loss.backward()
+    {before_step}opt.step()
+"""
+OPTIMIZERS = {
+    "sgd": "torch.optim.SGD(model.parameters(), lr=0.05)",
+    "momentum": "torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)",
+    "adam": "torch.optim.Adam(model.parameters(), lr=0.01)",
+    "adamw": "torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)",
+}
+
+
+def _loop(opt: str = "sgd", before_step: str = "") -> str:
+    return LOOP.format(opt=OPTIMIZERS.get(opt, opt), before_step=before_step)
+
+
+@pytest.fixture
+def lifts(monkeypatch):
+    """How many steps ran lifted: a list the tests read (one entry per lifted call)."""
+    seen = []
+    count = steps_module.OptimizerSteps._count_as_before
+
+    def counting(self, site, span, opt):
+        seen.append(span)
+        return count(self, site, span, opt)
+
+    monkeypatch.setattr(steps_module.OptimizerSteps, "_count_as_before", counting)
+    return seen
+
+
+def _traced(shell, cell: str):
+    shell.run_cell("import torch")
+    with capture_output(display=True):
+        result = shell.run_cell("%%autograd -o t --quiet\n" + cell)
+    assert result.success, result.error_in_exec
+    return shell.user_ns["t"]
+
+
+def _plain(cell: str) -> dict:
+    ns: dict = {"torch": torch}
+    exec(cell, ns)
+    return ns
+
+
+def _never_lift(monkeypatch):
+    monkeypatch.setattr(steps_module.OptimizerSteps, "_may_lift", lambda *a: False)
+
+
+def _facts(t) -> list:
+    return [(r.op, r.span, r.expr, r.internal, r.module, r.occurrence, r.run, r.iteration, r.name) for r in t.records]
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_lifted_steps_compute_exactly_what_plain_torch_computes(shell, lifts, opt):
+    cell = _loop(opt)
+    plain = _plain(cell)
+    _traced(shell, cell)
+    assert len(lifts) >= 30 - 3 * limits.DETAIL_LIMIT  # all but the first few steps ran lifted
+    traced = shell.user_ns
+    for a, b in zip(traced["model"].parameters(), plain["model"].parameters()):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+    for sa, sb in zip(traced["opt"].state.values(), plain["opt"].state.values()):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(torch.as_tensor(sa[k]), torch.as_tensor(sb[k])), k
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_a_lifted_loop_keeps_every_record_count_and_note_of_a_traced_one(shell, lifts, monkeypatch, opt):
+    cell = _loop(opt)
+    lifted = _traced(shell, cell)
+    assert lifts
+    shell.reset(new_session=False)
+    with monkeypatch.context() as m:
+        _never_lift(m)
+        traced = _traced(shell, cell)
+    assert _facts(lifted) == _facts(traced)
+    assert lifted.repeats == traced.repeats and lifted.notes == traced.notes
+    assert [(i.loss, i.grad_norm) for i in lifted.iterations] == [(i.loss, i.grad_norm) for i in traced.iterations]
+    if opt == "sgd":  # a fact of the loop itself: SGD's update is one site, run once per parameter per step
+        update = next(r for r in lifted.records if r.op == "add_" and r.internal)  # its first run: the site's record
+        assert lifted.repeats[update.id] == 4 * 30 - limits.DETAIL_LIMIT
+
+
+def test_a_nan_a_lifted_step_puts_into_a_parameter_is_found_at_that_step(shell, lifts):
+    poison = "if i == 20:\n        opt.param_groups[0]['lr'] = float('nan')\n    "
+    cell = _loop("sgd", poison)
+    # plain torch: the first step after which a parameter holds a NaN, and the gradient it came from
+    ns: dict = {"torch": torch}
+    exec(cell.replace("    opt.step()", "    grads = [p.grad.clone() for p in model.parameters()]\n    opt.step()\n"
+                      "    if first is None and not all(torch.isfinite(p).all() for p in model.parameters()):\n"
+                      "        first = (i, grads)").replace("for i in range(30):", "first = None\nfor i in range(30):"), ns)
+    step, grads = ns["first"]
+    assert step == 20
+    t = _traced(shell, cell)
+    assert len(lifts) > 10
+    nf = t.nonfinite
+    assert nf is not None and nf.op == "step" and nf.kind == "nan"
+    assert nf.expr == "opt.step()" and t.source_line(nf.line).strip() == "opt.step()"
+    assert nf.run == step  # the step's own calls before it
+    assert nf.iteration == step + 1  # the backward calls before it: the one of its own iteration among them
+    assert nf.label == "model.0.weight"  # the first parameter the optimizer updates
+    (grad,) = nf.inputs  # the gradient it was updated from, as plain torch had it
+    assert grad.kind is None and grad.preview.min == grads[0].min().item() and grad.preview.max == grads[0].max().item()
+    assert "opt.step()" in str(t).splitlines()[1]
+
+
+@pytest.mark.parametrize("case", ["closure", "hook", "mode"])
+def test_no_step_is_lifted_where_untraced_code_would_run(shell, lifts, monkeypatch, case):
+    if case == "closure":  # LBFGS runs forward and backward inside its step
+        cell = """torch.manual_seed(0)
+w = torch.randn(4, requires_grad=True)
+x = torch.randn(16, 4)
+opt = torch.optim.LBFGS([w], max_iter=2)
+def closure():
+    opt.zero_grad()
+    loss = (x @ w).pow(2).mean()
+    loss.backward()
+    return loss
+for i in range(12):
+    opt.step(closure)
+"""
+    elif case == "hook":  # someone's hook would run with the mode lifted
+        cell = _loop("sgd").replace("for i in range(30):", "seen = []\nopt.register_step_post_hook("
+                                    "lambda o, a, k: seen.append(o.param_groups[0]['params'][0].sum()))\nfor i in range(30):")
+    else:  # a mode of the user's above ours
+        cell = "from torch.overrides import TorchFunctionMode\nclass Mine(TorchFunctionMode):\n" \
+               "    def __torch_function__(self, func, types, args=(), kwargs=None):\n" \
+               "        return func(*args, **(kwargs or {}))\n" + _loop("sgd").replace(
+                   "for i in range(30):", "with Mine():\n  for i in range(30):").replace("\n    ", "\n      ")
+    plain = _plain(cell)
+    t = _traced(shell, cell)
+    assert lifts == []
+    shell.reset(new_session=False)
+    with monkeypatch.context() as m:
+        _never_lift(m)
+        assert _facts(_traced(shell, cell)) == _facts(t)
+    for name in ("w", "model"):
+        if name in plain:
+            a, b = shell.user_ns[name], plain[name]
+            for x, y in zip(*(([v] if isinstance(v, torch.Tensor) else list(v.parameters())) for v in (a, b))):
+                assert torch.equal(x, y)
+
+
+def test_a_lifted_step_that_raises_fails_as_it_would_and_leaves_no_mode_behind(shell, lifts):
+    # at i == 20 a learning rate SGD cannot use: its update raises inside the step, before any
+    # parameter changes; the cell catches it and goes on
+    cell = _loop("sgd", "if i == 20:\n        opt.param_groups[0]['lr'] = None\n    try:\n        ").replace(
+        "        opt.step()\n", "        opt.step()\n    except TypeError as e:\n        caught = str(e)\n"
+        "        opt.param_groups[0]['lr'] = 0.05\n    after = model(X).sum()\n")
+    plain = _plain(cell)
+    assert "caught" in plain
+    t = _traced(shell, cell)
+    assert len(lifts) >= 10  # the step at i == 20 was lifted too
+    assert shell.user_ns["caught"] == plain["caught"]
+    assert torch.equal(shell.user_ns["after"], plain["after"])
+    assert torch._C._len_torch_function_stack() == 0
+    assert any("raised" in n and "optimizer step" in n for n in t.notes)
+    # the next step put the mode back: the later steps' updates are counted (the failed one made none)
+    update = next(r for r in t.records if r.op == "add_" and r.internal)
+    assert t.repeats[update.id] == 4 * 29 - limits.DETAIL_LIMIT
