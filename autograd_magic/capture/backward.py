@@ -217,37 +217,43 @@ class BackwardRecorder:
         None) that is each leaf's `.grad` afterwards, read with no hook at all; otherwise
         (gradients accumulating) pre-hooks on the pass's AccumulateGrad nodes read it as it
         arrives. Measured on the loop benchmark: a walk and four hooks cost about half a plain
-        backward of its MLP, the reads after it a tenth."""
+        backward of its MLP, the reads after it a tenth. Our reads run with torch-function
+        dispatch off, in one block before the call and one after (a user's mode below ours
+        must not see them)."""
         handles: list = []
         norms = LeafNorms()
         grad_call = func is torch.autograd.grad
         after: list = []
-        try:
-            # the loss, read once: the NaN search past the limit asks whether it is finite
-            self._loss(roots, entry)
-        finally:
-            self.tracer.before_backward(roots, entry.loss)
-        try:
-            after = [] if grad_call else self._leaves_without_grad()
-            self._hooks(roots, norms, None if grad_call or after else handles)
-        except Exception as exc:  # bookkeeping only: the pass runs the same without it
-            for h in handles:
-                h.remove()
-            handles.clear()
-            after = []
-            self.tracer.note(f"the loss or gradient norm of a pass past the limit was not kept: {type(exc).__name__}: {exc}")
+        tracer = self.tracer
+        with no_torch_function():
+            try:
+                # the loss, read once: the NaN search past the limit asks whether it is finite
+                self._loss(roots, entry)
+            finally:
+                tracer.before_backward(roots, entry.loss)
+            try:
+                after = [] if grad_call else self._leaves_without_grad()
+                if not grad_call and not after:
+                    self._hooks(roots, norms, handles)
+            except Exception as exc:  # bookkeeping only: the pass runs the same without it
+                for h in handles:
+                    h.remove()
+                handles.clear()
+                after = []
+                tracer.note(f"the loss or gradient norm of a pass past the limit was not kept: {type(exc).__name__}: {exc}")
         try:
             result = func(*args, **kwargs)
         finally:
             for h in handles:
                 h.remove()
-        try:
-            self._finish_norms(norms, entry, result if grad_call else (), after)
-        except Exception as exc:
-            self.tracer.note(f"the gradient norm of a pass past the limit was not kept: {type(exc).__name__}: {exc}")
+        with no_torch_function():
+            try:
+                norms.add_all([*_as_tuple(result), *(t.grad for t in after)] if grad_call else [t.grad for t in after])
+                norms.norm(self.deferred, lambda v: setattr(entry, "grad_norm", v))
+            except Exception as exc:
+                tracer.note(f"the gradient norm of a pass past the limit was not kept: {type(exc).__name__}: {exc}")
         return result
 
-    @quietly
     def _leaves_without_grad(self) -> list:
         """The recorded leaves (a loop's parameters), when none holds a `.grad` now; else []."""
         leaves = []
@@ -259,17 +265,13 @@ class BackwardRecorder:
                 leaves.append(t)
         return leaves
 
-    @quietly
     def _loss(self, roots, entry: IterationScalars) -> None:
         try:
             loss_value(roots, self.deferred, lambda v: setattr(entry, "loss", v))
         except Exception as exc:  # bookkeeping only: the pass runs the same without it
             self.tracer.note(f"the loss of a pass past the limit was not kept: {type(exc).__name__}: {exc}")
 
-    @quietly
-    def _hooks(self, roots, norms: LeafNorms, handles: Optional[list]) -> None:
-        if handles is None:  # autograd.grad: what it returns is the pass's gradient
-            return
+    def _hooks(self, roots, norms: LeafNorms, handles: list) -> None:
         hook = self._leaf_norm(norms)
         seen: set[int] = set()
         stack = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
@@ -296,12 +298,6 @@ class BackwardRecorder:
                 self.tracer.note(f"the gradient norm of a pass past the limit was not kept: {type(exc).__name__}: {exc}")
 
         return pre
-
-    @quietly
-    def _finish_norms(self, norms: LeafNorms, entry: IterationScalars, results, leaves: list) -> None:
-        # the leaves each had no .grad before the pass: what they hold now is what they received
-        norms.add_all([*_as_tuple(results), *(t.grad for t in leaves)])
-        norms.norm(self.deferred, lambda v: setattr(entry, "grad_norm", v))
 
     def finish_iterations(self) -> None:
         """At the end of the run: read the device scalars back, and give each recorded pass's
