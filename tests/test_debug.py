@@ -15,7 +15,6 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 import torch
-from IPython.utils.capture import capture_output
 
 from autograd_magic import limits
 from autograd_magic.capture.preview import DeviceQueue, preview
@@ -23,6 +22,7 @@ from autograd_magic.explain.debug import EXPLODING, VANISHING, nonfinite_kind
 from autograd_magic.render.debug import banner_html, debug_payload, flow_svg
 from autograd_magic.render.payload import build_payload
 from autograd_magic.render.snapshot import snapshot_html
+from run_cells import plain as _plain, traced as _traced
 
 LOG0 = """x = torch.tensor([1.0, 0.5, 3.0], requires_grad=True)
 h = x - 1.0
@@ -61,19 +61,6 @@ for layer in model[::2]:
 xs = torch.randn(8, 16)
 """
 STEP = "loss = model(xs).pow(2).mean()\nloss.backward()\n"
-
-
-def _traced(shell, cell: str):
-    with capture_output(display=True):
-        result = shell.run_cell("%%autograd -o t --quiet\n" + cell)
-    assert result.success, result.error_in_exec
-    return shell.user_ns["t"]
-
-
-def _plain(cell: str) -> dict:
-    ns: dict = {"torch": torch}
-    exec(cell, ns)
-    return ns
 
 
 def _kind(t: torch.Tensor):

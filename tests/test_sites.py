@@ -1,4 +1,4 @@
-"""The compiled site walk (capture/_walk.c) gives the answer the Python walk gives.
+"""The compiled site walk and mode handler (capture/_walk.c) give the answers the Python ones give.
 
 Where each op came from (its span, what it ran inside, the module, the loop
 site it counts towards) is found by walking the stack for every op; the
@@ -15,12 +15,15 @@ import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from torch.overrides import TorchFunctionMode
 
 from autograd_magic.capture import sites as sites_mod
+from autograd_magic.capture import tracer as tracer_mod
 from fuzz_programs import fresh_shell, programs
 from fuzz_programs import run as run_fuzz
 
 compiled = pytest.mark.skipif(sites_mod._Walker is None, reason="the compiled site walk is not built")
+handler_compiled = pytest.mark.skipif(tracer_mod._ModeCore is None, reason="the compiled mode handler is not built")
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +100,25 @@ def _run_on(path: str, shell, cell: str, monkeypatch):
     with monkeypatch.context() as m:
         if path == "python":
             m.setattr(sites_mod, "_Walker", None)
+        elif path == "python handler":
+            m.setattr(tracer_mod, "_Mode", tracer_mod._PyMode)
         shell.reset(new_session=False)
         shell.run_cell(SETUP, store_history=False, silent=True)
         run = execute(shell, cell, first_line=2, earlier=earlier_cells(shell))
     return run.trace, run.error
+
+
+class _Below(TorchFunctionMode):
+    """A user's mode entered before the cell: below ours on torch's stack, it sees every call
+    ours passes on, and none of the tracer's own reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
 
 
 def test_the_compiled_walk_is_built_and_used():
@@ -112,12 +130,34 @@ def test_the_compiled_walk_is_built_and_used():
     assert isinstance(finder.find.__self__, sites_mod._Walker)
 
 
-@compiled
+def test_the_compiled_mode_handler_is_built_and_used():
+    assert tracer_mod._ModeCore is not None and issubclass(tracer_mod._Mode, tracer_mod._ModeCore)
+    assert type(tracer_mod._Mode.__torch_function__).__name__ == "method_descriptor"
+
+
+@handler_compiled
 @pytest.mark.parametrize("name", sorted(PROGRAMS))
-def test_the_compiled_walk_attributes_every_op_as_the_python_walk_does(name, shell, monkeypatch):
+def test_a_users_mode_below_ours_sees_the_same_calls_on_both_handlers(name, shell, monkeypatch):
+    cell = PROGRAMS[name]
+    results = {}
+    for path in ("compiled", "python handler"):
+        below = _Below()
+        with below:
+            trace, error = _run_on(path, shell, cell, monkeypatch)
+        results[path] = (_attribution(trace), trace.repeats, trace.notes, type(error), below.seen)
+    assert results["compiled"] == results["python handler"]
+    assert results["compiled"][4]  # it saw the cell's calls at all
+
+
+@compiled
+@pytest.mark.parametrize("path", ["python", "python handler"])
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_the_compiled_walk_attributes_every_op_as_the_python_walk_does(name, path, shell, monkeypatch):
+    if path == "python handler" and tracer_mod._ModeCore is None:
+        pytest.skip("the compiled mode handler is not built")
     cell = PROGRAMS[name]
     fast, fast_error = _run_on("compiled", shell, cell, monkeypatch)
-    slow, slow_error = _run_on("python", shell, cell, monkeypatch)
+    slow, slow_error = _run_on(path, shell, cell, monkeypatch)
     assert type(fast_error) is type(slow_error)
     assert _attribution(fast) == _attribution(slow)
     assert fast.repeats == slow.repeats
@@ -201,15 +241,17 @@ def test_the_compiled_walk_starts_at_its_callers_frame():
 @given(cell=programs())
 def test_random_cells_are_attributed_alike_on_both_walks(cell, fuzz_shell, monkeypatch):
     """The fuzzer's random cells (loops, functions of the cell, nn.Linear, in-place ops, no_grad
-    blocks, optimizer steps, errors) through `%%autograd`, once per walk."""
+    blocks, optimizer steps, errors) through `%%autograd`: compiled, then on the Python walk,
+    then with the Python mode handler."""
     magic = "%%autograd --quiet -o site_trace"
     run_fuzz(fuzz_shell, cell, traced=True, magic=magic)
     fast = fuzz_shell.user_ns.get("site_trace")
-    with monkeypatch.context() as m:
-        m.setattr(sites_mod, "_Walker", None)
-        run_fuzz(fuzz_shell, cell, traced=True, magic=magic)
-        slow = fuzz_shell.user_ns.get("site_trace")
-    assert (fast is None) == (slow is None), cell
-    if fast is not None:
-        assert _attribution(fast) == _attribution(slow), cell
-        assert fast.repeats == slow.repeats and fast.notes == slow.notes, cell
+    for patch in ((sites_mod, "_Walker", None), (tracer_mod, "_Mode", tracer_mod._PyMode)):
+        with monkeypatch.context() as m:
+            m.setattr(*patch)
+            run_fuzz(fuzz_shell, cell, traced=True, magic=magic)
+            slow = fuzz_shell.user_ns.get("site_trace")
+        assert (fast is None) == (slow is None), cell
+        if fast is not None:
+            assert _attribution(fast) == _attribution(slow), cell
+            assert fast.repeats == slow.repeats and fast.notes == slow.notes, cell

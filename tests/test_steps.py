@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from IPython.utils.capture import capture_output
 
 from autograd_magic import limits
 from autograd_magic.capture import steps as steps_module
+from run_cells import plain as _plain, traced as _traced
 
 LOOP = """torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -50,20 +50,6 @@ def lifts(monkeypatch):
 
     monkeypatch.setattr(steps_module.OptimizerSteps, "_count_as_before", counting)
     return seen
-
-
-def _traced(shell, cell: str):
-    shell.run_cell("import torch")
-    with capture_output(display=True):
-        result = shell.run_cell("%%autograd -o t --quiet\n" + cell)
-    assert result.success, result.error_in_exec
-    return shell.user_ns["t"]
-
-
-def _plain(cell: str) -> dict:
-    ns: dict = {"torch": torch}
-    exec(cell, ns)
-    return ns
 
 
 def _never_lift(monkeypatch):
@@ -183,3 +169,37 @@ def test_a_lifted_step_that_raises_fails_as_it_would_and_leaves_no_mode_behind(s
     # the next step put the mode back: the later steps' updates are counted (the failed one made none)
     update = next(r for r in t.records if r.op == "add_" and r.internal)
     assert t.repeats[update.id] == 4 * 29 - limits.DETAIL_LIMIT
+
+
+def test_a_traced_run_is_freed_without_the_garbage_collector():
+    """Nothing the tracer made for a run (its step hooks among them) holds it in a cycle: its
+    records and their arrays go when the run ends, not when the collector next runs."""
+    import gc
+    import weakref
+
+    import autograd_magic as am
+    from autograd_magic.capture import tracer as tracer_module
+
+    made = []
+    start = tracer_module.Tracer.start
+
+    def remember(self):
+        made.append(weakref.ref(self))
+        return start(self)
+
+    ns = _plain(_loop("sgd").replace("for i in range(30):", "for i in range(0):"))
+    model, opt, X, Y = ns["model"], ns["opt"], ns["X"], ns["Y"]
+    gc.collect()
+    gc.disable()
+    try:
+        tracer_module.Tracer.start = remember
+        with am.trace():
+            for _ in range(8):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(X), Y).backward()
+                opt.step()
+        tracer_module.Tracer.start = start
+        assert made and made[0]() is None
+    finally:
+        tracer_module.Tracer.start = start
+        gc.enable()

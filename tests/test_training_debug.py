@@ -25,6 +25,7 @@ from autograd_magic.explain.debug import ordinal
 from autograd_magic.render.debug import banner_html, debug_payload, training_svg
 from autograd_magic.render.payload import build_payload
 from autograd_magic.render.snapshot import snapshot_html
+from run_cells import traced as _traced
 
 LOOP = """torch.manual_seed(0)
 model = torch.nn.Linear(2, 1)
@@ -55,14 +56,6 @@ for i in range(8):
     loss = (w * (i + 1)).pow(3).sum()
     (g,) = torch.autograd.grad(loss, w)
 """
-
-
-def _traced(shell, cell: str):
-    shell.run_cell("import torch")
-    with capture_output(display=True):
-        result = shell.run_cell("%%autograd -o t --quiet\n" + cell)
-    assert result.success, result.error_in_exec
-    return shell.user_ns["t"]
 
 
 class _PlainWatch(TorchFunctionMode):

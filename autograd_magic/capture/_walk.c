@@ -13,12 +13,20 @@
  * module, the module enclosing a function of the traced code. The common
  * case calls none but `module_name`, and that only inside a module.
  *
+ *
+ * Also the tracer's mode handler (`ModeCore`, the base of tracer.py's `_Mode`):
+ * every torch call of the traced code goes through it, and most (attribute
+ * reads, calls that make no new tensor) only pass through. Here those take no
+ * Python frame; the rest go on to `Tracer.on_op` or the backward recorder,
+ * exactly as tracer.py's Python handler sends them.
+ *
  * Needs CPython 3.11's frame API (PyFrame_GetLasti, PyFrame_GetLocals).
  * Optional: where it is not built, sites.py runs the Python walk.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <frameobject.h>
+#include <structmember.h>
 
 /* What a frame's code is to the walk: the values of sites.py's _ROUTING ... _ANCHOR_ROOT. */
 enum { ROUTING = 0, OTHER = 1, MODULE_CALL = 2, ANCHOR = 3, ANCHOR_FORWARD = 4, ANCHOR_ROOT = 5 };
@@ -295,13 +303,266 @@ static PyTypeObject WalkerType = {
     .tp_methods = walker_methods,
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_walk", NULL, -1, NULL};
+/* ---- the mode's handler ---- */
+
+/* What tracer.py's `_call_kind` says a torch function is: the values of _OP ... _BACKWARD. */
+enum { OP = 0, GET = 1, PASS = 2, BACKWARD = 3 };
+
+/* Set once by configure(): torch.Tensor, tracer.py's `_KINDS` and `_call_kind`, torch's mode
+ * stack length, and the grad_fn read for when a user's mode sits below ours. */
+static PyObject *tensor_type, *call_kinds, *call_kind, *stack_len, *grad_fn_quiet;
+static PyObject *str_busy, *str_calls, *str_on_op, *str_backward, *str_run, *str_grad_fn, *str_op_failed, *one;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *tracer;
+    char stale;
+} ModeCore;
+
+static PyObject *call(PyObject *func, PyObject *args, PyObject *kwargs) {
+    return PyObject_Call(func, args, kwargs);
+}
+
+/* The op's output, handed to the tracer when it may be a new tensor (as `_Mode.__torch_function__`). */
+static PyObject *record(ModeCore *self, PyObject *func, PyObject *name, PyObject *args, PyObject *kwargs, PyObject *out) {
+    PyObject *kw = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
+    if (kw == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyObject *r = PyObject_CallMethodObjArgs(self->tracer, str_on_op, func, name, args, kw, out, NULL);
+    Py_DECREF(kw);
+    if (r != NULL) {
+        Py_DECREF(out);
+        return r;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* a KeyboardInterrupt goes on */
+        Py_DECREF(out);
+        return NULL;
+    }
+    /* the tracer must never break the user's code: noted, and the op's output returned */
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb); /* 3.11 has no PyErr_GetRaisedException */
+    PyErr_NormalizeException(&type, &exc, &tb);
+    PyObject *noted = PyObject_CallMethodObjArgs(self->tracer, str_op_failed, func, exc != NULL ? exc : Py_None, NULL);
+    Py_XDECREF(type);
+    Py_XDECREF(exc);
+    Py_XDECREF(tb);
+    if (noted == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    Py_DECREF(noted);
+    return out;
+}
+
+static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssize_t n) {
+    if (n < 2 || n > 4) {
+        PyErr_SetString(PyExc_TypeError, "__torch_function__(func, types, args=(), kwargs=None)");
+        return NULL;
+    }
+    PyObject *func = a[0];
+    PyObject *args = n > 2 ? a[2] : NULL;
+    PyObject *kwargs = n > 3 && a[3] != Py_None ? a[3] : NULL;
+    PyObject *empty = NULL;
+    if (args == NULL) {
+        args = empty = PyTuple_New(0);
+        if (args == NULL) return NULL;
+    } else if (!PyTuple_Check(args)) { /* torch passes a tuple; Python's func(*args) takes any sequence */
+        args = empty = PySequence_Tuple(args);
+        if (args == NULL) return NULL;
+    }
+    PyObject *result = NULL, *entry = NULL;
+    PyObject *tracer = self->tracer;
+    /* stale: pushed back after its run by a late finalizer; busy: the tracer's own work */
+    if (self->stale || tracer == NULL) {
+        result = call(func, args, kwargs);
+        goto done;
+    }
+    PyObject *busy = PyObject_GetAttr(tracer, str_busy);
+    if (busy == NULL) goto done;
+    int is_busy = PyObject_IsTrue(busy);
+    Py_DECREF(busy);
+    if (is_busy < 0) goto done;
+    if (is_busy) {
+        result = call(func, args, kwargs);
+        goto done;
+    }
+    PyObject *calls = PyObject_GetAttr(tracer, str_calls);
+    if (calls == NULL) goto done;
+    PyObject *more = PyNumber_Add(calls, one);
+    Py_DECREF(calls);
+    if (more == NULL) goto done;
+    int set = PyObject_SetAttr(tracer, str_calls, more);
+    Py_DECREF(more);
+    if (set < 0) goto done;
+    entry = PyDict_GetItemWithError(call_kinds, func);
+    if (entry != NULL) {
+        Py_INCREF(entry);
+    } else {
+        PyErr_Clear(); /* new, or unhashable: classified in Python */
+        entry = PyObject_CallOneArg(call_kind, func);
+        if (entry == NULL) goto done;
+    }
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
+        PyErr_SetString(PyExc_TypeError, "_call_kind returns (kind, name)");
+        goto done;
+    }
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(entry, 0));
+    PyObject *name = PyTuple_GET_ITEM(entry, 1);
+    if (kind == -1 && PyErr_Occurred()) goto done;
+    if (kind == PASS) {
+        result = call(func, args, kwargs);
+        goto done;
+    }
+    if (kind == BACKWARD) {
+        PyObject *recorder = PyObject_GetAttr(tracer, str_backward);
+        if (recorder == NULL) goto done;
+        PyObject *kw = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
+        if (kw != NULL) {
+            result = PyObject_CallMethodObjArgs(recorder, str_run, func, args, kw, NULL);
+            Py_DECREF(kw);
+        }
+        Py_DECREF(recorder);
+        goto done;
+    }
+    PyObject *out = call(func, args, kwargs);
+    if (out == NULL) goto done;
+    /* fast exits for what is not a new tensor: attribute reads and non-tensor results */
+    if (kind == GET) {
+        if (Py_TYPE(out) != (PyTypeObject *)tensor_type) {
+            result = out;
+            goto done;
+        }
+        PyObject *depth = PyObject_CallNoArgs(stack_len);
+        if (depth == NULL) {
+            Py_DECREF(out);
+            goto done;
+        }
+        int top = depth == Py_None ? 0 : PyObject_IsTrue(depth);
+        Py_DECREF(depth);
+        PyObject *fn;
+        if (top == 0) { /* ours is off the stack in here: nothing would see the read */
+            fn = PyObject_GetAttr(out, str_grad_fn);
+            if (fn == NULL && PyErr_ExceptionMatches(PyExc_RuntimeError)) { /* as ops.grad_fn_name */
+                PyErr_Clear();
+                fn = Py_NewRef(Py_None);
+            }
+        } else if (top > 0) {
+            fn = PyObject_CallOneArg(grad_fn_quiet, out);
+        } else {
+            fn = NULL;
+        }
+        if (fn == NULL) {
+            Py_DECREF(out);
+            goto done;
+        }
+        int none = fn == Py_None;
+        Py_DECREF(fn);
+        if (none) {
+            result = out;
+            goto done;
+        }
+    } else if (out == Py_None) {
+        Py_ssize_t len = PyUnicode_GetLength(name);
+        if (len < 1 || PyUnicode_READ_CHAR(name, len - 1) != '_') {
+            result = out;
+            goto done;
+        }
+    } else if (!PyObject_TypeCheck(out, (PyTypeObject *)tensor_type) && !PyTuple_Check(out) && !PyList_Check(out)) {
+        result = out;
+        goto done;
+    }
+    result = record(self, func, name, args, kwargs, out);
+done:
+    Py_XDECREF(entry);
+    Py_XDECREF(empty);
+    return result;
+}
+
+static PyObject *configure(PyObject *module, PyObject *const *a, Py_ssize_t n) {
+    if (n != 5) {
+        PyErr_SetString(PyExc_TypeError, "configure(tensor_type, kinds, call_kind, stack_len, grad_fn_quiet)");
+        return NULL;
+    }
+    if (!PyType_Check(a[0]) || !PyDict_Check(a[1])) {
+        PyErr_SetString(PyExc_TypeError, "configure: a type and a dict");
+        return NULL;
+    }
+    Py_XSETREF(tensor_type, Py_NewRef(a[0]));
+    Py_XSETREF(call_kinds, Py_NewRef(a[1]));
+    Py_XSETREF(call_kind, Py_NewRef(a[2]));
+    Py_XSETREF(stack_len, Py_NewRef(a[3]));
+    Py_XSETREF(grad_fn_quiet, Py_NewRef(a[4]));
+    Py_RETURN_NONE;
+}
+
+static int core_traverse(ModeCore *self, visitproc visit, void *arg) {
+    Py_VISIT(self->tracer);
+    return 0;
+}
+
+static int core_clear(ModeCore *self) {
+    Py_CLEAR(self->tracer);
+    return 0;
+}
+
+static void core_dealloc(ModeCore *self) {
+    PyObject_GC_UnTrack(self);
+    core_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef core_methods[] = {
+    {"__torch_function__", (PyCFunction)(void (*)(void))core_torch_function, METH_FASTCALL,
+     "The tracer's handler of every torch call (tracer.py's `_Mode`)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"tracer", T_OBJECT, offsetof(ModeCore, tracer), 0, "the Tracer it records for"},
+    {"stale", T_BOOL, offsetof(ModeCore, stale), 0, "its run ended: it only passes calls through"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject ModeCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "autograd_magic.capture._walk.ModeCore",
+    .tp_basicsize = sizeof(ModeCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The base of tracer.py's _Mode: its __torch_function__, compiled.",
+    .tp_new = PyType_GenericNew,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+};
+
+static PyMethodDef module_methods[] = {
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
+     "configure(tensor_type, kinds, call_kind, stack_len, grad_fn_quiet): what ModeCore reads (tracer.py, once)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_walk", NULL, -1, module_methods};
+
+static int intern(PyObject **slot, const char *text) {
+    *slot = PyUnicode_InternFromString(text);
+    return *slot == NULL ? -1 : 0;
+}
 
 PyMODINIT_FUNC PyInit__walk(void) {
-    if (PyType_Ready(&WalkerType) < 0) return NULL;
+    if (PyType_Ready(&WalkerType) < 0 || PyType_Ready(&ModeCoreType) < 0) return NULL;
+    if (intern(&str_busy, "busy") < 0 || intern(&str_calls, "calls") < 0 || intern(&str_on_op, "on_op") < 0 ||
+        intern(&str_backward, "backward") < 0 || intern(&str_run, "run") < 0 || intern(&str_grad_fn, "grad_fn") < 0 ||
+        intern(&str_op_failed, "op_failed") < 0)
+        return NULL;
+    one = PyLong_FromLong(1);
+    if (one == NULL) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddObjectRef(m, "Walker", (PyObject *)&WalkerType) < 0) {
+    if (PyModule_AddObjectRef(m, "Walker", (PyObject *)&WalkerType) < 0 ||
+        PyModule_AddObjectRef(m, "ModeCore", (PyObject *)&ModeCoreType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

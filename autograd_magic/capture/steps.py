@@ -19,6 +19,7 @@ or when another mode sits above ours.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -46,7 +47,7 @@ class OptimizerSteps:
     """The step hooks of one tracer: registered at its start, removed at its stop."""
 
     def __init__(self, tracer):
-        self.tracer = tracer
+        self.tracer = weakref.proxy(tracer)  # no cycle: a run's tracer (its records, their arrays) is freed without the collector
         self._handles: list = []
         self._sites: dict[tuple, _Site] = {}
         self._open: Optional[tuple] = None  # the call in progress: (site, span, lifted mode or the counts before it)

@@ -39,6 +39,11 @@ from .. import limits
 
 _stack_len = compat.mode_stack_len
 
+try:  # optional (setup.py): where it is not built, the mode's handler is `_PyMode`'s
+    from ._walk import ModeCore as _ModeCore, configure as _walk_configure
+except ImportError:
+    _ModeCore = None
+
 
 def purge_stale_modes() -> None:
     """Take off torch's stack any of our modes whose run has ended.
@@ -66,7 +71,7 @@ def purge_stale_modes() -> None:
 
 
 def _is_stale(mode) -> bool:
-    return isinstance(mode, _Mode) and mode.stale
+    return isinstance(mode, (_Mode, _PyMode)) and mode.stale
 
 
 # What a torch function is to the mode, decided once per function object: most calls in a
@@ -104,7 +109,15 @@ def _call_kind(func) -> tuple[int, str]:
     return entry
 
 
-class _Mode(TorchFunctionMode):
+def _grad_fn_quiet(out) -> Optional[str]:
+    """`grad_fn_name` with torch-function dispatch off: a user's mode below ours must not see our read."""
+    with compat.no_torch_function():
+        return grad_fn_name(out)
+
+
+class _PyMode(TorchFunctionMode):
+    """The handler in Python: `_Mode` where the compiled one (capture/_walk.c's ModeCore) is not built."""
+
     def __init__(self, tracer: "Tracer"):
         super().__init__()
         self.tracer = tracer
@@ -129,11 +142,8 @@ class _Mode(TorchFunctionMode):
         if kind == _GET:
             if type(out) is not torch.Tensor:
                 return out
-            if _stack_len() == 0:  # ours is off the stack in here: nothing would see the read
-                fn = grad_fn_name(out)
-            else:
-                with compat.no_torch_function():  # a user's mode below ours must not see our read
-                    fn = grad_fn_name(out)
+            # ours is off the stack in here: nothing would see the read, unless a user's mode is below
+            fn = grad_fn_name(out) if _stack_len() == 0 else _grad_fn_quiet(out)
             if fn is None:
                 return out
         elif out is None:
@@ -144,8 +154,23 @@ class _Mode(TorchFunctionMode):
         try:
             return tracer.on_op(func, name, args, kwargs, out)
         except Exception as exc:  # the tracer must never break the user's code
-            tracer.note(f"tracer skipped an op ({op_name(func)}): {type(exc).__name__}: {exc}")
+            tracer.op_failed(func, exc)
             return out
+
+
+if _ModeCore is not None:
+    _walk_configure(torch.Tensor, _KINDS, _call_kind, _stack_len, _grad_fn_quiet)
+
+    class _Mode(_ModeCore, TorchFunctionMode):
+        """The tracer's mode: `_PyMode`'s handler, compiled (capture/_walk.c); the same calls go
+        the same way (tests run both)."""
+
+        def __init__(self, tracer: "Tracer"):
+            super().__init__()
+            self.tracer = tracer
+            self.stale = False
+else:
+    _Mode = _PyMode
 
 
 class Tracer:
@@ -289,6 +314,10 @@ class Tracer:
         finally:
             for m in reversed(above):
                 compat.push_mode(m)
+
+    def op_failed(self, func, exc: Exception) -> None:
+        """Our bookkeeping of an op raised: noted; the user's code goes on with the op's output."""
+        self.note(f"tracer skipped an op ({op_name(func)}): {type(exc).__name__}: {exc}")
 
     def note(self, text: str) -> None:
         if text not in self._noted:
