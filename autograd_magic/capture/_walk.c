@@ -310,8 +310,11 @@ enum { OP = 0, GET = 1, PASS = 2, BACKWARD = 3 };
 
 /* Set once by configure(): torch.Tensor, tracer.py's `_KINDS` and `_call_kind`, torch's mode
  * stack length, and the grad_fn read for when a user's mode sits below ours. */
-static PyObject *tensor_type, *call_kinds, *call_kind, *stack_len, *grad_fn_quiet;
+static PyObject *tensor_type, *call_kinds, *call_kind, *stack_len, *grad_fn_quiet, *grad_enabled, *limits;
 static PyObject *str_busy, *str_calls, *str_on_op, *str_backward, *str_run, *str_grad_fn, *str_op_failed, *one;
+static PyObject *str_sites, *str_find, *str_site_runs, *str_span_counts, *str_detail_limit, *str_detaching, *str_watching,
+    *str_window, *str_window_bytes, *str_backward_calls, *str_by_tensor, *str_version, *str_is_cpu, *str_numel,
+    *str_element_size, *str_check_window, *str_finite_window, *str_finite_window_bytes;
 
 typedef struct {
     PyObject_HEAD
@@ -323,6 +326,22 @@ static PyObject *call(PyObject *func, PyObject *args, PyObject *kwargs) {
     return PyObject_Call(func, args, kwargs);
 }
 
+/* Our bookkeeping of an op raised (the error is set): the tracer must never break the user's code,
+ * so it is noted and the op's output returned (a new reference); a KeyboardInterrupt goes on (NULL). */
+static PyObject *swallowed(ModeCore *self, PyObject *func, PyObject *out) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb); /* 3.11 has no PyErr_GetRaisedException */
+    PyErr_NormalizeException(&type, &exc, &tb);
+    PyObject *noted = PyObject_CallMethodObjArgs(self->tracer, str_op_failed, func, exc != NULL ? exc : Py_None, NULL);
+    Py_XDECREF(type);
+    Py_XDECREF(exc);
+    Py_XDECREF(tb);
+    if (noted == NULL) return NULL;
+    Py_DECREF(noted);
+    return Py_NewRef(out);
+}
+
 /* The op's output, handed to the tracer when it may be a new tensor (as `_Mode.__torch_function__`). */
 static PyObject *record(ModeCore *self, PyObject *func, PyObject *name, PyObject *args, PyObject *kwargs, PyObject *out) {
     PyObject *kw = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
@@ -332,28 +351,207 @@ static PyObject *record(ModeCore *self, PyObject *func, PyObject *name, PyObject
     }
     PyObject *r = PyObject_CallMethodObjArgs(self->tracer, str_on_op, func, name, args, kw, out, NULL);
     Py_DECREF(kw);
-    if (r != NULL) {
-        Py_DECREF(out);
-        return r;
+    if (r == NULL) r = swallowed(self, func, out);
+    Py_DECREF(out);
+    return r;
+}
+
+/* tracer.py's `is_inplace(name, name)`: __setitem__, __iadd__ and the like, add_ and the like. */
+static int inplace_name(PyObject *name) {
+    Py_ssize_t n = PyUnicode_GetLength(name);
+    if (n < 1) return 0;
+    if (PyUnicode_CompareWithASCIIString(name, "__setitem__") == 0) return 1;
+    int under_end = n >= 2 && PyUnicode_READ_CHAR(name, n - 1) == '_' && PyUnicode_READ_CHAR(name, n - 2) == '_';
+    if (under_end) /* __i...__ */
+        return n >= 3 && PyUnicode_READ_CHAR(name, 0) == '_' && PyUnicode_READ_CHAR(name, 1) == '_' &&
+               PyUnicode_READ_CHAR(name, 2) == 'i';
+    return PyUnicode_READ_CHAR(name, n - 1) == '_';
+}
+
+static int attr_true(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static Py_ssize_t attr_ssize(PyObject *obj, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL) return -1;
+    Py_ssize_t r = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* `Tracer.on_op`'s fast path for a loop's later runs of an op making one tensor (the common case
+ * past --limit), here: count it, keep it in the NaN window, link its tensor to the site's first
+ * record. Everything else goes to `on_op`, with the site found here. Returns a new reference to
+ * what the handler returns, or NULL with an error set. */
+static PyObject *later_run(ModeCore *self, PyObject *func, PyObject *name, PyObject *args, PyObject *kwargs,
+                           PyObject *out) {
+    PyObject *tracer = self->tracer;
+    PyObject *found = NULL, *site = NULL, *kw = NULL, *result = NULL;
+    PyObject *sites = PyObject_GetAttr(tracer, str_sites);
+    if (sites == NULL) goto done;
+    found = PyObject_CallMethodOneArg(sites, str_find, name);
+    Py_DECREF(sites);
+    if (found == NULL) goto done;
+    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 4) {
+        PyErr_SetString(PyExc_TypeError, "find() returns (span, internal, key, module)");
+        goto done;
     }
-    if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* a KeyboardInterrupt goes on */
-        Py_DECREF(out);
-        return NULL;
+    PyObject *span = PyTuple_GET_ITEM(found, 0), *internal = PyTuple_GET_ITEM(found, 1);
+    PyObject *key = PyTuple_GET_ITEM(found, 2), *module = PyTuple_GET_ITEM(found, 3);
+    int handled = 0;
+    if (key != Py_None && !inplace_name(name)) {
+        PyObject *runs = PyObject_GetAttr(tracer, str_site_runs);
+        if (runs == NULL) goto done;
+        site = PyDict_GetItemWithError(runs, key);
+        Py_XINCREF(site);
+        Py_DECREF(runs);
+        if (site == NULL && PyErr_Occurred()) goto done;
+        if (site != NULL && PyList_Check(site) && PyList_GET_SIZE(site) == 2) {
+            Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(site, 0));
+            Py_ssize_t limit = attr_ssize(tracer, str_detail_limit);
+            if ((count == -1 || limit == -1) && PyErr_Occurred()) goto done;
+            int detaching = attr_true(tracer, str_detaching);
+            if (detaching < 0) goto done;
+            PyObject *depth = detaching || count < limit ? NULL : PyObject_CallNoArgs(stack_len);
+            if (depth != NULL) {
+                int below = depth == Py_None ? 0 : PyObject_IsTrue(depth);
+                Py_DECREF(depth);
+                if (below < 0) goto done;
+                handled = !below; /* a user's mode below ours would see our reads: on_op takes care */
+            } else if (PyErr_Occurred()) {
+                goto done;
+            }
+        }
     }
-    /* the tracer must never break the user's code: noted, and the op's output returned */
-    PyObject *type, *exc, *tb;
-    PyErr_Fetch(&type, &exc, &tb); /* 3.11 has no PyErr_GetRaisedException */
-    PyErr_NormalizeException(&type, &exc, &tb);
-    PyObject *noted = PyObject_CallMethodObjArgs(self->tracer, str_op_failed, func, exc != NULL ? exc : Py_None, NULL);
-    Py_XDECREF(type);
-    Py_XDECREF(exc);
-    Py_XDECREF(tb);
-    if (noted == NULL) {
-        Py_DECREF(out);
-        return NULL;
+    kw = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
+    if (kw == NULL) goto done;
+    if (!handled) {
+        result = PyObject_CallMethodObjArgs(tracer, str_on_op, func, name, args, kw, out, found, NULL);
+        goto done;
     }
-    Py_DECREF(noted);
-    return out;
+    /* runs of this very op: the detail limit; runs of anything at this span: a unique key */
+    Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(site, 0));
+    PyObject *more = PyLong_FromSsize_t(count + 1);
+    if (more == NULL) goto done;
+    PyList_SetItem(site, 0, more); /* steals */
+    PyObject *counts = PyObject_GetAttr(tracer, str_span_counts);
+    if (counts == NULL) goto done;
+    PyObject *seen = PyDict_GetItemWithError(counts, span);
+    Py_ssize_t occurrence = seen != NULL ? PyLong_AsSsize_t(seen) : 0;
+    PyObject *occ = NULL, *next = NULL;
+    if ((seen == NULL && PyErr_Occurred()) || (occurrence == -1 && PyErr_Occurred()) ||
+        (occ = PyLong_FromSsize_t(occurrence)) == NULL || (next = PyLong_FromSsize_t(occurrence + 1)) == NULL ||
+        PyDict_SetItem(counts, span, next) < 0) {
+        Py_DECREF(counts);
+        Py_XDECREF(occ);
+        Py_XDECREF(next);
+        goto done;
+    }
+    Py_DECREF(counts);
+    Py_DECREF(next);
+    int watching = attr_true(tracer, str_watching);
+    if (watching < 0) {
+        Py_DECREF(occ);
+        goto done;
+    }
+    if (watching) { /* kept until the next backward call says whether its loss is finite */
+        PyObject *outs = PyList_New(1);
+        PyObject *py_count = PyLong_FromSsize_t(count);
+        PyObject *entry = NULL;
+        if (outs != NULL && py_count != NULL) {
+            PyList_SET_ITEM(outs, 0, Py_NewRef(out));
+            entry = PyTuple_Pack(13, func, name, args, kw, out, outs, span, internal, key, occ, module, site, py_count);
+        }
+        Py_XDECREF(py_count);
+        int cpu = entry != NULL ? attr_true(out, str_is_cpu) : -1;
+        PyObject *version = cpu == 1 ? PyObject_GetAttr(out, str_version) : NULL;
+        if (cpu == 1 && version == NULL && PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+            PyErr_Clear();
+            cpu = 0; /* an inference tensor has no version: on_op's path keeps it */
+        }
+        int kept = -1;
+        if (cpu == 0) { /* a device value, or no version: as tracer.py keeps it (a note, once) */
+            PyObject *r = PyObject_CallMethod(tracer, "_keep_for_nan_search", "OO", entry, outs);
+            kept = r != NULL ? 0 : -1;
+            Py_XDECREF(r);
+        } else if (cpu == 1 && version != NULL) {
+            kept = -1;
+            PyObject *versions = PyList_New(1);
+            PyObject *enabled = PyObject_CallNoArgs(grad_enabled);
+            PyObject *calls = PyObject_GetAttr(tracer, str_backward_calls);
+            PyObject *window = PyObject_GetAttr(tracer, str_window);
+            PyObject *item = NULL;
+            if (versions != NULL && enabled != NULL && calls != NULL && window != NULL) {
+                PyList_SET_ITEM(versions, 0, Py_NewRef(version));
+                item = PyTuple_Pack(4, entry, enabled, versions, calls);
+            }
+            if (item != NULL && PyList_Append(window, item) == 0) {
+                PyObject *numel = PyObject_CallMethodNoArgs(out, str_numel);
+                PyObject *size = numel != NULL ? PyObject_CallMethodNoArgs(out, str_element_size) : NULL;
+                PyObject *bytes = size != NULL ? PyNumber_Multiply(numel, size) : NULL;
+                PyObject *before = bytes != NULL ? PyObject_GetAttr(tracer, str_window_bytes) : NULL;
+                PyObject *after = before != NULL ? PyNumber_Add(before, bytes) : NULL;
+                if (after != NULL && PyObject_SetAttr(tracer, str_window_bytes, after) == 0) {
+                    Py_ssize_t most = attr_ssize(limits, str_finite_window);
+                    PyObject *most_bytes = most != -1 ? PyObject_GetAttr(limits, str_finite_window_bytes) : NULL;
+                    int over = most_bytes != NULL ? PyObject_RichCompareBool(after, most_bytes, Py_GE) : -1;
+                    if (over >= 0) {
+                        if (over || PyList_GET_SIZE(window) >= most) {
+                            PyObject *r = PyObject_CallMethodNoArgs(tracer, str_check_window);
+                            kept = r != NULL ? 0 : -1;
+                            Py_XDECREF(r);
+                        } else {
+                            kept = 0;
+                        }
+                    }
+                    Py_XDECREF(most_bytes);
+                }
+                Py_XDECREF(numel);
+                Py_XDECREF(size);
+                Py_XDECREF(bytes);
+                Py_XDECREF(before);
+                Py_XDECREF(after);
+            }
+            Py_XDECREF(item);
+            Py_XDECREF(versions);
+            Py_XDECREF(enabled);
+            Py_XDECREF(calls);
+            Py_XDECREF(window);
+        }
+        Py_XDECREF(version);
+        Py_XDECREF(entry);
+        Py_XDECREF(outs);
+        if (kept < 0) {
+            Py_DECREF(occ);
+            goto done;
+        }
+    }
+    Py_DECREF(occ);
+    /* later uses link to the loop's first record of this site */
+    PyObject *first = PyList_GET_ITEM(site, 1);
+    if (first != Py_None) {
+        PyObject *by_tensor = PyObject_GetAttr(tracer, str_by_tensor);
+        PyObject *ident = PyLong_FromVoidPtr(out);
+        PyObject *ref = PyWeakref_NewRef(out, NULL);
+        PyObject *link = ref != NULL ? PyTuple_Pack(2, ref, first) : NULL;
+        int ok = by_tensor != NULL && ident != NULL && link != NULL && PyDict_SetItem(by_tensor, ident, link) == 0;
+        Py_XDECREF(by_tensor);
+        Py_XDECREF(ident);
+        Py_XDECREF(ref);
+        Py_XDECREF(link);
+        if (!ok) goto done;
+    }
+    result = Py_NewRef(out);
+done:
+    Py_XDECREF(found);
+    Py_XDECREF(site);
+    Py_XDECREF(kw);
+    return result;
 }
 
 static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssize_t n) {
@@ -473,6 +671,13 @@ static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssiz
         result = out;
         goto done;
     }
+    if (kind == OP && PyObject_TypeCheck(out, (PyTypeObject *)tensor_type)) {
+        /* errors of our own bookkeeping are noted and the op's output returned, as on_op's */
+        result = later_run(self, func, name, args, kwargs, out);
+        if (result == NULL) result = swallowed(self, func, out);
+        Py_DECREF(out);
+        goto done;
+    }
     result = record(self, func, name, args, kwargs, out);
 done:
     Py_XDECREF(entry);
@@ -481,8 +686,9 @@ done:
 }
 
 static PyObject *configure(PyObject *module, PyObject *const *a, Py_ssize_t n) {
-    if (n != 5) {
-        PyErr_SetString(PyExc_TypeError, "configure(tensor_type, kinds, call_kind, stack_len, grad_fn_quiet)");
+    if (n != 7) {
+        PyErr_SetString(PyExc_TypeError, "configure(tensor_type, kinds, call_kind, stack_len, grad_fn_quiet, "
+                                         "grad_enabled, limits)");
         return NULL;
     }
     if (!PyType_Check(a[0]) || !PyDict_Check(a[1])) {
@@ -494,6 +700,8 @@ static PyObject *configure(PyObject *module, PyObject *const *a, Py_ssize_t n) {
     Py_XSETREF(call_kind, Py_NewRef(a[2]));
     Py_XSETREF(stack_len, Py_NewRef(a[3]));
     Py_XSETREF(grad_fn_quiet, Py_NewRef(a[4]));
+    Py_XSETREF(grad_enabled, Py_NewRef(a[5]));
+    Py_XSETREF(limits, Py_NewRef(a[6]));
     Py_RETURN_NONE;
 }
 
@@ -540,7 +748,8 @@ static PyTypeObject ModeCoreType = {
 
 static PyMethodDef module_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
-     "configure(tensor_type, kinds, call_kind, stack_len, grad_fn_quiet): what ModeCore reads (tracer.py, once)."},
+     "configure(tensor_type, kinds, call_kind, stack_len, grad_fn_quiet, grad_enabled, limits): what ModeCore "
+     "reads (tracer.py, once)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -555,7 +764,15 @@ PyMODINIT_FUNC PyInit__walk(void) {
     if (PyType_Ready(&WalkerType) < 0 || PyType_Ready(&ModeCoreType) < 0) return NULL;
     if (intern(&str_busy, "busy") < 0 || intern(&str_calls, "calls") < 0 || intern(&str_on_op, "on_op") < 0 ||
         intern(&str_backward, "backward") < 0 || intern(&str_run, "run") < 0 || intern(&str_grad_fn, "grad_fn") < 0 ||
-        intern(&str_op_failed, "op_failed") < 0)
+        intern(&str_op_failed, "op_failed") < 0 || intern(&str_sites, "sites") < 0 || intern(&str_find, "find") < 0 ||
+        intern(&str_site_runs, "_site_runs") < 0 || intern(&str_span_counts, "_span_counts") < 0 ||
+        intern(&str_detail_limit, "detail_limit") < 0 || intern(&str_detaching, "_detaching") < 0 ||
+        intern(&str_watching, "_watching") < 0 || intern(&str_window, "_window") < 0 ||
+        intern(&str_window_bytes, "_window_bytes") < 0 || intern(&str_backward_calls, "backward_calls") < 0 ||
+        intern(&str_by_tensor, "_by_tensor") < 0 || intern(&str_version, "_version") < 0 ||
+        intern(&str_is_cpu, "is_cpu") < 0 || intern(&str_numel, "numel") < 0 ||
+        intern(&str_element_size, "element_size") < 0 || intern(&str_check_window, "check_window") < 0 ||
+        intern(&str_finite_window, "FINITE_WINDOW") < 0 || intern(&str_finite_window_bytes, "FINITE_WINDOW_BYTES") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

@@ -90,6 +90,22 @@ def _squared_norm_now(g: torch.Tensor) -> float:
     return n * n
 
 
+def _fused_squares(g: torch.Tensor, fused):
+    """sum(g**2) of a dense CPU float32/float64 gradient in one compiled pass, the loop's common
+    case read with the fewest calls (~2 us, a third of `_squared_norm_now`'s checks); None for
+    anything else. numpy refuses what it cannot read as it is (a device, a gradient that itself
+    requires grad, a conjugate or negative view, sparse), and the pass answers None for a NaN, an
+    Inf, squares near overflow or another dtype."""
+    if type(g) is not torch.Tensor:
+        return None
+    try:
+        a = g.numpy()
+        found = fused(a if a.flags.c_contiguous else a.T)  # a weight's gradient arrives transposed
+    except (RuntimeError, TypeError, ValueError, BufferError):  # not dense either way: strided
+        return None
+    return None if found is None else found[3]
+
+
 class DeferredScalars:
     """Scalars of device tensors, kept on the device until `read` copies them all at once."""
 
@@ -135,9 +151,15 @@ class LeafNorms:
         """`add` of each (a pass's leaves' `.grad`s): one compiled pass each where it is built,
         else the CPU float ones of one dtype in one call of torch's `_foreach_norm`."""
         grads = [g for g in grads if isinstance(g, torch.Tensor)]
-        if _preview._fused_stats is not None:  # one compiled pass each beats torch's batched call on a loop's grads
+        fused = _preview._fused_stats
+        if fused is not None:  # one compiled pass each beats torch's batched call on a loop's grads
             for g in grads:
-                self.add(g)
+                sq = _fused_squares(g, fused)
+                if sq is None:
+                    self.add(g)  # a NaN, an Inf, another dtype or layout, a device: the exact paths
+                else:
+                    self.host += sq
+                    self.count += 1
             return
         batch = [g for g in grads if checkable(g) and g.dtype != torch.float16]
         if len(batch) < 2 or any(g.dtype != batch[0].dtype for g in batch):

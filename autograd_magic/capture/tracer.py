@@ -159,7 +159,7 @@ class _PyMode(TorchFunctionMode):
 
 
 if _ModeCore is not None:
-    _walk_configure(torch.Tensor, _KINDS, _call_kind, _stack_len, _grad_fn_quiet)
+    _walk_configure(torch.Tensor, _KINDS, _call_kind, _stack_len, _grad_fn_quiet, torch.is_grad_enabled, limits)
 
     class _Mode(_ModeCore, TorchFunctionMode):
         """The tracer's mode: `_PyMode`'s handler, compiled (capture/_walk.c); the same calls go
@@ -440,8 +440,10 @@ class Tracer:
         if self._adopt(rec, t) and t.requires_grad:
             self.backward.note_record(rec.id, t)
 
-    def on_op(self, func, func_name: str, args, kwargs, out):
-        """Record `out`; ops past the detail limit of their site only count (a loop's later runs)."""
+    def on_op(self, func, func_name: str, args, kwargs, out, found: Optional[tuple] = None):
+        """Record `out`; ops past the detail limit of their site only count (a loop's later runs).
+        `found`: the op's site, where the compiled handler has walked already (a case its own
+        fast path for a loop's later runs leaves to this one)."""
         if func_name == "__get__":
             # Properties: only those that make a new differentiable tensor (.T, .real);
             # __torch_function__ has checked the grad_fn already.
@@ -455,7 +457,7 @@ class Tracer:
             outs = list(tensors_in(args[0]))  # __setitem__, _foreach_*_ return nothing
         else:
             return out
-        span, internal, key, module = self.sites.find(func_name)
+        span, internal, key, module = found if found is not None else self.sites.find(func_name)
         site = self._site_runs.get(key)
         if site is None:
             site = self._site_runs[key] = [0, None]
