@@ -300,3 +300,17 @@ def test_graph_freed_by_the_real_run(shell):
     shell.run_cell("import torch\na = torch.tensor([1., 2.], requires_grad=True)\nh = a.exp()")
     checks = check(shell, "w = torch.tensor([3., 4.], requires_grad=True)\nloss = (h * w).sum()\nloss.backward()")
     assert checks and all(c.ok is None and "already freed" in c.note and "`h`" in c.note for c in checks)
+
+
+def test_a_hook_that_changes_the_gradient_is_named_not_flagged(shell):
+    """Found by the fuzzer: a hook doubling a leaf's gradient makes autograd's number differ from the
+    function's slope. That is the user's hook at work, not a wrong backward: the check says so."""
+    shell.run_cell("import torch")
+    body = ("t1 = torch.randn((), requires_grad=True)\nt2 = t1.register_hook(lambda g: g * 2)\n"
+            "with torch.no_grad():\n    t1.add_(1.5)\nt3 = t1.reshape(-1)\nt3.sum().backward()")
+    ns: dict = {"torch": torch}
+    exec(body, ns)
+    assert ns["t1"].grad.item() == 2.0  # plain torch: the hook doubled d(sum)/dt1 = 1
+    (c,) = check(shell, body)
+    assert c.name == "t1" and c.ok is None
+    assert "gradient hook on line 3" in c.note and "t1.register_hook" in c.note

@@ -10,6 +10,8 @@ are never touched. Work is bounded: a few elements per leaf, a few leaves.
 
 from __future__ import annotations
 
+import re
+
 import time
 from typing import Optional
 
@@ -303,6 +305,26 @@ def _excuse(check: LeafCheck, seen: Trace, leaf: Record) -> None:
             f"the numbers differ, but part of the computation (`{hidden.label}`) was not visible to the re-run, "
             "so a path autograd ignores cannot be ruled out"
         )
+    else:
+        hook = _hook_line(seen.source)
+        if hook is not None:
+            check.ok = None
+            check.note = (
+                f"the numbers differ, but the cell registers a gradient hook on line {hook[0]} (`{hook[1]}`): "
+                "a hook may change the gradient autograd reports, and finite differences of the function cannot see it"
+            )
+
+
+_HOOK_CALL = re.compile(r"\.register_(hook|prehook|post_accumulate_grad_hook|full_backward_hook|full_backward_pre_hook)\s*\(")
+
+
+def _hook_line(source: str) -> Optional[tuple[int, str]]:
+    """(line, text) of the cell's first gradient-hook registration: a tensor's or a node's hook,
+    or a module's backward hook."""
+    for i, line in enumerate(source.splitlines(), 1):
+        if _HOOK_CALL.search(line) and not line.lstrip().startswith("#"):
+            return i, line.strip()
+    return None
 
 
 def _find_in(seen: Trace, leaf: Record) -> Optional[int]:
