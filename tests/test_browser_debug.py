@@ -100,3 +100,49 @@ def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path
             flow.screenshot(path=str(SCREENSHOTS / f"{kind}_debug_saved_flow.png"))
         finally:
             page.close()
+
+
+# an SGD loop whose learning rate turns NaN at i == 20: the step of that iteration, run with the
+# tracer's mode lifted (capture/steps.py), is what first puts a NaN into a parameter
+STEP_LOOP = """torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+X, Y = torch.randn(32, 6), torch.randn(32, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+for i in range(30):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(X), Y)
+    loss.backward()
+    if i == 20:
+        opt.param_groups[0]['lr'] = float('nan')
+    opt.step()
+"""
+
+
+def test_a_nan_an_optimizer_step_makes_is_named_at_that_step(browser, tmp_path_factory):
+    ns: dict = {"torch": torch}
+    exec(STEP_LOOP.replace("    opt.step()\n", "    opt.step()\n    if not all(torch.isfinite(p).all() for p in model.parameters()):\n        break\n"), ns)
+    first = ns["i"]  # plain torch: the iteration whose step first made a parameter non-finite
+    root = tmp_path_factory.mktemp("step")
+    write_notebook(root / "step.ipynb", ["%load_ext autograd_magic\nimport torch", "%%autograd\n" + STEP_LOOP])
+    with jupyter_server(root, tmp_path_factory.mktemp("state")) as server:
+        page = browser.new_page()
+        try:
+            page.goto(server.page_url("lab", "step.ipynb"))
+            wait_kernel_ready(page)
+            run_all(page)
+            view = page.locator(".jp-OutputArea-output .agm-root").first
+            banner = view.locator(".agm-debug-nf").first
+            banner.wait_for(timeout=TIMEOUT)
+            text = banner.inner_text()
+            assert "First NaN in an optimizer step" in text and "model.0.weight = opt.step()" in text, text
+            assert f"the {ordinal(first + 1)} time it ran" in text, text
+            banner.locator("button.agm-debug-link").first.click()
+            view.locator("tr.agm-row.agm-selected").first.wait_for(timeout=TIMEOUT)
+            # the parameter's row, its detail from the kernel: the step made it, in place
+            view.locator(".agm-detail h4", has_text="model.0.weight").wait_for(timeout=TIMEOUT)
+            detail = view.locator(".agm-detail").first.inner_text()
+            assert "opt.step()" in detail and "inside SGD.step" in detail and "nan" in detail, detail
+            view.scroll_into_view_if_needed()
+            view.screenshot(path=str(SCREENSHOTS / "lab_debug_step_nan.png"))
+        finally:
+            page.close()

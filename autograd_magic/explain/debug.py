@@ -367,7 +367,9 @@ def origin_sentence(nf: NonFinite) -> str:
         details.append(f"in {nf.module}")
     if nf.external:
         return f"First {KIND_WORD[nf.kind]}: {what} came from outside the cell already holding it"
-    return f"First {KIND_WORD[nf.kind]} in forward: {what}{where} ({', '.join(details)})"
+    # a lifted optimizer step found past --limit (capture/steps.py): not a forward op
+    phase = "an optimizer step" if nf.op == "step" and nf.run is not None else "forward"
+    return f"First {KIND_WORD[nf.kind]} in {phase}: {what}{where} ({', '.join(details)})"
 
 
 def operand_sentence(o: Operand) -> str:
