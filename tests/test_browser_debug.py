@@ -29,6 +29,17 @@ def _first_nonfinite_iteration() -> int:
     return ns["i"]
 
 
+def _banner(page, url: str):
+    """Open the notebook at `url`, Run All, and wait for the traced cell's view and its NaN banner."""
+    page.goto(url)
+    wait_kernel_ready(page)
+    run_all(page)
+    view = page.locator(".jp-OutputArea-output .agm-root").first
+    banner = view.locator(".agm-debug-nf").first
+    banner.wait_for(timeout=TIMEOUT)
+    return view, banner
+
+
 @pytest.mark.parametrize("kind", ["lab", "notebook"])
 def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path_factory, kind):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -39,12 +50,7 @@ def test_the_first_nan_of_a_diverging_loop_is_named_and_linked(browser, tmp_path
     with jupyter_server(root, tmp_path_factory.mktemp("state")) as server:
         page = browser.new_page()
         try:
-            page.goto(server.page_url(kind, "train.ipynb"))
-            wait_kernel_ready(page)
-            run_all(page)
-            view = page.locator(".jp-OutputArea-output .agm-root").first
-            banner = view.locator(".agm-debug-nf").first
-            banner.wait_for(timeout=TIMEOUT)
+            view, banner = _banner(page, server.page_url(kind, "train.ipynb"))
             text = banner.inner_text()
             assert re.search(r"inf|NaN", text, re.I) and "log" in text, text
             # the iteration plain PyTorch finds first (i counts from 0; the view says "the 35th time it ran")
@@ -127,12 +133,7 @@ def test_a_nan_an_optimizer_step_makes_is_named_at_that_step(browser, tmp_path_f
     with jupyter_server(root, tmp_path_factory.mktemp("state")) as server:
         page = browser.new_page()
         try:
-            page.goto(server.page_url("lab", "step.ipynb"))
-            wait_kernel_ready(page)
-            run_all(page)
-            view = page.locator(".jp-OutputArea-output .agm-root").first
-            banner = view.locator(".agm-debug-nf").first
-            banner.wait_for(timeout=TIMEOUT)
+            view, banner = _banner(page, server.page_url("lab", "step.ipynb"))
             text = banner.inner_text()
             assert "First NaN in an optimizer step" in text and "model.0.weight = opt.step()" in text, text
             assert f"the {ordinal(first + 1)} time it ran" in text, text
