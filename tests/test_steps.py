@@ -111,7 +111,7 @@ def test_a_nan_a_lifted_step_puts_into_a_parameter_is_found_at_that_step(shell, 
     assert nf.iteration == step + 1  # the backward calls before it: the one of its own iteration among them
     assert nf.label == "model.0.weight"  # the first parameter the optimizer updates
     (grad,) = nf.inputs  # the gradient it was updated from, as plain torch had it
-    assert grad.kind is None and grad.preview.min == grads[0].min().item() and grad.preview.max == grads[0].max().item()
+    assert grad.label == "model.0.weight.grad" and grad.kind is None and grad.preview.min == grads[0].min().item() and grad.preview.max == grads[0].max().item()
     assert "First NaN in an optimizer step: `model.0.weight = opt.step()`" in str(t).splitlines()[1]
 
 

@@ -578,6 +578,11 @@ class Tracer:
                     self._watching = False  # the first one of the cell's later runs
                     if func_name == STEP:  # a lifted optimizer step: the parameter it made non-finite, from its gradient
                         args, outs = tuple(g for g in args[i:i + 1] if g is not None), [t]
+                        rid = self.record_of(t)
+                        # a model built by this cell has its parameters named when the run ends: asked now
+                        name = (self.trace.records[rid].name if rid is not None else None) or self.names.tensor_name(t)
+                        for g in args:  # named as the parameter's gradient, not "external"
+                            self.record_for(g, name=f"{name}.grad" if name else None)
                     self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
                                     module, site, past_limit=count, grad_enabled=grad_enabled,
                                     iteration=backward_calls if backward_calls else None,
