@@ -203,3 +203,24 @@ def test_a_traced_run_is_freed_without_the_garbage_collector():
     finally:
         tracer_module.Tracer.start = start
         gc.enable()
+
+
+def test_steps_called_inside_a_step_count_and_compute_as_traced_ones(shell, lifts, monkeypatch):
+    """An optimizer whose step calls another's (and its own base class's, whose step torch wraps
+    too): the hooks fire nested. The inner calls may run lifted, the outer one stays traced; either
+    way the values are plain torch's and the trace is the one with lifting off."""
+    cell = _loop("Outer(model[2].parameters(), lr=0.05)").replace(
+        "opt = Outer", "inner = torch.optim.SGD(model[0].parameters(), lr=0.05)\n"
+        "class Outer(torch.optim.SGD):\n    def step(self, closure=None):\n        inner.step()\n"
+        "        return super().step(closure)\nopt = Outer").replace("    opt.zero_grad()", "    inner.zero_grad()\n    opt.zero_grad()")
+    plain = _plain(cell)
+    lifted = _traced(shell, cell)
+    assert lifts
+    assert not any("raised" in n for n in lifted.notes)
+    for a, b in zip(shell.user_ns["model"].parameters(), plain["model"].parameters()):
+        assert torch.equal(a, b)
+    shell.reset(new_session=False)
+    with monkeypatch.context() as m:
+        _never_lift(m)
+        traced = _traced(shell, cell)
+    assert _facts(lifted) == _facts(traced) and lifted.repeats == traced.repeats and lifted.notes == traced.notes
