@@ -51,7 +51,6 @@ class OptimizerSteps:
         self._handles: list = []
         self._sites: dict[tuple, _Site] = {}
         self._open: Optional[tuple] = None  # the call in progress: (site, span, lifted mode or the counts before it)
-        self.lifted = 0  # calls run lifted (tests, benchmarks)
 
     def start(self) -> None:
         self._handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
@@ -95,7 +94,6 @@ class OptimizerSteps:
             site.calls += 1
             if site.alike and self._may_lift(opt, args, kwargs, mode):
                 compat.pop_mode()
-                self.lifted += 1
                 self._open = (site, span, ("lifted", mode, opt))
                 return
             self._open = (site, span, self._counts())
