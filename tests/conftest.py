@@ -76,12 +76,14 @@ def load_seeds():
 
 @pytest.fixture(params=["fused", "numpy"])
 def stats_path(request, monkeypatch):
-    """The test on both paths of exact statistics: the compiled one-pass kernel, and numpy's
-    (what runs where it is not built). Previews and gradient norms both read this switch."""
+    """The test on both paths of exact statistics: the compiled one-pass kernel (and the compiled
+    whole preview of a dense CPU float tensor), and numpy's (what runs where it is not built).
+    Previews and gradient norms both read this switch."""
     from autograd_magic.capture import preview as preview_mod
 
     if request.param == "numpy":
         monkeypatch.setattr(preview_mod, "_fused_stats", None)
+        monkeypatch.setattr(preview_mod, "_fused_preview", None)
     elif preview_mod._fused_stats is None:
         pytest.skip("the compiled statistics are not built")
     return request.param

@@ -80,3 +80,88 @@ def test_a_strided_view_is_refused_not_misread():
 def test_an_unknown_kernel_is_a_clear_error():
     with pytest.raises(ValueError, match="no kernel"):
         fused.use("avx9000")
+
+
+# ---- the compiled whole preview (`preview`) against preview.py's numpy path and torch ----
+
+def _numpy_path(t, with_stats=True):
+    fast = preview_mod._fused_preview
+    preview_mod._fused_preview = None
+    try:
+        return preview_mod.preview_quiet(t, with_stats)
+    finally:
+        preview_mod._fused_preview = fast
+
+
+SHAPES = [(), (1,), (5,), (64,), (65,), (7, 7), (8, 8), (6, 7), (3, 4, 5), (64, 256), (2, 3, 300), (1, 1, 100), (100, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["tensor", "parameter", "requires_grad"])
+def test_the_compiled_preview_is_the_numpy_paths_and_torchs(kernel, dtype, shape, kind):
+    t = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(len(shape)))
+    if kind == "parameter":
+        t = torch.nn.Parameter(t)
+    elif kind == "requires_grad":
+        t = (t * 2).requires_grad_()
+    fast = fused.preview(t, True)
+    assert fast is not None, "a dense CPU float tensor takes the compiled path"
+    slow = _numpy_path(t)
+    assert type(fast.shape) is tuple and fast.shape == tuple(t.shape) == slow.shape
+    assert (fast.dtype, fast.device, fast.layout, fast.summarized, fast.flat_head, fast.note) == (
+        slow.dtype, slow.device, slow.layout, slow.summarized, slow.flat_head, slow.note)
+    assert fast.values.dtype == slow.values.dtype and np.array_equal(fast.values, slow.values)
+    # against torch itself: every element when small, else the edge block torch prints
+    d = t.detach()
+    if t.numel() <= preview_mod.FULL_LIMIT:
+        assert not fast.summarized and np.array_equal(fast.values, d.numpy())
+    else:
+        assert fast.summarized and np.array_equal(fast.values, preview_mod._edge_block(d).numpy())
+    assert fast.min == d.min().item() and fast.max == d.max().item()
+    assert fast.mean == pytest.approx(d.double().mean().item(), rel=1e-12, abs=1e-12)
+    assert fast.norm == pytest.approx(torch.linalg.vector_norm(d.double()).item(), rel=1e-12)
+    for field in ("min", "max", "mean", "norm"):
+        assert getattr(fast, field) == pytest.approx(getattr(slow, field), rel=1e-12, abs=1e-12)
+    # the values are a copy: changing the tensor afterwards leaves the preview as it was
+    before = fast.values.copy()
+    with torch.no_grad():
+        t.add_(1)
+    assert np.array_equal(fast.values, before)
+
+
+def test_the_compiled_preview_without_statistics_has_none(kernel):
+    t = torch.randn(10, 10)
+    p = fused.preview(t, False)
+    assert p.min is p.max is p.mean is p.norm is None
+    assert np.array_equal(p.values, preview_mod._edge_block(t).numpy())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(10, 10).T,  # not C-contiguous
+    lambda: torch.tensor([1.0, math.nan, 2.0]),  # a NaN: numpy's exact path
+    lambda: torch.tensor([1.0, math.inf]),
+    lambda: torch.full((10,), 1e19),  # squares past float32's range
+    lambda: torch.zeros(0),  # no elements
+    lambda: torch.arange(5),  # not a float dtype
+    lambda: torch.ones(4, dtype=torch.float16),
+    lambda: torch._neg_view(torch.randn(4)),  # the same memory, the other sign
+    lambda: torch._efficientzerotensor(3),  # no memory at all
+    lambda: torch.randn(2, 3, 4, 5, 6),  # an edge block past PREVIEW_EDGE_BLOCK: a flat head
+], ids=["transposed", "nan", "inf", "overflow", "empty", "int", "half", "neg_view", "zerotensor", "large_block"])
+def test_what_the_compiled_preview_leaves_to_numpys_path(kernel, make):
+    t = make()
+    assert fused.preview(t, True) is None
+    p = preview_mod.preview_quiet(t)  # and the preview still comes, from that path
+    assert p.shape == tuple(t.shape)
+
+
+def test_a_subclass_is_left_to_numpys_path(kernel):
+    class Mine(torch.Tensor):
+        pass
+
+    assert fused.preview(torch.randn(3).as_subclass(Mine), True) is None
+
+
+def test_preview_quiet_takes_the_compiled_path_where_it_is_built():
+    assert preview_mod._fused_preview is fused.preview

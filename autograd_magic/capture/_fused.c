@@ -21,6 +21,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
+#include <math.h>
 
 /* Below these, no finite sum of squares in the dtype can have overflowed (as preview.py's _SAFE_SQUARES). */
 #define SAFE_F32 1e37
@@ -284,9 +285,223 @@ static PyObject *fused_kernels(PyObject *self, PyObject *unused) {
     return names;
 }
 
+/* ---- a whole preview of a dense CPU float tensor (preview.py's common case) ----
+ *
+ * `preview_quiet` spends ~5 us per tensor around the one pass the statistics need (detach,
+ * numpy, the edge block's indices, the Preview object). For an exact torch.Tensor or Parameter,
+ * float32/float64, on the CPU, strided, C-contiguous and not a negative view, `preview(t,
+ * with_stats)` reads its memory in place through `data_ptr()` and makes the same Preview the
+ * numpy path makes: every element up to PREVIEW_FULL, else the edge block torch prints (first
+ * and last PREVIEW_EDGE items along each longer dimension), with min/max/mean/norm. It answers
+ * None for anything else, and for what the numpy path alone handles (a NaN or an Inf, squares
+ * near the dtype's overflow, more elements than STATS_ELEMENTS, an edge block past
+ * PREVIEW_EDGE_BLOCK, a tensor with no memory: a ZeroTensor's data_ptr() is 0): preview.py then
+ * runs that path. `configure_preview` hands it the
+ * objects it compares with and makes, once at import. */
+
+static PyObject *pv_cls, *pv_empty, *pv_f32, *pv_f64, *pv_np32, *pv_np64, *pv_name32, *pv_name64, *pv_strided,
+    *pv_tensor, *pv_param, *pv_kwnames;
+static Py_ssize_t pv_full = 64, pv_edge = 3, pv_block = 512, pv_stats_limit = 50000000;
+#define PV_MAX_DIMS 16
+
+static PyObject *fused_configure_preview(PyObject *self, PyObject *const *a, Py_ssize_t n) {
+    if (n != 15) {
+        PyErr_SetString(PyExc_TypeError, "configure_preview(Preview, np.empty, torch.float32, torch.float64, "
+                                         "np.float32, np.float64, name32, name64, torch.strided, torch.Tensor, "
+                                         "torch.nn.Parameter, full, edge, edge_block, stats_limit)");
+        return NULL;
+    }
+    Py_ssize_t ints[4];
+    for (int i = 0; i < 4; i++) {
+        ints[i] = PyLong_AsSsize_t(a[11 + i]);
+        if (ints[i] == -1 && PyErr_Occurred()) return NULL;
+    }
+    PyObject **slots[] = {&pv_cls, &pv_empty, &pv_f32, &pv_f64, &pv_np32, &pv_np64, &pv_name32, &pv_name64,
+                          &pv_strided, &pv_tensor, &pv_param};
+    for (int i = 0; i < 11; i++) Py_XSETREF(*slots[i], Py_NewRef(a[i]));
+    if (pv_kwnames == NULL) {
+        pv_kwnames = Py_BuildValue("(ssssss)", "values", "summarized", "min", "max", "mean", "norm");
+        if (pv_kwnames == NULL) return NULL;
+    }
+    pv_full = ints[0], pv_edge = ints[1], pv_block = ints[2], pv_stats_limit = ints[3];
+    Py_RETURN_NONE;
+}
+
+/* getattr(t, name) is True (1), False (0), or an error (-1) */
+static int attr_is(PyObject *t, const char *name, PyObject *expected) {
+    PyObject *v = PyObject_GetAttrString(t, name);
+    if (v == NULL) return -1;
+    int r = v == expected;
+    Py_DECREF(v);
+    return r;
+}
+
+/* t.name() is True (1), False (0), or an error (-1) */
+static int method_true(PyObject *t, const char *name) {
+    PyObject *v = PyObject_CallMethod(t, name, NULL);
+    if (v == NULL) return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* The edge block of a C-contiguous block of `nd` dims into `dst`: first/last `edge` items along
+ * each dimension longer than 2*edge, every item along the others, in C order. */
+static void copy_edge(const char *src, char *dst, Py_ssize_t itemsize, int nd, const Py_ssize_t *shape) {
+    Py_ssize_t stride[PV_MAX_DIMS], bshape[PV_MAX_DIMS], idx[PV_MAX_DIMS];
+    Py_ssize_t st = itemsize;
+    for (int d = nd - 1; d >= 0; d--) {
+        stride[d] = st;
+        st *= shape[d];
+        bshape[d] = shape[d] > 2 * pv_edge ? 2 * pv_edge : shape[d];
+        idx[d] = 0;
+    }
+    for (;;) {
+        Py_ssize_t off = 0;
+        for (int d = 0; d < nd; d++) {
+            Py_ssize_t i = idx[d];
+            if (shape[d] > 2 * pv_edge && i >= pv_edge) i = shape[d] - 2 * pv_edge + i;  /* the last `edge` items */
+            off += i * stride[d];
+        }
+        memcpy(dst, src + off, itemsize);
+        dst += itemsize;
+        int d = nd - 1;
+        while (d >= 0 && ++idx[d] == bshape[d]) idx[d--] = 0;
+        if (d < 0) break;
+    }
+}
+
+static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "preview(t, with_stats)");
+        return NULL;
+    }
+    PyObject *t = a[0];
+    int with_stats = PyObject_IsTrue(a[1]);
+    if (with_stats < 0) return NULL;
+    if (pv_cls == NULL || current < 0) Py_RETURN_NONE;
+    if (Py_TYPE(t) != (PyTypeObject *)pv_tensor && Py_TYPE(t) != (PyTypeObject *)pv_param) Py_RETURN_NONE;
+    PyObject *shape = NULL, *values = NULL, *result = NULL;
+    PyObject *dtype = PyObject_GetAttrString(t, "dtype");
+    if (dtype == NULL) return NULL;
+    int is64 = dtype == pv_f64;
+    int known = is64 || dtype == pv_f32;
+    Py_DECREF(dtype);
+    if (!known) Py_RETURN_NONE;
+    int r;
+    if ((r = attr_is(t, "is_cpu", Py_True)) <= 0) goto refuse;
+    if ((r = attr_is(t, "layout", pv_strided)) <= 0) goto refuse;
+    if ((r = method_true(t, "is_neg")) != 0) goto refuse_true;
+    if ((r = method_true(t, "is_contiguous")) <= 0) goto refuse;
+    PyObject *size = PyObject_GetAttrString(t, "shape");
+    if (size == NULL) return NULL;
+    shape = PySequence_Tuple(size);  /* a plain tuple, as numpy's `a.shape` */
+    Py_DECREF(size);
+    if (shape == NULL) return NULL;
+    int nd = (int)PyTuple_GET_SIZE(shape);
+    if (nd > PV_MAX_DIMS) goto none;
+    Py_ssize_t dims[PV_MAX_DIMS], n = 1, block = 1;
+    for (int d = 0; d < nd; d++) {
+        dims[d] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, d));
+        if (dims[d] == -1 && PyErr_Occurred()) goto error;
+        n *= dims[d];
+        block *= dims[d] > 2 * pv_edge ? 2 * pv_edge : dims[d];
+    }
+    int summarized = n > pv_full;
+    if (n == 0 || (with_stats && n > pv_stats_limit) || (summarized && block > pv_block)) goto none;
+    PyObject *ptr_obj = PyObject_CallMethod(t, "data_ptr", NULL);
+    if (ptr_obj == NULL) {  /* no storage to point at (functorch's wrapped tensors): numpy's path says why */
+        PyErr_Clear();
+        goto none;
+    }
+    const char *ptr = (const char *)PyLong_AsVoidPtr(ptr_obj);
+    Py_DECREF(ptr_obj);
+    if (ptr == NULL) {
+        if (PyErr_Occurred()) goto error;
+        goto none;
+    }
+    double out[4] = {0, 0, 0, 0};
+    if (with_stats) {
+        double safe = is64 ? SAFE_F64 : SAFE_F32;
+        if (n >= (1 << 20)) {
+            Py_BEGIN_ALLOW_THREADS
+            if (is64) KERNELS[current].f64((const double *)ptr, n, out);
+            else KERNELS[current].f32((const float *)ptr, n, out);
+            Py_END_ALLOW_THREADS
+        } else if (is64) {
+            KERNELS[current].f64((const double *)ptr, n, out);
+        } else {
+            KERNELS[current].f32((const float *)ptr, n, out);
+        }
+        double big = out[0] < 0 ? -out[0] : out[0];
+        double top = out[1] < 0 ? -out[1] : out[1];
+        if (top > big) big = top;
+        if (!(out[3] < safe) || !(big * big * (double)n < safe)) goto none;  /* NaN, Inf, overflow: numpy's */
+    }
+    Py_ssize_t itemsize = is64 ? 8 : 4;
+    PyObject *vshape;
+    if (summarized) {
+        vshape = PyTuple_New(nd);
+        if (vshape == NULL) goto error;
+        for (int d = 0; d < nd; d++) {
+            PyObject *v = PyLong_FromSsize_t(dims[d] > 2 * pv_edge ? 2 * pv_edge : dims[d]);
+            if (v == NULL) {
+                Py_DECREF(vshape);
+                goto error;
+            }
+            PyTuple_SET_ITEM(vshape, d, v);
+        }
+    } else {
+        vshape = Py_NewRef(shape);
+    }
+    values = PyObject_CallFunctionObjArgs(pv_empty, vshape, is64 ? pv_np64 : pv_np32, NULL);
+    Py_DECREF(vshape);
+    if (values == NULL) goto error;
+    Py_buffer view;
+    if (PyObject_GetBuffer(values, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto error;
+    if (summarized) copy_edge(ptr, (char *)view.buf, itemsize, nd, dims);
+    else memcpy(view.buf, ptr, (size_t)(n * itemsize));
+    PyBuffer_Release(&view);
+    /* Preview(shape, dtype, values=, summarized=, min=, max=, mean=, norm=) */
+    PyObject *floats[4] = {NULL, NULL, NULL, NULL};
+    if (with_stats) {
+        floats[0] = PyFloat_FromDouble(out[0]);
+        floats[1] = PyFloat_FromDouble(out[1]);
+        floats[2] = PyFloat_FromDouble(out[2] / (double)n);
+        floats[3] = PyFloat_FromDouble(sqrt(out[3]));
+        if (!floats[0] || !floats[1] || !floats[2] || !floats[3]) {
+            for (int i = 0; i < 4; i++) Py_XDECREF(floats[i]);
+            goto error;
+        }
+    }
+    PyObject *stack[8] = {shape, is64 ? pv_name64 : pv_name32, values, summarized ? Py_True : Py_False};
+    for (int i = 0; i < 4; i++) stack[4 + i] = floats[i] != NULL ? floats[i] : Py_None;
+    result = PyObject_Vectorcall(pv_cls, stack, 2, pv_kwnames);
+    for (int i = 0; i < 4; i++) Py_XDECREF(floats[i]);
+    goto done;
+refuse_true:  /* a method answered True (r 1): not this path */
+    if (r > 0) Py_RETURN_NONE;
+refuse:  /* r: -1 an error, else not this path */
+    if (r < 0) return NULL;
+    Py_RETURN_NONE;
+none:
+    result = Py_NewRef(Py_None);
+    goto done;
+error:
+    result = NULL;
+done:
+    Py_XDECREF(shape);
+    Py_XDECREF(values);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"use", fused_use, METH_O, "use(name) -> the name of the kernel it replaces (tests)."},
     {"kernels", fused_kernels, METH_NOARGS, "kernels() -> the names of the kernels this CPU runs, best last."},
+    {"configure_preview", (PyCFunction)(void (*)(void))fused_configure_preview, METH_FASTCALL,
+     "configure_preview(...): the objects `preview` compares with and makes (preview.py, at import)."},
+    {"preview", (PyCFunction)(void (*)(void))fused_preview, METH_FASTCALL,
+     "preview(t, with_stats) -> the Preview of a dense CPU float tensor, or None: preview.py's path then."},
     {"stats", fused_stats, METH_O,
      "stats(buffer) -> (min, max, sum, sum of squares) of a C-contiguous float32/float64 block in one pass, "
      "or None (a NaN/Inf, squares that would overflow the dtype, another format, no elements)."},

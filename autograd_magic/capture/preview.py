@@ -196,6 +196,10 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
             return queue.add(t, with_stats)
         kind = type(t)
         if kind is torch.Tensor or kind is torch.nn.Parameter:
+            if _fused_preview is not None:  # the common case in one compiled call (capture/_fused.c)
+                p = _fused_preview(t, with_stats)
+                if p is not None:
+                    return p
             name = _FAST_DTYPES.get(t.dtype)
             if name is not None and t.is_cpu and t.layout == torch.strided and not t.is_neg():
                 # the common case, kept lean: a float tensor on the CPU
@@ -240,6 +244,15 @@ try:  # the one compiled part (setup.py): min, max, sum and sum of squares of a 
     _fused_stats = _fused.stats if _fused.kernels() else None
 except ImportError:  # not built (no C compiler at install): numpy's four passes, the same statistics
     _fused_stats = None
+
+# A dense CPU float tensor's whole preview, read in place, where the kernels run: the same Preview
+# the numpy path below makes, or None for what only that path handles (a NaN or an Inf among them)
+_fused_preview = None
+if _fused_stats is not None and hasattr(_fused, "preview"):
+    _fused.configure_preview(Preview, np.empty, torch.float32, torch.float64, np.float32, np.float64,
+                             "torch.float32", "torch.float64", torch.strided, torch.Tensor, torch.nn.Parameter,
+                             FULL_LIMIT, EDGE, EDGE_LIMIT, STATS_LIMIT)
+    _fused_preview = _fused.preview
 
 
 def _fused_filled(p: Preview, flat: np.ndarray, n: int) -> bool:
