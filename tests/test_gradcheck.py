@@ -314,3 +314,20 @@ def test_a_hook_that_changes_the_gradient_is_named_not_flagged(shell):
     (c,) = check(shell, body)
     assert c.name == "t1" and c.ok is None
     assert "gradient hook on line 3" in c.note and "t1.register_hook" in c.note
+
+
+def test_a_nan_output_is_not_checked_and_says_why(shell):
+    # sqrt of a negative element: the loss is NaN, and so is every finite difference of it (fuzz-found)
+    shell.run_cell("import torch")
+    (c,) = check(shell, "x = torch.tensor([0.25, -1.0, 4.0], requires_grad=True)\ny = x**0.5\ny.sum().backward()")
+    assert torch.isnan(shell.user_ns["y"].sum())  # the premise, in plain torch
+    assert c.ok is None and "nan" in c.note and "finite differences" in c.note
+
+
+def test_elements_a_nudge_takes_out_of_the_domain_are_skipped(shell):
+    # sqrt at 0: the output is finite, but sqrt(0 - h) is NaN; the element at 4 checks out (d sqrt/dx = 1/4)
+    shell.run_cell("import torch")
+    (c,) = check(shell, "x = torch.tensor([0.0, 4.0], requires_grad=True)\ny = torch.sqrt(x).sum()\ny.backward()")
+    assert c.ok is True and [i for i, _, _ in c.samples] == [1]
+    assert c.samples[0][1] == pytest.approx(shell.user_ns["x"].grad[1].item())
+    assert "element(s) 0 not checked" in c.note

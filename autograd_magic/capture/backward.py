@@ -50,8 +50,18 @@ MAX_NODES = limits.PASS_NODES
 MAX_WALK = limits.PASS_WALK
 
 
+_NODE_NAMES: dict[type, str] = {}  # node type -> its name, where the name is the type's own (read per node per pass)
+
+
 def node_name(node) -> str:
-    return node.name().rpartition("::")[2]
+    kind = type(node)
+    name = _NODE_NAMES.get(kind)
+    if name is None:
+        name = node.name().rpartition("::")[2]
+        # a type shared by nodes of several names (none of torch's today) is asked each time
+        if name == kind.__name__ and len(_NODE_NAMES) < 4096:
+            _NODE_NAMES[kind] = name
+    return name
 
 
 # a custom autograd.Function's node: its ctx may hold any attribute, `variable` too

@@ -10,6 +10,7 @@ are never touched. Work is bounded: a few elements per leaf, a few leaves.
 
 from __future__ import annotations
 
+import math
 import re
 
 import time
@@ -220,12 +221,20 @@ def _check_leaf(
     flat = analytic.detach().reshape(-1).to(torch.float64)
     planned = _sample(flat.numel(), elements)
     f0, scale = runner.value, abs(runner.value)
+    if not math.isfinite(f0):
+        # f(x±h) - f(x-h) of a NaN or an Inf is no slope: there is nothing to compare autograd's value with
+        check.note = f"not checked: the output is {f0} here, and finite differences of a NaN or an Inf say nothing"
+        return check
+    undefined = []  # elements where a nudge makes the output NaN or Inf (the edge of sqrt's or log's domain)
     try:
         for i in planned:
             if time.perf_counter() > deadline:
                 break
             plus = runner.run((r, i, STEP), [])[0]
             minus = runner.run((r, i, -STEP), [])[0]
+            if not (math.isfinite(plus) and math.isfinite(minus)):
+                undefined.append(i)
+                continue
             ana = float(flat[i])
             check.samples.append((i, ana, (plus - minus) / (2 * STEP)))
             scale = max(scale, abs(plus), abs(minus))
@@ -235,11 +244,15 @@ def _check_leaf(
         check.note = f"a perturbed re-run failed: {exc}"
         return check
     if not check.samples:
-        check.note = f"not checked: the time budget ({budget:g} s) ran out"
+        check.note = (f"not checked: a nudge of {STEP:g} makes the output NaN or Inf at every element tried"
+                      if undefined else f"not checked: the time budget ({budget:g} s) ran out")
         return check
     _score(check, scale)
-    if check.ok and len(check.samples) < len(planned):
+    if check.ok and len(check.samples) + len(undefined) < len(planned):
         check.note = f"{len(check.samples)} of {len(planned)} planned elements checked within the time budget ({budget:g} s)"
+    if undefined:
+        skipped = f"element(s) {', '.join(map(str, undefined))} not checked: a nudge of {STEP:g} makes the output NaN or Inf there"
+        check.note = f"{check.note}; {skipped}" if check.note else skipped
     return check
 
 
