@@ -240,7 +240,7 @@ class BackwardRecorder:
                 # the loss, read once: the NaN search past the limit asks whether it is finite
                 self._loss(roots, entry)
             finally:
-                tracer.before_backward(roots, entry.loss)
+                tracer.before_backward_quiet(roots, entry.loss)  # already quiet in here
             try:
                 after = [] if grad_call else self._leaves_without_grad()
                 if not grad_call and not after:
@@ -365,17 +365,18 @@ class BackwardRecorder:
 
     @staticmethod
     def _arguments(func, args, kwargs):
-        def arg(i, name, default=None):
-            if len(args) > i:
-                return args[i]
-            return kwargs.get(name, default)
-
+        """(roots, inputs, gradient, retain_graph) of the call, positional or by keyword (once per
+        backward call: a loop's thousands of them read them with no helper function)."""
+        n = len(args)
         if func is torch.Tensor.backward:
-            roots = _as_tuple(arg(0, "self"))
-            return roots, (), arg(1, "gradient"), arg(2, "retain_graph")
+            return (_as_tuple(args[0] if n > 0 else kwargs.get("self")), (),
+                    args[1] if n > 1 else kwargs.get("gradient"), args[2] if n > 2 else kwargs.get("retain_graph"))
         if func is torch.autograd.grad:
-            return _as_tuple(arg(0, "outputs")), _as_tuple(arg(1, "inputs")), arg(2, "grad_outputs"), arg(3, "retain_graph")
-        return _as_tuple(arg(0, "tensors")), _as_tuple(kwargs.get("inputs")), arg(1, "grad_tensors"), arg(2, "retain_graph")
+            return (_as_tuple(args[0] if n > 0 else kwargs.get("outputs")),
+                    _as_tuple(args[1] if n > 1 else kwargs.get("inputs")),
+                    args[2] if n > 2 else kwargs.get("grad_outputs"), args[3] if n > 3 else kwargs.get("retain_graph"))
+        return (_as_tuple(args[0] if n > 0 else kwargs.get("tensors")), _as_tuple(kwargs.get("inputs")),
+                args[1] if n > 1 else kwargs.get("grad_tensors"), args[2] if n > 2 else kwargs.get("retain_graph"))
 
     @quietly
     def _hook_nodes(self, p: BackwardPass, roots, handles: list) -> None:

@@ -544,11 +544,14 @@ class Tracer:
         """Called as each backward call starts: the ops past the limit since the previous one are
         searched for the first NaN/Inf when this call's loss is not finite, else let go. A NaN or
         an Inf that reaches the loss is found in the iteration where it first does."""
+        self.before_backward_quiet(roots, loss)
+
+    def before_backward_quiet(self, roots, loss: Optional[float] = None) -> None:
+        """`before_backward` for callers already inside `quietly` (a loop's passes past the limit)."""
         if not self._window:
             return
         try:
-            with compat.no_torch_function():  # our reads of the loss are not the user's ops
-                finite = self.loss_is_finite(roots, loss)
+            finite = self.loss_is_finite(roots, loss)  # our reads of the loss: torch-function dispatch is off
             if finite:
                 self._window.clear()
                 self._window_bytes = 0
