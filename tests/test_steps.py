@@ -14,6 +14,7 @@ import torch
 
 from autograd_magic import limits
 from autograd_magic.capture import steps as steps_module
+from autograd_magic.explain.wording import flags
 from run_cells import plain as _plain, traced as _traced
 
 LOOP = """torch.manual_seed(0)
@@ -112,6 +113,10 @@ def test_a_nan_a_lifted_step_puts_into_a_parameter_is_found_at_that_step(shell, 
     assert nf.label == "model.0.weight"  # the first parameter the optimizer updates
     (grad,) = nf.inputs  # the gradient it was updated from, as plain torch had it
     assert grad.label == "model.0.weight.grad" and grad.kind is None and grad.preview.min == grads[0].min().item() and grad.preview.max == grads[0].max().item()
+    # made by the cell's own backward call, and shown on its line, not among tensors from outside the cell
+    made = next(r for r in t.records if r.name == "model.0.weight.grad")
+    assert made.created_by == "loss.backward()" and t.source_line(made.line).strip() == "loss.backward()"
+    assert "created by loss.backward()" in flags(made) and "from outside the cell" not in flags(made)
     assert "First NaN in an optimizer step: `model.0.weight = opt.step()`" in str(t).splitlines()[1]
 
 
@@ -224,3 +229,27 @@ def test_steps_called_inside_a_step_count_and_compute_as_traced_ones(shell, lift
         _never_lift(m)
         traced = _traced(shell, cell)
     assert _facts(lifted) == _facts(traced) and lifted.repeats == traced.repeats and lifted.notes == traced.notes
+
+
+def test_the_gradients_an_update_reads_are_named_and_made_by_the_cells_backward(shell):
+    # a recorded iteration's SGD update reads each parameter's .grad: the cell's own backward made it
+    cell = _loop("sgd").replace("range(30)", "range(2)")
+    ns: dict = {"torch": torch}
+    exec(cell.replace("    opt.step()", "    if i == 0:\n        first = [p.grad.clone() for p in model.parameters()]\n    opt.step()"), ns)
+    t = _traced(shell, cell)
+    grads = [r for r in t.records if r.external and (r.name or "").endswith(".grad")]
+    names = [n for n, _ in ns["model"].named_parameters()]
+    assert [r.name for r in grads[:3]] == [f"model.{n}.grad" for n in names[:3]]  # the update's first runs (--limit 3)
+    for r, plain in zip(grads, ns["first"]):  # the first iteration's gradients, as plain torch had them
+        assert r.preview.shape == tuple(plain.shape)
+        assert r.preview.min == plain.min().item() and r.preview.max == plain.max().item()
+        assert r.created_by == "loss.backward()" and t.source_line(r.line).strip() == "loss.backward()"
+        assert flags(r) == ["created by loss.backward()"]  # not "from outside the cell", not "made under no_grad"
+
+
+def test_a_tensor_from_outside_the_cell_read_after_a_backward_stays_external(shell):
+    # held in a list: no name of its own, so the tracer asks whether it is a leaf's gradient; it is not
+    shell.run_cell("import torch\nheld = [torch.ones(3)]")
+    t = _traced(shell, "x = torch.ones(3, requires_grad=True)\n(x * 2).sum().backward()\ny = x.detach() + held[0]")
+    (outside,) = [r for r in t.records if r.external and r.name is None]
+    assert outside.created_by is None and outside.line is None and "from outside the cell" in flags(outside)

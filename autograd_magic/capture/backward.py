@@ -120,6 +120,7 @@ class BackwardRecorder:
         self._held: dict[tuple, tuple] = {}  # (receiver node id, slot) -> (gradient sent, sender's step, index)
         self._pass_hooks: Optional[_PassHooks] = None  # what the pre-hooks of the pass being hooked share
         self.deferred = DeferredScalars()  # device scalars of passes past the limit, read once at the end
+        self.last_span: Optional[tuple] = None
 
     # ---- the call itself ----
     def run(self, func, args, kwargs):
@@ -129,6 +130,7 @@ class BackwardRecorder:
         roots, inputs, gradient, retain = self._arguments(func, args, kwargs)
         count = self._site_counts.get(span, 0)
         self._site_counts[span] = count + 1
+        self.last_span = span  # the latest backward call's: what made the gradients a lifted step reads
         if count >= tracer.detail_limit and span is not None:
             # a loop's later passes: run, not kept (their grads still add into leaves' .grad)
             if count == tracer.detail_limit:

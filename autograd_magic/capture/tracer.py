@@ -232,6 +232,7 @@ class Tracer:
         self._watching = True
         self._window: list[tuple] = []
         self._window_bytes = 0  # what the window keeps alive: bounded, or an inference loop would hold every output
+        self._grads_at, self._grad_names = -1, {}  # `_leaf_grad_name`'s lookup, as of that many backward calls
 
     # ---- lifecycle ----
     def start(self) -> "Tracer":
@@ -421,10 +422,16 @@ class Tracer:
 
     def _external_quiet(self, t: torch.Tensor, name: Optional[str]) -> int:
         shown = preview_quiet(t)
+        name = name or self.names.tensor_name(t)
+        made_by = None
+        if name is None and self.backward.last_span is not None:  # the `.grad` of a leaf this cell's backward reached?
+            name = self._leaf_grad_name(t)
+            if name is not None:  # an optimizer's update reads it: made by the cell's own backward call
+                made_by = self.backward.last_span
         rec = Record(
             id=len(self.trace.records),
             op="external",
-            name=name or self.names.tensor_name(t),
+            name=name,
             external=True,
             grad_fn=grad_fn_name(t),
             requires_grad=t.requires_grad,
@@ -432,8 +439,26 @@ class Tracer:
             grad_enabled=torch.is_grad_enabled(),
             preview=shown,
         )
+        if made_by is not None:  # (the update reads it under no_grad; the backward call made it)
+            rec.created_by, rec.line, rec.grad_enabled = self.source_map.text(made_by), made_by[0], True
         self._add(rec, t)
         return rec.id
+
+    def _leaf_grad_name(self, t: torch.Tensor) -> Optional[str]:
+        """`model.0.weight.grad` when `t` is the `.grad` of a leaf this run recorded (read by an
+        optimizer's update), else None. The leaves' gradients are looked up once per backward call."""
+        if self._grads_at != self.backward_calls:
+            self._grads_at, self._grad_names = self.backward_calls, {}
+            for ref, rids in list(self.backward.leaf_records.values()):
+                leaf = ref()
+                g = leaf.grad if leaf is not None else None
+                if g is not None:
+                    self._grad_names[id(g)] = (weakref.ref(g), leaf)
+        hit = self._grad_names.get(id(t))
+        if hit is None or hit[0]() is not t:
+            return None
+        leaf_name = self.names.tensor_name(hit[1])
+        return f"{leaf_name}.grad" if leaf_name else None
 
     def _add(self, rec: Record, t: torch.Tensor) -> None:
         self.trace.records.append(rec)
@@ -585,12 +610,19 @@ class Tracer:
                         # a model built by this cell has its parameters named when the run ends: asked now
                         name = (self.trace.records[rid].name if rid is not None else None) or self.names.tensor_name(t)
                         for g in args:  # named as the parameter's gradient, not "external"
-                            self.record_for(g, name=f"{name}.grad" if name else None)
+                            self._made_by_backward(self.record_for(g, name=f"{name}.grad" if name else None))
                     self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
                                     module, site, past_limit=count, grad_enabled=grad_enabled,
                                     iteration=backward_calls if backward_calls else None,
                                     inplace=True if func_name == STEP else None)
                     return
+
+    def _made_by_backward(self, rid: int) -> None:
+        """A gradient first seen as a lifted step's input was made by this cell's backward call
+        (the loop's `loss.backward()`): shown on that line, not among tensors from outside the cell."""
+        rec, span = self.trace.records[rid], self.backward.last_span
+        if rec.external and rec.created_by is None and rec.line is None and span is not None:
+            rec.created_by, rec.line = self.source_map.text(span), span[0]
 
     def _drop_window(self, exc: Exception) -> None:
         self._watching = False
