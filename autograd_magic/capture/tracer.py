@@ -278,6 +278,7 @@ class Tracer:
                     self._refs_at_end = {rid: ref for rid, (ref, _) in self._live.items()}
                 self._by_tensor.clear()
                 self._live.clear()
+                self._grad_names = {}
                 # the recorder's way back is weak from now on: no cycle keeps the run's records
                 # (and their arrays) alive until the garbage collector runs, nor makes it run
                 self.backward.tracer = weakref.proxy(self)
@@ -449,15 +450,16 @@ class Tracer:
         optimizer's update), else None. The leaves' gradients are looked up once per backward call."""
         if self._grads_at != self.backward_calls:
             self._grads_at, self._grad_names = self.backward_calls, {}
-            for ref, rids in list(self.backward.leaf_records.values()):
+            for ref, _ in list(self.backward.leaf_records.values()):
                 leaf = ref()
                 g = leaf.grad if leaf is not None else None
-                if g is not None:
-                    self._grad_names[id(g)] = (weakref.ref(g), leaf)
+                if g is not None:  # weak both: the lookup keeps no parameter alive
+                    self._grad_names[id(g)] = (weakref.ref(g), ref)
         hit = self._grad_names.get(id(t))
-        if hit is None or hit[0]() is not t:
+        leaf = hit[1]() if hit is not None and hit[0]() is t else None
+        if leaf is None:
             return None
-        leaf_name = self.names.tensor_name(hit[1])
+        leaf_name = self.names.tensor_name(leaf)
         return f"{leaf_name}.grad" if leaf_name else None
 
     def _add(self, rec: Record, t: torch.Tensor) -> None:
