@@ -296,8 +296,8 @@ static PyObject *fused_kernels(PyObject *self, PyObject *unused) {
  * None for anything else, and for what the numpy path alone handles (a NaN or an Inf, squares
  * near the dtype's overflow, more elements than STATS_ELEMENTS, an edge block past
  * PREVIEW_EDGE_BLOCK, a tensor with no memory: a ZeroTensor's data_ptr() is 0): preview.py then
- * runs that path. `configure_preview` hands it the
- * objects it compares with and makes, once at import. */
+ * runs that path. `configure_preview` hands it the objects it compares with and makes, once at
+ * import. */
 
 static PyObject *pv_cls, *pv_empty, *pv_f32, *pv_f64, *pv_np32, *pv_np64, *pv_name32, *pv_name64, *pv_strided,
     *pv_tensor, *pv_param, *pv_kwnames;
@@ -391,7 +391,7 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     int r;
     if ((r = attr_is(t, "is_cpu", Py_True)) <= 0) goto refuse;
     if ((r = attr_is(t, "layout", pv_strided)) <= 0) goto refuse;
-    if ((r = method_true(t, "is_neg")) != 0) goto refuse_true;
+    if ((r = method_true(t, "is_neg")) != 0) goto refuse;
     if ((r = method_true(t, "is_contiguous")) <= 0) goto refuse;
     PyObject *size = PyObject_GetAttrString(t, "shape");
     if (size == NULL) return NULL;
@@ -479,9 +479,7 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     result = PyObject_Vectorcall(pv_cls, stack, 2, pv_kwnames);
     for (int i = 0; i < 4; i++) Py_XDECREF(floats[i]);
     goto done;
-refuse_true:  /* a method answered True (r 1): not this path */
-    if (r > 0) Py_RETURN_NONE;
-refuse:  /* r: -1 an error, else not this path */
+refuse:  /* r: -1 an error, else (0 or 1, as the check had it) not this path */
     if (r < 0) return NULL;
     Py_RETURN_NONE;
 none:

@@ -424,11 +424,10 @@ class Tracer:
     def _external_quiet(self, t: torch.Tensor, name: Optional[str]) -> int:
         shown = preview_quiet(t)
         name = name or self.names.tensor_name(t)
-        made_by = None
+        leaf_grad = False
         if name is None and self.backward.last_span is not None:  # the `.grad` of a leaf this cell's backward reached?
             name = self._leaf_grad_name(t)
-            if name is not None:  # an optimizer's update reads it: made by the cell's own backward call
-                made_by = self.backward.last_span
+            leaf_grad = name is not None  # an optimizer's update reads it
         rec = Record(
             id=len(self.trace.records),
             op="external",
@@ -440,8 +439,8 @@ class Tracer:
             grad_enabled=torch.is_grad_enabled(),
             preview=shown,
         )
-        if made_by is not None:  # (the update reads it under no_grad; the backward call made it)
-            rec.created_by, rec.line, rec.grad_enabled = self.source_map.text(made_by), made_by[0], True
+        if leaf_grad:
+            self._made_by_backward(rec)
         self._add(rec, t)
         return rec.id
 
@@ -612,19 +611,20 @@ class Tracer:
                         # a model built by this cell has its parameters named when the run ends: asked now
                         name = (self.trace.records[rid].name if rid is not None else None) or self.names.tensor_name(t)
                         for g in args:  # named as the parameter's gradient, not "external"
-                            self._made_by_backward(self.record_for(g, name=f"{name}.grad" if name else None))
+                            self._made_by_backward(self.trace.records[self.record_for(g, name=f"{name}.grad" if name else None)])
                     self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
                                     module, site, past_limit=count, grad_enabled=grad_enabled,
                                     iteration=backward_calls if backward_calls else None,
                                     inplace=True if func_name == STEP else None)
                     return
 
-    def _made_by_backward(self, rid: int) -> None:
-        """A gradient first seen as a lifted step's input was made by this cell's backward call
-        (the loop's `loss.backward()`): shown on that line, not among tensors from outside the cell."""
-        rec, span = self.trace.records[rid], self.backward.last_span
+    def _made_by_backward(self, rec: Record) -> None:
+        """A gradient first seen as an optimizer's input (its update, or a lifted step) was made by
+        this cell's latest backward call (the loop's `loss.backward()`): shown on that line, not
+        among tensors from outside the cell, and not as made under no_grad (the update reads it so)."""
+        span = self.backward.last_span
         if rec.external and rec.created_by is None and rec.line is None and span is not None:
-            rec.created_by, rec.line = self.source_map.text(span), span[0]
+            rec.created_by, rec.line, rec.grad_enabled = self.source_map.text(span), span[0], True
 
     def _drop_window(self, exc: Exception) -> None:
         self._watching = False
