@@ -93,18 +93,30 @@ def _numpy_path(t, with_stats=True):
         preview_mod._fused_preview = fast
 
 
+# the axis orders a dense block comes in: as made, transposed (a weight's gradient as TBackward
+# sends it), and permuted (attention's heads); each is one block of memory, read in place
+LAYOUTS = {
+    "contiguous": lambda t: t,
+    "transposed": lambda t: t.mT if t.dim() >= 2 else t,
+    "permuted": lambda t: t.permute(*range(t.dim() - 1, -1, -1)) if t.dim() >= 3 else t.mT if t.dim() == 2 else t,
+}
+
+
 SHAPES = [(), (1,), (5,), (64,), (65,), (7, 7), (8, 8), (6, 7), (3, 4, 5), (64, 256), (2, 3, 300), (1, 1, 100), (100, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("kind", ["tensor", "parameter", "requires_grad"])
-def test_the_compiled_preview_is_the_numpy_paths_and_torchs(kernel, dtype, shape, kind):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_compiled_preview_is_the_numpy_paths_and_torchs(kernel, dtype, shape, kind, layout):
     t = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(len(shape)))
     if kind == "parameter":
-        t = torch.nn.Parameter(t)
+        t = torch.nn.Parameter(LAYOUTS[layout](t.detach()))
     elif kind == "requires_grad":
-        t = (t * 2).requires_grad_()
+        t = LAYOUTS[layout]((t * 2).requires_grad_())
+    else:
+        t = LAYOUTS[layout](t)
     fast = fused.preview(t, True)
     assert fast is not None, "a dense CPU float tensor takes the compiled path"
     slow = _numpy_path(t)
@@ -128,6 +140,7 @@ def test_the_compiled_preview_is_the_numpy_paths_and_torchs(kernel, dtype, shape
     with torch.no_grad():
         t.add_(1)
     assert np.array_equal(fast.values, before)
+    assert fast.values.flags.c_contiguous
 
 
 def test_the_compiled_preview_without_statistics_has_none(kernel):
@@ -138,8 +151,11 @@ def test_the_compiled_preview_without_statistics_has_none(kernel):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: torch.randn(10, 10).T,  # not C-contiguous
+    lambda: torch.randn(10, 10)[:, ::2],  # strided with gaps: not one block
+    lambda: torch.randn(1, 5).expand(4, 5),  # every row the same memory
+    lambda: torch.randn(6, 6).as_strided((3, 3), (1, 1)),  # overlapping windows
     lambda: torch.tensor([1.0, math.nan, 2.0]),  # a NaN: numpy's exact path
+    lambda: torch.tensor([[1.0, math.nan], [2.0, 3.0]]).T,  # a NaN in a transposed block
     lambda: torch.tensor([1.0, math.inf]),
     lambda: torch.full((10,), 1e19),  # squares past float32's range
     lambda: torch.zeros(0),  # no elements
@@ -148,7 +164,7 @@ def test_the_compiled_preview_without_statistics_has_none(kernel):
     lambda: torch._neg_view(torch.randn(4)),  # the same memory, the other sign
     lambda: torch._efficientzerotensor(3),  # no memory at all
     lambda: torch.randn(2, 3, 4, 5, 6),  # an edge block past PREVIEW_EDGE_BLOCK: a flat head
-], ids=["transposed", "nan", "inf", "overflow", "empty", "int", "half", "neg_view", "zerotensor", "large_block"])
+], ids=["gaps", "expanded", "overlapping", "nan", "nan_transposed", "inf", "overflow", "empty", "int", "half", "neg_view", "zerotensor", "large_block"])
 def test_what_the_compiled_preview_leaves_to_numpys_path(kernel, make):
     t = make()
     assert fused.preview(t, True) is None

@@ -289,8 +289,8 @@ static PyObject *fused_kernels(PyObject *self, PyObject *unused) {
  *
  * `preview_quiet` spends ~5 us per tensor around the one pass the statistics need (detach,
  * numpy, the edge block's indices, the Preview object). For an exact torch.Tensor or Parameter,
- * float32/float64, on the CPU, strided, C-contiguous and not a negative view, `preview(t,
- * with_stats)` reads its memory in place through `data_ptr()` and makes the same Preview the
+ * float32/float64, on the CPU, strided, one dense block of memory in any axis order (C-contiguous,
+ * or transposed or permuted) and not a negative view, `preview(t, with_stats)` reads its memory in place through `data_ptr()` and makes the same Preview the
  * numpy path makes: every element up to PREVIEW_FULL, else the edge block torch prints (first
  * and last PREVIEW_EDGE items along each longer dimension), with min/max/mean/norm. It answers
  * None for anything else, and for what the numpy path alone handles (a NaN or an Inf, squares
@@ -345,23 +345,22 @@ static int method_true(PyObject *t, const char *name) {
     return r;
 }
 
-/* The edge block of a C-contiguous block of `nd` dims into `dst`: first/last `edge` items along
- * each dimension longer than 2*edge, every item along the others, in C order. */
-static void copy_edge(const char *src, char *dst, Py_ssize_t itemsize, int nd, const Py_ssize_t *shape) {
-    Py_ssize_t stride[PV_MAX_DIMS], bshape[PV_MAX_DIMS], idx[PV_MAX_DIMS];
-    Py_ssize_t st = itemsize;
-    for (int d = nd - 1; d >= 0; d--) {
-        stride[d] = st;
-        st *= shape[d];
-        bshape[d] = shape[d] > 2 * pv_edge ? 2 * pv_edge : shape[d];
+/* The values a preview shows, in C order, into `dst`: with `summarize`, the edge block (first/last
+ * `edge` items along each dimension longer than 2*edge, every item along the others), else every
+ * item. `bstride`: each dimension's stride in bytes (a transpose's as much as a contiguous one's). */
+static void gather(const char *src, char *dst, Py_ssize_t itemsize, int nd, const Py_ssize_t *shape,
+                   const Py_ssize_t *bstride, int summarize) {
+    Py_ssize_t bshape[PV_MAX_DIMS], idx[PV_MAX_DIMS];
+    for (int d = 0; d < nd; d++) {
+        bshape[d] = summarize && shape[d] > 2 * pv_edge ? 2 * pv_edge : shape[d];
         idx[d] = 0;
     }
     for (;;) {
         Py_ssize_t off = 0;
         for (int d = 0; d < nd; d++) {
             Py_ssize_t i = idx[d];
-            if (shape[d] > 2 * pv_edge && i >= pv_edge) i = shape[d] - 2 * pv_edge + i;  /* the last `edge` items */
-            off += i * stride[d];
+            if (summarize && shape[d] > 2 * pv_edge && i >= pv_edge) i = shape[d] - 2 * pv_edge + i;  /* the last `edge` items */
+            off += i * bstride[d];
         }
         memcpy(dst, src + off, itemsize);
         dst += itemsize;
@@ -369,6 +368,50 @@ static void copy_edge(const char *src, char *dst, Py_ssize_t itemsize, int nd, c
         while (d >= 0 && ++idx[d] == bshape[d]) idx[d--] = 0;
         if (d < 0) break;
     }
+}
+
+/* Whether the strides (in elements), sorted, are a contiguous tensor's: its elements fill one block
+ * of memory with no gap and no overlap, in some axis order (a transpose, a permute); preview.py's
+ * `_dense_permutation`. Size-1 dimensions are left out, as there. */
+static int dense_permutation(int nd, const Py_ssize_t *shape, const Py_ssize_t *stride) {
+    Py_ssize_t st[PV_MAX_DIMS], sz[PV_MAX_DIMS];
+    int m = 0;
+    for (int d = 0; d < nd; d++) {
+        if (shape[d] == 1) continue;
+        /* insertion sort by (stride, size), as Python's sorted() of the pairs */
+        int j = m++;
+        while (j > 0 && (st[j - 1] > stride[d] || (st[j - 1] == stride[d] && sz[j - 1] > shape[d]))) {
+            st[j] = st[j - 1], sz[j] = sz[j - 1];
+            j--;
+        }
+        st[j] = stride[d], sz[j] = shape[d];
+    }
+    Py_ssize_t expected = 1;
+    for (int k = 0; k < m; k++) {
+        if (st[k] != expected) return 0;
+        expected *= sz[k];
+    }
+    return 1;
+}
+
+/* min, max, sum and sum of squares of `n` elements from `ptr` into `out`: 1, or 0 when the block
+ * holds a NaN or an Inf or squares near the dtype's overflow (numpy's path reproduces torch there) */
+static int block_stats(const char *ptr, Py_ssize_t n, int is64, double out[4]) {
+    double safe = is64 ? SAFE_F64 : SAFE_F32;
+    if (n >= (1 << 20)) {
+        Py_BEGIN_ALLOW_THREADS
+        if (is64) KERNELS[current].f64((const double *)ptr, n, out);
+        else KERNELS[current].f32((const float *)ptr, n, out);
+        Py_END_ALLOW_THREADS
+    } else if (is64) {
+        KERNELS[current].f64((const double *)ptr, n, out);
+    } else {
+        KERNELS[current].f32((const float *)ptr, n, out);
+    }
+    double big = out[0] < 0 ? -out[0] : out[0];
+    double top = out[1] < 0 ? -out[1] : out[1];
+    if (top > big) big = top;
+    return out[3] < safe && big * big * (double)n < safe;
 }
 
 static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
@@ -392,7 +435,8 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     if ((r = attr_is(t, "is_cpu", Py_True)) <= 0) goto refuse;
     if ((r = attr_is(t, "layout", pv_strided)) <= 0) goto refuse;
     if ((r = method_true(t, "is_neg")) != 0) goto refuse;
-    if ((r = method_true(t, "is_contiguous")) <= 0) goto refuse;
+    int contiguous = method_true(t, "is_contiguous");
+    if (contiguous < 0) return NULL;
     PyObject *size = PyObject_GetAttrString(t, "shape");
     if (size == NULL) return NULL;
     shape = PySequence_Tuple(size);  /* a plain tuple, as numpy's `a.shape` */
@@ -409,6 +453,39 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     }
     int summarized = n > pv_full;
     if (n == 0 || (with_stats && n > pv_stats_limit) || (summarized && block > pv_block)) goto none;
+    Py_ssize_t itemsize = is64 ? 8 : 4;
+    Py_ssize_t bstride[PV_MAX_DIMS];
+    if (contiguous) {
+        Py_ssize_t st = itemsize;
+        for (int d = nd - 1; d >= 0; d--) {
+            bstride[d] = st;
+            st *= dims[d];
+        }
+    } else {
+        /* a dense permutation (a weight's gradient as TBackward sends it) is one block too: the
+         * statistics over memory order, the values by its strides */
+        PyObject *strides = PyObject_CallMethod(t, "stride", NULL);
+        if (strides == NULL) goto error;
+        if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != nd) {
+            Py_DECREF(strides);
+            goto none;
+        }
+        Py_ssize_t es[PV_MAX_DIMS];
+        for (int d = 0; d < nd; d++) {
+            es[d] = PyLong_AsSsize_t(PyTuple_GET_ITEM(strides, d));
+            if (es[d] == -1 && PyErr_Occurred()) {
+                Py_DECREF(strides);
+                goto error;
+            }
+            if (es[d] < 0) {
+                Py_DECREF(strides);
+                goto none;
+            }
+            bstride[d] = es[d] * itemsize;
+        }
+        Py_DECREF(strides);
+        if (!dense_permutation(nd, dims, es)) goto none;
+    }
     PyObject *ptr_obj = PyObject_CallMethod(t, "data_ptr", NULL);
     if (ptr_obj == NULL) {  /* no storage to point at (functorch's wrapped tensors): numpy's path says why */
         PyErr_Clear();
@@ -421,24 +498,7 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
         goto none;
     }
     double out[4] = {0, 0, 0, 0};
-    if (with_stats) {
-        double safe = is64 ? SAFE_F64 : SAFE_F32;
-        if (n >= (1 << 20)) {
-            Py_BEGIN_ALLOW_THREADS
-            if (is64) KERNELS[current].f64((const double *)ptr, n, out);
-            else KERNELS[current].f32((const float *)ptr, n, out);
-            Py_END_ALLOW_THREADS
-        } else if (is64) {
-            KERNELS[current].f64((const double *)ptr, n, out);
-        } else {
-            KERNELS[current].f32((const float *)ptr, n, out);
-        }
-        double big = out[0] < 0 ? -out[0] : out[0];
-        double top = out[1] < 0 ? -out[1] : out[1];
-        if (top > big) big = top;
-        if (!(out[3] < safe) || !(big * big * (double)n < safe)) goto none;  /* NaN, Inf, overflow: numpy's */
-    }
-    Py_ssize_t itemsize = is64 ? 8 : 4;
+    if (with_stats && !block_stats(ptr, n, is64, out)) goto none;  /* NaN, Inf, overflow: numpy's */
     PyObject *vshape;
     if (summarized) {
         vshape = PyTuple_New(nd);
@@ -459,8 +519,8 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     if (values == NULL) goto error;
     Py_buffer view;
     if (PyObject_GetBuffer(values, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto error;
-    if (summarized) copy_edge(ptr, (char *)view.buf, itemsize, nd, dims);
-    else memcpy(view.buf, ptr, (size_t)(n * itemsize));
+    if (contiguous && !summarized) memcpy(view.buf, ptr, (size_t)(n * itemsize));
+    else gather(ptr, (char *)view.buf, itemsize, nd, dims, bstride, summarized);
     PyBuffer_Release(&view);
     /* Preview(shape, dtype, values=, summarized=, min=, max=, mean=, norm=) */
     PyObject *floats[4] = {NULL, NULL, NULL, NULL};
