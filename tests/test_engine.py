@@ -306,6 +306,39 @@ def test_each_record_gets_the_gradient_its_node_received():
     np.testing.assert_allclose(mul.grad_out[0].values + mul.grad_out[1].values, want["a"].numpy(), rtol=1e-6)
 
 
+def test_a_first_layer_whose_input_needs_no_gradient_still_shows_what_it_sent():
+    """The first Linear's input needs no gradient: its node has an edge to nothing, and what it
+    sends along the others (its weight's and bias's gradients) comes from their receivers."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    x = torch.randn(6, 5)
+    with am.trace() as t:
+        model(x).pow(2).mean().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x).pow(2).mean().backward()  # plain torch
+    steps = {s.node_id: s for s in t.passes[0].steps}
+    received = {}  # AccumulateGrad node -> what its sender sent it
+    first = None
+    for s in steps.values():
+        for i, (g, target) in enumerate(zip(s.grad_out, s.next_ids)):
+            if target is None:
+                assert g is None, (s.node, i)  # the input's edge: nothing flows along it
+                first = s
+            elif steps.get(target) is not None and steps[target].node == "AccumulateGrad":
+                received[target] = g
+    assert first is not None and first.node.startswith("AddmmBackward")
+    leaves = {rid: r.name for rid, r in enumerate(t.records) if r.is_leaf and r.requires_grad}
+    assert len(received) == 4
+    for target, g in received.items():
+        name = next(leaves[rid] for rid in steps[target].records if rid in leaves)
+        want = dict(model.named_parameters())[name.split(".", 1)[1]].grad
+        assert g is not None and g.shape == tuple(want.shape), name
+        np.testing.assert_allclose(g.values if not g.summarized else want.numpy(), want.numpy(), rtol=1e-6)
+        assert g.norm == pytest.approx(torch.linalg.vector_norm(want.double()).item(), rel=1e-6)
+        np.testing.assert_allclose(got[name.split(".", 1)[1]].numpy(), want.numpy(), rtol=1e-6)
+
+
 def test_what_each_node_sends_is_the_chain_rule_in_a_chain_and_through_views():
     """Nodes feeding single edges (no post-hook: their receivers fill in what they sent), a view's
     backward (TBackward, with one) and a fan-in: every edge's gradient against plain torch."""
