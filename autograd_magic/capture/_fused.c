@@ -327,9 +327,27 @@ static PyObject *fused_configure_preview(PyObject *self, PyObject *const *a, Py_
     Py_RETURN_NONE;
 }
 
-/* getattr(t, name) is True (1), False (0), or an error (-1) */
-static int attr_is(PyObject *t, const char *name, PyObject *expected) {
-    PyObject *v = PyObject_GetAttrString(t, name);
+/* The attribute and method names `preview` reads, interned once (a name made per call, and a
+ * bound method per call, cost more than the read). */
+enum { N_DTYPE, N_IS_CPU, N_LAYOUT, N_IS_NEG, N_IS_CONTIGUOUS, N_SHAPE, N_STRIDE, N_DATA_PTR, N_NAMES };
+static PyObject *pv_names[N_NAMES];
+
+static int names_ready(void) {
+    static const char *text[N_NAMES] = {"dtype", "is_cpu", "layout", "is_neg", "is_contiguous", "shape", "stride", "data_ptr"};
+    for (int i = 0; i < N_NAMES; i++)
+        if (pv_names[i] == NULL && (pv_names[i] = PyUnicode_InternFromString(text[i])) == NULL) return -1;
+    return 0;
+}
+
+/* t.<name>() (no arguments): a new reference, or NULL (an error) */
+static PyObject *call0(PyObject *t, int name) {
+    PyObject *self_arg = t;
+    return PyObject_VectorcallMethod(pv_names[name], &self_arg, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+/* getattr(t, name) is `expected` (1), is not (0), or an error (-1) */
+static int attr_is(PyObject *t, int name, PyObject *expected) {
+    PyObject *v = PyObject_GetAttr(t, pv_names[name]);
     if (v == NULL) return -1;
     int r = v == expected;
     Py_DECREF(v);
@@ -337,8 +355,8 @@ static int attr_is(PyObject *t, const char *name, PyObject *expected) {
 }
 
 /* t.name() is True (1), False (0), or an error (-1) */
-static int method_true(PyObject *t, const char *name) {
-    PyObject *v = PyObject_CallMethod(t, name, NULL);
+static int method_true(PyObject *t, int name) {
+    PyObject *v = call0(t, name);
     if (v == NULL) return -1;
     int r = PyObject_IsTrue(v);
     Py_DECREF(v);
@@ -425,19 +443,20 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     if (pv_cls == NULL || current < 0) Py_RETURN_NONE;
     if (Py_TYPE(t) != (PyTypeObject *)pv_tensor && Py_TYPE(t) != (PyTypeObject *)pv_param) Py_RETURN_NONE;
     PyObject *shape = NULL, *values = NULL, *result = NULL;
-    PyObject *dtype = PyObject_GetAttrString(t, "dtype");
+    if (names_ready() < 0) return NULL;
+    PyObject *dtype = PyObject_GetAttr(t, pv_names[N_DTYPE]);
     if (dtype == NULL) return NULL;
     int is64 = dtype == pv_f64;
     int known = is64 || dtype == pv_f32;
     Py_DECREF(dtype);
     if (!known) Py_RETURN_NONE;
     int r;
-    if ((r = attr_is(t, "is_cpu", Py_True)) <= 0) goto refuse;
-    if ((r = attr_is(t, "layout", pv_strided)) <= 0) goto refuse;
-    if ((r = method_true(t, "is_neg")) != 0) goto refuse;
-    int contiguous = method_true(t, "is_contiguous");
+    if ((r = attr_is(t, N_IS_CPU, Py_True)) <= 0) goto refuse;
+    if ((r = attr_is(t, N_LAYOUT, pv_strided)) <= 0) goto refuse;
+    if ((r = method_true(t, N_IS_NEG)) != 0) goto refuse;
+    int contiguous = method_true(t, N_IS_CONTIGUOUS);
     if (contiguous < 0) return NULL;
-    PyObject *size = PyObject_GetAttrString(t, "shape");
+    PyObject *size = PyObject_GetAttr(t, pv_names[N_SHAPE]);
     if (size == NULL) return NULL;
     shape = PySequence_Tuple(size);  /* a plain tuple, as numpy's `a.shape` */
     Py_DECREF(size);
@@ -464,7 +483,7 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     } else {
         /* a dense permutation (a weight's gradient as TBackward sends it) is one block too: the
          * statistics over memory order, the values by its strides */
-        PyObject *strides = PyObject_CallMethod(t, "stride", NULL);
+        PyObject *strides = call0(t, N_STRIDE);
         if (strides == NULL) goto error;
         if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != nd) {
             Py_DECREF(strides);
@@ -486,7 +505,7 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
         Py_DECREF(strides);
         if (!dense_permutation(nd, dims, es)) goto none;
     }
-    PyObject *ptr_obj = PyObject_CallMethod(t, "data_ptr", NULL);
+    PyObject *ptr_obj = call0(t, N_DATA_PTR);
     if (ptr_obj == NULL) {  /* no storage to point at (functorch's wrapped tensors): numpy's path says why */
         PyErr_Clear();
         goto none;
