@@ -304,6 +304,18 @@ static PyObject *pv_cls, *pv_empty, *pv_f32, *pv_f64, *pv_np32, *pv_np64, *pv_na
 static Py_ssize_t pv_full = 64, pv_edge = 3, pv_block = 512, pv_stats_limit = 50000000;
 #define PV_MAX_DIMS 16
 
+/* The attribute and method names `preview` reads, interned once (a name made per call, and a
+ * bound method per call, cost more than the read). */
+enum { N_DTYPE, N_IS_CPU, N_LAYOUT, N_IS_NEG, N_IS_CONTIGUOUS, N_SHAPE, N_STRIDE, N_DATA_PTR, N_NAMES };
+static PyObject *pv_names[N_NAMES];
+
+static int names_ready(void) {
+    static const char *text[N_NAMES] = {"dtype", "is_cpu", "layout", "is_neg", "is_contiguous", "shape", "stride", "data_ptr"};
+    for (int i = 0; i < N_NAMES; i++)
+        if (pv_names[i] == NULL && (pv_names[i] = PyUnicode_InternFromString(text[i])) == NULL) return -1;
+    return 0;
+}
+
 static PyObject *fused_configure_preview(PyObject *self, PyObject *const *a, Py_ssize_t n) {
     if (n != 15) {
         PyErr_SetString(PyExc_TypeError, "configure_preview(Preview, np.empty, torch.float32, torch.float64, "
@@ -316,6 +328,7 @@ static PyObject *fused_configure_preview(PyObject *self, PyObject *const *a, Py_
         ints[i] = PyLong_AsSsize_t(a[11 + i]);
         if (ints[i] == -1 && PyErr_Occurred()) return NULL;
     }
+    if (names_ready() < 0) return NULL;  /* first: once pv_cls is set, `preview` reads them */
     PyObject **slots[] = {&pv_cls, &pv_empty, &pv_f32, &pv_f64, &pv_np32, &pv_np64, &pv_name32, &pv_name64,
                           &pv_strided, &pv_tensor, &pv_param};
     for (int i = 0; i < 11; i++) Py_XSETREF(*slots[i], Py_NewRef(a[i]));
@@ -325,18 +338,6 @@ static PyObject *fused_configure_preview(PyObject *self, PyObject *const *a, Py_
     }
     pv_full = ints[0], pv_edge = ints[1], pv_block = ints[2], pv_stats_limit = ints[3];
     Py_RETURN_NONE;
-}
-
-/* The attribute and method names `preview` reads, interned once (a name made per call, and a
- * bound method per call, cost more than the read). */
-enum { N_DTYPE, N_IS_CPU, N_LAYOUT, N_IS_NEG, N_IS_CONTIGUOUS, N_SHAPE, N_STRIDE, N_DATA_PTR, N_NAMES };
-static PyObject *pv_names[N_NAMES];
-
-static int names_ready(void) {
-    static const char *text[N_NAMES] = {"dtype", "is_cpu", "layout", "is_neg", "is_contiguous", "shape", "stride", "data_ptr"};
-    for (int i = 0; i < N_NAMES; i++)
-        if (pv_names[i] == NULL && (pv_names[i] = PyUnicode_InternFromString(text[i])) == NULL) return -1;
-    return 0;
 }
 
 /* t.<name>() (no arguments): a new reference, or NULL (an error) */
@@ -443,7 +444,6 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     if (pv_cls == NULL || current < 0) Py_RETURN_NONE;
     if (Py_TYPE(t) != (PyTypeObject *)pv_tensor && Py_TYPE(t) != (PyTypeObject *)pv_param) Py_RETURN_NONE;
     PyObject *shape = NULL, *values = NULL, *result = NULL;
-    if (names_ready() < 0) return NULL;
     PyObject *dtype = PyObject_GetAttr(t, pv_names[N_DTYPE]);
     if (dtype == NULL) return NULL;
     int is64 = dtype == pv_f64;

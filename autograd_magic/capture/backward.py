@@ -420,14 +420,11 @@ class BackwardRecorder:
         p.nodes = names
         fan_in: dict[tuple, int] = {}  # (node id, input slot) -> edges into it
         edges_of = []
-        no_grad_edges = set()  # node ids with an edge to nothing (an input that needs no gradient)
         all_edges = p.edges
         get = index.get
         for nid, nf in enumerate(nexts_of):
             edges = []
             for nxt, slot in nf:
-                if nxt is None:
-                    no_grad_edges.add(nid)
                 target = get(id(nxt)) if nxt is not None else None
                 edges.append((target, slot))
                 if target is not None:
@@ -441,15 +438,15 @@ class BackwardRecorder:
         # backward(inputs=...) stop early: there a post-hook holds what was sent.
         all_run = p.kind == "backward" and not p.inputs
         handoffs = [[t is not None and fan_in[(t, slot)] == 1 for t, slot in edges] for edges in edges_of]
-        # An edge to nothing carries no gradient (a first layer's input, when it needs none): a
-        # built-in node sends nothing along it, so it asks for no post-hook either. A custom
-        # Function's backward may still return one there, which its post-hook shows.
-        sends = [[h or (nexts_of[nid][i][0] is None and not isinstance(nodes[nid], _PY_NODE)) for i, h in enumerate(hs)]
-                 if nid in no_grad_edges else hs for nid, hs in enumerate(handoffs)]
         # AccumulateGrad sends nothing: whether its leaf's `.grad` is the gradient it received is
-        # read once the pass is over (`_note_new_grads`), from what its pre-hook saw
+        # read once the pass is over (`_note_new_grads`), from what its pre-hook saw. An edge to
+        # nothing carries no gradient (a first layer's input, when it needs none): a built-in node
+        # sends nothing along it, so it asks for no post-hook either; a custom Function's backward
+        # may still return one there, which its post-hook shows.
         posts = [names[nid] != "AccumulateGrad" and not (
-                     all_run and variables[nid] is None and edges_of[nid] and all(sends[nid])
+                     all_run and variables[nid] is None and edges_of[nid]
+                     and all(h or (nxt is None and not isinstance(nodes[nid], _PY_NODE))
+                             for h, (nxt, _) in zip(handoffs[nid], nexts_of[nid]))
                      and not _sends_views(names[nid])) for nid in range(len(nodes))]
         fed: dict[int, list] = {}  # receiver -> [(its slot, sender without a post-hook, sender's edge)]
         for nid, edges in enumerate(edges_of):
