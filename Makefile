@@ -12,8 +12,8 @@ setup: $(STAMP)
 
 # The venv reuses a torch already installed for $(PYTHON); otherwise it gets
 # the CPU wheel (an unpinned `torch` would pull a multi-GB CUDA build).
-# setup.py builds the C files (capture/_fused.c, capture/_walk.c): a change to any re-installs
-$(STAMP): pyproject.toml setup.py autograd_magic/capture/_fused.c autograd_magic/capture/_walk.c
+# setup.py builds the C files (capture/_fused.c, _walk.c, _graph.c): a change to any re-installs
+$(STAMP): pyproject.toml setup.py autograd_magic/capture/_fused.c autograd_magic/capture/_walk.c autograd_magic/capture/_graph.c
 	@if [ ! -x $(BIN)/python ]; then \
 	  if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
 	  else $(PYTHON) -m venv $(VENV); fi; \

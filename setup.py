@@ -7,6 +7,9 @@
 - capture/_walk.c: the site walk (where each op came from) and the tracer's mode
   handler, both run for every op. Where it is not built, sites.py walks the stack
   in Python and tracer.py's `_PyMode` handles each call.
+- capture/_graph.c: a backward pass's plan (the graph walk, and what each node
+  is hooked for), run before every recorded pass. Where it is not built,
+  backward.py's `_plan_py` makes the same plan.
 """
 
 from setuptools import Extension, setup
@@ -22,6 +25,12 @@ setup(
         Extension(
             "autograd_magic.capture._walk",
             ["autograd_magic/capture/_walk.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+        Extension(
+            "autograd_magic.capture._graph",
+            ["autograd_magic/capture/_graph.c"],
             extra_compile_args=["-O2"],
             optional=True,
         ),

@@ -101,6 +101,86 @@ def _as_tuple(x: Any) -> tuple:
     return tuple(x)
 
 
+def _plan_py(start: list, max_walk: int, all_run: bool) -> tuple:
+    """What a pass hooks, from a depth-first walk of the graph from `start` (the roots' nodes):
+    (nodes, names, variables, keys, edges_of, all_edges, handoffs, posts, fed).
+
+    - `names`, `variables`, `keys`: each node's name, leaf (AccumulateGrad's, a custom
+      Function's `variable` if it has one, else None) and key (`node_key`, None if unreadable).
+    - `edges_of`: per node, (index of the node it sends to, or None, input slot) per edge;
+      `all_edges`: (sender, receiver) for every edge between walked nodes.
+    - `handoffs`: per node and edge, whether that edge is the only one into its slot.
+    - `posts`: whether the node gets a post-hook. With `all_run` (a plain backward: every
+      node reached runs), a node whose every edge is a hand-off needs none: what it sends is
+      exactly what each receiver gets. AccumulateGrad sends nothing (whether its leaf's
+      `.grad` is what it received is read once the pass is over, from what its pre-hook saw).
+      An edge to nothing carries no gradient (a first layer's input, when it needs none): a
+      built-in node sends nothing along it, so it asks for no post-hook either; a custom
+      Function's backward may still return one there, which its post-hook shows. Nodes that
+      send views of what they received keep theirs (their statistics are copied while it lives).
+    - `fed`: receiver -> [(its slot, sender without a post-hook, sender's edge)].
+
+    capture/_graph.c's `plan` gives the same answer, compiled; each read here is once per node
+    (an unrolled RNN's pass has hundreds)."""
+    nodes: list = []
+    nexts_of: list = []  # per node: its next_functions, read once (each read builds tuples)
+    index: dict[int, int] = {}
+    stack = list(start)
+    while stack and len(nodes) < max_walk:
+        node = stack.pop()
+        if node is None or id(node) in index:
+            continue
+        index[id(node)] = len(nodes)
+        nodes.append(node)
+        nf = node.next_functions
+        nexts_of.append(nf)
+        for nxt, _ in nf:
+            if nxt is not None and id(nxt) not in index:
+                stack.append(nxt)
+    names = [node_name(node) for node in nodes]
+    variables = [getattr(node, "variable", None) if name == "AccumulateGrad" or isinstance(node, _PY_NODE) else None
+                 for node, name in zip(nodes, names)]
+    keys = [_key_or_none(node) for node in nodes]
+    fan_in: dict[tuple, int] = {}  # (node id, input slot) -> edges into it
+    edges_of = []
+    all_edges = []
+    get = index.get
+    for nid, nf in enumerate(nexts_of):
+        edges = []
+        for nxt, slot in nf:
+            target = get(id(nxt)) if nxt is not None else None
+            edges.append((target, slot))
+            if target is not None:
+                all_edges.append((nid, target))
+                fan_in[(target, slot)] = fan_in.get((target, slot), 0) + 1
+        edges_of.append(edges)
+    handoffs = [[t is not None and fan_in[(t, slot)] == 1 for t, slot in edges] for edges in edges_of]
+    posts = [names[nid] != "AccumulateGrad" and not (
+                 all_run and variables[nid] is None and edges_of[nid]
+                 and all(h or (nxt is None and not isinstance(nodes[nid], _PY_NODE))
+                         for h, (nxt, _) in zip(handoffs[nid], nexts_of[nid]))
+                 and not _sends_views(names[nid])) for nid in range(len(nodes))]
+    fed: dict[int, list] = {}
+    for nid, edges in enumerate(edges_of):
+        if not posts[nid]:
+            for i, (target, slot) in enumerate(edges):
+                if target is not None:
+                    fed.setdefault(target, []).append((slot, nid, i))
+    return nodes, names, variables, keys, edges_of, all_edges, handoffs, posts, fed
+
+
+try:  # the same plan, compiled (capture/_graph.c); optional
+    from . import _graph
+
+    def _plan_c(start: list, max_walk: int, all_run: bool) -> tuple:
+        return _graph.plan(start, max_walk, all_run, _NODE_NAMES, node_name, _sends_views, _PY_NODE)
+
+    _plan = _plan_c
+except ImportError:
+    _plan_c = None
+    _plan = _plan_py
+
+
 class BackwardRecorder:
     def __init__(self, tracer: Tracer):
         self.tracer = tracer
@@ -382,30 +462,15 @@ class BackwardRecorder:
 
     @quietly
     def _hook_nodes(self, p: BackwardPass, roots, handles: list) -> None:
-        nodes: list = []
-        nexts_of: list = []  # per node: its next_functions, read once (each read builds tuples)
-        index: dict[int, int] = {}
-        stack = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        start = [t.grad_fn for t in roots if isinstance(t, torch.Tensor) and t.grad_fn is not None]
         for t in roots:
             if isinstance(t, torch.Tensor) and t.grad_fn is None and t.requires_grad:
                 self.tracer.note("backward from a leaf: its AccumulateGrad is the whole graph")
-        while stack and len(nodes) < MAX_WALK:
-            node = stack.pop()
-            if node is None or id(node) in index:
-                continue
-            index[id(node)] = len(nodes)
-            nodes.append(node)
-            nf = node.next_functions
-            nexts_of.append(nf)
-            for nxt, _ in nf:
-                if nxt is not None and id(nxt) not in index:
-                    stack.append(nxt)
-        # Each node's name, key and leaf read once: a missing attribute raises inside
-        # getattr, and this runs for every node of every pass (an unrolled RNN: hundreds).
-        names = [node_name(node) for node in nodes]
-        variables = [getattr(node, "variable", None) if name == "AccumulateGrad" or isinstance(node, _PY_NODE) else None
-                     for node, name in zip(nodes, names)]
-        keys = [_key_or_none(node) for node in nodes]
+        # Every node a plain backward() reaches runs, so what a node sends along edges nothing
+        # else feeds is exactly what each receiver's pre-hook gets (see `_plan_py`). autograd.grad
+        # and backward(inputs=...) stop early: there a post-hook holds what was sent.
+        all_run = p.kind == "backward" and not p.inputs
+        nodes, names, variables, keys, edges_of, all_edges, handoffs, posts, fed = _plan(start, MAX_WALK, all_run)
         self._hook_named_tensors(nodes, variables)  # first: their records are among the nodes' below
         if self.tracer.earlier is not None:
             self._bring_in_earlier(keys, variables)
@@ -418,42 +483,8 @@ class BackwardRecorder:
                     handles.append(node.register_prehook(self._guarded(self._grads_only(p, outs))))
             return
         p.nodes = names
-        fan_in: dict[tuple, int] = {}  # (node id, input slot) -> edges into it
-        edges_of = []
-        all_edges = p.edges
-        get = index.get
-        for nid, nf in enumerate(nexts_of):
-            edges = []
-            for nxt, slot in nf:
-                target = get(id(nxt)) if nxt is not None else None
-                edges.append((target, slot))
-                if target is not None:
-                    all_edges.append((nid, target))
-                    fan_in[(target, slot)] = fan_in.get((target, slot), 0) + 1
-            edges_of.append(edges)
+        p.edges.extend(all_edges)
         by_node: dict[int, BackwardStep] = {}
-        # Every node a plain backward() reaches runs, so what a node sends along edges nothing
-        # else feeds is exactly what each receiver's pre-hook gets: such a node needs no post-hook
-        # (one registration and one Python call per node fewer). autograd.grad and
-        # backward(inputs=...) stop early: there a post-hook holds what was sent.
-        all_run = p.kind == "backward" and not p.inputs
-        handoffs = [[t is not None and fan_in[(t, slot)] == 1 for t, slot in edges] for edges in edges_of]
-        # AccumulateGrad sends nothing: whether its leaf's `.grad` is the gradient it received is
-        # read once the pass is over (`_note_new_grads`), from what its pre-hook saw. An edge to
-        # nothing carries no gradient (a first layer's input, when it needs none): a built-in node
-        # sends nothing along it, so it asks for no post-hook either; a custom Function's backward
-        # may still return one there, which its post-hook shows.
-        posts = [names[nid] != "AccumulateGrad" and not (
-                     all_run and variables[nid] is None and edges_of[nid]
-                     and all(h or (nxt is None and not isinstance(nodes[nid], _PY_NODE))
-                             for h, (nxt, _) in zip(handoffs[nid], nexts_of[nid]))
-                     and not _sends_views(names[nid])) for nid in range(len(nodes))]
-        fed: dict[int, list] = {}  # receiver -> [(its slot, sender without a post-hook, sender's edge)]
-        for nid, edges in enumerate(edges_of):
-            if not posts[nid]:
-                for i, (target, slot) in enumerate(edges):
-                    if target is not None:
-                        fed.setdefault(target, []).append((slot, nid, i))
         for nid, node in enumerate(nodes):
             edges = edges_of[nid]
             name, variable = names[nid], variables[nid]
