@@ -231,3 +231,82 @@ def test_traces_are_the_same_with_either_plan(cell, monkeypatch):
     slow = _passes(cell)
     assert fast == slow
     assert fast and all(nodes for nodes, _, _ in fast)
+
+
+prehook_compiled = pytest.mark.skipif(bw._pre_hook is bw._PreHook, reason="the compiled pre-hook is not built")
+
+
+def test_the_compiled_pre_hook_is_built_and_used():
+    assert bw._pre_hook is not bw._PreHook and type(bw._pre_hook).__name__ == "type"
+    assert bw._pre_hook.__name__ == "PreHook"
+
+
+MORE_CELLS = CELLS + [
+    # fan-in: the engine sums into one slot, so senders get post-hooks and hold nothing
+    "h = x.exp(); l = (h * h).sum() + (h * 3).sum(); l.backward()",
+    # a leaf's .grad accumulating over two passes (AccumulateGrad's leaf entries)
+    "l = (w @ x).sum(); l.backward(retain_graph=True); l.backward()",
+    # views sent on (TBackward, expand): post-hooks preview while the received one lives
+    "l = (w.t() @ x).sum() + x.expand(2, 3).sum(); l.backward()",
+]
+
+
+@prehook_compiled
+@pytest.mark.parametrize("cell", MORE_CELLS)
+def test_traces_are_the_same_with_either_pre_hook(cell, monkeypatch):
+    fast = _passes(cell)
+    monkeypatch.setattr(bw, "_pre_hook", bw._PreHook)
+    slow = _passes(cell)
+    assert fast == slow
+    # against plain torch: each AccumulateGrad step received its leaf's gradient
+    torch.manual_seed(0)
+    env = {"torch": torch, "Twice": Twice, "x": torch.randn(3, requires_grad=True),
+           "w": torch.randn(3, 3, requires_grad=True)}
+    exec(cell, env)
+    assert fast and all(steps for _, _, steps in fast)
+    if "grad(" not in cell and "inputs=" not in cell:
+        for _, _, steps in fast:  # every pass sends each leaf the same share of its final .grad
+            got = sorted(s[4][0][3] for s in steps if s[0] == "AccumulateGrad")
+            want = sorted(float(env[k].grad.norm()) / len(fast) for k in ("x", "w") if env[k].grad is not None)
+            assert got == pytest.approx(want, rel=1e-5)
+
+
+@prehook_compiled
+@pytest.mark.parametrize("which", ["compiled", "python"])
+def test_a_pre_hook_that_fails_notes_it_and_backward_still_runs(which, monkeypatch):
+    if which == "python":
+        monkeypatch.setattr(bw, "_pre_hook", bw._PreHook)
+
+    def broken(self, g):
+        raise ValueError("preview broke")
+
+    monkeypatch.setattr(bw.PreviewCache, "get", broken)
+    x = torch.randn(3, requires_grad=True)
+    with am.trace() as t:
+        y = (x * x).sum()
+        y.backward()
+    assert torch.allclose(x.grad, 2 * x.detach())
+    assert any("part of a backward pass was not recorded: ValueError: preview broke" in n for n in t.notes)
+
+
+@prehook_compiled
+def test_a_keyboard_interrupt_in_a_pre_hook_reaches_the_user(monkeypatch):
+    def interrupted(self, g):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bw.PreviewCache, "get", interrupted)
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(KeyboardInterrupt):
+        with am.trace():
+            (x * x).sum().backward()
+    # and torch-function dispatch is back on: a mode sees ops again
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        x + 1
+    assert seen

@@ -560,7 +560,7 @@ class BackwardRecorder:
         shared = self._pass_hooks
         if shared is None or shared.p is not p or shared.by_node is not by_node:
             shared = self._pass_hooks = _PassHooks(self, p, by_node)
-        return _PreHook(shared, nid, name, outs, [target for target, _ in edges], fed, no_post, leaf)
+        return _pre_hook(shared, nid, name, outs, [target for target, _ in edges], fed, no_post, leaf)
 
     def _post(self, nid: int, by_node: dict, variable, edges, handoff):
         """The node's post-hook (`_PostHook`): what it sends along each edge."""
@@ -605,7 +605,8 @@ class _PassHooks:
 
 class _PreHook:
     """A node's pre-hook. Guarded like `_guarded`'s hooks (inlined: one Python call per node
-    fewer); its state in slots, since a pass holds one per node while it runs."""
+    fewer); its state in slots, since a pass holds one per node while it runs. capture/_graph.c's
+    `PreHook` is the same, compiled (`_pre_hook` is whichever runs); a change here goes there too."""
 
     __slots__ = ("shared", "nid", "name", "outs", "nexts", "fed", "no_post", "leaf")
 
@@ -696,6 +697,13 @@ class _PostHook:
                 except Exception:  # no storage to point at (functorch, sparse): read by the receiver
                     received = set()
         return None
+
+
+# the pre-hook each node gets: `_PreHook`, or the same compiled (capture/_graph.c), where built
+_pre_hook = _PreHook
+if _plan_c is not None and hasattr(_graph, "PreHook"):
+    _graph.configure(BackwardStep, no_torch_function, torch.strided)
+    _pre_hook = _graph.PreHook
 
 
 def pass_scalars(trace: Trace, p: BackwardPass) -> tuple[Optional[float], Optional[float]]:
