@@ -211,26 +211,20 @@ CELLS = [
 ]
 
 
-def _passes(cell: str):
+def _env() -> dict:
     torch.manual_seed(0)
-    env = {"torch": torch, "Twice": Twice, "x": torch.randn(3, requires_grad=True),
-           "w": torch.randn(3, 3, requires_grad=True)}
+    return {"torch": torch, "Twice": Twice, "x": torch.randn(3, requires_grad=True),
+            "w": torch.randn(3, 3, requires_grad=True)}
+
+
+def _passes(cell: str):
+    env = _env()
     with am.trace() as t:
         exec(cell, env)
     return [(p.nodes, sorted(p.edges), [(s.node, s.node_id, s.records, s.next_ids,
                                          [None if g is None else (g.shape, g.min, g.max, g.norm) for g in s.grad_in],
                                          [None if g is None else (g.shape, g.min, g.max, g.norm) for g in s.grad_out])
                                         for s in p.steps]) for p in t.passes]
-
-
-@compiled
-@pytest.mark.parametrize("cell", CELLS)
-def test_traces_are_the_same_with_either_plan(cell, monkeypatch):
-    fast = _passes(cell)
-    monkeypatch.setattr(bw, "_plan", bw._plan_py)
-    slow = _passes(cell)
-    assert fast == slow
-    assert fast and all(nodes for nodes, _, _ in fast)
 
 
 prehook_compiled = pytest.mark.skipif(bw._pre_hook is bw._PreHook, reason="the compiled pre-hook is not built")
@@ -241,7 +235,7 @@ def test_the_compiled_pre_hook_is_built_and_used():
     assert bw._pre_hook.__name__ == "PreHook"
 
 
-MORE_CELLS = CELLS + [
+CELLS += [
     # fan-in: the engine sums into one slot, so senders get post-hooks and hold nothing
     "h = x.exp(); l = (h * h).sum() + (h * 3).sum(); l.backward()",
     # a leaf's .grad accumulating over two passes (AccumulateGrad's leaf entries)
@@ -251,21 +245,21 @@ MORE_CELLS = CELLS + [
 ]
 
 
+@compiled
 @prehook_compiled
-@pytest.mark.parametrize("cell", MORE_CELLS)
-def test_traces_are_the_same_with_either_pre_hook(cell, monkeypatch):
+@pytest.mark.parametrize("python_part", ["_plan", "_pre_hook"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_traces_are_the_same_with_the_compiled_or_the_python_part(cell, python_part, monkeypatch):
     fast = _passes(cell)
-    monkeypatch.setattr(bw, "_pre_hook", bw._PreHook)
+    monkeypatch.setattr(bw, python_part, {"_plan": bw._plan_py, "_pre_hook": bw._PreHook}[python_part])
     slow = _passes(cell)
     assert fast == slow
-    # against plain torch: each AccumulateGrad step received its leaf's gradient
-    torch.manual_seed(0)
-    env = {"torch": torch, "Twice": Twice, "x": torch.randn(3, requires_grad=True),
-           "w": torch.randn(3, 3, requires_grad=True)}
+    assert fast and all(nodes and steps for nodes, _, steps in fast)
+    # against plain torch: every pass sends each leaf the same share of its final .grad
+    env = _env()
     exec(cell, env)
-    assert fast and all(steps for _, _, steps in fast)
     if "grad(" not in cell and "inputs=" not in cell:
-        for _, _, steps in fast:  # every pass sends each leaf the same share of its final .grad
+        for _, _, steps in fast:
             got = sorted(s[4][0][3] for s in steps if s[0] == "AccumulateGrad")
             want = sorted(float(env[k].grad.norm()) / len(fast) for k in ("x", "w") if env[k].grad is not None)
             assert got == pytest.approx(want, rel=1e-5)
