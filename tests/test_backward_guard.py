@@ -25,7 +25,13 @@ def test_backward_still_runs_when_our_recording_fails(shell, monkeypatch, where)
     shell.run_cell("import torch\nx = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)")
     if where == "_post":  # the hook factory itself works; the hook it makes fails inside torch's engine
         real = BackwardRecorder._post
-        monkeypatch.setattr(BackwardRecorder, "_post", lambda self, *a: (lambda *g: _boom()) if real(self, *a) else None)
+
+        def failing_post(self, *a):
+            hook = real(self, *a)
+            hook.get = _boom  # its previews of what the node sends raise
+            return hook
+
+        monkeypatch.setattr(BackwardRecorder, "_post", failing_post)
     else:
         monkeypatch.setattr(BackwardRecorder, where, _boom)
     result = shell.run_cell(f"%%autograd -o t --quiet\n{CELL}")

@@ -485,17 +485,23 @@ class BackwardRecorder:
         p.nodes = names
         p.edges.extend(all_edges)
         by_node: dict[int, BackwardStep] = {}
+        shared = self._pass_hooks = _PassHooks(self, p, by_node)  # what every pre-hook of the pass shares
+        node_records, no_fed, add = self.node_records, (), handles.append
         for nid, node in enumerate(nodes):
             edges = edges_of[nid]
             name, variable = names[nid], variables[nid]
-            outs = self._records_of(keys[nid], name, variable)
+            if variable is None and name != "AccumulateGrad":  # `_records_of`, inlined for most nodes
+                key = keys[nid]
+                outs = node_records.get(key, []) if key is not None else []
+            else:
+                outs = self._records_of(keys[nid], name, variable)
             try:
-                pre = self._pre(p, nid, name, outs, edges, by_node, fed.get(nid, ()), not posts[nid],
-                                variable if name == "AccumulateGrad" else None)
-                handles.append(node.register_prehook(pre))
+                add(node.register_prehook(_pre_hook(shared, nid, name, outs, [target for target, _ in edges],
+                                                    fed.get(nid, no_fed), not posts[nid],
+                                                    variable if name == "AccumulateGrad" else None)))
                 if posts[nid]:
                     # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends
-                    handles.append(node.register_hook(self._guarded(self._post(nid, by_node, variable, edges, handoffs[nid]))))
+                    add(node.register_hook(self._post(nid, by_node, variable, edges, handoffs[nid])))
             except Exception:
                 continue
 
@@ -553,18 +559,9 @@ class BackwardRecorder:
     def _missed(self, exc: Exception) -> None:
         self.tracer.note(f"part of a backward pass was not recorded: {type(exc).__name__}: {exc}")
 
-    def _pre(self, p: BackwardPass, nid: int, name: str, outs, edges, by_node: dict, fed=(), no_post: bool = False,
-             leaf=None):
-        """The node's pre-hook (`_PreHook`): its step, the gradients it receives, and (`fed`) the
-        gradients senders without a post-hook sent it, which are exactly those it receives."""
-        shared = self._pass_hooks
-        if shared is None or shared.p is not p or shared.by_node is not by_node:
-            shared = self._pass_hooks = _PassHooks(self, p, by_node)
-        return _pre_hook(shared, nid, name, outs, [target for target, _ in edges], fed, no_post, leaf)
-
     def _post(self, nid: int, by_node: dict, variable, edges, handoff):
-        """The node's post-hook (`_PostHook`): what it sends along each edge."""
-        return _PostHook(self._held, self.previews.get, nid, by_node, edges, handoff)
+        """The node's post-hook (`_PostHook`, guarded as `_guarded`'s hooks): what it sends along each edge."""
+        return _PostHook(self, self._held, self.previews.get, nid, by_node, edges, handoff)
 
     def _flush_held(self) -> None:
         """Gradients sent to nodes that did not run (autograd.grad stops at its inputs)."""
@@ -664,39 +661,44 @@ class _Guarded:
 
 
 class _PostHook:
-    """A node's post-hook: previews what it sends, or holds it for the receiver's pre-hook."""
+    """A node's post-hook: previews what it sends, or holds it for the receiver's pre-hook.
+    Guarded like `_guarded`'s hooks (inlined, as `_PreHook`'s: one Python call per node fewer)."""
 
-    __slots__ = ("held", "get", "nid", "by_node", "edges", "handoff")
+    __slots__ = ("recorder", "held", "get", "nid", "by_node", "edges", "handoff")
 
-    def __init__(self, held: dict, get, nid: int, by_node: dict, edges, handoff):
-        self.held, self.get, self.nid, self.by_node, self.edges, self.handoff = held, get, nid, by_node, edges, handoff
+    def __init__(self, recorder: BackwardRecorder, held: dict, get, nid: int, by_node: dict, edges, handoff):
+        self.recorder, self.held, self.get, self.nid = recorder, held, get, nid
+        self.by_node, self.edges, self.handoff = by_node, edges, handoff
 
     def __call__(self, grad_inputs, grad_outputs):
-        step = self.by_node.get(self.nid)
-        if step is None:
-            return None
-        get, held, edges, handoff = self.get, self.held, self.edges, self.handoff
-        with no_torch_function():
-            sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
-            received = None
-            for i, g in enumerate(grad_inputs):
-                if g is None:
-                    continue
-                if i >= len(handoff) or not handoff[i]:
-                    sent[i] = get(g)
-                    continue
-                # Read once, by the receiver's pre-hook; held until then, which the
-                # engine does too (a slot fed once is never summed in place).
-                held[edges[i]] = (g, step, i)
-                try:
-                    if received is None:
-                        received = {r.data_ptr() for r in grad_outputs if r is not None}
-                    if g.data_ptr() in received:
-                        # a view of what it received (TBackward): cheap now, while that one is alive
+        try:
+            step = self.by_node.get(self.nid)
+            if step is None:
+                return None
+            get, held, edges, handoff = self.get, self.held, self.edges, self.handoff
+            with no_torch_function():
+                sent = step.grad_out = [None] * len(grad_inputs)  # complete before any hand-off refers to it
+                received = None
+                for i, g in enumerate(grad_inputs):
+                    if g is None:
+                        continue
+                    if i >= len(handoff) or not handoff[i]:
                         sent[i] = get(g)
-                except Exception:  # no storage to point at (functorch, sparse): read by the receiver
-                    received = set()
-        return None
+                        continue
+                    # Read once, by the receiver's pre-hook; held until then, which the
+                    # engine does too (a slot fed once is never summed in place).
+                    held[edges[i]] = (g, step, i)
+                    try:
+                        if received is None:
+                            received = {r.data_ptr() for r in grad_outputs if r is not None}
+                        if g.data_ptr() in received:
+                            # a view of what it received (TBackward): cheap now, while that one is alive
+                            sent[i] = get(g)
+                    except Exception:  # no storage to point at (functorch, sparse): read by the receiver
+                        received = set()
+        except Exception as exc:
+            self.recorder._missed(exc)
+        return None  # never replaces a gradient
 
 
 # the pre-hook each node gets: `_PreHook`, or the same compiled (capture/_graph.c), where built

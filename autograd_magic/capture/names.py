@@ -54,6 +54,53 @@ def _kind(value) -> Optional[str]:
     return None
 
 
+_Module = torch.nn.Module
+_LISTING = ("named_modules", "named_parameters", "named_buffers", "_named_members")
+_lists_plainly: dict[type, bool] = {}  # module class -> it inherits nn.Module's listing methods
+
+
+def _plain_listing(cls: type) -> bool:
+    plain = _lists_plainly.get(cls)
+    if plain is None:
+        plain = _lists_plainly[cls] = all(getattr(cls, m, None) is getattr(_Module, m) for m in _LISTING)
+    return plain
+
+
+def _module_tree(root: torch.nn.Module, prefix: str) -> Optional[tuple[list, list, list]]:
+    """What `root.named_modules(prefix=)`, `.named_parameters(prefix=)` and `.named_buffers(prefix=)`
+    list, in their order and with their removal of duplicates, in one walk of the tree (the three
+    generators walk it three times; this runs once per traced run). None when a module in the
+    tree lists its members its own way: then its own methods are asked."""
+    subs: list = []
+    params: list = []
+    buffers: list = []
+    seen_modules: set[int] = set()
+    seen_params: set[int] = set()
+    seen_buffers: set[int] = set()
+    stack = [(prefix, root)]
+    while stack:
+        path, m = stack.pop()
+        if id(m) in seen_modules:
+            continue
+        if not _plain_listing(type(m)):
+            return None
+        seen_modules.add(id(m))
+        subs.append((path, m))
+        d = m.__dict__
+        for k, p in d["_parameters"].items():
+            if p is not None and id(p) not in seen_params:
+                seen_params.add(id(p))
+                params.append((f"{path}.{k}" if path else k, p))
+        for k, b in d["_buffers"].items():
+            if b is not None and id(b) not in seen_buffers:
+                seen_buffers.add(id(b))
+                buffers.append((f"{path}.{k}" if path else k, b))
+        children = d["_modules"]
+        if children:
+            stack.extend(reversed([(f"{path}.{k}" if path else k, c) for k, c in children.items() if c is not None]))
+    return subs, params, buffers
+
+
 class NameIndex:
     def __init__(self, namespace: Optional[dict]):
         self.namespace = namespace if namespace is not None else {}
@@ -90,11 +137,16 @@ class NameIndex:
                 _remember(tensors, value, name)
             elif kind == "module":
                 try:
-                    for path, sub in value.named_modules(prefix=name):
+                    found = _module_tree(value, name)
+                    if found is None:  # a module class that lists its members its own way
+                        found = (value.named_modules(prefix=name), value.named_parameters(prefix=name),
+                                 value.named_buffers(prefix=name))
+                    subs, params, buffers = found
+                    for path, sub in subs:
                         modules.setdefault(id(sub), path)
-                    for path, p in value.named_parameters(prefix=name):
+                    for path, p in params:
                         _remember(tensors, p, path)
-                    for path, b in value.named_buffers(prefix=name):
+                    for path, b in buffers:
                         _remember(tensors, b, path)
                 except Exception:
                     continue

@@ -562,14 +562,6 @@ def _preview(t: torch.Tensor, with_stats: bool) -> Preview:
     return p
 
 
-def _dense_key(t: torch.Tensor) -> Optional[tuple]:
-    """The memory block of a dense tensor in any axis order: a tensor and its transpose
-    or permutation (attention's heads) hold the same elements, so the same statistics."""
-    if not (t.is_contiguous() or _dense_permutation(t.shape, t.stride())):
-        return None
-    return (t.data_ptr(), t.numel(), t.dtype)
-
-
 def _dense_permutation(shape, strides) -> bool:
     """The strides, sorted, are a contiguous tensor's: the elements fill one block of memory
     with no gaps and no overlaps (a transpose, permute, movedim of a contiguous tensor)."""
@@ -612,8 +604,9 @@ class PreviewCache:
         if not isinstance(t, torch.Tensor):
             return None
         try:
-            version = version_of(t)
-            if version is None:  # inference tensors: no version counter, so no way to trust a copy
+            try:
+                version = t._version  # `version_of`, inlined (once per gradient of a pass)
+            except RuntimeError:  # inference tensors: no version counter, so no way to trust a copy
                 return preview_quiet(t)
             seen = self._seen
             hit = seen.get(id(t))
@@ -631,8 +624,11 @@ class PreviewCache:
             return preview_quiet(t)
         if t.is_neg() or t.is_conj():  # same memory, other values (`z.conj().imag` is a negative view)
             return preview_quiet(t)
-        key = _dense_key(t)
-        if key is None:
+        # the memory block of a dense tensor in any axis order: a tensor and its transpose or
+        # permutation (attention's heads) hold the same elements, so the same statistics
+        if t.is_contiguous() or _dense_permutation(t.shape, t.stride()):
+            key = (t.data_ptr(), t.numel(), t.dtype)
+        else:
             return preview_quiet(t)
         hit = self._dense.get(key)
         if hit is not None and hit[2] == version:
