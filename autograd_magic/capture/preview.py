@@ -604,9 +604,8 @@ class PreviewCache:
         if not isinstance(t, torch.Tensor):
             return None
         try:
-            try:
-                version = t._version  # `version_of`, inlined (once per gradient of a pass)
-            except RuntimeError:  # inference tensors: no version counter, so no way to trust a copy
+            version = version_of(t)
+            if version is None:  # inference tensors: no version counter, so no way to trust a copy
                 return preview_quiet(t)
             seen = self._seen
             hit = seen.get(id(t))

@@ -15,7 +15,7 @@ import numpy as np
 from .explore import Exploration
 
 
-@dataclass
+@dataclass(slots=True)  # one per tensor shown: no per-instance dict, a faster __init__
 class Preview:
     """A bounded picture of one tensor's values at one moment.
 
@@ -51,7 +51,7 @@ class Preview:
         return self.values is not None and not self.summarized and not self.flat_head
 
 
-@dataclass
+@dataclass(slots=True)  # one per tensor shown: no per-instance dict, a faster __init__
 class Record:
     """One tensor the cell made (or used from outside), in execution order.
 
@@ -138,7 +138,7 @@ class Record:
         return self.name or self.expr or self.op
 
 
-@dataclass
+@dataclass(slots=True)  # one per tensor shown: no per-instance dict, a faster __init__
 class BackwardStep:
     """One autograd node as the engine ran it during a backward pass."""
 
