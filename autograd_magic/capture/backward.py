@@ -198,7 +198,6 @@ class BackwardRecorder:
         self._accumulated: list[tuple] = []
         self._last_calls = -1  # tracer.calls when the last pass ended
         self._held: dict[tuple, tuple] = {}  # (receiver node id, slot) -> (gradient sent, sender's step, index)
-        self._pass_hooks: Optional[_PassHooks] = None  # what the pre-hooks of the pass being hooked share
         self.deferred = DeferredScalars()  # device scalars of passes past the limit, read once at the end
         self.last_span: Optional[tuple] = None
 
@@ -272,7 +271,6 @@ class BackwardRecorder:
                 self._note_new_grads()
             finally:
                 self._accumulated = outer_accumulated
-                self._pass_hooks = None  # it points back here: no cycle outlives the pass
                 # Dropped with the pass: after it, the user's code may change a gradient
                 # in ways no version counter sees (`x.grad.data.zero_()`, a numpy view).
                 pass_previews, self.previews = self.previews, outer_previews
@@ -485,19 +483,15 @@ class BackwardRecorder:
         p.nodes = names
         p.edges.extend(all_edges)
         by_node: dict[int, BackwardStep] = {}
-        shared = self._pass_hooks = _PassHooks(self, p, by_node)  # what every pre-hook of the pass shares
-        node_records, no_fed, add = self.node_records, (), handles.append
+        shared = _PassHooks(self, p, by_node)  # what every pre-hook of the pass shares (held by its hooks only)
+        add = handles.append
         for nid, node in enumerate(nodes):
             edges = edges_of[nid]
             name, variable = names[nid], variables[nid]
-            if variable is None and name != "AccumulateGrad":  # `_records_of`, inlined for most nodes
-                key = keys[nid]
-                outs = node_records.get(key, []) if key is not None else []
-            else:
-                outs = self._records_of(keys[nid], name, variable)
+            outs = self._records_of(keys[nid], name, variable)
             try:
                 add(node.register_prehook(_pre_hook(shared, nid, name, outs, [target for target, _ in edges],
-                                                    fed.get(nid, no_fed), not posts[nid],
+                                                    fed.get(nid, ()), not posts[nid],
                                                     variable if name == "AccumulateGrad" else None)))
                 if posts[nid]:
                     # an edge into a slot nothing else feeds: the receiver's own pre-hook previews what it sends

@@ -86,18 +86,18 @@ def _module_tree(root: torch.nn.Module, prefix: str) -> Optional[tuple[list, lis
             return None
         seen_modules.add(id(m))
         subs.append((path, m))
-        d = m.__dict__
+        d, dot = m.__dict__, f"{path}." if path else ""  # torch's prefix rule
         for k, p in d["_parameters"].items():
             if p is not None and id(p) not in seen_params:
                 seen_params.add(id(p))
-                params.append((f"{path}.{k}" if path else k, p))
+                params.append((dot + k, p))
         for k, b in d["_buffers"].items():
             if b is not None and id(b) not in seen_buffers:
                 seen_buffers.add(id(b))
-                buffers.append((f"{path}.{k}" if path else k, b))
+                buffers.append((dot + k, b))
         children = d["_modules"]
         if children:
-            stack.extend(reversed([(f"{path}.{k}" if path else k, c) for k, c in children.items() if c is not None]))
+            stack.extend(reversed([(dot + k, c) for k, c in children.items() if c is not None]))
     return subs, params, buffers
 
 

@@ -562,6 +562,14 @@ def _preview(t: torch.Tensor, with_stats: bool) -> Preview:
     return p
 
 
+def _dense_key(t: torch.Tensor) -> Optional[tuple]:
+    """The memory block of a dense tensor in any axis order: a tensor and its transpose
+    or permutation (attention's heads) hold the same elements, so the same statistics."""
+    if not (t.is_contiguous() or _dense_permutation(t.shape, t.stride())):
+        return None
+    return (t.data_ptr(), t.numel(), t.dtype)
+
+
 def _dense_permutation(shape, strides) -> bool:
     """The strides, sorted, are a contiguous tensor's: the elements fill one block of memory
     with no gaps and no overlaps (a transpose, permute, movedim of a contiguous tensor)."""
@@ -623,11 +631,8 @@ class PreviewCache:
             return preview_quiet(t)
         if t.is_neg() or t.is_conj():  # same memory, other values (`z.conj().imag` is a negative view)
             return preview_quiet(t)
-        # the memory block of a dense tensor in any axis order: a tensor and its transpose or
-        # permutation (attention's heads) hold the same elements, so the same statistics
-        if t.is_contiguous() or _dense_permutation(t.shape, t.stride()):
-            key = (t.data_ptr(), t.numel(), t.dtype)
-        else:
+        key = _dense_key(t)
+        if key is None:
             return preview_quiet(t)
         hit = self._dense.get(key)
         if hit is not None and hit[2] == version:
