@@ -181,3 +181,68 @@ def test_a_subclass_is_left_to_numpys_path(kernel):
 
 def test_preview_quiet_takes_the_compiled_path_where_it_is_built():
     assert preview_mod._fused_preview is fused.preview
+
+
+# ---- a pass's gradient norm past --limit: `squares`, what finite.py's LeafNorms.add_all calls ----
+
+def _grads_of_every_kind():
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(64, 32, generator=g)
+    nan = torch.randn(5, generator=g)
+    nan[2] = math.nan
+    return {
+        "contiguous": dense,
+        "transposed": torch.randn(32, 64, generator=g).t(),  # a weight's gradient as TBackward sends it
+        "parameter": torch.nn.Parameter(torch.randn(7, generator=g)),
+        "float64": torch.randn(3, 5, dtype=torch.float64, generator=g),
+        "scalar": torch.tensor(2.5),
+        "big": torch.randn(131_075, generator=g),
+        "nan": nan,
+        "inf": torch.tensor([1.0, math.inf]),
+        "near_overflow": torch.full((4,), 1e30),
+        "float16": torch.randn(4, generator=g).half(),
+        "int": torch.arange(6),
+        "strided": dense[:, ::2],
+        "empty": torch.zeros(0),
+        "negative_view": torch.randn(3, generator=g)._neg_view(),
+    }
+
+
+def test_squares_sums_what_it_reads_in_place_and_hands_back_the_rest(kernel):
+    grads = _grads_of_every_kind()
+    taken = ["contiguous", "transposed", "parameter", "float64", "scalar", "big"]
+    total, count, rest = fused.squares(list(grads.values()))
+    expected = sum(grads[k].detach().double().square().sum().item() for k in taken)
+    assert count == len(taken)
+    assert total == pytest.approx(expected, rel=1e-12)
+    # the rest, each the very object, in order: finite.py's exact paths take them
+    assert [id(t) for t in rest] == [id(t) for k, t in grads.items() if k not in taken]
+
+
+def test_squares_of_nothing_and_of_what_is_no_tensor(kernel):
+    assert fused.squares([]) == (0.0, 0, [])
+    assert fused.squares([None, 3]) == (0.0, 0, [None, 3])
+    with pytest.raises(TypeError):
+        fused.squares(5)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_passs_gradient_norm_is_torchs_on_either_path(kernel, compiled, monkeypatch):
+    from autograd_magic.capture.finite import LeafNorms
+
+    if not compiled:
+        monkeypatch.setattr(preview_mod, "_fused_squares", None)
+    # every gradient torch can make (an integer tensor has none)
+    grads = [t for k, t in _grads_of_every_kind().items() if k != "int"]
+    norms = LeafNorms()
+    norms.add_all([*grads, None])
+    seen = []
+    norms.norm(None, seen.append)
+    assert norms.count == len(grads)
+    assert math.isnan(seen[0])  # the NaN gradient makes the total NaN, as torch's norm does
+    finite = [t for t in grads if bool(torch.isfinite(t.detach().resolve_neg().double()).all())]
+    norms = LeafNorms()
+    norms.add_all(finite)
+    norms.norm(None, seen.append)
+    expected = torch.linalg.vector_norm(torch.cat([t.detach().resolve_neg().double().reshape(-1) for t in finite]))
+    assert seen[1] == pytest.approx(expected.item(), rel=1e-9)

@@ -253,3 +253,27 @@ def test_a_tensor_from_outside_the_cell_read_after_a_backward_stays_external(she
     t = _traced(shell, "x = torch.ones(3, requires_grad=True)\n(x * 2).sum().backward()\ny = x.detach() + held[0]")
     (outside,) = [r for r in t.records if r.external and r.name is None]
     assert outside.created_by is None and outside.line is None and "from outside the cell" in flags(outside)
+
+
+def test_what_a_lifted_step_keeps_of_its_parameters_is_the_same_compiled_or_not():
+    from autograd_magic.capture import tracer as tracer_module
+
+    compiled = tracer_module._params_state_c
+    if compiled is None:
+        pytest.skip("capture/_walk.c is not built: only the Python reads run")
+    with_grad = torch.nn.Parameter(torch.randn(3, 4))
+    with_grad.grad = torch.randn(3, 4)
+    with torch.no_grad():
+        with_grad.mul_(2.0)  # a version past 0
+    params = [with_grad, torch.nn.Parameter(torch.randn(5, dtype=torch.float64)), torch.randn(2, 2, device="meta"),
+              torch.nn.Parameter(torch.randn(2).half())]
+    ours, theirs = compiled(params), tracer_module._params_state_py(params)
+    assert [id(p) for p in ours[0]] == [id(p) for p in theirs[0]] == [id(p) for p in params[:2] + params[3:]]
+    assert [id(g) for g in ours[1]] == [id(g) for g in theirs[1]] and ours[1][0] is with_grad.grad
+    assert ours[2] == theirs[2] == [p._version for p in ours[0]] and ours[2][0] > 0
+    assert ours[3] == theirs[3] == 3 * 4 * 4 + 5 * 8 + 2 * 2
+    with torch.inference_mode():
+        made = torch.ones(2)  # no version counter: the compiled reads hand it to the Python ones
+    with pytest.raises(RuntimeError):
+        compiled([made])
+    assert tracer_module._params_state([made])[2] == tracer_module._params_state_py([made])[2]

@@ -433,52 +433,54 @@ static int block_stats(const char *ptr, Py_ssize_t n, int is64, double out[4]) {
     return out[3] < safe && big * big * (double)n < safe;
 }
 
-static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "preview(t, with_stats)");
-        return NULL;
-    }
-    PyObject *t = a[0];
-    int with_stats = PyObject_IsTrue(a[1]);
-    if (with_stats < 0) return NULL;
-    if (pv_cls == NULL || current < 0) Py_RETURN_NONE;
-    if (Py_TYPE(t) != (PyTypeObject *)pv_tensor && Py_TYPE(t) != (PyTypeObject *)pv_param) Py_RETURN_NONE;
-    PyObject *shape = NULL, *values = NULL, *result = NULL;
+/* A tensor `read_block` could read in place: its memory, size, dtype and layout. */
+struct block {
+    const char *ptr;
+    Py_ssize_t n, itemsize;
+    int is64, nd, contiguous;
+    Py_ssize_t dims[PV_MAX_DIMS], bstride[PV_MAX_DIMS]; /* each dimension's size, and stride in bytes */
+    PyObject *shape;                                     /* t.shape as a plain tuple (a new reference) */
+};
+
+/* Whether `t` is one dense block of float32/float64 CPU memory (see `preview`): 1 with `b` filled
+ * (b->shape is then the caller's to release), 0 for anything else (no error set), -1 on an error. */
+static int read_block(PyObject *t, struct block *b) {
+    b->shape = NULL;
+    if (pv_cls == NULL || current < 0) return 0;
+    if (Py_TYPE(t) != (PyTypeObject *)pv_tensor && Py_TYPE(t) != (PyTypeObject *)pv_param) return 0;
     PyObject *dtype = PyObject_GetAttr(t, pv_names[N_DTYPE]);
-    if (dtype == NULL) return NULL;
-    int is64 = dtype == pv_f64;
-    int known = is64 || dtype == pv_f32;
+    if (dtype == NULL) return -1;
+    b->is64 = dtype == pv_f64;
+    int known = b->is64 || dtype == pv_f32;
     Py_DECREF(dtype);
-    if (!known) Py_RETURN_NONE;
+    if (!known) return 0;
     int r;
-    if ((r = attr_is(t, N_IS_CPU, Py_True)) <= 0) goto refuse;
-    if ((r = attr_is(t, N_LAYOUT, pv_strided)) <= 0) goto refuse;
-    if ((r = method_true(t, N_IS_NEG)) != 0) goto refuse;
-    int contiguous = method_true(t, N_IS_CONTIGUOUS);
-    if (contiguous < 0) return NULL;
+    if ((r = attr_is(t, N_IS_CPU, Py_True)) <= 0) return r;
+    if ((r = attr_is(t, N_LAYOUT, pv_strided)) <= 0) return r;
+    if ((r = method_true(t, N_IS_NEG)) != 0) return r < 0 ? -1 : 0;
+    b->contiguous = method_true(t, N_IS_CONTIGUOUS);
+    if (b->contiguous < 0) return -1;
     PyObject *size = PyObject_GetAttr(t, pv_names[N_SHAPE]);
-    if (size == NULL) return NULL;
-    shape = PySequence_Tuple(size);  /* a plain tuple, as numpy's `a.shape` */
+    if (size == NULL) return -1;
+    b->shape = PySequence_Tuple(size); /* a plain tuple, as numpy's `a.shape` */
     Py_DECREF(size);
-    if (shape == NULL) return NULL;
-    int nd = (int)PyTuple_GET_SIZE(shape);
-    if (nd > PV_MAX_DIMS) goto none;
-    Py_ssize_t dims[PV_MAX_DIMS], n = 1, block = 1;
+    if (b->shape == NULL) return -1;
+    int nd = b->nd = (int)PyTuple_GET_SIZE(b->shape);
+    if (nd > PV_MAX_DIMS) goto refuse;
+    Py_ssize_t n = 1;
     for (int d = 0; d < nd; d++) {
-        dims[d] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape, d));
-        if (dims[d] == -1 && PyErr_Occurred()) goto error;
-        n *= dims[d];
-        block *= dims[d] > 2 * pv_edge ? 2 * pv_edge : dims[d];
+        b->dims[d] = PyLong_AsSsize_t(PyTuple_GET_ITEM(b->shape, d));
+        if (b->dims[d] == -1 && PyErr_Occurred()) goto error;
+        n *= b->dims[d];
     }
-    int summarized = n > pv_full;
-    if (n == 0 || (with_stats && n > pv_stats_limit) || (summarized && block > pv_block)) goto none;
-    Py_ssize_t itemsize = is64 ? 8 : 4;
-    Py_ssize_t bstride[PV_MAX_DIMS];
-    if (contiguous) {
+    b->n = n;
+    if (n == 0) goto refuse;
+    Py_ssize_t itemsize = b->itemsize = b->is64 ? 8 : 4;
+    if (b->contiguous) {
         Py_ssize_t st = itemsize;
         for (int d = nd - 1; d >= 0; d--) {
-            bstride[d] = st;
-            st *= dims[d];
+            b->bstride[d] = st;
+            st *= b->dims[d];
         }
     } else {
         /* a dense permutation (a weight's gradient as TBackward sends it) is one block too: the
@@ -487,7 +489,7 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
         if (strides == NULL) goto error;
         if (!PyTuple_Check(strides) || PyTuple_GET_SIZE(strides) != nd) {
             Py_DECREF(strides);
-            goto none;
+            goto refuse;
         }
         Py_ssize_t es[PV_MAX_DIMS];
         for (int d = 0; d < nd; d++) {
@@ -498,32 +500,60 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
             }
             if (es[d] < 0) {
                 Py_DECREF(strides);
-                goto none;
+                goto refuse;
             }
-            bstride[d] = es[d] * itemsize;
+            b->bstride[d] = es[d] * itemsize;
         }
         Py_DECREF(strides);
-        if (!dense_permutation(nd, dims, es)) goto none;
+        if (!dense_permutation(nd, b->dims, es)) goto refuse;
     }
     PyObject *ptr_obj = call0(t, N_DATA_PTR);
-    if (ptr_obj == NULL) {  /* no storage to point at (functorch's wrapped tensors): numpy's path says why */
+    if (ptr_obj == NULL) { /* no storage to point at (functorch's wrapped tensors): numpy's path says why */
         PyErr_Clear();
-        goto none;
+        goto refuse;
     }
-    const char *ptr = (const char *)PyLong_AsVoidPtr(ptr_obj);
+    b->ptr = (const char *)PyLong_AsVoidPtr(ptr_obj);
     Py_DECREF(ptr_obj);
-    if (ptr == NULL) {
+    if (b->ptr == NULL) {
         if (PyErr_Occurred()) goto error;
-        goto none;
+        goto refuse;
     }
+    return 1;
+refuse:
+    Py_CLEAR(b->shape);
+    return 0;
+error:
+    Py_CLEAR(b->shape);
+    return -1;
+}
+
+static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "preview(t, with_stats)");
+        return NULL;
+    }
+    int with_stats = PyObject_IsTrue(a[1]);
+    if (with_stats < 0) return NULL;
+    struct block b;
+    int r = read_block(a[0], &b);
+    if (r <= 0) {
+        if (r < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    PyObject *shape = b.shape, *values = NULL, *result = NULL;
+    int nd = b.nd, is64 = b.is64;
+    Py_ssize_t n = b.n, block = 1;
+    for (int d = 0; d < nd; d++) block *= b.dims[d] > 2 * pv_edge ? 2 * pv_edge : b.dims[d];
+    int summarized = n > pv_full;
+    if ((with_stats && n > pv_stats_limit) || (summarized && block > pv_block)) goto none;
     double out[4] = {0, 0, 0, 0};
-    if (with_stats && !block_stats(ptr, n, is64, out)) goto none;  /* NaN, Inf, overflow: numpy's */
+    if (with_stats && !block_stats(b.ptr, n, is64, out)) goto none; /* NaN, Inf, overflow: numpy's */
     PyObject *vshape;
     if (summarized) {
         vshape = PyTuple_New(nd);
         if (vshape == NULL) goto error;
         for (int d = 0; d < nd; d++) {
-            PyObject *v = PyLong_FromSsize_t(dims[d] > 2 * pv_edge ? 2 * pv_edge : dims[d]);
+            PyObject *v = PyLong_FromSsize_t(b.dims[d] > 2 * pv_edge ? 2 * pv_edge : b.dims[d]);
             if (v == NULL) {
                 Py_DECREF(vshape);
                 goto error;
@@ -538,8 +568,8 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     if (values == NULL) goto error;
     Py_buffer view;
     if (PyObject_GetBuffer(values, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto error;
-    if (contiguous && !summarized) memcpy(view.buf, ptr, (size_t)(n * itemsize));
-    else gather(ptr, (char *)view.buf, itemsize, nd, dims, bstride, summarized);
+    if (b.contiguous && !summarized) memcpy(view.buf, b.ptr, (size_t)(n * b.itemsize));
+    else gather(b.ptr, (char *)view.buf, b.itemsize, nd, b.dims, b.bstride, summarized);
     PyBuffer_Release(&view);
     /* Preview(shape, dtype, values=, summarized=, min=, max=, mean=, norm=) */
     PyObject *floats[4] = {NULL, NULL, NULL, NULL};
@@ -558,9 +588,6 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     result = PyObject_Vectorcall(pv_cls, stack, 2, pv_kwnames);
     for (int i = 0; i < 4; i++) Py_XDECREF(floats[i]);
     goto done;
-refuse:  /* r: -1 an error, else (0 or 1, as the check had it) not this path */
-    if (r < 0) return NULL;
-    Py_RETURN_NONE;
 none:
     result = Py_NewRef(Py_None);
     goto done;
@@ -569,6 +596,43 @@ error:
 done:
     Py_XDECREF(shape);
     Py_XDECREF(values);
+    return result;
+}
+
+/* ---- a pass's gradient norm past --limit (finite.py's LeafNorms.add_all) ----
+ *
+ * `squares(grads)` sums the squares of every gradient `read_block` reads in place, in float64 in
+ * one pass each, in order: a training loop's leaves, four or more per iteration, at a call each
+ * instead of four reads through numpy. Returns (sum, how many, the rest): the rest are those it
+ * leaves to finite.py's exact paths (not a tensor is skipped there too; a NaN, an Inf, squares
+ * near overflow, another dtype or layout, a device, no elements). */
+static PyObject *fused_squares(PyObject *self, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "squares(grads): a list of tensors");
+    if (seq == NULL) return NULL;
+    PyObject *rest = PyList_New(0), *result = NULL;
+    if (rest == NULL) goto done;
+    double total = 0;
+    Py_ssize_t count = 0, len = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < len; i++) {
+        struct block b;
+        int r = read_block(items[i], &b);
+        if (r < 0) goto done;
+        double out[4];
+        if (r == 1) {
+            Py_DECREF(b.shape);
+            if (block_stats(b.ptr, b.n, b.is64, out)) {
+                total += out[3];
+                count++;
+                continue;
+            }
+        }
+        if (PyList_Append(rest, items[i]) < 0) goto done;
+    }
+    result = Py_BuildValue("(dnO)", total, count, rest);
+done:
+    Py_XDECREF(rest);
+    Py_DECREF(seq);
     return result;
 }
 
@@ -582,6 +646,9 @@ static PyMethodDef methods[] = {
     {"stats", fused_stats, METH_O,
      "stats(buffer) -> (min, max, sum, sum of squares) of a C-contiguous float32/float64 block in one pass, "
      "or None (a NaN/Inf, squares that would overflow the dtype, another format, no elements)."},
+    {"squares", fused_squares, METH_O,
+     "squares(grads) -> (sum of their squares, how many, [the rest]): those `preview` reads in place, "
+     "summed in float64; the rest (any other, or a NaN/Inf/overflow) for finite.py's exact paths."},
     {NULL, NULL, 0, NULL},
 };
 

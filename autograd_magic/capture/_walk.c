@@ -314,7 +314,7 @@ static PyObject *tensor_type, *call_kinds, *call_kind, *stack_len, *grad_fn_quie
 static PyObject *str_busy, *str_calls, *str_on_op, *str_backward, *str_run, *str_grad_fn, *str_op_failed, *one;
 static PyObject *str_sites, *str_find, *str_site_runs, *str_span_counts, *str_detail_limit, *str_detaching, *str_watching,
     *str_window, *str_window_bytes, *str_backward_calls, *str_by_tensor, *str_version, *str_is_cpu, *str_numel,
-    *str_element_size, *str_check_window, *str_finite_window, *str_finite_window_bytes;
+    *str_element_size, *str_check_window, *str_finite_window, *str_finite_window_bytes, *str_grad;
 
 typedef struct {
     PyObject_HEAD
@@ -376,13 +376,18 @@ static int attr_true(PyObject *obj, PyObject *name) {
     return r;
 }
 
-static Py_ssize_t attr_ssize(PyObject *obj, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(obj, name);
+/* `v` (a new reference, or NULL with an error set) as a Py_ssize_t, released; -1 with an error set */
+static Py_ssize_t ssize_of(PyObject *v) {
     if (v == NULL) return -1;
     Py_ssize_t r = PyLong_AsSsize_t(v);
     Py_DECREF(v);
     return r;
 }
+
+static Py_ssize_t attr_ssize(PyObject *obj, PyObject *name) { return ssize_of(PyObject_GetAttr(obj, name)); }
+
+/* obj.name() as a Py_ssize_t */
+static Py_ssize_t attr_call_ssize(PyObject *obj, PyObject *name) { return ssize_of(PyObject_CallMethodNoArgs(obj, name)); }
 
 /* `Tracer.on_op`'s fast path for a loop's later runs of an op making one tensor (the common case
  * past --limit), here: count it, keep it in the NaN window, link its tensor to the site's first
@@ -746,7 +751,51 @@ static PyTypeObject ModeCoreType = {
     .tp_members = core_members,
 };
 
+/* tracer.py's `keep_step` reads of a lifted optimizer step's parameters (every step of a training
+ * loop past --limit, a read or four per parameter): `_params_state`'s answer, compiled. An error
+ * (an inference tensor has no version) is raised for that one to answer. */
+static PyObject *params_state(PyObject *module, PyObject *arg) {
+    PyObject *seq = PySequence_Fast(arg, "params_state(params): a list of tensors");
+    if (seq == NULL) return NULL;
+    PyObject *cpu = PyList_New(0), *versions = PyList_New(0), *grads = NULL, *result = NULL;
+    Py_ssize_t nbytes = 0, len = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    if (cpu == NULL || versions == NULL) goto done;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        int on_cpu = attr_true(items[i], str_is_cpu);
+        if (on_cpu < 0) goto done;
+        if (!on_cpu) continue;
+        if (PyList_Append(cpu, items[i]) < 0) goto done;
+        PyObject *v = PyObject_GetAttr(items[i], str_version);
+        if (v == NULL) goto done;
+        int bad = PyList_Append(versions, v);
+        Py_DECREF(v);
+        if (bad < 0) goto done;
+        Py_ssize_t count = attr_call_ssize(items[i], str_numel);
+        Py_ssize_t size = count != -1 ? attr_call_ssize(items[i], str_element_size) : -1;
+        if (size == -1 && PyErr_Occurred()) goto done;
+        nbytes += count * size;
+    }
+    grads = PyTuple_New(PyList_GET_SIZE(cpu));
+    if (grads == NULL) goto done;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(cpu); i++) {
+        PyObject *g = PyObject_GetAttr(PyList_GET_ITEM(cpu, i), str_grad);
+        if (g == NULL) goto done;
+        PyTuple_SET_ITEM(grads, i, g);
+    }
+    result = Py_BuildValue("(OOOn)", cpu, grads, versions, nbytes);
+done:
+    Py_XDECREF(cpu);
+    Py_XDECREF(versions);
+    Py_XDECREF(grads);
+    Py_DECREF(seq);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
+    {"params_state", params_state, METH_O,
+     "params_state(params) -> (those on the CPU, their .grads, their versions, their bytes): tracer.py's "
+     "`_params_state`, compiled."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "configure(tensor_type, kinds, call_kind, stack_len, grad_fn_quiet, grad_enabled, limits): what ModeCore "
      "reads (tracer.py, once)."},
@@ -772,7 +821,8 @@ PyMODINIT_FUNC PyInit__walk(void) {
         intern(&str_by_tensor, "_by_tensor") < 0 || intern(&str_version, "_version") < 0 ||
         intern(&str_is_cpu, "is_cpu") < 0 || intern(&str_numel, "numel") < 0 ||
         intern(&str_element_size, "element_size") < 0 || intern(&str_check_window, "check_window") < 0 ||
-        intern(&str_finite_window, "FINITE_WINDOW") < 0 || intern(&str_finite_window_bytes, "FINITE_WINDOW_BYTES") < 0)
+        intern(&str_finite_window, "FINITE_WINDOW") < 0 || intern(&str_finite_window_bytes, "FINITE_WINDOW_BYTES") < 0 ||
+        intern(&str_grad, "grad") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

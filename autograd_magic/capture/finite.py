@@ -151,6 +151,16 @@ class LeafNorms:
         """`add` of each (a pass's leaves' `.grad`s): one compiled pass each where it is built,
         else the CPU float ones of one dtype in one call of torch's `_foreach_norm`."""
         grads = [g for g in grads if isinstance(g, torch.Tensor)]
+        squares = _preview._fused_squares
+        if squares is not None and _preview._fused_preview is not None:
+            # all in one compiled call, each read in place (~1 us each on a loop's grads, against ~8
+            # through numpy); what it leaves (a NaN, an Inf, another dtype or layout) takes `add`'s paths
+            total, count, rest = squares(grads)
+            self.host += total
+            self.count += count
+            for g in rest:
+                self.add(g)
+            return
         fused = _preview._fused_stats
         if fused is not None:  # one compiled pass each beats torch's batched call on a loop's grads
             for g in grads:

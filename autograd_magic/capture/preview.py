@@ -253,6 +253,8 @@ if _fused_stats is not None and hasattr(_fused, "preview"):
                              "torch.float32", "torch.float64", torch.strided, torch.Tensor, torch.nn.Parameter,
                              FULL_LIMIT, EDGE, EDGE_LIMIT, STATS_LIMIT)
     _fused_preview = _fused.preview
+# The squares of a pass's gradients past --limit, read in place the same way (finite.py's LeafNorms)
+_fused_squares = _fused.squares if _fused_preview is not None and hasattr(_fused, "squares") else None
 
 
 def _fused_filled(p: Preview, flat: np.ndarray, n: int) -> bool:

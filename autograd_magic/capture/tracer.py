@@ -43,6 +43,10 @@ try:  # optional (setup.py): where it is not built, the mode's handler is `_PyMo
     from ._walk import ModeCore as _ModeCore, configure as _walk_configure
 except ImportError:
     _ModeCore = None
+try:
+    from ._walk import params_state as _params_state_c
+except ImportError:
+    _params_state_c = None
 
 
 def purge_stale_modes() -> None:
@@ -113,6 +117,23 @@ def _grad_fn_quiet(out) -> Optional[str]:
     """`grad_fn_name` with torch-function dispatch off: a user's mode below ours must not see our read."""
     with compat.no_torch_function():
         return grad_fn_name(out)
+
+
+def _params_state_py(params: list) -> tuple:
+    """(the CPU ones, their `.grad`s, their versions, their bytes) of an optimizer's parameters:
+    what `keep_step` keeps of a lifted step."""
+    params = [p for p in params if p.is_cpu]
+    return params, tuple(p.grad for p in params), compat.versions_of(params), sum(p.numel() * p.element_size() for p in params)
+
+
+def _params_state(params: list) -> tuple:
+    """`_params_state_py`, compiled (capture/_walk.c) where built; an inference tensor (no version) goes the Python way."""
+    if _params_state_c is not None:
+        try:
+            return _params_state_c(params)
+        except RuntimeError:
+            pass
+    return _params_state_py(params)
 
 
 class _PyMode(TorchFunctionMode):
@@ -539,13 +560,12 @@ class Tracer:
         place: its outputs are the optimizer's CPU parameters (as for ops past the limit), each with
         the gradient it was updated from, kept as an update op's inputs would be."""
         with compat.no_torch_function():
-            params = [p for p in params if p.is_cpu]
+            params, grads, versions, nbytes = _params_state(params)
             if not params:
                 return
-            grads = tuple(p.grad for p in params)
             entry = (opt.step, STEP, grads, {}, None, params, span, internal, None, occurrence, None, [count, None], count)
-            self._window.append((entry, False, compat.versions_of(params), self.backward_calls))
-            self._window_bytes += sum(p.numel() * p.element_size() for p in params)
+            self._window.append((entry, False, versions, self.backward_calls))
+            self._window_bytes += nbytes
         if len(self._window) >= limits.FINITE_WINDOW or self._window_bytes >= limits.FINITE_WINDOW_BYTES:
             self.check_window()
 
