@@ -389,3 +389,65 @@ def test_functions_made_on_the_fly_are_not_kept_alive_by_the_tracer():
             del held, op
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+# ---- the compiled handler's own passes past --limit (capture/_walk.c's `pass_fast`) ----------
+
+RETAINS = LOOP.format(lr=CONVERGES).replace("loss.backward()", "loss.backward(retain_graph=True)")
+SEEDED = LOOP.format(lr=CONVERGES).replace("loss.backward()", "loss.backward(torch.tensor(1.0))")
+
+
+def _pass_facts(t) -> tuple:
+    nonfinite = t.nonfinite
+    def same_nan(v):  # a NaN is no NaN's equal: compared by what it is
+        return "nan" if isinstance(v, float) and math.isnan(v) else v
+
+    return ([(it.index, it.line, same_nan(it.loss), same_nan(it.grad_norm), it.pass_index) for it in t.iterations],
+            t.iterations_left_out, t.notes, t.repeats, [(r.op, r.expr, r.run, r.iteration) for r in t.records],
+            None if nonfinite is None else (nonfinite.record, nonfinite.iteration))
+
+
+@pytest.mark.parametrize("cell", [LOOP.format(lr=DIVERGES), LOOP.format(lr=CONVERGES), ACCUMULATES, GRAD_LOOP, RETAINS,
+                                  SEEDED], ids=["diverges", "converges", "accumulates", "grad", "retains", "seeded"])
+def test_the_compiled_passes_past_the_limit_keep_what_the_python_ones_keep(shell, monkeypatch, cell, stats_path):
+    from autograd_magic.capture import backward as backward_mod, tracer as tracer_mod
+
+    if tracer_mod._ModeCore is None:
+        pytest.skip("the compiled mode handler is not built")
+    general = []
+    run_unrecorded = backward_mod.BackwardRecorder._run_unrecorded
+    monkeypatch.setattr(backward_mod.BackwardRecorder, "_run_unrecorded",
+                        lambda self, *a: general.append(1) or run_unrecorded(self, *a))
+    compiled = _pass_facts(_traced(shell, cell))
+    taken = len(general)
+    general.clear()
+    monkeypatch.setattr(tracer_mod.Tracer, "_fast_passes", False)
+    python = _pass_facts(_traced(shell, cell))
+    assert compiled == python
+    assert len(compiled[0]) > limits.DETAIL_LIMIT + 1  # passes past the limit, each with its entry
+    # the loop's own case runs compiled past the limit; an accumulating one, an argument, autograd.grad do not
+    plain_case = cell.startswith("torch.manual_seed(0)") and cell not in (RETAINS, SEEDED)
+    assert (taken < len(general)) == plain_case and len(general) > 0
+
+
+def test_past_the_iteration_bound_the_compiled_passes_hand_over(shell, monkeypatch):
+    monkeypatch.setattr(limits, "TRAIN_ITERATIONS", 6)
+    t = _traced(shell, LOOP.format(lr=CONVERGES))
+    assert len(t.training()) == 6 and t.iterations_left_out == 44
+    assert [it.pass_index for it in t.training()] == [0, 1, 2, None, None, None]
+
+
+def test_a_failing_gradient_norm_past_the_limit_is_noted_and_the_loop_goes_on(shell, monkeypatch):
+    from autograd_magic.capture import backward as backward_mod
+
+    def boom(*a):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(backward_mod.BackwardRecorder, "_leaf_norms", boom)
+    monkeypatch.setattr(backward_mod.LeafNorms, "add_all", boom)  # the Python passes' own reads, the same way
+    cell = LOOP.format(lr=DIVERGES)
+    _, _, plain = _plain_loop(cell)
+    t = _traced(shell, cell)
+    assert "the gradient norm of a pass past the limit was not kept: RuntimeError: boom" in t.notes
+    for a, b in zip(shell.user_ns["model"].parameters(), plain["model"].parameters()):
+        assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)  # the loop computed what it computes plainly

@@ -25,6 +25,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <frameobject.h>
 #include <structmember.h>
 
@@ -559,6 +560,229 @@ done:
     return result;
 }
 
+/* ---- a training loop's backward calls past --limit (backward.py's `run` and `_run_unrecorded`) ----
+ *
+ * The loop's common case, `loss.backward()` with a CPU float scalar loss after `zero_grad()`, costs
+ * what its own backward costs again in Python around it (a walk for the line, the loss, the NaN
+ * window, the leaves' gradient norm: about 50 us on the loop benchmark). Here it is the same reads
+ * in one compiled call. Any other case, and any call before the limit, is backward.py's: `pass_fast`
+ * answers NULL with no error set, having changed nothing. Set by configure_passes(): */
+static PyObject *tensor_backward, *param_type, *preview_module, *str_site_counts, *str_last_span, *str_iteration,
+    *str_trace, *str_iterations, *str_train_iterations, *str_leaf_records, *str_item, *str_dtype, *str_is_floating,
+    *str_loss, *str_grad_norm, *str_fused_squares, *str_fused_preview, *str_leaf_norms, *str_loss_of, *str_fast_passes;
+
+/* t is an exact torch.Tensor or Parameter: no __torch_function__ of a subclass sees our reads */
+static int plain_tensor(PyObject *t) {
+    return Py_TYPE(t) == (PyTypeObject *)tensor_type || (param_type != NULL && Py_TYPE(t) == (PyTypeObject *)param_type);
+}
+
+/* The live leaves the recorder knows, when none holds a `.grad` (after `zero_grad()`): a new list; NULL
+ * with no error set when any holds one, is no plain tensor, or none is known (backward.py's hooks then). */
+static PyObject *leaves_without_grad(PyObject *recorder) {
+    PyObject *records = PyObject_GetAttr(recorder, str_leaf_records);
+    if (records == NULL || !PyDict_Check(records)) {
+        Py_XDECREF(records);
+        return NULL;
+    }
+    PyObject *leaves = PyList_New(0), *key, *value;
+    Py_ssize_t pos = 0;
+    while (leaves != NULL && PyDict_Next(records, &pos, &key, &value)) {
+        if (!PyTuple_Check(value) || PyTuple_GET_SIZE(value) != 2 || !PyWeakref_Check(PyTuple_GET_ITEM(value, 0))) {
+            Py_CLEAR(leaves);
+            break;
+        }
+        PyObject *t = PyWeakref_GetObject(PyTuple_GET_ITEM(value, 0)); /* borrowed */
+        if (t == Py_None) continue;
+        PyObject *g = plain_tensor(t) ? PyObject_GetAttr(t, str_grad) : NULL;
+        int none = g == Py_None;
+        Py_XDECREF(g);
+        if (!none || PyList_Append(leaves, t) < 0) Py_CLEAR(leaves);
+    }
+    Py_DECREF(records);
+    if (leaves != NULL && PyList_GET_SIZE(leaves) == 0) Py_CLEAR(leaves);
+    return leaves;
+}
+
+/* entry.grad_norm from the leaves' new `.grad`s: `squares` (capture/_fused.c) where preview.py has it on,
+ * what it leaves (or all of them) to backward.py's `_leaf_norms` (finite.py's exact paths). */
+static int leaf_norms(PyObject *recorder, PyObject *leaves, PyObject *entry) {
+    Py_ssize_t n = PyList_GET_SIZE(leaves);
+    PyObject *grads = PyList_New(n), *found = NULL, *rest = NULL;
+    if (grads == NULL) return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *g = PyObject_GetAttr(PyList_GET_ITEM(leaves, i), str_grad);
+        if (g == NULL) {
+            Py_DECREF(grads);
+            return -1;
+        }
+        PyList_SET_ITEM(grads, i, g);
+    }
+    double total = 0;
+    Py_ssize_t count = 0;
+    int r = -1;
+    PyObject *squares = PyObject_GetAttr(preview_module, str_fused_squares);
+    PyObject *in_place = squares != NULL ? PyObject_GetAttr(preview_module, str_fused_preview) : NULL;
+    if (in_place == NULL) goto done;
+    if (squares != Py_None && in_place != Py_None) {
+        found = PyObject_CallOneArg(squares, grads);
+        if (found == NULL || !PyArg_ParseTuple(found, "dnO!", &total, &count, &PyList_Type, &rest)) goto done;
+        Py_INCREF(rest);
+    } else {
+        rest = Py_NewRef(grads);
+    }
+    if (PyList_GET_SIZE(rest) > 0) {
+        PyObject *t = PyFloat_FromDouble(total), *c = PyLong_FromSsize_t(count);
+        PyObject *done = t != NULL && c != NULL ? PyObject_CallMethodObjArgs(recorder, str_leaf_norms, rest, t, c, entry, NULL)
+                                                : NULL;
+        Py_XDECREF(t);
+        Py_XDECREF(c);
+        Py_XDECREF(done);
+        r = done != NULL ? 0 : -1;
+    } else if (count > 0) {
+        PyObject *norm = PyFloat_FromDouble(sqrt(total));
+        r = norm != NULL ? PyObject_SetAttr(entry, str_grad_norm, norm) : -1;
+        Py_XDECREF(norm);
+    } else {
+        r = 0;
+    }
+done:
+    Py_XDECREF(squares);
+    Py_XDECREF(in_place);
+    Py_XDECREF(found);
+    Py_XDECREF(rest);
+    Py_DECREF(grads);
+    return r;
+}
+
+static PyObject *pass_fast(ModeCore *self, PyObject *func, PyObject *name, PyObject *args, PyObject *kwargs) {
+    PyObject *tracer = self->tracer;
+    if (tensor_backward == NULL || func != tensor_backward || PyTuple_GET_SIZE(args) != 1) return NULL;
+    if (kwargs != NULL) { /* torch passes each argument by name: only their defaults are this case */
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(kwargs, &pos, &key, &value))
+            if (value != Py_None && value != Py_False) return NULL;
+    }
+    PyObject *root = PyTuple_GET_ITEM(args, 0);
+    if (Py_TYPE(root) != (PyTypeObject *)tensor_type) return NULL;
+    PyObject *recorder = NULL, *found = NULL, *counts = NULL, *leaves = NULL, *entry = NULL, *loss = NULL,
+             *result = NULL, *window = NULL;
+    int on = attr_true(tracer, str_fast_passes);
+    PyObject *depth = on > 0 ? PyObject_CallNoArgs(stack_len) : NULL;
+    int below = depth == NULL ? 1 : depth == Py_None ? 0 : PyObject_IsTrue(depth);
+    Py_XDECREF(depth);
+    if (below != 0) goto not_here; /* a user's mode below ours would see our reads: backward.py's blocks */
+    /* the case, read before anything is changed */
+    recorder = PyObject_GetAttr(tracer, str_backward);
+    PyObject *sites = recorder != NULL ? PyObject_GetAttr(tracer, str_sites) : NULL;
+    found = sites != NULL ? PyObject_CallMethodOneArg(sites, str_find, name) : NULL;
+    Py_XDECREF(sites);
+    if (found == NULL || !PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 4) goto not_here;
+    PyObject *span = PyTuple_GET_ITEM(found, 0);
+    if (span == Py_None) goto not_here;
+    counts = PyObject_GetAttr(recorder, str_site_counts);
+    if (counts == NULL || !PyDict_Check(counts)) goto not_here;
+    PyObject *seen = PyDict_GetItemWithError(counts, span);
+    Py_ssize_t count = seen != NULL ? PyLong_AsSsize_t(seen) : 0;
+    Py_ssize_t limit = attr_ssize(tracer, str_detail_limit);
+    if (PyErr_Occurred() || count <= limit) goto not_here; /* up to the limit: recorded; at it, also a note */
+    PyObject *trace = PyObject_GetAttr(tracer, str_trace);
+    PyObject *kept = trace != NULL ? PyObject_GetAttr(trace, str_iterations) : NULL;
+    Py_XDECREF(trace);
+    Py_ssize_t most = kept != NULL ? attr_ssize(limits, str_train_iterations) : -1;
+    Py_ssize_t have = kept != NULL ? PyObject_Length(kept) : -1;
+    Py_XDECREF(kept);
+    if (PyErr_Occurred() || have < 0 || most < 0 || have >= most) goto not_here; /* past the bound: counted there */
+    PyObject *v = PyObject_GetAttr(root, str_is_cpu);
+    int cpu = v == Py_True;
+    Py_XDECREF(v);
+    Py_ssize_t numel = cpu ? attr_call_ssize(root, str_numel) : -1;
+    PyObject *dtype = numel == 1 ? PyObject_GetAttr(root, str_dtype) : NULL;
+    int floating = dtype != NULL ? attr_true(dtype, str_is_floating) : -1;
+    Py_XDECREF(dtype);
+    if (floating != 1) goto not_here;
+    leaves = leaves_without_grad(recorder);
+    if (leaves == NULL) goto not_here; /* gradients accumulate: hooks read them as they arrive */
+    /* this call is ours from here on: as run() counts it */
+    PyObject *calls = PyObject_GetAttr(tracer, str_backward_calls);
+    PyObject *more = calls != NULL ? PyNumber_Add(calls, one) : NULL;
+    Py_XDECREF(calls);
+    int failed = more == NULL || PyObject_SetAttr(tracer, str_backward_calls, more) < 0;
+    Py_XDECREF(more);
+    PyObject *next = failed ? NULL : PyLong_FromSsize_t(count + 1);
+    failed = next == NULL || PyDict_SetItem(counts, span, next) < 0 || PyObject_SetAttr(recorder, str_last_span, span) < 0;
+    Py_XDECREF(next);
+    if (failed) goto done;
+    entry = PyObject_CallMethodObjArgs(recorder, str_iteration, span, Py_None, NULL);
+    if (entry == NULL) goto done;
+    if (entry == Py_None) { /* no entry after all: backward.py's way for that case */
+        result = PyObject_CallMethodObjArgs(recorder, str_loss_of, func, args, kwargs != NULL ? kwargs : Py_None, NULL);
+        goto done;
+    }
+    /* the loss, read once: the NaN search asks whether it is finite (as loss_value, before_backward_quiet) */
+    loss = PyObject_CallMethodNoArgs(root, str_item);
+    double value = loss != NULL ? PyFloat_AsDouble(loss) : 0;
+    if (loss == NULL || (value == -1 && PyErr_Occurred()) || PyObject_SetAttr(entry, str_loss, loss) < 0) goto done;
+    window = PyObject_GetAttr(tracer, str_window);
+    if (window == NULL || !PyList_Check(window)) goto done;
+    if (PyList_GET_SIZE(window) > 0) {
+        if (isfinite(value)) {
+            PyObject *zero = PyLong_FromLong(0);
+            failed = zero == NULL || PyList_SetSlice(window, 0, PyList_GET_SIZE(window), NULL) < 0 ||
+                     PyObject_SetAttr(tracer, str_window_bytes, zero) < 0;
+            Py_XDECREF(zero);
+            if (failed) goto done;
+        } else {
+            PyObject *r = PyObject_CallMethodNoArgs(tracer, str_check_window);
+            if (r == NULL) goto done;
+            Py_DECREF(r);
+        }
+    }
+    result = call(func, args, kwargs); /* the user's backward, as called */
+    if (result == NULL) goto done;
+    if (leaf_norms(recorder, leaves, entry) < 0) { /* bookkeeping only: noted, as backward.py notes it */
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        PyObject *text = PyUnicode_FromFormat("the gradient norm of a pass past the limit was not kept: %s: %S",
+                                              ((PyTypeObject *)type)->tp_name, exc != NULL ? exc : Py_None);
+        PyObject *noted = text != NULL ? PyObject_CallMethod(tracer, "note", "O", text) : NULL;
+        Py_XDECREF(text);
+        Py_XDECREF(type);
+        Py_XDECREF(exc);
+        Py_XDECREF(tb);
+        if (noted == NULL) Py_CLEAR(result);
+        Py_XDECREF(noted);
+    }
+    goto done;
+not_here:
+    PyErr_Clear();
+done:
+    Py_XDECREF(recorder);
+    Py_XDECREF(found);
+    Py_XDECREF(counts);
+    Py_XDECREF(leaves);
+    Py_XDECREF(entry);
+    Py_XDECREF(loss);
+    Py_XDECREF(window);
+    return result;
+}
+
+static PyObject *configure_passes(PyObject *module, PyObject *const *a, Py_ssize_t n) {
+    if (n != 3) {
+        PyErr_SetString(PyExc_TypeError, "configure_passes(torch.Tensor.backward, torch.nn.Parameter, preview module)");
+        return NULL;
+    }
+    Py_XSETREF(tensor_backward, Py_NewRef(a[0]));
+    Py_XSETREF(param_type, Py_NewRef(a[1]));
+    Py_XSETREF(preview_module, Py_NewRef(a[2]));
+    Py_RETURN_NONE;
+}
+
 static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssize_t n) {
     if (n < 2 || n > 4) {
         PyErr_SetString(PyExc_TypeError, "__torch_function__(func, types, args=(), kwargs=None)");
@@ -619,6 +843,8 @@ static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssiz
         goto done;
     }
     if (kind == BACKWARD) {
+        result = pass_fast(self, func, name, args, kwargs);
+        if (result != NULL || PyErr_Occurred()) goto done;
         PyObject *recorder = PyObject_GetAttr(tracer, str_backward);
         if (recorder == NULL) goto done;
         PyObject *kw = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
@@ -793,6 +1019,9 @@ done:
 }
 
 static PyMethodDef module_methods[] = {
+    {"configure_passes", (PyCFunction)(void (*)(void))configure_passes, METH_FASTCALL,
+     "configure_passes(torch.Tensor.backward, torch.nn.Parameter, preview module): what the handler's own "
+     "backward calls past --limit compare with and read (backward.py, once)."},
     {"params_state", params_state, METH_O,
      "params_state(params) -> (those on the CPU, their .grads, their versions, their bytes): tracer.py's "
      "`_params_state`, compiled."},
@@ -822,7 +1051,15 @@ PyMODINIT_FUNC PyInit__walk(void) {
         intern(&str_is_cpu, "is_cpu") < 0 || intern(&str_numel, "numel") < 0 ||
         intern(&str_element_size, "element_size") < 0 || intern(&str_check_window, "check_window") < 0 ||
         intern(&str_finite_window, "FINITE_WINDOW") < 0 || intern(&str_finite_window_bytes, "FINITE_WINDOW_BYTES") < 0 ||
-        intern(&str_grad, "grad") < 0)
+        intern(&str_grad, "grad") < 0 || intern(&str_site_counts, "_site_counts") < 0 ||
+        intern(&str_last_span, "last_span") < 0 || intern(&str_iteration, "_iteration") < 0 ||
+        intern(&str_trace, "trace") < 0 || intern(&str_iterations, "iterations") < 0 ||
+        intern(&str_train_iterations, "TRAIN_ITERATIONS") < 0 || intern(&str_leaf_records, "leaf_records") < 0 ||
+        intern(&str_item, "item") < 0 || intern(&str_dtype, "dtype") < 0 ||
+        intern(&str_is_floating, "is_floating_point") < 0 || intern(&str_loss, "loss") < 0 ||
+        intern(&str_grad_norm, "grad_norm") < 0 || intern(&str_fused_squares, "_fused_squares") < 0 ||
+        intern(&str_fused_preview, "_fused_preview") < 0 || intern(&str_leaf_norms, "_leaf_norms") < 0 ||
+        intern(&str_loss_of, "_without_entry") < 0 || intern(&str_fast_passes, "_fast_passes") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

@@ -344,6 +344,21 @@ class BackwardRecorder:
                 tracer.note(f"the gradient norm of a pass past the limit was not kept: {type(exc).__name__}: {exc}")
         return result
 
+    def _leaf_norms(self, rest: list, total: float, count: int, entry: IterationScalars) -> None:
+        """The gradient norm of a pass past the limit that capture/_walk.c ran: `total`, the sum of the
+        squares of `count` gradients it read, with those it left (`rest`) taken by finite.py's exact
+        paths, as `_run_unrecorded` takes them. An error is the caller's to note."""
+        with no_torch_function():
+            norms = LeafNorms()
+            norms.host, norms.count = total, count
+            norms.add_all(rest)
+            norms.norm(self.deferred, lambda v: setattr(entry, "grad_norm", v))
+
+    def _without_entry(self, func, args, kwargs):
+        """A pass past the iteration bound (capture/_walk.c's, as `run`'s): run, counted, no scalars kept."""
+        self.tracer.before_backward(_as_tuple(args[0]))
+        return func(*args, **(kwargs or {}))
+
     def _leaves_without_grad(self) -> list:
         """The recorded leaves (a loop's parameters), when none holds a `.grad` now; else []."""
         leaves = []

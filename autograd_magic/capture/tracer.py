@@ -181,6 +181,13 @@ class _PyMode(TorchFunctionMode):
 
 if _ModeCore is not None:
     _walk_configure(torch.Tensor, _KINDS, _call_kind, _stack_len, _grad_fn_quiet, torch.is_grad_enabled, limits)
+    try:
+        from ._walk import configure_passes as _configure_passes
+        from . import preview as _preview_module
+
+        _configure_passes(torch.Tensor.backward, torch.nn.Parameter, _preview_module)
+    except ImportError:
+        pass
 
     class _Mode(_ModeCore, TorchFunctionMode):
         """The tracer's mode: `_PyMode`'s handler, compiled (capture/_walk.c); the same calls go
@@ -201,6 +208,10 @@ class Tracer:
     frames, or the block of a `with trace()`); ops called from deeper frames
     are attributed to the anchor's call site and marked `internal`.
     """
+
+    # a loop's `loss.backward()` past --limit in the compiled handler's own steps (capture/_walk.c's
+    # `pass_fast`), where it is built; the same reads as backward.py's `_run_unrecorded` (tests switch it off)
+    _fast_passes = True
 
     def __init__(
         self,
