@@ -703,6 +703,10 @@ static PyObject *pass_fast(ModeCore *self, PyObject *func, PyObject *name, PyObj
     if (floating != 1) goto not_here;
     leaves = leaves_without_grad(recorder);
     if (leaves == NULL) goto not_here; /* gradients accumulate: hooks read them as they arrive */
+    /* the loss, read once (as loss_value): the NaN search asks whether it is finite */
+    loss = PyObject_CallMethodNoArgs(root, str_item);
+    double value = loss != NULL ? PyFloat_AsDouble(loss) : -1;
+    if (loss == NULL || (value == -1 && PyErr_Occurred())) goto not_here;
     /* this call is ours from here on: as run() counts it */
     PyObject *calls = PyObject_GetAttr(tracer, str_backward_calls);
     PyObject *more = calls != NULL ? PyNumber_Add(calls, one) : NULL;
@@ -719,11 +723,8 @@ static PyObject *pass_fast(ModeCore *self, PyObject *func, PyObject *name, PyObj
         result = PyObject_CallMethodObjArgs(recorder, str_loss_of, func, args, kwargs != NULL ? kwargs : Py_None, NULL);
         goto done;
     }
-    /* the loss, read once: the NaN search asks whether it is finite (as loss_value, before_backward_quiet) */
-    loss = PyObject_CallMethodNoArgs(root, str_item);
-    double value = loss != NULL ? PyFloat_AsDouble(loss) : 0;
-    if (loss == NULL || (value == -1 && PyErr_Occurred()) || PyObject_SetAttr(entry, str_loss, loss) < 0) goto done;
-    window = PyObject_GetAttr(tracer, str_window);
+    if (PyObject_SetAttr(entry, str_loss, loss) < 0) goto done;
+    window = PyObject_GetAttr(tracer, str_window); /* searched only when the loss is not finite (before_backward_quiet) */
     if (window == NULL || !PyList_Check(window)) goto done;
     if (PyList_GET_SIZE(window) > 0) {
         if (isfinite(value)) {
