@@ -394,6 +394,8 @@ def test_functions_made_on_the_fly_are_not_kept_alive_by_the_tracer():
 # ---- the compiled handler's own passes past --limit (capture/_walk.c's `pass_fast`) ----------
 
 RETAINS = LOOP.format(lr=CONVERGES).replace("loss.backward()", "loss.backward(retain_graph=True)")
+# a parameter the loss never reaches: its .grad stays None, and the pass's norm is over the others
+UNUSED = LOOP.format(lr=CONVERGES).replace("opt = ", "spare = torch.nn.Parameter(torch.ones(3))\nspare.sum()\nopt = ")
 SEEDED = LOOP.format(lr=CONVERGES).replace("loss.backward()", "loss.backward(torch.tensor(1.0))")
 
 
@@ -408,7 +410,8 @@ def _pass_facts(t) -> tuple:
 
 
 @pytest.mark.parametrize("cell", [LOOP.format(lr=DIVERGES), LOOP.format(lr=CONVERGES), ACCUMULATES, GRAD_LOOP, RETAINS,
-                                  SEEDED], ids=["diverges", "converges", "accumulates", "grad", "retains", "seeded"])
+                                  SEEDED, UNUSED],
+                         ids=["diverges", "converges", "accumulates", "grad", "retains", "seeded", "unused"])
 def test_the_compiled_passes_past_the_limit_keep_what_the_python_ones_keep(shell, monkeypatch, cell, stats_path):
     from autograd_magic.capture import backward as backward_mod, tracer as tracer_mod
 
@@ -427,6 +430,9 @@ def test_the_compiled_passes_past_the_limit_keep_what_the_python_ones_keep(shell
     assert len(compiled[0]) > limits.DETAIL_LIMIT + 1  # passes past the limit, each with its entry
     # the loop's own case runs compiled past the limit; an accumulating one, an argument, autograd.grad do not
     plain_case = cell.startswith("torch.manual_seed(0)") and cell not in (RETAINS, SEEDED)
+    if cell is UNUSED:  # its norms, each iteration, are plain torch's over the parameters that got a gradient
+        plain, _, _ = _plain_loop(cell)
+        assert [_same(it.grad_norm, norm) for it, (_, norm) in zip(_traced(shell, cell).training(), plain)] == [True] * 50
     assert (taken < len(general)) == plain_case and len(general) > 0
 
 

@@ -606,16 +606,16 @@ static PyObject *leaves_without_grad(PyObject *recorder) {
 /* entry.grad_norm from the leaves' new `.grad`s: `squares` (capture/_fused.c) where preview.py has it on,
  * what it leaves (or all of them) to backward.py's `_leaf_norms` (finite.py's exact paths). */
 static int leaf_norms(PyObject *recorder, PyObject *leaves, PyObject *entry) {
-    Py_ssize_t n = PyList_GET_SIZE(leaves);
-    PyObject *grads = PyList_New(n), *found = NULL, *rest = NULL;
+    PyObject *grads = PyList_New(0), *found = NULL, *rest = NULL;
     if (grads == NULL) return -1;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(leaves); i++) {
         PyObject *g = PyObject_GetAttr(PyList_GET_ITEM(leaves, i), str_grad);
-        if (g == NULL) {
+        int bad = g == NULL || (g != Py_None && PyList_Append(grads, g) < 0); /* a leaf the pass did not reach: none */
+        Py_XDECREF(g);
+        if (bad) {
             Py_DECREF(grads);
             return -1;
         }
-        PyList_SET_ITEM(grads, i, g);
     }
     double total = 0;
     Py_ssize_t count = 0;
