@@ -153,8 +153,8 @@ class LeafNorms:
         grads = [g for g in grads if isinstance(g, torch.Tensor)]
         squares = _preview._fused_squares
         if squares is not None and _preview._fused_preview is not None:
-            # all in one compiled call, each read in place (~1 us each on a loop's grads, against ~8
-            # through numpy); what it leaves (a NaN, an Inf, another dtype or layout) takes `add`'s paths
+            # all in one compiled call, each read in place (a loop's four grads: 2.6 us, against 4.6 one
+            # by one through numpy, timeit); what it leaves (a NaN, an Inf, another dtype or layout) takes `add`'s paths
             total, count, rest = squares(grads)
             self.host += total
             self.count += count
