@@ -749,8 +749,10 @@ static PyObject *pass_fast(ModeCore *self, PyObject *func, PyObject *name, PyObj
         PyObject *type, *exc, *tb;
         PyErr_Fetch(&type, &exc, &tb);
         PyErr_NormalizeException(&type, &exc, &tb);
-        PyObject *text = PyUnicode_FromFormat("the gradient norm of a pass past the limit was not kept: %s: %S",
-                                              ((PyTypeObject *)type)->tp_name, exc != NULL ? exc : Py_None);
+        PyObject *kind = PyObject_GetAttrString(type, "__name__"); /* type(exc).__name__, as backward.py says it */
+        PyObject *text = kind != NULL ? PyUnicode_FromFormat("the gradient norm of a pass past the limit was not kept: %S: %S",
+                                                             kind, exc != NULL ? exc : Py_None) : NULL;
+        Py_XDECREF(kind);
         PyObject *noted = text != NULL ? PyObject_CallMethod(tracer, "note", "O", text) : NULL;
         Py_XDECREF(text);
         Py_XDECREF(type);
