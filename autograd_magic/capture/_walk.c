@@ -569,7 +569,7 @@ done:
  * answers NULL with no error set, having changed nothing. Set by configure_passes(): */
 static PyObject *tensor_backward, *param_type, *preview_module, *str_site_counts, *str_last_span, *str_iteration,
     *str_trace, *str_iterations, *str_train_iterations, *str_leaf_records, *str_item, *str_dtype, *str_is_floating,
-    *str_loss, *str_grad_norm, *str_fused_squares, *str_fused_preview, *str_leaf_norms, *str_loss_of, *str_fast_passes;
+    *str_loss, *str_grad_norm, *str_fused_squares, *str_fused_preview, *str_leaf_norms, *str_fast_passes;
 
 /* t is an exact torch.Tensor or Parameter: no __torch_function__ of a subclass sees our reads */
 static int plain_tensor(PyObject *t) {
@@ -693,10 +693,7 @@ static PyObject *pass_fast(ModeCore *self, PyObject *func, PyObject *name, PyObj
     Py_ssize_t have = kept != NULL ? PyObject_Length(kept) : -1;
     Py_XDECREF(kept);
     if (PyErr_Occurred() || have < 0 || most < 0 || have >= most) goto not_here; /* past the bound: counted there */
-    PyObject *v = PyObject_GetAttr(root, str_is_cpu);
-    int cpu = v == Py_True;
-    Py_XDECREF(v);
-    Py_ssize_t numel = cpu ? attr_call_ssize(root, str_numel) : -1;
+    Py_ssize_t numel = attr_true(root, str_is_cpu) == 1 ? attr_call_ssize(root, str_numel) : -1;
     PyObject *dtype = numel == 1 ? PyObject_GetAttr(root, str_dtype) : NULL;
     int floating = dtype != NULL ? attr_true(dtype, str_is_floating) : -1;
     Py_XDECREF(dtype);
@@ -717,13 +714,8 @@ static PyObject *pass_fast(ModeCore *self, PyObject *func, PyObject *name, PyObj
     failed = next == NULL || PyDict_SetItem(counts, span, next) < 0 || PyObject_SetAttr(recorder, str_last_span, span) < 0;
     Py_XDECREF(next);
     if (failed) goto done;
-    entry = PyObject_CallMethodObjArgs(recorder, str_iteration, span, Py_None, NULL);
-    if (entry == NULL) goto done;
-    if (entry == Py_None) { /* no entry after all: backward.py's way for that case */
-        result = PyObject_CallMethodObjArgs(recorder, str_loss_of, func, args, kwargs != NULL ? kwargs : Py_None, NULL);
-        goto done;
-    }
-    if (PyObject_SetAttr(entry, str_loss, loss) < 0) goto done;
+    entry = PyObject_CallMethodObjArgs(recorder, str_iteration, span, Py_None, NULL); /* not None: checked above */
+    if (entry == NULL || PyObject_SetAttr(entry, str_loss, loss) < 0) goto done;
     window = PyObject_GetAttr(tracer, str_window); /* searched only when the loss is not finite (before_backward_quiet) */
     if (window == NULL || !PyList_Check(window)) goto done;
     if (PyList_GET_SIZE(window) > 0) {
@@ -1062,7 +1054,7 @@ PyMODINIT_FUNC PyInit__walk(void) {
         intern(&str_is_floating, "is_floating_point") < 0 || intern(&str_loss, "loss") < 0 ||
         intern(&str_grad_norm, "grad_norm") < 0 || intern(&str_fused_squares, "_fused_squares") < 0 ||
         intern(&str_fused_preview, "_fused_preview") < 0 || intern(&str_leaf_norms, "_leaf_norms") < 0 ||
-        intern(&str_loss_of, "_without_entry") < 0 || intern(&str_fast_passes, "_fast_passes") < 0)
+        intern(&str_fast_passes, "_fast_passes") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

@@ -354,11 +354,6 @@ class BackwardRecorder:
             norms.add_all(rest)
             norms.norm(self.deferred, lambda v: setattr(entry, "grad_norm", v))
 
-    def _without_entry(self, func, args, kwargs):
-        """A pass past the iteration bound (capture/_walk.c's, as `run`'s): run, counted, no scalars kept."""
-        self.tracer.before_backward(_as_tuple(args[0]))
-        return func(*args, **(kwargs or {}))
-
     def _leaves_without_grad(self) -> list:
         """The recorded leaves (a loop's parameters), when none holds a `.grad` now; else []."""
         leaves = []
