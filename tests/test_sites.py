@@ -255,3 +255,11 @@ def test_random_cells_are_attributed_alike_on_both_walks(cell, fuzz_shell, monke
         if fast is not None:
             assert _attribution(fast) == _attribution(slow), cell
             assert fast.repeats == slow.repeats and fast.notes == slow.notes, cell
+
+
+def test_a_compiled_walker_never_initialised_raises_instead_of_crashing():
+    if sites_mod._Walker is None:
+        pytest.skip("the compiled walk is not built")
+    walker = sites_mod._Walker.__new__(sites_mod._Walker)
+    with pytest.raises(TypeError, match="__init__"):
+        walker.find("add")

@@ -464,3 +464,47 @@ def test_a_failing_gradient_norm_past_the_limit_is_noted_and_the_loop_goes_on(sh
     assert "the gradient norm of a pass past the limit was not kept: RuntimeError: boom" in t.notes
     for a, b in zip(shell.user_ns["model"].parameters(), plain["model"].parameters()):
         assert torch.allclose(a, b, equal_nan=True, rtol=0, atol=0)  # the loop computed what it computes plainly
+
+
+@pytest.mark.parametrize("path", ["compiled", "python"])
+def test_a_ctrl_c_in_the_bookkeeping_of_a_pass_past_the_limit_reaches_the_user(monkeypatch, path):
+    """A Ctrl-C landing in our reads before a later `loss.backward()` runs (here: in its site walk)
+    stops the cell there, as it would stop the plain loop: no iteration after it runs."""
+    import autograd_magic as am
+    from autograd_magic.capture import sites as sites_mod, tracer as tracer_mod
+
+    if path == "compiled" and tracer_mod._ModeCore is None:
+        pytest.skip("the compiled mode handler is not built")
+    monkeypatch.setattr(tracer_mod.Tracer, "_fast_passes", path == "compiled")
+    armed = {"at": None}
+    init = sites_mod.SiteFinder.__init__
+
+    def with_interrupt(self, *a, **kw):  # `find` is each finder's own (the compiled walk's, where built)
+        init(self, *a, **kw)
+        find = getattr(self, "find")
+
+        def interrupted(func_name, *rest):
+            if func_name == "backward" and armed["at"] == "now":
+                armed["at"] = "done"
+                raise KeyboardInterrupt
+            return find(func_name, *rest)
+
+        self.find = interrupted
+
+    monkeypatch.setattr(sites_mod.SiteFinder, "__init__", with_interrupt)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    X, Y = torch.randn(8, 4), torch.randn(8, 1)
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with am.trace():
+            for i in range(10):
+                opt.zero_grad()
+                loss = torch.nn.functional.mse_loss(model(X), Y)
+                armed["at"] = "now" if i == limits.DETAIL_LIMIT + 2 else armed["at"]
+                loss.backward()
+                opt.step()
+                ran.append(i)
+    assert armed["at"] == "done" and ran == list(range(limits.DETAIL_LIMIT + 2))
+    assert all(p.grad is None for p in model.parameters())  # the interrupted backward never ran

@@ -509,6 +509,7 @@ static int read_block(PyObject *t, struct block *b) {
     }
     PyObject *ptr_obj = call0(t, N_DATA_PTR);
     if (ptr_obj == NULL) { /* no storage to point at (functorch's wrapped tensors): numpy's path says why */
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) goto error; /* a Ctrl-C goes on */
         PyErr_Clear();
         goto refuse;
     }

@@ -150,6 +150,10 @@ static PyObject *name_of(Walker *w, PyObject *module) {
 
 /* (span, internal, key, module name) of the current op: SiteFinder.find. */
 static PyObject *walker_find(Walker *w, PyObject *func_name) {
+    if (w->kinds == NULL) { /* made with __new__ alone: __init__ never ran */
+        PyErr_SetString(PyExc_TypeError, "Walker.find before Walker.__init__");
+        return NULL;
+    }
     PyFrameObject *f = PyEval_GetFrame(); /* borrowed: the frame that called find() */
     Py_XINCREF(f);
     PyObject *internal = NULL, *inner = NULL, *module = NULL, *result = NULL;
@@ -717,7 +721,11 @@ static PyObject *pass_fast(ModeCore *self, PyObject *func, PyObject *name, PyObj
     entry = PyObject_CallMethodObjArgs(recorder, str_iteration, span, Py_None, NULL); /* not None: checked above */
     if (entry == NULL || PyObject_SetAttr(entry, str_loss, loss) < 0) goto done;
     window = PyObject_GetAttr(tracer, str_window); /* searched only when the loss is not finite (before_backward_quiet) */
-    if (window == NULL || !PyList_Check(window)) goto done;
+    if (window == NULL) goto done;
+    if (!PyList_Check(window)) { /* the call is counted already: an error, never a second count by backward.py */
+        PyErr_SetString(PyExc_TypeError, "tracer._window is not a list");
+        goto done;
+    }
     if (PyList_GET_SIZE(window) > 0) {
         if (isfinite(value)) {
             PyObject *zero = PyLong_FromLong(0);
@@ -754,7 +762,9 @@ static PyObject *pass_fast(ModeCore *self, PyObject *func, PyObject *name, PyObj
         Py_XDECREF(noted);
     }
     goto done;
-not_here:
+not_here: /* nothing changed yet: backward.py's run takes the call, except on a Ctrl-C (or any other
+           * BaseException), which goes on to the user as it would from backward.py */
+    if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception)) goto done;
     PyErr_Clear();
 done:
     Py_XDECREF(recorder);
