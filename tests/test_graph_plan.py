@@ -304,3 +304,52 @@ def test_a_keyboard_interrupt_in_a_pre_hook_reaches_the_user(monkeypatch):
     with Spy():
         x + 1
     assert seen
+
+
+def _compiled_pre_hook():
+    from autograd_magic.capture import backward as backward_mod
+
+    hook = getattr(backward_mod._graph, "PreHook", None) if backward_mod._plan_c is not None else None
+    if hook is None:
+        pytest.skip("the compiled pre-hook is not built")
+    return backward_mod, hook
+
+
+def test_a_compiled_pre_hook_never_initialised_raises_instead_of_crashing():
+    _, hook = _compiled_pre_hook()
+    with pytest.raises(TypeError, match="__init__"):
+        hook.__new__(hook)((torch.ones(1),))
+
+
+def test_a_pre_hook_s_own_failure_is_noted_as_it_is_in_python():
+    """The first failing read is the one noted (not a SystemError of a second read made with
+    the first one's error still set), in the compiled hook as in its Python twin."""
+    backward_mod, compiled = _compiled_pre_hook()
+
+    class Recorder:
+        def __init__(self):
+            self.notes = []
+
+        def _missed(self, exc):
+            self.notes.append(f"{type(exc).__name__}: {exc}")
+
+    class Shared:  # what a pass's hooks share (`_PassHooks`), with one read that fails
+        def __init__(self):
+            self.recorder, self.p, self.by_node, self.held, self.steps = Recorder(), None, {}, {}, []
+            self.get = lambda g: None
+
+        @property
+        def accumulated(self):
+            raise ValueError("accumulated is gone")
+
+        @property
+        def version_seen(self):  # Python code: it would run with the error above still set
+            return lambda g: 0
+
+    leaf = torch.randn(3, requires_grad=True)
+    noted = []
+    for hook in (compiled, backward_mod._PreHook):
+        shared = Shared()
+        assert hook(shared, 0, "AccumulateGrad", [], [], (), True, leaf)((torch.ones(3),)) is None
+        noted.append(shared.recorder.notes)
+    assert noted[0] == noted[1] == ["ValueError: accumulated is gone"]

@@ -518,8 +518,9 @@ static int prehook_body(PreHook *self, PyObject *grads) {
             }
             PyObject *sg = PyTuple_GET_ITEM(sent, 0), *sender = PyTuple_GET_ITEM(sent, 1);
             Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(sent, 2));
-            PyObject *shown = sg == g[slot] ? Py_NewRef(PyList_GET_ITEM(grad_in, slot)) : PyObject_CallOneArg(get, sg);
-            bad = shown == NULL || (i == -1 && PyErr_Occurred()) || (i >= 0 && fill_sent(sender, i, shown) < 0);
+            PyObject *shown = i == -1 && PyErr_Occurred() ? NULL
+                              : sg == g[slot] ? Py_NewRef(PyList_GET_ITEM(grad_in, slot)) : PyObject_CallOneArg(get, sg);
+            bad = shown == NULL || (i >= 0 && fill_sent(sender, i, shown) < 0);
             Py_XDECREF(shown);
             Py_DECREF(sent);
             if (bad) goto done;
@@ -529,7 +530,7 @@ static int prehook_body(PreHook *self, PyObject *grads) {
     int has_outs = PyObject_IsTrue(self->outs);
     if (has_outs < 0) goto done;
     if (has_outs) {
-        PyObject *recorder = PyObject_GetAttr(sh, str_recorder), *p = PyObject_GetAttr(sh, str_p);
+        PyObject *recorder = PyObject_GetAttr(sh, str_recorder), *p = recorder != NULL ? PyObject_GetAttr(sh, str_p) : NULL;
         got = recorder != NULL && p != NULL ? PyObject_CallMethodObjArgs(recorder, str_store, p, self->outs, grad_in, NULL) : NULL;
         Py_XDECREF(p);
         Py_XDECREF(recorder);
@@ -560,7 +561,7 @@ static int prehook_body(PreHook *self, PyObject *grads) {
         int dense = layout == strided;
         Py_DECREF(layout);
         if (dense) {
-            PyObject *acc = PyObject_GetAttr(sh, str_accumulated), *seen = PyObject_GetAttr(sh, str_version_seen);
+            PyObject *acc = PyObject_GetAttr(sh, str_accumulated), *seen = acc != NULL ? PyObject_GetAttr(sh, str_version_seen) : NULL;
             PyObject *ptr = acc != NULL && seen != NULL ? PyObject_CallMethodNoArgs(g[0], str_data_ptr) : NULL;
             PyObject *shape = ptr != NULL ? PyObject_GetAttr(g[0], str_shape) : NULL;
             PyObject *version = shape != NULL ? PyObject_CallOneArg(seen, g[0]) : NULL;
@@ -592,6 +593,10 @@ static PyObject *prehook_call(PreHook *self, PyObject *const *a, size_t nargsf, 
     Py_ssize_t n = PyVectorcall_NARGS(nargsf);
     if (n != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
         PyErr_SetString(PyExc_TypeError, "a pre-hook takes the node's gradients");
+        return NULL;
+    }
+    if (self->shared == NULL || no_torch_fn == NULL || step_type == NULL) { /* __new__ alone, or configure() never ran */
+        PyErr_SetString(PyExc_TypeError, "PreHook called before PreHook.__init__ and _graph.configure");
         return NULL;
     }
     PyObject *ctx = PyObject_CallNoArgs(no_torch_fn);  /* our reads are not the user's ops */
