@@ -216,21 +216,6 @@ def _does_nothing(grad_outputs):
     return None
 
 
-class _HookedMode(TorchFunctionMode):
-    """An empty mode that also puts a pre-hook doing nothing on every node of each backward pass,
-    removed after it: torch's own cost for the hooks a trace needs (one per node), with no body."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.backward and args and args[0].grad_fn is not None:
-            handles = [node.register_prehook(_does_nothing) for node in _graph_nodes(args[0])]
-            try:
-                return func(*args, **(kwargs or {}))
-            finally:
-                for h in handles:
-                    h.remove()
-        return func(*args, **(kwargs or {}))
-
-
 def _mlp256_floor(plain, tensors: list):
     """What a trace of the MLP step cannot do without: an empty mode, a pre-hook on each node, and
     the previews the trace shows (read cache-hot after the step, as `_mlp256_previews` reads them:
@@ -251,6 +236,21 @@ class _EmptyMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
+
+
+class _HookedMode(_EmptyMode):
+    """An empty mode that also puts a pre-hook doing nothing on every node of each backward pass,
+    removed after it: torch's own cost for the hooks a trace needs (one per node), with no body."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.backward and args and args[0].grad_fn is not None:
+            handles = [node.register_prehook(_does_nothing) for node in _graph_nodes(args[0])]
+            try:
+                return func(*args, **(kwargs or {}))
+            finally:
+                for h in handles:
+                    h.remove()
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 def _under_empty_mode(plain):
