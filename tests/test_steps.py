@@ -10,6 +10,7 @@ raises.
 from __future__ import annotations
 
 import pytest
+from IPython.utils.capture import capture_output
 import torch
 
 from autograd_magic import limits
@@ -55,6 +56,7 @@ def lifts(monkeypatch):
 
 def _never_lift(monkeypatch):
     monkeypatch.setattr(steps_module.OptimizerSteps, "_may_lift", lambda *a: False)
+    monkeypatch.setattr(steps_module.OptimizerSteps, "_compiled", False)  # its compiled twin decides the same
 
 
 def _facts(t) -> list:
@@ -255,6 +257,75 @@ def test_a_tensor_from_outside_the_cell_read_after_a_backward_stays_external(she
     assert outside.created_by is None and outside.line is None and "from outside the cell" in flags(outside)
 
 
+COMPILED_STEPS = pytest.mark.skipif(steps_module._lift_step_c is None, reason="capture/_walk.c not built")
+
+
+@COMPILED_STEPS
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+@pytest.mark.parametrize("poison", ["", "if i == 20:\n        opt.param_groups[0]['lr'] = float('nan')\n    "])
+def test_lifted_steps_record_the_same_compiled_or_not(shell, lifts, monkeypatch, opt, poison):
+    cell = _loop(opt, poison)
+    compiled = _traced(shell, cell)
+    lifted = len(lifts)
+    assert lifted >= 30 - 3 * limits.DETAIL_LIMIT
+    shell.reset(new_session=False)
+    with monkeypatch.context() as m:
+        m.setattr(steps_module.OptimizerSteps, "_compiled", False)
+        python = _traced(shell, cell)
+    assert len(lifts) == 2 * lifted  # lifted alike both ways
+    assert _facts(compiled) == _facts(python)
+    assert compiled.repeats == python.repeats and compiled.notes == python.notes
+    # repr: a NaN loss is the same NaN both ways
+    assert repr([(i.loss, i.grad_norm) for i in compiled.iterations]) == repr([(i.loss, i.grad_norm) for i in python.iterations])
+    if poison:
+        a, b = compiled.nonfinite, python.nonfinite
+        assert a is not None and (a.op, a.run, a.iteration, a.label, a.line) == (b.op, b.run, b.iteration, b.label, b.line)
+
+
+@COMPILED_STEPS
+@pytest.mark.parametrize("case", ["none", "closure", "hook", "mode", "variant", "busy"])
+def test_the_compiled_step_hook_lifts_only_where_the_python_one_would(case):
+    """`lift_step` refuses each case `_may_lift` refuses, changing nothing (steps.py's `_pre` then
+    decides); where nothing stands in the way ("none") it lifts: the mode off the stack, the call open."""
+    from torch.overrides import TorchFunctionMode
+
+    from autograd_magic.capture import _walk
+    from autograd_magic.capture import torch_compat as compat
+
+    class Ours(TorchFunctionMode):
+        stale = False
+
+    class Tracer:
+        interventions = ()
+        busy = False
+
+    tracer, mode, span = Tracer(), Ours(), (1, 0, 1, 5)
+    tracer._mode = mode
+    tracer.sites = type("Sites", (), {"find": staticmethod(lambda name: (span, None, span, None))})()
+    steps = steps_module.OptimizerSteps(tracer)
+    site = steps._sites[span] = steps_module._Site()
+    site.alike, site.calls = True, 7
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    args = (opt, lambda: None) if case == "closure" else (opt,)
+    if case == "hook":
+        opt.register_step_pre_hook(lambda *a: None)
+    tracer.interventions = ("a variant's",) if case == "variant" else ()
+    tracer.busy = case == "busy"
+    stack = [mode] + ([TorchFunctionMode()] if case == "mode" else [])
+    for m in stack:
+        compat.push_mode(m)
+    try:
+        lifted = _walk.lift_step(steps, opt, args, {})
+        left = [compat.mode_at(i) for i in range(compat.mode_stack_len())]
+    finally:
+        while compat.mode_stack_len():
+            compat.pop_mode()
+    if case == "none":
+        assert lifted is True and left == [] and steps._open == (site, span, ("lifted", mode, opt)) and site.calls == 8
+    else:
+        assert lifted is False and left == stack and steps._open is None and site.calls == 7
+
+
 def test_what_a_lifted_step_keeps_of_its_parameters_is_the_same_compiled_or_not():
     from autograd_magic.capture import tracer as tracer_module
 
@@ -277,3 +348,105 @@ def test_what_a_lifted_step_keeps_of_its_parameters_is_the_same_compiled_or_not(
     with pytest.raises(RuntimeError):
         compiled([made])
     assert tracer_module._params_state([made])[2] == tracer_module._params_state_py([made])[2]
+
+
+# ---- zero_grad() with the mode lifted ----
+@pytest.fixture
+def zero_lifts(monkeypatch):
+    """The zero_grad calls that ran with the mode lifted: (set_to_none argument seen, mode lifted) per call."""
+    seen = []
+    top = steps_module._liftable_top
+
+    def spying():
+        mode = top()
+        seen.append(mode is not None)
+        return mode
+
+    monkeypatch.setattr(steps_module, "_liftable_top", spying)
+    return seen
+
+
+def _never_lift_zero_grad(monkeypatch):
+    monkeypatch.setattr(steps_module, "_liftable_top", lambda: None)
+
+
+ZERO_GRADS = {
+    "optimizer": "opt.zero_grad()",
+    "module": "model.zero_grad()",
+    "keyword": "opt.zero_grad(set_to_none=True)",
+    "in place": "opt.zero_grad(set_to_none=False)",
+}
+
+
+@pytest.mark.parametrize("how", sorted(ZERO_GRADS))
+def test_zero_grad_lifted_computes_and_records_what_a_traced_one_does(shell, zero_lifts, monkeypatch, how):
+    cell = _loop("adam").replace("opt.zero_grad()", ZERO_GRADS[how])
+    plain = _plain(cell)
+    lifted = _traced(shell, cell)
+    if how == "in place":  # zero_() on each gradient is the user's op, recorded: never lifted
+        assert not any(zero_lifts)
+        assert any(r.op == "zero_" for r in lifted.records)
+    else:
+        assert len(zero_lifts) == 30 and all(zero_lifts)
+    for a, b in zip(shell.user_ns["model"].parameters(), plain["model"].parameters()):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+    shell.reset(new_session=False)
+    with monkeypatch.context() as m:
+        _never_lift_zero_grad(m)
+        traced = _traced(shell, cell)
+    assert _facts(lifted) == _facts(traced) and lifted.repeats == traced.repeats and lifted.notes == traced.notes
+    assert [(i.loss, i.grad_norm) for i in lifted.iterations] == [(i.loss, i.grad_norm) for i in traced.iterations]
+
+
+def test_zero_grad_is_torchs_own_again_after_a_cell_even_one_that_raises(shell):
+    before = torch.optim.Optimizer.__dict__["zero_grad"], torch.nn.Module.__dict__["zero_grad"]
+    _traced(shell, _loop("sgd").replace("range(30)", "range(3)"))
+    assert (torch.optim.Optimizer.__dict__["zero_grad"], torch.nn.Module.__dict__["zero_grad"]) == before
+    shell.run_cell("import torch")
+    with capture_output():
+        result = shell.run_cell("%%autograd --quiet\nm = torch.nn.Linear(2, 2)\nm.zero_grad()\nraise ValueError('boom')")
+    assert isinstance(result.error_in_exec, ValueError)
+    assert (torch.optim.Optimizer.__dict__["zero_grad"], torch.nn.Module.__dict__["zero_grad"]) == before
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_a_zero_grad_that_raises_while_lifted_fails_as_it_would_and_the_cell_stays_traced(shell, zero_lifts):
+    # a module whose parameters() raises on the call zero_grad makes; the cell catches it and goes on
+    cell = """class Odd(torch.nn.Linear):
+    fail = False
+    def parameters(self, recurse=True):
+        if Odd.fail:
+            raise RuntimeError('no parameters today')
+        return super().parameters(recurse)
+torch.manual_seed(0)
+m = Odd(3, 2)
+x = torch.ones(1, 3)
+m(x).sum().backward()
+Odd.fail = True
+try:
+    m.zero_grad()
+except RuntimeError as e:
+    caught = str(e)
+Odd.fail = False
+y = m(x).sum()
+"""
+    plain = _plain(cell)
+    t = _traced(shell, cell)
+    assert zero_lifts == [True]
+    assert shell.user_ns["caught"] == plain["caught"] == "no parameters today"
+    assert torch.equal(shell.user_ns["y"], plain["y"])
+    # the mode was back for the ops after it: the second forward is recorded on its line
+    assert any(r.op == "sum" and t.source_line(r.line).strip() == "y = m(x).sum()" for r in t.records)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_zero_grad_is_not_lifted_under_a_mode_of_the_users_above_ours(shell, zero_lifts):
+    cell = "from torch.overrides import TorchFunctionMode\nseen = []\nclass Mine(TorchFunctionMode):\n" \
+           "    def __torch_function__(self, func, types, args=(), kwargs=None):\n" \
+           "        seen.append(getattr(func, '__name__', ''))\n        return func(*args, **(kwargs or {}))\n" \
+           "m = torch.nn.Linear(2, 2)\nm(torch.ones(2)).sum().backward()\nwith Mine():\n    m.zero_grad()\n"
+    plain = _plain(cell)
+    _traced(shell, cell)
+    assert zero_lifts == [False]
+    assert shell.user_ns["seen"] == plain["seen"] and "__set__" in plain["seen"]
+    assert shell.user_ns["m"].weight.grad is None

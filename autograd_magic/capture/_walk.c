@@ -1023,6 +1023,361 @@ done:
     return result;
 }
 
+
+/* ---- a training loop's optimizer steps past --limit, lifted (steps.py's `_pre` and `_count_as_before`) ----
+ *
+ * Every step of a loop past the limit runs its two hooks: the walk for its line, the checks that
+ * it may run lifted, and after it the counts and the NaN window's entry. In Python they cost about
+ * a sixth of the loop benchmark's plain iteration; here they are the same reads in two calls.
+ * Set by configure_steps(): */
+static PyObject *st_no_tf, *st_global_pre, *st_global_post, *st_step_name, *st_pop, *st_push, *st_at, *st_lifted;
+static PyObject *str_open, *str_tracer, *str_mode, *str_stale, *str_sites_of, *str_alike, *str_interventions,
+    *str_pre_hooks, *str_post_hooks, *str_last, *str_param_groups, *str_params, *str_step, *str_keep_step, *str_enter,
+    *str_exit;
+
+static PyObject *configure_steps(PyObject *module, PyObject *const *a, Py_ssize_t n) {
+    if (n != 7) {
+        PyErr_SetString(PyExc_TypeError, "configure_steps(no_torch_function, global pre-hooks, global post-hooks, "
+                                         "STEP, pop_mode, push_mode, mode_at)");
+        return NULL;
+    }
+    if (!PyDict_Check(a[1]) || !PyDict_Check(a[2])) {
+        PyErr_SetString(PyExc_TypeError, "configure_steps: the global hooks are dicts");
+        return NULL;
+    }
+    if (st_lifted == NULL && (st_lifted = PyUnicode_InternFromString("lifted")) == NULL) return NULL;
+    PyObject **slots[] = {&st_no_tf, &st_global_pre, &st_global_post, &st_step_name, &st_pop, &st_push, &st_at};
+    for (int i = 0; i < 7; i++) Py_XSETREF(*slots[i], Py_NewRef(a[i]));
+    Py_RETURN_NONE;
+}
+
+/* The tracer behind steps.tracer (a weak proxy): borrowed, or NULL with no error set when it is gone. */
+static PyObject *steps_tracer(PyObject *steps) {
+    PyObject *ref = PyObject_GetAttr(steps, str_tracer);
+    if (ref == NULL) return NULL;
+    PyObject *tracer = PyWeakref_Check(ref) ? PyWeakref_GetObject(ref) : ref;
+    Py_DECREF(ref); /* the tracer itself is held by whoever runs it (a proxy's referent, or steps') */
+    return tracer == Py_None ? NULL : tracer;
+}
+
+/* Torch-function dispatch off (steps.py's `with no_torch_function()`): the context entered, or NULL */
+static PyObject *no_tf_enter(void) {
+    PyObject *ctx = PyObject_CallNoArgs(st_no_tf);
+    if (ctx == NULL) return NULL;
+    PyObject *entered = PyObject_CallMethodNoArgs(ctx, str_enter);
+    if (entered == NULL) {
+        Py_DECREF(ctx);
+        return NULL;
+    }
+    Py_DECREF(entered);
+    return ctx;
+}
+
+/* ... and back on; `result` (a new reference or NULL with an error set) passed through, or NULL
+ * when leaving the context fails */
+static PyObject *no_tf_exit(PyObject *ctx, PyObject *result) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *exited = PyObject_CallMethodObjArgs(ctx, str_exit, Py_None, Py_None, Py_None, NULL);
+    Py_DECREF(ctx);
+    if (exited == NULL) {
+        Py_XDECREF(type), Py_XDECREF(value), Py_XDECREF(tb);
+        Py_XDECREF(result);
+        return NULL;
+    }
+    Py_DECREF(exited);
+    PyErr_Restore(type, value, tb);
+    return result;
+}
+
+/* lift_step(steps, opt, args, kwargs) -> True when this call of a step now runs lifted (its site's
+ * last two traced calls matched: `_Site.alike`; `_may_lift` holds; the mode popped, `steps._open`
+ * set, the call counted), False when steps.py's `_pre` takes it, with nothing changed. */
+static PyObject *lift_step(PyObject *module, PyObject *const *a, Py_ssize_t n) {
+    if (n != 4) {
+        PyErr_SetString(PyExc_TypeError, "lift_step(steps, opt, args, kwargs)");
+        return NULL;
+    }
+    if (st_no_tf == NULL || stack_len == NULL) Py_RETURN_FALSE; /* not configured: steps.py's way */
+    PyObject *steps = a[0], *opt = a[1], *args = a[2], *kwargs = a[3];
+    PyObject *mode = NULL, *found = NULL, *sites = NULL, *site = NULL, *result = NULL;
+    PyObject *open = PyObject_GetAttr(steps, str_open);
+    if (open == NULL) return NULL;
+    int pending = open != Py_None; /* a lifted call that raised: `_raised` puts the mode back */
+    Py_DECREF(open);
+    if (pending) Py_RETURN_FALSE;
+    PyObject *tracer = steps_tracer(steps);
+    if (tracer == NULL) goto no;
+    if ((mode = PyObject_GetAttr(tracer, str_mode)) == NULL) goto done;
+    if (mode == Py_None) goto no;
+    int r = attr_true(mode, str_stale);
+    if (r != 0) goto check;
+    if ((r = attr_true(tracer, str_busy)) != 0) goto check;
+    if ((r = attr_true(tracer, str_interventions)) != 0) goto check;
+    /* `_may_lift`: no argument (a closure), no step hook but ours, ours the mode on top */
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) > 1) goto no;
+    if ((r = PyObject_IsTrue(kwargs)) != 0) goto check;
+    if ((r = attr_true(opt, str_pre_hooks)) != 0 || (r = attr_true(opt, str_post_hooks)) != 0) goto check;
+    if (PyDict_Size(st_global_pre) > 1 || PyDict_Size(st_global_post) > 1) goto no;
+    Py_ssize_t depth = ssize_of(PyObject_CallNoArgs(stack_len));
+    if (depth == -1 && PyErr_Occurred()) goto done;
+    if (depth < 1) goto no;
+    PyObject *index = PyLong_FromSsize_t(depth - 1);
+    PyObject *top = index != NULL ? PyObject_CallOneArg(st_at, index) : NULL;
+    Py_XDECREF(index);
+    if (top == NULL) goto done;
+    Py_DECREF(top); /* compared by identity only: the tracer holds its mode */
+    if (top != mode) goto no;
+    /* the line of this call, and whether its site may run lifted */
+    PyObject *finder = PyObject_GetAttr(tracer, str_sites);
+    PyObject *find = finder != NULL ? PyObject_GetAttr(finder, str_find) : NULL;
+    Py_XDECREF(finder);
+    PyObject *ctx = find != NULL ? no_tf_enter() : NULL;
+    found = ctx != NULL ? no_tf_exit(ctx, PyObject_CallOneArg(find, str_step)) : NULL;
+    Py_XDECREF(find);
+    if (found == NULL) goto done;
+    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 4) goto no;
+    PyObject *span = PyTuple_GET_ITEM(found, 0);
+    if (span == Py_None) goto no;
+    if ((sites = PyObject_GetAttr(steps, str_sites_of)) == NULL) goto done;
+    if (!PyDict_Check(sites)) goto no;
+    site = PyDict_GetItemWithError(sites, span);
+    if (site == NULL) {
+        if (PyErr_Occurred()) goto done;
+        goto no; /* a new site: `_pre` makes it */
+    }
+    Py_INCREF(site);
+    if ((r = attr_true(site, str_alike)) != 1) goto check;
+    /* lifted from here: popped, counted, open; put back as it was if any of it fails */
+    PyObject *calls = PyObject_GetAttr(site, str_calls);
+    PyObject *more = calls != NULL ? PyNumber_Add(calls, one) : NULL;
+    PyObject *state = more != NULL ? PyTuple_Pack(3, st_lifted, mode, opt) : NULL;
+    PyObject *opened = state != NULL ? PyTuple_Pack(3, site, span, state) : NULL;
+    Py_XDECREF(state);
+    PyObject *popped = opened != NULL ? PyObject_CallNoArgs(st_pop) : NULL;
+    int counted = 0;
+    if (popped == NULL || (counted = PyObject_SetAttr(site, str_calls, more) == 0) == 0 ||
+        PyObject_SetAttr(steps, str_open, opened) < 0) {
+        if (popped != NULL) { /* the mode goes back: as if never lifted */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            if (counted && PyObject_SetAttr(site, str_calls, calls) < 0) PyErr_Clear();
+            PyObject *back = PyObject_CallOneArg(st_push, mode);
+            if (back == NULL) PyErr_Clear();
+            Py_XDECREF(back);
+            PyErr_Restore(type, value, tb);
+        }
+        Py_XDECREF(popped), Py_XDECREF(calls), Py_XDECREF(more), Py_XDECREF(opened);
+        goto done;
+    }
+    Py_DECREF(popped), Py_DECREF(calls), Py_DECREF(more), Py_DECREF(opened);
+    result = Py_NewRef(Py_True);
+    goto done;
+check:
+    if (r < 0) goto done;
+no:
+    result = Py_NewRef(Py_False);
+done:
+    Py_XDECREF(mode);
+    Py_XDECREF(found);
+    Py_XDECREF(sites);
+    Py_XDECREF(site);
+    return result;
+}
+
+/* count_lifted(steps, site, span, opt): `_count_as_before` and the `keep_step` it calls, compiled:
+ * the call counted as the traced one before it, its parameters kept in the NaN window. An error
+ * is raised for steps.py's `_post` to note (it puts the mode back). */
+static PyObject *count_lifted(PyObject *module, PyObject *const *a, Py_ssize_t n) {
+    if (n != 4) {
+        PyErr_SetString(PyExc_TypeError, "count_lifted(steps, site, span, opt)");
+        return NULL;
+    }
+    PyObject *steps = a[0], *site = a[1], *span = a[2], *opt = a[3];
+    if (st_no_tf == NULL || tensor_type == NULL || limits == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "count_lifted: not configured");
+        return NULL;
+    }
+    PyObject *tracer = steps_tracer(steps);
+    if (tracer == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ReferenceError, "the tracer of these steps is gone");
+        return NULL;
+    }
+    Py_INCREF(tracer);
+    PyObject *last = NULL, *runs = NULL, *counts = NULL, *params = NULL, *state = NULL, *result = NULL;
+    if ((last = PyObject_GetAttr(site, str_last)) == NULL) goto done;
+    if (!PyTuple_Check(last) || PyTuple_GET_SIZE(last) != 3 || !PyTuple_Check(PyTuple_GET_ITEM(last, 0)) ||
+        !PyTuple_Check(PyTuple_GET_ITEM(last, 1))) {
+        PyErr_SetString(PyExc_TypeError, "a lifted site's last call is (site deltas, span deltas, calls)");
+        goto done;
+    }
+    if ((runs = PyObject_GetAttr(tracer, str_site_runs)) == NULL || (counts = PyObject_GetAttr(tracer, str_span_counts)) == NULL)
+        goto done;
+    if (!PyDict_Check(runs) || !PyDict_Check(counts)) {
+        PyErr_SetString(PyExc_TypeError, "the tracer's counts are dicts");
+        goto done;
+    }
+    PyObject *seen = PyDict_GetItemWithError(counts, span);
+    if (seen == NULL && PyErr_Occurred()) goto done;
+    PyObject *occurrence = seen != NULL ? seen : PyLong_FromLong(0);
+    if (seen != NULL) Py_INCREF(occurrence);
+    if (occurrence == NULL) goto done;
+    PyObject *deltas = PyTuple_GET_ITEM(last, 0);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(deltas); i++) {
+        PyObject *kn = PyTuple_GET_ITEM(deltas, i), *lst;
+        if (!PyTuple_Check(kn) || PyTuple_GET_SIZE(kn) != 2 ||
+            (lst = PyDict_GetItemWithError(runs, PyTuple_GET_ITEM(kn, 0))) == NULL || !PyList_Check(lst) ||
+            PyList_GET_SIZE(lst) < 1) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "a site a lifted step counts has no runs");
+            Py_DECREF(occurrence);
+            goto done;
+        }
+        PyObject *sum = PyNumber_Add(PyList_GET_ITEM(lst, 0), PyTuple_GET_ITEM(kn, 1));
+        if (sum == NULL || PyList_SetItem(lst, 0, sum) < 0) { /* SetItem steals */
+            Py_DECREF(occurrence);
+            goto done;
+        }
+    }
+    deltas = PyTuple_GET_ITEM(last, 1);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(deltas); i++) {
+        PyObject *kn = PyTuple_GET_ITEM(deltas, i);
+        if (!PyTuple_Check(kn) || PyTuple_GET_SIZE(kn) != 2) {
+            PyErr_SetString(PyExc_TypeError, "a span delta is (span, count)");
+            Py_DECREF(occurrence);
+            goto done;
+        }
+        PyObject *had = PyDict_GetItemWithError(counts, PyTuple_GET_ITEM(kn, 0));
+        if (had == NULL && PyErr_Occurred()) {
+            Py_DECREF(occurrence);
+            goto done;
+        }
+        PyObject *zero = had == NULL ? PyLong_FromLong(0) : NULL;
+        PyObject *sum = PyNumber_Add(had != NULL ? had : zero, PyTuple_GET_ITEM(kn, 1));
+        Py_XDECREF(zero);
+        int bad = sum == NULL || PyDict_SetItem(counts, PyTuple_GET_ITEM(kn, 0), sum) < 0;
+        Py_XDECREF(sum);
+        if (bad) {
+            Py_DECREF(occurrence);
+            goto done;
+        }
+    }
+    PyObject *calls = PyObject_GetAttr(tracer, str_calls);
+    PyObject *more = calls != NULL ? PyNumber_Add(calls, PyTuple_GET_ITEM(last, 2)) : NULL;
+    Py_XDECREF(calls);
+    int bad = more == NULL || PyObject_SetAttr(tracer, str_calls, more) < 0;
+    Py_XDECREF(more);
+    int watching = bad ? -1 : attr_true(tracer, str_watching);
+    if (watching <= 0) {
+        Py_DECREF(occurrence);
+        if (watching == 0) result = Py_NewRef(Py_None);
+        goto done;
+    }
+    /* keep_step: the optimizer's CPU parameters, each with the gradient it was updated from */
+    params = PyList_New(0);
+    PyObject *groups = params != NULL ? PyObject_GetAttr(opt, str_param_groups) : NULL;
+    PyObject *it = groups != NULL ? PyObject_GetIter(groups) : NULL;
+    Py_XDECREF(groups);
+    PyObject *group;
+    bad = it == NULL;
+    while (!bad && (group = PyIter_Next(it)) != NULL) {
+        PyObject *ps = PyObject_GetItem(group, str_params);
+        Py_DECREF(group);
+        PyObject *pit = ps != NULL ? PyObject_GetIter(ps) : NULL;
+        Py_XDECREF(ps);
+        PyObject *p;
+        bad = pit == NULL;
+        while (!bad && (p = PyIter_Next(pit)) != NULL) {
+            int is = PyObject_IsInstance(p, tensor_type);
+            bad = is < 0 || (is == 1 && PyList_Append(params, p) < 0);
+            Py_DECREF(p);
+        }
+        bad = bad || PyErr_Occurred() != NULL;
+        Py_XDECREF(pit);
+    }
+    Py_XDECREF(it);
+    if (bad || PyErr_Occurred()) {
+        Py_DECREF(occurrence);
+        goto done;
+    }
+    PyObject *kind = PyObject_GetAttrString((PyObject *)Py_TYPE(opt), "__name__");
+    PyObject *internal = kind != NULL ? PyUnicode_FromFormat("%U.step", kind) : NULL;
+    Py_XDECREF(kind);
+    PyObject *site_calls = internal != NULL ? PyObject_GetAttr(site, str_calls) : NULL;
+    PyObject *count = site_calls != NULL ? PyNumber_Subtract(site_calls, one) : NULL;
+    Py_XDECREF(site_calls);
+    if (count == NULL) {
+        Py_XDECREF(internal);
+        Py_DECREF(occurrence);
+        goto done;
+    }
+    PyObject *ctx = no_tf_enter();
+    state = ctx != NULL ? no_tf_exit(ctx, params_state(NULL, params)) : NULL;
+    if (state == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+            Py_DECREF(internal), Py_DECREF(count), Py_DECREF(occurrence);
+            goto done;
+        }
+        PyErr_Clear(); /* an inference tensor has no version: tracer.py's keep_step reads them its way */
+        result = PyObject_CallMethodObjArgs(tracer, str_keep_step, opt, params, span, internal, occurrence, count, NULL);
+        Py_DECREF(internal), Py_DECREF(count), Py_DECREF(occurrence);
+        goto done;
+    }
+    PyObject *cpu, *grads, *versions;
+    Py_ssize_t nbytes;
+    if (!PyArg_ParseTuple(state, "OOOn", &cpu, &grads, &versions, &nbytes)) {
+        Py_DECREF(internal), Py_DECREF(count), Py_DECREF(occurrence);
+        goto done;
+    }
+    if (PyList_GET_SIZE(cpu) == 0) {
+        Py_DECREF(internal), Py_DECREF(count), Py_DECREF(occurrence);
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    PyObject *step = PyObject_GetAttr(opt, str_step);
+    PyObject *kwargs = step != NULL ? PyDict_New() : NULL;
+    PyObject *runs_of = kwargs != NULL ? PyList_New(2) : NULL;
+    if (runs_of != NULL) {
+        PyList_SET_ITEM(runs_of, 0, Py_NewRef(count));
+        PyList_SET_ITEM(runs_of, 1, Py_NewRef(Py_None));
+    }
+    PyObject *entry = runs_of != NULL ? PyTuple_Pack(13, step, st_step_name, grads, kwargs, Py_None, cpu, span, internal,
+                                                      Py_None, occurrence, Py_None, runs_of, count) : NULL;
+    Py_XDECREF(step), Py_XDECREF(kwargs), Py_XDECREF(runs_of);
+    Py_DECREF(internal), Py_DECREF(count), Py_DECREF(occurrence);
+    PyObject *backward_calls = entry != NULL ? PyObject_GetAttr(tracer, str_backward_calls) : NULL;
+    PyObject *item = backward_calls != NULL ? PyTuple_Pack(4, entry, Py_False, versions, backward_calls) : NULL;
+    Py_XDECREF(entry), Py_XDECREF(backward_calls);
+    PyObject *window = item != NULL ? PyObject_GetAttr(tracer, str_window) : NULL;
+    bad = window == NULL || !PyList_Check(window) || PyList_Append(window, item) < 0;
+    Py_XDECREF(item);
+    if (bad) {
+        if (window != NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "tracer._window is not a list");
+        Py_XDECREF(window);
+        goto done;
+    }
+    Py_ssize_t kept = PyList_GET_SIZE(window);
+    Py_DECREF(window);
+    PyObject *before = PyObject_GetAttr(tracer, str_window_bytes);
+    PyObject *size = before != NULL ? PyLong_FromSsize_t(nbytes) : NULL;
+    PyObject *after = size != NULL ? PyNumber_Add(before, size) : NULL;
+    Py_XDECREF(before), Py_XDECREF(size);
+    if (after == NULL || PyObject_SetAttr(tracer, str_window_bytes, after) < 0) {
+        Py_XDECREF(after);
+        goto done;
+    }
+    Py_ssize_t most = attr_ssize(limits, str_finite_window);
+    PyObject *most_bytes = most != -1 ? PyObject_GetAttr(limits, str_finite_window_bytes) : NULL;
+    int over = most_bytes != NULL ? PyObject_RichCompareBool(after, most_bytes, Py_GE) : -1;
+    Py_XDECREF(most_bytes);
+    Py_DECREF(after);
+    if (over < 0) goto done;
+    result = over || kept >= most ? PyObject_CallMethodNoArgs(tracer, str_check_window) : Py_NewRef(Py_None);
+done:
+    Py_DECREF(tracer);
+    Py_XDECREF(last), Py_XDECREF(runs), Py_XDECREF(counts), Py_XDECREF(params), Py_XDECREF(state);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"configure_passes", (PyCFunction)(void (*)(void))configure_passes, METH_FASTCALL,
      "configure_passes(torch.Tensor.backward, torch.nn.Parameter, preview module): what the handler's own "
@@ -1030,6 +1385,14 @@ static PyMethodDef module_methods[] = {
     {"params_state", params_state, METH_O,
      "params_state(params) -> (those on the CPU, their .grads, their versions, their bytes): tracer.py's "
      "`_params_state`, compiled."},
+    {"configure_steps", (PyCFunction)(void (*)(void))configure_steps, METH_FASTCALL,
+     "configure_steps(no_torch_function, global pre-hooks, global post-hooks, STEP, pop_mode, push_mode, mode_at): what "
+     "lift_step and count_lifted compare with and call (steps.py, once)."},
+    {"lift_step", (PyCFunction)(void (*)(void))lift_step, METH_FASTCALL,
+     "lift_step(steps, opt, args, kwargs) -> whether this step call now runs lifted: steps.py's `_pre`, compiled "
+     "(False: nothing changed, `_pre` takes it)."},
+    {"count_lifted", (PyCFunction)(void (*)(void))count_lifted, METH_FASTCALL,
+     "count_lifted(steps, site, span, opt): steps.py's `_count_as_before` with tracer.py's `keep_step`, compiled."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "configure(tensor_type, kinds, call_kind, stack_len, grad_fn_quiet, grad_enabled, limits): what ModeCore "
      "reads (tracer.py, once)."},
@@ -1064,7 +1427,14 @@ PyMODINIT_FUNC PyInit__walk(void) {
         intern(&str_is_floating, "is_floating_point") < 0 || intern(&str_loss, "loss") < 0 ||
         intern(&str_grad_norm, "grad_norm") < 0 || intern(&str_fused_squares, "_fused_squares") < 0 ||
         intern(&str_fused_preview, "_fused_preview") < 0 || intern(&str_leaf_norms, "_leaf_norms") < 0 ||
-        intern(&str_fast_passes, "_fast_passes") < 0)
+        intern(&str_fast_passes, "_fast_passes") < 0 || intern(&str_open, "_open") < 0 ||
+        intern(&str_tracer, "tracer") < 0 || intern(&str_mode, "_mode") < 0 || intern(&str_stale, "stale") < 0 ||
+        intern(&str_sites_of, "_sites") < 0 || intern(&str_alike, "alike") < 0 ||
+        intern(&str_interventions, "interventions") < 0 || intern(&str_pre_hooks, "_optimizer_step_pre_hooks") < 0 ||
+        intern(&str_post_hooks, "_optimizer_step_post_hooks") < 0 || intern(&str_last, "last") < 0 ||
+        intern(&str_param_groups, "param_groups") < 0 || intern(&str_params, "params") < 0 ||
+        intern(&str_step, "step") < 0 || intern(&str_keep_step, "keep_step") < 0 || intern(&str_enter, "__enter__") < 0 ||
+        intern(&str_exit, "__exit__") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

@@ -15,12 +15,21 @@ put into a parameter is found in execution order, attributed to the `opt.step()`
 Never lifted: in a variant (its interventions see every op), with a closure (LBFGS runs the
 model's forward and backward inside its step), with other step hooks (they would run untraced),
 or when another mode sits above ours.
+
+`zero_grad()` (an optimizer's or a module's) that sets the gradients to None records nothing: per
+parameter a `.grad` read and a `.grad = None`, which the mode passes through, and for an optimizer
+a profiler range whose two torch.ops calls go through torch's Python dispatch. Measured on the
+loop benchmark, that dispatch cost as much again as the plain zero_grad (+25 us an iteration). So
+while a tracer runs, both `zero_grad`s run with its mode off the stack, when it is on top and has
+no interventions; `set_to_none=False` (in-place `zero_()`, recorded) runs as called. torch has no
+hook there: the two methods are wrapped while any tracer runs, and put back after the last one.
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks, \
@@ -30,6 +39,14 @@ from . import torch_compat as compat
 
 #: the NaN window's name for a lifted step: no torch function has a dot in its name
 STEP = "Optimizer.step"
+
+try:  # compiled where built (capture/_walk.c): a lifted call's two hooks, one call each
+    from ._walk import configure_steps as _configure_steps, count_lifted as _count_lifted_c, lift_step as _lift_step_c
+except ImportError:
+    _lift_step_c = _count_lifted_c = None
+else:
+    _configure_steps(compat.no_torch_function, _global_optimizer_pre_hooks, _global_optimizer_post_hooks, STEP,
+                     compat.pop_mode, compat.push_mode, compat.mode_at)
 
 
 class _Site:
@@ -46,19 +63,31 @@ class _Site:
 class OptimizerSteps:
     """The step hooks of one tracer: registered at its start, removed at its stop."""
 
+    # a lifted call's `_pre` and `_count_as_before` compiled (capture/_walk.c), where built; the
+    # same reads and changes (tests switch it off)
+    _compiled = True
+
     def __init__(self, tracer):
         self.tracer = weakref.proxy(tracer)  # no cycle: a run's tracer (its records, their arrays) is freed without the collector
         self._handles: list = []
         self._sites: dict[tuple, _Site] = {}
         self._open: Optional[tuple] = None  # the call in progress: (site, span, lifted mode or the counts before it)
+        self._lifts = None  # the mode `zero_grad()` runs without (registered at start)
 
     def start(self) -> None:
         self._handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
+        mode = self.tracer._mode
+        if mode is not None and not self.tracer.interventions:
+            self._lifts = mode
+            _lift_zero_grads(mode)
 
     def stop(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._lifts is not None:
+            _unlift_zero_grads(self._lifts)
+            self._lifts = None
         self._raised()  # the tracer takes its mode off the stack, wherever it is
         self._open = None
 
@@ -77,6 +106,12 @@ class OptimizerSteps:
 
     # ---- the hooks ----
     def _pre(self, opt, args, kwargs) -> None:
+        if self._compiled and _lift_step_c is not None:
+            try:
+                if _lift_step_c(self, opt, args, kwargs):
+                    return
+            except Exception:  # nothing changed: the way below decides, and notes an error of its own
+                pass
         tracer = self.tracer
         self._raised(mode_back=True)
         self._open = None
@@ -152,6 +187,9 @@ class OptimizerSteps:
 
     def _count_as_before(self, site: _Site, span, opt) -> None:
         """A lifted call: counted as the traced one before it, and kept in the NaN window."""
+        if self._compiled and _count_lifted_c is not None:
+            _count_lifted_c(self, site, span, opt)
+            return
         tracer = self.tracer
         site_deltas, span_deltas, calls = site.last
         occurrence = tracer._span_counts.get(span, 0)
@@ -165,3 +203,62 @@ class OptimizerSteps:
         if tracer._watching:
             params = [p for g in opt.param_groups for p in g["params"] if isinstance(p, torch.Tensor)]
             tracer.keep_step(opt, params, span, type(opt).__name__ + ".step", occurrence, site.calls - 1)
+
+
+# ---- zero_grad() with the mode lifted ----
+#: id(mode) -> mode of the running tracers that may lift it (`OptimizerSteps.start`)
+_lifting: dict[int, object] = {}
+#: (owner class, the method as it was) while wrapped
+_wrapped: list[tuple[type, Callable]] = []
+
+
+def _liftable_top():
+    """The mode on top of torch's stack when it is a running tracer's that may be lifted, else None."""
+    n = compat.mode_stack_len()
+    if n == 0:
+        return None
+    top = compat.mode_at(n - 1)
+    if _lifting.get(id(top)) is not top or top.stale:
+        return None
+    tracer = top.tracer
+    return None if tracer is None or tracer.busy else top
+
+
+def _lifted_zero_grad(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def zero_grad(self, *args, **kwargs):
+        set_to_none = args[0] if args else kwargs.get("set_to_none", True)
+        mode = _liftable_top() if set_to_none is True and len(args) + len(kwargs) <= 1 else None
+        if mode is None:
+            return original(self, *args, **kwargs)
+        compat.pop_mode()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            compat.push_mode(mode)
+
+    zero_grad.__autograd_magic_lifts__ = original
+    return zero_grad
+
+
+def _lift_zero_grads(mode) -> None:
+    _lifting[id(mode)] = mode
+    if _wrapped:
+        return
+    for owner in (torch.optim.Optimizer, torch.nn.Module):
+        current = owner.__dict__.get("zero_grad")
+        if current is None or hasattr(current, "__autograd_magic_lifts__"):
+            continue
+        owner.zero_grad = _lifted_zero_grad(current)
+        _wrapped.append((owner, current))
+
+
+def _unlift_zero_grads(mode) -> None:
+    if _lifting.get(id(mode)) is mode:
+        del _lifting[id(mode)]
+    if _lifting:
+        return
+    while _wrapped:
+        owner, original = _wrapped.pop()
+        if getattr(owner.__dict__.get("zero_grad"), "__autograd_magic_lifts__", None) is original:
+            owner.zero_grad = original  # one the user's code put there since stays
