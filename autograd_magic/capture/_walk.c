@@ -1106,8 +1106,11 @@ static PyObject *lift_step(PyObject *module, PyObject *const *a, Py_ssize_t n) {
     int pending = open != Py_None; /* a lifted call that raised: `_raised` puts the mode back */
     Py_DECREF(open);
     if (pending) Py_RETURN_FALSE;
-    PyObject *tracer = steps_tracer(steps);
-    if (tracer == NULL) goto no;
+    PyObject *tracer = Py_XNewRef(steps_tracer(steps)); /* held: the walk below runs Python */
+    if (tracer == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_FALSE;
+    }
     if ((mode = PyObject_GetAttr(tracer, str_mode)) == NULL) goto done;
     if (mode == Py_None) goto no;
     int r = attr_true(mode, str_stale);
@@ -1178,6 +1181,7 @@ check:
 no:
     result = Py_NewRef(Py_False);
 done:
+    Py_DECREF(tracer);
     Py_XDECREF(mode);
     Py_XDECREF(found);
     Py_XDECREF(sites);
