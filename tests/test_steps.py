@@ -265,13 +265,18 @@ COMPILED_STEPS = pytest.mark.skipif(steps_module._lift_step_c is None, reason="c
 @pytest.mark.parametrize("poison", ["", "if i == 20:\n        opt.param_groups[0]['lr'] = float('nan')\n    "])
 def test_lifted_steps_record_the_same_compiled_or_not(shell, lifts, monkeypatch, opt, poison):
     cell = _loop(opt, poison)
+    answers = []
+    lift_step = steps_module._lift_step_c
+    monkeypatch.setattr(steps_module, "_lift_step_c", lambda *a: answers.append(lift_step(*a)) or answers[-1])
     compiled = _traced(shell, cell)
+    assert answers.count(True) == len(lifts) > 0  # the compiled hook lifted every one of them
     lifted = len(lifts)
     assert lifted >= 30 - 3 * limits.DETAIL_LIMIT
     shell.reset(new_session=False)
     with monkeypatch.context() as m:
         m.setattr(steps_module.OptimizerSteps, "_compiled", False)
         python = _traced(shell, cell)
+    assert answers.count(True) == lifted  # none by the compiled hook the second time
     assert len(lifts) == 2 * lifted  # lifted alike both ways
     assert _facts(compiled) == _facts(python)
     assert compiled.repeats == python.repeats and compiled.notes == python.notes
@@ -282,48 +287,85 @@ def test_lifted_steps_record_the_same_compiled_or_not(shell, lifts, monkeypatch,
         assert a is not None and (a.op, a.run, a.iteration, a.label, a.line) == (b.op, b.run, b.iteration, b.label, b.line)
 
 
-@COMPILED_STEPS
-@pytest.mark.parametrize("case", ["none", "closure", "hook", "mode", "variant", "busy"])
-def test_the_compiled_step_hook_lifts_only_where_the_python_one_would(case):
-    """`lift_step` refuses each case `_may_lift` refuses, changing nothing (steps.py's `_pre` then
-    decides); where nothing stands in the way ("none") it lifts: the mode off the stack, the call open."""
+STEP_CASES = ["none", "closure", "closure by keyword", "pre-hook", "post-hook", "global pre-hook", "global post-hook",
+              "mode above", "variant", "busy", "stale", "not alike", "new site", "no line"]
+
+
+def _lift_once(case: str, compiled: bool):
+    """One step call's pre-hook on a made-up tracer whose mode is on torch's stack: (lifted, calls
+    counted, `_open`, what is left on the stack, notes), with the compiled hook or the Python one."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
     from torch.overrides import TorchFunctionMode
 
-    from autograd_magic.capture import _walk
     from autograd_magic.capture import torch_compat as compat
 
     class Ours(TorchFunctionMode):
-        stale = False
+        stale = case == "stale"
 
     class Tracer:
-        interventions = ()
-        busy = False
+        interventions = ("a variant's",) if case == "variant" else ()
+        busy = case == "busy"
+        notes: list = []
+
+        def note(self, text):
+            self.notes.append(text)
 
     tracer, mode, span = Tracer(), Ours(), (1, 0, 1, 5)
+    tracer.notes = []
     tracer._mode = mode
-    tracer.sites = type("Sites", (), {"find": staticmethod(lambda name: (span, None, span, None))})()
+    found = (None if case == "no line" else span, None, span, None)
+    tracer.sites = type("Sites", (), {"find": staticmethod(lambda name: found)})()
+    tracer.calls, tracer._site_runs, tracer._span_counts = 0, {}, {}
+    tracer.trace = type("T", (), {"records": [], "notes": []})()
     steps = steps_module.OptimizerSteps(tracer)
-    site = steps._sites[span] = steps_module._Site()
-    site.alike, site.calls = True, 7
+    if case != "new site":
+        site = steps._sites[span] = steps_module._Site()
+        site.alike, site.calls, site.last = case != "not alike", 7, ((), (), 0)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
-    args = (opt, lambda: None) if case == "closure" else (opt,)
-    if case == "hook":
+    args, kwargs = (opt,), {}
+    if case == "closure":
+        args = (opt, lambda: None)
+    elif case == "closure by keyword":
+        kwargs = {"closure": lambda: None}
+    elif case == "pre-hook":
         opt.register_step_pre_hook(lambda *a: None)
-    tracer.interventions = ("a variant's",) if case == "variant" else ()
-    tracer.busy = case == "busy"
-    stack = [mode] + ([TorchFunctionMode()] if case == "mode" else [])
+    elif case == "post-hook":
+        opt.register_step_post_hook(lambda *a: None)
+    handles = [register_optimizer_step_pre_hook(lambda *a: None)] if case == "global pre-hook" else \
+        [register_optimizer_step_post_hook(lambda *a: None)] if case == "global post-hook" else []
+    handles += [register_optimizer_step_pre_hook(steps._pre), register_optimizer_step_post_hook(steps._post)]  # ours
+    stack = [mode] + ([TorchFunctionMode()] if case == "mode above" else [])
     for m in stack:
         compat.push_mode(m)
+    steps._compiled = compiled
     try:
-        lifted = _walk.lift_step(steps, opt, args, {})
+        if compiled:
+            lifted = steps_module._lift_step_c(steps, opt, args, kwargs)
+        else:
+            steps._pre(opt, args, kwargs)
+            lifted = steps._open is not None and steps._open[2][0] == "lifted"
         left = [compat.mode_at(i) for i in range(compat.mode_stack_len())]
     finally:
         while compat.mode_stack_len():
             compat.pop_mode()
-    if case == "none":
-        assert lifted is True and left == [] and steps._open == (site, span, ("lifted", mode, opt)) and site.calls == 8
+        for h in handles:
+            h.remove()
+    site = steps._sites.get(span)
+    return lifted, site.calls if site else None, steps._open if lifted else None, left, tracer.notes, stack
+
+
+@COMPILED_STEPS
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_the_compiled_step_hook_lifts_exactly_where_the_python_one_does(case):
+    """`lift_step` lifts where `_pre` does (the mode off the stack, the call open and counted) and
+    refuses each case `_may_lift` refuses, changing nothing (`_pre` then decides)."""
+    c_lifted, c_calls, c_open, c_left, c_notes, stack = _lift_once(case, compiled=True)
+    p_lifted, p_calls, p_open, p_left, p_notes, _ = _lift_once(case, compiled=False)
+    assert c_lifted == p_lifted == (case == "none")
+    if c_lifted:
+        assert c_left == p_left == [] and c_calls == p_calls == 8 and c_open[2][0] == "lifted" and c_open[1] == (1, 0, 1, 5)
     else:
-        assert lifted is False and left == stack and steps._open is None and site.calls == 7
+        assert c_left == stack and c_calls == (None if case == "new site" else 7) and c_notes == []
 
 
 def test_what_a_lifted_step_keeps_of_its_parameters_is_the_same_compiled_or_not():
@@ -352,8 +394,24 @@ def test_what_a_lifted_step_keeps_of_its_parameters_is_the_same_compiled_or_not(
 
 # ---- zero_grad() with the mode lifted ----
 @pytest.fixture
+def dispatched(monkeypatch):
+    """The torch calls each traced run's mode saw (`Tracer.calls` at its stop), one entry per run."""
+    from autograd_magic.capture import tracer as tracer_module
+
+    seen = []
+    stop = tracer_module.Tracer.stop
+
+    def counting(self):
+        seen.append(self.calls)
+        return stop(self)
+
+    monkeypatch.setattr(tracer_module.Tracer, "stop", counting)
+    return seen
+
+
+@pytest.fixture
 def zero_lifts(monkeypatch):
-    """The zero_grad calls that ran with the mode lifted: (set_to_none argument seen, mode lifted) per call."""
+    """Whether each zero_grad call ran with the mode lifted (one bool per call)."""
     seen = []
     top = steps_module._liftable_top
 
@@ -379,7 +437,7 @@ ZERO_GRADS = {
 
 
 @pytest.mark.parametrize("how", sorted(ZERO_GRADS))
-def test_zero_grad_lifted_computes_and_records_what_a_traced_one_does(shell, zero_lifts, monkeypatch, how):
+def test_zero_grad_lifted_computes_and_records_what_a_traced_one_does(shell, zero_lifts, dispatched, monkeypatch, how):
     cell = _loop("adam").replace("opt.zero_grad()", ZERO_GRADS[how])
     plain = _plain(cell)
     lifted = _traced(shell, cell)
@@ -396,17 +454,31 @@ def test_zero_grad_lifted_computes_and_records_what_a_traced_one_does(shell, zer
         traced = _traced(shell, cell)
     assert _facts(lifted) == _facts(traced) and lifted.repeats == traced.repeats and lifted.notes == traced.notes
     assert [(i.loss, i.grad_norm) for i in lifted.iterations] == [(i.loss, i.grad_norm) for i in traced.iterations]
+    # the mode really was off the stack: none of a lifted zero_grad's reads and writes reached it
+    lifted_calls, traced_calls = dispatched[0], dispatched[-1]
+    if how == "in place":
+        assert lifted_calls == traced_calls
+    else:  # per call after the first: a .grad read and write for each of the 4 parameters (and an optimizer's profiler range)
+        assert traced_calls - lifted_calls >= 29 * 8
+
+
+TORCH_ZERO_GRADS = tuple(original for _, original in steps_module._TORCH_ZERO_GRADS)
+
+
+def _zero_grads() -> tuple:
+    return torch.optim.Optimizer.__dict__["zero_grad"], torch.nn.Module.__dict__["zero_grad"]
 
 
 def test_zero_grad_is_torchs_own_again_after_a_cell_even_one_that_raises(shell):
-    before = torch.optim.Optimizer.__dict__["zero_grad"], torch.nn.Module.__dict__["zero_grad"]
+    before = TORCH_ZERO_GRADS
+    assert _zero_grads() == before
     _traced(shell, _loop("sgd").replace("range(30)", "range(3)"))
-    assert (torch.optim.Optimizer.__dict__["zero_grad"], torch.nn.Module.__dict__["zero_grad"]) == before
+    assert _zero_grads() == before
     shell.run_cell("import torch")
     with capture_output():
         result = shell.run_cell("%%autograd --quiet\nm = torch.nn.Linear(2, 2)\nm.zero_grad()\nraise ValueError('boom')")
     assert isinstance(result.error_in_exec, ValueError)
-    assert (torch.optim.Optimizer.__dict__["zero_grad"], torch.nn.Module.__dict__["zero_grad"]) == before
+    assert _zero_grads() == before
     assert torch._C._len_torch_function_stack() == 0
 
 
@@ -450,3 +522,34 @@ def test_zero_grad_is_not_lifted_under_a_mode_of_the_users_above_ours(shell, zer
     assert zero_lifts == [False]
     assert shell.user_ns["seen"] == plain["seen"] and "__set__" in plain["seen"]
     assert shell.user_ns["m"].weight.grad is None
+
+
+def test_a_zero_grad_of_the_users_own_runs_traced_and_stays_theirs(shell, zero_lifts, monkeypatch):
+    """A replacement put in place before the cell runs its own ops traced, as it would with no lifting;
+    one put in place during the cell (made with functools.wraps, as most are) is still there after it."""
+    patch = "import functools\n_torchs = torch.optim.Optimizer.zero_grad\nnorms = []\n" \
+            "@functools.wraps(_torchs)\ndef logged(self, *a, **k):\n" \
+            "    if self.param_groups[0]['params'][0].grad is not None:\n" \
+            "        norms.append(torch.stack([p.grad.norm() for g in self.param_groups for p in g['params']]).sum())\n" \
+            "    return _torchs(self, *a, **k)\n"
+    cell = _loop("sgd").replace("range(30)", "range(6)")
+    try:
+        shell.run_cell("import torch\n" + patch + "torch.optim.Optimizer.zero_grad = logged")
+        lifted = _traced(shell, cell)
+        assert not any(zero_lifts)  # not torch's own: nothing lifted
+        assert any(r.op == "norm" for r in lifted.records)
+        shell.reset(new_session=False)
+        torch.optim.Optimizer.zero_grad = TORCH_ZERO_GRADS[0]
+        shell.run_cell("import torch\n" + patch + "torch.optim.Optimizer.zero_grad = logged")
+        with monkeypatch.context() as m:
+            _never_lift_zero_grad(m)
+            traced = _traced(shell, cell)
+        assert _facts(lifted) == _facts(traced)
+    finally:
+        torch.optim.Optimizer.zero_grad = TORCH_ZERO_GRADS[0]
+    try:
+        _traced(shell, patch + "torch.optim.Optimizer.zero_grad = logged\nm = torch.nn.Linear(2, 1)")
+        assert torch.optim.Optimizer.__dict__["zero_grad"] is shell.user_ns["logged"]
+    finally:
+        torch.optim.Optimizer.zero_grad = TORCH_ZERO_GRADS[0]
+    assert _zero_grads() == TORCH_ZERO_GRADS

@@ -1033,7 +1033,7 @@ done:
 static PyObject *st_no_tf, *st_global_pre, *st_global_post, *st_step_name, *st_pop, *st_push, *st_at, *st_lifted;
 static PyObject *str_open, *str_tracer, *str_mode, *str_stale, *str_sites_of, *str_alike, *str_interventions,
     *str_pre_hooks, *str_post_hooks, *str_last, *str_param_groups, *str_params, *str_step, *str_keep_step, *str_enter,
-    *str_exit;
+    *str_exit, *str_dot_step;
 
 static PyObject *configure_steps(PyObject *module, PyObject *const *a, Py_ssize_t n) {
     if (n != 7) {
@@ -1228,11 +1228,15 @@ static PyObject *count_lifted(PyObject *module, PyObject *const *a, Py_ssize_t n
     if (occurrence == NULL) goto done;
     PyObject *deltas = PyTuple_GET_ITEM(last, 0);
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(deltas); i++) {
-        PyObject *kn = PyTuple_GET_ITEM(deltas, i), *lst;
+        PyObject *kn = PyTuple_GET_ITEM(deltas, i), *lst = NULL;
         if (!PyTuple_Check(kn) || PyTuple_GET_SIZE(kn) != 2 ||
             (lst = PyDict_GetItemWithError(runs, PyTuple_GET_ITEM(kn, 0))) == NULL || !PyList_Check(lst) ||
             PyList_GET_SIZE(lst) < 1) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "a site a lifted step counts has no runs");
+            if (!PyErr_Occurred()) { /* as `runs[k]`: the key is the error */
+                if (!PyTuple_Check(kn) || PyTuple_GET_SIZE(kn) != 2) PyErr_SetString(PyExc_TypeError, "a site delta is (key, count)");
+                else if (lst == NULL) PyErr_SetObject(PyExc_KeyError, PyTuple_GET_ITEM(kn, 0));
+                else PyErr_SetString(PyExc_TypeError, "a site's runs are [count, first record]");
+            }
             Py_DECREF(occurrence);
             goto done;
         }
@@ -1304,7 +1308,7 @@ static PyObject *count_lifted(PyObject *module, PyObject *const *a, Py_ssize_t n
         goto done;
     }
     PyObject *kind = PyObject_GetAttrString((PyObject *)Py_TYPE(opt), "__name__");
-    PyObject *internal = kind != NULL ? PyUnicode_FromFormat("%U.step", kind) : NULL;
+    PyObject *internal = kind != NULL ? PyNumber_Add(kind, str_dot_step) : NULL; /* as `type(opt).__name__ + ".step"` */
     Py_XDECREF(kind);
     PyObject *site_calls = internal != NULL ? PyObject_GetAttr(site, str_calls) : NULL;
     PyObject *count = site_calls != NULL ? PyNumber_Subtract(site_calls, one) : NULL;
@@ -1438,7 +1442,7 @@ PyMODINIT_FUNC PyInit__walk(void) {
         intern(&str_post_hooks, "_optimizer_step_post_hooks") < 0 || intern(&str_last, "last") < 0 ||
         intern(&str_param_groups, "param_groups") < 0 || intern(&str_params, "params") < 0 ||
         intern(&str_step, "step") < 0 || intern(&str_keep_step, "keep_step") < 0 || intern(&str_enter, "__enter__") < 0 ||
-        intern(&str_exit, "__exit__") < 0)
+        intern(&str_exit, "__exit__") < 0 || intern(&str_dot_step, ".step") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

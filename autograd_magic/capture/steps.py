@@ -206,10 +206,13 @@ class OptimizerSteps:
 
 
 # ---- zero_grad() with the mode lifted ----
+#: torch's own methods, as at import: only these are wrapped (a user's or a library's replacement
+#: runs ops of its own, which must stay traced)
+_TORCH_ZERO_GRADS: tuple = tuple((owner, owner.__dict__["zero_grad"]) for owner in (torch.optim.Optimizer, torch.nn.Module))
 #: id(mode) -> mode of the running tracers that may lift it (`OptimizerSteps.start`)
 _lifting: dict[int, object] = {}
-#: (owner class, the method as it was) while wrapped
-_wrapped: list[tuple[type, Callable]] = []
+#: (owner class, torch's method, our wrapper of it) while wrapped
+_wrapped: list[tuple[type, Callable, Callable]] = []
 
 
 def _liftable_top():
@@ -231,13 +234,15 @@ def _lifted_zero_grad(original: Callable) -> Callable:
         mode = _liftable_top() if set_to_none is True and len(args) + len(kwargs) <= 1 else None
         if mode is None:
             return original(self, *args, **kwargs)
-        compat.pop_mode()
+        popped = False
         try:
+            compat.pop_mode()
+            popped = True
             return original(self, *args, **kwargs)
         finally:
-            compat.push_mode(mode)
+            if popped:
+                compat.push_mode(mode)
 
-    zero_grad.__autograd_magic_lifts__ = original
     return zero_grad
 
 
@@ -245,12 +250,12 @@ def _lift_zero_grads(mode) -> None:
     _lifting[id(mode)] = mode
     if _wrapped:
         return
-    for owner in (torch.optim.Optimizer, torch.nn.Module):
-        current = owner.__dict__.get("zero_grad")
-        if current is None or hasattr(current, "__autograd_magic_lifts__"):
-            continue
-        owner.zero_grad = _lifted_zero_grad(current)
-        _wrapped.append((owner, current))
+    for owner, original in _TORCH_ZERO_GRADS:
+        if owner.__dict__.get("zero_grad") is not original:
+            continue  # replaced by someone: theirs runs as it is, traced
+        wrapper = _lifted_zero_grad(original)
+        _wrapped.append((owner, original, wrapper))  # first: an interrupt in between leaves nothing unlisted
+        owner.zero_grad = wrapper
 
 
 def _unlift_zero_grads(mode) -> None:
@@ -259,6 +264,7 @@ def _unlift_zero_grads(mode) -> None:
     if _lifting:
         return
     while _wrapped:
-        owner, original = _wrapped.pop()
-        if getattr(owner.__dict__.get("zero_grad"), "__autograd_magic_lifts__", None) is original:
+        owner, original, wrapper = _wrapped[-1]
+        if owner.__dict__.get("zero_grad") is wrapper:
             owner.zero_grad = original  # one the user's code put there since stays
+        _wrapped.pop()
