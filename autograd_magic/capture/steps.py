@@ -20,9 +20,10 @@ or when another mode sits above ours.
 parameter a `.grad` read and a `.grad = None`, which the mode passes through, and for an optimizer
 a profiler range whose two torch.ops calls go through torch's Python dispatch. Measured on the
 loop benchmark, that dispatch cost as much again as the plain zero_grad (+25 us an iteration). So
-while a tracer runs, both `zero_grad`s run with its mode off the stack, when it is on top and has
-no interventions; `set_to_none=False` (in-place `zero_()`, recorded) runs as called. torch has no
-hook there: the two methods are wrapped while any tracer runs, and put back after the last one.
+while a tracer runs, torch's own two `zero_grad`s run with its mode off the stack, when it is on
+top and has no interventions; `set_to_none=False` (in-place `zero_()`, recorded) runs as called, and
+so does a `zero_grad` someone replaced (its own ops stay traced). torch has no hook there: the two
+methods are wrapped while any tracer runs, and put back after the last one.
 """
 
 from __future__ import annotations
