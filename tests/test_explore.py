@@ -100,14 +100,16 @@ def test_values_compose_with_no_grad(shell):
     assert float(y.preview.values) == pytest.approx(12.0)
 
 
-def test_a_cell_without_inputs_costs_nothing(shell):
+def test_a_cell_without_inputs_costs_nothing(shell, monkeypatch):
     plain(shell, "import torch")
     s = traced(shell, "a = torch.ones(3)\nb = a * 2")
+    runs = []
+    monkeypatch.setattr(explorer, "run_variant", lambda *a, **k: runs.append(a) or pytest.fail("re-ran the cell"))
     start = time.perf_counter()
     ex = s.exploration()
     took = time.perf_counter() - start
     assert ex.empty and not ex.curves
-    assert took < 0.005  # a scan of the records, no re-run
+    assert not runs and took < 0.5  # a scan of the records, no re-run (the bound only catches a hang)
 
 
 def test_batched_and_point_by_point_agree(shell, monkeypatch):
