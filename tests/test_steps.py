@@ -482,6 +482,49 @@ def test_zero_grad_is_torchs_own_again_after_a_cell_even_one_that_raises(shell):
     assert torch._C._len_torch_function_stack() == 0
 
 
+def test_tracers_in_several_threads_lift_their_own_zero_grad_and_leave_torchs_in_place():
+    # torch's mode stack is per thread, the wrapping is not: tracers starting and stopping at once
+    # in four threads each compute what plain torch does, and torch's own methods are back after
+    import threading
+
+    import autograd_magic as am
+
+    def run(traced: bool, out: list, barrier=None) -> None:
+        m = torch.nn.Linear(4, 2)  # the global RNG is shared by the threads: fixed values instead
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(-1, 1, 8).reshape(2, 4))
+            m.bias.fill_(0.5)
+        opt = torch.optim.SGD(m.parameters(), lr=0.01)
+        x = torch.linspace(0, 1, 12).reshape(3, 4)
+        if barrier is not None:
+            barrier.wait()
+        for _ in range(25):
+            if traced:
+                with am.trace():
+                    opt.zero_grad()
+                    m(x).pow(2).sum().backward()
+                    opt.step()
+            else:
+                opt.zero_grad()
+                m(x).pow(2).sum().backward()
+                opt.step()
+        out.append((m.weight.detach().clone(), torch._C._len_torch_function_stack()))
+
+    expected: list = []
+    run(False, expected)
+    got: list = []
+    barrier = threading.Barrier(4)
+    threads = [threading.Thread(target=run, args=(True, got, barrier)) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(got) == 4
+    for weight, stack in got:
+        assert torch.equal(weight, expected[0][0]) and stack == 0
+    assert _zero_grads() == TORCH_ZERO_GRADS and not steps_module._lifting and not steps_module._wrapped
+
+
 def test_a_zero_grad_that_raises_while_lifted_fails_as_it_would_and_the_cell_stays_traced(shell, zero_lifts):
     # a module whose parameters() raises on the call zero_grad makes; the cell catches it and goes on
     cell = """class Odd(torch.nn.Linear):

@@ -29,6 +29,7 @@ methods are wrapped while any tracer runs, and put back after the last one.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import Callable, Optional
 
@@ -247,25 +248,34 @@ def _lifted_zero_grad(original: Callable) -> Callable:
     return zero_grad
 
 
+#: our wrapper of each of torch's methods, made once (`functools.wraps` per tracer start costs
+#: more than a lifted call saves)
+_WRAPPERS: dict[type, Callable] = {owner: _lifted_zero_grad(original) for owner, original in _TORCH_ZERO_GRADS}
+#: tracers start and stop in any thread (torch's mode stack is per thread; these lists are not)
+_lift_lock = threading.RLock()  # re-entrant: a finalizer that stops a tracer may run inside
+
+
 def _lift_zero_grads(mode) -> None:
-    _lifting[id(mode)] = mode
-    if _wrapped:
-        return
-    for owner, original in _TORCH_ZERO_GRADS:
-        if owner.__dict__.get("zero_grad") is not original:
-            continue  # replaced by someone: theirs runs as it is, traced
-        wrapper = _lifted_zero_grad(original)
-        _wrapped.append((owner, original, wrapper))  # first: an interrupt in between leaves nothing unlisted
-        owner.zero_grad = wrapper
+    with _lift_lock:
+        _lifting[id(mode)] = mode
+        if _wrapped:
+            return
+        for owner, original in _TORCH_ZERO_GRADS:
+            if owner.__dict__.get("zero_grad") is not original:
+                continue  # replaced by someone: theirs runs as it is, traced
+            wrapper = _WRAPPERS[owner]
+            _wrapped.append((owner, original, wrapper))  # first: an interrupt in between leaves nothing unlisted
+            owner.zero_grad = wrapper
 
 
 def _unlift_zero_grads(mode) -> None:
-    if _lifting.get(id(mode)) is mode:
-        del _lifting[id(mode)]
-    if _lifting:
-        return
-    while _wrapped:
-        owner, original, wrapper = _wrapped[-1]
-        if owner.__dict__.get("zero_grad") is wrapper:
-            owner.zero_grad = original  # one the user's code put there since stays
-        _wrapped.pop()
+    with _lift_lock:
+        if _lifting.get(id(mode)) is mode:
+            del _lifting[id(mode)]
+        if _lifting:
+            return
+        while _wrapped:
+            owner, original, wrapper = _wrapped[-1]
+            if owner.__dict__.get("zero_grad") is wrapper:
+                owner.zero_grad = original  # one the user's code put there since stays
+            _wrapped.pop()
