@@ -253,6 +253,26 @@ class _HookedMode(_EmptyMode):
         return super().__torch_function__(func, types, args, kwargs)
 
 
+def _without_preview_work(traced):
+    """The traced step with the compiled preview answering at once with a bare Preview (shape and
+    dtype, no values, no statistics): what tracing costs besides reading the data. For scale only."""
+    from autograd_magic.capture import preview as preview_module
+    from autograd_magic.data.trace import Preview
+
+    def bare(t, with_stats=True):
+        return Preview(tuple(t.shape), str(t.dtype))
+
+    def run():
+        real = preview_module._fused_preview
+        preview_module._fused_preview = bare
+        try:
+            traced()
+        finally:
+            preview_module._fused_preview = real
+
+    return run
+
+
 def _under_empty_mode(plain):
     def run():
         with _EmptyMode():
@@ -281,6 +301,9 @@ def main() -> dict:
             floor, floor_median, _, _ = _best_ratio(plain, _mlp256_floor(plain, tensors))
             print(f"  {name} floor/plain {floor:.2f}   (median {floor_median:.2f}; an empty mode, a pre-hook doing "
                   f"nothing on each node, and those previews: what is left above it is the tracer's own work)", flush=True)
+            bare, bare_median, _, _ = _best_ratio(plain, _without_preview_work(traced))
+            print(f"  {name} traced-without-statistics/plain {bare:.2f}   (median {bare_median:.2f}; the same trace with "
+                  f"each preview's reads of the data left out: the tracer's bookkeeping, its mode and hooks)", flush=True)
         if name in ("train_loop_200", "mlp256_fwd_bwd"):  # for scale: what any TorchFunctionMode costs before recording anything
             floor, floor_median, _, _ = _best_ratio(plain, _under_empty_mode(plain))
             print(f"  {name} empty-mode/plain {floor:.2f}   (median {floor_median:.2f}; floor: an empty TorchFunctionMode)",
