@@ -508,3 +508,48 @@ def test_a_ctrl_c_in_the_bookkeeping_of_a_pass_past_the_limit_reaches_the_user(m
                 ran.append(i)
     assert armed["at"] == "done" and ran == list(range(limits.DETAIL_LIMIT + 2))
     assert all(p.grad is None for p in model.parameters())  # the interrupted backward never ran
+
+
+# ---- where a .grad no recorded pass put there came from ---------------------------------------
+
+STEP_NAN = """torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+X, Y = torch.randn(32, 6), torch.randn(32, 1)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+for i in range(30):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(X), Y)
+    loss.backward()
+    if i == 20:
+        opt.param_groups[0]['lr'] = float('nan')
+    opt.step()
+"""
+
+
+def test_a_grad_left_by_backward_calls_past_the_limit_is_said_to_come_from_them(shell):
+    from autograd_magic.explain.why import explain_record
+
+    plain = _plain_loop(STEP_NAN)[2]
+    t = _traced(shell, STEP_NAN)
+    # the record the NaN search made for the step that broke the weight, in the 21st backward call's
+    # iteration: no recorded pass reached it, and its .grad after the cell is the later calls' work
+    (rec,) = [r for r in t.records if r.run is not None and r.name == "model.0.weight"]
+    assert rec.iteration == 21 and not rec.grads and rec.attr_grad is not None
+    later = sum(1 for it in t.iterations if it.index >= rec.iteration)
+    assert later == 30 - 21 and all(it.pass_index is None for it in t.iterations[21:])
+    assert plain["model"][0].weight.grad is not None  # plain torch leaves one there too
+    why = " ".join(explain_record(t, rec.id))
+    assert f"the {later} backward calls this cell ran past --limit (not recorded in detail)" in why, why
+    assert "before this cell." not in why.replace("or by ones before this cell.", "")
+
+
+def test_a_grad_an_earlier_cell_left_is_said_to_come_from_before_the_cell(shell):
+    from autograd_magic.explain.why import explain_record
+
+    shell.run_cell("import torch\nw = torch.ones(3, requires_grad=True)\n(w * 2).sum().backward()")
+    t = _traced(shell, "y = w * 3")
+    (rec,) = [r for r in t.records if r.name == "w"]
+    assert rec.attr_grad is not None and not rec.grads
+    why = " ".join(explain_record(t, rec.id))
+    assert "was left there by backward calls before this cell." in why and "past --limit" not in why
+    assert shell.user_ns["w"].grad.tolist() == [2.0, 2.0, 2.0]  # plain torch's

@@ -296,10 +296,21 @@ def _untracked_origin(trace: Trace, r: Record) -> str:
     return base + "."
 
 
+def _unrecorded_calls_after(trace: Trace, r: Record) -> int:
+    """How many of the cell's backward calls past --limit (run, not recorded) came after `r` was made."""
+    since = r.iteration or 0  # a record made past --limit says how many calls came before it
+    return sum(1 for it in trace.iterations if it.pass_index is None and it.index >= since) + trace.iterations_left_out
+
+
 def _leaf_grad(trace: Trace, r: Record) -> list[str]:
     reached = [trace.passes[i] for i in sorted(r.grads) if i < len(trace.passes)]
     if not reached:
         if r.attr_grad is not None:
+            unrecorded = _unrecorded_calls_after(trace, r)
+            if unrecorded:
+                calls = "call" if unrecorded == 1 else "calls"
+                return [f"`{r.label}.grad` = {_grad(r.attr_grad)} after the cell: left there by the {unrecorded} backward "
+                        f"{calls} this cell ran past --limit (not recorded in detail), or by ones before this cell."]
             return [f"`{r.label}.grad` = {_grad(r.attr_grad)} was left there by backward calls before this cell."]
         if not trace.passes:
             return [f"{_where(r)} requires grad, but no backward() ran in this cell, so its .grad is None."]
