@@ -553,3 +553,19 @@ def test_a_grad_an_earlier_cell_left_is_said_to_come_from_before_the_cell(shell)
     why = " ".join(explain_record(t, rec.id))
     assert "was left there by backward calls before this cell." in why and "past --limit" not in why
     assert shell.user_ns["w"].grad.tolist() == [2.0, 2.0, 2.0]  # plain torch's
+
+
+def test_an_op_found_past_the_limit_is_not_said_to_be_out_of_reach_of_backward(shell):
+    # its iteration's backward call did reach it (the loss is made from it), unrecorded: the
+    # explanation says so, and which call that was, as plain torch counts it
+    from autograd_magic.explain.why import explain_record
+
+    cell = LOOP.format(lr=DIVERGES)
+    _, found, _ = _plain_loop(cell)
+    iteration = found[0]  # backward calls plain torch ran before the op first made a NaN/Inf
+    t = _traced(shell, cell)
+    (rec,) = [r for r in t.records if r.run is not None]
+    why = " ".join(explain_record(t, rec.id))
+    line = next(i + 1 for i, text in enumerate(cell.splitlines()) if text.strip() == "loss.backward()")
+    assert f"before backward call {iteration + 1} (line {line + 1})" in why, why  # +1: the magic's line
+    assert "No backward pass in this cell reached it" not in why and "does not depend on it" not in why

@@ -302,6 +302,22 @@ def _unrecorded_calls_after(trace: Trace, r: Record) -> int:
     return sum(1 for it in trace.iterations if it.pass_index is None and it.index >= since) + trace.iterations_left_out
 
 
+def _past_limit(trace: Trace, r: Record) -> Optional[str]:
+    """For a record made past --limit (the first NaN/Inf of a loop's later runs) that backward calls
+    ran after: no recorded pass can reach it, and whether theirs did is not known."""
+    if r.run is None:
+        return None
+    if not _unrecorded_calls_after(trace, r):
+        return None
+    since = r.iteration or 0
+    nxt = next((it for it in trace.iterations if it.pass_index is None and it.index >= since), None)
+    if nxt is None:  # past the bound on kept iterations: counted only
+        return "It was made past --limit, and the backward calls after it ran without detail: what gradient reached it is not recorded."
+    where = f" (line {nxt.line})" if nxt.line is not None else ""
+    return (f"It was made past --limit, before backward call {nxt.index + 1}{where}: that call and any after it ran "
+            "without detail, so what gradient reached it is not recorded.")
+
+
 def _leaf_grad(trace: Trace, r: Record) -> list[str]:
     reached = [trace.passes[i] for i in sorted(r.grads) if i < len(trace.passes)]
     if not reached:
@@ -314,6 +330,9 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
             return [f"`{r.label}.grad` = {_grad(r.attr_grad)} was left there by backward calls before this cell."]
         if not trace.passes:
             return [f"{_where(r)} requires grad, but no backward() ran in this cell, so its .grad is None."]
+        unknown = _past_limit(trace, r)
+        if unknown is not None:
+            return [f"{_where(r)} requires grad. {unknown}"]
         return [f"{_where(r)} requires grad, but no backward pass in this cell reached it: " + _unreached(trace, r)]
     # torch.autograd.grad returns gradients and leaves .grad alone; backward() adds into .grad
     out = [
@@ -394,7 +413,8 @@ def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
         would = "" if p.kind == "grad" else "; with retain_grad() that is what .grad would show"
         out.append(f"In {_pass_where(p)} it received {_grad(g)}{would}.")
     if not got and trace.passes:
-        out.append("No backward pass in this cell reached it: " + _unreached(trace, r))
+        unknown = _past_limit(trace, r)
+        out.append(unknown if unknown is not None else "No backward pass in this cell reached it: " + _unreached(trace, r))
     return out + _odd_values(trace, r)
 
 
