@@ -143,6 +143,8 @@ def test_a_nan_an_optimizer_step_makes_is_named_at_that_step(browser, tmp_path_f
             view.locator(".agm-detail h4", has_text="model.0.weight").wait_for(timeout=TIMEOUT)
             detail = view.locator(".agm-detail").first.inner_text()
             assert "opt.step()" in detail and "inside SGD.step" in detail and "nan" in detail, detail
+            # made in the 21st iteration: the three recorded passes ran before it existed
+            assert detail.count("ran before this tensor was made") == 3 and "did not reach this tensor" not in detail, detail
             view.scroll_into_view_if_needed()
             view.screenshot(path=str(SCREENSHOTS / "lab_debug_step_nan.png"))
         finally:

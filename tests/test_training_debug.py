@@ -569,3 +569,15 @@ def test_an_op_found_past_the_limit_is_not_said_to_be_out_of_reach_of_backward(s
     line = next(i + 1 for i, text in enumerate(cell.splitlines()) if text.strip() == "loss.backward()")
     assert f"before backward call {iteration + 1} (line {line + 1})" in why, why  # +1: the magic's line
     assert "No backward pass in this cell reached it" not in why and "does not depend on it" not in why
+
+
+def test_the_detail_of_an_op_found_past_the_limit_says_the_recorded_passes_ran_before_it(shell):
+    from autograd_magic.render.payload import build_detail
+
+    t = _traced(shell, STEP_NAN)
+    (rec,) = [r for r in t.records if r.run is not None and r.name == "model.0.weight"]
+    d = build_detail(t, rec.id)
+    assert len(d["passes"]) == limits.DETAIL_LIMIT and all(p["before"] and p["grad"] is None for p in d["passes"])
+    # a record of the recorded iterations: the passes that reached it are not "before" it
+    first = next(r for r in t.records if r.name == "model.0.weight" and r.run is None and r.grads)
+    assert not any(p["before"] for p in build_detail(t, first.id)["passes"])

@@ -1277,7 +1277,8 @@ function detailNodes(d, inputs) {
     nodes.push(h("h5", { text: "backward passes" }));
     for (const p of d.passes) {
       nodes.push(h("div", { class: "agm-muted", text: `pass ${p.index + 1} (${p.where})` }));
-      nodes.push(p.grad ? pre(p.grad) : h("div", { class: "agm-note", text: "did not reach this tensor" }));
+      const none = p.before ? "ran before this tensor was made" : "did not reach this tensor";
+      nodes.push(p.grad ? pre(p.grad) : h("div", { class: "agm-note", text: none }));
     }
     nodes.push(h("div", { class: "agm-attr" }, h("code", { text: ".grad" }), " after the cell: "));
     nodes.push(d.attr_grad ? pre(d.attr_grad) : h("div", { class: "agm-note", text: "None" }));

@@ -356,6 +356,11 @@ def _facts(r: Record) -> list[str]:
 
 
 def _detail_passes(trace: Trace, r: Record) -> list[dict[str, Any]]:
+    # a record found past --limit (a loop's first NaN/Inf) was made after this many backward calls:
+    # the recorded passes among them ran before it existed
+    earlier = set()
+    if r.run is not None and r.iteration:
+        earlier = {it.pass_index for it in trace.iterations if it.pass_index is not None and it.index < r.iteration}
     out = []
     for p in trace.passes:
         g = r.grads.get(p.index)
@@ -366,6 +371,7 @@ def _detail_passes(trace: Trace, r: Record) -> list[dict[str, Any]]:
                 "where": _clip(where, 200),
                 "grad": format_tensor(g) if g is not None else None,
                 "stats": format_stats(g),
+                "before": p.index in earlier,
             }
         )
     return out
