@@ -252,7 +252,7 @@ def _draw(flow: PassFlow, bars: list, what: str, left_out: int) -> str:
     norms = [b[1] for b in bars if b is not None]
     lo, hi = _scale(norms)
     label_w = CHAR_W * min(LABEL_CHARS, max([len(b[0]) for b in bars if b is not None] + [8])) + 8
-    width = max(480, label_w + BAR_W + VALUE_W)  # the legend needs 480
+    width = max(500, label_w + BAR_W + VALUE_W)  # the legend needs 500
     height = TOP + ROW * len(bars) + 6
     x = lambda v: label_w + BAR_W * (math.log10(v) - lo) / (hi - lo)  # noqa: E731
     out = [
@@ -262,7 +262,7 @@ def _draw(flow: PassFlow, bars: list, what: str, left_out: int) -> str:
         f'<rect x="2" y="15" width="8" height="8" fill="{COLORS["vanishing"]}"/>'
         f'<text x="13" y="22" fill="#57606a">vanishing: &lt; {VANISHING:g} × the largest</text>'
         f'<rect x="170" y="15" width="8" height="8" fill="{COLORS["exploding"]}"/>'
-        f'<text x="181" y="22" fill="#57606a">exploding: &gt; {EXPLODING:g} × its own value, or non-finite</text>',
+        f'<text x="181" y="22" fill="#57606a">exploding: &gt; {EXPLODING:g} × the norm of its own value, or non-finite</text>',
     ]
     step = max(1, math.ceil((hi - lo) / 8))
     for d in range(int(lo), int(hi) + 1, step):  # a grid line per decade (or per few)
