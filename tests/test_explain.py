@@ -245,3 +245,32 @@ def test_zero_gradient_everywhere(shell):
     assert "zero everywhere" in about(t, "x")
     t = run(shell, "x = torch.tensor([1., 2.], requires_grad=True)\nloss = torch.relu(x).sum()\nloss.backward()")
     assert "zero everywhere" not in about(t, "x")
+
+
+def test_a_leafs_grad_read_after_backward_is_said_to_be_made_by_that_call(shell):
+    # the classic manual update: `w.grad` is what the cell's own loss.backward() put there
+    body = "w = torch.ones(2, requires_grad=True)\nloss = (w * 2).sum()\nloss.backward()\nw.data -= 0.1 * w.grad\nw2 = w * 1"
+    t = run(shell, body)
+    text = about(t, "w.grad")
+    assert "made by the backward call on line 4 (`loss.backward()`)" in text, text
+    assert "before this cell" not in text
+    assert not shell.user_ns["w"].grad.requires_grad and shell.user_ns["w"].grad.grad_fn is None  # as it says
+
+
+def test_what_autograd_grad_returned_is_said_to_be_made_by_that_call(shell):
+    import torch
+
+    t = run(shell, "x = torch.tensor(3.0, requires_grad=True)\ny = x ** 2\n(g,) = torch.autograd.grad(y, x)\nz = g * 2")
+    text = about(t, "g")
+    assert "made by the torch.autograd.grad call on line 4" in text and "before this cell" not in text, text
+    rec = t.last("g")
+    assert rec.line == 4 and not rec.requires_grad
+    x = torch.tensor(3.0, requires_grad=True)
+    (g,) = torch.autograd.grad(x ** 2, x)
+    assert float(rec.preview.values) == float(g) and not g.requires_grad  # plain torch's
+
+
+def test_a_value_torch_prints_with_a_trailing_point_ends_the_sentence_once(shell):
+    t = run(shell, "x = torch.tensor(3.0, requires_grad=True)\ny = x ** 2\n(g,) = torch.autograd.grad(y, x)")
+    text = about(t, "y")
+    assert "it received 1." in text and ".." not in text, text

@@ -200,6 +200,9 @@ class BackwardRecorder:
         self._held: dict[tuple, tuple] = {}  # (receiver node id, slot) -> (gradient sent, sender's step, index)
         self.deferred = DeferredScalars()  # device scalars of passes past the limit, read once at the end
         self.last_span: Optional[tuple] = None
+        # id -> (weak ref, site) of what autograd.grad calls returned: first seen later (bound to a
+        # name, used by an op), each is shown as made on its call's line, not as from outside the cell
+        self.grad_results: dict[int, tuple] = {}
 
     # ---- the call itself ----
     def run(self, func, args, kwargs):
@@ -277,6 +280,12 @@ class BackwardRecorder:
                 self._held = outer_held
                 self._last_calls = tracer.calls
         if kind == "grad":
+            try:
+                for g in result:
+                    if isinstance(g, torch.Tensor):
+                        self.grad_results[id(g)] = (weakref.ref(g), span)
+            except Exception:  # weakref of an odd tensor: it is shown as from outside the cell then
+                pass
             try:
                 p.results = pass_previews.many(result)
                 for rid, shown in zip(p.inputs, p.results):

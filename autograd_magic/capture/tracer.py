@@ -473,6 +473,10 @@ class Tracer:
         )
         if leaf_grad:
             self._made_by_backward(rec)
+        else:
+            made = self.backward.grad_results.get(id(t))
+            if made is not None and made[0]() is t:  # what an autograd.grad call of this cell returned
+                self._made_by_backward(rec, made[1])
         self._add(rec, t)
         return rec.id
 
@@ -649,11 +653,12 @@ class Tracer:
                                     inplace=True if func_name == STEP else None)
                     return
 
-    def _made_by_backward(self, rec: Record) -> None:
+    def _made_by_backward(self, rec: Record, span=None) -> None:
         """A gradient first seen as an optimizer's input (its update, or a lifted step) was made by
-        this cell's latest backward call (the loop's `loss.backward()`): shown on that line, not
-        among tensors from outside the cell, and not as made under no_grad (the update reads it so)."""
-        span = self.backward.last_span
+        this cell's latest backward call (the loop's `loss.backward()`), or `span`'s (an autograd.grad
+        call's result): shown on that line, not among tensors from outside the cell, and not as made
+        under no_grad (the update reads it so)."""
+        span = span if span is not None else self.backward.last_span
         if rec.external and rec.created_by is None and rec.line is None and span is not None:
             rec.created_by, rec.line, rec.grad_enabled = self.source_map.text(span), span[0], True
 

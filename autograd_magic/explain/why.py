@@ -45,6 +45,11 @@ def _grad(p: Optional[Preview]) -> str:
     return format_short(p, 60)
 
 
+def _sentence(text: str) -> str:
+    """`text` with its full stop, once: a value torch prints as `1.` already ends in one."""
+    return text if text.endswith(".") else text + "."
+
+
 def _ancestors(trace: Trace, rid: int) -> Iterable[Record]:
     """Every record `rid` was computed from (inputs, their inputs, ...), nearest first."""
     seen, stack = {rid}, list(trace.records[rid].inputs)
@@ -239,6 +244,14 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
     return out
 
 
+def _made_by_pass(trace: Trace, r: Record) -> Optional[BackwardPass]:
+    """The backward call of this cell that made `r` (a leaf's .grad, or what autograd.grad returned,
+    first seen after it), if one did."""
+    if not r.external or r.created_by is None or r.line is None:
+        return None
+    return next((p for p in reversed(trace.passes) if p.line == r.line and p.expr == r.created_by), None)
+
+
 def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
     none = f"{_quote(r)} has requires_grad=False and no grad_fn, so it has no gradient (.grad is None)."
     toggled = _variant_sentence(trace, r)
@@ -262,6 +275,13 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
         else:
             why += "."
         return [why, none]
+    made_by = _made_by_pass(trace, r)
+    if made_by is not None:
+        return [
+            f"{_quote(r)} is a gradient, made by {_pass_where(made_by)}: it does not require grad itself "
+            "(it would only with create_graph=True).",
+            none,
+        ]
     if not r.inputs and r.external:
         return [
             f"{_quote(r)} comes from before this cell with requires_grad=False and no grad_fn: either requires_grad "
@@ -404,14 +424,14 @@ def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
     got = [(trace.passes[i], g) for i, g in sorted(r.grads.items()) if i < len(trace.passes)]
     if r.retains_grad:
         head = f"{_where(r)} is not a leaf ({made}), but retain_grad() was called, so its .grad is kept"
-        return [head + (f": {_grad(r.attr_grad)}." if r.attr_grad is not None else ".")]
+        return [_sentence(head + (f": {_grad(r.attr_grad)}" if r.attr_grad is not None else ""))]
     keep = f"Call {r.name}.retain_grad() before backward() to keep it." if r.name else (
         "Name it and call .retain_grad() on it before backward() to keep it."
     )
     out = [f"{_where(r)} is not a leaf ({made}), so PyTorch does not keep its gradient: its .grad is None. {keep}"]
     for p, g in got:
         would = "" if p.kind == "grad" else "; with retain_grad() that is what .grad would show"
-        out.append(f"In {_pass_where(p)} it received {_grad(g)}{would}.")
+        out.append(_sentence(f"In {_pass_where(p)} it received {_grad(g)}{would}"))
     if not got and trace.passes:
         unknown = _past_limit(trace, r)
         out.append(unknown if unknown is not None else "No backward pass in this cell reached it: " + _unreached(trace, r))
