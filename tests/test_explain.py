@@ -274,3 +274,38 @@ def test_a_value_torch_prints_with_a_trailing_point_ends_the_sentence_once(shell
     t = run(shell, "x = torch.tensor(3.0, requires_grad=True)\ny = x ** 2\n(g,) = torch.autograd.grad(y, x)")
     text = about(t, "y")
     assert "it received 1." in text and ".." not in text, text
+
+
+@pytest.mark.parametrize("body, name, reason", [
+    ("x = torch.ones(3, requires_grad=True)\ny = x * 2\nx.grad.zero_()", "x", "no backward() ran in this cell"),
+    ("x = torch.ones(3, requires_grad=True)\nh = x * 2\nh.sum().backward()\nprint(h.grad.sum())", "h",
+     "Call h.retain_grad() before backward()"),
+    ("w = torch.ones(3, requires_grad=True)\nb = torch.ones(3, requires_grad=True)\nloss = (w * 2).sum()\n"
+     "loss.backward()\nwith torch.no_grad():\n    b -= 0.1 * b.grad", "b", "no backward pass in this cell reached it"),
+    ("m = torch.nn.Linear(2, 1)\nout = m(torch.ones(1, 2))\nprint(m.weight.grad.norm())", "m.weight",
+     "no backward() ran in this cell"),
+])
+def test_a_grad_that_is_none_where_the_line_uses_it_is_explained(shell, body, name, reason):
+    import torch
+
+    ns: dict = {"torch": torch}
+    with pytest.raises((AttributeError, TypeError)) as plain:  # plain torch fails the same way
+        exec(body, ns)
+    t = run(shell, body, raises=True)
+    assert t.error.type == type(plain.value).__name__
+    text = explain_error(t)
+    assert text is not None and f"uses `{name}.grad`, which is None there." in text and reason in text, text
+
+
+def test_a_none_that_is_not_a_grad_gets_no_autograd_explanation(shell):
+    t = run(shell, "x = None\nx.foo", raises=True)
+    assert explain_error(t) is None
+
+
+def test_the_text_view_gives_the_errors_explanation_under_it(shell):
+    from autograd_magic.render.text import render_text
+
+    t = run(shell, "x = torch.ones(3)\ny = (x * 2).sum()\ny.backward()", raises=True)
+    lines = render_text(t).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("error at line 4: RuntimeError"))
+    assert lines[at + 1] == "why: " + explain_error(t)

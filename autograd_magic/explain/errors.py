@@ -191,6 +191,27 @@ def _no_grad_to_keep(trace: Trace, p: Optional[BackwardPass]) -> str:
     )
 
 
+_GRAD_OF = re.compile(r"([A-Za-z_][\w.]*)\.grad\b")
+
+
+def _grad_is_none(trace: Trace, p: Optional[BackwardPass]) -> Optional[str]:
+    """`x.grad.zero_()`, `w -= lr * w.grad`: a `.grad` that is None where the failing line uses it."""
+    e = trace.error
+    names = _GRAD_OF.findall(e.expr or "") if e is not None else []
+    if not names or "NoneType" not in e.message:
+        return None
+    for name in names:
+        found = [r for r in trace.records if r.name == name and (e.line is None or r.line is None or r.line <= e.line)]
+        if found:
+            from .why import explain_record  # the record's own reason for its .grad
+
+            reason = next((s for s in explain_record(trace, found[-1].id) if ".grad" in s or "grad" in s), None)
+            head = f"{_error_where(trace)} uses `{name}.grad`, which is None there."
+            return f"{head} {reason}" if reason else head
+    return (f"{_error_where(trace)} uses `{names[0]}.grad`, which is None there: .grad is filled only by a backward "
+            "call that reaches a leaf which requires grad.")
+
+
 _ERRORS = [
     ("grad can be implicitly created only for scalar outputs", _non_scalar),
     ("does not require grad and does not have a grad_fn", _no_grad_root),
@@ -202,4 +223,5 @@ _ERRORS = [
     ("appears to not have been used in the graph", _unused_input),
     ("can't retain_grad on Tensor that has requires_grad=False", _no_grad_to_keep),
     ("cannot register a hook on a tensor that doesn't require gradient", _no_grad_to_keep),
+    ("NoneType", _grad_is_none),  # AttributeError or TypeError on a .grad that is None
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .. import limits
 from ..data.trace import Record, Trace
 from .debug import text_lines as debug_lines
+from ..explain.errors import explain_error
 from ..explain.format import format_short, format_shape
 from ..explain.wording import flags, gradient_cell, variant_description
 
@@ -69,6 +70,9 @@ def render_text(trace: Trace, width: int = 120) -> str:
     if trace.error:
         e = trace.error
         lines.append(f"error at line {e.line}: {e.type}: {e.message}")
+        why = explain_error(trace)
+        if why:
+            lines.append(f"why: {why}")
     for note in trace.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
