@@ -387,3 +387,22 @@ def test_the_widget_gets_each_recorded_pass_s_gradient_flow_with_torch_s_norms()
         assert p["svg"].startswith("<svg") and p["summary"].startswith(f"pass {p['pass'] + 1}:")
         assert f"total gradient norm {plain_norms[p['pass']]:.3g}" in p["summary"]
         assert "2 earlier passes" in p["summary"]
+
+
+def test_a_node_that_sends_inf_on_one_edge_and_nan_on_another_turns_the_gradient_nan(shell):
+    # x / x at 0: DivBackward0 sends 1/x (Inf) to the numerator and -x/x² (NaN) to the denominator,
+    # both x: x.grad is NaN there. Plain torch's own node says what it sends (a post-hook reads it)
+    from autograd_magic.explain.debug import backward_nonfinite, backward_sentence
+
+    cell = "x = torch.tensor([0.0, 2.0], requires_grad=True)\ny = (x / x).sum()\ny.backward()"
+    x = torch.tensor([0.0, 2.0], requires_grad=True)
+    q = x / x
+    sent = []
+    q.grad_fn.register_hook(lambda grad_inputs, grad_outputs: sent.extend(grad_inputs))
+    q.sum().backward()
+    assert {nonfinite_kind(preview(g)) for g in sent} == {"inf", "nan"} and math.isnan(x.grad[0])
+    t = _traced(shell, cell)
+    (b,) = backward_nonfinite(t)
+    assert b.node == q.grad_fn.name() and b.kind == "nan"
+    text = backward_sentence(b, t)
+    assert "the gradient turns NaN in DivBackward0" in text and "sent Inf and NaN to x" in text, text

@@ -146,11 +146,10 @@ def backward_nonfinite(trace: Trace) -> list[BackwardNonFinite]:
 
 
 def _first_kind(previews) -> Optional[str]:
-    for g in previews:
-        kind = nonfinite_kind(g)
-        if kind is not None:
-            return kind
-    return None
+    """"nan" when any of `previews` holds a NaN, else "inf" when one holds an Inf (a node that
+    sends Inf along one edge and NaN along another turns the gradient NaN: x / x at 0)."""
+    kinds = {nonfinite_kind(g) for g in previews}
+    return "nan" if "nan" in kinds else "inf" if "inf" in kinds else None
 
 
 def _first_step(trace: Trace, p: BackwardPass) -> Optional[BackwardNonFinite]:
@@ -401,7 +400,8 @@ def backward_sentence(b: BackwardNonFinite, trace: Trace) -> str:
     bad = [(to, g) for to, g in zip(b.sent_to, b.sent) if nonfinite_kind(g)]
     if bad:
         to = _labels(trace, b.targets) or ", ".join(sorted({t or "?" for t, _ in bad}))
-        parts.append(f"sent {KIND_WORD[nonfinite_kind(bad[0][1])]} to {to}")
+        kinds = " and ".join(KIND_WORD[k] for k in ("inf", "nan") if any(nonfinite_kind(g) == k for _, g in bad))
+        parts.append(f"sent {kinds} to {to}")
     if b.step is None:
         parts.append("found from the tensors' gradients: this pass was too large to keep its steps")
     return head + text + (f" ({'; '.join(parts)})" if parts else "")
