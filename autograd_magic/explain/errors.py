@@ -205,7 +205,10 @@ def _grad_is_none(trace: Trace, p: Optional[BackwardPass]) -> Optional[str]:
         if found:
             from .why import explain_record  # the record's own reason for its .grad
 
-            reason = next((s for s in explain_record(trace, found[-1].id) if ".grad" in s or "grad" in s), None)
+            try:
+                reason = next((s for s in explain_record(trace, found[-1].id) if "grad" in s), None)
+            except Exception:  # an explanation never breaks the view: the head alone then
+                reason = None
             head = f"{_error_where(trace)} uses `{name}.grad`, which is None there."
             return f"{head} {reason}" if reason else head
     return (f"{_error_where(trace)} uses `{names[0]}.grad`, which is None there: .grad is filled only by a backward "
