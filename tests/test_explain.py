@@ -309,3 +309,14 @@ def test_the_text_view_gives_the_errors_explanation_under_it(shell):
     lines = render_text(t).splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("error at line 4: RuntimeError"))
     assert lines[at + 1] == "why: " + explain_error(t)
+
+
+def test_backward_of_a_complex_scalar_is_explained_as_not_real(shell):
+    import torch
+
+    body = "z = torch.tensor(1 + 2j, requires_grad=True)\nw = z * z\nw.backward()"
+    with pytest.raises(RuntimeError, match="only for real scalar outputs"):  # plain torch
+        exec(body, {"torch": torch})
+    t = run(shell, body, raises=True)
+    text = explain_error(t)
+    assert "not real: `w` is torch.complex64" in text and "more than one element" not in text, text

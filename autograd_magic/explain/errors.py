@@ -215,7 +215,19 @@ def _grad_is_none(trace: Trace, p: Optional[BackwardPass]) -> Optional[str]:
             "call that reaches a leaf which requires grad.")
 
 
+def _not_real(trace: Trace, p: Optional[BackwardPass]) -> str:
+    r = _root(trace, p)
+    m = re.search(r"but got (\S+)", trace.error.message if trace.error else "")
+    what = f"{_quote(r)} is {m.group(1)}" if r is not None and m else "the tensor is not real"
+    return (
+        f"backward() on {_at(trace)} was called on a tensor that is not real: {what}. "
+        "A gradient needs a real scalar to start from: take one first, e.g. `.abs().sum()` or `.real.sum()`, "
+        "or pass a gradient of the same shape and dtype."
+    )
+
+
 _ERRORS = [
+    ("grad can be implicitly created only for real scalar outputs", _not_real),
     ("grad can be implicitly created only for scalar outputs", _non_scalar),
     ("does not require grad and does not have a grad_fn", _no_grad_root),
     ("backward through the graph a second time", _second_time),
