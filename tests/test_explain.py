@@ -320,3 +320,10 @@ def test_backward_of_a_complex_scalar_is_explained_as_not_real(shell):
     t = run(shell, body, raises=True)
     text = explain_error(t)
     assert "not real: `w` is torch.complex64" in text and "more than one element" not in text, text
+
+
+def test_what_a_tensor_received_in_a_backward_call_that_raised_says_the_call_raised(shell):
+    shell.run_cell("import torch\nx = torch.tensor(2.0, requires_grad=True)\ny = x ** 2\nz = 3 * y\nz.backward()")
+    t = run(shell, "z.backward()", raises=True)  # the graph's saved values were freed by the first call
+    text = about(t, "z")
+    assert "In the backward call on line 2 (`z.backward()`), which then raised an error, it received 1." in text, text

@@ -431,7 +431,8 @@ def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
     out = [f"{_where(r)} is not a leaf ({made}), so PyTorch does not keep its gradient: its .grad is None. {keep}"]
     for p, g in got:
         would = "" if p.kind == "grad" else "; with retain_grad() that is what .grad would show"
-        out.append(_sentence(f"In {_pass_where(p)} it received {_grad(g)}{would}"))
+        raised = ", which then raised an error," if p.error else ""  # its pre-hook saw this before the engine failed
+        out.append(_sentence(f"In {_pass_where(p)}{raised} it received {_grad(g)}{would}"))
     if not got and trace.passes:
         unknown = _past_limit(trace, r)
         out.append(unknown if unknown is not None else "No backward pass in this cell reached it: " + _unreached(trace, r))
