@@ -327,3 +327,19 @@ def test_what_a_tensor_received_in_a_backward_call_that_raised_says_the_call_rai
     t = run(shell, "z.backward()", raises=True)  # the graph's saved values were freed by the first call
     text = about(t, "z")
     assert "In the backward call on line 2 (`z.backward()`), which then raised an error, it received 1." in text, text
+
+
+def test_an_updated_leafs_grad_is_said_to_come_from_this_cells_backward(shell):
+    # the manual SGD step: the updated `w`'s .grad is what loss.backward() on line 4 put there
+    import torch
+
+    body = "w = torch.ones(3, requires_grad=True)\nloss = (w * 2).sum()\nloss.backward()\nwith torch.no_grad():\n    w -= 0.1 * w.grad"
+    ns: dict = {"torch": torch}
+    exec(body, ns)
+    t = run(shell, body)
+    updated = t.last("w")
+    assert updated.line == 6 and updated.mutates is not None
+    text = " ".join(explain_record(t, updated.id))
+    assert "was put there by the backward call on line 4 (`loss.backward()`), which reached `w` before line 6" in text, text
+    assert "before this cell" not in text
+    assert ns["w"].grad.tolist() == [2.0, 2.0, 2.0] and "[2., 2., 2.]" in text  # plain torch's .grad

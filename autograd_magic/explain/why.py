@@ -322,6 +322,17 @@ def _unrecorded_calls_after(trace: Trace, r: Record) -> int:
     return sum(1 for it in trace.iterations if it.pass_index is None and it.index >= since) + trace.iterations_left_out
 
 
+def _passes_before_change(trace: Trace, r: Record) -> list[BackwardPass]:
+    """The backward calls (not autograd.grad) that reached the tensor an in-place op `r` changed,
+    through the records of its earlier versions: they filled the .grad the tensor still has."""
+    seen, found, at = set(), set(), r.mutates
+    while at is not None and at not in seen and 0 <= at < len(trace.records):
+        seen.add(at)
+        found.update(i for i in trace.records[at].grads if i < len(trace.passes))
+        at = trace.records[at].mutates
+    return [trace.passes[i] for i in sorted(found) if trace.passes[i].kind != "grad"]
+
+
 def _past_limit(trace: Trace, r: Record) -> Optional[str]:
     """For a record made past --limit (the first NaN/Inf of a loop's later runs) that backward calls
     ran after: no recorded pass can reach it, and whether theirs did is not known."""
@@ -347,6 +358,11 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
                 calls = "call" if unrecorded == 1 else "calls"
                 return [f"`{r.label}.grad` = {_grad(r.attr_grad)} after the cell: left there by the {unrecorded} backward "
                         f"{calls} this cell ran past --limit (not recorded in detail), or by ones before this cell."]
+            earlier = _passes_before_change(trace, r)
+            if earlier:
+                by = _pass_where(earlier[0]) if len(earlier) == 1 else f"the {len(earlier)} backward calls before it (gradients accumulate)"
+                return [f"`{r.label}.grad` = {_grad(r.attr_grad)} was put there by {by}, which reached `{r.label}` "
+                        f"before line {r.line} changed it in place."]
             return [f"`{r.label}.grad` = {_grad(r.attr_grad)} was left there by backward calls before this cell."]
         if not trace.passes:
             return [f"{_where(r)} requires grad, but no backward() ran in this cell, so its .grad is None."]
