@@ -194,3 +194,24 @@ def test_autograd_on_with_a_bad_option_is_a_usage_error(shell):
     from autograd_magic.notebook import auto_trace
 
     assert not auto_trace.is_on(shell)
+
+
+def test_cells_that_share_an_execution_count_keep_their_own_records(shell):
+    # run_cell(store_history=False) (nbclient's silent runs, code that calls run_cell) leaves the
+    # execution count as it is: two traced cells then share it, and their records must not mix
+    cells = ["x = torch.ones(2, 2, requires_grad=True)", "y = x + 2", "z = y * y * 3\nout = z.mean()", "out.backward()"]
+    shell.run_cell("import torch", store_history=False)
+    for i, cell in enumerate(cells):
+        magic = "%%autograd --quiet -o t\n" if i == len(cells) - 1 else "%%autograd --quiet\n"
+        shell.run_cell(magic + cell, store_history=False).raise_error()
+    t = shell.user_ns["t"]
+    x = torch.ones(2, 2, requires_grad=True)  # plain torch, with the intermediates' gradients kept
+    y = x + 2
+    yy = y * y
+    for v in (y, yy):
+        v.retain_grad()
+    (yy * 3).mean().backward()
+    by_expr = {r.expr: r for r in t.records}
+    assert by_expr["x + 2"].name == "y" and by_expr["y * y"].name is None
+    assert by_expr["x + 2"].grads[0].values.tolist() == y.grad.tolist()
+    assert by_expr["y * y"].grads[0].values.tolist() == yy.grad.tolist()

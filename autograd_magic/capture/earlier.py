@@ -105,7 +105,7 @@ def bring_in(tracer, cell: CellRecords, rid: int) -> int:
     stack, seen = [rid], set()
     while stack:  # the earlier records this one was computed from, not yet here
         r = stack.pop()
-        if r in seen or (cell.cell, r) in brought:
+        if r in seen or (id(cell), r) in brought:
             continue
         seen.add(r)
         if r != rid and cell.tensor(r) is not None:
@@ -121,14 +121,14 @@ def bring_in(tracer, cell: CellRecords, rid: int) -> int:
             cell_line=src.cell_line if src.cell is not None else src.line,
         )
         records.append(copy)
-        brought[(cell.cell, r)] = copy.id
+        brought[(id(cell), r)] = copy.id
         if r in cell.node_of:  # its node's pre-hook will hand it this pass's gradient
             key, out_nr = cell.node_of[r]
             tracer.backward.node_records.setdefault(key, []).append((out_nr, copy.id))
     for r in order:
-        copy = records[brought[(cell.cell, r)]]
+        copy = records[brought[(id(cell), r)]]
         copy.inputs = [_input_here(tracer, cell, i) for i in cell.trace.records[r].inputs]
-    here = brought.get((cell.cell, rid))
+    here = brought.get((id(cell), rid))
     return here if here is not None else tracer.record_for(cell.tensor(rid), from_earlier=True)
 
 
@@ -136,4 +136,4 @@ def _input_here(tracer, cell: CellRecords, rid: int) -> int:
     t = cell.tensor(rid)
     if t is not None:
         return tracer.record_for(t, from_earlier=True)
-    return tracer.brought[(cell.cell, rid)]
+    return tracer.brought[(id(cell), rid)]

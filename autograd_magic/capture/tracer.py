@@ -239,7 +239,9 @@ class Tracer:
         self.detach_hits: set[str] = set()
         # Records of earlier traced cells, brought in when this run's backward reaches them
         self.earlier = earlier
-        self.brought: dict[tuple[int, int], int] = {}  # (cell, its record id) -> record id here
+        # (id of the earlier cell's CellRecords, its record id) -> record id here: not the execution count,
+        # which two cells share when run with store_history=False (nbclient, run_cell from code)
+        self.brought: dict[tuple[int, int], int] = {}
         self._refs_at_end: dict[int, weakref.ref] = {}
         self.backward = BackwardRecorder(self)
         self.steps = OptimizerSteps(self)  # a loop's optimizer steps past the limit, run with the mode lifted
@@ -425,7 +427,7 @@ class Tracer:
             return
         cell, outs = found
         for _, rid in outs:
-            if (cell.cell, rid) not in self.brought:
+            if (id(cell), rid) not in self.brought:
                 bring_in(self, cell, rid)
 
     def cell_records(self, cell: int) -> CellRecords:
