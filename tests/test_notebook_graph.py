@@ -215,3 +215,30 @@ def test_cells_that_share_an_execution_count_keep_their_own_records(shell):
     assert by_expr["x + 2"].name == "y" and by_expr["y * y"].name is None
     assert by_expr["x + 2"].grads[0].values.tolist() == y.grad.tolist()
     assert by_expr["y * y"].grads[0].values.tolist() == yy.grad.tolist()
+
+
+def test_a_name_rebound_by_a_later_cell_keeps_the_first_cells_records(shell):
+    # seed 003: `z = y*y*2`, then `z = z.mean()` in the next cell, then `z.backward()`. The first
+    # z's tensor is gone (MeanBackward0 keeps no input), but its nodes are in the graph the
+    # backward cell runs: that cell's records are brought in, each with torch's own gradient
+    cells = ["x = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)", "y = x + 2", "z = y*y*2", "z = z.mean()",
+             "z.backward()"]
+    shell.run_cell("import torch", store_history=True)
+    for i, cell in enumerate(cells):
+        magic = "%%autograd --quiet -o t\n" if i == len(cells) - 1 else "%%autograd --quiet\n"
+        shell.run_cell(magic + cell, store_history=True).raise_error()
+    gc.collect()
+    t = shell.user_ns["t"]
+    x = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    parts = {"x + 2": x + 2}
+    parts["y*y"] = parts["x + 2"] * parts["x + 2"]
+    parts["y*y*2"] = parts["y*y"] * 2
+    for v in parts.values():
+        v.retain_grad()
+    parts["y*y*2"].mean().backward()
+    by_expr = {r.expr: r for r in t.records if r.expr}
+    for expr, v in parts.items():
+        assert expr in by_expr, (expr, [(r.op, r.expr) for r in t.records])
+        assert by_expr[expr].grads[0].values.tolist() == pytest.approx(v.grad.tolist()), expr
+    assert by_expr["y*y*2"].name == "z" and not any(r.external and r.name == "z" for r in t.records)
+    assert t.last("x").attr_grad.values.tolist() == pytest.approx(x.grad.tolist())

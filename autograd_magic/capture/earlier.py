@@ -35,6 +35,9 @@ class CellRecords:
     by_node: dict[tuple, list[tuple[int, int]]]  # node key -> [(output_nr, record id)]
     tensors: dict[int, weakref.ref] = field(default_factory=dict)  # record id -> its tensor, if weakly referable
     node_of: dict[int, tuple[tuple, int]] = field(default_factory=dict)  # record id -> (node key, output_nr)
+    # its inputs from outside it that carry a graph: record id -> (node key, output_nr). Another
+    # earlier cell may have made them (`z = y*y*2`, then `z = z.mean()`): that cell's records stand in
+    outer: dict[int, tuple[tuple, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, outs in self.by_node.items():
@@ -77,8 +80,18 @@ class EarlierCells:
         return cell, cell.by_node[key]
 
     def prune(self) -> None:
-        """Drop cells whose graphs are gone, then the oldest ones past the budget."""
-        kept = [c for c in self._cells if c.alive()]
+        """Drop cells whose graphs are gone, then the oldest ones past the budget. A cell none of
+        whose tensors is alive is kept while a kept later cell's graph runs through its nodes
+        (`z = z.mean()` keeps the cell that made the first `z`, whose tensor is gone)."""
+        needed = {id(c) for c in self._cells if c.alive()}
+        for c in reversed(self._cells):  # newest first: a cell only reaches into older ones
+            if id(c) not in needed:
+                continue
+            for key, _ in c.outer.values():
+                owner = self._index.get(key)
+                if owner is not None and owner is not c:
+                    needed.add(id(owner))
+        kept = [c for c in self._cells if id(c) in needed]
         total = 0
         for i in range(len(kept) - 1, -1, -1):
             total += len(kept[i].trace.records)
@@ -110,6 +123,8 @@ def bring_in(tracer, cell: CellRecords, rid: int) -> int:
         seen.add(r)
         if r != rid and cell.tensor(r) is not None:
             continue  # alive: the tracer's own record of that tensor stands in
+        if r != rid and _made_earlier(tracer, cell, r) is not None:
+            continue  # an input another earlier cell made: that cell's record stands in
         order.append(r)
         stack.extend(i for i in cell.trace.records[r].inputs if 0 <= i < len(cell.trace.records))
     records = tracer.trace.records
@@ -136,4 +151,24 @@ def _input_here(tracer, cell: CellRecords, rid: int) -> int:
     t = cell.tensor(rid)
     if t is not None:
         return tracer.record_for(t, from_earlier=True)
+    here = tracer.brought.get((id(cell), rid))
+    if here is None:
+        found = _made_earlier(tracer, cell, rid)
+        if found is not None:
+            return bring_in(tracer, *found)
     return tracer.brought[(id(cell), rid)]
+
+
+def _made_earlier(tracer, cell: CellRecords, rid: int) -> Optional[tuple[CellRecords, int]]:
+    """`cell`'s input `rid` (an external record), when another earlier cell made it: that cell
+    and its own record of it."""
+    outer = cell.outer.get(rid)
+    if outer is None or tracer.earlier is None:
+        return None
+    key, out_nr = outer
+    found = tracer.earlier.find(key)
+    if found is None or found[0] is cell:
+        return None
+    other, outs = found
+    orid = next((r for o, r in outs if o == out_nr), None)
+    return (other, orid) if orid is not None else None

@@ -436,9 +436,11 @@ class Tracer:
         records = self.trace.records
         own = lambda rid: not records[rid].external and records[rid].cell is None  # noqa: E731
         by_node = {k: [(o, r) for o, r in v if own(r)] for k, v in self.backward.node_records.items()}
+        outer = {r: (k, o) for k, v in self.backward.node_records.items() for o, r in v
+                 if records[r].external and records[r].cell is None}
         return CellRecords(
             cell=cell, trace=self.trace, by_node={k: v for k, v in by_node.items() if v},
-            tensors=dict(self._refs_at_end),
+            tensors=dict(self._refs_at_end), outer=outer,
         )
 
     def _adopt(self, rec: Record, t: torch.Tensor) -> bool:
