@@ -242,3 +242,31 @@ def test_a_name_rebound_by_a_later_cell_keeps_the_first_cells_records(shell):
         assert by_expr[expr].grads[0].values.tolist() == pytest.approx(v.grad.tolist()), expr
     assert by_expr["y*y*2"].name == "z" and not any(r.external and r.name == "z" for r in t.records)
     assert t.last("x").attr_grad.values.tolist() == pytest.approx(x.grad.tolist())
+
+
+@pytest.mark.parametrize("middle, expr, plain_step", [
+    ("y = y + 1", "y + 1", lambda y: y + 1),
+    ("y = y * 3", "y * 3", lambda y: y * 3),
+])
+def test_a_backward_through_an_op_on_an_earlier_cells_tensor_shows_that_cells_history(shell, middle, expr, plain_step):
+    # `y.sum().backward()`: y, the input of this cell's sum, is the tensor the cell before made;
+    # it is shown as that cell's record, computed from the one before, each with torch's gradient
+    cells = ["x = torch.tensor([1.0, -2.0], requires_grad=True)", "y = x * 2", middle, "y.sum().backward()"]
+    shell.run_cell("import torch", store_history=True)
+    for i, cell in enumerate(cells):
+        magic = "%%autograd --quiet -o t\n" if i == len(cells) - 1 else "%%autograd --quiet\n"
+        shell.run_cell(magic + cell, store_history=True).raise_error()
+    t = shell.user_ns["t"]
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    first = x * 2
+    second = plain_step(first)
+    for v in (first, second):
+        v.retain_grad()
+    second.sum().backward()
+    by_expr = {r.expr: r for r in t.records if r.expr}
+    made, before, total = by_expr[expr], by_expr["x * 2"], by_expr["y.sum()"]
+    assert not made.external and made.cell is not None and made.name == "y"
+    assert total.inputs == [made.id] and made.inputs == [before.id]  # the chain, cell to cell
+    assert made.grads[0].values.tolist() == second.grad.tolist()
+    assert before.grads[0].values.tolist() == first.grad.tolist()
+    assert t.last("x").attr_grad.values.tolist() == x.grad.tolist()

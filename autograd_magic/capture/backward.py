@@ -521,11 +521,21 @@ class BackwardRecorder:
     def _bring_in_earlier(self, keys: list, variables: list) -> None:
         """Nodes made by earlier traced cells (a backward-only cell): their records join this trace."""
         node_records, find = self.node_records, self.tracer.earlier.find
+        records = self.tracer.trace.records
         for key, variable in zip(keys, variables):
             try:
                 # most nodes are none of theirs: looked up here, brought in only when found
-                if key is not None and variable is None and key not in node_records and find(key) is not None:
-                    self.tracer.bring_in_node(key)
+                if key is None or variable is not None:
+                    continue
+                mine = node_records.get(key)
+                if mine is None:
+                    if find(key) is not None:
+                        self.tracer.bring_in_node(key)
+                elif all(records[r].external and records[r].cell is None and not records[r].inputs for _, r in mine):
+                    # only this run's external inputs have it (`y.sum().backward()`, y from an earlier
+                    # cell): they are that cell's tensors, shown with its record's history
+                    if find(key) is not None:
+                        self.tracer.stand_in_node(key)
             except Exception as exc:  # bookkeeping: the pass runs the same without it
                 self.tracer.note(f"could not bring in records of an earlier cell: {type(exc).__name__}: {exc}")
                 return

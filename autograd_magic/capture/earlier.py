@@ -147,6 +147,23 @@ def bring_in(tracer, cell: CellRecords, rid: int) -> int:
     return here if here is not None else tracer.record_for(cell.tensor(rid), from_earlier=True)
 
 
+def stand_in(tracer, cell: CellRecords, rid: int, rec) -> None:
+    """`rec`, this run's external record of the tensor an earlier `cell`'s record `rid` made, becomes
+    that record here: its op, source and cell, with what it was computed from brought in. One record
+    per tensor: the value `rec` shows is the tensor's, as this run first saw it."""
+    src = cell.trace.records[rid]
+    tracer.brought[(id(cell), rid)] = rec.id
+    rec.op, rec.expr, rec.external = src.op, src.expr, False
+    rec.internal, rec.module, rec.inplace = src.internal, src.module, src.inplace
+    rec.cell = src.cell if src.cell is not None else cell.cell
+    rec.cell_line = src.cell_line if src.cell is not None else src.line
+    if rec.name is None:
+        rec.name = src.name
+    rec.inputs = [_input_here(tracer, cell, i) if (id(cell), i) in tracer.brought or cell.tensor(i) is not None
+                  or _made_earlier(tracer, cell, i) is not None else bring_in(tracer, cell, i)
+                  for i in src.inputs if 0 <= i < len(cell.trace.records)]
+
+
 def _input_here(tracer, cell: CellRecords, rid: int) -> int:
     t = cell.tensor(rid)
     if t is not None:

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import torch_compat as compat
 from .backward import BackwardRecorder
-from .earlier import CellRecords, EarlierCells, bring_in
+from .earlier import CellRecords, EarlierCells, bring_in, stand_in
 from .interventions import Intervention
 from .names import NameIndex
 from .finite import UNINITIALISED, checkable, holds_nonfinite
@@ -429,6 +429,18 @@ class Tracer:
         for _, rid in outs:
             if (id(cell), rid) not in self.brought:
                 bring_in(self, cell, rid)
+
+    def stand_in_node(self, key: tuple) -> None:
+        """This run's external records of a node an earlier traced cell made take on that cell's
+        records: its op, source and cell, and what it was computed from (brought in)."""
+        found = self.earlier.find(key) if self.earlier is not None else None
+        if found is None:
+            return
+        cell, outs = found
+        for out_nr, rid in self.backward.node_records.get(key, []):
+            src = next((r for o, r in outs if o == out_nr), None)
+            if src is not None and (id(cell), src) not in self.brought:
+                stand_in(self, cell, src, self.trace.records[rid])
 
     def cell_records(self, cell: int) -> CellRecords:
         """This run's records as an earlier cell for the cells that follow: only those it made
