@@ -18,7 +18,7 @@ import torch
 
 from autograd_magic import limits
 from autograd_magic.capture.preview import DeviceQueue, preview
-from autograd_magic.explain.debug import EXPLODING, VANISHING, nonfinite_kind
+from autograd_magic.explain.debug import EXPLODING, VANISHING, flow_summary, nonfinite_kind
 from autograd_magic.render.debug import banner_html, debug_payload, flow_svg
 from autograd_magic.render.payload import build_payload
 from autograd_magic.render.snapshot import snapshot_html
@@ -259,6 +259,37 @@ def test_a_deep_stack_initialised_to_explode_is_flagged(shell):
     assert all(p.flag == "exploding" for p in weights)
     assert all(p.norm > EXPLODING * p.value_norm for p in weights)
     assert "exploding" in flow_svg(flow)
+
+
+PART_NAN_SETUP = """import torch
+from torch import nn
+torch.manual_seed(0)
+model = nn.ModuleList([nn.Linear(4, 1), nn.Linear(4, 1), nn.Linear(4, 1)])
+xs = torch.randn(8, 4)
+"""
+BRANCHES = "loss = sum(m(xs).pow(2).mean() for m in model)\nloss.backward()\n"  # a NaN stays in its own branch
+
+
+@pytest.mark.parametrize("nan_layers", [(1,), (0, 1, 2)])
+def test_the_flow_summary_names_non_finite_norms_and_takes_largest_and_median_over_the_finite(shell, nan_layers):
+    """A weight made NaN turns its own branch's gradients NaN (what plain torch's .grad holds): the
+    summary counts those, and its largest and median are those of the finite norms."""
+    shell.run_cell(PART_NAN_SETUP)
+    for i in nan_layers:
+        shell.run_cell(f"with torch.no_grad():\n    model[{i}].weight[0, 0] = float('nan')")
+    t = _traced(shell, BRANCHES)
+    norms = [p.grad.norm().item() for p in shell.user_ns["model"].parameters()]
+    finite = sorted(n for n in norms if math.isfinite(n))
+    (flow,) = t.grad_flow()
+    summary = flow_summary(flow)
+    nonfinite = len(norms) - len(finite)
+    assert 0 < nonfinite and "?" not in summary, summary
+    if finite:
+        median = (finite[1] + finite[2]) / 2  # four finite norms: the two branches left
+        assert nonfinite == 2 and len(finite) == 4, norms
+        assert f"2 non-finite; of the finite ones, largest {finite[-1]:.3g}, median {median:.3g}" in summary, (summary, norms)
+    else:
+        assert "no finite norm" in summary and "largest" not in summary, summary
 
 
 def test_chart_stays_within_its_bytes_for_a_wide_model(shell):

@@ -417,10 +417,14 @@ def flow_summary(flow: PassFlow) -> str:
     """One line under the chart: which pass, the total norm and what is flagged."""
     vanishing = sum(1 for p in flow.params if p.flag == "vanishing")
     exploding = sum(1 for p in flow.params if p.flag == "exploding")
-    text = (
-        f"pass {flow.pass_index + 1}: {len(flow.params)} parameters, total gradient norm {number(flow.total)}, "
-        f"largest {number(flow.largest)}, median {number(flow.median)}"
-    )
+    text = f"pass {flow.pass_index + 1}: {len(flow.params)} parameters, total gradient norm {number(flow.total)}"
+    nonfinite = sum(1 for p in flow.params if p.norm is not None and not math.isfinite(p.norm))
+    if flow.largest is None:  # no finite norm to compare: `_flag` found none
+        text += ", no finite norm" if nonfinite else ""
+    elif nonfinite:
+        text += f", {nonfinite} non-finite; of the finite ones, largest {number(flow.largest)}, median {number(flow.median)}"
+    else:
+        text += f", largest {number(flow.largest)}, median {number(flow.median)}"
     if vanishing:
         text += f"; {vanishing} vanishing (< {VANISHING:g} × largest)"
     if exploding:
