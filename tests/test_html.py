@@ -157,6 +157,24 @@ def test_seed_2x3_gradient_as_torch_prints_it(shell, seeds):
     assert html.escape("z = 2 * y**2") in out
 
 
+def test_each_row_shows_the_gradient_beside_the_value(shell, seeds):
+    """A snapshot narrower than its table (GitHub, a notebook pane) scrolls the last columns out of
+    sight: the gradient is next to the value there, as in the widget, and shape and dtype come last."""
+    run(shell, "import torch")
+    t = magic(shell, seeds.NOTEBOOKS["001"][5])
+    x = torch.tensor([[1.0, 2, 3], [3, 2, 1]], requires_grad=True)
+    z = 2 * (3 * x + 2) ** 2
+    z.mean().backward()
+    out = render_html(t)
+    header = re.search(r"<thead><tr>(.*?)</tr></thead>", out).group(1)
+    names = re.findall(r"<th>(.*?)</th>", header)
+    assert names[:3] == ["tensor", "value", "gradient"] and names[-2:] == ["shape", "dtype"], names
+    row = re.search(r'<tr data-record="0">(.*?)</tr>', out, re.S).group(1)  # x, the leaf
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+    assert len(cells) == len(names)
+    assert html.escape(str(x.grad)) in cells[2] and html.escape(str(x.grad)) not in cells[1]
+
+
 def test_gradient_column_before_backward_and_none_phrases(shell):
     run(shell, "import torch\nx = torch.ones(2, requires_grad=True)")
     before = magic(shell, "y = x * 2\nc = torch.ones(2)")

@@ -43,7 +43,9 @@ CSS = (
     "background:#eaeef2;color:#24292f}"
     ".agm-s summary{cursor:pointer}"
 )
-COLUMNS = ("tensor", "value", "shape", "dtype", "requires_grad", "is_leaf", "grad_fn", "gradient")
+# the widget's order (widget.js MAIN_COLUMNS, MORE_COLUMNS): the gradient beside the value, so a
+# snapshot narrower than the table (GitHub, a notebook pane) still shows both without scrolling
+COLUMNS = ("tensor", "value", "gradient", "grad_fn", "requires_grad", "is_leaf", "shape", "dtype")
 
 
 def esc(text: object) -> str:
