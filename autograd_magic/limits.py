@@ -36,6 +36,7 @@ SNAPSHOT_STEPS = 200  # backward steps in the static snapshot per pass
 SNAPSHOT_EXPLAINED = 300  # records with why-explanations in the static snapshot
 
 # ---- the notebook (notebook/) ----
+NAMESPACE_GRADS = 10_000  # namespace tensors whose .grad an input from outside the cell is looked up in
 NOTEBOOK_RECORDS = 20_000  # records of earlier traced cells kept for later cells' backward; oldest cells go first
 
 # ---- re-run snapshots across the notebook (notebook/session.py, issue 14) ----

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from .. import limits
-from ..data.trace import Trace
+from ..data.trace import Origin, Trace
 
 
 @dataclass
@@ -38,6 +38,9 @@ class CellRecords:
     # its inputs from outside it that carry a graph: record id -> (node key, output_nr). Another
     # earlier cell may have made them (`z = y*y*2`, then `z = z.mean()`): that cell's records stand in
     outer: dict[int, tuple[tuple, int]] = field(default_factory=dict)
+    # its live tensors with no history because something in the cell cut them off the graph
+    # (no_grad, .detach(), .data): record id -> where and how, for the explanations of later cells
+    cuts: dict[int, Origin] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, outs in self.by_node.items():
@@ -64,14 +67,33 @@ class EarlierCells:
         self.budget = budget
         self._cells: list[CellRecords] = []
         self._index: dict[tuple, CellRecords] = {}
+        self._cuts: dict[int, tuple[weakref.ref, Origin]] = {}  # id(tensor) -> (its tensor, its Origin)
 
     def remember(self, cell: CellRecords) -> None:
+        self._remember_cuts(cell)
         if not cell.by_node:
             return
         self._cells.append(cell)
         for key in cell.by_node:
             self._index[key] = cell  # the newest cell wins a (never expected) key collision
         self.prune()
+
+    def _remember_cuts(self, cell: CellRecords) -> None:
+        cuts = self._cuts
+        for rid, origin in cell.cuts.items():
+            ref = cell.tensors.get(rid)
+            t = ref() if ref is not None else None
+            if t is not None:
+                cuts[id(t)] = (ref, origin)  # the newest cell's word on a tensor wins
+        if cell.cuts:  # the dead go; then the oldest past the budget (dicts keep insertion order)
+            self._cuts = {k: v for k, v in cuts.items() if v[0]() is not None}
+            while len(self._cuts) > self.budget:
+                del self._cuts[next(iter(self._cuts))]
+
+    def origin_of(self, t: torch.Tensor) -> Optional[Origin]:
+        """How an earlier traced cell cut `t` off the graph, if one did (see `CellRecords.cuts`)."""
+        hit = self._cuts.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else None
 
     def find(self, key: tuple) -> Optional[tuple[CellRecords, list[tuple[int, int]]]]:
         cell = self._index.get(key)

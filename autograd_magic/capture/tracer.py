@@ -31,7 +31,7 @@ from .names import NameIndex
 from .finite import UNINITIALISED, checkable, holds_nonfinite
 from .preview import DeviceQueue, activate, preview_quiet, quietly
 from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
-from ..data.trace import Record, Trace
+from ..data.trace import CUT_OPS, Origin, Record, Trace, cut_of
 from .sites import SiteFinder
 from .source import SourceMap
 from .steps import STEP, OptimizerSteps
@@ -111,6 +111,11 @@ def _call_kind(func) -> tuple[int, str]:
         except TypeError:
             pass
     return entry
+
+
+# `.data` makes a tensor with no history out of one that may have it: recorded as an op (its row and the
+# explanations name the cut), where other attribute reads without a grad_fn are not
+_KINDS[torch.Tensor.data.__get__] = (_OP, "__get__")
 
 
 def _grad_fn_quiet(out) -> Optional[str]:
@@ -267,6 +272,7 @@ class Tracer:
         self._window: list[tuple] = []
         self._window_bytes = 0  # what the window keeps alive: bounded, or an inference loop would hold every output
         self._grads_at, self._grad_names = -1, {}  # `_leaf_grad_name`'s lookup, as of that many backward calls
+        self._ns_grads_at, self._ns_grads = -1, {}  # `_namespace_grad_owner`'s, likewise
 
     # ---- lifecycle ----
     def start(self) -> "Tracer":
@@ -312,7 +318,7 @@ class Tracer:
                     self._refs_at_end = {rid: ref for rid, (ref, _) in self._live.items()}
                 self._by_tensor.clear()
                 self._live.clear()
-                self._grad_names = {}
+                self._grad_names = self._ns_grads = {}
                 # the recorder's way back is weak from now on: no cycle keeps the run's records
                 # (and their arrays) alive until the garbage collector runs, nor makes it run
                 self.backward.tracer = weakref.proxy(self)
@@ -452,8 +458,23 @@ class Tracer:
                  if records[r].external and records[r].cell is None}
         return CellRecords(
             cell=cell, trace=self.trace, by_node={k: v for k, v in by_node.items() if v},
-            tensors=dict(self._refs_at_end), outer=outer,
+            tensors=dict(self._refs_at_end), outer=outer, cuts=self._cuts(cell),
         )
+
+    def _cuts(self, cell: int) -> dict[int, Origin]:
+        """This run's live tensors that something in it cut off the graph: `CellRecords.cuts`."""
+        records, out = self.trace.records, {}
+        for rid, ref in self._refs_at_end.items():
+            r = records[rid]
+            if r.requires_grad or r.external or r.cell is not None or ref() is None:
+                continue
+            found = cut_of(records, rid)
+            if found is None:
+                continue
+            c, src = found
+            out[rid] = Origin(cell=cell, how="no_grad" if c.op not in CUT_OPS else c.op, line=c.line, expr=c.expr,
+                              source=src.label, via=c.label if c.id != rid else None)
+        return out
 
     def _adopt(self, rec: Record, t: torch.Tensor) -> bool:
         """A live tensor is known by `rec` from now on (its .grad is read at the end)."""
@@ -476,6 +497,13 @@ class Tracer:
         if name is None and self.backward.last_span is not None:  # the `.grad` of a leaf this cell's backward reached?
             name = self._leaf_grad_name(t)
             leaf_grad = name is not None  # an optimizer's update reads it
+        grad_of = None
+        if name is None:  # the `.grad` of a namespace tensor, left by backward calls before this cell?
+            grad_of = self._namespace_grad_owner(t)
+            if grad_of is not None:
+                name = f"{grad_of}.grad"
+        elif leaf_grad:
+            grad_of = name[: -len(".grad")]
         rec = Record(
             id=len(self.trace.records),
             op="external",
@@ -486,6 +514,8 @@ class Tracer:
             is_leaf=is_leaf(t),
             grad_enabled=torch.is_grad_enabled(),
             preview=shown,
+            grad_of=grad_of,
+            origin=self.earlier.origin_of(t) if self.earlier is not None and not t.requires_grad else None,
         )
         if leaf_grad:
             self._made_by_backward(rec)
@@ -512,6 +542,21 @@ class Tracer:
             return None
         leaf_name = self.names.tensor_name(leaf)
         return f"{leaf_name}.grad" if leaf_name else None
+
+    def _namespace_grad_owner(self, t: torch.Tensor) -> Optional[str]:
+        """The name of the namespace tensor (or module parameter) whose `.grad` is `t`, if one's is.
+        Their gradients are looked up once per backward call of this run (a call makes new ones)."""
+        if self._ns_grads_at != self.backward_calls:
+            self._ns_grads_at, self._ns_grads = self.backward_calls, {}
+            for name, leaf in self.names.requires_grad_tensors(modules=True)[: limits.NAMESPACE_GRADS]:
+                try:
+                    g = leaf.grad if leaf.is_leaf or leaf.retains_grad else None
+                    if g is not None:
+                        self._ns_grads[id(g)] = (weakref.ref(g), name)
+                except (RuntimeError, TypeError):  # a no_grad view whose base changed in place: is_leaf raises
+                    continue
+        hit = self._ns_grads.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else None
 
     def _add(self, rec: Record, t: torch.Tensor) -> None:
         self.trace.records.append(rec)

@@ -51,6 +51,43 @@ class Preview:
         return self.values is not None and not self.summarized and not self.flat_head
 
 
+CUT_OPS = frozenset({"detach", "detach_", "data"})  # ops whose output shares the values with no history
+
+
+@dataclass
+class Origin:
+    """Where an earlier traced cell made a tensor with no history that a later cell reads
+    (`with torch.no_grad(): y = x * 5` in one cell, `y.backward()` in the next): what cut it
+    off the graph. Only facts; the explanations word them."""
+
+    cell: int  # the earlier cell's execution count
+    how: str  # "no_grad", or the cutting op: "detach", "detach_", "data"
+    line: Optional[int] = None  # the cutting record's line in that cell
+    expr: Optional[str] = None  # its source text
+    source: Optional[str] = None  # the label of what it was cut from, when that required grad
+    via: Optional[str] = None  # the label of the cut record, when this tensor was computed from it
+
+
+def cut_of(records: list, rid: int) -> Optional[tuple["Record", "Record"]]:
+    """The record that cut `records[rid]` off the graph (itself, or the nearest ancestor: a
+    `.detach()`/`.data`, or an op under no_grad, of a tensor that requires grad), with that
+    input; None when nothing in its history was cut."""
+    stack, seen = [rid], set()
+    while stack:
+        i = stack.pop(0)
+        if i in seen or not 0 <= i < len(records):
+            continue
+        seen.add(i)
+        r = records[i]
+        if r.requires_grad:
+            continue
+        grad_inputs = [records[j] for j in r.inputs if 0 <= j < len(records) and records[j].requires_grad]
+        if grad_inputs and (r.op in CUT_OPS or not r.grad_enabled):
+            return r, grad_inputs[0]
+        stack.extend(r.inputs)
+    return None
+
+
 @dataclass(slots=True)  # one per tensor shown: no per-instance dict, a faster __init__
 class Record:
     """One tensor the cell made (or used from outside), in execution order.
@@ -100,6 +137,10 @@ class Record:
     iteration: Optional[int] = None
     # ... and its inputs as they were then, one per `inputs` (their records show their first run)
     input_previews: list[Optional[Preview]] = field(default_factory=list)
+    # an input from outside the cell that is a leaf's `.grad` (`x.grad.zero_()`): that leaf's label
+    grad_of: Optional[str] = None
+    # an input from outside the cell that an earlier traced cell cut off the graph: where and how
+    origin: Optional[Origin] = None
 
     # ---- the fields DESIGN.md promises, derived from the above ----
     @property

@@ -11,7 +11,7 @@ from typing import Optional
 
 from . import wording
 from .why import (
-    _DETACH_OPS, _flipped, _mutations_of, _pass_where, _quote, _variant_cut, _where, _why_no_requires_grad,
+    _DETACH_OPS, _cut_how, _flipped, first_cut, _mutations_of, _pass_where, _quote, _variant_cut, _where, _why_no_requires_grad,
 )
 from ..data.trace import BackwardPass, Record, Trace
 
@@ -58,6 +58,8 @@ def _no_grad_root(trace: Trace, p: Optional[BackwardPass]) -> str:
     toggled = _variant_cut(trace, r) is not None
     if toggled:
         why = _why_no_requires_grad(trace, r)[0]
+    elif r.external and (r.origin is not None or r.grad_of is not None):
+        why = _why_no_requires_grad(trace, r)[0]
     elif r.external:
         why = (
             f"{_quote(r)} was made before this cell without a grad_fn: the tensors it was computed from "
@@ -68,12 +70,18 @@ def _no_grad_root(trace: Trace, p: Optional[BackwardPass]) -> str:
     else:
         why = f"{_where(r)} itself never had requires_grad=True."
     fix = "Set requires_grad=True on the input you want gradients for, before computing."
+    cut = first_cut(trace, r) if not toggled else None
+    how = None if cut is None else (cut.origin.how if cut.origin is not None else cut.op if cut.op in _DETACH_OPS else "no_grad")
     if toggled:
         fix = wording.REAL_RUN_UNAFFECTED
     elif trace.grad_mode == "no_grad":
         fix = "Nothing in this variant is recorded for backward(); the real run, without the toggle, is unaffected."
-    elif not r.grad_enabled:
+    elif how == "no_grad":
         fix = "Compute it outside the torch.no_grad() block if you want to differentiate it."
+    elif how is not None:
+        fix = f"Differentiate what it was cut from instead, or drop the {_cut_how(how)}."
+    elif r.grad_of is not None:
+        fix = "A gradient is a result, not part of a graph: to differentiate through it, compute it with torch.autograd.grad(..., create_graph=True)."
     return (
         head + f"{_quote(r)}, which does not require grad and has no grad_fn (element 0 of tensors does not "
         f"require grad). {why} {fix}"

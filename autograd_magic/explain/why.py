@@ -17,9 +17,14 @@ from . import wording
 from .format import format_short
 from .stepper import steps
 from ..data.identity import match_records
-from ..data.trace import BackwardPass, Preview, Record, Trace
+from ..data.trace import BackwardPass, Origin, Preview, Record, Trace
 
-_DETACH_OPS = {"detach", "detach_"}
+_DETACH_OPS = {"detach", "detach_", "data"}  # `.data`: the legacy way to the same values with no history
+
+
+def _cut_how(op: Optional[str]) -> str:
+    """How a record in `_DETACH_OPS` was cut, as code: "`.data`" or "`.detach()`"."""
+    return "`.data`" if op == "data" else "`.detach()`"
 
 
 def _where(r: Record) -> str:
@@ -260,18 +265,24 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
     if r.op in _DETACH_OPS:
         src = trace.records[r.inputs[0]] if r.inputs else None
         cut = f" from {_quote(src)}" if src is not None else ""
+        legacy = (" Autograd does not see changes made through `.data` either; `.detach()` is the safer way to the values."
+                  if r.op == "data" else "")
         return [
-            f"{_quote(r)} was cut{cut} by `.detach()` on line {r.line}: it shares the values but has no history, "
-            "so no gradient flows back through it.",
+            f"{_quote(r)} was cut{cut} by {_cut_how(r.op)} on line {r.line}: it shares the values but has no history, "
+            f"so no gradient flows back through it.{legacy}",
             none,
         ]
     grad_inputs = [trace.records[i] for i in r.inputs if trace.records[i].requires_grad]
-    if not r.grad_enabled:
+    # an input from outside the cell was not made here: the mode it was first used under says nothing
+    if not r.grad_enabled and not (r.external and r.line is None):
         why = f"{_quote(r)} was made under torch.no_grad() on line {r.line}"
         if trace.grad_mode == "no_grad":
             why += " (the whole cell ran under torch.no_grad() in this variant)"
         if grad_inputs:
-            why += f", so it does not require grad although {_names(grad_inputs)} does; no gradient flows back through it."
+            # `x = x - lr * x.grad`: the name now holds the new tensor, the one it was computed from is another
+            same = any(g.label == r.label for g in grad_inputs)
+            names = f"the `{r.label}` it was computed from" if same else _names(grad_inputs)
+            why += f", so it does not require grad although {names} does; no gradient flows back through it."
         else:
             why += "."
         return [why, none]
@@ -283,6 +294,14 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
             none,
         ]
     if not r.inputs and r.external:
+        if r.origin is not None:
+            return [f"{_quote(r)} {origin_clause(r.origin, r.label)}: it has no grad_fn, so no gradient flows back through it.", none]
+        if r.grad_of is not None:
+            return [
+                f"{_quote(r)} is the gradient that backward() left in `{r.grad_of}` before this cell: a gradient does not "
+                "require grad itself (it would only with create_graph=True), so what is computed from it has no history.",
+                none,
+            ]
         return [
             f"{_quote(r)} comes from before this cell with requires_grad=False and no grad_fn: either requires_grad "
             "was never set where it was created, or it was computed from tensors that never had requires_grad=True.",
@@ -302,18 +321,58 @@ def _names(recs: list[Record]) -> str:
     return " and ".join(labels)
 
 
+def origin_clause(o: Origin, label: Optional[str] = None) -> str:
+    """How an earlier cell cut a tensor (called `label` here) off the graph, as a verb phrase: "was
+    made under torch.no_grad() in cell [5], on line 2 (`x * 5`), from `x`, which requires grad"."""
+    where = f"in cell [{o.cell}]" + (f", on line {o.line}" if o.line is not None else "") + (f" (`{o.expr}`)" if o.expr else "")
+    # `x = x - lr * x.grad` there: the name now holds the new tensor, the one it was computed from is another
+    source = f"the earlier `{o.source}`" if o.source is not None and o.source == label else f"`{o.source}`"
+    if o.how == "no_grad":
+        clause = f"was made under torch.no_grad() {where}" + (f", from {source}, which requires grad" if o.source else "")
+    else:
+        clause = "was cut" + (f" from {source}" if o.source else "") + f" by {_cut_how(o.how)} {where}"
+    if o.via is None:
+        return clause
+    return f"was computed in cell [{o.cell}] from `{o.via}`, which {clause}"
+
+
+def first_cut(trace: Trace, r: Record) -> Optional[Record]:
+    """The record that cut `r`'s history (as `_untracked_origin` names it), if one did: `r` itself
+    when an earlier cell cut it, else the nearest of its ancestors."""
+    if r.origin is not None:
+        return r
+    for a in _ancestors(trace, r.id):
+        if a.op in _DETACH_OPS or (not a.grad_enabled and not a.requires_grad and not (a.external and a.line is None)) or a.origin is not None:
+            return a
+    return None
+
+
 def _untracked_origin(trace: Trace, r: Record) -> str:
     """Why a computed tensor has no history: its inputs never required grad, or were cut."""
-    cuts = [a for a in _ancestors(trace, r.id) if a.op in _DETACH_OPS or (not a.grad_enabled and not a.requires_grad)]
-    if cuts:
-        c = cuts[0]
-        how = "`.detach()`" if c.op in _DETACH_OPS else "torch.no_grad()"
+    ancestors = list(_ancestors(trace, r.id))
+    c = first_cut(trace, r)
+    if c is not None:
+        if c.origin is not None and c.external:
+            return f"{_where(r)} does not require grad: it was computed from {_quote(c)}, which {origin_clause(c.origin, c.label)}."
+        how = _cut_how(c.op) if c.op in _DETACH_OPS else "torch.no_grad()"
         return f"{_where(r)} does not require grad: it was computed from {_where(c)}, cut from the graph by {how}."
-    leaves = [a for a in _ancestors(trace, r.id) if not a.inputs]
+    leaves = [a for a in ancestors if not a.inputs]
     base = f"{_where(r)} does not require grad because none of its inputs do"
-    if leaves:
-        return base + f": it was computed from {_names(leaves)}, which never had requires_grad=True."
-    return base + "."
+    if not leaves:
+        return base + "."
+    parts = []
+    late = [(a, m) for a in leaves for m in _mutations_of(trace, a.id)[:1] if m.op == "requires_grad_" and m.id > r.id]
+    switched = {a.id for a, _ in late}
+    grads = [a for a in leaves if a.grad_of is not None and a.id not in switched]
+    never = [a for a in leaves if a.grad_of is None and a.id not in switched]
+    if never:
+        parts.append(f"{_names(never)}, which never had requires_grad=True")
+    if grads:
+        parts.append(f"{_names(grads)}, {'gradients' if len(grads) > 1 else 'a gradient'}, which does not require grad itself")
+    for a, m in late:
+        parts.append(f"{_quote(a)} before requires_grad was switched on for it (by `{m.expr or m.op}` on line {m.line}): "
+                     "only what is computed after that is recorded")
+    return base + ": it was computed from " + "; and from ".join(parts) + "."
 
 
 def _unrecorded_calls_after(trace: Trace, r: Record) -> int:
@@ -403,7 +462,7 @@ def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str]) -> O
     a = r.attr_grad
     if a is None or not a.complete or total is None or np.shape(a.values) != np.shape(total):
         return None
-    if np.allclose(np.asarray(a.values, dtype=np.float64), total, rtol=1e-5, atol=1e-6):
+    if np.allclose(np.asarray(a.values, dtype=np.float64), total, rtol=1e-5, atol=1e-6, equal_nan=True):
         return None
     if unrecorded:
         return (
@@ -427,7 +486,7 @@ def _unreached(trace: Trace, r: Record) -> str:
     cut = [u for u in uses if u.op in _DETACH_OPS or not u.grad_enabled]
     if cut:
         u = cut[0]
-        how = "`.detach()`" if u.op in _DETACH_OPS else "torch.no_grad()"
+        how = _cut_how(u.op) if u.op in _DETACH_OPS else "torch.no_grad()"
         return f"its use on line {u.line} (`{u.expr or u.op}`) goes through {how}, which cuts the graph."
     lines = [p.line for p in trace.passes]
     if r.line is not None and None not in lines and r.line > max(lines):

@@ -73,6 +73,9 @@ def from_cell(record: Record) -> str:
 def flags(record: Record) -> list[str]:
     """What is unusual about a record, in words, in a fixed order (empty for most)."""
     earlier = [from_cell(record)] if record.cell is not None else []
+    if record.origin is not None:  # a tensor with no history that an earlier cell made
+        o = record.origin
+        earlier.append(f"made in cell [{o.cell}]" + (f", line {o.line}" if o.line is not None else ""))
     if record.created_by:
         earlier.append(f"created by {record.created_by}")
     on = {
@@ -80,7 +83,7 @@ def flags(record: Record) -> list[str]:
         "external": record.external and not record.created_by,
         "inplace": record.inplace,
         "detached": record.detached,
-        "no_grad": not record.grad_enabled,
+        "no_grad": not record.grad_enabled and not (record.external and record.line is None),  # an input: not made here
         "version_changed": record.version_changed,
     }
     return earlier + [FLAG_WORDS[k] for k, v in on.items() if v]

@@ -1,0 +1,121 @@
+"""Where a tensor lost its history: `.data`, `.detach()`, torch.no_grad(), a gradient, a late
+`requires_grad_()` — also when that happened in an earlier cell than the one that fails.
+
+Students split cells: `with torch.no_grad(): y = x * 5` in one, `y.backward()` in the next.
+The backward cell's own trace only knows `y` as an input; the explanation must still name the
+cell and line that cut it, and never claim that `x` "never had requires_grad=True" when plain
+torch says it does. Each case checks the facts the sentence relies on against plain torch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from IPython.utils.capture import capture_output
+
+from autograd_magic.explain.errors import explain_error
+from autograd_magic.explain.why import explain_all
+
+
+def _run(shell, cells: list[str]) -> list:
+    """Each cell through `%%autograd -o _tN --quiet`, cell by cell with real execution counts;
+    the traces, and the error of the last cell if it raised."""
+    shell.run_cell("import torch", store_history=True)
+    traces, counts = [], []
+    for i, cell in enumerate(cells):
+        counts.append(shell.execution_count)
+        with capture_output(display=True):
+            result = shell.run_cell(f"%%autograd -o _t{i} --quiet\n{cell}", store_history=True)
+        traces.append(shell.user_ns[f"_t{i}"])
+        if i < len(cells) - 1:
+            result.raise_error()
+    return traces, counts
+
+
+def _plain(cells: list[str]) -> dict:
+    ns: dict = {"torch": torch}
+    for cell in cells:
+        exec(cell, ns)
+    return ns
+
+
+def _why(t, label: str) -> str:
+    rec = next(r for r in t.records if r.label == label)
+    return " ".join(explain_all(t)[rec.id])
+
+
+NO_GRAD = ["x = torch.tensor(2.0, requires_grad=True)", "with torch.no_grad():\n    y = x * 5", "y.backward()"]
+DETACH = ["x = torch.tensor([1.0, 2.0], requires_grad=True)\ny = x * 3", "z = y.detach()", "z.sum().backward()"]
+REBIND = ["x = torch.tensor(2.0, requires_grad=True)\n(x ** 2).backward()",
+          "with torch.no_grad():\n    x = x - 0.1 * x.grad", "(x ** 2).backward()"]
+
+
+@pytest.mark.parametrize("cells, name, how, source, fix", [
+    (NO_GRAD, "y", "torch.no_grad()", "`x`", "outside the torch.no_grad() block"),
+    (DETACH, "z", "`.detach()`", "`y`", "drop the `.detach()`"),
+    (REBIND, "x", "torch.no_grad()", "the earlier `x`", "outside the torch.no_grad() block"),
+])
+def test_a_backward_cell_names_the_earlier_cell_that_cut_its_tensor(shell, cells, name, how, source, fix):
+    ns = _plain(cells[:-1])
+    assert not ns[name].requires_grad and ns[name].grad_fn is None  # plain torch: cut
+    with pytest.raises(RuntimeError):
+        _plain(cells)
+    traces, counts = _run(shell, cells)
+    t = traces[-1]
+    why = explain_error(t)
+    assert t.error is not None and why is not None
+    cut_line = 3 if "no_grad" in cells[1] else 2  # as the editor counts: the %%autograd line is line 1
+    where = f"in cell [{counts[1]}], on line {cut_line}"
+    assert how in why and where in why and fix in why, why
+    assert "never had requires_grad=True" not in why
+    row = _why(t, name)
+    assert where in row and source in row and "never had" not in row, row
+
+
+def test_data_is_a_cut_of_its_own(shell):
+    """`x.data * 3` has no history although `x` requires grad: the row says `.data` cut it."""
+    cell = "x = torch.tensor(2.0, requires_grad=True)\ny = x.data * 3\nz = y + x\nz.backward()"
+    ns = _plain([cell])
+    assert ns["x"].requires_grad and not ns["y"].requires_grad and ns["x"].grad.item() == 1.0
+    (t,), _ = _run(shell, [cell])
+    data = next(r for r in t.records if r.op == "data")
+    assert data.inputs == [next(r.id for r in t.records if r.label == "x")] and not data.requires_grad
+    assert "external" not in [r.label for r in t.records]
+    assert "by `.data` on line 3" in _why(t, data.label)
+    why_y = _why(t, "y")
+    assert "cut from the graph by `.data`" in why_y and "never had" not in why_y, why_y
+    assert t.last("x").attr_grad.values.item() == ns["x"].grad.item()
+
+
+def test_a_gradient_read_in_a_later_cell_is_named_as_the_leaf_s_grad(shell):
+    cells = ["x = torch.tensor(3.0, requires_grad=True)\n(x ** 2).backward()", "y = x.grad * 2"]
+    ns = _plain(cells)
+    assert ns["y"].item() == 2 * ns["x"].grad.item() and not ns["y"].requires_grad
+    traces, _ = _run(shell, cells)
+    t = traces[-1]
+    labels = [r.label for r in t.records]
+    assert "x.grad" in labels and "external" not in labels, labels
+    assert "left in `x`" in _why(t, "x.grad")
+    why_y = _why(t, "y")
+    assert "`x.grad`, a gradient" in why_y and "never had" not in why_y, why_y
+
+
+def test_requires_grad_switched_on_after_use_is_named(shell):
+    cell = "x = torch.tensor(2.0)\ny = x * 3\nx.requires_grad_()\ny.backward()"
+    with pytest.raises(RuntimeError):
+        _plain([cell])
+    ns = _plain(["x = torch.tensor(2.0)\ny = x * 3\nx.requires_grad_()"])
+    assert ns["x"].requires_grad and not ns["y"].requires_grad
+    (t,), _ = _run(shell, [cell])
+    why = explain_error(t)
+    assert "before requires_grad was switched on for it (by `x.requires_grad_()` on line 4)" in why, why
+    assert "never had requires_grad=True" not in why
+
+
+def test_a_nan_gradient_is_not_said_to_come_from_earlier_cells(shell):
+    """NaN never equals NaN: the .grad torch left must still be recognised as this cell's own."""
+    cell = "x = torch.tensor([0.0, 4.0], requires_grad=True)\ny = (torch.sqrt(x) * 0).sum()\ny.backward()"
+    ns = _plain([cell])
+    assert torch.isnan(ns["x"].grad[0]) and ns["x"].grad[1] == 0
+    (t,), _ = _run(shell, [cell])
+    assert "before this cell" not in _why(t, "x")
