@@ -119,3 +119,35 @@ def test_a_nan_gradient_is_not_said_to_come_from_earlier_cells(shell):
     assert torch.isnan(ns["x"].grad[0]) and ns["x"].grad[1] == 0
     (t,), _ = _run(shell, [cell])
     assert "before this cell" not in _why(t, "x")
+
+
+# ---- which passes a leaf's .grad adds up: a cell that resets it between them does not accumulate ----
+
+RESET_EACH = "w = torch.tensor([1.0, 2.0], requires_grad=True)\nfor i in range(3):\n    w.grad = None\n    (w * w * i).sum().backward()"
+ZERO_GRAD = ("torch.manual_seed(0)\nw = torch.nn.Linear(2, 1)\nopt = torch.optim.SGD(w.parameters(), lr=0.1)\n"
+             "for i in range(3):\n    opt.zero_grad()\n    w(torch.ones(1, 2) * i).sum().backward()\n    opt.step()")
+ZERO_INPLACE = ("w = torch.tensor([1.0, 2.0], requires_grad=True)\nfor i in range(3):\n    (w * w).sum().backward()\n"
+                "    if i == 0:\n        w.grad.zero_()")
+
+
+@pytest.mark.parametrize("cell, leaf, summed", [(RESET_EACH, "w", 1), (ZERO_GRAD, "w.weight", 1), (ZERO_INPLACE, "w", 2)])
+def test_a_grad_reset_between_passes_is_not_called_a_sum_of_them_all(shell, cell, leaf, summed):
+    ns = _plain([cell])
+    plain_grad = (ns["w"].weight if leaf == "w.weight" else ns["w"]).grad
+    (t,), _ = _run(shell, [cell])
+    rec = next(r for r in t.records if r.label == leaf)
+    assert len(rec.grads) == 3
+    last = [torch.as_tensor(rec.grads[i].values) for i in sorted(rec.grads)[-summed:]]
+    assert torch.allclose(sum(last), plain_grad)  # what torch's .grad holds: the passes since the reset
+    why = _why(t, leaf)
+    assert "before this cell" not in why and "is not in it" in why, why
+    assert ("sum of 2 backward passes" in why) == (summed == 2) and "sum of 3" not in why, why
+
+
+def test_a_grad_kept_from_an_earlier_cell_is_still_said_to_add_up(shell):
+    cells = ["w = torch.tensor([1.0, 2.0], requires_grad=True)\n(w * w).sum().backward()", "(w * 3).sum().backward()"]
+    ns = _plain(cells)
+    assert torch.equal(ns["w"].grad, torch.tensor([2.0, 4.0]) + 3)
+    traces, _ = _run(shell, cells)
+    why = _why(traces[-1], "w")
+    assert "accumulated by backward calls before this cell" in why and "is not in it" not in why, why

@@ -196,6 +196,9 @@ class BackwardRecorder:
         self._new_grads: dict[int, tuple] = {}
         # this pass's AccumulateGrad pre-hooks: (leaf, received grad's data_ptr, shape, version, preview)
         self._accumulated: list[tuple] = []
+        # id(leaf) -> (leaf, its .grad, that grad's version), weakly, as the last recorded pass left them
+        self._grad_after: dict[int, tuple] = {}
+        self._pass_leaves: list = []  # the leaves the running pass accumulates into
         self._last_calls = -1  # tracer.calls when the last pass ended
         self._held: dict[tuple, tuple] = {}  # (receiver node id, slot) -> (gradient sent, sender's step, index)
         self.deferred = DeferredScalars()  # device scalars of passes past the limit, read once at the end
@@ -248,6 +251,7 @@ class BackwardRecorder:
         outer_held, self._held = self._held, {}
         self._new_grads = {}
         outer_accumulated, self._accumulated = self._accumulated, []
+        outer_leaves, self._pass_leaves = self._pass_leaves, []  # a user's hook may run a pass of its own
         handles: list = []
         try:
             try:
@@ -267,6 +271,8 @@ class BackwardRecorder:
             try:
                 for h in handles:
                     h.remove()
+                self._note_grads_after()
+                self._pass_leaves = outer_leaves
                 try:
                     self._flush_held()
                 except Exception as exc:
@@ -501,6 +507,7 @@ class BackwardRecorder:
             return
         p.nodes = names
         p.edges.extend(all_edges)
+        self._note_grads_before(p, names, variables)
         by_node: dict[int, BackwardStep] = {}
         shared = _PassHooks(self, p, by_node)  # what every pre-hook of the pass shares (held by its hooks only)
         add = handles.append
@@ -517,6 +524,41 @@ class BackwardRecorder:
                     add(node.register_hook(self._post(nid, by_node, variable, edges, handoffs[nid])))
             except Exception:
                 continue
+
+    def _note_grads_before(self, p: BackwardPass, names: list, variables: list) -> None:
+        """`p.grad_before`: each leaf's `.grad` as the pass starts, against what the last recorded
+        pass left (a cell that resets it, `w.grad = None` or `zero_grad()`, does not accumulate)."""
+        before, leaves, after = p.grad_before, [], self._grad_after
+        for name, v in zip(names, variables):
+            if name != "AccumulateGrad" or v is None:
+                continue
+            rids = [rid for _, rid in self._records_of(None, name, v)]
+            if not rids:
+                continue
+            g = v.grad
+            if g is None:
+                state = "none"
+            else:
+                last = after.get(id(v))
+                if last is None or last[0]() is not v:
+                    state = "kept"
+                else:
+                    state = "same" if last[1] is not None and last[1]() is g and last[2] == version_of(g) else "changed"
+            for rid in rids:
+                before[rid] = state
+            leaves.append(v)
+        self._pass_leaves = leaves
+
+    @quietly
+    def _note_grads_after(self) -> None:
+        leaves, self._pass_leaves = self._pass_leaves, []
+        for v in leaves:
+            try:
+                g = v.grad
+                self._grad_after[id(v)] = (weakref.ref(v), weakref.ref(g) if g is not None else None,
+                                           version_of(g) if g is not None else None)
+            except Exception:  # an odd leaf (no weak reference): its next pass says "kept"
+                self._grad_after.pop(id(v), None)
 
     def _bring_in_earlier(self, keys: list, variables: list) -> None:
         """Nodes made by earlier traced cells (a backward-only cell): their records join this trace."""

@@ -209,6 +209,11 @@ class BackwardPass:
     edges: list[tuple[int, int]] = field(default_factory=list)  # node_id -> next node_id
     steps: list[BackwardStep] = field(default_factory=list)
     error: Optional[str] = None
+    # what each leaf's `.grad` was as the call started (record id -> "none": None, reset or never
+    # set; "kept": set before this cell's first call that reached it; "same": as this cell's
+    # previous call left it; "changed": changed since, in place or by assignment): which
+    # of the passes a leaf's `.grad` adds up
+    grad_before: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -435,23 +435,37 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
         for p in reached if p.kind == "grad"
     ]
     passes = [p for p in reached if p.kind != "grad"]
-    if len(passes) == 1:
-        p = passes[0]
+    # `.grad` adds up the passes since the last one that found it None (reset) or changed
+    start = max((i for i, p in enumerate(passes) if p.grad_before.get(r.id) in ("none", "changed")), default=0)
+    summed, dropped = passes[start:], passes[:start]
+    if len(summed) == 1:
+        p = summed[0]
         out.append(f"{_quote(r)} is a leaf: {_pass_where(p)} put {_grad(r.grads[p.index])} into `{r.label}.grad`.")
-    elif passes:
-        shares = "; ".join(f"{_pass_where(p)} gave {_grad(r.grads[p.index])}" for p in passes)
+    elif summed:
+        if len({(p.line, p.expr) for p in summed}) == 1:  # one call in a loop: its passes by number
+            shares = f"{_pass_where(summed[0])}, pass by pass: " + "; ".join(
+                f"pass {p.index + 1} gave {_grad(r.grads[p.index])}" for p in summed)
+        else:
+            shares = "; ".join(f"{_pass_where(p)} gave {_grad(r.grads[p.index])}" for p in summed)
         out.append(
-            f"`{r.label}.grad` is the sum of {len(passes)} backward passes (gradients accumulate): {shares}. "
+            f"`{r.label}.grad` is the sum of {len(summed)} backward passes (gradients accumulate): {shares}. "
             "Zero it between steps (x.grad = None, or optimizer.zero_grad()) if that is not what you want."
         )
-    extra = _earlier_share(r, passes, trace.notes) if passes else None
+    if dropped:
+        how = "None (reset)" if summed[0].grad_before.get(r.id) == "none" else "changed in place or replaced"
+        earlier = "the pass before it" if len(dropped) == 1 else f"the {len(dropped)} passes before it"
+        out.append(f"`{r.label}.grad` was {how} before {_pass_where(summed[0])}, so what {earlier} gave is not in it.")
+    first = summed[0].grad_before.get(r.id) if summed else None
+    extra = _earlier_share(r, summed, trace.notes, first) if summed else None
     if extra:
         out.append(extra)
     return out + _odd_values(trace, r)
 
 
-def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str]) -> Optional[str]:
-    """When .grad holds more than the recorded passes gave: unrecorded loop passes, or an earlier cell."""
+def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str], first: Optional[str] = None) -> Optional[str]:
+    """When .grad holds more than the recorded passes gave: unrecorded loop passes, or an earlier cell
+    (or, when it had `changed` as the first of `passes` began, what the cell itself left in it;
+    never what came before when it was None then)."""
     unrecorded = [n for n in notes if "passes were not recorded" in n]
     total = None
     for p in passes:
@@ -469,6 +483,11 @@ def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str]) -> O
             f"`{r.label}.grad` is {_grad(a)}: it also holds the gradients of the backward passes that ran "
             f"in a loop but were not recorded ({unrecorded[0]})."
         )
+    if first == "none":  # None as the first counted pass began: nothing from before it is in .grad
+        return None
+    if first == "changed":
+        return (f"`{r.label}.grad` is {_grad(a)}, not what {'that pass' if len(passes) == 1 else 'those passes'} gave "
+                f"alone: it also holds what `{r.label}.grad` was when {_pass_where(passes[0])} began.")
     return (
         f"`{r.label}.grad` is {_grad(a)}, more than this cell's passes gave: it also holds gradients "
         "accumulated by backward calls before this cell."
