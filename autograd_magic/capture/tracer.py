@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import torch_compat as compat
+from . import functions, torch_compat as compat
 from .backward import BackwardRecorder
 from .earlier import CellRecords, EarlierCells, bring_in, stand_in
 from .interventions import Intervention
@@ -281,6 +281,7 @@ class Tracer:
             self._outer_queue, self._queue_on = activate(self.device_previews), True
             self._mode = _Mode(self)
             self._mode.__enter__()
+            functions.install(self._mode)
             self.steps.start()
             # Importing dynamo just to set a stance costs ~70 MB: only when compiled
             # code may run (dynamo already loaded, or the traced source compiles).
@@ -297,6 +298,8 @@ class Tracer:
         """Pop the mode and remove every hook; safe to call twice and on any error."""
         try:
             self.steps.stop()
+            if self._mode is not None:
+                functions.uninstall(self._mode)
             self._pop_mode()
             if self._window:  # the ops after the last backward call (or a cell with none): checked now
                 self.check_window()
@@ -542,6 +545,14 @@ class Tracer:
             return None
         leaf_name = self.names.tensor_name(leaf)
         return f"{leaf_name}.grad" if leaf_name else None
+
+    def superseded(self, pairs: list) -> None:
+        """Each (tensor, record id): a newer record is that tensor's now (a custom Function's apply
+        took over what its forward returned); the older one keeps its value, but is no longer the
+        tensor's at the end (its name, its .grad)."""
+        for t, rid in pairs:
+            if self.record_of(t) != rid:
+                self._live.pop(rid, None)
 
     def _namespace_grad_owner(self, t: torch.Tensor) -> Optional[str]:
         """The name of the namespace tensor (or module parameter) whose `.grad` is `t`, if one's is.
