@@ -42,15 +42,22 @@ class _ApplyOp:
 _OPS: dict[type, _ApplyOp] = {}  # one per Function class (a record holds its op's name only)
 
 
-def _tracer_on_top():
+def running_top(registry: dict):
+    """The mode on top of torch's stack when `registry` (id -> mode) holds it and its tracer is
+    running and not busy with its own work, else None."""
     n = compat.mode_stack_len()
     if n == 0:
         return None
     top = compat.mode_at(n - 1)
-    if _tracing.get(id(top)) is not top or top.stale:
+    if registry.get(id(top)) is not top or top.stale:
         return None
     tracer = top.tracer
-    return None if tracer is None or tracer.busy else tracer
+    return None if tracer is None or tracer.busy else top
+
+
+def _tracer_on_top():
+    top = running_top(_tracing)
+    return top.tracer if top is not None else None
 
 
 def _apply(cls, *args, **kwargs):

@@ -38,6 +38,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
     register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import torch_compat as compat
+from .functions import running_top
 
 #: the NaN window's name for a lifted step: no torch function has a dot in its name
 STEP = "Optimizer.step"
@@ -219,14 +220,7 @@ _wrapped: list[tuple[type, Callable, Callable]] = []
 
 def _liftable_top():
     """The mode on top of torch's stack when it is a running tracer's that may be lifted, else None."""
-    n = compat.mode_stack_len()
-    if n == 0:
-        return None
-    top = compat.mode_at(n - 1)
-    if _lifting.get(id(top)) is not top or top.stale:
-        return None
-    tracer = top.tracer
-    return None if tracer is None or tracer.busy else top
+    return running_top(_lifting)
 
 
 def _lifted_zero_grad(original: Callable) -> Callable:
