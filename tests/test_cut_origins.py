@@ -151,3 +151,40 @@ def test_a_grad_kept_from_an_earlier_cell_is_still_said_to_add_up(shell):
     traces, _ = _run(shell, cells)
     why = _why(traces[-1], "w")
     assert "accumulated by backward calls before this cell" in why and "is not in it" not in why, why
+
+
+# ---- a tensor meant as the leaf that is not one; integers ----
+
+@pytest.mark.parametrize("make", ["torch.randn(3, requires_grad=True).double()", "torch.randn(3, requires_grad=True) * 2",
+                                  "torch.ones(4, requires_grad=True).view(2, 2)"])
+def test_a_converted_leaf_gets_advice_that_works_in_plain_torch(shell, make):
+    """`w = torch.randn(3, requires_grad=True).double()`: `w.grad` is None (not a leaf). The advice is
+    code; run in plain torch, it makes `w` a leaf whose .grad the same backward fills."""
+    cell = f"torch.manual_seed(0)\nw = {make}\n(w ** 2).sum().backward()"
+    ns = _plain([cell])
+    assert not ns["w"].is_leaf and ns["w"].retains_grad is False  # so torch keeps no .grad for it
+    (t,), _ = _run(shell, [cell])
+    why = _why(t, "w")
+    assert "retain_grad" not in why.split("it received")[0], why
+    code = why.split("in its final form: `", 1)[1].split("`", 1)[0]
+    fixed = _plain([f"torch.manual_seed(0)\n{code}\n(w ** 2).sum().backward()"])
+    assert fixed["w"].is_leaf and torch.allclose(fixed["w"].grad, 2 * fixed["w"].detach())
+    assert torch.equal(fixed["w"].detach(), ns["w"].detach())  # the same values as the student's
+    leaf = next(r for r in t.records if r.is_leaf and r.requires_grad)
+    assert f"`{leaf.label}.grad`" not in _why(t, leaf.label)  # no attribute anyone could read
+
+
+def test_integer_results_and_requires_grad_on_integers_are_explained_as_such(shell):
+    cell = "x = torch.tensor([[1., 5.], [3., 2.]], requires_grad=True)\ni = torch.argmax(x, dim=1)\nk = x.long()\n(x * 2).sum().backward()"
+    ns = _plain([cell])
+    assert ns["x"].requires_grad and not ns["i"].requires_grad and ns["i"].dtype == torch.int64
+    (t,), _ = _run(shell, [cell])
+    for name in ("i", "k"):
+        why = _why(t, name)
+        assert "int64" in why and "never had" not in why, why
+    with pytest.raises(RuntimeError, match="floating point"):
+        _plain(["n = torch.arange(3)\nn.requires_grad_()"])
+    (t,), _ = _run(shell, ["n = torch.arange(3)\nn.requires_grad_()"])
+    why = explain_error(t)
+    assert why is not None and "integers" in why and ".float()" in why, why
+    assert "requires_grad_() before using it" not in _why(t, "n")

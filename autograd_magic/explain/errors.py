@@ -171,8 +171,8 @@ def _numpy_of_grad_tensor(trace: Trace, p: Optional[BackwardPass]) -> str:
 def _integer_requires_grad(trace: Trace, p: Optional[BackwardPass]) -> str:
     return (
         f"{_error_where(trace)} asks for requires_grad=True on a tensor of integers: only floating point (and "
-        "complex) tensors can require gradients. Write the numbers as floats (`1.` instead of `1`) or pass "
-        "dtype=torch.float32."
+        "complex) tensors can require gradients. Write the numbers as floats (`1.` instead of `1`), pass "
+        "dtype=torch.float32, or convert first (`x = x.float()`, then `x.requires_grad_()`)."
     )
 
 
@@ -243,6 +243,7 @@ _ERRORS = [
     ("a leaf Variable that requires grad", _leaf_inplace),
     ("Can't call numpy() on Tensor that requires grad", _numpy_of_grad_tensor),
     ("Only Tensors of floating point and complex dtype can require gradients", _integer_requires_grad),
+    ("only Tensors of floating point dtype can require gradients", _integer_requires_grad),  # requires_grad_()
     ("appears to not have been used in the graph", _unused_input),
     ("can't retain_grad on Tensor that has requires_grad=False", _no_grad_to_keep),
     ("cannot register a hook on a tensor that doesn't require gradient", _no_grad_to_keep),

@@ -8,6 +8,7 @@ an accumulated `.grad`). Pure: reads only the Trace.
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from typing import Iterable, Optional
 
@@ -307,6 +308,13 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
             "was never set where it was created, or it was computed from tensors that never had requires_grad=True.",
             none,
         ]
+    if _integral(r):  # integers and booleans never require grad: argmax, comparisons, .long()
+        made = f"{_where(r)} holds {r.dtype.replace('torch.', '')} values"
+        if grad_inputs:
+            return [f"{made}: only floating point (and complex) tensors carry gradients, so no gradient flows "
+                    f"back through it, although {_names(grad_inputs)} requires grad.", none]
+        return [f"{made}: only floating point (and complex) tensors can require grad; convert it first "
+                f"(`.float()`) if it should.", none]
     if not r.inputs:
         return [
             f"requires_grad was never set on {_where(r)}: create it with requires_grad=True "
@@ -314,6 +322,11 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
             none,
         ]
     return [_untracked_origin(trace, r), none]
+
+
+def _integral(r: Record) -> bool:
+    dtype = r.dtype or ""
+    return dtype.startswith(("torch.int", "torch.uint")) or dtype in ("torch.bool", "torch.long", "torch.short")
 
 
 def _names(recs: list[Record]) -> str:
@@ -440,7 +453,8 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
     summed, dropped = passes[start:], passes[:start]
     if len(summed) == 1:
         p = summed[0]
-        out.append(f"{_quote(r)} is a leaf: {_pass_where(p)} put {_grad(r.grads[p.index])} into `{r.label}.grad`.")
+        into = f"`{r.label}.grad`" if r.name else "its .grad (no name holds this tensor: only the graph reaches it)"
+        out.append(f"{_quote(r)} is a leaf: {_pass_where(p)} put {_grad(r.grads[p.index])} into {into}.")
     elif summed:
         if len({(p.line, p.expr) for p in summed}) == 1:  # one call in a loop: its passes by number
             shares = f"{_pass_where(summed[0])}, pass by pass: " + "; ".join(
@@ -522,6 +536,10 @@ def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
     keep = f"Call {r.name}.retain_grad() before backward() to keep it." if r.name else (
         "Name it and call .retain_grad() on it before backward() to keep it."
     )
+    hidden = _hidden_leaf(trace, r)
+    if hidden is not None:  # `w = torch.randn(3, requires_grad=True).double()`: meant as the leaf, it is not
+        keep = (f"The leaf is `{hidden.label}`, which no name holds: it gets the .grad. To make `{r.name}` the "
+                f"leaf (an optimizer needs one), set requires_grad on the tensor in its final form{_final_form(hidden, r)}.")
     out = [f"{_where(r)} is not a leaf ({made}), so PyTorch does not keep its gradient: its .grad is None. {keep}"]
     for p, g in got:
         would = "" if p.kind == "grad" else "; with retain_grad() that is what .grad would show"
@@ -531,6 +549,31 @@ def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
         unknown = _past_limit(trace, r)
         out.append(unknown if unknown is not None else "No backward pass in this cell reached it: " + _unreached(trace, r))
     return out + _odd_values(trace, r)
+
+
+def _final_form(leaf: Record, r: Record) -> str:
+    """The advice's code, e.g. ": `w = torch.randn(3).double().requires_grad_()`", when `r`'s source shows it; else ""."""
+    expr, made = r.expr or "", leaf.expr or ""
+    plain = re.sub(r",\s*requires_grad\s*=\s*True|requires_grad\s*=\s*True\s*,?\s*", "", made, count=1)
+    if plain == made or made not in expr:
+        return ""
+    final = expr.replace(made, plain, 1)
+    final = final if re.fullmatch(r"[\w.]+(\(.*\))?", final) and final.endswith(")") else f"({final})"
+    return f": `{r.name} = {final}.requires_grad_()`"
+
+
+def _hidden_leaf(trace: Trace, r: Record) -> Optional[Record]:
+    """The leaf `r` was made from on its own line with nothing between, when no name holds that leaf
+    (`w = torch.randn(3, requires_grad=True) * 2`, `.double()`, `.view(2, 2)`, `.to(...)`): the
+    student meant `r` as the leaf. None otherwise."""
+    if not r.name or r.line is None or len(r.inputs) > 2:
+        return None
+    for i in r.inputs:
+        leaf = trace.records[i] if 0 <= i < len(trace.records) else None
+        if (leaf is not None and leaf.is_leaf and leaf.requires_grad and not leaf.external and leaf.name is None
+                and leaf.line == r.line and not leaf.internal):
+            return leaf
+    return None
 
 
 def _non_finite(p: Optional[Preview]) -> bool:
