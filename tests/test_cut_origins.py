@@ -188,3 +188,14 @@ def test_integer_results_and_requires_grad_on_integers_are_explained_as_such(she
     why = explain_error(t)
     assert why is not None and "integers" in why and ".float()" in why, why
     assert "requires_grad_() before using it" not in _why(t, "n")
+
+
+def test_complex_gradients_are_summed_with_their_imaginary_parts_and_warn_nothing(shell, recwarn):
+    cell = ("zc = torch.tensor([1 + 2j, 3 - 1j], requires_grad=True)\n(zc * zc.conj()).real.sum().backward()\n"
+            "(zc * 1j).real.sum().backward()")
+    ns = _plain([cell])
+    assert ns["zc"].grad.imag.abs().sum() > 0  # what the check must not drop
+    (t,), _ = _run(shell, [cell])
+    why = _why(t, "zc")
+    assert "sum of 2 backward passes" in why and "before this cell" not in why, why
+    assert not [w for w in recwarn if "ComplexWarning" in type(w.message).__name__], [str(w.message) for w in recwarn]

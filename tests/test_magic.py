@@ -175,3 +175,19 @@ def test_torch_warnings_point_at_the_users_line(shell):
     assert grad_warnings, "torch warns about reading a non-leaf's .grad, as in a plain run"
     w = grad_warnings[0]
     assert "autograd_magic" not in w.filename and w.lineno == 3  # the cell's own line 3
+
+
+@pytest.mark.parametrize("last", ["a, b;", "b ;  # quiet", "a, b  # not quiet;", "b"])
+def test_a_trailing_semicolon_silences_the_value_as_in_a_plain_cell(shell, last):
+    from IPython.utils.capture import capture_output
+
+    shell.run_cell("import torch", store_history=True)
+    body = f"a = torch.arange(4.); b = a * 2\n{last}"
+    with capture_output() as plain_out:
+        plain = shell.run_cell(body, store_history=True)
+    with capture_output() as traced_out:
+        traced = shell.run_cell("%%autograd --quiet\n" + body, store_history=True)
+    assert (plain.result is None) == (traced.result is None)
+    if plain.result is not None:
+        assert repr(traced.result) == repr(plain.result)
+    assert ("Out[" in plain_out.stdout) == ("Out[" in traced_out.stdout)

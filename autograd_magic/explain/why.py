@@ -476,6 +476,11 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
     return out + _odd_values(trace, r)
 
 
+def _numbers(values) -> np.ndarray:
+    """A preview's values as float64, or complex128 for a complex tensor's (its imaginary parts count)."""
+    return np.asarray(values, dtype=np.complex128 if np.iscomplexobj(values) else np.float64)
+
+
 def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str], first: Optional[str] = None) -> Optional[str]:
     """When .grad holds more than the recorded passes gave: unrecorded loop passes, or an earlier cell
     (or, when it had `changed` as the first of `passes` began, what the cell itself left in it;
@@ -486,11 +491,11 @@ def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str], firs
         g = r.grads[p.index]
         if not g.complete:
             return None
-        total = np.asarray(g.values, dtype=np.float64) + (0 if total is None else total)
+        total = _numbers(g.values) + (0 if total is None else total)
     a = r.attr_grad
     if a is None or not a.complete or total is None or np.shape(a.values) != np.shape(total):
         return None
-    if np.allclose(np.asarray(a.values, dtype=np.float64), total, rtol=1e-5, atol=1e-6, equal_nan=True):
+    if np.allclose(_numbers(a.values), total, rtol=1e-5, atol=1e-6, equal_nan=True):
         return None
     if unrecorded:
         return (

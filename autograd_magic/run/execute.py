@@ -57,6 +57,14 @@ def _compile_nodes(shell, tree: ast.Module, filename: str, display_last: bool):
     return codes
 
 
+def _silenced(shell, code_text: str) -> bool:
+    hook = getattr(shell, "displayhook", None)
+    try:
+        return bool(hook.semicolon_at_end_of_expression(code_text))
+    except Exception:  # an older IPython, or a shell without its displayhook
+        return code_text.rstrip().endswith(";")
+
+
 def cell_number(shell) -> int:
     """The execution count of the cell running now: what IPython's own `Cell In[n]` shows for it.
 
@@ -111,6 +119,9 @@ def execute(
     code_text, filename, tree = parse_cell(shell, body, first_line=first_line)  # a SyntaxError propagates
     tree = shell.transform_ast(tree)
     tree = bind_names(tree)
+    # `a, b;`: a trailing semicolon silences the value, as IPython's own displayhook does for a plain
+    # cell (it reads the last history entry, which here is the magic's call, not this body)
+    display = display and not _silenced(shell, code_text)
     codes = _compile_nodes(shell, tree, filename, display_last=display)
     interventions = tuple(interventions)
     no_grad = any(iv.disables_grad for iv in interventions)
