@@ -199,3 +199,22 @@ def test_complex_gradients_are_summed_with_their_imaginary_parts_and_warn_nothin
     why = _why(t, "zc")
     assert "sum of 2 backward passes" in why and "before this cell" not in why, why
     assert not [w for w in recwarn if "ComplexWarning" in type(w.message).__name__], [str(w.message) for w in recwarn]
+
+
+def test_the_text_view_marks_what_torch_keeps_in_no_grad(shell):
+    """A non-leaf's row shows what reached it; torch's `.grad` stays None: the text view says so."""
+    from autograd_magic.render.text import render_text
+    from autograd_magic.explain.wording import grad_phrase
+
+    cell = "x = torch.tensor(2., requires_grad=True)\ny = x * 3\nz = y * y\nz.backward()"
+    ns = _plain([cell])
+    assert ns["y"].retains_grad is False and not ns["y"].is_leaf  # .grad None in plain torch
+    (t,), _ = _run(shell, [cell])
+    row = next(line for line in render_text(t).splitlines() if "y = x * 3" in line)
+    assert f"{2 * ns['y'].item():g}." in row and "(received; .grad None)" in row, row
+    x_row = next(line for line in render_text(t).splitlines() if "x = torch.tensor" in line)
+    assert "received" not in x_row  # a leaf's value is its .grad
+    cell = "x = torch.tensor(3.0, requires_grad=True)\ny = x ** 3\n(g,) = torch.autograd.grad(y, x)"
+    assert _plain([cell])["x"].grad is None
+    (t,), _ = _run(shell, [cell])
+    assert "autograd.grad returned it" in grad_phrase(t.last("x"), t)

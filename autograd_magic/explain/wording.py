@@ -35,6 +35,9 @@ def grad_phrase(record: Record, trace: Optional[Trace] = None) -> str:
         return "None (non-leaf, no retain_grad)"
     if trace is not None and not trace.passes:
         return "None (no backward yet)"
+    if trace is not None and record.grads and all(
+            i < len(trace.passes) and trace.passes[i].kind == "grad" for i in record.grads):
+        return "None (autograd.grad returned it: .grad is untouched)"
     if trace is not None and all(p.error for p in trace.passes):
         return "None (backward failed)"
     return "None (backward did not reach it)"

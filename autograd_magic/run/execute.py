@@ -58,8 +58,14 @@ def _compile_nodes(shell, tree: ast.Module, filename: str, display_last: bool):
 
 
 def _silenced(shell, code_text: str) -> bool:
+    """Whether IPython would keep a plain cell of this text quiet. Its displayhook reads the last
+    stored input: this body, for a cell stored in the history (a notebook's, a terminal's); for one
+    run with store_history=False, the input before it, as for a plain cell run so."""
     hook = getattr(shell, "displayhook", None)
     try:
+        info = getattr(getattr(hook, "exec_result", None), "info", None)
+        if info is not None and not getattr(info, "store_history", True):
+            return bool(hook.quiet())
         return bool(hook.semicolon_at_end_of_expression(code_text))
     except Exception:  # an older IPython, or a shell without its displayhook
         return code_text.rstrip().endswith(";")
