@@ -218,3 +218,16 @@ def test_the_text_view_marks_what_torch_keeps_in_no_grad(shell):
     assert _plain([cell])["x"].grad is None
     (t,), _ = _run(shell, [cell])
     assert "autograd.grad returned it" in grad_phrase(t.last("x"), t)
+
+
+def test_a_module_s_parameter_is_changed_by_the_optimizer_step_not_by_its_own_initialisation(shell):
+    cell = ("torch.manual_seed(0)\nlin = torch.nn.Linear(2, 1)\nopt = torch.optim.SGD(lin.parameters(), lr=0.1)\n"
+            "for i in range(2):\n    opt.zero_grad()\n    lin(torch.ones(1, 2)).sum().backward()\n    opt.step()")
+    ns = _plain([cell])
+    torch.manual_seed(0)
+    fresh = torch.nn.Linear(2, 1)
+    assert not torch.equal(ns["lin"].weight, fresh.weight)  # the steps changed it in place
+    (t,), _ = _run(shell, [cell])
+    why = _why(t, "lin.weight")
+    assert "modified in place by `opt.step()` on line 8" in why and "by `torch.nn.Linear(2, 1)`" not in why, why
+    assert why.count("modified in place") == 1, why  # one sentence for the step line, not one per run

@@ -242,11 +242,32 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         out.extend(_variant_note(trace, r) + _leaf_grad(trace, r))
     else:
         out.extend(_non_leaf_grad(trace, r))
-    for m in _mutations_of(trace, r.id):
+    for m in _later_changes(trace, r):
         if m.op == "requires_grad_":
             out.append(f"requires_grad was switched on later, by `{m.expr or m.op}` on line {m.line}; this row shows {_quote(r)} before that.")
         else:
             out.append(f"{_where(r)} was later modified in place by `{m.expr or m.op}` on line {m.line}.")
+    return out
+
+
+def _later_changes(trace: Trace, r: Record) -> list[Record]:
+    """The in-place changes of `r`'s tensor after this record, one per line and call: the chain of
+    records each change makes, followed. A module's initialisation of the parameter it created
+    (`nn.Linear(2, 1)`'s kaiming_uniform_) is part of making it, not a later change; an optimizer's
+    step, one record per parameter it updates, is named once per call."""
+    out, seen, at, hops = [], set(), r.id, 0
+    while hops < len(trace.records):
+        found = _mutations_of(trace, at)
+        if not found:
+            break
+        m, hops = found[0], hops + 1
+        at = m.id
+        made_here = m.internal and r.created_by is not None and m.line == r.line and m.expr == r.created_by
+        key = (m.line, m.expr if not m.internal else m.internal)
+        if made_here or key in seen:
+            continue
+        seen.add(key)
+        out.append(m)
     return out
 
 
@@ -316,9 +337,10 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
         return [f"{made}: only floating point (and complex) tensors can require grad; convert it first "
                 f"(`.float()`) if it should.", none]
     if not r.inputs:
+        call = f"call {r.name}.requires_grad_()" if r.name else "call .requires_grad_() on it"
         return [
-            f"requires_grad was never set on {_where(r)}: create it with requires_grad=True "
-            f"or call {r.name or 'it'}.requires_grad_() before using it.",
+            f"requires_grad was never set on {_where(r)}, so no gradient is computed for it (an input such as "
+            f"data needs none). For one, create it with requires_grad=True or {call} before using it.",
             none,
         ]
     return [_untracked_origin(trace, r), none]
