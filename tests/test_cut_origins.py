@@ -231,3 +231,38 @@ def test_a_module_s_parameter_is_changed_by_the_optimizer_step_not_by_its_own_in
     why = _why(t, "lin.weight")
     assert "modified in place by `opt.step()` on line 8" in why and "by `torch.nn.Linear(2, 1)`" not in why, why
     assert why.count("modified in place") == 1, why  # one sentence for the step line, not one per run
+
+
+def _first_zeroing_node(cell: str, root_expr: str) -> str:
+    """Plain torch: the first node (in the order the engine ran them) that received a nonzero
+    gradient and sent only zeros."""
+    ns = _plain([cell])
+    root = eval(root_expr, ns)
+    order, seen, stack = [], set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        node.register_hook(lambda sent, received, node=node: order.append((node, sent, received)))
+        stack.extend(n for n, _ in node.next_functions)
+    root.backward()
+    for node, sent, received in order:
+        if any(g is not None and g.any() for g in received) and all(g is None or not g.any() for g in sent):
+            return type(node).__name__
+    raise AssertionError("no node zeroed the gradient")
+
+
+@pytest.mark.parametrize("setup, root", [
+    ("x = torch.tensor(0., requires_grad=True)", "x.abs()"),
+    ("x = torch.tensor(0., requires_grad=True)", "x ** 2"),
+    ("x = torch.tensor([-1., -2.], requires_grad=True)", "torch.relu(x * 3).sum()"),
+    ("x = torch.tensor([1.4, 2.6], requires_grad=True)", "torch.round(x).sum()"),
+])
+def test_a_zero_gradient_names_the_node_where_it_became_zero(shell, setup, root):
+    node = _first_zeroing_node(setup, root)
+    (t,), _ = _run(shell, [f"{setup}\n({root}).backward()"])
+    assert not t.last("x").attr_grad.values.any()
+    why = _why(t, "x")
+    assert f"zero everywhere: {node}" in why, (node, why)
+    assert "relu or clamp" not in why or node.startswith("Relu")

@@ -619,11 +619,56 @@ def _odd_values(trace: Trace, r: Record) -> list[str]:
             return [f"Its gradient contains nan or inf. {_non_finite_origin(trace, trace.passes[i])}"]
     g = r.grad_preview
     if r.is_leaf and g is not None and g.complete and g.numel and not np.any(np.asarray(g.values)):
-        return [
-            "Its gradient is zero everywhere: near these values the output does not change when it changes "
-            "(e.g. relu or clamp where the input was outside the active range, or a comparison/rounding on the way)."
-        ]
+        last = max(r.grads) if r.grads else None
+        zeroed = _zeroing_step(trace, last) if last is not None and last < len(trace.passes) else None
+        if zeroed is None:
+            return ["Its gradient is zero everywhere: at these values the slope of some op on the way is 0 "
+                    "(relu or clamp outside their active range, a kink such as abs at 0, a flat point such as "
+                    "x**2 at 0, or rounding and comparisons, which are flat everywhere)."]
+        s, why = zeroed
+        who = f" (for `{s.labels[0]}`)" if s.labels else ""
+        where = f" on line {s.line}" if s.line is not None else ""
+        return [f"Its gradient is zero everywhere: {s.node}{who}{where} received a nonzero gradient and sent "
+                f"zeros on: {why}."]
     return []
+
+
+# what makes an op's slope 0, by node: the reason a zero gradient starts there
+_ZERO_SLOPE = {
+    "ReluBackward0": "relu passes no gradient where its input was ≤ 0",
+    "ThresholdBackward0": "relu passes no gradient where its input was ≤ 0",
+    "HardtanhBackward0": "it is flat outside its range",
+    "ClampBackward1": "clamp is flat outside its range",
+    "ClampMinBackward0": "clamp is flat below its minimum",
+    "ClampMaxBackward0": "clamp is flat above its maximum",
+    "AbsBackward0": "abs has a kink at 0, where torch takes the slope 0 (a subgradient)",
+    "SgnBackward0": "sign is flat everywhere",
+    "SignBackward0": "sign is flat everywhere",
+    "RoundBackward0": "rounding is flat everywhere (its steps have no slope)",
+    "RoundBackward1": "rounding is flat everywhere (its steps have no slope)",
+    "FloorBackward0": "floor is flat everywhere (its steps have no slope)",
+    "CeilBackward0": "ceil is flat everywhere (its steps have no slope)",
+    "TruncBackward0": "trunc is flat everywhere (its steps have no slope)",
+    "PowBackward0": "a power's slope is 0 at 0 (x**2 is flat there)",
+    "MaxBackward0": "max passes gradient only to the elements it picked",
+    "MinBackward0": "min passes gradient only to the elements it picked",
+}
+
+
+def _zeroing_step(trace: Trace, index: int):
+    """The first step of pass `index` that received a nonzero gradient and sent only zeros: (the
+    step as the stepper shows it, why its slope is 0), or None."""
+    def zeros(p) -> bool:
+        return p is not None and p.complete and p.numel > 0 and not np.any(np.asarray(p.values))
+
+    def nonzero(p) -> bool:
+        return p is not None and p.complete and bool(np.any(np.asarray(p.values)))
+
+    for s in steps(trace, index):
+        sent = [g for g in s.grad_out if g is not None]
+        if any(nonzero(g) for g in s.grad_in) and sent and all(zeros(g) for g in sent):
+            return s, _ZERO_SLOPE.get(s.node, f"the slope of {s.node.replace('Backward0', '').lower()} is 0 at these values")
+    return None
 
 
 def _non_finite_origin(trace: Trace, p: BackwardPass) -> str:
