@@ -162,3 +162,16 @@ def test_real_run_explanations_unchanged(shell):
     t, _ = real(shell, "q = torch.randn(3)\nloss = (q * 2).sum()\nloss.backward()", setup="import torch")
     assert "computed from `q`, which never had requires_grad=True" in explain_error(t)
     assert "variant" not in explain_error(t)
+
+
+def test_a_detached_tensor_with_a_path_around_it_does_not_cut_off_its_leaf(shell):
+    """`z = y * x` with `y` detached: x still gets dz/dx = y through the direct path (torch: 6)."""
+    body = "x = torch.tensor(2., requires_grad=True)\ny = x * 3\nz = y * x\nz.backward()\n"
+    x = torch.tensor(2., requires_grad=True)
+    (x * 3).detach().mul(x).backward()
+    t, snap = real(shell, body)
+    v = run_variant(shell, body, t, snap, Toggles(detach_names=("y",)))
+    assert v.error is None
+    assert v.last("x").attr_grad.values.item() == x.grad.item() == 6.0
+    why = about(v, "y")
+    assert "none reaches `x`" not in why and "`x` still gets one along another path" in why, why

@@ -230,8 +230,14 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         else:
             out.append(f"`{r.expr or r.op}` on line {r.line} changed {_quote(target)} in place.")
     if r.detached:
-        upstream = [f"`{x}`" for x in dict.fromkeys(_cut_off_leaves(trace, r, r))]
-        reach = f" and none reaches {' and '.join(upstream)}" if upstream else ""
+        upstream = list(dict.fromkeys(_cut_off_leaves(trace, r, r)))
+        # a leaf with another path around the cut still gets its gradient (`z = y * x`, y detached)
+        reached = {x.label for x in trace.records if x.is_leaf and x.grads and x.label in upstream}
+        none = [f"`{x}`" for x in upstream if x not in reached]
+        other = [f"`{x}`" for x in upstream if x in reached]
+        reach = f" and none reaches {' and '.join(none)}" if none else ""
+        if other:
+            reach += f" ({' and '.join(other)} still {'gets' if len(other) == 1 else 'get'} one along another path)"
         out.append(
             f"{wording.detached_in_variant(r.label, r.line)}: what uses it gets a copy with no history, "
             f"so no gradient flows back through it{reach}; it receives none itself."
