@@ -253,3 +253,17 @@ def test_custom_function_step(shell):
     assert "Square.backward()" in custom.rule
     _close(custom.grad_out[0], torch.tensor([2.0, -6.0]))
     assert custom.targets[0].labels == ["x"]
+
+
+def test_a_leaf_updated_in_place_is_named_once_per_step(shell):
+    """An optimizer's step makes a record per version of each parameter: the stepper still names
+    the parameter once where AccumulateGrad adds into it, and once as the target it sends to."""
+    t = run(shell, "torch.manual_seed(0)\nm = torch.nn.Linear(2, 1)\nopt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+                   "for i in range(3):\n    opt.zero_grad()\n    m(torch.ones(1, 2)).sum().backward()\n    opt.step()")
+    for p in t.passes:
+        for s in steps(t, p.index):
+            assert len(s.labels) == len(set(s.labels)), (p.index, s.node, s.labels)
+            for target in s.targets:
+                assert len(target.labels) == len(set(target.labels)), (p.index, s.node, target.labels)
+        acc = [s for s in steps(t, p.index) if s.node == "AccumulateGrad"]
+        assert sorted(s.labels[0] for s in acc) == ["m.bias", "m.weight"]

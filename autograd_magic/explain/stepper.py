@@ -124,7 +124,7 @@ def _step(trace: Trace, p: BackwardPass, s: BackwardStep, by_node: dict[int, Bac
         node=s.node,
         node_id=s.node_id,
         records=list(s.records),
-        labels=[r.label for r in recs],
+        labels=list(dict.fromkeys(r.label for r in recs)),  # a leaf updated in place has a record per version
         exprs=[r.expr or r.label for r in recs],
         line=next((r.line for r in recs if r.line is not None), None),
         grad_in=list(s.grad_in),
@@ -143,7 +143,7 @@ def _target(trace: Trace, p: BackwardPass, nid: Optional[int], by_node: dict[int
     name = p.nodes[nid] if 0 <= nid < len(p.nodes) else None
     nxt = by_node.get(nid)
     rids = list(nxt.records) if nxt else _captured(trace, p, name)
-    labels = [trace.records[r].label for r in rids if 0 <= r < len(trace.records)]
+    labels = list(dict.fromkeys(trace.records[r].label for r in rids if 0 <= r < len(trace.records)))
     return Target(node=name, node_id=nid, records=rids, labels=labels)
 
 
