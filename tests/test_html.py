@@ -309,3 +309,17 @@ def test_a_variant_alone_is_shown_against_its_original(shell):
     out = v.to_html()
     assert out == render_html(v.variant_of, variant=v)
     assert "variant: under torch.no_grad()" in out and 'data-changed="grad_fn"' in out
+
+
+def test_an_in_place_statement_is_not_shown_as_an_assignment(shell):
+    """`h += 1` and `h.relu_()` change h: their rows show the statement, never `h = h += 1`."""
+    from autograd_magic.render.text import render_text
+
+    run(shell, "import torch")
+    t = magic(shell, "w = torch.randn(3, requires_grad=True)\nh = w * 2\nh.relu_()\nh += 1")
+    plain_h = torch.relu(torch.as_tensor(t.last("w").preview.values) * 2) + 1
+    assert torch.allclose(torch.as_tensor(t.records[-1].preview.values), plain_h)
+    for text in (render_text(t), html.unescape(re.sub(r"<[^>]+>", "", render_html(t)))):
+        for bad in ("h = h += 1", "h = h.relu_()"):
+            assert bad not in text, bad
+        assert "h += 1" in text and "h.relu_()" in text

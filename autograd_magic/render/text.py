@@ -35,7 +35,9 @@ def render_text(trace: Trace, width: int = 120) -> str:
         if r.internal and not r.external:
             continue  # module and function internals: folded into their call site
         label = r.label
-        if r.name and r.expr and r.expr != r.name:
+        if r.inplace and r.expr:  # `h += 1` changes h: its own text, no `h = ` before it
+            label = r.expr
+        elif r.name and r.expr and r.expr != r.name:
             label = f"{r.name} = {r.expr}"
         if r.occurrence:
             label += f"  #{r.occurrence + 1}"
