@@ -263,3 +263,21 @@ def test_a_compiled_walker_never_initialised_raises_instead_of_crashing():
     walker = sites_mod._Walker.__new__(sites_mod._Walker)
     with pytest.raises(TypeError, match="__init__"):
         walker.find("add")
+
+
+def test_a_users_own_mode_in_the_cell_routes_ops_to_the_lines_that_made_them(shell):
+    """With the user's TorchFunctionMode defined and entered in the cell, each op is still the
+    line that computed it, not the handler's `return func(*args, ...)` line."""
+    import torch
+    from run_cells import plain, traced
+
+    cell = ("from torch.overrides import TorchFunctionMode\nclass Count(TorchFunctionMode):\n"
+            "    def __torch_function__(self, func, types, args=(), kwargs=None):\n"
+            "        return func(*args, **(kwargs or {}))\n"
+            "x = torch.ones(2, requires_grad=True)\nwith Count():\n    y = (x * 3).exp().sum()\n    y.backward()")
+    ns = plain(cell)
+    t = traced(shell, cell)
+    assert torch.equal(shell.user_ns["x"].grad, ns["x"].grad)
+    assert t.last("y").line == 8 and t.last("y").expr == "(x * 3).exp().sum()"
+    assert [p.line for p in t.passes] == [9]
+    assert not any("func(*args" in (r.expr or "") for r in t.records)

@@ -146,8 +146,15 @@ def _enclosing_module(f, kinds: dict, classify) -> Optional[torch.nn.Module]:
     return None
 
 
+_HANDLERS = frozenset({"__torch_function__", "__torch_dispatch__"})
+
+
 def _code_kind(code, anchor: Callable[[CodeType], bool], root: Callable[[CodeType], bool]) -> int:
     """Classified once per code object: the frame walk runs for every op."""
+    if code.co_name in _HANDLERS:
+        # a user's mode or tensor subclass handling the call routes it, like torch's dispatch does:
+        # the op is the traced line's (`y = (x * 3).exp()` inside `with MyMode():`), not the handler's
+        return _ROUTING
     if anchor(code):
         if root(code):
             return _ANCHOR_ROOT
