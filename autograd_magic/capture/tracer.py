@@ -501,7 +501,7 @@ class Tracer:
             name = self._leaf_grad_name(t)
             leaf_grad = name is not None  # an optimizer's update reads it
         grad_of = None
-        if name is None:  # the `.grad` of a namespace tensor, left by backward calls before this cell?
+        if name is None and not t.requires_grad:  # the `.grad` of a namespace tensor, left by earlier backward calls?
             grad_of = self._namespace_grad_owner(t)
             if grad_of is not None:
                 name = f"{grad_of}.grad"
