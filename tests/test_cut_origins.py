@@ -266,3 +266,24 @@ def test_a_zero_gradient_names_the_node_where_it_became_zero(shell, setup, root)
     why = _why(t, "x")
     assert f"zero everywhere: {node}" in why, (node, why)
     assert "relu or clamp" not in why or node.startswith("Relu")
+
+
+def test_an_input_an_earlier_cell_made_says_which_cell_and_line(shell):
+    from autograd_magic.explain.wording import flags
+    from autograd_magic.render.html import render_html
+    from autograd_magic.render.payload import build_payload
+
+    cells = ["a = 1\nx = torch.tensor(2.0, requires_grad=True)", "y = x ** 2", "y.backward()"]
+    ns = _plain(cells)
+    assert ns["x"].grad.item() == 4.0
+    traces, counts = _run(shell, cells)
+    t = traces[-1]
+    x = t.last("x")
+    assert x.external and x.attr_grad.values.item() == 4.0
+    where = f"from cell [{counts[0]}], line 3"  # the editor's count: %%autograd is line 1
+    assert where in flags(x) and "from outside the cell" not in flags(x)
+    assert where in render_html(t)
+    rows = [row for line in build_payload(t)["lines"] for row in line.get("rows", [])]
+    assert any(row.get("made_in") == where for row in rows), build_payload(t)["lines"]
+    plain_input = traces[1].last("x")  # the second cell: x from the first
+    assert where in flags(plain_input)

@@ -41,6 +41,8 @@ class CellRecords:
     # its live tensors with no history because something in the cell cut them off the graph
     # (no_grad, .detach(), .data): record id -> where and how, for the explanations of later cells
     cuts: dict[int, Origin] = field(default_factory=dict)
+    # its live tensors, each by the record that made it: record id -> (its execution count, line)
+    made: dict[int, tuple[int, Optional[int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, outs in self.by_node.items():
@@ -68,6 +70,7 @@ class EarlierCells:
         self._cells: list[CellRecords] = []
         self._index: dict[tuple, CellRecords] = {}
         self._cuts: dict[int, tuple[weakref.ref, Origin]] = {}  # id(tensor) -> (its tensor, its Origin)
+        self._made: dict[int, tuple[weakref.ref, tuple]] = {}  # id(tensor) -> (its tensor, (cell, line))
 
     def remember(self, cell: CellRecords) -> None:
         self._remember_cuts(cell)
@@ -79,20 +82,34 @@ class EarlierCells:
         self.prune()
 
     def _remember_cuts(self, cell: CellRecords) -> None:
-        cuts = self._cuts
-        for rid, origin in cell.cuts.items():
+        self._cuts = self._by_tensor(self._cuts, cell, cell.cuts)
+        self._made = self._by_tensor(self._made, cell, cell.made)
+
+    def _by_tensor(self, index: dict, cell: CellRecords, facts: dict) -> dict:
+        """`index` (id(tensor) -> (its tensor, a fact)) with `facts` (record id -> fact) of `cell`'s
+        live tensors; the newest cell's word on a tensor wins. The dead go, then the oldest past the
+        budget (dicts keep insertion order)."""
+        for rid, fact in facts.items():
             ref = cell.tensors.get(rid)
             t = ref() if ref is not None else None
             if t is not None:
-                cuts[id(t)] = (ref, origin)  # the newest cell's word on a tensor wins
-        if cell.cuts:  # the dead go; then the oldest past the budget (dicts keep insertion order)
-            self._cuts = {k: v for k, v in cuts.items() if v[0]() is not None}
-            while len(self._cuts) > self.budget:
-                del self._cuts[next(iter(self._cuts))]
+                index.pop(id(t), None)  # re-inserted last: the newest
+                index[id(t)] = (ref, fact)
+        if not facts:
+            return index
+        index = {k: v for k, v in index.items() if v[0]() is not None}
+        while len(index) > self.budget:
+            del index[next(iter(index))]
+        return index
 
     def origin_of(self, t: torch.Tensor) -> Optional[Origin]:
         """How an earlier traced cell cut `t` off the graph, if one did (see `CellRecords.cuts`)."""
         hit = self._cuts.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else None
+
+    def made_in(self, t: torch.Tensor) -> Optional[tuple[int, Optional[int]]]:
+        """(execution count, line) of the earlier traced cell that made `t`, if one did."""
+        hit = self._made.get(id(t))
         return hit[1] if hit is not None and hit[0]() is t else None
 
     def find(self, key: tuple) -> Optional[tuple[CellRecords, list[tuple[int, int]]]]:

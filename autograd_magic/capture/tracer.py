@@ -461,8 +461,21 @@ class Tracer:
                  if records[r].external and records[r].cell is None}
         return CellRecords(
             cell=cell, trace=self.trace, by_node={k: v for k, v in by_node.items() if v},
-            tensors=dict(self._refs_at_end), outer=outer, cuts=self._cuts(cell),
+            tensors=dict(self._refs_at_end), outer=outer, cuts=self._cuts(cell), made=self._made(cell),
         )
+
+    def _made(self, cell: int) -> dict[int, tuple[int, Optional[int]]]:
+        """This run's live tensors by the record that made each (the first of an in-place chain)."""
+        records, seen, out = self.trace.records, set(), {}
+        for rid in sorted(self._refs_at_end):
+            t = self._refs_at_end[rid]()
+            r = records[rid]
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            if not r.external and r.cell is None and r.line is not None:
+                out[rid] = (cell, r.line)
+        return out
 
     def _cuts(self, cell: int) -> dict[int, Origin]:
         """This run's live tensors that something in it cut off the graph: `CellRecords.cuts`."""
@@ -519,6 +532,7 @@ class Tracer:
             preview=shown,
             grad_of=grad_of,
             origin=self.earlier.origin_of(t) if self.earlier is not None and not t.requires_grad else None,
+            made_in=self.earlier.made_in(t) if self.earlier is not None else None,
         )
         if leaf_grad:
             self._made_by_backward(rec)

@@ -141,6 +141,8 @@ class Record:
     grad_of: Optional[str] = None
     # an input from outside the cell that an earlier traced cell cut off the graph: where and how
     origin: Optional[Origin] = None
+    # an input from outside the cell that an earlier traced cell made: (its execution count, line there)
+    made_in: Optional[tuple[int, Optional[int]]] = None
 
     # ---- the fields DESIGN.md promises, derived from the above ----
     @property

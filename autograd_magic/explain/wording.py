@@ -73,17 +73,27 @@ def from_cell(record: Record) -> str:
     return f"from cell [{record.cell}]" + (f", line {record.cell_line}" if record.cell_line is not None else "")
 
 
+def made_in(record: Record) -> str:
+    """ "from cell [2], line 3": where an earlier traced cell made an input of this one; "" if none did."""
+    if record.made_in is None:
+        return ""
+    cell, line = record.made_in
+    return f"from cell [{cell}]" + (f", line {line}" if line is not None else "")
+
+
 def flags(record: Record) -> list[str]:
     """What is unusual about a record, in words, in a fixed order (empty for most)."""
     earlier = [from_cell(record)] if record.cell is not None else []
-    if record.origin is not None:  # a tensor with no history that an earlier cell made
+    if record.origin is not None and record.made_in is None:  # a tensor with no history that an earlier cell made
         o = record.origin
         earlier.append(f"made in cell [{o.cell}]" + (f", line {o.line}" if o.line is not None else ""))
     if record.created_by:
         earlier.append(f"created by {record.created_by}")
+    if record.made_in is not None and record.external:
+        earlier.append(made_in(record))
     on = {
         "uninitialised": is_uninitialised(record),
-        "external": record.external and not record.created_by,
+        "external": record.external and not record.created_by and record.made_in is None,
         "inplace": record.inplace,
         "detached": record.detached,
         "no_grad": not record.grad_enabled and not (record.external and record.line is None),  # an input: not made here

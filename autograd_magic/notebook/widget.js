@@ -1208,7 +1208,8 @@ function labelText(row) {
 
 function fullLabel(row) {
   const text = row.expr && row.name ? `${row.name} = ${row.expr}` : cellText(row, "label");
-  return row.external ? text + " (from outside the cell)" : text;
+  if (!row.external) return text;
+  return text + (row.made_in ? ` (${row.made_in})` : " (from outside the cell)");
 }
 
 function lineRow(group, span) {

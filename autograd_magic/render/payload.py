@@ -20,7 +20,9 @@ from .debug import debug_payload
 from ..explain.format import format_record_value, format_shape, format_short, format_stats, format_tensor, values_printout
 from ..explain.stepper import steps as stepper_steps
 from ..explain.why import explain_record
-from ..explain.wording import flags, gradient_cell, hides_value, record_label, uninitialised_value, variant_description
+from ..explain.wording import (
+    flags, gradient_cell, hides_value, made_in, record_label, uninitialised_value, variant_description,
+)
 from .. import limits
 
 MAX_ROWS = limits.WIDGET_ROWS
@@ -112,7 +114,8 @@ def _row(r: Record, trace: Trace) -> dict[str, Any]:
         "grad_note": note,
         "external": r.external and not r.created_by,
         "detached": r.detached,
-        "no_grad": not r.grad_enabled,
+        "no_grad": not r.grad_enabled and not (r.external and r.line is None),  # an input: not made here
+        "made_in": made_in(r),  # "from cell [2], line 3"
         "inplace": r.inplace,
         "occurrence": r.occurrence,
         "repeats": trace.repeats.get(r.id, 0),
