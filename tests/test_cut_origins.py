@@ -54,6 +54,7 @@ REBIND = ["x = torch.tensor(2.0, requires_grad=True)\n(x ** 2).backward()",
     (NO_GRAD, "y", "torch.no_grad()", "`x`", "outside the torch.no_grad() block"),
     (DETACH, "z", "`.detach()`", "`y`", "drop the `.detach()`"),
     (REBIND, "x", "torch.no_grad()", "the earlier `x`", "outside the torch.no_grad() block"),
+    (NO_GRAD[:2] + ["z = y + 1", "z.sum().backward()"], "z", "torch.no_grad()", "`y`", "outside the torch.no_grad() block"),
 ])
 def test_a_backward_cell_names_the_earlier_cell_that_cut_its_tensor(shell, cells, name, how, source, fix):
     ns = _plain(cells[:-1])

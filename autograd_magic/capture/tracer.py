@@ -141,6 +141,24 @@ def _params_state(params: list) -> tuple:
     return _params_state_py(params)
 
 
+def _cut_input(records: list, rid: int) -> Optional[Record]:
+    """The nearest input from outside the cell in `records[rid]`'s history that an earlier cell cut
+    off the graph (its record carries that cell's `Origin`), if any."""
+    stack, seen = [rid], set()
+    while stack:
+        i = stack.pop(0)
+        if i in seen or not 0 <= i < len(records):
+            continue
+        seen.add(i)
+        r = records[i]
+        if r.requires_grad:
+            continue
+        if r.external and r.origin is not None:
+            return r
+        stack.extend(r.inputs)
+    return None
+
+
 class _PyMode(TorchFunctionMode):
     """The handler in Python: `_Mode` where the compiled one (capture/_walk.c's ModeCore) is not built."""
 
@@ -485,11 +503,16 @@ class Tracer:
             if r.requires_grad or r.external or r.cell is not None or ref() is None:
                 continue
             found = cut_of(records, rid)
-            if found is None:
+            if found is not None:
+                c, src = found
+                out[rid] = Origin(cell=cell, how="no_grad" if c.op not in CUT_OPS else c.op, line=c.line, expr=c.expr,
+                                  source=src.label, via=c.label if c.id != rid else None)
                 continue
-            c, src = found
-            out[rid] = Origin(cell=cell, how="no_grad" if c.op not in CUT_OPS else c.op, line=c.line, expr=c.expr,
-                              source=src.label, via=c.label if c.id != rid else None)
+            ext = _cut_input(records, rid)  # computed from an input an earlier cell cut: that cut, carried on
+            if ext is not None:
+                o = ext.origin
+                out[rid] = Origin(cell=cell, how=o.how, line=o.line, expr=o.expr, source=o.source,
+                                  via=o.via or ext.label, cut_cell=o.cut_cell or o.cell)
         return out
 
     def _adopt(self, rec: Record, t: torch.Tensor) -> bool:

@@ -60,12 +60,13 @@ class Origin:
     (`with torch.no_grad(): y = x * 5` in one cell, `y.backward()` in the next): what cut it
     off the graph. Only facts; the explanations word them."""
 
-    cell: int  # the earlier cell's execution count
+    cell: int  # the execution count of the earlier cell that made the tensor
     how: str  # "no_grad", or the cutting op: "detach", "detach_", "data"
     line: Optional[int] = None  # the cutting record's line in that cell
     expr: Optional[str] = None  # its source text
     source: Optional[str] = None  # the label of what it was cut from, when that required grad
     via: Optional[str] = None  # the label of the cut record, when this tensor was computed from it
+    cut_cell: Optional[int] = None  # the cell the cut was made in, when not `cell` (a chain across cells)
 
 
 def cut_of(records: list, rid: int) -> Optional[tuple["Record", "Record"]]:

@@ -365,7 +365,8 @@ def _names(recs: list[Record]) -> str:
 def origin_clause(o: Origin, label: Optional[str] = None) -> str:
     """How an earlier cell cut a tensor (called `label` here) off the graph, as a verb phrase: "was
     made under torch.no_grad() in cell [5], on line 2 (`x * 5`), from `x`, which requires grad"."""
-    where = f"in cell [{o.cell}]" + (f", on line {o.line}" if o.line is not None else "") + (f" (`{o.expr}`)" if o.expr else "")
+    cut_cell = o.cut_cell if o.cut_cell is not None else o.cell
+    where = f"in cell [{cut_cell}]" + (f", on line {o.line}" if o.line is not None else "") + (f" (`{o.expr}`)" if o.expr else "")
     # `x = x - lr * x.grad` there: the name now holds the new tensor, the one it was computed from is another
     source = f"the earlier `{o.source}`" if o.source is not None and o.source == label else f"`{o.source}`"
     if o.how == "no_grad":
