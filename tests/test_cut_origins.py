@@ -288,3 +288,51 @@ def test_an_input_an_earlier_cell_made_says_which_cell_and_line(shell):
     assert any(row.get("made_in") == where for row in rows), build_payload(t)["lines"]
     plain_input = traces[1].last("x")  # the second cell: x from the first
     assert where in flags(plain_input)
+
+
+# ---- what .grad became after the last recorded pass ----
+
+TRAILING_RESET = ("w = torch.tensor([1.0, 2.0], requires_grad=True)\nopt = torch.optim.SGD([w], lr=0.1)\n"
+                  "for mb in range(2):\n    (w * w).sum().backward()\nopt.step()\nopt.zero_grad()")
+KEEP_ZEROED = ("w = torch.tensor([1.0, 2.0], requires_grad=True)\nopt = torch.optim.SGD([w], lr=0.1)\n"
+               "for i in range(3):\n    opt.zero_grad(set_to_none=False)\n    (w * w).sum().backward()\n    opt.step()")
+LONG_LOOP = ("torch.manual_seed(0)\nm = torch.nn.Linear(3, 1)\nopt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+             "x = torch.randn(8, 3)\nfor i in range(10):\n    opt.zero_grad()\n    m(x).pow(2).mean().backward()\n"
+             "    torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01)\n    opt.step()")
+
+
+def test_a_grad_reset_after_the_last_pass_is_said_to_be_none(shell):
+    assert _plain([TRAILING_RESET])["w"].grad is None
+    (t,), _ = _run(shell, [TRAILING_RESET])
+    why = _why(t, "w")
+    assert "reset to None after" in why and "it is None after the cell" in why and "is the sum of" not in why, why
+
+
+def test_zero_grad_that_keeps_zeros_does_not_switch_requires_grad_on(shell):
+    ns = _plain([KEEP_ZEROED])
+    (t,), _ = _run(shell, [KEEP_ZEROED])
+    rec = next(r for r in t.records if r.label == "w")  # its first record: the one the passes reached
+    assert torch.allclose(torch.as_tensor(rec.grads[max(rec.grads)].values), ns["w"].grad)
+    whys = " ".join(" ".join(v) for v in explain_all(t).values())
+    assert "switched on" not in whys and "sum of 3" not in whys, whys
+
+
+def test_a_long_loop_that_resets_says_its_grad_is_what_the_last_unrecorded_pass_left(shell):
+    ns = _plain([LONG_LOOP])
+    (t,), _ = _run(shell, [LONG_LOOP])
+    rec = next(r for r in t.records if r.label == "m.weight")
+    assert len(rec.grads) == 3 and torch.allclose(torch.as_tensor(rec.attr_grad.values), ns["m"].weight.grad)
+    why = _why(t, "m.weight")
+    assert "were not recorded in detail; what the last of them left" in why, why
+
+
+def test_what_a_custom_function_s_forward_returned_points_at_apply_s_row(shell):
+    cell = ("class Split(torch.autograd.Function):\n    @staticmethod\n    def forward(ctx, x):\n        return x * 2, x * 3\n"
+            "    @staticmethod\n    def backward(ctx, ga, gb):\n        return ga * 2 + gb * 3\n"
+            "x = torch.tensor([1.0, 2.0], requires_grad=True)\na, b = Split.apply(x)\n(a.sum() + b.sum()).backward()")
+    ns = _plain([cell])
+    assert ns["a"].requires_grad and type(ns["a"].grad_fn).__name__ == "SplitBackward"
+    (t,), _ = _run(shell, [cell])
+    inner = next(r for r in t.records if r.expr == "x * 2")
+    why = _why(t, inner.label)
+    assert "is what `Split.forward` returned" in why and "`a` (line 10)" in why and "no gradient flows" not in why, why

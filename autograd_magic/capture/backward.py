@@ -549,6 +549,16 @@ class BackwardRecorder:
             leaves.append(v)
         self._pass_leaves = leaves
 
+    def grad_since_last_pass(self, leaf, g) -> Optional[str]:
+        """`leaf.grad` (`g`) against what the last recorded pass into it left: "same", "none" (reset
+        since), "changed" (in place, replaced, or by passes past the limit); None if unknown."""
+        last = self._grad_after.get(id(leaf))
+        if last is None or last[0]() is not leaf:
+            return None
+        if g is None:
+            return "same" if last[1] is None else "none"
+        return "same" if last[1] is not None and last[1]() is g and last[2] == version_of(g) else "changed"
+
     @quietly
     def _note_grads_after(self) -> None:
         leaves, self._pass_leaves = self._pass_leaves, []

@@ -588,8 +588,10 @@ class Tracer:
         took over what its forward returned); the older one keeps its value, but is no longer the
         tensor's at the end (its name, its .grad)."""
         for t, rid in pairs:
-            if self.record_of(t) != rid:
+            now = self.record_of(t)
+            if now != rid:
                 self._live.pop(rid, None)
+                self.trace.records[rid].became = now
 
     def _namespace_grad_owner(self, t: torch.Tensor) -> Optional[str]:
         """The name of the namespace tensor (or module parameter) whose `.grad` is `t`, if one's is.
@@ -944,6 +946,8 @@ class Tracer:
                     g = t.grad
                     if g is not None:
                         rec.attr_grad = self.backward.grad_seen(t, g) or preview_quiet(g)
+                    if rec.grads:
+                        rec.grad_after = self.backward.grad_since_last_pass(t, g)
             except Exception:
                 pass
         self.trace.repeats = self.repeats()

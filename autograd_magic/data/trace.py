@@ -142,6 +142,11 @@ class Record:
     grad_of: Optional[str] = None
     # an input from outside the cell that an earlier traced cell cut off the graph: where and how
     origin: Optional[Origin] = None
+    # a leaf's `.grad` at the end against what the last recorded pass into it left: "same", "none"
+    # (reset since), "changed" (in place, replaced, or by passes past --limit); None if unknown
+    grad_after: Optional[str] = None
+    # a custom Function's forward returned this tensor: the record of apply's output (the same tensor)
+    became: Optional[int] = None
     # an input from outside the cell that an earlier traced cell made: (its execution count, line there)
     made_in: Optional[tuple[int, Optional[int]]] = None
 

@@ -213,6 +213,11 @@ def _variant_note(trace: Trace, r: Record) -> list[str]:
 def explain_record(trace: Trace, record_id: int) -> list[str]:
     """Why `record_id`'s gradient is what it is (or None), in sentences."""
     r = trace.records[record_id]
+    if r.became is not None and 0 <= r.became < len(trace.records):  # what a custom Function's forward returned
+        a = trace.records[r.became]
+        return [f"{_where(r)} is what `{a.op.rsplit('.', 1)[0]}.forward` returned, computed under no_grad as autograd "
+                f"runs every forward; `{a.op}` then gave this very tensor its grad_fn ({a.grad_fn}): its row is "
+                f"{_where(a)}, with the gradient it receives."]
     out: list[str] = [wording.uninitialised_why(trace, r)] if wording.is_uninitialised(r) else []
     if wording.hides_value(r):  # a module's room for its weights: not a tensor the student made
         found = wording.filled_by(trace, r)
@@ -224,7 +229,7 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         return out
     if r.inplace and r.mutates is not None:
         target = trace.records[r.mutates]
-        if r.op == "requires_grad_":
+        if r.op == "requires_grad_" and r.requires_grad:
             out.append(f"`{r.expr or r.op}` on line {r.line} switched on requires_grad for {_quote(target)}: "
                        "from here on, what is computed from it is recorded for autograd.")
         else:
@@ -249,7 +254,7 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
     else:
         out.extend(_non_leaf_grad(trace, r))
     for m in _later_changes(trace, r):
-        if m.op == "requires_grad_":
+        if m.op == "requires_grad_" and m.requires_grad:
             out.append(f"requires_grad was switched on later, by `{m.expr or m.op}` on line {m.line}; this row shows {_quote(r)} before that.")
         else:
             out.append(f"{_where(r)} was later modified in place by `{m.expr or m.op}` on line {m.line}.")
@@ -403,7 +408,7 @@ def _untracked_origin(trace: Trace, r: Record) -> str:
     if not leaves:
         return base + "."
     parts = []
-    late = [(a, m) for a in leaves for m in _mutations_of(trace, a.id)[:1] if m.op == "requires_grad_" and m.id > r.id]
+    late = [(a, m) for a in leaves for m in _mutations_of(trace, a.id)[:1] if m.op == "requires_grad_" and m.requires_grad and m.id > r.id]
     switched = {a.id for a, _ in late}
     grads = [a for a in leaves if a.grad_of is not None and a.id not in switched]
     never = [a for a in leaves if a.grad_of is None and a.id not in switched]
@@ -480,7 +485,13 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
     # `.grad` adds up the passes since the last one that found it None (reset) or changed
     start = max((i for i, p in enumerate(passes) if p.grad_before.get(r.id) in ("none", "changed")), default=0)
     summed, dropped = passes[start:], passes[:start]
-    if len(summed) == 1:
+    after = _grad_after(trace, r, summed, resets=bool(dropped) or any(
+        p.grad_before.get(r.id) in ("none", "changed") for p in summed[1:]))
+    if len(summed) > 1 and after is not None:  # .grad moved on since: what the recorded passes gave, then why
+        out.append(f"Its recorded backward passes gave, adding up (gradients accumulate): " + "; ".join(
+            f"{_pass_where(p) if len({q.line for q in summed}) > 1 else f'pass {p.index + 1}'} gave {_grad(r.grads[p.index])}"
+            for p in summed) + ".")
+    elif len(summed) == 1:
         p = summed[0]
         into = f"`{r.label}.grad`" if r.name else "its .grad (no name holds this tensor: only the graph reaches it)"
         out.append(f"{_quote(r)} is a leaf: {_pass_where(p)} put {_grad(r.grads[p.index])} into {into}.")
@@ -498,11 +509,32 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
         how = "None (reset)" if summed[0].grad_before.get(r.id) == "none" else "changed in place or replaced"
         earlier = "the pass before it" if len(dropped) == 1 else f"the {len(dropped)} passes before it"
         out.append(f"`{r.label}.grad` was {how} before {_pass_where(summed[0])}, so what {earlier} gave is not in it.")
+    if after is not None:  # `.grad` moved on after the last recorded pass: what it is now, and why
+        return out + [after]
     first = summed[0].grad_before.get(r.id) if summed else None
     extra = _earlier_share(r, summed, trace.notes, first) if summed else None
     if extra:
         out.append(extra)
     return out + _odd_values(trace, r)
+
+
+def _grad_after(trace: Trace, r: Record, summed: list[BackwardPass], resets: bool) -> Optional[str]:
+    """What `.grad` became after the last recorded pass into it, when not what that pass left:
+    reset to None (zero_grad() after the step), or changed (passes past --limit, clipping,
+    zero_grad(set_to_none=False)). None when it is as the passes left it, or unknown."""
+    if not summed or r.grad_after not in ("none", "changed"):
+        return None
+    last = _pass_where(summed[-1])
+    if r.grad_after == "none":
+        return (f"`{r.label}.grad` was reset to None after {last} (optimizer.zero_grad(), or "
+                f"`{r.label}.grad = None`): it is None after the cell.")
+    now = f"`{r.label}.grad` is {_grad(r.attr_grad)} after the cell" if r.attr_grad is not None else f"`{r.label}.grad` changed"
+    if any("passes were not recorded" in n for n in trace.notes):
+        later = ("what the last of them left: the loop resets it" if resets
+                 else "they added into it (gradients accumulate)")
+        return f"{now}: the loop's later backward passes ran past --limit and were not recorded in detail; {later}."
+    return (f"{now}: it was changed in place after {last} (clip_grad_norm_, zero_grad(set_to_none=False), "
+            "or code writing into .grad).")
 
 
 def _numbers(values) -> np.ndarray:
@@ -624,10 +656,13 @@ def _odd_values(trace: Trace, r: Record) -> list[str]:
     for i, g in sorted(r.grads.items()):
         if _non_finite(g) and i < len(trace.passes):
             return [f"Its gradient contains nan or inf. {_non_finite_origin(trace, trace.passes[i])}"]
-    g = r.grad_preview
+    # what backward delivered (a .grad zeroed after the pass, zero_grad(set_to_none=False), is not a zero slope)
+    last = max(r.grads) if r.grads else None
+    g = r.grads[last] if last is not None else None
     if r.is_leaf and g is not None and g.complete and g.numel and not np.any(np.asarray(g.values)):
-        last = max(r.grads) if r.grads else None
-        zeroed = _zeroing_step(trace, last) if last is not None and last < len(trace.passes) else None
+        zeroed = _zeroing_step(trace, last) if last < len(trace.passes) else None
+        if zeroed is None and all(i < len(trace.passes) and trace.passes[i].kind == "grad" for i in r.grads):
+            return []  # autograd.grad's zeros for an input it did not use (materialize_grads=True)
         if zeroed is None:
             return ["Its gradient is zero everywhere: at these values the slope of some op on the way is 0 "
                     "(relu or clamp outside their active range, a kink such as abs at 0, a flat point such as "

@@ -73,6 +73,16 @@ def from_cell(record: Record) -> str:
     return f"from cell [{record.cell}]" + (f", line {record.cell_line}" if record.cell_line is not None else "")
 
 
+def statement_of(record: Record) -> str:
+    """An in-place op's own statement when it changes a named tensor in place (`h += 1`,
+    `h.relu_()`, `h[0, :] = …`), which no `h = ` may precede; "" otherwise (`u = torch.ones(3).requires_grad_()`
+    binds its result: an assignment)."""
+    expr, name = record.expr or "", record.name or ""
+    if not record.inplace or not expr or not name or not expr.startswith(name):
+        return ""
+    return f"{expr} = …" if record.op in ("setitem", "__setitem__") else expr
+
+
 def made_in(record: Record) -> str:
     """ "from cell [2], line 3": where an earlier traced cell made an input of this one; "" if none did."""
     if record.made_in is None:

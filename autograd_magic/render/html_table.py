@@ -131,11 +131,11 @@ def label_cell(r: Record, trace: Trace) -> str:
     parts = []
     if wording.hides_value(r):  # a module's torch.empty, named as what it is (not after the call's line)
         parts.append(f"<code>{esc(wording.record_label(r))}</code>")
-    elif r.name and not (r.inplace and r.expr):  # `h += 1` changes h: its own text, no `h = ` before it
+    elif r.name and not wording.statement_of(r):  # `h += 1` changes h: its own text, no `h = ` before it
         parts.append(f'<b class="m">{esc(r.name)}</b>')
     if r.expr and r.expr != r.name and not wording.hides_value(r):
-        prefix = " = " if r.name and not r.inplace else ""
-        parts.append(f'{esc(prefix)}<code class="w">{esc(r.expr)}</code>')
+        prefix = " = " if r.name and not wording.statement_of(r) else ""
+        parts.append(f'{esc(prefix)}<code class="w">{esc(wording.statement_of(r) or r.expr)}</code>')
     if not parts:
         parts.append(f"<code>{esc(r.op)}</code>")
     if r.occurrence:

@@ -7,6 +7,7 @@ from ..data.trace import Record, Trace
 from .debug import text_lines as debug_lines
 from ..explain.errors import explain_error
 from ..explain.format import format_short, format_shape
+from ..explain import wording
 from ..explain.wording import flags, gradient_cell, variant_description
 
 
@@ -35,8 +36,8 @@ def render_text(trace: Trace, width: int = 120) -> str:
         if r.internal and not r.external:
             continue  # module and function internals: folded into their call site
         label = r.label
-        if r.inplace and r.expr:  # `h += 1` changes h: its own text, no `h = ` before it
-            label = r.expr
+        if r.inplace and r.expr and wording.statement_of(r):  # `h += 1` changes h: its own text, no `h = `
+            label = wording.statement_of(r)
         elif r.name and r.expr and r.expr != r.name:
             label = f"{r.name} = {r.expr}"
         if r.occurrence:
