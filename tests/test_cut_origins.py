@@ -336,3 +336,13 @@ def test_what_a_custom_function_s_forward_returned_points_at_apply_s_row(shell):
     inner = next(r for r in t.records if r.expr == "x * 2")
     why = _why(t, inner.label)
     assert "is what `Split.forward` returned" in why and "`a` (line 10)" in why and "no gradient flows" not in why, why
+
+
+def test_an_input_from_an_untraced_cell_names_every_way_it_can_have_lost_its_history(shell):
+    """Nothing recorded how an untraced cell made it: the row must not claim one cause it cannot know."""
+    shell.run_cell("import torch\nx = torch.tensor(2.0, requires_grad=True)\nwith torch.no_grad():\n    y = x * 2",
+                   store_history=True).raise_error()
+    assert not shell.user_ns["y"].requires_grad and shell.user_ns["x"].requires_grad
+    (t,), _ = _run(shell, ["z = y * 3"])
+    why = _why(t, "y")
+    assert "torch.no_grad()" in why and "Trace that cell too" in why, why

@@ -336,8 +336,9 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
                 none,
             ]
         return [
-            f"{_quote(r)} comes from before this cell with requires_grad=False and no grad_fn: either requires_grad "
-            "was never set where it was created, or it was computed from tensors that never had requires_grad=True.",
+            f"{_quote(r)} comes from before this cell with requires_grad=False and no grad_fn: requires_grad was "
+            "never set where it was created, or it was computed from tensors that had none, or its history was cut "
+            "there (torch.no_grad(), .detach(), .data). Trace that cell too (%%autograd) to see which.",
             none,
         ]
     if _integral(r):  # integers and booleans never require grad: argmax, comparisons, .long()
