@@ -20,3 +20,18 @@ def plain(cell: str) -> dict:
     ns: dict = {"torch": torch}
     exec(cell, ns)
     return ns
+
+
+def backward_order(root: torch.Tensor) -> list:
+    """Plain torch: `root.backward()` with a post-hook on every node of its graph; each node as the
+    engine ran it, in that order: [(node, grads it sent, grads it received)]."""
+    seen, stack, order = set(), [root.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        node.register_hook(lambda sent, received, node=node: order.append((node, sent, received)))
+        stack.extend(n for n, _ in node.next_functions)
+    root.backward()
+    return order

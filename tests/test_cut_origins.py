@@ -15,6 +15,7 @@ from IPython.utils.capture import capture_output
 
 from autograd_magic.explain.errors import explain_error
 from autograd_magic.explain.why import explain_all
+from run_cells import backward_order
 
 
 def _run(shell, cells: list[str]) -> list:
@@ -238,17 +239,7 @@ def _first_zeroing_node(cell: str, root_expr: str) -> str:
     """Plain torch: the first node (in the order the engine ran them) that received a nonzero
     gradient and sent only zeros."""
     ns = _plain([cell])
-    root = eval(root_expr, ns)
-    order, seen, stack = [], set(), [root.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        node.register_hook(lambda sent, received, node=node: order.append((node, sent, received)))
-        stack.extend(n for n, _ in node.next_functions)
-    root.backward()
-    for node, sent, received in order:
+    for node, sent, received in backward_order(eval(root_expr, ns)):
         if any(g is not None and g.any() for g in received) and all(g is None or not g.any() for g in sent):
             return type(node).__name__
     raise AssertionError("no node zeroed the gradient")

@@ -22,7 +22,7 @@ from autograd_magic.explain.debug import EXPLODING, VANISHING, flow_summary, non
 from autograd_magic.render.debug import banner_html, debug_payload, flow_svg
 from autograd_magic.render.payload import build_payload
 from autograd_magic.render.snapshot import snapshot_html
-from run_cells import plain as _plain, traced as _traced
+from run_cells import backward_order, plain as _plain, traced as _traced
 
 LOG0 = """x = torch.tensor([1.0, 0.5, 3.0], requires_grad=True)
 h = x - 1.0
@@ -78,16 +78,7 @@ def _first_nonfinite_node(cell: str, root: str):
     gradient, with what it received: (node name, [received gradients])."""
     forward = "\n".join(line for line in cell.splitlines() if ".backward(" not in line)
     ns = _plain(forward)
-    seen, stack, order = set(), [ns[root].grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        node.register_hook(lambda sent, received, node=node: order.append((node, sent, received)))
-        stack.extend(n for n, _ in node.next_functions)
-    ns[root].backward()
-    for node, sent, received in order:
+    for node, sent, received in backward_order(ns[root]):
         if any(g is not None and _kind(g) for g in tuple(sent) + tuple(received)):
             return type(node).__name__, [g for g in received if g is not None]
     return None

@@ -31,7 +31,7 @@ from .names import NameIndex
 from .finite import UNINITIALISED, checkable, holds_nonfinite
 from .preview import DeviceQueue, activate, preview_quiet, quietly
 from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
-from ..data.trace import CUT_OPS, Origin, Record, Trace, cut_of
+from ..data.trace import CUT_OPS, Origin, Record, Trace, cut_of, untracked_history
 from .sites import SiteFinder
 from .source import SourceMap
 from .steps import STEP, OptimizerSteps
@@ -144,19 +144,7 @@ def _params_state(params: list) -> tuple:
 def _cut_input(records: list, rid: int) -> Optional[Record]:
     """The nearest input from outside the cell in `records[rid]`'s history that an earlier cell cut
     off the graph (its record carries that cell's `Origin`), if any."""
-    stack, seen = [rid], set()
-    while stack:
-        i = stack.pop(0)
-        if i in seen or not 0 <= i < len(records):
-            continue
-        seen.add(i)
-        r = records[i]
-        if r.requires_grad:
-            continue
-        if r.external and r.origin is not None:
-            return r
-        stack.extend(r.inputs)
-    return None
+    return next((r for r in untracked_history(records, rid) if r.external and r.origin is not None), None)
 
 
 class _PyMode(TorchFunctionMode):
@@ -339,7 +327,7 @@ class Tracer:
                     self._refs_at_end = {rid: ref for rid, (ref, _) in self._live.items()}
                 self._by_tensor.clear()
                 self._live.clear()
-                self._grad_names = self._ns_grads = {}
+                self._grad_names, self._ns_grads = {}, {}
                 # the recorder's way back is weak from now on: no cycle keeps the run's records
                 # (and their arrays) alive until the garbage collector runs, nor makes it run
                 self.backward.tracer = weakref.proxy(self)

@@ -69,10 +69,9 @@ class Origin:
     cut_cell: Optional[int] = None  # the cell the cut was made in, when not `cell` (a chain across cells)
 
 
-def cut_of(records: list, rid: int) -> Optional[tuple["Record", "Record"]]:
-    """The record that cut `records[rid]` off the graph (itself, or the nearest ancestor: a
-    `.detach()`/`.data`, or an op under no_grad, of a tensor that requires grad), with that
-    input; None when nothing in its history was cut."""
+def untracked_history(records: list, rid: int) -> Iterator["Record"]:
+    """`records[rid]` and what it was computed from, nearest first, as far as none of them requires
+    grad: the part of its history autograd does not see."""
     stack, seen = [rid], set()
     while stack:
         i = stack.pop(0)
@@ -80,12 +79,19 @@ def cut_of(records: list, rid: int) -> Optional[tuple["Record", "Record"]]:
             continue
         seen.add(i)
         r = records[i]
-        if r.requires_grad:
-            continue
+        if not r.requires_grad:
+            yield r
+            stack.extend(r.inputs)
+
+
+def cut_of(records: list, rid: int) -> Optional[tuple["Record", "Record"]]:
+    """The record that cut `records[rid]` off the graph (itself, or the nearest ancestor: a
+    `.detach()`/`.data`, or an op under no_grad, of a tensor that requires grad), with that
+    input; None when nothing in its history was cut."""
+    for r in untracked_history(records, rid):
         grad_inputs = [records[j] for j in r.inputs if 0 <= j < len(records) and records[j].requires_grad]
         if grad_inputs and (r.op in CUT_OPS or not r.grad_enabled):
             return r, grad_inputs[0]
-        stack.extend(r.inputs)
     return None
 
 
