@@ -528,7 +528,7 @@ class BackwardRecorder:
     def _note_grads_before(self, p: BackwardPass, names: list, variables: list) -> None:
         """`p.grad_before`: each leaf's `.grad` as the pass starts, against what the last recorded
         pass left (a cell that resets it, `w.grad = None` or `zero_grad()`, does not accumulate)."""
-        before, leaves, after = p.grad_before, [], self._grad_after
+        before, leaves = p.grad_before, []
         for name, v in zip(names, variables):
             if name != "AccumulateGrad" or v is None:
                 continue
@@ -536,14 +536,7 @@ class BackwardRecorder:
             if not rids:
                 continue
             g = v.grad
-            if g is None:
-                state = "none"
-            else:
-                last = after.get(id(v))
-                if last is None or last[0]() is not v:
-                    state = "kept"
-                else:
-                    state = "same" if last[1] is not None and last[1]() is g and last[2] == version_of(g) else "changed"
+            state = "none" if g is None else self.grad_since_last_pass(v, g) or "kept"  # kept: from before this cell
             for rid in rids:
                 before[rid] = state
             leaves.append(v)

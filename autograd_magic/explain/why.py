@@ -18,9 +18,9 @@ from . import wording
 from .format import format_short
 from .stepper import steps
 from ..data.identity import match_records
-from ..data.trace import BackwardPass, Origin, Preview, Record, Trace
+from ..data.trace import CUT_OPS, BackwardPass, Origin, Preview, Record, Trace
 
-_DETACH_OPS = {"detach", "detach_", "data"}  # `.data`: the legacy way to the same values with no history
+_DETACH_OPS = CUT_OPS  # .detach(), .detach_(), and `.data`: the legacy way to the same values with no history
 
 
 def _cut_how(op: Optional[str]) -> str:
@@ -360,7 +360,7 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
 
 def _integral(r: Record) -> bool:
     dtype = r.dtype or ""
-    return dtype.startswith(("torch.int", "torch.uint")) or dtype in ("torch.bool", "torch.long", "torch.short")
+    return dtype.startswith(("torch.int", "torch.uint")) or dtype == "torch.bool"  # torch.long prints as torch.int64
 
 
 def _names(recs: list[Record]) -> str:
