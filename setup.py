@@ -1,7 +1,9 @@
 """The compiled parts, both optional (no C compiler: the same results in Python):
 
-- capture/_fused.c: a preview's statistics in one pass, and a dense CPU float
-  tensor's whole preview read in place. Where it is not built, or where no kernel
+- capture/_fused.c: a preview's statistics in one pass, a dense CPU float
+  tensor's whole preview read in place, and a backward pass's preview cache
+  (`PreviewCache.get`, run for every gradient the hooks see; preview.py's
+  `_cached_preview` answers the rest). Where it is not built, or where no kernel
   of it runs (not x86-64 with AVX2 or AVX-512), previews take the same values and
   statistics with numpy, the statistics in four passes.
 - capture/_walk.c: the site walk (where each op came from) and the tracer's mode

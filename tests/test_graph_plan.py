@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import autograd_magic as am
-from autograd_magic.capture import backward as bw
+from autograd_magic.capture import backward as bw, preview
 
 compiled = pytest.mark.skipif(bw._plan_c is None, reason="the compiled plan is not built")
 
@@ -271,10 +271,10 @@ def test_a_pre_hook_that_fails_notes_it_and_backward_still_runs(which, monkeypat
     if which == "python":
         monkeypatch.setattr(bw, "_pre_hook", bw._PreHook)
 
-    def broken(self, g):
+    def broken(seen, dense, g):
         raise ValueError("preview broke")
 
-    monkeypatch.setattr(bw.PreviewCache, "get", broken)
+    monkeypatch.setattr(preview, "_cache_get", broken)  # every pass's PreviewCache.get
     x = torch.randn(3, requires_grad=True)
     with am.trace() as t:
         y = (x * x).sum()
@@ -285,10 +285,10 @@ def test_a_pre_hook_that_fails_notes_it_and_backward_still_runs(which, monkeypat
 
 @prehook_compiled
 def test_a_keyboard_interrupt_in_a_pre_hook_reaches_the_user(monkeypatch):
-    def interrupted(self, g):
+    def interrupted(seen, dense, g):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bw.PreviewCache, "get", interrupted)
+    monkeypatch.setattr(preview, "_cache_get", interrupted)
     x = torch.randn(3, requires_grad=True)
     with pytest.raises(KeyboardInterrupt):
         with am.trace():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from autograd_magic.capture import preview as pv
 from autograd_magic.capture.preview import EDGE, FULL_LIMIT, preview
 
 
@@ -165,3 +166,42 @@ def test_an_expanded_tensor_whose_sums_overflow_shows_what_torch_shows(dtype, bi
         assert p.mean == pytest.approx(t.mean().item())
         assert p.norm == pytest.approx(torch.linalg.vector_norm(t).item())
         assert p.min == t.min().item() and p.max == t.max().item()
+
+
+def _fields(p):
+    if p is None:
+        return None
+    values = None if p.values is None else (p.values.dtype.str, p.values.shape, p.values.tobytes())
+    return (p.shape, p.dtype, p.device, p.layout, values, p.summarized, p.flat_head, p.min, p.max, p.mean, p.norm, p.note)
+
+
+@pytest.mark.skipif(pv._cache_get is pv._cached_preview, reason="capture/_fused.c is not built here")
+def test_the_compiled_run_cache_answers_as_the_python_one():
+    """`PreviewCache.get` compiled (capture/_fused.c's cache_get) against `_cached_preview`, call by
+    call over one sequence: the same previews, the same hits (one object for a repeat), the same
+    entries in both dicts, also across in-place changes, transposes, odd dtypes and NaNs."""
+    w = torch.randn(70, 90)
+    g = torch.randn(64, 256)
+    nan = torch.randn(30, 30)
+    nan[3, 4] = float("nan")
+    leaf = torch.nn.Parameter(torch.randn(80, 80))
+    seq = [w, w.t(), w, g, g.t(), torch.randn(()), torch.randn(5), torch.randn(50, 50, dtype=torch.float64),
+           torch.randn(50, 50, dtype=torch.float16), nan, torch._neg_view(w), w[:, :30], leaf,
+           torch.randint(0, 5, (40, 40)), torch.zeros(0, 3), "not a tensor", None, torch.randn(2, 3, 4, 5).permute(3, 1, 0, 2)]
+    with torch.inference_mode():
+        seq.append(torch.randn(100, 100))
+    compiled = pv.PreviewCache()
+    seen, dense = {}, {}
+    got, want = [], []
+    for step in range(3):
+        for t in seq:
+            got.append(compiled.get(t))
+            want.append(pv._cached_preview(seen, dense, t))
+        w.mul_(2)  # a new version: nothing stale is served
+        g.add_(1)
+    assert [repr(_fields(p)) for p in got] == [repr(_fields(p)) for p in want]  # repr: NaN == NaN
+    # hits: a repeat within a version is the very object the first call made, in both
+    assert [i for i, p in enumerate(got) if any(p is q for q in got[:i] if p is not None)] == \
+           [i for i, p in enumerate(want) if any(p is q for q in want[:i] if p is not None)]
+    assert sorted(compiled._seen) == sorted(seen)
+    assert repr({k: (v[1], v[2]) for k, v in compiled._dense.items()}) == repr({k: (v[1], v[2]) for k, v in dense.items()})

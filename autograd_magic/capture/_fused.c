@@ -528,33 +528,24 @@ error:
     return -1;
 }
 
-static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "preview(t, with_stats)");
-        return NULL;
-    }
-    int with_stats = PyObject_IsTrue(a[1]);
-    if (with_stats < 0) return NULL;
-    struct block b;
-    int r = read_block(a[0], &b);
-    if (r <= 0) {
-        if (r < 0) return NULL;
-        Py_RETURN_NONE;
-    }
-    PyObject *shape = b.shape, *values = NULL, *result = NULL;
-    int nd = b.nd, is64 = b.is64;
-    Py_ssize_t n = b.n, block = 1;
-    for (int d = 0; d < nd; d++) block *= b.dims[d] > 2 * pv_edge ? 2 * pv_edge : b.dims[d];
+/* The Preview of the block `b` read (b->shape is released here): with `with_stats`, its statistics
+ * taken now, or, where `given` is not NULL, those four (min, max, mean, norm) already known. A new
+ * reference; None for what preview.py's numpy path alone handles; NULL on an error. */
+static PyObject *preview_block(struct block *b, int with_stats, PyObject *const *given) {
+    PyObject *shape = b->shape, *values = NULL, *result = NULL;
+    int nd = b->nd, is64 = b->is64;
+    Py_ssize_t n = b->n, block = 1;
+    for (int d = 0; d < nd; d++) block *= b->dims[d] > 2 * pv_edge ? 2 * pv_edge : b->dims[d];
     int summarized = n > pv_full;
     if ((with_stats && n > pv_stats_limit) || (summarized && block > pv_block)) goto none;
     double out[4] = {0, 0, 0, 0};
-    if (with_stats && !block_stats(b.ptr, n, is64, out)) goto none; /* NaN, Inf, overflow: numpy's */
+    if (with_stats && !block_stats(b->ptr, n, is64, out)) goto none; /* NaN, Inf, overflow: numpy's */
     PyObject *vshape;
     if (summarized) {
         vshape = PyTuple_New(nd);
         if (vshape == NULL) goto error;
         for (int d = 0; d < nd; d++) {
-            PyObject *v = PyLong_FromSsize_t(b.dims[d] > 2 * pv_edge ? 2 * pv_edge : b.dims[d]);
+            PyObject *v = PyLong_FromSsize_t(b->dims[d] > 2 * pv_edge ? 2 * pv_edge : b->dims[d]);
             if (v == NULL) {
                 Py_DECREF(vshape);
                 goto error;
@@ -569,8 +560,8 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
     if (values == NULL) goto error;
     Py_buffer view;
     if (PyObject_GetBuffer(values, &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) goto error;
-    if (b.contiguous && !summarized) memcpy(view.buf, b.ptr, (size_t)(n * b.itemsize));
-    else gather(b.ptr, (char *)view.buf, b.itemsize, nd, b.dims, b.bstride, summarized);
+    if (b->contiguous && !summarized) memcpy(view.buf, b->ptr, (size_t)(n * b->itemsize));
+    else gather(b->ptr, (char *)view.buf, b->itemsize, nd, b->dims, b->bstride, summarized);
     PyBuffer_Release(&view);
     /* Preview(shape, dtype, values=, summarized=, min=, max=, mean=, norm=) */
     PyObject *floats[4] = {NULL, NULL, NULL, NULL};
@@ -585,7 +576,7 @@ static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t na
         }
     }
     PyObject *stack[8] = {shape, is64 ? pv_name64 : pv_name32, values, summarized ? Py_True : Py_False};
-    for (int i = 0; i < 4; i++) stack[4 + i] = floats[i] != NULL ? floats[i] : Py_None;
+    for (int i = 0; i < 4; i++) stack[4 + i] = floats[i] != NULL ? floats[i] : given != NULL ? given[i] : Py_None;
     result = PyObject_Vectorcall(pv_cls, stack, 2, pv_kwnames);
     for (int i = 0; i < 4; i++) Py_XDECREF(floats[i]);
     goto done;
@@ -598,6 +589,194 @@ done:
     Py_XDECREF(shape);
     Py_XDECREF(values);
     return result;
+}
+
+static PyObject *fused_preview(PyObject *self, PyObject *const *a, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "preview(t, with_stats)");
+        return NULL;
+    }
+    int with_stats = PyObject_IsTrue(a[1]);
+    if (with_stats < 0) return NULL;
+    struct block b;
+    int r = read_block(a[0], &b);
+    if (r <= 0) {
+        if (r < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    return preview_block(&b, with_stats, NULL);
+}
+
+/* ---- a backward pass's preview cache (preview.py's PreviewCache.get) ----
+ *
+ * Every gradient a pass's hooks see is looked up here: about twenty a pass on the MLP benchmark,
+ * each a handful of Python reads and calls around the kernel when done in Python. The common case
+ * (an exact torch.Tensor of CPU float32/float64 memory, one dense block, no CPU preview queue) is
+ * answered here with the same entries in the same two dicts; anything else, and any error, goes to
+ * preview.py's `_cached_preview(seen, dense, t)`, which answers every case. */
+static PyObject *pc_globals, *pc_fallback, *str_active_queue, *str_include_cpu, *str_version_attr, *str_fused_preview_name;
+
+static PyObject *fused_configure_cache(PyObject *self, PyObject *const *a, Py_ssize_t n) {
+    if (n != 2 || !PyDict_Check(a[0])) {
+        PyErr_SetString(PyExc_TypeError, "configure_cache(preview module's globals, _cached_preview)");
+        return NULL;
+    }
+    if ((str_active_queue == NULL && (str_active_queue = PyUnicode_InternFromString("_active_queue")) == NULL) ||
+        (str_include_cpu == NULL && (str_include_cpu = PyUnicode_InternFromString("include_cpu")) == NULL) ||
+        (str_version_attr == NULL && (str_version_attr = PyUnicode_InternFromString("_version")) == NULL) ||
+        (str_fused_preview_name == NULL && (str_fused_preview_name = PyUnicode_InternFromString("_fused_preview")) == NULL))
+        return NULL;
+    Py_XSETREF(pc_globals, Py_NewRef(a[0]));
+    Py_XSETREF(pc_fallback, Py_NewRef(a[1]));
+    Py_RETURN_NONE;
+}
+
+/* `a` and `b` are equal ints (1), not (0), or an error (-1) */
+static int same_int(PyObject *a, PyObject *b) { return a == b ? 1 : PyObject_RichCompareBool(a, b, Py_EQ); }
+
+/* The compiled case of cache_get: 1 with *result set (a new reference), 0 where preview.py answers
+ * (nothing was stored), -1 on an error. */
+static int cache_fast(PyObject *seen, PyObject *dense, PyObject *t, PyObject **result) {
+    *result = NULL;
+    if (pv_cls == NULL || current < 0 || Py_TYPE(t) != (PyTypeObject *)pv_tensor) return 0;
+    /* preview.py's switch (None: numpy's path, as where this is not built; tests flip it) */
+    PyObject *on = PyDict_GetItemWithError(pc_globals, str_fused_preview_name); /* borrowed */
+    if (on == NULL || on == Py_None) return PyErr_Occurred() ? -1 : 0;
+    PyObject *queue = PyDict_GetItemWithError(pc_globals, str_active_queue); /* borrowed */
+    if (queue == NULL) return PyErr_Occurred() ? -1 : 0;
+    if (queue != Py_None) {
+        PyObject *inc = PyObject_GetAttr(queue, str_include_cpu);
+        if (inc == NULL) return -1;
+        int on = PyObject_IsTrue(inc);
+        Py_DECREF(inc);
+        if (on != 0) return on < 0 ? -1 : 0; /* CPU tensors are queued: preview.py's */
+    }
+    PyObject *version = PyObject_GetAttr(t, str_version_attr);
+    if (version == NULL) return -1; /* an inference tensor raises: preview.py's */
+    int r = -1;
+    PyObject *ident = PyLong_FromVoidPtr(t), *shown = NULL, *ref = NULL, *entry = NULL, *key = NULL;
+    if (ident == NULL) goto done;
+    PyObject *hit = PyDict_GetItemWithError(seen, ident); /* borrowed */
+    if (hit == NULL && PyErr_Occurred()) goto done;
+    if (hit != NULL && PyTuple_Check(hit) && PyTuple_GET_SIZE(hit) == 3 && PyWeakref_Check(PyTuple_GET_ITEM(hit, 0)) &&
+        PyWeakref_GET_OBJECT(PyTuple_GET_ITEM(hit, 0)) == t) {
+        int same = same_int(PyTuple_GET_ITEM(hit, 2), version);
+        if (same < 0) goto done;
+        if (same) { /* the engine sums a node's incoming grads in place into the first: a new version */
+            *result = Py_NewRef(PyTuple_GET_ITEM(hit, 1));
+            r = 1;
+            goto done;
+        }
+    }
+    struct block b;
+    int got = read_block(t, &b);
+    if (got <= 0) {
+        r = got; /* 0: not one dense float block of CPU memory: preview.py's */
+        goto done;
+    }
+    if (b.n <= pv_full) {
+        shown = preview_block(&b, 1, NULL);
+    } else { /* a tensor and its transpose hold the same elements: the same statistics */
+        PyObject *dtype = PyObject_GetAttr(t, pv_names[N_DTYPE]);
+        PyObject *ptr = dtype != NULL ? PyLong_FromVoidPtr((void *)b.ptr) : NULL;
+        PyObject *numel = ptr != NULL ? PyLong_FromSsize_t(b.n) : NULL;
+        key = numel != NULL ? PyTuple_Pack(3, ptr, numel, dtype) : NULL;
+        Py_XDECREF(dtype);
+        Py_XDECREF(ptr);
+        Py_XDECREF(numel);
+        if (key == NULL) {
+            Py_DECREF(b.shape);
+            goto done;
+        }
+        PyObject *dh = PyDict_GetItemWithError(dense, key); /* borrowed: (ref, (min, max, mean, norm), version) */
+        if (dh == NULL && PyErr_Occurred()) {
+            Py_DECREF(b.shape);
+            goto done;
+        }
+        PyObject *const *given = NULL;
+        if (dh != NULL && PyTuple_Check(dh) && PyTuple_GET_SIZE(dh) == 3 && PyWeakref_Check(PyTuple_GET_ITEM(dh, 0)) &&
+            PyTuple_Check(PyTuple_GET_ITEM(dh, 1)) && PyTuple_GET_SIZE(PyTuple_GET_ITEM(dh, 1)) == 4) {
+            int same = same_int(PyTuple_GET_ITEM(dh, 2), version);
+            PyObject *src = same == 1 ? PyWeakref_GET_OBJECT(PyTuple_GET_ITEM(dh, 0)) : Py_None;
+            if (same < 0) {
+                Py_DECREF(b.shape);
+                goto done;
+            }
+            if (src != Py_None) { /* alive (its block was not handed on), at that version, still there */
+                Py_INCREF(src);
+                PyObject *sv = PyObject_GetAttr(src, str_version_attr);
+                int ok = sv != NULL ? same_int(sv, version) : -1;
+                Py_XDECREF(sv);
+                PyObject *sp = ok == 1 ? call0(src, N_DATA_PTR) : NULL;
+                if (ok == 1) ok = sp != NULL ? (PyLong_AsVoidPtr(sp) == (void *)b.ptr) : -1;
+                Py_XDECREF(sp);
+                Py_DECREF(src);
+                if (ok < 0) {
+                    Py_DECREF(b.shape);
+                    goto done;
+                }
+                if (ok) given = &PyTuple_GET_ITEM(PyTuple_GET_ITEM(dh, 1), 0);
+            }
+        }
+        shown = given != NULL ? preview_block(&b, 0, given) : preview_block(&b, 1, NULL);
+        if (shown != NULL && shown != Py_None && given == NULL) {
+            PyObject *four = PyTuple_New(4);
+            static const char *fields[4] = {"min", "max", "mean", "norm"};
+            int ok = four != NULL;
+            for (int i = 0; ok && i < 4; i++) {
+                PyObject *v = PyObject_GetAttrString(shown, fields[i]);
+                if (v == NULL) ok = 0;
+                else PyTuple_SET_ITEM(four, i, v);
+            }
+            PyObject *sref = ok ? PyWeakref_NewRef(t, NULL) : NULL;
+            PyObject *item = sref != NULL ? PyTuple_Pack(3, sref, four, version) : NULL;
+            ok = item != NULL && PyDict_SetItem(dense, key, item) == 0;
+            Py_XDECREF(four);
+            Py_XDECREF(sref);
+            Py_XDECREF(item);
+            if (!ok) goto done;
+        }
+    }
+    if (shown == NULL) goto done;
+    if (shown == Py_None) { /* what the numpy path alone handles (a NaN, an Inf): preview.py's, nothing stored */
+        Py_CLEAR(shown);
+        r = 0;
+        goto done;
+    }
+    ref = PyWeakref_NewRef(t, NULL);
+    entry = ref != NULL ? PyTuple_Pack(3, ref, shown, version) : NULL;
+    if (entry == NULL || PyDict_SetItem(seen, ident, entry) < 0) goto done;
+    *result = shown;
+    shown = NULL;
+    r = 1;
+done:
+    Py_XDECREF(shown);
+    Py_XDECREF(ref);
+    Py_XDECREF(entry);
+    Py_XDECREF(key);
+    Py_XDECREF(ident);
+    Py_DECREF(version);
+    return r;
+}
+
+/* cache_get(seen, dense, t): PreviewCache.get. Never raises but for a KeyboardInterrupt and the like. */
+static PyObject *fused_cache_get(PyObject *self, PyObject *const *a, Py_ssize_t n) {
+    if (n != 3 || !PyDict_Check(a[0]) || !PyDict_Check(a[1])) {
+        PyErr_SetString(PyExc_TypeError, "cache_get(seen, dense, t)");
+        return NULL;
+    }
+    if (pc_fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "cache_get before configure_cache");
+        return NULL;
+    }
+    PyObject *result;
+    int r = cache_fast(a[0], a[1], a[2], &result);
+    if (r == 1) return result;
+    if (r < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL; /* a Ctrl-C goes on */
+        PyErr_Clear(); /* preview.py's path answers, as it would have */
+    }
+    return PyObject_Vectorcall(pc_fallback, a, 3, NULL);
 }
 
 /* ---- a pass's gradient norm past --limit (finite.py's LeafNorms.add_all) ----
@@ -644,6 +823,10 @@ static PyMethodDef methods[] = {
      "configure_preview(...): the objects `preview` compares with and makes (preview.py, at import)."},
     {"preview", (PyCFunction)(void (*)(void))fused_preview, METH_FASTCALL,
      "preview(t, with_stats) -> the Preview of a dense CPU float tensor, or None: preview.py's path then."},
+    {"configure_cache", (PyCFunction)(void (*)(void))fused_configure_cache, METH_FASTCALL,
+     "configure_cache(preview module's globals, _cached_preview): what cache_get reads and falls back on."},
+    {"cache_get", (PyCFunction)(void (*)(void))fused_cache_get, METH_FASTCALL,
+     "cache_get(seen, dense, t) -> PreviewCache.get's answer: the common case here, the rest by _cached_preview."},
     {"stats", fused_stats, METH_O,
      "stats(buffer) -> (min, max, sum, sum of squares) of a C-contiguous float32/float64 block in one pass, "
      "or None (a NaN/Inf, squares that would overflow the dtype, another format, no elements)."},

@@ -591,11 +591,16 @@ class PreviewCache:
     code runs between the hooks of one pass except the user's own hooks, so
     an entry is trusted only while its tensor is alive, at the same version
     and, for the memory-block entries, still at the same address.
+
+    `get` is `_cached_preview` over this cache's two dicts, compiled where
+    capture/_fused.c is built (`cache_get`: the hooks call it for every gradient).
     """
 
     def __init__(self):
-        self._seen: dict[int, tuple] = {}
-        self._dense: dict[tuple, tuple] = {}
+        self._seen: dict[int, tuple] = {}  # id(t) -> (ref, preview, version)
+        self._dense: dict[tuple, tuple] = {}  # (data_ptr, numel, dtype) -> (ref, (min, max, mean, norm), version)
+        # `get(t)`: for callers already inside `quietly`. Never raises.
+        self.get = functools.partial(_cache_get, self._seen, self._dense)
 
     @quietly  # reading `_version` is a property access a user's mode would see
     def __call__(self, t):
@@ -609,43 +614,52 @@ class PreviewCache:
         hit = self._seen.get(id(t))
         return hit[2] if hit is not None and hit[0]() is t else None
 
-    def get(self, t):
-        """`__call__` for callers already inside `quietly`. Never raises."""
-        if not isinstance(t, torch.Tensor):
-            return None
-        try:
-            version = version_of(t)
-            if version is None:  # inference tensors: no version counter, so no way to trust a copy
-                return preview_quiet(t)
-            seen = self._seen
-            hit = seen.get(id(t))
-            # the engine sums a node's incoming grads in place into the first one it got (version bumps)
-            if hit is not None and hit[2] == version and hit[0]() is t:
-                return hit[1]
-            shown = self._fresh(t, version)
-            seen[id(t)] = (weakref.ref(t), shown, version)
-            return shown
-        except Exception:  # e.g. functorch's wrapped tensors have no storage to point at
-            return preview_quiet(t)
 
-    def _fresh(self, t: torch.Tensor, version: int) -> Preview:
-        if type(t) is not torch.Tensor or t.numel() <= FULL_LIMIT or not t.is_cpu or t.layout != torch.strided:
+def _cached_preview(seen: dict, dense: dict, t):
+    """`PreviewCache.get` over its dicts: `t`'s preview, read once per version. Never raises."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        version = version_of(t)
+        if version is None:  # inference tensors: no version counter, so no way to trust a copy
             return preview_quiet(t)
-        if t.is_neg() or t.is_conj():  # same memory, other values (`z.conj().imag` is a negative view)
-            return preview_quiet(t)
-        key = _dense_key(t)
-        if key is None:
-            return preview_quiet(t)
-        hit = self._dense.get(key)
-        if hit is not None and hit[2] == version:
-            src = hit[0]()
-            # alive (so its block cannot have been handed to another tensor) and still there
-            if src is not None and version_of(src) == version and src.data_ptr() == key[0]:
-                shown = preview_quiet(t, with_stats=False)  # the edge values differ; the statistics do not
-                if shown.note is None:
-                    shown.min, shown.max, shown.mean, shown.norm = hit[1]
-                    return shown
-        shown = preview_quiet(t)
-        if shown.note is None and shown.norm is not None:
-            self._dense[key] = (weakref.ref(t), (shown.min, shown.max, shown.mean, shown.norm), version)
+        hit = seen.get(id(t))
+        # the engine sums a node's incoming grads in place into the first one it got (version bumps)
+        if hit is not None and hit[2] == version and hit[0]() is t:
+            return hit[1]
+        shown = _fresh(dense, t, version)
+        seen[id(t)] = (weakref.ref(t), shown, version)
         return shown
+    except Exception:  # e.g. functorch's wrapped tensors have no storage to point at
+        return preview_quiet(t)
+
+
+def _fresh(dense: dict, t: torch.Tensor, version: int) -> Preview:
+    if type(t) is not torch.Tensor or t.numel() <= FULL_LIMIT or not t.is_cpu or t.layout != torch.strided:
+        return preview_quiet(t)
+    if t.is_neg() or t.is_conj():  # same memory, other values (`z.conj().imag` is a negative view)
+        return preview_quiet(t)
+    key = _dense_key(t)
+    if key is None:
+        return preview_quiet(t)
+    hit = dense.get(key)
+    if hit is not None and hit[2] == version:
+        src = hit[0]()
+        # alive (so its block cannot have been handed to another tensor) and still there
+        if src is not None and version_of(src) == version and src.data_ptr() == key[0]:
+            shown = preview_quiet(t, with_stats=False)  # the edge values differ; the statistics do not
+            if shown.note is None:
+                shown.min, shown.max, shown.mean, shown.norm = hit[1]
+                return shown
+    shown = preview_quiet(t)
+    if shown.note is None and shown.norm is not None:
+        dense[key] = (weakref.ref(t), (shown.min, shown.max, shown.mean, shown.norm), version)
+    return shown
+
+
+# PreviewCache.get: compiled where capture/_fused.c is built (its common case; the rest is
+# `_cached_preview`'s), else `_cached_preview` itself
+_cache_get = _cached_preview
+if _fused_preview is not None and hasattr(_fused, "cache_get"):
+    _fused.configure_cache(globals(), _cached_preview)
+    _cache_get = _fused.cache_get
