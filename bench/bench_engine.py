@@ -255,7 +255,9 @@ class _HookedMode(_EmptyMode):
 
 def _without_preview_work(traced):
     """The traced step with the compiled preview answering at once with a bare Preview (shape and
-    dtype, no values, no statistics): what tracing costs besides reading the data. For scale only."""
+    dtype, no values, no statistics): what tracing costs besides reading the data. For scale only.
+    The backward pass's compiled preview cache reads the data itself: here its Python twin runs,
+    which calls the bare one (so this figure holds the cache's Python lookups)."""
     from autograd_magic.capture import preview as preview_module
     from autograd_magic.data.trace import Preview
 
@@ -263,12 +265,12 @@ def _without_preview_work(traced):
         return Preview(tuple(t.shape), str(t.dtype))
 
     def run():
-        real = preview_module._fused_preview
-        preview_module._fused_preview = bare
+        real, cache = preview_module._fused_preview, preview_module._cache_get
+        preview_module._fused_preview, preview_module._cache_get = bare, preview_module._cached_preview
         try:
             traced()
         finally:
-            preview_module._fused_preview = real
+            preview_module._fused_preview, preview_module._cache_get = real, cache
 
     return run
 
