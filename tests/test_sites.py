@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from autograd_magic.capture import sites as sites_mod
 from autograd_magic.capture import tracer as tracer_mod
+from autograd_magic.capture.finite import UNINITIALISED
 from fuzz_programs import fresh_shell, programs
 from fuzz_programs import run as run_fuzz
 
@@ -90,7 +91,19 @@ PROGRAMS = {
 
 
 def _attribution(trace) -> list[tuple]:
-    return [(r.op, r.span, r.line, r.expr, r.internal, r.module, r.occurrence, r.run) for r in trace.records]
+    """Where each record came from, and what the compiled handler's own records of an op's first runs
+    fill in besides (tracer.py's `_record_op` in Python): every field a view reads, the gradients by pass."""
+    def shown(p, op=None):
+        if p is None:
+            return None
+        if op in UNINITIALISED:  # whatever the memory held: it differs from run to run
+            return p.shape, p.dtype
+        return (p.shape, p.dtype, *("nan" if v != v else v for v in (p.min, p.max, p.mean, p.norm)))  # nan == nan
+
+    return [(r.op, r.span, r.line, r.expr, r.internal, r.module, r.occurrence, r.run, r.name, r.grad_fn,
+             r.requires_grad, r.is_leaf, r.grad_enabled, r.inplace, r.mutates, r.external, r.inputs, r.output_index,
+             r.version_changed, r.retains_grad, shown(r.preview, r.op), shown(r.attr_grad),
+             sorted((k, shown(v)) for k, v in r.grads.items())) for r in trace.records]
 
 
 def _run_on(path: str, shell, cell: str, monkeypatch):

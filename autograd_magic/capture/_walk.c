@@ -394,6 +394,342 @@ static Py_ssize_t attr_ssize(PyObject *obj, PyObject *name) { return ssize_of(Py
 /* obj.name() as a Py_ssize_t */
 static Py_ssize_t attr_call_ssize(PyObject *obj, PyObject *name) { return ssize_of(PyObject_CallMethodNoArgs(obj, name)); }
 
+static PyObject *param_type, *str_trace, *str_leaf_records; /* set by configure_passes and at import (below) */
+
+/* ---- an op's first runs, recorded here (tracer.py's `on_op` and `_record_op`, the common case) ----
+ *
+ * An op making one exact torch.Tensor from exact tensors, on a site still under --limit, with no
+ * variant changing outputs (no detach, no replacement) and no user's mode below ours (nothing would
+ * see our reads): its site counted, its inputs' records found (an input with none goes to
+ * `_input_record_quiet`, which makes the external record), its Record made with the same fields,
+ * and `_add`'s bookkeeping (by tensor, live, the backward recorder's node or leaf records) done.
+ * Anything else is left to `on_op` (`first_run` answers NULL with no error set). tests/test_sites.py
+ * runs random cells both ways and compares every field. */
+static PyObject *record_cls, *op_name_fn, *tracer_globals, *op_cache, *record_kwnames;
+static PyObject *str_replacers, *str_source_map, *str_text, *str_records, *str_live, *str_requires_grad, *str_is_leaf,
+    *str_output_nr, *str_sequence_nr, *str_node_records, *str_input_record, *str_preview_quiet;
+
+static PyObject *configure_records(PyObject *module, PyObject *const *a, Py_ssize_t n) {
+    if (n != 3 || !PyDict_Check(a[2])) {
+        PyErr_SetString(PyExc_TypeError, "configure_records(Record, op_name, tracer module's globals)");
+        return NULL;
+    }
+    Py_XSETREF(record_cls, Py_NewRef(a[0]));
+    Py_XSETREF(op_name_fn, Py_NewRef(a[1]));
+    Py_XSETREF(tracer_globals, Py_NewRef(a[2]));
+    if (op_cache == NULL && (op_cache = PyDict_New()) == NULL) return NULL;
+    if (record_kwnames == NULL) {
+        record_kwnames = Py_BuildValue("(ssssssssssssss)", "id", "op", "expr", "line", "span", "occurrence", "grad_fn",
+                                       "requires_grad", "is_leaf", "grad_enabled", "inputs", "internal", "module",
+                                       "preview");
+        if (record_kwnames == NULL) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* t.name, with torch's RuntimeError (a no_grad view whose base changed in place) as `fallback`. */
+static PyObject *attr_or(PyObject *t, PyObject *name, PyObject *fallback) {
+    PyObject *v = PyObject_GetAttr(t, name);
+    if (v == NULL && PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+        PyErr_Clear();
+        v = Py_XNewRef(fallback);
+    }
+    return v;
+}
+
+/* An exact torch.Tensor or Parameter: no subclass's __torch_function__ sees our reads. */
+static int exact_tensor(PyObject *t) {
+    return Py_TYPE(t) == (PyTypeObject *)tensor_type || (param_type != NULL && Py_TYPE(t) == (PyTypeObject *)param_type);
+}
+
+/* `tensors_in` over the call's arguments into `tensors`: 1, 0 when one is not an exact tensor
+ * (on_op takes the call), -1 on an error. */
+static int gather_inputs(PyObject *obj, int depth, PyObject *tensors) {
+    if (PyObject_TypeCheck(obj, (PyTypeObject *)tensor_type)) {
+        if (!exact_tensor(obj)) return 0;
+        return PyList_Append(tensors, obj) < 0 ? -1 : 1;
+    }
+    if (depth < 2 && (PyList_Check(obj) || PyTuple_Check(obj))) {
+        PyObject *seq = PySequence_Fast(obj, "arguments");
+        if (seq == NULL) return -1;
+        int r = 1;
+        for (Py_ssize_t i = 0; r == 1 && i < PySequence_Fast_GET_SIZE(seq); i++)
+            r = gather_inputs(PySequence_Fast_ITEMS(seq)[i], depth + 1, tensors);
+        Py_DECREF(seq);
+        return r;
+    }
+    return 1;
+}
+
+/* The record id of input `t`: `_input_record_quiet(t, span, internal, False)`. New reference. */
+static PyObject *input_record(PyObject *tracer, PyObject *by_tensor, PyObject *t, PyObject *span, PyObject *internal) {
+    PyObject *ident = PyLong_FromVoidPtr(t);
+    if (ident == NULL) return NULL;
+    PyObject *entry = PyDict_GetItemWithError(by_tensor, ident);
+    Py_DECREF(ident);
+    if (entry == NULL && PyErr_Occurred()) return NULL;
+    if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 && PyWeakref_Check(PyTuple_GET_ITEM(entry, 0)) &&
+        PyWeakref_GET_OBJECT(PyTuple_GET_ITEM(entry, 0)) == t)
+        return Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+    return PyObject_CallMethodObjArgs(tracer, str_input_record, t, span, internal, Py_False, NULL);
+}
+
+/* `BackwardRecorder.note_record(rid, t)` for a tensor that requires grad; its errors are ignored there too. */
+static int note_record(PyObject *tracer, PyObject *rid, PyObject *t, PyObject *ref) {
+    PyObject *recorder = PyObject_GetAttr(tracer, str_backward);
+    if (recorder == NULL) return -1;
+    int rc = -1;
+    PyObject *fn = PyObject_GetAttr(t, str_grad_fn);
+    if (fn == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_Exception)) { /* as note_record's `except Exception: pass` */
+            PyErr_Clear();
+            rc = 0;
+        }
+        goto done;
+    }
+    if (fn == Py_None) { /* a leaf: its AccumulateGrad's records */
+        PyObject *leaves = PyObject_GetAttr(recorder, str_leaf_records);
+        PyObject *ident = leaves != NULL ? PyLong_FromVoidPtr(t) : NULL;
+        PyObject *have = ident != NULL ? PyDict_GetItemWithError(leaves, ident) : NULL;
+        if (ident != NULL && !(have == NULL && PyErr_Occurred())) {
+            if (have != NULL && PyTuple_Check(have) && PyTuple_GET_SIZE(have) == 2 && PyWeakref_Check(PyTuple_GET_ITEM(have, 0)) &&
+                PyWeakref_GET_OBJECT(PyTuple_GET_ITEM(have, 0)) == t && PyList_Check(PyTuple_GET_ITEM(have, 1))) {
+                rc = PyList_Append(PyTuple_GET_ITEM(have, 1), rid);
+            } else {
+                PyObject *rids = PyList_New(1);
+                PyObject *entry = rids != NULL ? PyTuple_Pack(2, ref, rids) : NULL;
+                if (rids != NULL) PyList_SET_ITEM(rids, 0, Py_NewRef(rid));
+                rc = entry != NULL ? PyDict_SetItem(leaves, ident, entry) : -1;
+                Py_XDECREF(entry);
+                Py_XDECREF(rids);
+            }
+        }
+        Py_XDECREF(ident);
+        Py_XDECREF(leaves);
+    } else { /* (sequence number, node type) -> [(output_nr, record id)] */
+        PyObject *seq = PyObject_CallMethodNoArgs(fn, str_sequence_nr);
+        PyObject *kind = seq != NULL ? PyType_GetName(Py_TYPE(fn)) : NULL;
+        PyObject *key = kind != NULL ? PyTuple_Pack(2, seq, kind) : NULL;
+        PyObject *nr = key != NULL ? PyObject_GetAttr(t, str_output_nr) : NULL;
+        PyObject *pair = nr != NULL ? PyTuple_Pack(2, nr, rid) : NULL;
+        PyObject *nodes = pair != NULL ? PyObject_GetAttr(recorder, str_node_records) : NULL;
+        if (nodes != NULL && PyDict_Check(nodes)) {
+            PyObject *list = PyDict_GetItemWithError(nodes, key);
+            if (list != NULL && PyList_Check(list)) {
+                rc = PyList_Append(list, pair);
+            } else if (list == NULL && !PyErr_Occurred()) {
+                PyObject *fresh = PyList_New(1);
+                if (fresh != NULL) {
+                    PyList_SET_ITEM(fresh, 0, Py_NewRef(pair));
+                    rc = PyDict_SetItem(nodes, key, fresh);
+                    Py_DECREF(fresh);
+                }
+            } else if (list != NULL) {
+                PyErr_SetString(PyExc_TypeError, "node_records holds lists");
+            }
+        } else if (nodes != NULL) {
+            PyErr_SetString(PyExc_TypeError, "node_records is a dict");
+        }
+        Py_XDECREF(nodes);
+        Py_XDECREF(pair);
+        Py_XDECREF(nr);
+        Py_XDECREF(key);
+        Py_XDECREF(kind);
+        Py_XDECREF(seq);
+        if (rc < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyErr_Clear();
+            rc = 0;
+        }
+    }
+    Py_DECREF(fn);
+done:
+    Py_DECREF(recorder);
+    return rc;
+}
+
+/* The op's record, as `_record_op` makes it; NULL with no error set: not this path's case. */
+static PyObject *first_run(ModeCore *self, PyObject *func, PyObject *name, PyObject *args, PyObject *kwargs, PyObject *out,
+                           PyObject *span, PyObject *internal, PyObject *key, PyObject *module) {
+    PyObject *tracer = self->tracer;
+    if (record_cls == NULL || Py_TYPE(out) != (PyTypeObject *)tensor_type || key == Py_None || inplace_name(name)) return NULL;
+    int r = attr_true(tracer, str_detaching);
+    if (r != 0) return NULL;
+    r = attr_true(tracer, str_replacers);
+    if (r != 0) return NULL;
+    PyObject *depth = PyObject_CallNoArgs(stack_len);
+    if (depth == NULL) return NULL;
+    int below = depth == Py_None ? 0 : PyObject_IsTrue(depth);
+    Py_DECREF(depth);
+    if (below != 0) return NULL; /* a user's mode below ours would see our reads: on_op reads quietly */
+    PyObject *tensors = PyList_New(0);
+    if (tensors == NULL) return NULL;
+    r = gather_inputs(args, 0, tensors); /* args is a tuple: its items at depth 1, as `tensors_in` of each */
+    if (r == 1 && kwargs != NULL) {
+        PyObject *values = PyDict_Values(kwargs);
+        r = values != NULL ? gather_inputs(values, 0, tensors) : -1;
+        Py_XDECREF(values);
+    }
+    if (r != 1) {
+        Py_DECREF(tensors);
+        return NULL;
+    }
+    PyObject *result = NULL, *runs = NULL, *site = NULL, *counts = NULL, *occ = NULL, *op = NULL, *inputs = NULL;
+    PyObject *by_tensor = NULL, *expr = NULL, *source_map = NULL, *enabled = NULL, *grad_fn = NULL, *requires = NULL;
+    PyObject *leaf = NULL, *shown = NULL, *trace = NULL, *records = NULL, *rid = NULL, *line = NULL, *rec = NULL;
+    PyObject *ref = NULL, *live = NULL, *version = NULL;
+    /* the op's name: `op_name(func)`; an in-place one by its name (`is_inplace`) is on_op's */
+    op = PyDict_GetItemWithError(op_cache, func);
+    if (op != NULL) {
+        Py_INCREF(op);
+    } else {
+        if (PyErr_Occurred()) PyErr_Clear(); /* unhashable: named each time */
+        if ((op = PyObject_CallOneArg(op_name_fn, func)) == NULL) goto fail;
+        /* kept for torch's own functions only, as `_call_kind` keeps them: one made on the fly is not held */
+        PyObject *known = PyDict_GetItemWithError(call_kinds, func);
+        if (known != NULL && PyDict_GET_SIZE(op_cache) < 8192 && PyDict_SetItem(op_cache, func, op) < 0) PyErr_Clear();
+        if (known == NULL) PyErr_Clear();
+    }
+    if (!PyUnicode_Check(op)) goto fail;
+    {
+        Py_ssize_t len = PyUnicode_GetLength(op);
+        if (len >= 1 && PyUnicode_READ_CHAR(op, len - 1) == '_' && !(len >= 2 && PyUnicode_READ_CHAR(op, len - 2) == '_'))
+            goto skip;
+    }
+    /* the site's runs: under --limit, or new */
+    if ((runs = PyObject_GetAttr(tracer, str_site_runs)) == NULL || !PyDict_Check(runs)) goto fail;
+    site = PyDict_GetItemWithError(runs, key);
+    if (site == NULL) {
+        if (PyErr_Occurred()) goto fail;
+        if ((site = PyList_New(2)) == NULL) goto fail;
+        PyList_SET_ITEM(site, 0, PyLong_FromLong(0));
+        PyList_SET_ITEM(site, 1, Py_NewRef(Py_None));
+        if (PyList_GET_ITEM(site, 0) == NULL || PyDict_SetItem(runs, key, site) < 0) goto fail;
+    } else {
+        Py_INCREF(site);
+        if (!PyList_Check(site) || PyList_GET_SIZE(site) != 2) goto skip;
+        Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(site, 0));
+        Py_ssize_t limit = attr_ssize(tracer, str_detail_limit);
+        if ((count == -1 || limit == -1) && PyErr_Occurred()) goto fail;
+        if (count >= limit) goto skip; /* on_op's own path past the limit */
+    }
+    {
+        Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(site, 0));
+        if (count == -1 && PyErr_Occurred()) goto fail;
+        PyObject *more = PyLong_FromSsize_t(count + 1);
+        if (more == NULL) goto fail;
+        PyList_SetItem(site, 0, more); /* steals */
+    }
+    if ((counts = PyObject_GetAttr(tracer, str_span_counts)) == NULL) goto fail;
+    {
+        PyObject *seen = PyDict_GetItemWithError(counts, span);
+        if (seen == NULL && PyErr_Occurred()) goto fail;
+        Py_ssize_t occurrence = seen != NULL ? PyLong_AsSsize_t(seen) : 0;
+        if (occurrence == -1 && PyErr_Occurred()) goto fail;
+        PyObject *next = PyLong_FromSsize_t(occurrence + 1);
+        if (next == NULL || (occ = PyLong_FromSsize_t(occurrence)) == NULL || PyDict_SetItem(counts, span, next) < 0) {
+            Py_XDECREF(next);
+            goto fail;
+        }
+        Py_DECREF(next);
+    }
+    if ((by_tensor = PyObject_GetAttr(tracer, str_by_tensor)) == NULL || !PyDict_Check(by_tensor)) goto fail;
+    Py_ssize_t n_in = PyList_GET_SIZE(tensors);
+    if ((inputs = PyList_New(n_in)) == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < n_in; i++) {
+        PyObject *got = input_record(tracer, by_tensor, PyList_GET_ITEM(tensors, i), span, internal);
+        if (got == NULL) goto fail;
+        PyList_SET_ITEM(inputs, i, got);
+    }
+    if ((source_map = PyObject_GetAttr(tracer, str_source_map)) == NULL ||
+        (expr = PyObject_CallMethodOneArg(source_map, str_text, span)) == NULL)
+        goto fail;
+    if ((enabled = PyObject_CallNoArgs(grad_enabled)) == NULL) goto fail;
+    {
+        PyObject *fn = attr_or(out, str_grad_fn, Py_None);
+        if (fn == NULL) goto fail;
+        grad_fn = fn == Py_None ? Py_NewRef(Py_None) : PyType_GetName(Py_TYPE(fn));
+        Py_DECREF(fn);
+        if (grad_fn == NULL) goto fail;
+    }
+    if ((requires = PyObject_GetAttr(out, str_requires_grad)) == NULL || (leaf = attr_or(out, str_is_leaf, Py_False)) == NULL)
+        goto fail;
+    {
+        PyObject *preview_quiet = PyDict_GetItemWithError(tracer_globals, str_preview_quiet); /* as the module has it now */
+        if (preview_quiet == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "tracer.py has no preview_quiet");
+            goto fail;
+        }
+        if ((shown = PyObject_CallOneArg(preview_quiet, out)) == NULL) goto fail;
+    }
+    if ((trace = PyObject_GetAttr(tracer, str_trace)) == NULL || (records = PyObject_GetAttr(trace, str_records)) == NULL ||
+        !PyList_Check(records))
+        goto fail;
+    if ((rid = PyLong_FromSsize_t(PyList_GET_SIZE(records))) == NULL) goto fail;
+    line = span != Py_None && PyObject_IsTrue(span) == 1 && PyTuple_Check(span) ? Py_NewRef(PyTuple_GET_ITEM(span, 0))
+                                                                                : Py_NewRef(Py_None);
+    {
+        /* Record(id=, op=, expr=, line=, span=, occurrence=, grad_fn=, requires_grad=, is_leaf=, grad_enabled=,
+         *        inputs=, internal=, module=, preview=) */
+        PyObject *argv[] = {rid, op, expr, line, span, occ, grad_fn, requires, leaf, enabled, inputs, internal, module, shown};
+        if ((rec = PyObject_Vectorcall(record_cls, argv, 0, record_kwnames)) == NULL) goto fail;
+    }
+    if (PyList_GET_ITEM(site, 1) == Py_None) {
+        if (PyList_SetItem(site, 1, Py_NewRef(rid)) < 0) goto fail;
+    }
+    /* `_add`: the records, then `_adopt` and the backward recorder's lookup */
+    if (PyList_Append(records, rec) < 0) goto fail;
+    if ((ref = PyWeakref_NewRef(out, NULL)) == NULL) goto fail;
+    {
+        PyObject *ident = PyLong_FromVoidPtr(out);
+        PyObject *link = ident != NULL ? PyTuple_Pack(2, ref, rid) : NULL;
+        int ok = link != NULL && PyDict_SetItem(by_tensor, ident, link) == 0;
+        Py_XDECREF(ident);
+        Py_XDECREF(link);
+        if (!ok) goto fail;
+    }
+    if ((version = attr_or(out, str_version, Py_None)) == NULL || (live = PyObject_GetAttr(tracer, str_live)) == NULL) goto fail;
+    {
+        PyObject *state = PyTuple_Pack(2, ref, version);
+        int ok = state != NULL && PyDict_SetItem(live, rid, state) == 0;
+        Py_XDECREF(state);
+        if (!ok) goto fail;
+    }
+    if (requires == Py_True && note_record(tracer, rid, out, ref) < 0) goto fail;
+    result = Py_NewRef(out);
+    goto done;
+skip:
+    result = NULL;
+    goto done;
+fail:
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "the tracer's state is not what the compiled handler reads");
+    result = NULL;
+done:
+    Py_DECREF(tensors);
+    Py_XDECREF(runs);
+    Py_XDECREF(site);
+    Py_XDECREF(counts);
+    Py_XDECREF(occ);
+    Py_XDECREF(op);
+    Py_XDECREF(inputs);
+    Py_XDECREF(by_tensor);
+    Py_XDECREF(expr);
+    Py_XDECREF(source_map);
+    Py_XDECREF(enabled);
+    Py_XDECREF(grad_fn);
+    Py_XDECREF(requires);
+    Py_XDECREF(leaf);
+    Py_XDECREF(shown);
+    Py_XDECREF(trace);
+    Py_XDECREF(records);
+    Py_XDECREF(rid);
+    Py_XDECREF(line);
+    Py_XDECREF(rec);
+    Py_XDECREF(ref);
+    Py_XDECREF(live);
+    Py_XDECREF(version);
+    return result;
+}
+
 /* `Tracer.on_op`'s fast path for a loop's later runs of an op making one tensor (the common case
  * past --limit), here: count it, keep it in the NaN window, link its tensor to the site's first
  * record. Everything else goes to `on_op`, with the site found here. Returns a new reference to
@@ -441,7 +777,9 @@ static PyObject *later_run(ModeCore *self, PyObject *func, PyObject *name, PyObj
     kw = kwargs != NULL ? Py_NewRef(kwargs) : PyDict_New();
     if (kw == NULL) goto done;
     if (!handled) {
-        result = PyObject_CallMethodObjArgs(tracer, str_on_op, func, name, args, kw, out, found, NULL);
+        result = first_run(self, func, name, args, kwargs, out, span, internal, key, module);
+        if (result == NULL && !PyErr_Occurred())
+            result = PyObject_CallMethodObjArgs(tracer, str_on_op, func, name, args, kw, out, found, NULL);
         goto done;
     }
     /* runs of this very op: the detail limit; runs of anything at this span: a unique key */
@@ -571,7 +909,7 @@ done:
  * window, the leaves' gradient norm: about 50 us on the loop benchmark). Here it is the same reads
  * in one compiled call. Any other case, and any call before the limit, is backward.py's: `pass_fast`
  * answers NULL with no error set, having changed nothing. Set by configure_passes(): */
-static PyObject *tensor_backward, *param_type, *preview_module, *str_site_counts, *str_last_span, *str_iteration,
+static PyObject *tensor_backward, *preview_module, *str_site_counts, *str_last_span, *str_iteration,
     *str_trace, *str_iterations, *str_train_iterations, *str_leaf_records, *str_item, *str_dtype, *str_is_floating,
     *str_loss, *str_grad_norm, *str_fused_squares, *str_fused_preview, *str_leaf_norms, *str_fast_passes;
 
@@ -1401,6 +1739,9 @@ static PyMethodDef module_methods[] = {
      "(False: nothing changed, `_pre` takes it)."},
     {"count_lifted", (PyCFunction)(void (*)(void))count_lifted, METH_FASTCALL,
      "count_lifted(steps, site, span, opt): steps.py's `_count_as_before` with tracer.py's `keep_step`, compiled."},
+    {"configure_records", (PyCFunction)(void (*)(void))configure_records, METH_FASTCALL,
+     "configure_records(Record, op_name, tracer module's globals): what the handler's own records of an op's "
+     "first runs are made of (tracer.py, once)."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "configure(tensor_type, kinds, call_kind, stack_len, grad_fn_quiet, grad_enabled, limits): what ModeCore "
      "reads (tracer.py, once)."},
@@ -1442,7 +1783,13 @@ PyMODINIT_FUNC PyInit__walk(void) {
         intern(&str_post_hooks, "_optimizer_step_post_hooks") < 0 || intern(&str_last, "last") < 0 ||
         intern(&str_param_groups, "param_groups") < 0 || intern(&str_params, "params") < 0 ||
         intern(&str_step, "step") < 0 || intern(&str_keep_step, "keep_step") < 0 || intern(&str_enter, "__enter__") < 0 ||
-        intern(&str_exit, "__exit__") < 0 || intern(&str_dot_step, ".step") < 0)
+        intern(&str_exit, "__exit__") < 0 || intern(&str_dot_step, ".step") < 0 ||
+        intern(&str_replacers, "_replacers") < 0 || intern(&str_source_map, "source_map") < 0 ||
+        intern(&str_text, "text") < 0 || intern(&str_records, "records") < 0 || intern(&str_live, "_live") < 0 ||
+        intern(&str_requires_grad, "requires_grad") < 0 || intern(&str_is_leaf, "is_leaf") < 0 ||
+        intern(&str_output_nr, "output_nr") < 0 || intern(&str_sequence_nr, "_sequence_nr") < 0 ||
+        intern(&str_node_records, "node_records") < 0 || intern(&str_input_record, "_input_record_quiet") < 0 ||
+        intern(&str_preview_quiet, "preview_quiet") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

@@ -199,6 +199,12 @@ if _ModeCore is not None:
         _configure_passes(torch.Tensor.backward, torch.nn.Parameter, _preview_module)
     except ImportError:
         pass
+    try:  # an op's first runs recorded by the handler itself (`on_op`'s common case; tests compare both)
+        from ._walk import configure_records as _configure_records
+
+        _configure_records(Record, op_name, globals())
+    except ImportError:
+        pass
 
     class _Mode(_ModeCore, TorchFunctionMode):
         """The tracer's mode: `_PyMode`'s handler, compiled (capture/_walk.c); the same calls go
@@ -770,7 +776,9 @@ class Tracer:
     def _record_op(self, func, func_name, args, kwargs, out, outs, span, internal, key, occurrence, module, site,
                    past_limit: Optional[int] = None, grad_enabled: Optional[bool] = None,
                    iteration: Optional[int] = None, inplace: Optional[bool] = None):
-        """`past_limit`: the op's run count, when it is recorded past the detail limit (the first
+        """The compiled handler records the common case itself (capture/_walk.c's `first_run`: one exact
+        tensor out of a first run, no variant, no mode below ours): a change here goes there too.
+        `past_limit`: the op's run count, when it is recorded past the detail limit (the first
         NaN/Inf of a loop's later runs): its inputs are previewed as they are now, since their
         records show their first run, and the run is never changed (no variant's replacement)."""
         op = op_name(func)
