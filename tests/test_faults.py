@@ -500,6 +500,46 @@ def test_torch_compile_runs_under_the_magic(ipy):
     assert torch.equal(compiled(torch.ones(2), torch.ones(2)), torch.ones(2).sin() + 1)
 
 
+def test_tracers_overlapping_in_threads_keep_compiled_code_eager_until_the_last_stops():
+    """The compile stance is the process's: tracers in two threads that start A, B and stop A, B keep
+    compiled code eager while either runs, and the last to stop puts back the stance from before."""
+    import threading
+
+    import autograd_magic as am
+
+    try:
+        from torch._dynamo import eval_frame
+    except Exception as exc:  # no dynamo on this platform / Python
+        pytest.skip(f"no torch._dynamo here: {type(exc).__name__}: {exc}")
+    before = _stance()
+    a_in, b_in, a_out, b_out = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def first():
+        with am.trace():
+            a_in.set()
+            b_in.wait(10)
+            seen["both running"] = _stance()
+        a_out.set()
+
+    def second():
+        a_in.wait(10)
+        with am.trace():
+            b_in.set()
+            a_out.wait(10)
+            seen["after the first stopped"] = _stance()
+        b_out.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(20)
+    assert b_out.is_set()
+    assert seen == {"both running": "force_eager", "after the first stopped": "force_eager"}
+    assert _stance() == before == eval_frame._stance.stance
+
+
 def test_nested_traces_are_isolated(ipy):
     """A %%autograd run and an am.trace() block inside a traced cell: each records its own, the outer resumes."""
     cell = (

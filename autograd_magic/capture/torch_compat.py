@@ -10,6 +10,7 @@ falls back to when the internal is missing.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Optional
 
 import torch
@@ -89,6 +90,43 @@ def force_eager() -> None:
         torch.compiler.set_stance("force_eager")  # applies now
     except Exception:
         pass
+
+
+#: the tracers running with compiled code forced eager (ids), and the stance in force before the first:
+#: the stance is the process's, tracers in several threads start and stop in any order (A, B, A's stop,
+#: B's stop), so the last to stop puts back what the first found, never what another tracer set
+_eager_holders: set = set()
+_eager_prior: Any = None
+_eager_lock = threading.Lock()
+
+
+def hold_eager(holder: object) -> None:
+    """Compiled code runs eagerly until `holder` and every other holder have released it. Where torch
+    has no stances, nothing changes. Holding twice is holding once."""
+    global _eager_prior
+    prior = compile_stance()
+    if prior is None:
+        return
+    with _eager_lock:
+        if id(holder) in _eager_holders:
+            return
+        if not _eager_holders:
+            _eager_prior = prior
+        _eager_holders.add(id(holder))  # first: an interrupt in the next call is undone by the release
+        force_eager()
+
+
+def release_eager(holder: object) -> None:
+    """`holder` no longer needs compiled code eager; the last holder puts back the stance the first
+    found. Safe to call again, or for a holder that never held it."""
+    global _eager_prior
+    with _eager_lock:
+        if id(holder) not in _eager_holders:
+            return
+        if len(_eager_holders) == 1:
+            restore_stance(_eager_prior)  # before the holder leaves: an interrupted release can run again
+            _eager_prior = None
+        _eager_holders.discard(id(holder))
 
 
 def restore_stance(prior: Any) -> None:

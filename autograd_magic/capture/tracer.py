@@ -267,7 +267,6 @@ class Tracer:
         self._site_runs: dict[tuple, list] = {}  # site key -> [runs so far, id of its first record]
         self._span_counts: dict[tuple, int] = {}
         self._mode: Optional[_Mode] = None
-        self._stance = None
         self._noted: set[str] = set()
         self.busy = False
         self.calls = 0  # the traced code's torch calls so far: what may have touched a tensor
@@ -298,9 +297,7 @@ class Tracer:
             # Importing dynamo just to set a stance costs ~70 MB: only when compiled
             # code may run (dynamo already loaded, or the traced source compiles).
             if "torch._dynamo" in sys.modules or "compile" in self.trace.source:
-                self._stance = compat.compile_stance()  # saved first: a Ctrl-C inside the next call is undone too
-                if self._stance is not None:
-                    compat.force_eager()
+                compat.hold_eager(self)  # released by stop(), also after a Ctrl-C half-way through
         except BaseException:  # a Ctrl-C half-way through: leave nothing pushed or registered
             self.stop()
             raise
@@ -317,9 +314,7 @@ class Tracer:
                 self.check_window()
         finally:
             self._window = []
-            if self._stance is not None:
-                compat.restore_stance(self._stance)
-                self._stance = None  # cleared only once restored: an interrupted stop() can run again
+            compat.release_eager(self)  # the last tracer running puts back the stance the first found
             try:
                 try:
                     self._finish_records()
