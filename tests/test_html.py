@@ -323,3 +323,29 @@ def test_an_in_place_statement_is_not_shown_as_an_assignment(shell):
         for bad in ("h = h += 1", "h = h.relu_()"):
             assert bad not in text, bad
         assert "h += 1" in text and "h.relu_()" in text
+
+
+
+def test_a_runs_badge_counts_the_ops_own_runs_not_every_op_on_its_line():
+    """`h[:, 1] *= 2` reads the slice (`__getitem__`), then writes it back (`__setitem__`) on the same
+    span: the write is no second run of anything. In a loop each op's rows are numbered by iteration."""
+    import autograd_magic as am
+    from autograd_magic.data.trace import op_run
+    from autograd_magic.render.html_table import label_cell
+    from autograd_magic.render.text import render_text
+
+    with am.trace() as t:
+        h = torch.ones(2, 3, requires_grad=True) * 1
+        h[:, 1] *= 2
+        for _ in range(3):
+            h = h * 2
+    read = next(r for r in t.records if r.op == "getitem")
+    write = next(r for r in t.records if r.op == "setitem")
+    assert write.span == read.span and write.occurrence == 1  # the span's second op: the identity counts both
+    assert op_run(t, read) == op_run(t, write) == 1
+    assert "#" not in label_cell(write, t)
+    loop = [r for r in t.records if r.expr == "h * 2"]
+    assert [op_run(t, r) for r in loop] == [1, 2, 3]  # range(3)
+    assert ["#" in label_cell(r, t) for r in loop] == [False, True, True]
+    text = render_text(t)
+    assert text.count("#2") == 1 and text.count("#3") == 1

@@ -240,6 +240,26 @@ class TraceError:
     expr: Optional[str] = None
 
 
+def op_run(trace: "Trace", r: Record) -> int:
+    """Which run of its op on its span `r` shows: 1, or 2 for a loop's second iteration, and so on.
+    `occurrence` counts every op on the span (`h[:, 1] *= 2` runs `__imul__`, then `__setitem__`
+    writes the slice back on the same span), and stays the record's identity; this counts the
+    record's own op alone, which is what a view's "#2" means. Worked out once per trace."""
+    cached = trace.__dict__.get("_op_runs")  # not a field: no part of a trace's equality or repr
+    if cached is None or cached[0] != len(trace.records):
+        seen: dict[tuple, int] = {}
+        runs: dict[int, int] = {}
+        for rec in trace.records:
+            if rec.span is None:
+                continue
+            key = (rec.span, rec.op, rec.output_index)
+            n = seen[key] = seen.get(key, 0) + 1
+            if n > 1:
+                runs[rec.id] = n
+        cached = trace.__dict__["_op_runs"] = (len(trace.records), runs)
+    return cached[1].get(r.id, 1)
+
+
 @dataclass
 class Trace:
     """Everything one traced run produced. Views render this and nothing else."""

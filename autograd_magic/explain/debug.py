@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from ..data.debug import BackwardNonFinite, IterationScalars, ModuleGrad, NonFinite, Operand, ParamGrad, PassFlow
-from ..data.trace import BackwardPass, BackwardStep, Preview, Record, Trace
+from ..data.trace import BackwardPass, BackwardStep, Preview, Record, Trace, op_run
 from .format import format_stats
 from .wording import is_uninitialised, record_label
 from .. import limits
@@ -113,7 +113,7 @@ def _origin(trace: Trace, r: Record, kind: str) -> NonFinite:
         inputs.append(Operand(i, record_label(src), shown, nonfinite_kind(shown)))
     return NonFinite(
         record=r.id, kind=kind, op=r.op, label=record_label(r), line=r.line, expr=r.expr,
-        occurrence=r.occurrence, run=r.run, iteration=r.iteration, module=r.module, external=r.external and not r.inputs,
+        occurrence=op_run(trace, r) - 1, run=r.run, iteration=r.iteration, module=r.module, external=r.external and not r.inputs,
         preview=r.preview, count=_count(r.preview), inputs=inputs,
     )
 

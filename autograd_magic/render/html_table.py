@@ -22,7 +22,7 @@ from ..data.identity import changed_fields
 from ..explain import wording
 from ..explain.wording import flags, grad_phrase
 from ..explain.format import Printout, format_short, format_shape, format_stats, record_printout, tensor_printout
-from ..data.trace import Preview, Record, Trace
+from ..data.trace import Preview, Record, Trace, op_run
 
 from .. import limits
 
@@ -138,8 +138,9 @@ def label_cell(r: Record, trace: Trace) -> str:
         parts.append(f'{esc(prefix)}<code class="w">{esc(wording.statement_of(r) or r.expr)}</code>')
     if not parts:
         parts.append(f"<code>{esc(r.op)}</code>")
-    if r.occurrence:
-        parts.append(badge(f"#{r.occurrence + 1}"))
+    run = op_run(trace, r)
+    if run > 1:
+        parts.append(badge(f"#{run}"))
     total = repeat_total(r, trace)
     if total:
         parts.append(badge(f"×{total}"))

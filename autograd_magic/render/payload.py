@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..data.identity import changed_fields, match_records
-from ..data.trace import Preview, Record, Trace
+from ..data.trace import Preview, Record, Trace, op_run
 from ..explain.errors import explain_error
 from .debug import debug_payload
 from ..explain.format import format_record_value, format_shape, format_short, format_stats, format_tensor, values_printout
@@ -117,7 +117,7 @@ def _row(r: Record, trace: Trace) -> dict[str, Any]:
         "no_grad": not r.grad_enabled and not (r.external and r.line is None),  # an input: not made here
         "made_in": made_in(r),  # "from cell [2], line 3"
         "inplace": r.inplace,
-        "occurrence": r.occurrence,
+        "occurrence": op_run(trace, r) - 1,  # the run of its op on its line the row shows, less one
         "repeats": trace.repeats.get(r.id, 0),
         "internal": r.internal,
     }

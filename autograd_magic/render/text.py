@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import limits
-from ..data.trace import Record, Trace
+from ..data.trace import Record, Trace, op_run
 from .debug import text_lines as debug_lines
 from ..explain.errors import explain_error
 from ..explain.format import format_short, format_shape
@@ -40,8 +40,9 @@ def render_text(trace: Trace, width: int = 120) -> str:
             label = wording.statement_of(r)
         elif r.name and r.expr and r.expr != r.name:
             label = f"{r.name} = {r.expr}"
-        if r.occurrence:
-            label += f"  #{r.occurrence + 1}"
+        run = op_run(trace, r)
+        if run > 1:
+            label += f"  #{run}"
         rep = trace.repeats.get(r.id)
         if rep:
             label += f"  (+{rep} more runs)"
