@@ -337,3 +337,17 @@ def test_an_input_from_an_untraced_cell_names_every_way_it_can_have_lost_its_his
     (t,), _ = _run(shell, ["z = y * 3"])
     why = _why(t, "y")
     assert "torch.no_grad()" in why and "Trace that cell too" in why, why
+
+
+def test_requires_grad_switched_on_by_the_first_use_in_the_cell_says_what_the_row_shows(shell):
+    """`x2` from an earlier cell, first used by `x2.requires_grad_()`: its row shows the flag as
+    the call left it (what plain torch reads after the line), so its sentence may not say "before"."""
+    cells = ["x2 = torch.ones(3)", "x2.requires_grad_()\ny = (x2 * 3).sum()\ny.backward()"]
+    (_, t), _ = _run(shell, cells)
+    ns = _plain(cells[:1])
+    assert ns["x2"].requires_grad is False  # before the call, plain torch: off
+    row = next(r for r in t.records if r.external and r.name == "x2")
+    assert row.requires_grad is ns["x2"].requires_grad_().requires_grad  # after it: on, as the row shows
+    why = " ".join(explain_all(t)[row.id])
+    assert "this row shows `x2` before that" not in why, why
+    assert "its row shows the flag as that call left it" in why, why

@@ -254,7 +254,11 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
     else:
         out.extend(_non_leaf_grad(trace, r))
     for m in _later_changes(trace, r):
-        if m.op == "requires_grad_" and m.requires_grad:
+        if m.op == "requires_grad_" and m.requires_grad and r.requires_grad:
+            # first seen by that very call (a tensor from an earlier cell): its row shows the flag as the call left it
+            out.append(f"requires_grad was switched on by `{m.expr or m.op}` on line {m.line}, the first line of this "
+                       f"cell to use {_quote(r)}; its row shows the flag as that call left it.")
+        elif m.op == "requires_grad_" and m.requires_grad:
             out.append(f"requires_grad was switched on later, by `{m.expr or m.op}` on line {m.line}; this row shows {_quote(r)} before that.")
         else:
             out.append(f"{_where(r)} was later modified in place by `{m.expr or m.op}` on line {m.line}.")
