@@ -343,3 +343,26 @@ def test_an_updated_leafs_grad_is_said_to_come_from_this_cells_backward(shell):
     assert "was put there by the backward call on line 4 (`loss.backward()`), which reached `w` before line 6" in text, text
     assert "before this cell" not in text
     assert ns["w"].grad.tolist() == [2.0, 2.0, 2.0] and "[2., 2., 2.]" in text  # plain torch's .grad
+
+
+def test_assigning_data_is_a_row_whose_values_later_lines_read(shell):
+    """`w.data = w.data - lr * w.grad` (a manual SGD step) replaces w's values behind autograd's back:
+    the view shows it as a change of `w` in place, with the values plain torch has after the line,
+    and the next line's op reads that row, not the old one."""
+    import torch
+
+    body = ("w = torch.ones(3, requires_grad=True)\nloss = (w * 2).sum()\nloss.backward()\n"
+            "w.data = w.data - 0.1 * w.grad\nz = (w * 3).sum()")
+    ns: dict = {"torch": torch}
+    exec(body, ns)
+    t = run(shell, body)
+    first, change = t.by_name("w")[0], next(r for r in t.records if r.op == "data_")
+    assert change.inplace and change.mutates == first.id and change.name == "w"
+    assert change.preview.values.tolist() == ns["w"].tolist()  # the values after the line, as torch has them
+    assert first.preview.values.tolist() == [1.0, 1.0, 1.0] and first.version_changed
+    use = next(r for r in t.records if r.expr == "w * 3")
+    assert use.inputs == [change.id] and use.preview.values.tolist() == (ns["w"] * 3).tolist()
+    assert "replaced the values of `w` behind autograd's back" in " ".join(explain_record(t, change.id))
+    line = body.splitlines().index("w.data = w.data - 0.1 * w.grad") + 2  # +1: 1-based, +1: the magic's line
+    assert f"modified in place by `w.data = …` on line {line}" in " ".join(explain_record(t, first.id))
+    assert ns["w"].grad.tolist() == shell.user_ns["w"].grad.tolist()  # the cell ran as plain

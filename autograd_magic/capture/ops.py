@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from ..data.trace import DATA_SET
+
 _OP_NAMES = {
     "__add__": "add", "__radd__": "add", "__iadd__": "add_",
     "__sub__": "sub", "__rsub__": "rsub", "__isub__": "sub_",
@@ -32,6 +34,8 @@ def op_name(func: Callable) -> str:
     if name == "__get__":  # a property such as .T or .real
         owner = getattr(func, "__self__", None)
         return getattr(owner, "__name__", "attribute")
+    if name == "__set__" and getattr(getattr(func, "__self__", None), "__name__", None) == "data":
+        return DATA_SET
     return _OP_NAMES.get(name, name)
 
 

@@ -31,7 +31,7 @@ from .names import NameIndex
 from .finite import UNINITIALISED, checkable, holds_nonfinite
 from .preview import DeviceQueue, activate, preview_quiet, quietly
 from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
-from ..data.trace import CUT_OPS, Origin, Record, Trace, cut_of, untracked_history
+from ..data.trace import CUT_OPS, DATA_SET, Origin, Record, Trace, cut_of, untracked_history
 from .sites import SiteFinder
 from .source import SourceMap
 from .steps import STEP, OptimizerSteps
@@ -116,6 +116,9 @@ def _call_kind(func) -> tuple[int, str]:
 # `.data` makes a tensor with no history out of one that may have it: recorded as an op (its row and the
 # explanations name the cut), where other attribute reads without a grad_fn are not
 _KINDS[torch.Tensor.data.__get__] = (_OP, "__get__")
+# `w.data = ...` (a manual SGD step) replaces a tensor's values: recorded as an in-place op on it, so its
+# later uses read the new values' row, where a setter otherwise passes through unrecorded
+_KINDS[torch.Tensor.data.__set__] = (_OP, DATA_SET)
 
 
 def _grad_fn_quiet(out) -> Optional[str]:
@@ -820,6 +823,8 @@ class Tracer:
             )
             if mutated is not None:
                 rec.name = self.trace.records[mutated].name
+                if op == DATA_SET:  # no version counter sees it: the tensor's earlier row is marked here
+                    self.trace.records[mutated].version_changed = True
             if key is not None and site[1] is None:
                 site[1] = rec.id
             self._add(rec, t)

@@ -52,6 +52,8 @@ class Preview:
 
 
 CUT_OPS = frozenset({"detach", "detach_", "data"})  # ops whose output shares the values with no history
+#: the op of `t.data = other`: the tensor's values replaced in place, behind autograd's back (no version bump)
+DATA_SET = "data_"
 
 
 @dataclass

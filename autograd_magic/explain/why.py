@@ -18,7 +18,7 @@ from . import wording
 from .format import format_short
 from .stepper import steps
 from ..data.identity import match_records
-from ..data.trace import CUT_OPS, BackwardPass, Origin, Preview, Record, Trace
+from ..data.trace import CUT_OPS, DATA_SET, BackwardPass, Origin, Preview, Record, Trace
 
 _DETACH_OPS = CUT_OPS  # .detach(), .detach_(), and `.data`: the legacy way to the same values with no history
 
@@ -229,7 +229,11 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         return out
     if r.inplace and r.mutates is not None:
         target = trace.records[r.mutates]
-        if r.op == "requires_grad_" and r.requires_grad:
+        if r.op == DATA_SET:
+            out.append(f"`{wording.statement_of(r) or r.expr}` on line {r.line} replaced the values of {_quote(target)} "
+                       "behind autograd's back (`.data` is not recorded for gradients): later lines read these values, "
+                       "and no gradient flows through the assignment.")
+        elif r.op == "requires_grad_" and r.requires_grad:
             out.append(f"`{r.expr or r.op}` on line {r.line} switched on requires_grad for {_quote(target)}: "
                        "from here on, what is computed from it is recorded for autograd.")
         else:
@@ -261,7 +265,7 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         elif m.op == "requires_grad_" and m.requires_grad:
             out.append(f"requires_grad was switched on later, by `{m.expr or m.op}` on line {m.line}; this row shows {_quote(r)} before that.")
         else:
-            out.append(f"{_where(r)} was later modified in place by `{m.expr or m.op}` on line {m.line}.")
+            out.append(f"{_where(r)} was later modified in place by `{wording.statement_of(m) or m.expr or m.op}` on line {m.line}.")
     return out
 
 

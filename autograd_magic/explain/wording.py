@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 from ..data.checks import LeafCheck
-from ..data.trace import Preview, Record, Trace
+from ..data.trace import DATA_SET, Preview, Record, Trace
 
 NO_BACKWARD_YET = "—"  # the gradient column before the cell ran any backward pass
 
@@ -80,7 +80,7 @@ def statement_of(record: Record) -> str:
     expr, name = record.expr or "", record.name or ""
     if not record.inplace or not expr or not name or not expr.startswith(name):
         return ""
-    return f"{expr} = …" if record.op in ("setitem", "__setitem__") else expr
+    return f"{expr} = …" if record.op in ("setitem", "__setitem__", DATA_SET) else expr
 
 
 def made_in(record: Record) -> str:
