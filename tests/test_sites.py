@@ -86,6 +86,11 @@ PROGRAMS = {
         "class Holder:\n    scale = torch.tensor(2.0)\n"
         "total = torch.stack(list(rows(x))).mul(Holder.scale).sum()\ntotal.backward()"
     ),
+    "tensors nested in lists": (
+        "a = torch.tensor(1.0, requires_grad=True)\nb = torch.tensor(2.0)\n"
+        "m = torch.tensor([[a.detach(), b]]) * a\nparts = torch.cat([a.reshape(1), b.reshape(1)], dim=0)\n"
+        "(m.sum() + parts.sum()).backward()"
+    ),
     "an error half-way": "x = torch.randn(3, requires_grad=True)\ny = x * 2\nz = y @ torch.randn(4, 4)",
 }
 

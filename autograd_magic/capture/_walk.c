@@ -563,10 +563,10 @@ static PyObject *first_run(ModeCore *self, PyObject *func, PyObject *name, PyObj
     if (below != 0) return NULL; /* a user's mode below ours would see our reads: on_op reads quietly */
     PyObject *tensors = PyList_New(0);
     if (tensors == NULL) return NULL;
-    r = gather_inputs(args, 0, tensors); /* args is a tuple: its items at depth 1, as `tensors_in` of each */
+    r = gather_inputs(args, -1, tensors); /* the arguments themselves at depth 0, as `tensors_in` of each */
     if (r == 1 && kwargs != NULL) {
         PyObject *values = PyDict_Values(kwargs);
-        r = values != NULL ? gather_inputs(values, 0, tensors) : -1;
+        r = values != NULL ? gather_inputs(values, -1, tensors) : -1;
         Py_XDECREF(values);
     }
     if (r != 1) {
