@@ -351,3 +351,20 @@ def test_requires_grad_switched_on_by_the_first_use_in_the_cell_says_what_the_ro
     why = " ".join(explain_all(t)[row.id])
     assert "this row shows `x2` before that" not in why, why
     assert "its row shows the flag as that call left it" in why, why
+
+
+@pytest.mark.parametrize("change", ["with torch.no_grad():\n    w -= 0.1 * w.grad", "w.data.mul_(3)",
+                                    "with torch.no_grad():\n    w.add_(1)", "w.data = w.data * 0.5"])
+def test_a_tensor_from_an_earlier_cell_changed_in_place_shows_its_values_before_and_after(shell, change):
+    """The cell after the backward cell updates `w` in place (a manual SGD step): `w`'s row has the
+    values plain torch had before the line, the in-place row those after it."""
+    cells = ["w = torch.ones(3, requires_grad=True)\n(w * torch.arange(3.0)).sum().backward()", change]
+    (_, t), _ = _run(shell, cells)
+    before = _plain(cells[:1])["w"].detach().clone()
+    after = _plain(cells)["w"].detach()
+    assert not torch.equal(before, after)  # the line does change it
+    row = next(r for r in t.records if r.name == "w" and r.external)
+    change_row = [r for r in t.records if r.inplace][-1]  # of `w`, or of `w.data` (the same memory)
+    assert row.preview.values.tolist() == before.tolist()
+    assert change_row.preview.values.tolist() == after.tolist()
+    assert shell.user_ns["w"].tolist() == after.tolist()  # the cell ran as plain

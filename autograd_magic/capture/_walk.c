@@ -407,7 +407,7 @@ static PyObject *param_type, *str_trace, *str_leaf_records; /* set by configure_
  * runs random cells both ways and compares every field. */
 static PyObject *record_cls, *op_name_fn, *tracer_globals, *op_cache, *record_kwnames;
 static PyObject *str_replacers, *str_source_map, *str_text, *str_records, *str_live, *str_requires_grad, *str_is_leaf,
-    *str_output_nr, *str_sequence_nr, *str_node_records, *str_input_record, *str_preview_quiet;
+    *str_output_nr, *str_sequence_nr, *str_node_records, *str_input_record, *str_preview_quiet, *str_before_inplace;
 
 static PyObject *configure_records(PyObject *module, PyObject *const *a, Py_ssize_t n) {
     if (n != 3 || !PyDict_Check(a[2])) {
@@ -1198,6 +1198,26 @@ static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssiz
         Py_DECREF(recorder);
         goto done;
     }
+    if (kind == OP && inplace_name(name) && PyTuple_GET_SIZE(args) > 0 &&
+        PyObject_TypeCheck(PyTuple_GET_ITEM(args, 0), (PyTypeObject *)tensor_type)) {
+        /* about to change a tensor in place: one no record has yet (from before the cell) is previewed
+         * first, for the record its use here makes (`Tracer.before_inplace`) */
+        PyObject *target = PyTuple_GET_ITEM(args, 0);
+        PyObject *by_tensor = PyObject_GetAttr(tracer, str_by_tensor);
+        PyObject *ident = by_tensor != NULL ? PyLong_FromVoidPtr(target) : NULL;
+        PyObject *entry = ident != NULL ? PyDict_GetItemWithError(by_tensor, ident) : NULL;
+        int known = entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 &&
+                    PyWeakref_Check(PyTuple_GET_ITEM(entry, 0)) && PyWeakref_GET_OBJECT(PyTuple_GET_ITEM(entry, 0)) == target;
+        int failed = ident == NULL || (entry == NULL && PyErr_Occurred());
+        Py_XDECREF(ident);
+        Py_XDECREF(by_tensor);
+        if (failed) goto done;
+        if (!known) {
+            PyObject *r = PyObject_CallMethodOneArg(tracer, str_before_inplace, target);
+            if (r == NULL) goto done; /* it catches its own errors: only an interrupt comes here, before the op runs */
+            Py_DECREF(r);
+        }
+    }
     PyObject *out = call(func, args, kwargs);
     if (out == NULL) goto done;
     /* fast exits for what is not a new tensor: attribute reads and non-tensor results */
@@ -1789,7 +1809,7 @@ PyMODINIT_FUNC PyInit__walk(void) {
         intern(&str_requires_grad, "requires_grad") < 0 || intern(&str_is_leaf, "is_leaf") < 0 ||
         intern(&str_output_nr, "output_nr") < 0 || intern(&str_sequence_nr, "_sequence_nr") < 0 ||
         intern(&str_node_records, "node_records") < 0 || intern(&str_input_record, "_input_record_quiet") < 0 ||
-        intern(&str_preview_quiet, "preview_quiet") < 0)
+        intern(&str_preview_quiet, "preview_quiet") < 0 || intern(&str_before_inplace, "before_inplace") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

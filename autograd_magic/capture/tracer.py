@@ -29,7 +29,7 @@ from .earlier import CellRecords, EarlierCells, bring_in, stand_in
 from .interventions import Intervention
 from .names import NameIndex
 from .finite import UNINITIALISED, checkable, holds_nonfinite
-from .preview import DeviceQueue, activate, preview_quiet, quietly
+from .preview import DeviceQueue, activate, preview, preview_quiet, quietly
 from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
 from ..data.trace import CUT_OPS, DATA_SET, Origin, Record, Trace, cut_of, untracked_history
 from .sites import SiteFinder
@@ -171,6 +171,9 @@ class _PyMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if kind == _BACKWARD:
             return tracer.backward.run(func, args, kwargs)
+        if kind == _OP and args and isinstance(args[0], torch.Tensor) and is_inplace(name, name) \
+                and tracer.record_of(args[0]) is None:
+            tracer.before_inplace(args[0])
         out = func(*args, **kwargs)
         # Fast exits for what is not a new tensor: attribute reads (p.grad, .shape)
         # and non-tensor results are most calls in an optimizer step.
@@ -286,6 +289,8 @@ class Tracer:
         self._window: list[tuple] = []
         self._window_bytes = 0  # what the window keeps alive: bounded, or an inference loop would hold every output
         self._grads_at, self._grad_names = -1, {}  # `_leaf_grad_name`'s lookup, as of that many backward calls
+        # (id, torch calls then, preview) of a tensor an in-place op is about to change (`before_inplace`)
+        self._before: Optional[tuple] = None
         self._ns_grads_at, self._ns_grads = -1, {}  # `_namespace_grad_owner`'s, likewise
 
     # ---- lifecycle ----
@@ -414,6 +419,9 @@ class Tracer:
             return entry[1]
         if not inplace or internal is None or not isinstance(t, torch.nn.Parameter):
             return self._external_quiet(t, None)  # `record_for`: it has no record of its own
+        # a module's new parameter filled in place (init_): its row shows the values it was given,
+        # not the memory before (`before_inplace`)
+        self._before = None
         rid = self._external_quiet(t, None)
         rec = self.trace.records[rid]
         rec.created_by, rec.line = self.source_map.text(span), span[0] if span else None
@@ -521,8 +529,19 @@ class Tracer:
     def _external(self, t: torch.Tensor, name: Optional[str]) -> int:
         return self._external_quiet(t, name)
 
+    def before_inplace(self, t: torch.Tensor) -> None:
+        """An in-place op is about to change `t`, which no record has yet (a tensor from before the
+        cell, `x.add_(1)` or `w -= lr * w.grad` in the cell after the one that made it): its values
+        now, for the record the op's use of it makes, which shows it before the change. Both handlers
+        call this before the op; nothing else runs in between (the same call count)."""
+        try:
+            self._before = (id(t), self.calls, preview(t))
+        except Exception:  # the record then shows it as after the op
+            self._before = None
+
     def _external_quiet(self, t: torch.Tensor, name: Optional[str]) -> int:
-        shown = preview_quiet(t)
+        before, self._before = self._before, None
+        shown = before[2] if before is not None and before[0] == id(t) and before[1] == self.calls else preview_quiet(t)
         name = name or self.names.tensor_name(t)
         leaf_grad = False
         if name is None and self.backward.last_span is not None:  # the `.grad` of a leaf this cell's backward reached?
