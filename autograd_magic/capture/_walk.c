@@ -461,16 +461,24 @@ static int gather_inputs(PyObject *obj, int depth, PyObject *tensors) {
     return 1;
 }
 
-/* The record id of input `t`: `_input_record_quiet(t, span, internal, False)`. New reference. */
-static PyObject *input_record(PyObject *tracer, PyObject *by_tensor, PyObject *t, PyObject *span, PyObject *internal) {
+/* `Tracer.record_of(t)` over its `_by_tensor`: the record id (borrowed), or NULL, with an error set
+ * only when the lookup failed. */
+static PyObject *record_of(PyObject *by_tensor, PyObject *t) {
     PyObject *ident = PyLong_FromVoidPtr(t);
     if (ident == NULL) return NULL;
     PyObject *entry = PyDict_GetItemWithError(by_tensor, ident);
     Py_DECREF(ident);
-    if (entry == NULL && PyErr_Occurred()) return NULL;
     if (entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 && PyWeakref_Check(PyTuple_GET_ITEM(entry, 0)) &&
         PyWeakref_GET_OBJECT(PyTuple_GET_ITEM(entry, 0)) == t)
-        return Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+        return PyTuple_GET_ITEM(entry, 1);
+    return NULL;
+}
+
+/* The record id of input `t`: `_input_record_quiet(t, span, internal, False)`. New reference. */
+static PyObject *input_record(PyObject *tracer, PyObject *by_tensor, PyObject *t, PyObject *span, PyObject *internal) {
+    PyObject *rid = record_of(by_tensor, t);
+    if (rid != NULL) return Py_NewRef(rid);
+    if (PyErr_Occurred()) return NULL;
     return PyObject_CallMethodObjArgs(tracer, str_input_record, t, span, internal, Py_False, NULL);
 }
 
@@ -1204,14 +1212,10 @@ static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssiz
          * first, for the record its use here makes (`Tracer.before_inplace`) */
         PyObject *target = PyTuple_GET_ITEM(args, 0);
         PyObject *by_tensor = PyObject_GetAttr(tracer, str_by_tensor);
-        PyObject *ident = by_tensor != NULL ? PyLong_FromVoidPtr(target) : NULL;
-        PyObject *entry = ident != NULL ? PyDict_GetItemWithError(by_tensor, ident) : NULL;
-        int known = entry != NULL && PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 2 &&
-                    PyWeakref_Check(PyTuple_GET_ITEM(entry, 0)) && PyWeakref_GET_OBJECT(PyTuple_GET_ITEM(entry, 0)) == target;
-        int failed = ident == NULL || (entry == NULL && PyErr_Occurred());
-        Py_XDECREF(ident);
-        Py_XDECREF(by_tensor);
-        if (failed) goto done;
+        if (by_tensor == NULL) goto done;
+        int known = PyDict_Check(by_tensor) && record_of(by_tensor, target) != NULL;
+        Py_DECREF(by_tensor);
+        if (PyErr_Occurred()) goto done;
         if (!known) {
             PyObject *r = PyObject_CallMethodOneArg(tracer, str_before_inplace, target);
             if (r == NULL) goto done; /* it catches its own errors: only an interrupt comes here, before the op runs */
