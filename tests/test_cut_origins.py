@@ -13,6 +13,7 @@ import pytest
 import torch
 from IPython.utils.capture import capture_output
 
+from autograd_magic.explain import wording
 from autograd_magic.explain.errors import explain_error
 from autograd_magic.explain.why import explain_all
 from run_cells import backward_order
@@ -368,3 +369,32 @@ def test_a_tensor_from_an_earlier_cell_changed_in_place_shows_its_values_before_
     assert row.preview.values.tolist() == before.tolist()
     assert change_row.preview.values.tolist() == after.tolist()
     assert shell.user_ns["w"].tolist() == after.tolist()  # the cell ran as plain
+
+
+@pytest.mark.parametrize("call", ["torch.mul(a, b, out=c)", "torch.add(c, b, alpha=2, out=c)", "torch.clamp(b, max=15.0, out=c)"])
+def test_a_call_writing_into_out_changes_that_tensor_in_place(shell, call):
+    """`torch.mul(a, b, out=c)` changes `c` in place though no `_` names it: `c`'s row from the
+    earlier cell has the values plain torch had before the line, the call's row those after it,
+    marked in-place and shown as its own statement (no `c = ` the line does not have)."""
+    cells = ["a = torch.tensor([1., 2., 3.])\nb = torch.tensor([10., 20., 30.])\nc = a * 2", f"{call}\nd = c + 1"]
+    (_, t), _ = _run(shell, cells)
+    before = _plain(cells[:1])["c"].clone()
+    ns = _plain(cells)
+    assert not torch.equal(before, ns["c"])  # the line does change it
+    row = next(r for r in t.records if r.name == "c" and r.external)
+    change = next(r for r in t.records if r.inplace)
+    assert row.preview.values.tolist() == before.tolist()
+    assert change.inplace and change.mutates == row.id
+    assert change.preview.values.tolist() == ns["c"].tolist()
+    assert next(r for r in t.records if r.name == "d").preview.values.tolist() == ns["d"].tolist()
+    assert wording.statement_of(change) == call
+    assert shell.user_ns["c"].tolist() == ns["c"].tolist()  # the cell ran as plain
+
+
+def test_a_tensor_of_the_cell_written_through_out_is_marked_changed_later(shell):
+    cells = ["a = torch.tensor([1., 2.])\nc = torch.zeros(2)\ntorch.add(a, 1, out=c)"]
+    (t,), _ = _run(shell, cells)
+    ns = _plain(cells)
+    zeros = next(r for r in t.records if r.name == "c" and not r.inplace)
+    assert zeros.preview.values.tolist() == [0.0, 0.0] and zeros.version_changed
+    assert [r for r in t.records if r.inplace][-1].preview.values.tolist() == ns["c"].tolist()

@@ -407,7 +407,17 @@ static PyObject *param_type, *str_trace, *str_leaf_records; /* set by configure_
  * runs random cells both ways and compares every field. */
 static PyObject *record_cls, *op_name_fn, *tracer_globals, *op_cache, *record_kwnames;
 static PyObject *str_replacers, *str_source_map, *str_text, *str_records, *str_live, *str_requires_grad, *str_is_leaf,
-    *str_output_nr, *str_sequence_nr, *str_node_records, *str_input_record, *str_preview_quiet, *str_before_inplace;
+    *str_output_nr, *str_sequence_nr, *str_node_records, *str_input_record, *str_preview_quiet, *str_before_inplace,
+    *str_out;
+
+/* ops.py's `writes_out(kwargs)`: the call writes into tensors it was given (`out=`), an in-place change.
+ * 1, 0, or -1 with an error set. */
+static int writes_out(PyObject *kwargs) {
+    if (kwargs == NULL || !PyDict_Check(kwargs) || PyDict_GET_SIZE(kwargs) == 0) return 0;
+    PyObject *out = PyDict_GetItemWithError(kwargs, str_out); /* borrowed */
+    if (out == NULL) return PyErr_Occurred() ? -1 : 0;
+    return out != Py_None;
+}
 
 static PyObject *configure_records(PyObject *module, PyObject *const *a, Py_ssize_t n) {
     if (n != 3 || !PyDict_Check(a[2])) {
@@ -560,6 +570,10 @@ static PyObject *first_run(ModeCore *self, PyObject *func, PyObject *name, PyObj
                            PyObject *span, PyObject *internal, PyObject *key, PyObject *module) {
     PyObject *tracer = self->tracer;
     if (record_cls == NULL || Py_TYPE(out) != (PyTypeObject *)tensor_type || key == Py_None || inplace_name(name)) return NULL;
+    if (writes_out(kwargs) != 0) { /* out=: an in-place change, on_op's */
+        PyErr_Clear();
+        return NULL;
+    }
     int r = attr_true(tracer, str_detaching);
     if (r != 0) return NULL;
     r = attr_true(tracer, str_replacers);
@@ -758,7 +772,9 @@ static PyObject *later_run(ModeCore *self, PyObject *func, PyObject *name, PyObj
     PyObject *span = PyTuple_GET_ITEM(found, 0), *internal = PyTuple_GET_ITEM(found, 1);
     PyObject *key = PyTuple_GET_ITEM(found, 2), *module = PyTuple_GET_ITEM(found, 3);
     int handled = 0;
-    if (key != Py_None && !inplace_name(name)) {
+    int into = writes_out(kwargs);
+    if (into < 0) goto done;
+    if (key != Py_None && !inplace_name(name) && !into) {
         PyObject *runs = PyObject_GetAttr(tracer, str_site_runs);
         if (runs == NULL) goto done;
         site = PyDict_GetItemWithError(runs, key);
@@ -1206,11 +1222,20 @@ static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssiz
         Py_DECREF(recorder);
         goto done;
     }
-    if (kind == OP && inplace_name(name) && PyTuple_GET_SIZE(args) > 0 &&
-        PyObject_TypeCheck(PyTuple_GET_ITEM(args, 0), (PyTypeObject *)tensor_type)) {
+    PyObject *target = NULL; /* borrowed: what the op is about to change in place */
+    if (kind == OP) {
+        if (inplace_name(name) && PyTuple_GET_SIZE(args) > 0 &&
+            PyObject_TypeCheck(PyTuple_GET_ITEM(args, 0), (PyTypeObject *)tensor_type)) {
+            target = PyTuple_GET_ITEM(args, 0);
+        } else if (kwargs != NULL && PyDict_Check(kwargs) && PyDict_GET_SIZE(kwargs)) { /* ops.py's `out_target` */
+            target = PyDict_GetItemWithError(kwargs, str_out);
+            if (target == NULL && PyErr_Occurred()) goto done;
+            if (target != NULL && !PyObject_TypeCheck(target, (PyTypeObject *)tensor_type)) target = NULL;
+        }
+    }
+    if (target != NULL) {
         /* about to change a tensor in place: one no record has yet (from before the cell) is previewed
          * first, for the record its use here makes (`Tracer.before_inplace`) */
-        PyObject *target = PyTuple_GET_ITEM(args, 0);
         PyObject *by_tensor = PyObject_GetAttr(tracer, str_by_tensor);
         if (by_tensor == NULL) goto done;
         int known = PyDict_Check(by_tensor) && record_of(by_tensor, target) != NULL;
@@ -1813,7 +1838,8 @@ PyMODINIT_FUNC PyInit__walk(void) {
         intern(&str_requires_grad, "requires_grad") < 0 || intern(&str_is_leaf, "is_leaf") < 0 ||
         intern(&str_output_nr, "output_nr") < 0 || intern(&str_sequence_nr, "_sequence_nr") < 0 ||
         intern(&str_node_records, "node_records") < 0 || intern(&str_input_record, "_input_record_quiet") < 0 ||
-        intern(&str_preview_quiet, "preview_quiet") < 0 || intern(&str_before_inplace, "before_inplace") < 0)
+        intern(&str_preview_quiet, "preview_quiet") < 0 || intern(&str_before_inplace, "before_inplace") < 0 ||
+        intern(&str_out, "out") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

@@ -45,6 +45,18 @@ def is_inplace(func_name: str, op: str) -> bool:
     )
 
 
+def writes_out(kwargs: Optional[dict]) -> bool:
+    """The call writes its result into tensors it was given (`torch.add(a, b, out=c)`): an in-place
+    change of `c`, which torch's version counter sees, though no `_` names it."""
+    return bool(kwargs) and kwargs.get("out") is not None
+
+
+def out_target(kwargs: Optional[dict]) -> Optional[torch.Tensor]:
+    """The tensor an `out=` call writes into, when it is one tensor (not a tuple of them)."""
+    out = kwargs.get("out") if kwargs else None
+    return out if isinstance(out, torch.Tensor) else None
+
+
 def grad_fn_name(t: torch.Tensor) -> Optional[str]:
     # Reading grad_fn itself can raise (a no_grad view whose base changed in
     # place); the user's own code raises it when it reads it, not ours.

@@ -30,7 +30,7 @@ from .interventions import Intervention
 from .names import NameIndex
 from .finite import UNINITIALISED, checkable, holds_nonfinite
 from .preview import DeviceQueue, activate, preview, preview_quiet, quietly
-from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in
+from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, out_target, tensors_in, writes_out
 from ..data.trace import CUT_OPS, DATA_SET, Origin, Record, Trace, cut_of, untracked_history
 from .sites import SiteFinder
 from .source import SourceMap
@@ -171,9 +171,10 @@ class _PyMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if kind == _BACKWARD:
             return tracer.backward.run(func, args, kwargs)
-        if kind == _OP and args and isinstance(args[0], torch.Tensor) and is_inplace(name, name) \
-                and tracer.record_of(args[0]) is None:
-            tracer.before_inplace(args[0])
+        if kind == _OP:
+            target = args[0] if args and isinstance(args[0], torch.Tensor) and is_inplace(name, name) else out_target(kwargs)
+            if target is not None and tracer.record_of(target) is None:
+                tracer.before_inplace(target)
         out = func(*args, **kwargs)
         # Fast exits for what is not a new tensor: attribute reads (p.grad, .shape)
         # and non-tensor results are most calls in an optimizer step.
@@ -540,8 +541,11 @@ class Tracer:
             self._before = None
 
     def _external_quiet(self, t: torch.Tensor, name: Optional[str]) -> int:
-        before, self._before = self._before, None
-        shown = before[2] if before is not None and before[0] == id(t) and before[1] == self.calls else preview_quiet(t)
+        before = self._before
+        if before is not None and before[0] == id(t) and before[1] == self.calls:
+            shown, self._before = before[2], None
+        else:  # the op's other inputs come first in `torch.mul(a, b, out=c)`: c's is kept for c
+            shown = preview_quiet(t)
         name = name or self.names.tensor_name(t)
         leaf_grad = False
         if name is None and self.backward.last_span is not None:  # the `.grad` of a leaf this cell's backward reached?
@@ -662,7 +666,7 @@ class Tracer:
             first = site[1]
             # later uses link to the loop's first record of this site; an in-place op's tensor is
             # not the loop's value (init_ over a module's parameters): it keeps a record of its own
-            if is_inplace(func_name, func_name):
+            if is_inplace(func_name, func_name) or writes_out(kwargs):
                 if internal is not None:
                     for t in outs:  # a module's parameter initialised in a loop (RNN cells)
                         if type(t) is torch.nn.Parameter and self.record_of(t) is None:
@@ -800,11 +804,18 @@ class Tracer:
         records show their first run, and the run is never changed (no variant's replacement)."""
         op = op_name(func)
         if inplace is None:
-            inplace = is_inplace(func_name, op)
+            inplace = is_inplace(func_name, op) or writes_out(kwargs)
         inputs = []
         tensors = []
         input_record = self._input_record_quiet  # already quiet in here
-        for a in (*args, *kwargs.values()) if kwargs else args:
+        given = args
+        if kwargs:
+            written = kwargs.get("out")
+            if written is not None:  # `out=c`: c's old values are not an input, but its row (before) is what changes
+                for t in tensors_in(written):
+                    input_record(t, span, internal, inplace)
+            given = (*args, *(v for k, v in kwargs.items() if k != "out" or v is None))
+        for a in given:
             if isinstance(a, torch.Tensor):
                 tensors.append(a)
                 inputs.append(input_record(a, span, internal, inplace))

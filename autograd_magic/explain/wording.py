@@ -8,6 +8,8 @@ gradient check's verdicts. Views choose only how to print a value
 
 from __future__ import annotations
 
+import re
+
 from typing import Callable, Optional
 
 from ..data.checks import LeafCheck
@@ -78,8 +80,10 @@ def statement_of(record: Record) -> str:
     `h.relu_()`, `h[0, :] = …`), which no `h = ` may precede; "" otherwise (`u = torch.ones(3).requires_grad_()`
     binds its result: an assignment)."""
     expr, name = record.expr or "", record.name or ""
-    if not record.inplace or not expr or not name or not expr.startswith(name):
+    if not record.inplace or not expr or not name:
         return ""
+    if not expr.startswith(name):  # `torch.mul(a, b, out=c)` changes c: its own statement too
+        return expr if re.search(rf"\bout\s*=\s*[(\[]?[\w\s,]*?\b{re.escape(name)}\s*[,)\]]", expr) else ""
     return f"{expr} = …" if record.op in ("setitem", "__setitem__", DATA_SET) else expr
 
 
