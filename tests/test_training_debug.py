@@ -25,7 +25,7 @@ from autograd_magic.explain.debug import ordinal
 from autograd_magic.render.debug import banner_html, debug_payload, training_svg
 from autograd_magic.render.payload import build_payload
 from autograd_magic.render.snapshot import snapshot_html
-from run_cells import traced as _traced
+from run_cells import plain as _plain, traced as _traced
 
 LOOP = """torch.manual_seed(0)
 model = torch.nn.Linear(2, 1)
@@ -581,3 +581,67 @@ def test_the_detail_of_an_op_found_past_the_limit_says_the_recorded_passes_ran_b
     # a record of the recorded iterations: the passes that reached it are not "before" it
     first = next(r for r in t.records if r.name == "model.0.weight" and r.run is None and r.grads)
     assert not any(p["before"] for p in build_detail(t, first.id)["passes"])
+
+
+# ---- what an optimizer step puts into the parameters -------------------------------------------
+
+MLP_STEPS = """torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+X, Y = torch.randn(8, 3), torch.randn(8, 1)
+for i in range(6):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(X), Y)
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_each_recorded_step_has_a_gradient_and_an_update_row_for_every_parameter(shell):
+    """The step's loop over the parameters runs one update op per parameter: --limit counts the
+    step's calls, so each of the first --limit calls shows every parameter's `.grad` and update,
+    with plain torch's values (the op's own count stopped it after three parameters)."""
+    ns: dict = {"torch": torch}
+    exec(MLP_STEPS.replace("    opt.step()", "    grads.append([p.grad.clone() for p in model.parameters()])\n"
+                           "    opt.step()\n    params.append([p.detach().clone() for p in model.parameters()])"),
+         {**ns, "grads": (grads := []), "params": (params := [])})
+    t = _traced(shell, MLP_STEPS)
+    names = [n for n, _ in shell.user_ns["model"].named_parameters()]
+    for k in range(limits.DETAIL_LIMIT):
+        rows = [r for r in t.records if r.grad_of is not None and r.name and r.name.endswith(".grad")][k * 4:(k + 1) * 4]
+        assert [r.name for r in rows] == [f"model.{n}.grad" for n in names]
+        for r, g in zip(rows, grads[k]):
+            assert torch.allclose(torch.from_numpy(r.preview.values), g) if r.preview.complete else r.preview.mean == pytest.approx(g.mean().item())
+        updates = [r for r in t.records if r.inplace and r.in_step][k * 4:(k + 1) * 4]
+        assert [r.name for r in updates] == [f"model.{n}" for n in names]
+        for r, p in zip(updates, params[k]):
+            assert r.preview.mean == pytest.approx(p.mean().item(), rel=1e-5, abs=1e-7)
+    assert len([r for r in t.records if r.inplace and r.in_step]) == 4 * limits.DETAIL_LIMIT  # later calls: none
+
+
+NAN_STEP = """w = torch.ones(2, requires_grad=True)
+opt = torch.optim.SGD([w], lr=0.1)
+for i in range(8):
+    opt.zero_grad()
+    if i == {k}:
+        loss = torch.sqrt((w * 0).sum())  # its gradient at 0 is Inf: NaN by the time it reaches w
+    else:
+        loss = (w * w).sum()
+    loss.backward()
+    opt.step()
+"""
+
+
+@pytest.mark.parametrize("k", [1, 5])  # within --limit, and past it
+def test_a_nan_the_backward_pass_puts_into_the_parameters_is_found_in_the_step(shell, k):
+    """NaN first appears in `w` through `opt.step()`, from the `.grad` backward made: the first
+    NaN is that step's (not `w.grad` "from outside the cell", not a later forward op)."""
+    ns = _plain(NAN_STEP.format(k=k).replace("    opt.step()", "    opt.step()\n    if w.isnan().any() and 'first' not in dir():\n        first = i"))
+    assert ns["first"] == k and ns["w"].isnan().all()
+    t = _traced(shell, NAN_STEP.format(k=k))
+    nf = t.nonfinite
+    assert nf is not None and nf.kind == "nan" and not nf.external and nf.step
+    assert t.source_line(nf.line).strip() == "opt.step()"
+    (grad,) = [o for o in nf.inputs if o.label == "w.grad"]
+    assert grad.kind == "nan"
+    assert "First NaN in an optimizer step" in str(t).splitlines()[1]

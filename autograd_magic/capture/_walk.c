@@ -408,7 +408,7 @@ static PyObject *param_type, *str_trace, *str_leaf_records; /* set by configure_
 static PyObject *record_cls, *op_name_fn, *tracer_globals, *op_cache, *record_kwnames;
 static PyObject *str_replacers, *str_source_map, *str_text, *str_records, *str_live, *str_requires_grad, *str_is_leaf,
     *str_output_nr, *str_sequence_nr, *str_node_records, *str_input_record, *str_preview_quiet, *str_before_inplace,
-    *str_out;
+    *str_out, *str_step_detail;
 
 /* ops.py's `writes_out(kwargs)`: the call writes into tensors it was given (`out=`), an in-place change.
  * 1, 0, or -1 with an error set. */
@@ -632,7 +632,11 @@ static PyObject *first_run(ModeCore *self, PyObject *func, PyObject *name, PyObj
         Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(site, 0));
         Py_ssize_t limit = attr_ssize(tracer, str_detail_limit);
         if ((count == -1 || limit == -1) && PyErr_Occurred()) goto fail;
-        if (count >= limit) goto skip; /* on_op's own path past the limit */
+        if (count >= limit) { /* on_op's own path past the limit, but inside a recorded optimizer step */
+            int whole = attr_true(tracer, str_step_detail);
+            if (whole < 0) goto fail;
+            if (!whole) goto skip;
+        }
     }
     {
         Py_ssize_t count = PyLong_AsSsize_t(PyList_GET_ITEM(site, 0));
@@ -787,7 +791,9 @@ static PyObject *later_run(ModeCore *self, PyObject *func, PyObject *name, PyObj
             if ((count == -1 || limit == -1) && PyErr_Occurred()) goto done;
             int detaching = attr_true(tracer, str_detaching);
             if (detaching < 0) goto done;
-            PyObject *depth = detaching || count < limit ? NULL : PyObject_CallNoArgs(stack_len);
+            int whole = detaching || count < limit ? 0 : attr_true(tracer, str_step_detail); /* a recorded step: on_op's */
+            if (whole < 0) goto done;
+            PyObject *depth = detaching || count < limit || whole ? NULL : PyObject_CallNoArgs(stack_len);
             if (depth != NULL) {
                 int below = depth == Py_None ? 0 : PyObject_IsTrue(depth);
                 Py_DECREF(depth);
@@ -1839,7 +1845,7 @@ PyMODINIT_FUNC PyInit__walk(void) {
         intern(&str_output_nr, "output_nr") < 0 || intern(&str_sequence_nr, "_sequence_nr") < 0 ||
         intern(&str_node_records, "node_records") < 0 || intern(&str_input_record, "_input_record_quiet") < 0 ||
         intern(&str_preview_quiet, "preview_quiet") < 0 || intern(&str_before_inplace, "before_inplace") < 0 ||
-        intern(&str_out, "out") < 0)
+        intern(&str_out, "out") < 0 || intern(&str_step_detail, "_step_detail") < 0)
         return NULL;
     one = PyLong_FromLong(1);
     if (one == NULL) return NULL;

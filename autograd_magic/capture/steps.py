@@ -85,6 +85,7 @@ class OptimizerSteps:
             _lift_zero_grads(mode)
 
     def stop(self) -> None:
+        self._detail(False)
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -109,6 +110,7 @@ class OptimizerSteps:
 
     # ---- the hooks ----
     def _pre(self, opt, args, kwargs) -> None:
+        self._detail(False)
         if self._compiled and _lift_step_c is not None:
             try:
                 if _lift_step_c(self, opt, args, kwargs):
@@ -135,11 +137,22 @@ class OptimizerSteps:
                 self._open = (site, span, ("lifted", mode, opt))
                 return
             self._open = (site, span, self._counts())
+            # one of the first --limit calls: each of its ops is recorded, once per parameter (their own
+            # counts would stop the loop over the parameters part-way); not with a closure (LBFGS runs the
+            # model in it: its ops count as any op's)
+            self._detail(site.calls <= tracer.detail_limit and len(args) <= 1 and not kwargs)
         except Exception as exc:  # bookkeeping only: the step runs traced as before
             self._open = None
             tracer.note(f"an optimizer step was not counted: {type(exc).__name__}: {exc}")
 
+    def _detail(self, on: bool) -> None:
+        try:
+            self.tracer._step_detail = on
+        except ReferenceError:  # the tracer is gone
+            pass
+
     def _post(self, opt, args, kwargs) -> None:
+        self._detail(False)
         opened, self._open = self._open, None
         if opened is None:
             return
@@ -155,6 +168,9 @@ class OptimizerSteps:
                 compat.push_mode(state[1])
             return
         try:
+            records = tracer.trace.records
+            for i in range(state[4], len(records)):  # what the step made: its updates (a NaN there is the step's)
+                records[i].in_step = True
             self._compare(site, state)
         except Exception as exc:
             site.alike = False

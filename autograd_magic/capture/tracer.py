@@ -259,6 +259,9 @@ class Tracer:
         self._cutters = tuple(iv for iv in self.interventions if iv.cuts)
         self._replacers = tuple(iv for iv in self.interventions if iv.replaces)
         self._detaching = bool(self._cutters)
+        # inside an optimizer step call within --limit (capture/steps.py): its ops are recorded whatever
+        # their own counts (its loop over the parameters runs one update op per parameter)
+        self._step_detail = False
         self.keeps_graphs = any(iv.keeps_graphs for iv in self.interventions)
         self.detach_hits: set[str] = set()
         # Records of earlier traced cells, brought in when this run's backward reaches them
@@ -653,7 +656,7 @@ class Tracer:
         site[0] = count + 1
         occurrence = self._span_counts.get(span, 0)  # runs of anything at this span: a unique key
         self._span_counts[span] = occurrence + 1
-        if count >= self.detail_limit and key is not None:
+        if count >= self.detail_limit and key is not None and not self._step_detail:
             # The fast path of a loop's later runs: no preview, only a finiteness check until
             # the first NaN/Inf (how many ran is read off `_site_runs` at the end).
             if self._watching and outs:
@@ -772,7 +775,10 @@ class Tracer:
                         # a model built by this cell has its parameters named when the run ends: asked now
                         name = (self.trace.records[rid].name if rid is not None else None) or self.names.tensor_name(t)
                         for g in args:  # named as the parameter's gradient, not "external"
-                            self._made_by_backward(self.trace.records[self.record_for(g, name=f"{name}.grad" if name else None)])
+                            grad = self.trace.records[self.record_for(g, name=f"{name}.grad" if name else None)]
+                            if name and grad.external and grad.grad_of is None:
+                                grad.grad_of = name
+                            self._made_by_backward(grad)
                     self._record_op(func, func_name, args, kwargs, out, outs, span, internal, key, occurrence,
                                     module, site, past_limit=count, grad_enabled=grad_enabled,
                                     iteration=backward_calls if backward_calls else None,

@@ -43,6 +43,7 @@ class NonFinite:
     run: Optional[int] = None  # found past --limit: how many times this very op ran before
     iteration: Optional[int] = None  # ... and how many backward calls came before it (one a loop iteration: its index)
     module: Optional[str] = None
+    step: bool = False  # made by an optimizer step (an update op in it, or a step found past --limit)
     external: bool = False  # the tensor came from outside the cell already holding it
     preview: Optional[Preview] = None
     count: Optional[int] = None

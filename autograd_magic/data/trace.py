@@ -124,6 +124,7 @@ class Record:
     output_index: Optional[int] = None  # position in a tuple-returning op
     internal: Optional[str] = None  # where inside a call it ran, e.g. "Linear.forward"
     module: Optional[str] = None  # module path it ran in, e.g. "model.0"
+    in_step: bool = False  # made inside an optimizer's step() call (its update of a parameter)
     detached: bool = False  # forced detached by a --detach toggle
     preview: Optional[Preview] = None
     # Gradients: what each backward pass delivered to this tensor (pass index -> preview)

@@ -93,12 +93,18 @@ def nonfinite_origin(trace: Trace) -> Optional[NonFinite]:
     Uninitialised tensors (`torch.empty` and the like) are skipped: their leftover memory may
     hold anything, and the op that fills them is recorded after them."""
     for r in trace.records:
-        if is_uninitialised(r):
+        if is_uninitialised(r) or _made_by_backward(r):
             continue
         kind = nonfinite_kind(r.preview)
         if kind is not None:
             return _origin(trace, r, kind)
     return None
+
+
+def _made_by_backward(r: Record) -> bool:
+    """A leaf's `.grad` this cell's backward call made, first seen as an optimizer's input: not a
+    forward value (a NaN there is the backward pass's, found there), but the update it feeds is."""
+    return r.external and r.grad_of is not None and r.created_by is not None and not r.inputs
 
 
 def _origin(trace: Trace, r: Record, kind: str) -> NonFinite:
@@ -113,7 +119,8 @@ def _origin(trace: Trace, r: Record, kind: str) -> NonFinite:
         inputs.append(Operand(i, record_label(src), shown, nonfinite_kind(shown)))
     return NonFinite(
         record=r.id, kind=kind, op=r.op, label=record_label(r), line=r.line, expr=r.expr,
-        occurrence=op_run(trace, r) - 1, run=r.run, iteration=r.iteration, module=r.module, external=r.external and not r.inputs,
+        occurrence=op_run(trace, r) - 1, run=r.run, iteration=r.iteration, module=r.module,
+        step=r.in_step or (r.op == "step" and r.run is not None), external=r.external and not r.inputs,
         preview=r.preview, count=_count(r.preview), inputs=inputs,
     )
 
@@ -366,8 +373,8 @@ def origin_sentence(nf: NonFinite) -> str:
         details.append(f"in {nf.module}")
     if nf.external:
         return f"First {KIND_WORD[nf.kind]}: {what} came from outside the cell already holding it"
-    # a lifted optimizer step found past --limit (capture/steps.py): not a forward op
-    phase = "an optimizer step" if nf.op == "step" and nf.run is not None else "forward"
+    # an update inside an optimizer step, or a lifted step found past --limit (capture/steps.py): not a forward op
+    phase = "an optimizer step" if nf.step else "forward"
     return f"First {KIND_WORD[nf.kind]} in {phase}: {what}{where} ({', '.join(details)})"
 
 
