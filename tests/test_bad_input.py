@@ -30,7 +30,8 @@ def ipy():
 
 
 @pytest.mark.parametrize(
-    "options", ["--bogus", "--limit 0", "--limit -3", "--limit x", "-o", "--detach", "-o a b", "-o 1bad", "-o class", "-o a.b"]
+    "options", ["--bogus", "--limit 0", "--limit -3", "--limit x", "-o", "--detach", "-o a b", "-o 1bad", "-o class", "-o a.b",
+                "--detach ''"]
 )
 def test_option_errors_are_usage_errors(ipy, options, capsys):
     ipy.user_ns.pop("ran", None)
@@ -301,3 +302,16 @@ def test_odd_programs_fail_or_pass_as_plain(ipy, name):
     assert traced.error == plain.error
     assert traced.namespace == plain.namespace
     assert traced.shown == plain.shown
+
+
+@pytest.mark.parametrize("options", ["--limit 0", "-o 1x", "--bogus", "--detach ''"])
+def test_autograd_on_refuses_options_every_cell_would_refuse(ipy, options):
+    """`%autograd on OPTIONS` checks them as a cell does: accepted, each later cell would fail with them."""
+    result = ipy.run_cell(f"%autograd on {options}", store_history=False)
+    err = result.error_in_exec or result.error_before_exec
+    try:
+        assert type(err).__name__ == "UsageError" and USAGE in str(err), err
+        after = ipy.run_cell("ran = torch.ones(1) * 2", store_history=False)
+        assert after.success and ipy.user_ns["ran"].tolist() == [2.0]  # the notebook goes on, plain
+    finally:
+        ipy.run_cell("%autograd off", store_history=False)

@@ -175,3 +175,26 @@ def test_a_detached_tensor_with_a_path_around_it_does_not_cut_off_its_leaf(shell
     assert v.last("x").attr_grad.values.item() == x.grad.item() == 6.0
     why = about(v, "y")
     assert "none reaches `x`" not in why and "`x` still gets one along another path" in why, why
+
+
+@pytest.mark.parametrize("written", ['"3*x + 2"', "'3*x + 2'", "3*x+2"])
+def test_detach_an_expression_written_in_quotes_on_the_magic_line(shell, written):
+    """The README's `--detach "3*x + 2"`: IPython keeps the quotes in the word; the expression is meant."""
+    shell.run_cell("import torch")
+    shell.run_cell(f"%%autograd --quiet -o _t --detach {written}\n" + TOUR)
+    v = shell.user_ns.pop("_t")
+    x, out = plain_tour(detach=True)
+    assert x.requires_grad and not out.requires_grad  # torch, with `3*x + 2` detached by hand
+    assert v.last("y").detached and not v.last("out").requires_grad
+    assert not any("nothing in the cell is named" in n for n in v.notes)
+
+
+def test_detaching_what_the_cell_does_not_have_says_so_in_one_line(shell):
+    shell.run_cell("import torch")
+    shell.run_cell("%%autograd --quiet -o _t --detach nosuch\n" + TOUR)
+    v = shell.user_ns.pop("_t")
+    x, out = plain_tour()
+    out.backward()
+    assert [n for n in v.notes if n.startswith("--detach nosuch:")] == [
+        "--detach nosuch: nothing in the cell is named or written `nosuch`, so nothing was detached for it"]
+    assert v.last("x").attr_grad.values.tolist() == x.grad.tolist()  # the real gradients: nothing was cut

@@ -191,3 +191,19 @@ def test_a_trailing_semicolon_silences_the_value_as_in_a_plain_cell(shell, last)
     if plain.result is not None:
         assert repr(traced.result) == repr(plain.result)
     assert ("Out[" in plain_out.stdout) == ("Out[" in traced_out.stdout)
+
+
+def test_text_shows_the_real_run_then_the_variant_and_the_gradient_check(shell):
+    """`--text` with a variant prints the real run and the variant against it, and with `--check`
+    the verdict per leaf, as the other views show them (it printed the variant alone, and no check)."""
+    shell.run_cell("import torch\nx = torch.tensor([2.0, 1.0], requires_grad=True)")
+    with capture_output() as out:
+        shell.run_cell("%%autograd --text --no-grad\ny = (x**3).sum()")
+    heads = [line for line in out.stdout.splitlines() if line.startswith("autograd trace:")]
+    assert len(heads) == 2 and "variant" not in heads[0] and "[variant: under torch.no_grad()]" in heads[1]
+    with capture_output() as out:
+        shell.run_cell("%%autograd --text --check\ny = (x**3).sum()\ny.backward()")
+    plain = torch.tensor([2.0, 1.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: (t ** 3).sum(), (plain,))  # torch agrees the gradient is right
+    check = [line.strip() for line in out.stdout.splitlines() if line.strip().startswith(("✓", "✗", "?"))]
+    assert len(check) == 1 and check[0].startswith("✓ x: ") and "2 elements" in check[0], out.stdout

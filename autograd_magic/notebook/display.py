@@ -34,8 +34,8 @@ def show(
     """Display `trace` (and its variant): the widget when a cell's session backs it, else the snapshot."""
     from IPython.display import display
 
-    if mode == "text":
-        print(str(variant or trace))
+    if mode == "text":  # the real run, then the variant against it, as the other views show them
+        print(str(trace) + (f"\n\n{variant}" if variant is not None else ""))
         return
     if mode == "widget" and session is not None:
         with one_look():  # the view, the text and the snapshot read the same trace: its analyses are made once

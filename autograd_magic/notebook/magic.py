@@ -93,19 +93,11 @@ class AutogradMagics(Magics):
         __tracebackhide__ = True
         if cell is None:
             return self._switch(line)
-        usage = self.autograd.parser.format_usage()
-        try:
-            args = parse_argstring(self.autograd, line)
-        except UsageError as exc:  # argparse's message alone doesn't say what is allowed
-            raise UsageError(f"{exc}\n{usage}") from None
-        if args.limit is not None and args.limit < 1:
-            raise UsageError("--limit takes a whole number of 1 or more\n" + usage)
-        if args.output is not None and (not args.output.isidentifier() or keyword.iskeyword(args.output)):
-            raise UsageError(f"-o takes a variable name, not {args.output!r}\n" + usage)  # before the cell runs
+        args = self._parse(line)
         mode = "quiet" if args.quiet else "text" if args.text else "static" if (args.static or self.static) else "widget"
         options = CellOptions(
             output=args.output,
-            toggles=Toggles(no_grad=args.no_grad, detach_names=tuple(args.detach)),
+            toggles=Toggles(no_grad=args.no_grad, detach_names=tuple(_unquoted(d) for d in args.detach)),
             check=args.check,
             mode=mode,
             graph=not args.no_graph,
@@ -117,13 +109,29 @@ class AutogradMagics(Magics):
         )
         trace_cell(self.shell, cell, options)
 
+    def _parse(self, line: str):
+        """The cell's options, checked as a whole before the cell runs; a UsageError with the usage otherwise."""
+        usage = self.autograd.parser.format_usage()
+        try:
+            args = parse_argstring(self.autograd, line)
+        except UsageError as exc:  # argparse's message alone doesn't say what is allowed
+            raise UsageError(f"{exc}\n{usage}") from None
+        if args.limit is not None and args.limit < 1:
+            raise UsageError("--limit takes a whole number of 1 or more\n" + usage)
+        if args.output is not None and (not args.output.isidentifier() or keyword.iskeyword(args.output)):
+            raise UsageError(f"-o takes a variable name, not {args.output!r}\n" + usage)  # before the cell runs
+        empty = [d for d in args.detach if not _unquoted(d).strip()]
+        if empty:
+            raise UsageError(f"--detach takes a name or an expression of the cell, not {empty[0]!r}\n" + usage)
+        return args
+
     def _switch(self, line: str) -> None:
         word, _, options = line.strip().partition(" ")
         if word == "on":
-            try:  # the options are checked now, not on the next cell
-                parse_argstring(self.autograd, options)
+            try:  # the options are checked now, as every cell will check them, not on the next cell
+                self._parse(options)
             except UsageError as exc:
-                raise UsageError(f"{exc}\n{_SWITCH_USAGE}, OPTIONS as for a cell:\n{self.autograd.parser.format_usage()}") from None
+                raise UsageError(f"{exc}\n{_SWITCH_USAGE}, OPTIONS as for a cell") from None
             auto_trace.turn_on(self.shell, options.strip())
             print("%autograd on: every cell from now on is traced" + (f" with {options.strip()}" if options.strip() else ""))
         elif word == "off":
@@ -133,6 +141,15 @@ class AutogradMagics(Magics):
             print("%autograd is " + ("on" if auto_trace.is_on(self.shell) else "off"))
         else:
             raise UsageError(_SWITCH_USAGE)
+
+
+def _unquoted(text: str) -> str:
+    """`"3*x + 2"` as written on the magic's line, without its quotes: IPython splits the line
+    keeping them (`--detach "3*x + 2"` and `--detach '3*x + 2'` both name the expression `3*x + 2`)."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
 
 
 class SyntaxCheck:

@@ -73,6 +73,7 @@ def render_text(trace: Trace, width: int = 120) -> str:
         lines.append(f"backward pass {p.index + 1} ({where}): {len(p.steps)} nodes" + (f" — {p.error}" if p.error else ""))
     if len(trace.passes) > limits.SNAPSHOT_PASS_ITEMS:
         lines.append(f"… {len(trace.passes) - limits.SNAPSHOT_PASS_ITEMS} more backward passes")
+    lines.extend(_gradcheck_lines(trace))
     if trace.error:
         e = trace.error
         lines.append(f"error at line {e.line}: {e.type}: {e.message}")
@@ -82,3 +83,19 @@ def render_text(trace: Trace, width: int = 120) -> str:
     for note in trace.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _gradcheck_lines(trace: Trace) -> list[str]:
+    """`--check`'s verdict per leaf, as the snapshot's table has it; none when the check was not run."""
+    checks = trace.gradcheck
+    if checks is None:
+        return []
+    if not checks:
+        return ["gradient check: no leaf received a gradient in the first backward pass"]
+    lines = ["gradient check (the first backward pass against central finite differences, float64, sandboxed re-run):"]
+    mark = {True: "✓", False: "✗"}
+    for c in checks:
+        errs = "" if c.max_abs_err is None else f", max abs err {c.max_abs_err:.2e}, max rel err {c.max_rel_err:.2e}"
+        text = f"  {mark.get(c.ok, '?')} {c.name}: {wording.verdict(c.ok)} ({c.elements_checked} elements{errs})"
+        lines.append(text + (f": {c.note}" if c.note else ""))
+    return lines

@@ -346,6 +346,9 @@ def run_variant(
                 probe.after(ns, run.trace)
         trace = run.trace
         notes.append(skipped_line(sandbox.skipped, variant=True))
+        hits = {"".join(h.split()) for h in trace.detached}  # names, and expressions without their spaces
+        notes += [f"--detach {n}: nothing in the cell is named or written `{n}`, so nothing was detached for it"
+                  for n in toggles.detach_names if "".join(n.split()) not in hits]
     except SandboxError as exc:  # the pre-run state is gone: said in one line
         return _failed(original, TraceError(type="SandboxError", message=str(exc)), toggles.no_grad, names)
     except Exception as exc:
