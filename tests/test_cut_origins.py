@@ -398,3 +398,22 @@ def test_a_tensor_of_the_cell_written_through_out_is_marked_changed_later(shell)
     zeros = next(r for r in t.records if r.name == "c" and not r.inplace)
     assert zeros.preview.values.tolist() == [0.0, 0.0] and zeros.version_changed
     assert [r for r in t.records if r.inplace][-1].preview.values.tolist() == ns["c"].tolist()
+
+
+@pytest.mark.parametrize("make", ["w = torch.nn.Parameter(torch.tensor([1., 2.]))\nopt = torch.optim.SGD([w], lr=0.5)",
+                                  "torch.manual_seed(0)\nm = torch.nn.Linear(2, 1)\nw = m.weight\nopt = torch.optim.SGD(m.parameters(), lr=0.5)"])
+def test_a_parameter_an_optimizer_step_updates_shows_its_values_from_before_the_cell(shell, make):
+    """A parameter first seen in the cell by `opt.step()`'s in-place update is the earlier cell's,
+    not one a module's __init__ fills: its row has the values before the step (not the step's
+    result) and is not said to be created by the step."""
+    cells = [make + "\n(w * w).sum().backward()" if "Linear" not in make else make + "\nm(torch.ones(1, 2)).sum().backward()",
+             "opt.step()"]
+    (_, t), _ = _run(shell, cells)
+    before = _plain(cells[:1])["w"].detach().clone()
+    after = _plain(cells)["w"].detach()
+    assert not torch.equal(before, after)
+    row = next(r for r in t.records if r.external and r.name in ("w", "m.weight"))
+    assert row.preview.values.tolist() == before.tolist()
+    assert row.created_by is None and row.line is None  # from outside the cell
+    update = next(r for r in t.records if r.inplace and r.mutates == row.id)
+    assert update.preview.values.tolist() == after.tolist() and update.in_step

@@ -145,6 +145,10 @@ class OptimizerSteps:
             self._open = None
             tracer.note(f"an optimizer step was not counted: {type(exc).__name__}: {exc}")
 
+    def in_step(self) -> bool:
+        """An optimizer step's call is running, traced (its ops are seen)."""
+        return self._open is not None
+
     def _detail(self, on: bool) -> None:
         try:
             self.tracer._step_detail = on

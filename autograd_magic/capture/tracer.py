@@ -421,7 +421,7 @@ class Tracer:
         entry = self._by_tensor.get(id(t))
         if entry is not None and entry[0]() is t:
             return entry[1]
-        if not inplace or internal is None or not isinstance(t, torch.nn.Parameter):
+        if not inplace or internal is None or not isinstance(t, torch.nn.Parameter) or self._known_parameter(t):
             return self._external_quiet(t, None)  # `record_for`: it has no record of its own
         # a module's new parameter filled in place (init_): its row shows the values it was given,
         # not the memory before (`before_inplace`)
@@ -430,6 +430,11 @@ class Tracer:
         rec = self.trace.records[rid]
         rec.created_by, rec.line = self.source_map.text(span), span[0] if span else None
         return rid
+
+    def _known_parameter(self, t: torch.nn.Parameter) -> bool:
+        """A parameter from before the cell that a call changes in place (an optimizer's step, a
+        function of the user's): not one a module's `__init__` is filling, which no name reaches yet."""
+        return self.steps.in_step() or self.names.tensor_name(t) is not None
 
     def _from_earlier_cell(self, t: torch.Tensor) -> Optional[int]:
         """`t` was made by an earlier traced cell (`y` in `y.backward()`): bring its record in."""
