@@ -366,3 +366,23 @@ def test_assigning_data_is_a_row_whose_values_later_lines_read(shell):
     line = body.splitlines().index("w.data = w.data - 0.1 * w.grad") + 2  # +1: 1-based, +1: the magic's line
     assert f"modified in place by `w.data = …` on line {line}" in " ".join(explain_record(t, first.id))
     assert ns["w"].grad.tolist() == shell.user_ns["w"].grad.tolist()  # the cell ran as plain
+
+
+@pytest.mark.parametrize("body, cut, dtype", [("i = x.argmax()\nf = i.float() * 2", "i", "int64"),
+                                              ("m = x > 1\nf = m.float() + 1", "m", "bool")])
+def test_a_result_of_an_integer_op_is_said_to_be_cut_there_not_to_come_from_a_tensor_without_grad(shell, body, cut, dtype):
+    """`x.argmax().float()`: x requires grad, the integer result carries none. The downstream row says
+    it was computed from the integer one, never that `x` "never had requires_grad=True"."""
+    import torch
+
+    ns = {"torch": torch, "x": torch.tensor([1., 3., 2.], requires_grad=True)}
+    exec(body, ns)
+    assert ns["x"].requires_grad and not ns["f"].requires_grad and str(ns[cut].dtype) == f"torch.{dtype}"
+    t = run(shell, body, setup="import torch\nx = torch.tensor([1., 3., 2.], requires_grad=True)")
+    text = about(t, "f")
+    assert f"computed from `{cut}` (line 2), which holds {dtype} values" in text and "although `x` requires grad" in text, text
+    assert "never had requires_grad=True" not in text, text
+    t = run(shell, body + "\nf.sum().backward()", setup="import torch\nx = torch.tensor([1., 3., 2.], requires_grad=True)", raises=True)
+    err = explain_error(t)
+    assert f"which holds {dtype} values" in err and "Compute it from floating point values" in err, err
+    assert "Set requires_grad=True on the input" not in err, err

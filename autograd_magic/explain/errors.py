@@ -11,7 +11,7 @@ from typing import Optional
 
 from . import wording
 from .why import (
-    _DETACH_OPS, _cut_how, _flipped, first_cut, _mutations_of, _pass_where, _quote, _variant_cut, _where, _why_no_requires_grad,
+    _DETACH_OPS, _cut_how, _flipped, first_cut, integral_cut, _mutations_of, _pass_where, _quote, _variant_cut, _where, _why_no_requires_grad,
 )
 from ..data.trace import BackwardPass, Record, Trace
 
@@ -80,6 +80,8 @@ def _no_grad_root(trace: Trace, p: Optional[BackwardPass]) -> str:
         fix = "Compute it outside the torch.no_grad() block if you want to differentiate it."
     elif how is not None:
         fix = f"Differentiate what it was cut from instead, or drop the {_cut_how(how)}."
+    elif r.inputs and integral_cut(trace, r) is not None:
+        fix = "Compute it from floating point values if it should have a gradient (an index or a comparison has none)."
     elif r.grad_of is not None:
         fix = "A gradient is a result, not part of a graph: to differentiate through it, compute it with torch.autograd.grad(..., create_graph=True)."
     return (

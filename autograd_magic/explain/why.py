@@ -403,10 +403,29 @@ def first_cut(trace: Trace, r: Record) -> Optional[Record]:
     return None
 
 
+def integral_cut(trace: Trace, r: Record) -> Optional[tuple[Record, list[Record]]]:
+    """The nearest record `r` was computed from that holds integers or booleans made from a tensor
+    that requires grad (`x.argmax()`, `x > 0`), with those inputs: autograd stops there. None if none."""
+    for a in _ancestors(trace, r.id):
+        if a.requires_grad:
+            return None  # nearer than any cut: `r` is computed from history autograd has
+        if _integral(a):
+            grad_inputs = [trace.records[i] for i in a.inputs if 0 <= i < len(trace.records) and trace.records[i].requires_grad]
+            if grad_inputs:
+                return a, grad_inputs
+    return None
+
+
 def _untracked_origin(trace: Trace, r: Record) -> str:
     """Why a computed tensor has no history: its inputs never required grad, or were cut."""
     ancestors = list(_ancestors(trace, r.id))
     c = first_cut(trace, r)
+    ic = integral_cut(trace, r)
+    if ic is not None and (c is None or ancestors.index(ic[0]) < ancestors.index(c)):
+        cut, grad_inputs = ic
+        return (f"{_where(r)} does not require grad: it was computed from {_where(cut)}, which holds "
+                f"{cut.dtype.replace('torch.', '')} values; only floating point (and complex) tensors carry gradients, "
+                f"so no gradient flows back through it, although {_names(grad_inputs)} requires grad.")
     if c is not None:
         if c.origin is not None and c.external:
             return f"{_where(r)} does not require grad: it was computed from {_quote(c)}, which {origin_clause(c.origin, c.label)}."
