@@ -340,18 +340,38 @@ def test_an_input_from_an_untraced_cell_names_every_way_it_can_have_lost_its_his
     assert "torch.no_grad()" in why and "Trace that cell too" in why, why
 
 
-def test_requires_grad_switched_on_by_the_first_use_in_the_cell_says_what_the_row_shows(shell):
-    """`x2` from an earlier cell, first used by `x2.requires_grad_()`: its row shows the flag as
-    the call left it (what plain torch reads after the line), so its sentence may not say "before"."""
-    cells = ["x2 = torch.ones(3)", "x2.requires_grad_()\ny = (x2 * 3).sum()\ny.backward()"]
+@pytest.mark.parametrize("switch", ["x2.requires_grad_()", "x2.requires_grad = True"])
+def test_requires_grad_switched_on_by_the_first_use_in_the_cell_shows_the_flag_before_it(shell, switch):
+    """`x2` from an earlier cell, first used by `x2.requires_grad_()` (or the attribute set): its row
+    shows x2 as the cell found it, the flag off as plain torch has it before the line; the switch's
+    row shows it on, and the sentence says the row is from before the switch."""
+    cells = ["x2 = torch.ones(3)", f"{switch}\ny = (x2 * 3).sum()\ny.backward()"]
     (_, t), _ = _run(shell, cells)
     ns = _plain(cells[:1])
-    assert ns["x2"].requires_grad is False  # before the call, plain torch: off
     row = next(r for r in t.records if r.external and r.name == "x2")
-    assert row.requires_grad is ns["x2"].requires_grad_().requires_grad  # after it: on, as the row shows
+    assert row.requires_grad is ns["x2"].requires_grad is False  # before the line, plain torch: off
+    on = next(r for r in t.records if r.inplace and r.mutates == row.id)
+    assert on.op == "requires_grad_" and on.requires_grad is ns["x2"].requires_grad_().requires_grad is True
     why = " ".join(explain_all(t)[row.id])
-    assert "this row shows `x2` before that" not in why, why
-    assert "its row shows the flag as that call left it" in why, why
+    assert "this row shows `x2` before that" in why and "(.grad is None)" not in why, why
+    assert shell.user_ns["x2"].grad.tolist() == [3.0, 3.0, 3.0]
+
+
+def test_requires_grad_switched_off_by_the_attribute_is_a_row_and_the_reason(shell):
+    """`w.requires_grad = False`: recorded as the switch it is; `w` got no gradient because of it."""
+    cells = ["w = torch.tensor([1., 2.], requires_grad=True)\nb = torch.tensor([3., 4.], requires_grad=True)",
+             "w.requires_grad = False\ny = (w * b).sum()\ny.backward()"]
+    (_, t), _ = _run(shell, cells)
+    ns = _plain(cells)
+    assert ns["w"].grad is None and ns["b"].grad is not None
+    row = next(r for r in t.records if r.external and r.name == "w")
+    off = next(r for r in t.records if r.inplace and r.mutates == row.id)
+    assert row.requires_grad is True and off.requires_grad is ns["w"].requires_grad is False
+    assert wording.statement_of(off) == "w.requires_grad = False"
+    why = " ".join(explain_all(t)[row.id])
+    assert "`w.requires_grad = False` on line 2 switched its requires_grad off" in why, why
+    assert "does not depend on it" not in why, why
+    assert "never had requires_grad=True" not in " ".join(explain_all(t)[off.id])
 
 
 @pytest.mark.parametrize("change", ["with torch.no_grad():\n    w -= 0.1 * w.grad", "w.data.mul_(3)",

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from ..data.trace import DATA_SET
+from ..data.trace import DATA_SET, REQUIRES_GRAD_SET
 
 _OP_NAMES = {
     "__add__": "add", "__radd__": "add", "__iadd__": "add_",
@@ -34,8 +34,12 @@ def op_name(func: Callable) -> str:
     if name == "__get__":  # a property such as .T or .real
         owner = getattr(func, "__self__", None)
         return getattr(owner, "__name__", "attribute")
-    if name == "__set__" and getattr(getattr(func, "__self__", None), "__name__", None) == "data":
-        return DATA_SET
+    if name == "__set__":
+        owner = getattr(getattr(func, "__self__", None), "__name__", None)
+        if owner == "data":
+            return DATA_SET
+        if owner == "requires_grad":
+            return REQUIRES_GRAD_SET
     return _OP_NAMES.get(name, name)
 
 

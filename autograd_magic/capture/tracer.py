@@ -31,7 +31,7 @@ from .names import NameIndex
 from .finite import UNINITIALISED, checkable, holds_nonfinite
 from .preview import DeviceQueue, activate, preview, preview_quiet, quietly
 from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, out_target, tensors_in, writes_out
-from ..data.trace import CUT_OPS, DATA_SET, Origin, Record, Trace, cut_of, untracked_history
+from ..data.trace import CUT_OPS, DATA_SET, REQUIRES_GRAD_SET, Origin, Record, Trace, cut_of, untracked_history
 from .sites import SiteFinder
 from .source import SourceMap
 from .steps import STEP, OptimizerSteps
@@ -119,6 +119,8 @@ _KINDS[torch.Tensor.data.__get__] = (_OP, "__get__")
 # `w.data = ...` (a manual SGD step) replaces a tensor's values: recorded as an in-place op on it, so its
 # later uses read the new values' row, where a setter otherwise passes through unrecorded
 _KINDS[torch.Tensor.data.__set__] = (_OP, DATA_SET)
+# `w.requires_grad = False` switches the flag as `w.requires_grad_(False)` does: recorded as that op
+_KINDS[torch.Tensor.requires_grad.__set__] = (_OP, REQUIRES_GRAD_SET)
 
 
 def _grad_fn_quiet(out) -> Optional[str]:
@@ -542,18 +544,21 @@ class Tracer:
         """An in-place op is about to change `t`, which no record has yet (a tensor from before the
         cell, `x.add_(1)` or `w -= lr * w.grad` in the cell after the one that made it): its values
         now, for the record the op's use of it makes, which shows it before the change. Both handlers
-        call this before the op; nothing else runs in between (the same call count)."""
+        call this before the op; nothing else runs in between (the same call count). Its flags too:
+        `x.requires_grad_()` switches requires_grad on, `x.add_(w)` gives a leaf a grad_fn."""
         try:
-            self._before = (id(t), self.calls, preview(t))
+            with compat.no_torch_function():  # our reads are not the user's ops (a mode of theirs below ours)
+                flags = (t.requires_grad, grad_fn_name(t), is_leaf(t))
+            self._before = (id(t), self.calls, preview(t), flags)
         except Exception:  # the record then shows it as after the op
             self._before = None
 
     def _external_quiet(self, t: torch.Tensor, name: Optional[str]) -> int:
         before = self._before
         if before is not None and before[0] == id(t) and before[1] == self.calls:
-            shown, self._before = before[2], None
+            shown, (requires_grad, grad_fn, leaf), self._before = before[2], before[3], None
         else:  # the op's other inputs come first in `torch.mul(a, b, out=c)`: c's is kept for c
-            shown = preview_quiet(t)
+            shown, requires_grad, grad_fn, leaf = preview_quiet(t), t.requires_grad, grad_fn_name(t), is_leaf(t)
         name = name or self.names.tensor_name(t)
         leaf_grad = False
         if name is None and self.backward.last_span is not None:  # the `.grad` of a leaf this cell's backward reached?
@@ -571,13 +576,13 @@ class Tracer:
             op="external",
             name=name,
             external=True,
-            grad_fn=grad_fn_name(t),
-            requires_grad=t.requires_grad,
-            is_leaf=is_leaf(t),
+            grad_fn=grad_fn,
+            requires_grad=requires_grad,
+            is_leaf=leaf,
             grad_enabled=torch.is_grad_enabled(),
             preview=shown,
             grad_of=grad_of,
-            origin=self.earlier.origin_of(t) if self.earlier is not None and not t.requires_grad else None,
+            origin=self.earlier.origin_of(t) if self.earlier is not None and not requires_grad else None,
             made_in=self.earlier.made_in(t) if self.earlier is not None else None,
         )
         if leaf_grad:

@@ -54,6 +54,8 @@ class Preview:
 CUT_OPS = frozenset({"detach", "detach_", "data"})  # ops whose output shares the values with no history
 #: the op of `t.data = other`: the tensor's values replaced in place, behind autograd's back (no version bump)
 DATA_SET = "data_"
+#: the op of `t.requires_grad = flag`: the same change as `t.requires_grad_(flag)`, named so
+REQUIRES_GRAD_SET = "requires_grad_"
 
 
 @dataclass

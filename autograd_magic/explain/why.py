@@ -18,7 +18,7 @@ from . import wording
 from .format import format_short
 from .stepper import steps
 from ..data.identity import match_records
-from ..data.trace import CUT_OPS, DATA_SET, BackwardPass, Origin, Preview, Record, Trace
+from ..data.trace import CUT_OPS, DATA_SET, REQUIRES_GRAD_SET, BackwardPass, Origin, Preview, Record, Trace
 
 _DETACH_OPS = CUT_OPS  # .detach(), .detach_(), and `.data`: the legacy way to the same values with no history
 
@@ -236,6 +236,9 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         elif r.op == "requires_grad_" and r.requires_grad:
             out.append(f"`{r.expr or r.op}` on line {r.line} switched on requires_grad for {_quote(target)}: "
                        "from here on, what is computed from it is recorded for autograd.")
+        elif r.op == REQUIRES_GRAD_SET and target.requires_grad:
+            out.append(f"`{wording.statement_of(r) or r.expr or r.op}` on line {r.line} switched off requires_grad for "
+                       f"{_quote(target)}: from here on, what is computed from it is not recorded for autograd.")
         else:
             out.append(f"`{r.expr or r.op}` on line {r.line} changed {_quote(target)} in place.")
     if r.detached:
@@ -252,18 +255,24 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
             f"so no gradient flows back through it{reach}; it receives none itself."
         )
     elif not r.requires_grad:
-        out.extend(_why_no_requires_grad(trace, r))
+        reasons = _why_no_requires_grad(trace, r)
+        if any(m.op == REQUIRES_GRAD_SET and m.requires_grad for m in _later_changes(trace, r)):
+            # switched on later (said below): its tensor may get a .grad, which this row's flag does not tell
+            reasons = [x for x in reasons if not x.endswith("so it has no gradient (.grad is None).")]
+        out.extend(reasons)
     elif r.is_leaf:
         out.extend(_variant_note(trace, r) + _leaf_grad(trace, r))
     else:
         out.extend(_non_leaf_grad(trace, r))
     for m in _later_changes(trace, r):
-        if m.op == "requires_grad_" and m.requires_grad and r.requires_grad:
-            # first seen by that very call (a tensor from an earlier cell): its row shows the flag as the call left it
-            out.append(f"requires_grad was switched on by `{m.expr or m.op}` on line {m.line}, the first line of this "
-                       f"cell to use {_quote(r)}; its row shows the flag as that call left it.")
-        elif m.op == "requires_grad_" and m.requires_grad:
-            out.append(f"requires_grad was switched on later, by `{m.expr or m.op}` on line {m.line}; this row shows {_quote(r)} before that.")
+        statement = wording.statement_of(m) or m.expr or m.op
+        if m.op == REQUIRES_GRAD_SET and m.requires_grad == r.requires_grad:
+            out.append(f"`{statement}` on line {m.line} left requires_grad {'on' if r.requires_grad else 'off'}, as it already was.")
+        elif m.op == REQUIRES_GRAD_SET and m.requires_grad:
+            out.append(f"requires_grad was switched on later, by `{statement}` on line {m.line}; this row shows {_quote(r)} before that.")
+        elif m.op == REQUIRES_GRAD_SET:
+            if r.grads:  # reached before the switch; otherwise the reason it got none says it already
+                out.append(f"requires_grad was switched off later, by `{statement}` on line {m.line}; this row shows {_quote(r)} before that.")
         else:
             out.append(f"{_where(r)} was later modified in place by `{wording.statement_of(m) or m.expr or m.op}` on line {m.line}.")
     return out
@@ -303,6 +312,8 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
     toggled = _variant_sentence(trace, r)
     if toggled is not None:
         return [toggled, none]
+    if r.op == REQUIRES_GRAD_SET and r.inplace and r.mutates is not None:  # switched off by this very line: said above
+        return [none]
     if r.op in _DETACH_OPS:
         src = trace.records[r.inputs[0]] if r.inputs else None
         cut = f" from {_quote(src)}" if src is not None else ""
@@ -609,6 +620,11 @@ def _unreached(trace: Trace, r: Record) -> str:
     failed = [p for p in trace.passes if p.error]
     if failed and len(failed) == len(trace.passes):
         return f"{_pass_where(failed[0])} raised an error before any gradient got here."
+    off = [m for m in _mutations_of(trace, r.id) if m.op == REQUIRES_GRAD_SET and not m.requires_grad]
+    if off:  # `w.requires_grad = False` (or `w.requires_grad_(False)`): what follows uses it unrecorded
+        m = off[0]
+        return (f"`{wording.statement_of(m) or m.expr or m.op}` on line {m.line} switched its requires_grad off, "
+                "so the lines after it use it without recording it for autograd.")
     uses = [u for u in trace.records if r.id in u.inputs]
     cut = [u for u in uses if u.op in _DETACH_OPS or not u.grad_enabled]
     if cut:

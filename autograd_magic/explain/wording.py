@@ -13,7 +13,7 @@ import re
 from typing import Callable, Optional
 
 from ..data.checks import LeafCheck
-from ..data.trace import DATA_SET, Preview, Record, Trace
+from ..data.trace import DATA_SET, REQUIRES_GRAD_SET, Preview, Record, Trace
 
 NO_BACKWARD_YET = "—"  # the gradient column before the cell ran any backward pass
 
@@ -84,6 +84,8 @@ def statement_of(record: Record) -> str:
         return ""
     if not expr.startswith(name):  # `torch.mul(a, b, out=c)` changes c: its own statement too
         return expr if re.search(rf"\bout\s*=\s*[(\[]?[\w\s,]*?\b{re.escape(name)}\s*[,)\]]", expr) else ""
+    if record.op == REQUIRES_GRAD_SET and not expr.endswith(")"):  # `w.requires_grad = False`, not the method
+        return f"{expr} = {record.requires_grad}"
     return f"{expr} = …" if record.op in ("setitem", "__setitem__", DATA_SET) else expr
 
 
