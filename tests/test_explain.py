@@ -386,3 +386,20 @@ def test_a_result_of_an_integer_op_is_said_to_be_cut_there_not_to_come_from_a_te
     err = explain_error(t)
     assert f"which holds {dtype} values" in err and "Compute it from floating point values" in err, err
     assert "Set requires_grad=True on the input" not in err, err
+
+
+@pytest.mark.parametrize("call", ["(a * b).sum().backward(inputs=[a])", "torch.autograd.backward((a * b).sum(), inputs=[a])"])
+def test_backward_with_inputs_says_the_tensors_it_left_out_get_no_gradient(shell, call):
+    """`backward(inputs=[a])` accumulates into `a` alone: `b` gets none though the loss depends on it."""
+    import torch
+
+    body = f"a = torch.tensor([1., 2.], requires_grad=True)\nb = torch.tensor([3., 4.], requires_grad=True)\n{call}"
+    ns = {"torch": torch}
+    exec(body, ns)
+    assert ns["b"].grad is None and ns["a"].grad.tolist() == [3.0, 4.0]
+    t = run(shell, body)
+    (p,) = t.passes
+    assert [t.records[i].name for i in p.inputs] == ["a"]
+    assert t.last("a").attr_grad.values.tolist() == ns["a"].grad.tolist() and not t.last("b").grads
+    text = about(t, "b")
+    assert "was given inputs=`a`, which leaves `b` out" in text and "does not depend on it" not in text, text

@@ -473,14 +473,15 @@ class BackwardRecorder:
         """(roots, inputs, gradient, retain_graph) of the call, positional or by keyword (once per
         backward call: a loop's thousands of them read them with no helper function)."""
         n = len(args)
-        if func is torch.Tensor.backward:
-            return (_as_tuple(args[0] if n > 0 else kwargs.get("self")), (),
+        if func is torch.Tensor.backward:  # (self, gradient, retain_graph, create_graph, inputs)
+            return (_as_tuple(args[0] if n > 0 else kwargs.get("self")), _as_tuple(args[4] if n > 4 else kwargs.get("inputs")),
                     args[1] if n > 1 else kwargs.get("gradient"), args[2] if n > 2 else kwargs.get("retain_graph"))
         if func is torch.autograd.grad:
             return (_as_tuple(args[0] if n > 0 else kwargs.get("outputs")),
                     _as_tuple(args[1] if n > 1 else kwargs.get("inputs")),
                     args[2] if n > 2 else kwargs.get("grad_outputs"), args[3] if n > 3 else kwargs.get("retain_graph"))
-        return (_as_tuple(args[0] if n > 0 else kwargs.get("tensors")), _as_tuple(kwargs.get("inputs")),
+        # torch.autograd.backward(tensors, grad_tensors, retain_graph, create_graph, grad_variables, inputs)
+        return (_as_tuple(args[0] if n > 0 else kwargs.get("tensors")), _as_tuple(args[5] if n > 5 else kwargs.get("inputs")),
                 args[1] if n > 1 else kwargs.get("grad_tensors"), args[2] if n > 2 else kwargs.get("retain_graph"))
 
     @quietly

@@ -620,6 +620,12 @@ def _unreached(trace: Trace, r: Record) -> str:
     failed = [p for p in trace.passes if p.error]
     if failed and len(failed) == len(trace.passes):
         return f"{_pass_where(failed[0])} raised an error before any gradient got here."
+    chosen = [p for p in trace.passes if p.kind == "backward" and p.inputs and p.error is None]
+    if chosen and all(r.id not in p.inputs for p in chosen):  # backward(inputs=[a]): only those accumulate
+        p = chosen[0]
+        given = _names([trace.records[i] for i in p.inputs if 0 <= i < len(trace.records)])
+        return (f"{_pass_where(p)} was given inputs={given}, which leaves {_quote(r)} out: only the tensors "
+                "named there get a gradient.")
     off = [m for m in _mutations_of(trace, r.id) if m.op == REQUIRES_GRAD_SET and not m.requires_grad]
     if off:  # `w.requires_grad = False` (or `w.requires_grad_(False)`): what follows uses it unrecorded
         m = off[0]
