@@ -403,3 +403,28 @@ def test_backward_with_inputs_says_the_tensors_it_left_out_get_no_gradient(shell
     assert t.last("a").attr_grad.values.tolist() == ns["a"].grad.tolist() and not t.last("b").grads
     text = about(t, "b")
     assert "was given inputs=`a`, which leaves `b` out" in text and "does not depend on it" not in text, text
+
+
+@pytest.mark.parametrize("block", ["torch.no_grad()", "torch.inference_mode()", "torch.set_grad_enabled(False)"])
+def test_a_tensor_made_with_gradients_off_names_the_block_that_switched_them_off(shell, block):
+    import torch
+
+    body = f"with {block}:\n    y = x * 2"
+    ns = {"torch": torch, "x": torch.tensor([1., 2.], requires_grad=True)}
+    exec(body, ns)
+    assert not ns["y"].requires_grad
+    t = run(shell, body, setup="import torch\nx = torch.tensor([1., 2.], requires_grad=True)")
+    text = about(t, "y")
+    assert f"`y` was made under {block} on line 3" in text, text
+
+
+def test_gradients_left_off_by_an_earlier_cell_are_said_to_be_off_from_the_start(shell):
+    import torch
+
+    try:
+        t = run(shell, "y = x * 2", setup="import torch\nx = torch.tensor([1., 2.], requires_grad=True)\ntorch.set_grad_enabled(False)")
+        assert not torch.is_grad_enabled() and not shell.user_ns["y"].requires_grad  # the cell ran as plain: still off
+    finally:
+        torch.set_grad_enabled(True)
+    text = about(t, "y")
+    assert "they were already off when this cell started" in text and "torch.no_grad()" not in text, text

@@ -274,6 +274,7 @@ class Trace:
     passes: list[BackwardPass] = field(default_factory=list)
     error: Optional[TraceError] = None
     grad_mode: str = "enabled"  # "enabled", or "no_grad" for a --no-grad variant
+    grad_off_at_start: bool = False  # gradients were already off when the cell started (an earlier cell left them so)
     detached: list[str] = field(default_factory=list)  # what a --detach variant cut
     flipped: list[str] = field(default_factory=list)  # leaves whose requires_grad a variant flipped
     notes: list[str] = field(default_factory=list)  # things the views should say once

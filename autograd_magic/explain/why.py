@@ -327,9 +327,10 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
     grad_inputs = [trace.records[i] for i in r.inputs if trace.records[i].requires_grad]
     # an input from outside the cell was not made here: the mode it was first used under says nothing
     if not r.grad_enabled and not (r.external and r.line is None):
-        why = f"{_quote(r)} was made under torch.no_grad() on line {r.line}"
         if trace.grad_mode == "no_grad":
-            why += " (the whole cell ran under torch.no_grad() in this variant)"
+            why = f"{_quote(r)} was made under torch.no_grad() on line {r.line} (the whole cell ran under torch.no_grad() in this variant)"
+        else:
+            why = f"{_quote(r)} was made {wording.grad_off_phrase(trace, r.line)} on line {r.line}"
         if grad_inputs:
             # `x = x - lr * x.grad`: the name now holds the new tensor, the one it was computed from is another
             same = any(g.label == r.label for g in grad_inputs)

@@ -8,6 +8,7 @@ gradient check's verdicts. Views choose only how to print a value
 
 from __future__ import annotations
 
+import ast
 import re
 
 from typing import Callable, Optional
@@ -251,3 +252,43 @@ def check_lines(checks: Optional[list[LeafCheck]]) -> Optional[list[str]]:
     if not checks:
         return ["Nothing to check: no backward pass reached a leaf that requires grad."]
     return [check_line(c) for c in checks]
+
+
+_GRAD_OFF_CALLS = ("no_grad", "inference_mode", "set_grad_enabled")
+
+
+def grad_off_block(trace: Trace, line: Optional[int]) -> Optional[str]:
+    """The source of the innermost `with` block around editor line `line` that turns gradients off
+    (`torch.no_grad()`, `torch.inference_mode()`, `torch.set_grad_enabled(False)`), or None when
+    none does (they were switched off by a call, or before the cell)."""
+    if line is None or not trace.source:
+        return None
+    blocks = trace.__dict__.get("_grad_off_blocks")
+    if blocks is None:
+        blocks = []
+        try:
+            tree = ast.parse(trace.source)
+        except (SyntaxError, ValueError):  # an IPython-only cell (magics): no blocks named
+            tree = None
+        for node in ast.walk(tree) if tree is not None else ():
+            if isinstance(node, (ast.With, ast.AsyncWith)):
+                for item in node.items:
+                    text = ast.get_source_segment(trace.source, item.context_expr) or ""
+                    if any(name in text for name in _GRAD_OFF_CALLS) and "True" not in text:
+                        end = getattr(node, "end_lineno", node.lineno)
+                        blocks.append((node.lineno + trace.first_line - 1, end + trace.first_line - 1, text))
+        trace.__dict__["_grad_off_blocks"] = blocks
+    inside = [b for b in blocks if b[0] < line <= b[1]]
+    return min(inside, key=lambda b: b[1] - b[0])[2] if inside else None
+
+
+def grad_off_phrase(trace: Trace, line: Optional[int]) -> str:
+    """How gradients were off on `line`, as "under `torch.inference_mode()`" or, with no block of the
+    cell around it, "with gradients off" (and why, when the cell started with them off)."""
+    block = grad_off_block(trace, line)
+    if block is not None:
+        return f"under {block}"
+    if trace.grad_off_at_start:
+        return "with gradients off (they were already off when this cell started: an earlier cell switched them " \
+               "off, e.g. with torch.set_grad_enabled(False))"
+    return "with gradients off (torch.no_grad(), torch.set_grad_enabled(False) or torch.inference_mode())"

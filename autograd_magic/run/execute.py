@@ -180,6 +180,7 @@ def execute(
                 ns[BIND_NAME] = previous_bind
     trace.first_line = 1
     trace.grad_mode = "no_grad" if no_grad else "enabled"
+    trace.grad_off_at_start = not grad_before
     if error is not None:
         trace.error = describe_error(error, filename, trace)
     if earlier is not None and not interventions:
