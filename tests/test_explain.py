@@ -428,3 +428,17 @@ def test_gradients_left_off_by_an_earlier_cell_are_said_to_be_off_from_the_start
         torch.set_grad_enabled(True)
     text = about(t, "y")
     assert "they were already off when this cell started" in text and "torch.no_grad()" not in text, text
+
+
+def test_detach_in_place_is_named_as_the_in_place_cut_it_is(shell):
+    import torch
+
+    body = "y = x * 2\ny.detach_()\nz = y * 3"
+    ns = {"torch": torch, "x": torch.tensor([1., 2.], requires_grad=True)}
+    exec(body, ns)
+    assert not ns["y"].requires_grad and ns["y"].grad_fn is None and not ns["z"].requires_grad
+    t = run(shell, body, setup="import torch\nx = torch.tensor([1., 2.], requires_grad=True)")
+    cut = next(r for r in t.records if r.op == "detach_")
+    text = " ".join(explain_record(t, cut.id))
+    assert "`y.detach_()` on line 3 cut `y` off the graph in place" in text and "was cut from `y`" not in text, text
+    assert "cut from the graph by `.detach_()`" in about(t, "z")

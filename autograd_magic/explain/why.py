@@ -24,8 +24,8 @@ _DETACH_OPS = CUT_OPS  # .detach(), .detach_(), and `.data`: the legacy way to t
 
 
 def _cut_how(op: Optional[str]) -> str:
-    """How a record in `_DETACH_OPS` was cut, as code: "`.data`" or "`.detach()`"."""
-    return "`.data`" if op == "data" else "`.detach()`"
+    """How a record in `_DETACH_OPS` was cut, as code: "`.data`", "`.detach_()`" or "`.detach()`"."""
+    return "`.data`" if op == "data" else "`.detach_()`" if op == "detach_" else "`.detach()`"
 
 
 def _where(r: Record) -> str:
@@ -236,6 +236,8 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         elif r.op == "requires_grad_" and r.requires_grad:
             out.append(f"`{r.expr or r.op}` on line {r.line} switched on requires_grad for {_quote(target)}: "
                        "from here on, what is computed from it is recorded for autograd.")
+        elif r.op == "detach_":
+            pass  # the reason it has no history says it
         elif r.op == REQUIRES_GRAD_SET and target.requires_grad:
             out.append(f"`{wording.statement_of(r) or r.expr or r.op}` on line {r.line} switched off requires_grad for "
                        f"{_quote(target)}: from here on, what is computed from it is not recorded for autograd.")
@@ -314,6 +316,9 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
         return [toggled, none]
     if r.op == REQUIRES_GRAD_SET and r.inplace and r.mutates is not None:  # switched off by this very line: said above
         return [none]
+    if r.op == "detach_" and r.inplace and r.mutates is not None:
+        return [f"`{r.expr or r.op}` on line {r.line} cut {_quote(trace.records[r.mutates])} off the graph in place: it keeps "
+                "its values but has no history from here on, so no gradient flows back through it.", none]
     if r.op in _DETACH_OPS:
         src = trace.records[r.inputs[0]] if r.inputs else None
         cut = f" from {_quote(src)}" if src is not None else ""
