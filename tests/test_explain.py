@@ -442,3 +442,19 @@ def test_detach_in_place_is_named_as_the_in_place_cut_it_is(shell):
     text = " ".join(explain_record(t, cut.id))
     assert "`y.detach_()` on line 3 cut `y` off the graph in place" in text and "was cut from `y`" not in text, text
     assert "cut from the graph by `.detach_()`" in about(t, "z")
+
+
+def test_a_grad_assigned_in_the_cell_is_what_the_pass_added_to(shell):
+    """`b.grad = ...` then backward(): .grad is the assignment plus the pass, not 'gradients of
+    backward calls before this cell' (what the earlier cell's pass left was overwritten)."""
+    import torch
+
+    setup = "import torch\nb = torch.tensor([1., 2.], requires_grad=True)\n(b * 1).sum().backward()"
+    body = "b.grad = torch.tensor([10., 10.])\n(b * 2).sum().backward()"
+    ns = {"torch": torch}
+    exec(setup.replace("import torch\n", "") + "\n" + body, ns)
+    assert ns["b"].grad.tolist() == [12.0, 12.0]
+    t = run(shell, body, setup=setup)
+    text = about(t, "b")
+    assert "the pass added to what was assigned on line 2 (`b.grad = torch.tensor([10., 10.])`)" in text, text
+    assert "before this cell" not in text, text

@@ -538,6 +538,11 @@ class BackwardRecorder:
                 continue
             g = v.grad
             state = "none" if g is None else self.grad_since_last_pass(v, g) or "kept"  # kept: from before this cell
+            assigned = self.tracer.grad_assigned(v)
+            if assigned is not None and g is not None:  # `v.grad = ...` in the cell since: it starts from that
+                state = "assigned"
+                if assigned[0] is not None:
+                    p.grad_assigned.update((rid, assigned[0]) for rid in rids)
             for rid in rids:
                 before[rid] = state
             leaves.append(v)

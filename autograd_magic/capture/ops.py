@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from ..data.trace import DATA_SET, REQUIRES_GRAD_SET
+from ..data.trace import DATA_SET, GRAD_SET, REQUIRES_GRAD_SET
 
 _OP_NAMES = {
     "__add__": "add", "__radd__": "add", "__iadd__": "add_",
@@ -40,6 +40,8 @@ def op_name(func: Callable) -> str:
             return DATA_SET
         if owner == "requires_grad":
             return REQUIRES_GRAD_SET
+        if owner == "grad":
+            return GRAD_SET
     return _OP_NAMES.get(name, name)
 
 

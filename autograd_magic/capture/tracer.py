@@ -31,7 +31,7 @@ from .names import NameIndex
 from .finite import UNINITIALISED, checkable, holds_nonfinite
 from .preview import DeviceQueue, activate, preview, preview_quiet, quietly
 from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, out_target, tensors_in, writes_out
-from ..data.trace import CUT_OPS, DATA_SET, REQUIRES_GRAD_SET, Origin, Record, Trace, cut_of, untracked_history
+from ..data.trace import CUT_OPS, DATA_SET, GRAD_SET, REQUIRES_GRAD_SET, Origin, Record, Trace, cut_of, untracked_history
 from .sites import SiteFinder
 from .source import SourceMap
 from .steps import STEP, OptimizerSteps
@@ -121,6 +121,8 @@ _KINDS[torch.Tensor.data.__get__] = (_OP, "__get__")
 _KINDS[torch.Tensor.data.__set__] = (_OP, DATA_SET)
 # `w.requires_grad = False` switches the flag as `w.requires_grad_(False)` does: recorded as that op
 _KINDS[torch.Tensor.requires_grad.__set__] = (_OP, REQUIRES_GRAD_SET)
+# `b.grad = g`: noted (not a row), so the next backward pass into b says its .grad started from what was assigned
+_KINDS[torch.Tensor.grad.__set__] = (_OP, GRAD_SET)
 
 
 def _grad_fn_quiet(out) -> Optional[str]:
@@ -298,6 +300,7 @@ class Tracer:
         # (id, torch calls then, preview) of a tensor an in-place op is about to change (`before_inplace`)
         self._before: Optional[tuple] = None
         self._ns_grads_at, self._ns_grads = -1, {}  # `_namespace_grad_owner`'s, likewise
+        self._grad_sets: dict[int, tuple] = {}  # id(t) -> (t's ref, line) of `t.grad = ...` since its last pass
 
     # ---- lifecycle ----
     def start(self) -> "Tracer":
@@ -432,6 +435,22 @@ class Tracer:
         rec = self.trace.records[rid]
         rec.created_by, rec.line = self.source_map.text(span), span[0] if span else None
         return rid
+
+    def _grad_set(self, args, found: Optional[tuple]) -> None:
+        """`t.grad = g` in the cell: the next backward pass into `t` adds to what it assigned."""
+        t = args[0] if args else None
+        if not isinstance(t, torch.Tensor):
+            return
+        try:
+            span = (found if found is not None else self.sites.find("__set__"))[0]
+            self._grad_sets[id(t)] = (weakref.ref(t), span[0] if span else None)
+        except Exception:  # bookkeeping only: the pass then says .grad was kept or changed
+            pass
+
+    def grad_assigned(self, t: torch.Tensor) -> Optional[tuple]:
+        """(line,) when the cell assigned `t.grad` since the last pass into `t` (taken: once per assignment)."""
+        hit = self._grad_sets.pop(id(t), None)
+        return (hit[1],) if hit is not None and hit[0]() is t else None
 
     def _known_parameter(self, t: torch.nn.Parameter) -> bool:
         """A parameter from before the cell that a call changes in place (an optimizer's step, a
@@ -645,6 +664,9 @@ class Tracer:
         """Record `out`; ops past the detail limit of their site only count (a loop's later runs).
         `found`: the op's site, where the compiled handler has walked already (a case its own
         fast path for a loop's later runs leaves to this one)."""
+        if func_name == GRAD_SET:
+            self._grad_set(args, found)
+            return out
         if func_name == "__get__":
             # Properties: only those that make a new differentiable tensor (.T, .real);
             # __torch_function__ has checked the grad_fn already.

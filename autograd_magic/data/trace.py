@@ -56,6 +56,8 @@ CUT_OPS = frozenset({"detach", "detach_", "data"})  # ops whose output shares th
 DATA_SET = "data_"
 #: the op of `t.requires_grad = flag`: the same change as `t.requires_grad_(flag)`, named so
 REQUIRES_GRAD_SET = "requires_grad_"
+#: `t.grad = g`: not a change of t's values, but what the next backward pass into t adds to
+GRAD_SET = "grad_set_"  # ends in "_": both handlers hand a call returning None to on_op only then
 
 
 @dataclass
@@ -233,6 +235,8 @@ class BackwardPass:
     # previous call left it; "changed": changed since, in place or by assignment): which
     # of the passes a leaf's `.grad` adds up
     grad_before: dict[int, str] = field(default_factory=dict)
+    # record id -> the line of this cell that assigned its `.grad` (`b.grad = ...`) before the pass: grad_before "assigned"
+    grad_assigned: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass

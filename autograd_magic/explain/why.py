@@ -528,10 +528,10 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
     ]
     passes = [p for p in reached if p.kind != "grad"]
     # `.grad` adds up the passes since the last one that found it None (reset) or changed
-    start = max((i for i, p in enumerate(passes) if p.grad_before.get(r.id) in ("none", "changed")), default=0)
+    start = max((i for i, p in enumerate(passes) if p.grad_before.get(r.id) in ("none", "changed", "assigned")), default=0)
     summed, dropped = passes[start:], passes[:start]
     after = _grad_after(trace, r, summed, resets=bool(dropped) or any(
-        p.grad_before.get(r.id) in ("none", "changed") for p in summed[1:]))
+        p.grad_before.get(r.id) in ("none", "changed", "assigned") for p in summed[1:]))
     if len(summed) > 1 and after is not None:  # .grad moved on since: what the recorded passes gave, then why
         out.append(f"Its recorded backward passes gave, adding up (gradients accumulate): " + "; ".join(
             f"{_pass_where(p) if len({q.line for q in summed}) > 1 else f'pass {p.index + 1}'} gave {_grad(r.grads[p.index])}"
@@ -551,13 +551,16 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
             "Zero it between steps (x.grad = None, or optimizer.zero_grad()) if that is not what you want."
         )
     if dropped:
-        how = "None (reset)" if summed[0].grad_before.get(r.id) == "none" else "changed in place or replaced"
+        state = summed[0].grad_before.get(r.id)
+        how = ("None (reset)" if state == "none" else _assigned(trace, r, summed[0]) if state == "assigned"
+               else "changed in place or replaced")
         earlier = "the pass before it" if len(dropped) == 1 else f"the {len(dropped)} passes before it"
         out.append(f"`{r.label}.grad` was {how} before {_pass_where(summed[0])}, so what {earlier} gave is not in it.")
     if after is not None:  # `.grad` moved on after the last recorded pass: what it is now, and why
         return out + [after]
     first = summed[0].grad_before.get(r.id) if summed else None
-    extra = _earlier_share(r, summed, trace.notes, first) if summed else None
+    extra = _earlier_share(r, summed, trace.notes, first, _assigned(trace, r, summed[0]) if first == "assigned" else None) \
+        if summed else None
     if extra:
         out.append(extra)
     return out + _odd_values(trace, r)
@@ -587,7 +590,17 @@ def _numbers(values) -> np.ndarray:
     return np.asarray(values, dtype=np.complex128 if np.iscomplexobj(values) else np.float64)
 
 
-def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str], first: Optional[str] = None) -> Optional[str]:
+def _assigned(trace: Trace, r: Record, p: BackwardPass) -> str:
+    """'assigned on line 2 (`b.grad = torch.tensor([10., 10.])`)': how the cell set `.grad` before pass `p`."""
+    line = p.grad_assigned.get(r.id)
+    if line is None:
+        return "assigned by the cell"
+    text = trace.source_line(line).strip()
+    return f"assigned on line {line}" + (f" (`{text}`)" if text else "")
+
+
+def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str], first: Optional[str] = None,
+                   assigned: Optional[str] = None) -> Optional[str]:
     """When .grad holds more than the recorded passes gave: unrecorded loop passes, or an earlier cell
     (or, when it had `changed` as the first of `passes` began, what the cell itself left in it;
     never what came before when it was None then)."""
@@ -610,6 +623,9 @@ def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str], firs
         )
     if first == "none":  # None as the first counted pass began: nothing from before it is in .grad
         return None
+    if first == "assigned":
+        return (f"`{r.label}.grad` is {_grad(a)}, not what {'that pass' if len(passes) == 1 else 'those passes'} gave "
+                f"alone: the pass added to what was {assigned} before it.")
     if first == "changed":
         return (f"`{r.label}.grad` is {_grad(a)}, not what {'that pass' if len(passes) == 1 else 'those passes'} gave "
                 f"alone: it also holds what `{r.label}.grad` was when {_pass_where(passes[0])} began.")
