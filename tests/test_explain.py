@@ -458,3 +458,16 @@ def test_a_grad_assigned_in_the_cell_is_what_the_pass_added_to(shell):
     text = about(t, "b")
     assert "the pass added to what was assigned on line 2 (`b.grad = torch.tensor([10., 10.])`)" in text, text
     assert "before this cell" not in text, text
+
+
+def test_a_grad_made_with_create_graph_is_said_to_come_from_that_backward_call(shell):
+    import torch
+
+    body = "y = (x**3).sum()\ny.backward(create_graph=True)\ng = x.grad"
+    ns = {"torch": torch, "x": torch.tensor([1., 2.], requires_grad=True)}
+    exec(body, ns)
+    assert ns["g"].grad_fn is not None and ns["g"].tolist() == [3.0, 12.0]  # a gradient with a history
+    t = run(shell, body, setup="import torch\nx = torch.tensor([1., 2.], requires_grad=True)")
+    text = about(t, "g")
+    assert "reads the gradient the backward call on line 3" in text and "put into `x.grad`" in text, text
+    assert "after the last backward call" not in text, text

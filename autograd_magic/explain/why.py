@@ -264,6 +264,8 @@ def explain_record(trace: Trace, record_id: int) -> list[str]:
         out.extend(reasons)
     elif r.is_leaf:
         out.extend(_variant_note(trace, r) + _leaf_grad(trace, r))
+    elif r.op == "grad" and r.grad_fn is not None and _made_with_graph(trace, r) is not None:
+        out.extend(_graph_grad(trace, r))
     else:
         out.extend(_non_leaf_grad(trace, r))
     for m in _later_changes(trace, r):
@@ -663,6 +665,26 @@ def _unreached(trace: Trace, r: Record) -> str:
     if r.line is not None and None not in lines and r.line > max(lines):
         return f"it was computed on line {r.line}, after the last backward call (line {max(lines)})."
     return "the value that was differentiated does not depend on it."
+
+
+def _made_with_graph(trace: Trace, r: Record) -> Optional[BackwardPass]:
+    """The backward call that made the `.grad` read by `r` with a history (create_graph=True): the last
+    one before the read, when the tensor it is the .grad of is a leaf that call reached."""
+    owner = trace.records[r.inputs[0]] if r.inputs and 0 <= r.inputs[0] < len(trace.records) else None
+    before = [p for p in trace.passes if p.kind == "backward" and p.error is None and p.line is not None
+              and r.line is not None and p.line <= r.line]
+    if owner is None or not before or before[-1].index not in owner.grads:
+        return None
+    return before[-1]
+
+
+def _graph_grad(trace: Trace, r: Record) -> list[str]:
+    """`x.grad` read after `backward(create_graph=True)`: a gradient with a history of its own."""
+    p = _made_with_graph(trace, r)
+    owner = trace.records[r.inputs[0]]
+    return [f"{_where(r)} reads the gradient {_pass_where(p)} put into `{owner.label}.grad`. That call had "
+            f"create_graph=True, so the gradient has a history of its own (grad_fn {r.grad_fn}) and can be "
+            "differentiated again; as a non-leaf it keeps no .grad itself."]
 
 
 def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
