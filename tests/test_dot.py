@@ -405,3 +405,11 @@ def test_tensor_changed_in_place_after_use_is_marked(shell):
     assert y.version_changed  # torch's version counter moved after exp saved y
     assert "modified in place later" in g.get_node(f"r{y.id}").attr["label"]
     assert any("inplace" in _classes(g, n) for n in g.nodes() if n.startswith("op"))
+
+
+@pytest.mark.parametrize("line", ["torch.mul(a, b, out=c)", "c += a", "c.mul_(2)", "c.requires_grad = False"])
+def test_a_node_of_a_line_that_changes_a_named_tensor_shows_the_line_as_written(shell, line):
+    """`torch.mul(a, b, out=c)` binds nothing: its node reads as that line, not `c = torch.mul(...)`."""
+    t, _ = _traced(shell, f"import torch\na = torch.ones(2)\nb = torch.ones(2) * 3\nc = torch.zeros(2)\n{line}")
+    dot = render_dot(t)
+    assert line in dot and f"= {line}" not in dot, dot

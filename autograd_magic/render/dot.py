@@ -22,6 +22,7 @@ from ..data.identity import changed_fields, match_records
 from ..explain.fold import Folded, Unit, fold, has_op_node
 from ..explain.format import format_short, format_shape
 from ..data.trace import Record, Trace
+from ..explain import wording
 from ..explain.wording import FLAG_WORDS, flags, gradient_cell, hides_value, record_label
 from .. import limits
 
@@ -215,6 +216,9 @@ def _folded_text(r: Record, u: Unit) -> str:
         return f"×{u.runs} more runs folded" + (f" · {u.title}" if u.title else "")
     if u.kind == "params":
         return f"{len(u.records)} tensors from outside the cell, read by ops not recorded"
+    statement = wording.statement_of(r)
+    if statement:  # `h += 1`, `torch.mul(a, b, out=c)`: the line changes the named tensor, it binds nothing
+        return statement
     if r.name and r.expr and r.expr != r.name:
         return f"= {r.expr}"
     return "from outside the cell" if r.external else ""
