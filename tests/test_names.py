@@ -79,3 +79,16 @@ def test_index_names_every_parameter_and_buffer_by_its_first_path(kind):
     assert index.tensor_name(x) == "x"
     for path, sub in m.named_modules(prefix="model"):
         assert index.module_name(sub) == path
+
+
+def test_a_compiled_modules_parameters_are_named_as_the_cell_writes_them(shell):
+    """`m = torch.compile(nn.Linear(2, 1))`: the cell writes `m.weight` (the wrapper forwards it),
+    torch lists `m._orig_mod.weight`; the rows use the name the cell uses."""
+    shell.run_cell("import torch\ntorch.manual_seed(0)\nm = torch.compile(torch.nn.Linear(2, 1))\nx = torch.ones(3, 2)")
+    m = shell.user_ns["m"]
+    assert [n for n, _ in m.named_parameters()] == ["_orig_mod.weight", "_orig_mod.bias"] and m.weight is m._orig_mod.weight
+    shell.run_cell("%%autograd --quiet -o _t\nloss = m(x).sum()\nloss.backward()")
+    t = shell.user_ns["_t"]
+    assert {"m.weight", "m.bias"} <= {r.label for r in t.records}
+    assert not any("_orig_mod" in (r.label or "") or "_orig_mod" in (r.module or "") for r in t.records)
+    assert next(r for r in t.records if r.label == "m.weight").attr_grad.values.tolist() == m.weight.grad.tolist()

@@ -23,6 +23,12 @@ def _remember(index: dict, t: torch.Tensor, name: str) -> None:
             pass
 
 
+def _as_written(path: str) -> str:
+    """`m._orig_mod.weight` as the cell writes it: `m.weight` (torch.compile's wrapper forwards its
+    attributes to the module it wraps, which it lists as `_orig_mod`)."""
+    return path.replace("._orig_mod.", ".").removesuffix("._orig_mod") if "_orig_mod" in path else path
+
+
 def _lookup(index: dict, t: torch.Tensor) -> Optional[str]:
     hit = index.get(id(t))
     return hit[1] if hit is not None and hit[0]() is t else None
@@ -143,11 +149,11 @@ class NameIndex:
                                  value.named_buffers(prefix=name))
                     subs, params, buffers = found
                     for path, sub in subs:
-                        modules.setdefault(id(sub), path)
+                        modules.setdefault(id(sub), _as_written(path))
                     for path, p in params:
-                        _remember(tensors, p, path)
+                        _remember(tensors, p, _as_written(path))
                     for path, b in buffers:
-                        _remember(tensors, b, path)
+                        _remember(tensors, b, _as_written(path))
                 except Exception:
                     continue
         self._tensors, self._modules = tensors, modules
@@ -175,7 +181,7 @@ class NameIndex:
         for name, value in self._module_roots():
             try:
                 for path, sub in value.named_modules(prefix=name):
-                    modules.setdefault(id(sub), path)
+                    modules.setdefault(id(sub), _as_written(path))
             except Exception:
                 continue
         return modules
@@ -225,7 +231,7 @@ class NameIndex:
                 found.append((name, value))
             elif kind == "module" and modules:
                 try:
-                    found.extend((p, t) for p, t in value.named_parameters(prefix=name) if t.requires_grad)
+                    found.extend((_as_written(p), t) for p, t in value.named_parameters(prefix=name) if t.requires_grad)
                 except Exception:
                     continue
         return found
