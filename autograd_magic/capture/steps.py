@@ -76,6 +76,7 @@ class OptimizerSteps:
         self._sites: dict[tuple, _Site] = {}
         self._open: Optional[tuple] = None  # the call in progress: (site, span, lifted mode or the counts before it)
         self._lifts = None  # the mode `zero_grad()` runs without (registered at start)
+        self._detailing = False  # the tracer's `_step_detail` is on: a call within --limit is running
 
     def start(self) -> None:
         self._handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
@@ -110,7 +111,8 @@ class OptimizerSteps:
 
     # ---- the hooks ----
     def _pre(self, opt, args, kwargs) -> None:
-        self._detail(False)
+        if self._detailing:
+            self._detail(False)
         if self._compiled and _lift_step_c is not None:
             try:
                 if _lift_step_c(self, opt, args, kwargs):
@@ -150,13 +152,15 @@ class OptimizerSteps:
         return self._open is not None
 
     def _detail(self, on: bool) -> None:
+        self._detailing = on
         try:
             self.tracer._step_detail = on
         except ReferenceError:  # the tracer is gone
             pass
 
     def _post(self, opt, args, kwargs) -> None:
-        self._detail(False)
+        if self._detailing:
+            self._detail(False)
         opened, self._open = self._open, None
         if opened is None:
             return
@@ -201,7 +205,8 @@ class OptimizerSteps:
         """A traced call ended: what it counted, and whether the next call may run lifted."""
         tracer = self.tracer
         _, runs, spans, calls, records, notes = before
-        quiet = len(tracer.trace.records) == records and len(tracer.trace.notes) == notes
+        # the last call recorded in detail (`_detail`) counts as quiet: the next is past --limit, records nothing
+        quiet = (len(tracer.trace.records) == records or site.calls == tracer.detail_limit) and len(tracer.trace.notes) == notes
         site_deltas = tuple((k, v[0] - runs.get(k, 0)) for k, v in tracer._site_runs.items() if v[0] != runs.get(k, 0))
         span_deltas = tuple((k, n - spans.get(k, 0)) for k, n in tracer._span_counts.items() if n != spans.get(k, 0))
         done = (site_deltas, span_deltas, tracer.calls - calls)
