@@ -297,3 +297,15 @@ def test_printouts_kept_for_reuse_are_not_changed_by_their_users():
     assert fmt._FORMATTERS and fmt._LAYOUTS  # kept, not worked out anew each time
     body = torchs(a)[len("tensor("):-1]  # the body at its default indent, 7
     assert first == body
+
+
+def test_the_text_table_keeps_a_rows_flags_whole(shell):
+    """`--text`: a parameter from an earlier cell that the cell changes in place says so in full
+    ("modified in place later" was cut after "from outside the c…")."""
+    from IPython.utils.capture import capture_output
+
+    shell.run_cell("import torch\nw = torch.ones(2, requires_grad=True)")
+    with capture_output() as out:
+        shell.run_cell("%%autograd --text\nwith torch.no_grad():\n    w.mul_(2)")
+    row = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("w "))
+    assert "requires_grad, leaf, from outside the cell, modified in place later" in row, out.stdout

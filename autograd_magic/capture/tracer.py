@@ -568,7 +568,8 @@ class Tracer:
         try:
             with compat.no_torch_function():  # our reads are not the user's ops (a mode of theirs below ours)
                 flags = (t.requires_grad, grad_fn_name(t), is_leaf(t))
-            self._before = (id(t), self.calls, preview(t), flags)
+                version = compat.version_of(t)
+            self._before = (id(t), self.calls, preview(t), flags, version)
         except Exception:  # the record then shows it as after the op
             self._before = None
 
@@ -578,6 +579,7 @@ class Tracer:
             shown, (requires_grad, grad_fn, leaf), self._before = before[2], before[3], None
         else:  # the op's other inputs come first in `torch.mul(a, b, out=c)`: c's is kept for c
             shown, requires_grad, grad_fn, leaf = preview_quiet(t), t.requires_grad, grad_fn_name(t), is_leaf(t)
+            before = None
         name = name or self.names.tensor_name(t)
         leaf_grad = False
         if name is None and self.backward.last_span is not None:  # the `.grad` of a leaf this cell's backward reached?
@@ -611,6 +613,9 @@ class Tracer:
             if made is not None and made[0]() is t:  # what an autograd.grad call of this cell returned
                 self._made_by_backward(rec, made[1])
         self._add(rec, t)
+        live = self._live.get(rec.id) if before is not None else None
+        if live is not None:  # its row is from before the op: the op's change counts as a later one
+            self._live[rec.id] = (live[0], before[4])
         return rec.id
 
     def _leaf_grad_name(self, t: torch.Tensor) -> Optional[str]:

@@ -60,7 +60,7 @@ def render_text(trace: Trace, width: int = 120) -> str:
     left_out = max(len(rows) - 1 - limits.TEXT_ROWS, 0)  # text/plain goes into the notebook file too
     rows = rows[: limits.TEXT_ROWS + 1]
     internal = sum(1 for r in trace.records if r.internal and not r.external)
-    widths = [min(max(len(row[i]) for row in rows), cap) for i, cap in enumerate((5, 40, 36, 12, 40, 26, 52))]
+    widths = [min(max(len(row[i]) for row in rows), cap) for i, cap in enumerate((5, 40, 36, 12, 72, 26, 52))]
     for row in rows:
         cells = [(c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(row, widths)]
         lines.append("  ".join(cells).rstrip())
