@@ -428,3 +428,33 @@ def test_a_node_that_sends_inf_on_one_edge_and_nan_on_another_turns_the_gradient
     assert b.node == q.grad_fn.name() and b.kind == "nan"
     text = backward_sentence(b, t)
     assert "the gradient turns NaN in DivBackward0" in text and "sent Inf and NaN to x" in text, text
+
+
+# ---- infinities a mask was given are not where a NaN came from -------------------------------------
+
+ATTENTION = """torch.manual_seed(0)
+scores = torch.randn(2, 4, 4, requires_grad=True)
+mask = torch.triu(torch.full((4, 4), float("-inf")), diagonal=1)
+weights = (scores + mask).softmax(-1)
+padded = scores.masked_fill(torch.tensor([False, False, True, True]), float("-inf")).softmax(-1)
+loss = (weights * padded).sum()
+"""
+
+
+def test_the_infinities_of_an_attention_mask_are_not_reported_as_an_origin(shell):
+    """`-inf` written into a mask (torch.full, masked_fill) and carried on (scores + mask) is the
+    mask's; the softmax after it is finite, so nothing is reported, as torch computes it."""
+    ns = _plain(ATTENTION)
+    assert torch.isinf(ns["mask"]).any() and torch.isfinite(ns["loss"])
+    t = _traced(shell, ATTENTION)
+    assert t.nonfinite is None, t.nonfinite
+    assert "First" not in str(t).splitlines()[1]
+
+
+def test_a_nan_after_a_mask_is_still_found_where_it_first_appears(shell):
+    """A row masked entirely: its softmax is NaN (0/0), found at the softmax, not at the mask."""
+    cell = "scores = torch.ones(2, 3)\nmasked = scores.masked_fill(torch.tensor([[True] * 3, [False] * 3]), float('-inf'))\np = masked.softmax(-1)"
+    ns = _plain(cell)
+    assert ns["p"][0].isnan().all()
+    t = _traced(shell, cell)
+    assert t.nonfinite is not None and t.nonfinite.kind == "nan" and t.nonfinite.op == "softmax"

@@ -598,3 +598,56 @@ def test_a_users_mode_sees_none_of_the_nan_search_past_the_limit(ipy):
         seen[traced] = list(mode.calls)
     assert seen[True] == seen[False]
     assert ipy.user_ns["nan_trace"].nonfinite is not None  # the search ran, and found the Inf
+
+
+TRANSFORMER_EVAL = """import warnings
+warnings.filterwarnings("ignore")
+torch.manual_seed(0)
+layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+enc = torch.nn.TransformerEncoder(layer, 2).eval()
+mha = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+x = torch.randn(2, 5, 8)
+mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
+with torch.no_grad():
+    z = enc(x, src_key_padding_mask=mask)
+    z1 = layer.eval()(x)
+    a, w = mha(x, x, x, key_padding_mask=mask)
+"""
+
+
+def _run_for(ipy, cell: str, magic: str = "") -> dict:
+    ipy.run_cell("import torch", store_history=False)
+    with capture_output():
+        result = ipy.run_cell(magic + cell, store_history=False)
+    assert result.error_in_exec is None, result.error_in_exec
+    return {k: ipy.user_ns[k] for k in ("z", "z1", "a", "w")}
+
+
+def test_eval_mode_attention_computes_what_the_plain_run_computes():
+    """Any TorchFunctionMode turns off the fused inference path of the Transformer layers and of
+    MultiheadAttention (`torch.overrides.has_torch_function`): the traced cell computed padded
+    positions another way (values where plain torch has zeros). Ours alone does not count: the
+    fused op goes through it as one op, and the results are plain torch's, bit for bit."""
+    ipy = fresh_shell()
+    plain = _run_for(ipy, TRANSFORMER_EVAL)
+    traced = _run_for(ipy, TRANSFORMER_EVAL, "%%autograd --quiet -o _t\n")
+    assert plain["z"][1, 3:].abs().sum() == 0  # the fused path's padded positions
+    for name in plain:
+        assert torch.equal(plain[name], traced[name]), name
+    assert torch.overrides.has_torch_function is torch._C._has_torch_function  # torch's own again
+    assert not ipy.user_ns["_t"].notes, ipy.user_ns["_t"].notes  # the nested tensors were previewed, no op skipped
+
+
+def test_a_users_own_mode_still_turns_the_fused_path_off():
+    """A mode of the user's below ours sees every op, as it would without the magic: the fused path stays off."""
+    seen = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", ""))
+            return func(*args, **(kwargs or {}))
+
+    ipy = fresh_shell()
+    ipy.user_ns["Watch"] = Watch
+    _run_for(ipy, TRANSFORMER_EVAL.replace("with torch.no_grad():", "with torch.no_grad(), Watch():"), "%%autograd --quiet\n")
+    assert "_transformer_encoder_layer_fwd" not in seen and "linear" in seen

@@ -84,6 +84,29 @@ def _apply(cls, *args, **kwargs):
 _WRAPPER: Callable = classmethod(_apply)
 
 
+# ---- the fused inference paths of nn.MultiheadAttention and the Transformer layers ----
+#: torch's own, as at import. Those modules call it as `torch.overrides.has_torch_function(...)`:
+#: any mode on the stack turns their fused path off, so a traced cell would compute an eval-mode
+#: Transformer another way (a padded position's values where the plain run has zeros).
+_OVERRIDES = torch.overrides
+_HAS_TORCH_FUNCTION = _OVERRIDES.__dict__["has_torch_function"]
+
+
+def _has_torch_function(args) -> bool:
+    """torch's `has_torch_function`, with a running tracer's mode alone not counted: the fused op
+    (`torch._transformer_encoder_layer_fwd`, `torch._native_multi_head_attention`) goes through
+    that mode as one op, recorded as any op. A user's mode or a tensor subclass still counts."""
+    if not _HAS_TORCH_FUNCTION(args):
+        return False
+    if compat.mode_stack_len() != 1 or running_top(_tracing) is None:
+        return True
+    mode = compat.pop_mode()
+    try:
+        return _HAS_TORCH_FUNCTION(args)
+    finally:
+        compat.push_mode(mode)
+
+
 def install(mode) -> None:
     with _lock:
         _tracing[id(mode)] = mode
@@ -91,6 +114,8 @@ def install(mode) -> None:
             return  # in place already, or replaced by someone: theirs runs as it is
         _installed.append(_WRAPPER)
         _FUNCTION.apply = _WRAPPER
+        if _OVERRIDES.__dict__.get("has_torch_function") is _HAS_TORCH_FUNCTION:
+            _OVERRIDES.has_torch_function = _has_torch_function
 
 
 def uninstall(mode) -> None:
@@ -101,4 +126,6 @@ def uninstall(mode) -> None:
             return
         if _FUNCTION.__dict__.get("apply") is _WRAPPER:
             _FUNCTION.apply = _ORIGINAL  # one the user's code put there since stays
+        if _OVERRIDES.__dict__.get("has_torch_function") is _has_torch_function:
+            _OVERRIDES.has_torch_function = _HAS_TORCH_FUNCTION
         _installed.clear()

@@ -231,8 +231,20 @@ def preview_quiet(t: torch.Tensor, with_stats: bool = True) -> Preview:
                 return p
         return _preview(t, with_stats)
     except Exception as exc:  # a preview must never break the user's cell
+        return _unpreviewable(t, exc)
+
+
+def _unpreviewable(t, exc: Exception) -> Preview:
+    """What is shown of a tensor no preview reads: a nested tensor (its components' shapes differ: no
+    one shape, no values), or one whose read failed (said why)."""
+    try:
+        if getattr(t, "is_nested", False):
+            return Preview(shape=(t.size(0),), dtype=str(t.dtype), device=str(t.device), layout="nested",
+                           note=f"a nested tensor of {t.size(0)} components of different shapes: values not shown")
         shape = tuple(getattr(t, "shape", ()))
-        return Preview(shape=shape, dtype=str(getattr(t, "dtype", "?")), note=f"no preview: {exc}")
+    except Exception:  # not even its shape
+        shape = ()
+    return Preview(shape=shape, dtype=str(getattr(t, "dtype", "?")), note=f"no preview: {exc}")
 
 
 _FAST_DTYPES = {torch.float32: "torch.float32", torch.float64: "torch.float64"}

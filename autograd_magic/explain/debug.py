@@ -92,13 +92,25 @@ def nonfinite_origin(trace: Trace) -> Optional[NonFinite]:
 
     Uninitialised tensors (`torch.empty` and the like) are skipped: their leftover memory may
     hold anything, and the op that fills them is recorded after them."""
+    given: set[int] = set()  # records holding infinities a mask was given, not ones an op produced
     for r in trace.records:
         if is_uninitialised(r) or _made_by_backward(r):
             continue
         kind = nonfinite_kind(r.preview)
-        if kind is not None:
-            return _origin(trace, r, kind)
+        if kind is None:
+            continue
+        if kind == "inf" and (r.op in _FILL_OPS or (r.external and not r.inputs) or any(i in given for i in r.inputs)):
+            given.add(r.id)  # -inf written on purpose (an attention mask), or carried on from one
+            continue
+        return _origin(trace, r, kind)
     return None
+
+
+#: ops that write the values they are given: an Inf there (`masked_fill(mask, -inf)`, `torch.full(..., -inf)`)
+#: is a mask's, as is one a tensor from outside the cell already holds; what is computed from them
+#: carries it on (`scores + mask`). A NaN is never a mask's: found wherever it first appears.
+_FILL_OPS = frozenset({"masked_fill", "masked_fill_", "fill", "fill_", "full", "full_like", "new_full", "index_fill",
+                       "index_fill_", "tensor", "as_tensor"})
 
 
 def _made_by_backward(r: Record) -> bool:
