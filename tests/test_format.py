@@ -309,3 +309,17 @@ def test_the_text_table_keeps_a_rows_flags_whole(shell):
         shell.run_cell("%%autograd --text\nwith torch.no_grad():\n    w.mul_(2)")
     row = next(line for line in out.stdout.splitlines() if line.lstrip().startswith("w "))
     assert "requires_grad, leaf, from outside the cell, modified in place later" in row, out.stdout
+
+
+def test_the_text_table_shows_what_each_call_of_the_cell_returned(shell):
+    """`y = lin(x)`: the ops inside Linear.forward fold into the call line, whose row shows what the
+    call returned (it had no row at all: the text view skipped every op inside a call)."""
+    from IPython.utils.capture import capture_output
+
+    shell.run_cell("import torch\ntorch.manual_seed(0)\nlin = torch.nn.Linear(2, 2)\nx = torch.ones(1, 2)")
+    with capture_output() as out:
+        shell.run_cell("%%autograd --text\ny = lin(x)\nz = y.softmax(-1)")
+    row = next((line for line in out.stdout.splitlines() if "y = lin(x)" in line), None)
+    assert row is not None, out.stdout
+    y = shell.user_ns["y"]
+    assert f"{y[0, 0].item():.4f}" in row and "AddmmBackward0" in row and y.grad_fn.name() == "AddmmBackward0", row

@@ -6,6 +6,7 @@ from .. import limits
 from ..data.trace import Record, Trace, op_run
 from .debug import text_lines as debug_lines
 from ..explain.errors import explain_error
+from ..explain.fold import consumers_of
 from ..explain.format import format_short, format_shape
 from ..explain import wording
 from ..explain.wording import flags, gradient_cell, variant_description
@@ -32,9 +33,10 @@ def render_text(trace: Trace, width: int = 120) -> str:
     except Exception:
         pass
     rows = [("line", "name / expression", "value", "shape", "flags", "grad_fn", "grad")]
+    results = call_results(trace.records)
     for r in trace.records:
-        if r.internal and not r.external:
-            continue  # module and function internals: folded into their call site
+        if r.internal and not r.external and r.id not in results:
+            continue  # module and function internals: folded into their call site, which shows its result
         label = r.label
         if r.inplace and r.expr and wording.statement_of(r):  # `h += 1` changes h: its own text, no `h = `
             label = wording.statement_of(r)
@@ -59,7 +61,7 @@ def render_text(trace: Trace, width: int = 120) -> str:
         )
     left_out = max(len(rows) - 1 - limits.TEXT_ROWS, 0)  # text/plain goes into the notebook file too
     rows = rows[: limits.TEXT_ROWS + 1]
-    internal = sum(1 for r in trace.records if r.internal and not r.external)
+    internal = sum(1 for r in trace.records if r.internal and not r.external and r.id not in results)
     widths = [min(max(len(row[i]) for row in rows), cap) for i, cap in enumerate((5, 40, 36, 12, 72, 26, 52))]
     for row in rows:
         cells = [(c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(row, widths)]
@@ -99,3 +101,31 @@ def _gradcheck_lines(trace: Trace) -> list[str]:
         text = f"  {mark.get(c.ok, '?')} {c.name}: {wording.verdict(c.ok)} ({c.elements_checked} elements{errs})"
         lines.append(text + (f": {c.note}" if c.note else ""))
     return lines
+
+
+def call_results(records: list[Record]) -> set[int]:
+    """The record of what each call of the cell returned (`y = lin(x)`: the last op inside it whose
+    value is used outside, as the graph's call node shows it): the text table's row for the call,
+    whose ops are folded. A call that only changes tensors in place (`opt.step()`) has none."""
+    readers = consumers_of(records)
+    out: set[int] = set()
+    run: list[Record] = []
+
+    def close() -> None:
+        if run:
+            members = {x.id for x in run}
+            outside = [x.id for x in run if readers.get(x.id, set()) - members]
+            last = records[outside[-1] if outside else run[-1].id]
+            if not last.inplace:
+                out.add(last.id)
+            run.clear()
+
+    for r in records:
+        if r.internal and not r.external:
+            if run and run[-1].span != r.span:
+                close()
+            run.append(r)
+        elif not r.external:  # a parameter read mid-call does not end the call
+            close()
+    close()
+    return out
