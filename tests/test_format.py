@@ -323,3 +323,15 @@ def test_the_text_table_shows_what_each_call_of_the_cell_returned(shell):
     assert row is not None, out.stdout
     y = shell.user_ns["y"]
     assert f"{y[0, 0].item():.4f}" in row and "AddmmBackward0" in row and y.grad_fn.name() == "AddmmBackward0", row
+
+
+def test_a_tensor_no_name_reaches_is_called_unnamed_not_by_the_records_op(shell):
+    """An eval-mode TransformerEncoder built in one line deep-copies its layer: the copied layer's
+    own parameters, read by the copy and bound to no name, were rows called `external`."""
+    shell.run_cell("import torch")
+    shell.run_cell("%%autograd --quiet -o _t\nenc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2)")
+    t = shell.user_ns["_t"]
+    labels = [r.label for r in t.records]
+    assert "external" not in labels and "unnamed tensor" in labels
+    named = {n for n, _ in shell.user_ns["enc"].named_parameters()}
+    assert {f"enc.{n}" for n in named} <= set(labels)  # the encoder's own are named by their path

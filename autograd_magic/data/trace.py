@@ -196,8 +196,9 @@ class Record:
 
     @property
     def label(self) -> str:
-        """What a reader calls this tensor: its name, else its source text, else its op."""
-        return self.name or self.expr or self.op
+        """What a reader calls this tensor: its name, else its source text, else its op (a tensor no
+        name reaches, from outside the traced code: "unnamed tensor", not the op's "external")."""
+        return self.name or self.expr or ("unnamed tensor" if self.op == "external" else self.op)
 
 
 @dataclass(slots=True)  # one per tensor shown: no per-instance dict, a faster __init__
