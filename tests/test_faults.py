@@ -651,3 +651,14 @@ def test_a_users_own_mode_still_turns_the_fused_path_off():
     ipy.user_ns["Watch"] = Watch
     _run_for(ipy, TRANSFORMER_EVAL.replace("with torch.no_grad():", "with torch.no_grad(), Watch():"), "%%autograd --quiet\n")
     assert "_transformer_encoder_layer_fwd" not in seen and "linear" in seen
+
+
+def test_torchs_other_callers_of_has_torch_function_get_its_own_answer():
+    """Only the attention fast-path checks see the tracer's mode discounted: `torch._assert` (and
+    higher-order ops) still route through __torch_function__ while a cell is traced."""
+    import autograd_magic as am
+
+    x = torch.ones(2)
+    with am.trace():
+        assert torch.overrides.has_torch_function((x,))  # the mode is on: torch's own answer here
+        torch._assert(x.sum() > 0, "positive")

@@ -14,6 +14,8 @@ lifted `zero_grad()`s are (`steps.py`); a subclass's own `apply` (rare) runs as 
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import Callable
 
@@ -92,13 +94,21 @@ _OVERRIDES = torch.overrides
 _HAS_TORCH_FUNCTION = _OVERRIDES.__dict__["has_torch_function"]
 
 
+#: the modules whose fast-path check asks it (torch/nn/modules/transformer.py and activation.py)
+_FAST_PATHS = tuple(os.path.join("nn", "modules", f"{name}.py") for name in ("transformer", "activation"))
+
+
 def _has_torch_function(args) -> bool:
-    """torch's `has_torch_function`, with a running tracer's mode alone not counted: the fused op
+    """torch's `has_torch_function`; for the fast-path checks of the Transformer layers and of
+    MultiheadAttention, a running tracer's mode alone is not counted: the fused op
     (`torch._transformer_encoder_layer_fwd`, `torch._native_multi_head_attention`) goes through
-    that mode as one op, recorded as any op. A user's mode or a tensor subclass still counts."""
+    that mode as one op, recorded as any op. A user's mode or a tensor subclass still counts, and
+    torch's other callers (`torch._assert`, higher-order ops) get torch's own answer."""
     if not _HAS_TORCH_FUNCTION(args):
         return False
     if compat.mode_stack_len() != 1 or running_top(_tracing) is None:
+        return True
+    if not sys._getframe(1).f_code.co_filename.endswith(_FAST_PATHS):
         return True
     mode = compat.pop_mode()
     try:
