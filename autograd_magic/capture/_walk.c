@@ -1233,7 +1233,7 @@ static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssiz
         if (inplace_name(name) && PyTuple_GET_SIZE(args) > 0 &&
             PyObject_TypeCheck(PyTuple_GET_ITEM(args, 0), (PyTypeObject *)tensor_type)) {
             target = PyTuple_GET_ITEM(args, 0);
-        } else if (kwargs != NULL && PyDict_Check(kwargs) && PyDict_GET_SIZE(kwargs)) { /* ops.py's `out_target` */
+        } else if (kwargs != NULL && PyDict_Check(kwargs) && PyDict_GET_SIZE(kwargs)) { /* `out=x`, as the Python handler reads it */
             target = PyDict_GetItemWithError(kwargs, str_out);
             if (target == NULL && PyErr_Occurred()) goto done;
             if (target != NULL && !PyObject_TypeCheck(target, (PyTypeObject *)tensor_type)) target = NULL;

@@ -57,12 +57,6 @@ def writes_out(kwargs: Optional[dict]) -> bool:
     return bool(kwargs) and kwargs.get("out") is not None
 
 
-def out_target(kwargs: Optional[dict]) -> Optional[torch.Tensor]:
-    """The tensor an `out=` call writes into, when it is one tensor (not a tuple of them)."""
-    out = kwargs.get("out") if kwargs else None
-    return out if isinstance(out, torch.Tensor) else None
-
-
 def grad_fn_name(t: torch.Tensor) -> Optional[str]:
     # Reading grad_fn itself can raise (a no_grad view whose base changed in
     # place); the user's own code raises it when it reads it, not ours.

@@ -30,7 +30,7 @@ from .interventions import Intervention
 from .names import NameIndex
 from .finite import UNINITIALISED, checkable, holds_nonfinite
 from .preview import DeviceQueue, activate, preview, preview_quiet, quietly
-from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, out_target, tensors_in, writes_out
+from .ops import NOT_OPS, grad_fn_name, is_inplace, is_leaf, op_name, tensors_in, writes_out
 from ..data.trace import CUT_OPS, DATA_SET, GRAD_SET, REQUIRES_GRAD_SET, Origin, Record, Trace, cut_of, untracked_history
 from .sites import SiteFinder
 from .source import SourceMap
@@ -175,9 +175,9 @@ class _PyMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if kind == _BACKWARD:
             return tracer.backward.run(func, args, kwargs)
-        if kind == _OP:
-            target = args[0] if args and isinstance(args[0], torch.Tensor) and is_inplace(name, name) else out_target(kwargs)
-            if target is not None and tracer.record_of(target) is None:
+        if kind == _OP:  # about to change a tensor in place (`x.add_(1)`, `out=x`): one from before the cell is previewed first
+            target = args[0] if args and is_inplace(name, name) else kwargs.get("out")
+            if isinstance(target, torch.Tensor) and tracer.record_of(target) is None:
                 tracer.before_inplace(target)
         out = func(*args, **kwargs)
         # Fast exits for what is not a new tensor: attribute reads (p.grad, .shape)

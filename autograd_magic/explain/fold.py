@@ -161,6 +161,12 @@ def _call_units(records: list[Record], readers: dict[int, set[int]], ids: set[in
     return _order(units)
 
 
+def call_outputs(records: list[Record]) -> set[int]:
+    """The record each call site's run of ops shows (what the call returned, as its graph node
+    shows it), for every call of the cell, none folded away."""
+    return {u.output for u in _call_units(records, consumers_of(records), set(), set()) if u.kind == "call"}
+
+
 def _record_unit(r: Record, fold_key) -> Unit:
     return Unit(key=f"r{r.id}", kind="record", records=[r.id], output=r.id, fold_key=fold_key)
 

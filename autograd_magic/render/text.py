@@ -6,7 +6,7 @@ from .. import limits
 from ..data.trace import Record, Trace, op_run
 from .debug import text_lines as debug_lines
 from ..explain.errors import explain_error
-from ..explain.fold import consumers_of
+from ..explain.fold import call_outputs
 from ..explain.format import format_short, format_shape
 from ..explain import wording
 from ..explain.wording import flags, gradient_cell, variant_description
@@ -104,28 +104,6 @@ def _gradcheck_lines(trace: Trace) -> list[str]:
 
 
 def call_results(records: list[Record]) -> set[int]:
-    """The record of what each call of the cell returned (`y = lin(x)`: the last op inside it whose
-    value is used outside, as the graph's call node shows it): the text table's row for the call,
-    whose ops are folded. A call that only changes tensors in place (`opt.step()`) has none."""
-    readers = consumers_of(records)
-    out: set[int] = set()
-    run: list[Record] = []
-
-    def close() -> None:
-        if run:
-            members = {x.id for x in run}
-            outside = [x.id for x in run if readers.get(x.id, set()) - members]
-            last = records[outside[-1] if outside else run[-1].id]
-            if not last.inplace:
-                out.add(last.id)
-            run.clear()
-
-    for r in records:
-        if r.internal and not r.external:
-            if run and run[-1].span != r.span:
-                close()
-            run.append(r)
-        elif not r.external:  # a parameter read mid-call does not end the call
-            close()
-    close()
-    return out
+    """The record of what each call of the cell returned (`y = lin(x)`): the text table's row for
+    the call, whose ops are folded. A call that only changes tensors in place (`opt.step()`) has none."""
+    return {i for i in call_outputs(records) if not records[i].inplace}
