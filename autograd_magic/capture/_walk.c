@@ -1231,7 +1231,8 @@ static PyObject *core_torch_function(ModeCore *self, PyObject *const *a, Py_ssiz
     PyObject *target = NULL; /* borrowed: what the op is about to change in place */
     if (kind == OP) {
         if (inplace_name(name) && PyTuple_GET_SIZE(args) > 0 &&
-            PyObject_TypeCheck(PyTuple_GET_ITEM(args, 0), (PyTypeObject *)tensor_type)) {
+            PyObject_TypeCheck(PyTuple_GET_ITEM(args, 0), (PyTypeObject *)tensor_type) &&
+            PyUnicode_CompareWithASCIIString(name, "grad_set_") != 0) { /* `t.grad = g` changes no values */
             target = PyTuple_GET_ITEM(args, 0);
         } else if (kwargs != NULL && PyDict_Check(kwargs) && PyDict_GET_SIZE(kwargs)) { /* `out=x`, as the Python handler reads it */
             target = PyDict_GetItemWithError(kwargs, str_out);

@@ -176,7 +176,8 @@ class _PyMode(TorchFunctionMode):
         if kind == _BACKWARD:
             return tracer.backward.run(func, args, kwargs)
         if kind == _OP:  # about to change a tensor in place (`x.add_(1)`, `out=x`): one from before the cell is previewed first
-            target = args[0] if args and is_inplace(name, name) else kwargs.get("out")
+            # (`t.grad = g` is named like an in-place op only to reach on_op: it changes no values)
+            target = args[0] if args and is_inplace(name, name) and name != GRAD_SET else kwargs.get("out")
             if isinstance(target, torch.Tensor) and tracer.record_of(target) is None:
                 tracer.before_inplace(target)
         out = func(*args, **kwargs)
