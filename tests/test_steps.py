@@ -596,3 +596,65 @@ def test_a_zero_grad_of_the_users_own_runs_traced_and_stays_theirs(shell, zero_l
     finally:
         torch.optim.Optimizer.zero_grad = TORCH_ZERO_GRADS[0]
     assert _zero_grads() == TORCH_ZERO_GRADS
+
+
+# ---- torch's profiler ranges with the mode lifted ----
+TORCH_RANGES = tuple(original for _, _, original in steps_module._TORCH_RANGES)
+
+
+def _ranges() -> tuple:
+    return tuple(torch.autograd.profiler.record_function.__dict__[name] for name in ("__enter__", "__exit__"))
+
+
+RANGES = """import torch
+x = torch.ones(3, requires_grad=True)
+for i in range(5):
+    with torch.autograd.profiler.record_function("mine"):
+        y = (x * 2).sum()
+y.backward()
+"""
+
+
+def test_a_profiler_range_runs_with_the_mode_lifted_and_profiles_as_it_would(shell, dispatched):
+    # its two torch.ops calls never reach the mode: the cell without the ranges counts the same
+    # calls; the range still reaches torch's profiler, as often as in the plain cell
+    from torch.profiler import profile
+
+    def ranges(result_of) -> int:
+        with profile() as prof:
+            result_of()
+        return sum(1 for e in prof.events() if e.name == "mine")
+
+    plain_count = ranges(lambda: _plain(RANGES))
+    traced = []
+    traced_count = ranges(lambda: traced.append(_traced(shell, RANGES)))
+    assert plain_count == traced_count == 5
+    shell.reset(new_session=False)
+    _traced(shell, RANGES.replace('with torch.autograd.profiler.record_function("mine"):', "if True:"))
+    assert dispatched[0] == dispatched[1]
+    assert torch.equal(shell.user_ns["x"].grad, _plain(RANGES)["x"].grad)
+    assert _ranges() == TORCH_RANGES
+
+
+def test_an_optimizer_steps_range_is_lifted_and_torchs_own_again_after_a_cell_that_raises(shell, monkeypatch):
+    # the range each step opens (before the step hooks) sees no mode on torch's stack, also in the
+    # first --limit steps, recorded in detail; after the cell, torch's own methods are back
+    seen = []
+    enter = TORCH_RANGES[0]
+
+    def spying(self):
+        seen.append((self.name, torch._C._len_torch_function_stack()))
+        return enter(self)
+
+    wrappers = tuple((o, n, orig, steps_module._lifted_range(spying) if n == "__enter__" else w)
+                     for o, n, orig, w in steps_module._WRAPPERS)
+    monkeypatch.setattr(steps_module, "_WRAPPERS", wrappers)
+    shell.run_cell("import torch")
+    with capture_output():
+        result = shell.run_cell("%%autograd --quiet\n" + _loop("adam").replace("range(30)", "range(6)")
+                                + "raise ValueError('boom')")
+    assert isinstance(result.error_in_exec, ValueError)
+    steps = [depth for name, depth in seen if name.startswith("Optimizer.step#")]
+    assert steps == [0] * 6 and len(seen) == 12  # and each zero_grad's range
+    assert _ranges() == TORCH_RANGES and not steps_module._wrapped
+    assert torch._C._len_torch_function_stack() == 0

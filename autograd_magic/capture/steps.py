@@ -24,6 +24,11 @@ while a tracer runs, torch's own two `zero_grad`s run with its mode off the stac
 top and has no interventions; `set_to_none=False` (in-place `zero_()`, recorded) runs as called, and
 so does a `zero_grad` someone replaced (its own ops stay traced). torch has no hook there: the two
 methods are wrapped while any tracer runs, and put back after the last one.
+
+The profiler range every optimizer step opens (`record_function`, entered before the step hooks
+that lift the step, left after them) is two more such torch.ops calls per step, in every loop
+iteration: its `__enter__` and `__exit__` are wrapped the same way and run with the mode lifted
+(a range holds no tensor; a DataLoader's `next()` opens one too).
 """
 
 from __future__ import annotations
@@ -233,19 +238,37 @@ class OptimizerSteps:
             tracer.keep_step(opt, params, span, type(opt).__name__ + ".step", occurrence, site.calls - 1)
 
 
-# ---- zero_grad() with the mode lifted ----
+# ---- zero_grad() and torch's profiler ranges with the mode lifted ----
 #: torch's own methods, as at import: only these are wrapped (a user's or a library's replacement
 #: runs ops of its own, which must stay traced)
 _TORCH_ZERO_GRADS: tuple = tuple((owner, owner.__dict__["zero_grad"]) for owner in (torch.optim.Optimizer, torch.nn.Module))
+#: `torch.autograd.profiler.record_function`'s enter and exit: each is a torch.ops call that goes
+#: through torch's Python dispatch to the mode (about 5 us each, plain torch's own cost doubled).
+#: Every optimizer step opens one (before the step hooks that lift the step itself), and so does a
+#: DataLoader's `next()`. A range records no tensor: it runs with the mode lifted too.
+_RANGE = torch.autograd.profiler.record_function
+_TORCH_RANGES: tuple = tuple((_RANGE, name, _RANGE.__dict__[name]) for name in ("__enter__", "__exit__"))
 #: id(mode) -> mode of the running tracers that may lift it (`OptimizerSteps.start`)
 _lifting: dict[int, object] = {}
-#: (owner class, torch's method, our wrapper of it) while wrapped
-_wrapped: list[tuple[type, Callable, Callable]] = []
+#: (owner class, attribute, torch's method, our wrapper of it) while wrapped
+_wrapped: list[tuple[type, str, Callable, Callable]] = []
 
 
 def _liftable_top():
     """The mode on top of torch's stack when it is a running tracer's that may be lifted, else None."""
     return running_top(_lifting)
+
+
+def _run_lifted(mode, original: Callable, args, kwargs):
+    """`original(*args, **kwargs)` with `mode` (on top of torch's stack) off it, and back after."""
+    popped = False
+    try:
+        compat.pop_mode()
+        popped = True
+        return original(*args, **kwargs)
+    finally:
+        if popped:
+            compat.push_mode(mode)
 
 
 def _lifted_zero_grad(original: Callable) -> Callable:
@@ -255,21 +278,28 @@ def _lifted_zero_grad(original: Callable) -> Callable:
         mode = _liftable_top() if set_to_none is True and len(args) + len(kwargs) <= 1 else None
         if mode is None:
             return original(self, *args, **kwargs)
-        popped = False
-        try:
-            compat.pop_mode()
-            popped = True
-            return original(self, *args, **kwargs)
-        finally:
-            if popped:
-                compat.push_mode(mode)
+        return _run_lifted(mode, original, (self, *args), kwargs)
 
     return zero_grad
 
 
+def _lifted_range(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def profiler_range(*args, **kwargs):
+        mode = running_top(_lifting)  # not `_liftable_top`: tests count the zero_grads' lookups
+        if mode is None:
+            return original(*args, **kwargs)
+        return _run_lifted(mode, original, args, kwargs)
+
+    return profiler_range
+
+
 #: our wrapper of each of torch's methods, made once (`functools.wraps` per tracer start costs
 #: more than a lifted call saves)
-_WRAPPERS: dict[type, Callable] = {owner: _lifted_zero_grad(original) for owner, original in _TORCH_ZERO_GRADS}
+_WRAPPERS: tuple = (
+    *((owner, "zero_grad", original, _lifted_zero_grad(original)) for owner, original in _TORCH_ZERO_GRADS),
+    *((owner, name, original, _lifted_range(original)) for owner, name, original in _TORCH_RANGES),
+)
 #: tracers start and stop in any thread (torch's mode stack is per thread; these lists are not)
 _lift_lock = threading.RLock()  # re-entrant: a finalizer that stops a tracer may run inside
 
@@ -279,12 +309,11 @@ def _lift_zero_grads(mode) -> None:
         _lifting[id(mode)] = mode
         if _wrapped:
             return
-        for owner, original in _TORCH_ZERO_GRADS:
-            if owner.__dict__.get("zero_grad") is not original:
+        for owner, name, original, wrapper in _WRAPPERS:
+            if owner.__dict__.get(name) is not original:
                 continue  # replaced by someone: theirs runs as it is, traced
-            wrapper = _WRAPPERS[owner]
-            _wrapped.append((owner, original, wrapper))  # first: an interrupt in between leaves nothing unlisted
-            owner.zero_grad = wrapper
+            _wrapped.append((owner, name, original, wrapper))  # first: an interrupt in between leaves nothing unlisted
+            setattr(owner, name, wrapper)
 
 
 def _unlift_zero_grads(mode) -> None:
@@ -294,7 +323,7 @@ def _unlift_zero_grads(mode) -> None:
         if _lifting:
             return
         while _wrapped:
-            owner, original, wrapper = _wrapped[-1]
-            if owner.__dict__.get("zero_grad") is wrapper:
-                owner.zero_grad = original  # one the user's code put there since stays
+            owner, name, original, wrapper = _wrapped[-1]
+            if owner.__dict__.get(name) is wrapper:
+                setattr(owner, name, original)  # one the user's code put there since stays
             _wrapped.pop()
