@@ -471,3 +471,79 @@ def test_a_grad_made_with_create_graph_is_said_to_come_from_that_backward_call(s
     text = about(t, "g")
     assert "reads the gradient the backward call on line 3" in text and "put into `x.grad`" in text, text
     assert "after the last backward call" not in text, text
+
+
+# ---- an update written as a rebinding: `w = w - lr * w.grad` ----
+REBOUND_LOOP = """w = torch.tensor([1.0, 2.0], requires_grad=True)
+for i in range(3):
+    loss = (w ** 2).sum()
+    loss.backward()
+    w = w - 0.1 * w.grad"""
+
+
+def _shown(t) -> str:
+    from autograd_magic.capture.preview import preview
+    from autograd_magic.explain.format import format_short
+
+    return format_short(preview(t))
+
+
+def test_an_update_written_as_a_rebinding_is_explained_with_the_in_place_fix_that_works(shell):
+    import re
+
+    import torch
+
+    t = run(shell, REBOUND_LOOP, raises=True)
+    text = explain_error(t)
+    assert "`w = w - 0.1 * w.grad` on line 6 uses `w.grad`, which is None there" in text
+    assert "`w = w - 0.1 * w.grad` on line 6 rebound the name to a new tensor computed from the `w` before it" in text
+    assert "retain_grad" not in text  # keeping a non-leaf's gradient is not the fix: the graph would grow each step
+    fix = re.search(r"`with torch\.no_grad\(\):` then `([^`]+)`", text).group(1)
+    assert fix == "w -= 0.1 * w.grad"
+    # plain torch: the first w got both passes' gradients, and the view names it
+    first = torch.tensor([1.0, 2.0], requires_grad=True)
+    w = first
+    for _ in range(2):
+        (w ** 2).sum().backward()
+        w = w - 0.1 * (w.grad if w.grad is not None else torch.zeros(2))
+    assert w.grad is None and not w.is_leaf
+    about_w = about(t, "w")
+    assert f"the first `w`: its .grad is {_shown(first.grad)}" in about_w
+    # the advice, run as plain torch: w stays the leaf and gets a gradient every step
+    ns = {"torch": torch}
+    exec("w = torch.tensor([1.0, 2.0], requires_grad=True)\ngrads = []\nfor i in range(3):\n"
+         "    loss = (w ** 2).sum()\n    loss.backward()\n    grads.append(w.grad.clone())\n"
+         f"    with torch.no_grad():\n        {fix}\n    w.grad = None", ns)
+    assert ns["w"].is_leaf and len(ns["grads"]) == 3
+
+
+def test_a_rebinding_from_an_earlier_cell_names_the_leaf_no_name_holds(shell):
+    import torch
+
+    run(shell, "w = torch.tensor([1.0, 2.0], requires_grad=True)\nloss = (w ** 2).sum()\nloss.backward()\nw = w - 0.1 * w.grad")
+    t = run(shell, "loss = (w ** 2).sum()\nloss.backward()\nw = w - 0.1 * w.grad", setup="", raises=True)
+    text = explain_error(t)
+    assert "`w = w - 0.1 * w.grad` (cell [" in text and "rebound the name" in text and "w -= 0.1 * w.grad" in text
+    first = torch.tensor([1.0, 2.0], requires_grad=True)
+    (first ** 2).sum().backward()
+    second = first - 0.1 * first.grad
+    (second ** 2).sum().backward()
+    assert f"the earlier `w`, which no name holds now: its .grad is {_shown(first.grad)}" in about(t, "w")
+
+
+def test_a_rebinding_that_is_no_update_keeps_the_leaf_by_a_new_name(shell):
+    t = run(shell, "x = torch.tensor([1.0, 2.0], requires_grad=True)\nx = x * 2\nx.sum().backward()")
+    text = about(t, "x")
+    assert "`x = x * 2` on line 3 rebound the name" in text
+    assert "bind the result to a new name (`x2 = x * 2`)" in text and "x.retain_grad()" in text
+    assert shell.user_ns["x"].grad is None and not shell.user_ns["x"].is_leaf
+    # a result under another name is no rebinding: the usual advice
+    t = run(shell, "x = torch.tensor([1.0, 2.0], requires_grad=True)\ny = x * 2\ny.sum().backward()")
+    assert "rebound" not in about(t, "y") and "y.retain_grad()" in about(t, "y")
+
+
+def test_a_recurrence_that_rebinds_a_result_is_no_rebound_leaf(shell):
+    t = run(shell, "W = torch.eye(2, requires_grad=True)\nh = torch.zeros(2)\nfor x in [torch.ones(2), torch.ones(2)]:\n"
+                   "    h = torch.tanh(W @ h + x)\nh.sum().backward()")
+    text = about(t, "h")
+    assert "rebound" not in text and "h.retain_grad()" in text

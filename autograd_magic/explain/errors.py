@@ -213,10 +213,12 @@ def _grad_is_none(trace: Trace, p: Optional[BackwardPass]) -> Optional[str]:
     for name in names:
         found = [r for r in trace.records if r.name == name and (e.line is None or r.line is None or r.line <= e.line)]
         if found:
-            from .why import explain_record  # the record's own reason for its .grad
+            from .why import explain_record, rebound_sentences  # the record's own reason for its .grad
 
             try:
-                reason = next((s for s in explain_record(trace, found[-1].id) if "grad" in s), None)
+                rebound = rebound_sentences(trace, found[-1])
+                reason = (" ".join(rebound[:1] + rebound[2:]) if rebound is not None  # what it is, and the fix
+                          else next((s for s in explain_record(trace, found[-1].id) if "grad" in s), None))
             except Exception:  # an explanation never breaks the view: the head alone then
                 reason = None
             head = f"{_error_where(trace)} uses `{name}.grad`, which is None there."

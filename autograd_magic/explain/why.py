@@ -696,19 +696,70 @@ def _non_leaf_grad(trace: Trace, r: Record) -> list[str]:
     keep = f"Call {r.name}.retain_grad() before backward() to keep it." if r.name else (
         "Name it and call .retain_grad() on it before backward() to keep it."
     )
-    hidden = _hidden_leaf(trace, r)
+    rebound = rebound_sentences(trace, r)  # `w = w - lr * w.grad`: the name holds a result now, not the leaf
+    hidden = _hidden_leaf(trace, r) if rebound is None else None
     if hidden is not None:  # `w = torch.randn(3, requires_grad=True).double()`: meant as the leaf, it is not
         keep = (f"The leaf is `{hidden.label}`, which no name holds: it gets the .grad. To make `{r.name}` the "
                 f"leaf (an optimizer needs one), set requires_grad on the tensor in its final form{_final_form(hidden, r)}.")
-    out = [f"{_where(r)} is not a leaf ({made}), so PyTorch does not keep its gradient: its .grad is None. {keep}"]
+    out = rebound or [f"{_where(r)} is not a leaf ({made}), so PyTorch does not keep its gradient: its .grad is None. {keep}"]
     for p, g in got:
-        would = "" if p.kind == "grad" else "; with retain_grad() that is what .grad would show"
+        would = "" if p.kind == "grad" or rebound else "; with retain_grad() that is what .grad would show"
         raised = ", which then raised an error," if p.error else ""  # its pre-hook saw this before the engine failed
         out.append(_sentence(f"In {_pass_where(p)}{raised} it received {_grad(g)}{would}"))
     if not got and trace.passes:
         unknown = _past_limit(trace, r)
         out.append(unknown if unknown is not None else "No backward pass in this cell reached it: " + _unreached(trace, r))
     return out + _odd_values(trace, r)
+
+
+def rebound_sentences(trace: Trace, r: Record) -> Optional[list[str]]:
+    """`w = w - lr * w.grad` (or `x = x * 2`) with gradients on: the name `r` is bound to was rebound
+    to a result computed from the tensor it held, so it names a non-leaf now; the gradient goes on
+    to the leaf it came from, which no name may hold any more. The classroom's "why is w.grad None
+    in the second step?": the answer is an in-place update under no_grad, not retain_grad(). None
+    when `r` is no such rebinding."""
+    name, expr = r.name, r.expr or ""
+    if not name or r.is_leaf or r.grad_fn is None or not re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", expr):
+        return None
+    # the tensor the name held: a leaf that requires grad, among the statement's own inputs (a
+    # recurrence, `h = torch.tanh(W @ h + x)`, rebinds a name that held a result: not this)
+    leaf = next((a for a in _statement_inputs(trace, r) if a.is_leaf and a.requires_grad and a.name in (name, None)), None)
+    if leaf is None:
+        return None
+    statement = f"`{name} = {expr}`" + (f" on line {r.line}" if r.line is not None else "")
+    if r.line is None and r.made_in is not None:
+        statement += f" (cell [{r.made_in[0]}]" + (f", line {r.made_in[1]})" if r.made_in[1] is not None else ")")
+    out = [f"`{name}` is not a leaf: {statement} rebound the name to a new tensor computed from the `{name}` "
+           f"before it ({r.grad_fn}, as gradients were on), and PyTorch keeps .grad only for leaves, so "
+           f"`{name}.grad` is None."]
+    called = f"the first `{name}`" if leaf.name == name else f"the earlier `{name}`, which no name holds now"
+    got = f": its .grad is {_grad(leaf.attr_grad)}" if leaf.attr_grad is not None else ""
+    out.append(f"The gradient goes on to the leaf it came from, {called}{got}.")
+    update = re.fullmatch(rf"\s*{re.escape(name)}\s*([-+])\s*(.+)", expr)
+    if ".grad" in expr:  # an update step written as a rebinding
+        inplace = f"`{name} {update.group(1)}= {update.group(2).strip()}`" if update else f"`{name}.copy_(...)`"
+        out.append(f"To update a tensor you train, change it in place with gradients off: "
+                   f"`with torch.no_grad():` then {inplace}; then clear its gradient (`{name}.grad = None`) "
+                   "before the next backward call.")
+    else:
+        out.append(f"To keep the leaf's .grad, bind the result to a new name (`{name}2 = {expr}`); or call "
+                   f"{name}.retain_grad() before backward() to keep this tensor's.")
+    return out
+
+
+def _statement_inputs(trace: Trace, r: Record) -> Iterable[Record]:
+    """The inputs of `r`'s statement: its own, and those of the sub-expressions it was computed from
+    on the same line (`0.1 * w.grad` of `w - 0.1 * w.grad`)."""
+    seen, stack = {r.id}, list(r.inputs)
+    while stack:
+        i = stack.pop(0)
+        if i in seen or not 0 <= i < len(trace.records):
+            continue
+        seen.add(i)
+        a = trace.records[i]
+        yield a
+        if not a.external and a.line == r.line and a.line is not None:
+            stack.extend(a.inputs)
 
 
 def _final_form(leaf: Record, r: Record) -> str:
