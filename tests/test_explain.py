@@ -531,6 +531,40 @@ def test_a_rebinding_from_an_earlier_cell_names_the_leaf_no_name_holds(shell):
     assert f"the earlier `w`, which no name holds now: its .grad is {_shown(first.grad)}" in about(t, "w")
 
 
+def test_the_leaf_a_rebinding_left_behind_is_called_by_its_earlier_name_in_later_cells(shell):
+    """Cell by cell, as students run it: the first `w` (no name holds it after the rebinding) and
+    its `.grad` get their rows as "earlier w" and "earlier w.grad", with plain torch's values."""
+    import torch
+
+    from autograd_magic.capture.preview import preview
+
+    run(shell, "w = torch.tensor([1.0, 2.0], requires_grad=True)\nloss = (w * 3).sum()\nloss.backward()")
+    run(shell, "w = w - 0.1 * w.grad", setup="")
+    t = run(shell, "loss = (w * 3).sum()\nloss.backward()", setup="")
+    first = torch.tensor([1.0, 2.0], requires_grad=True)
+    (first * 3).sum().backward()
+    after_one = first.grad.clone()
+    second = first - 0.1 * first.grad
+    (second * 3).sum().backward()
+    labels = {r.label: r for r in t.records}
+    assert "unnamed tensor" not in labels, sorted(labels)
+    leaf = labels["earlier w"]
+    assert leaf.name is None and leaf.is_leaf and leaf.requires_grad
+    assert leaf.attr_grad is not None and (leaf.attr_grad.values == preview(first.grad).values).all()
+    grad = labels["earlier w.grad"]  # the same tensor, read as the update used it, accumulated into since
+    assert (grad.value == preview(after_one).values).all() and grad.version_changed
+    assert labels["w"].grad_fn == "SubBackward0"  # the name still holds the new tensor: no "earlier" there
+    # the explanations call the leaf as the row does, in prose: no "`earlier w`" as if it were code
+    assert "the earlier `w`, which no name holds now" in about(t, "w")
+    text = " ".join(explain_record(t, leaf.id))
+    assert text.startswith("The earlier `w` is a leaf") and "`earlier w" not in text, text
+    assert f"The earlier `w`'s .grad is {_shown(first.grad)}" in text  # accumulated over both cells' passes
+    assert "computed from the earlier `w.grad`" in " ".join(explain_record(t, labels["0.1 * w.grad"].id))
+    # a tensor no cell ever named is still an unnamed one
+    t = run(shell, "loss = (torch.tensor([1.0], requires_grad=True) * w[:1]).sum()\nloss.backward()", setup="")
+    assert not any(r.label.startswith("earlier") and r.former not in ("w", "w.grad") for r in t.records)
+
+
 def test_a_rebinding_that_is_no_update_keeps_the_leaf_by_a_new_name(shell):
     t = run(shell, "x = torch.tensor([1.0, 2.0], requires_grad=True)\nx = x * 2\nx.sum().backward()")
     text = about(t, "x")

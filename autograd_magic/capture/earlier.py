@@ -43,6 +43,8 @@ class CellRecords:
     cuts: dict[int, Origin] = field(default_factory=dict)
     # its live tensors, each by the record that made it: record id -> (its execution count, line)
     made: dict[int, tuple[int, Optional[int]]] = field(default_factory=dict)
+    # its live tensors that had a name in it: record id -> that name (`w`, `w.grad`, `model.0.weight`)
+    names: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, outs in self.by_node.items():
@@ -71,6 +73,7 @@ class EarlierCells:
         self._index: dict[tuple, CellRecords] = {}
         self._cuts: dict[int, tuple[weakref.ref, Origin]] = {}  # id(tensor) -> (its tensor, its Origin)
         self._made: dict[int, tuple[weakref.ref, tuple]] = {}  # id(tensor) -> (its tensor, (cell, line))
+        self._names: dict[int, tuple[weakref.ref, str]] = {}  # id(tensor) -> (its tensor, its name there)
 
     def remember(self, cell: CellRecords) -> None:
         self._remember_cuts(cell)
@@ -84,6 +87,7 @@ class EarlierCells:
     def _remember_cuts(self, cell: CellRecords) -> None:
         self._cuts = self._by_tensor(self._cuts, cell, cell.cuts)
         self._made = self._by_tensor(self._made, cell, cell.made)
+        self._names = self._by_tensor(self._names, cell, cell.names)
 
     def _by_tensor(self, index: dict, cell: CellRecords, facts: dict) -> dict:
         """`index` (id(tensor) -> (its tensor, a fact)) with `facts` (record id -> fact) of `cell`'s
@@ -110,6 +114,11 @@ class EarlierCells:
     def made_in(self, t: torch.Tensor) -> Optional[tuple[int, Optional[int]]]:
         """(execution count, line) of the earlier traced cell that made `t`, if one did."""
         hit = self._made.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else None
+
+    def name_of(self, t: torch.Tensor) -> Optional[str]:
+        """The name the newest earlier traced cell knew `t` by, if one did."""
+        hit = self._names.get(id(t))
         return hit[1] if hit is not None and hit[0]() is t else None
 
     def find(self, key: tuple) -> Optional[tuple[CellRecords, list[tuple[int, int]]]]:

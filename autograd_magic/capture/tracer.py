@@ -511,7 +511,21 @@ class Tracer:
         return CellRecords(
             cell=cell, trace=self.trace, by_node={k: v for k, v in by_node.items() if v},
             tensors=dict(self._refs_at_end), outer=outer, cuts=self._cuts(cell), made=self._made(cell),
+            names=self._names_at_end(),
         )
+
+    def _names_at_end(self) -> dict[int, str]:
+        """This run's live tensors by a name each had in it (a later cell that meets one no name
+        holds any more calls it by that name: "earlier w")."""
+        records, seen, out = self.trace.records, set(), {}
+        for rid in sorted(self._refs_at_end):
+            t = self._refs_at_end[rid]()
+            name = records[rid].name or self._final_names.get(rid) or records[rid].former
+            if t is None or not name or id(t) in seen:
+                continue
+            seen.add(id(t))
+            out[rid] = name
+        return out
 
     def _made(self, cell: int) -> dict[int, tuple[int, Optional[int]]]:
         """This run's live tensors by the record that made each (the first of an in-place chain)."""
@@ -1008,6 +1022,8 @@ class Tracer:
             if rec.name is None:
                 # e.g. the parameters of a model built by this very cell
                 rec.name = self.names.tensor_name(t)
+                if rec.name is None and self.earlier is not None and rid not in self._final_names:
+                    rec.former = self.earlier.name_of(t)  # no name holds it now: the one it had
             try:
                 if compat.version_of(t) != version:
                     rec.version_changed = True

@@ -162,6 +162,9 @@ class Record:
     became: Optional[int] = None
     # an input from outside the cell that an earlier traced cell made: (its execution count, line there)
     made_in: Optional[tuple[int, Optional[int]]] = None
+    # a tensor no name holds now that an earlier traced cell knew by a name (`w` before
+    # `w = w - lr * w.grad` rebound it): that name, shown as "earlier w"
+    former: Optional[str] = None
 
     # ---- the fields DESIGN.md promises, derived from the above ----
     @property
@@ -197,8 +200,13 @@ class Record:
     @property
     def label(self) -> str:
         """What a reader calls this tensor: its name, else its source text, else its op (a tensor no
-        name reaches, from outside the traced code: "unnamed tensor", not the op's "external")."""
-        return self.name or self.expr or ("unnamed tensor" if self.op == "external" else self.op)
+        name reaches, from outside the traced code: "unnamed tensor", not the op's "external"; one an
+        earlier cell named that no name holds now: "earlier w")."""
+        if self.name or self.expr:
+            return self.name or self.expr
+        if self.former:
+            return f"earlier {self.former}"
+        return "unnamed tensor" if self.op == "external" else self.op
 
 
 @dataclass(slots=True)  # one per tensor shown: no per-instance dict, a faster __init__

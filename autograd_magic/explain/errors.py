@@ -25,7 +25,9 @@ def explain_error(trace: Trace) -> Optional[str]:
     failed = next((p for p in trace.passes if p.error), None)
     for key, explain in _ERRORS:
         if key in msg:
-            return explain(trace, failed)
+            text = explain(trace, failed)
+            # a sentence that opens with "the earlier `w`" (a tensor no name holds now), capitalised
+            return re.sub(r"(^|\. )the earlier `", r"\1The earlier `", text) if text else text
     return None
 
 

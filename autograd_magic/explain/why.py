@@ -33,7 +33,18 @@ def _where(r: Record) -> str:
 
 
 def _quote(r: Record) -> str:
-    return f"`{r.label}`"
+    """How a sentence calls `r`: "`w`", or "the earlier `w`" for a tensor no name holds now that an
+    earlier cell knew by that name (the row's "earlier w")."""
+    return f"the earlier `{r.former}`" if _former(r) else f"`{r.label}`"
+
+
+def _quote_grad(r: Record) -> str:
+    """How a sentence calls `r`'s .grad: "`w.grad`", or "the earlier `w`'s .grad"."""
+    return f"the earlier `{r.former}`'s .grad" if _former(r) else f"`{r.label}.grad`"
+
+
+def _former(r: Record) -> bool:
+    return bool(r.former) and not r.name and not r.expr
 
 
 def _pass_where(p: BackwardPass) -> str:
@@ -212,6 +223,10 @@ def _variant_note(trace: Trace, r: Record) -> list[str]:
 # ---- one record ----
 def explain_record(trace: Trace, record_id: int) -> list[str]:
     """Why `record_id`'s gradient is what it is (or None), in sentences."""
+    return [_capital(s) if s.startswith("the earlier `") else s for s in _explain_record(trace, record_id)]
+
+
+def _explain_record(trace: Trace, record_id: int) -> list[str]:
     r = trace.records[record_id]
     if r.became is not None and 0 <= r.became < len(trace.records):  # what a custom Function's forward returned
         a = trace.records[r.became]
@@ -341,7 +356,7 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
         if grad_inputs:
             # `x = x - lr * x.grad`: the name now holds the new tensor, the one it was computed from is another
             same = any(g.label == r.label for g in grad_inputs)
-            names = f"the `{r.label}` it was computed from" if same else _names(grad_inputs)
+            names = f"the {_quote(r)} it was computed from" if same else _names(grad_inputs)
             why += f", so it does not require grad although {names} does; no gradient flows back through it."
         else:
             why += "."
@@ -391,7 +406,7 @@ def _integral(r: Record) -> bool:
 
 
 def _names(recs: list[Record]) -> str:
-    labels = list(dict.fromkeys(f"`{x.label}`" for x in recs))
+    labels = list(dict.fromkeys(_quote(x) for x in recs))
     return " and ".join(labels)
 
 
@@ -509,14 +524,14 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
             unrecorded = _unrecorded_calls_after(trace, r)
             if unrecorded:
                 calls = "call" if unrecorded == 1 else "calls"
-                return [f"`{r.label}.grad` = {_grad(r.attr_grad)} after the cell: left there by the {unrecorded} backward "
+                return [f"{_quote_grad(r)} = {_grad(r.attr_grad)} after the cell: left there by the {unrecorded} backward "
                         f"{calls} this cell ran past --limit (not recorded in detail), or by ones before this cell."]
             earlier = _passes_before_change(trace, r)
             if earlier:
                 by = _pass_where(earlier[0]) if len(earlier) == 1 else f"the {len(earlier)} backward calls before it (gradients accumulate)"
-                return [f"`{r.label}.grad` = {_grad(r.attr_grad)} was put there by {by}, which reached `{r.label}` "
+                return [f"{_quote_grad(r)} = {_grad(r.attr_grad)} was put there by {by}, which reached {_quote(r)} "
                         f"before line {r.line} changed it in place."]
-            return [f"`{r.label}.grad` = {_grad(r.attr_grad)} was left there by backward calls before this cell."]
+            return [f"{_quote_grad(r)} = {_grad(r.attr_grad)} was left there by backward calls before this cell."]
         if not trace.passes:
             return [f"{_where(r)} requires grad, but no backward() ran in this cell, so its .grad is None."]
         unknown = _past_limit(trace, r)
@@ -525,7 +540,7 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
         return [f"{_where(r)} requires grad, but no backward pass in this cell reached it: " + _unreached(trace, r)]
     # torch.autograd.grad returns gradients and leaves .grad alone; backward() adds into .grad
     out = [
-        _capital(f"{_pass_where(p)} returned {_grad(r.grads[p.index])} for {_quote(r)} (it does not change `{r.label}.grad`).")
+        _capital(f"{_pass_where(p)} returned {_grad(r.grads[p.index])} for {_quote(r)} (it does not change {_quote_grad(r)}).")
         for p in reached if p.kind == "grad"
     ]
     passes = [p for p in reached if p.kind != "grad"]
@@ -540,7 +555,7 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
             for p in summed) + ".")
     elif len(summed) == 1:
         p = summed[0]
-        into = f"`{r.label}.grad`" if r.name else "its .grad (no name holds this tensor: only the graph reaches it)"
+        into = f"{_quote_grad(r)}" if r.name else "its .grad (no name holds this tensor: only the graph reaches it)"
         out.append(f"{_quote(r)} is a leaf: {_pass_where(p)} put {_grad(r.grads[p.index])} into {into}.")
     elif summed:
         if len({(p.line, p.expr) for p in summed}) == 1:  # one call in a loop: its passes by number
@@ -549,7 +564,7 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
         else:
             shares = "; ".join(f"{_pass_where(p)} gave {_grad(r.grads[p.index])}" for p in summed)
         out.append(
-            f"`{r.label}.grad` is the sum of {len(summed)} backward passes (gradients accumulate): {shares}. "
+            f"{_quote_grad(r)} is the sum of {len(summed)} backward passes (gradients accumulate): {shares}. "
             "Zero it between steps (x.grad = None, or optimizer.zero_grad()) if that is not what you want."
         )
     if dropped:
@@ -557,7 +572,7 @@ def _leaf_grad(trace: Trace, r: Record) -> list[str]:
         how = ("None (reset)" if state == "none" else _assigned(trace, r, summed[0]) if state == "assigned"
                else "changed in place or replaced")
         earlier = "the pass before it" if len(dropped) == 1 else f"the {len(dropped)} passes before it"
-        out.append(f"`{r.label}.grad` was {how} before {_pass_where(summed[0])}, so what {earlier} gave is not in it.")
+        out.append(f"{_quote_grad(r)} was {how} before {_pass_where(summed[0])}, so what {earlier} gave is not in it.")
     if after is not None:  # `.grad` moved on after the last recorded pass: what it is now, and why
         return out + [after]
     first = summed[0].grad_before.get(r.id) if summed else None
@@ -576,9 +591,9 @@ def _grad_after(trace: Trace, r: Record, summed: list[BackwardPass], resets: boo
         return None
     last = _pass_where(summed[-1])
     if r.grad_after == "none":
-        return (f"`{r.label}.grad` was reset to None after {last} (optimizer.zero_grad(), or "
-                f"`{r.label}.grad = None`): it is None after the cell.")
-    now = f"`{r.label}.grad` is {_grad(r.attr_grad)} after the cell" if r.attr_grad is not None else f"`{r.label}.grad` changed"
+        by_hand = "its .grad set to None" if _former(r) else f"`{r.label}.grad = None`"
+        return f"{_quote_grad(r)} was reset to None after {last} (optimizer.zero_grad(), or {by_hand}): it is None after the cell."
+    now = f"{_quote_grad(r)} is {_grad(r.attr_grad)} after the cell" if r.attr_grad is not None else f"{_quote_grad(r)} changed"
     if any("passes were not recorded" in n for n in trace.notes):
         later = ("what the last of them left: the loop resets it" if resets
                  else "they added into it (gradients accumulate)")
@@ -620,19 +635,19 @@ def _earlier_share(r: Record, passes: list[BackwardPass], notes: list[str], firs
         return None
     if unrecorded:
         return (
-            f"`{r.label}.grad` is {_grad(a)}: it also holds the gradients of the backward passes that ran "
+            f"{_quote_grad(r)} is {_grad(a)}: it also holds the gradients of the backward passes that ran "
             f"in a loop but were not recorded ({unrecorded[0]})."
         )
     if first == "none":  # None as the first counted pass began: nothing from before it is in .grad
         return None
     if first == "assigned":
-        return (f"`{r.label}.grad` is {_grad(a)}, not what {'that pass' if len(passes) == 1 else 'those passes'} gave "
+        return (f"{_quote_grad(r)} is {_grad(a)}, not what {'that pass' if len(passes) == 1 else 'those passes'} gave "
                 f"alone: the pass added to what was {assigned} before it.")
     if first == "changed":
-        return (f"`{r.label}.grad` is {_grad(a)}, not what {'that pass' if len(passes) == 1 else 'those passes'} gave "
-                f"alone: it also holds what `{r.label}.grad` was when {_pass_where(passes[0])} began.")
+        return (f"{_quote_grad(r)} is {_grad(a)}, not what {'that pass' if len(passes) == 1 else 'those passes'} gave "
+                f"alone: it also holds what {_quote_grad(r)} was when {_pass_where(passes[0])} began.")
     return (
-        f"`{r.label}.grad` is {_grad(a)}, more than this cell's passes gave: it also holds gradients "
+        f"{_quote_grad(r)} is {_grad(a)}, more than this cell's passes gave: it also holds gradients "
         "accumulated by backward calls before this cell."
     )
 
@@ -682,7 +697,7 @@ def _graph_grad(trace: Trace, r: Record) -> list[str]:
     """`x.grad` read after `backward(create_graph=True)`: a gradient with a history of its own."""
     p = _made_with_graph(trace, r)
     owner = trace.records[r.inputs[0]]
-    return [f"{_where(r)} reads the gradient {_pass_where(p)} put into `{owner.label}.grad`. That call had "
+    return [f"{_where(r)} reads the gradient {_pass_where(p)} put into {_quote_grad(owner)}. That call had "
             f"create_graph=True, so the gradient has a history of its own (grad_fn {r.grad_fn}) and can be "
             "differentiated again; as a non-leaf it keeps no .grad itself."]
 
