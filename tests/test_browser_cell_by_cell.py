@@ -40,11 +40,21 @@ def _plain() -> dict[str, float]:
     return out
 
 
+# the classroom's update written as a rebinding, then the next step in its own cell
+REBOUND = [
+    "%load_ext autograd_magic\nimport torch\nw = torch.tensor([1.0, 2.0], requires_grad=True)",
+    "%%autograd\nloss = (w * 3).sum()\nloss.backward()",
+    "%%autograd\nw = w - 0.1 * w.grad",
+    "%%autograd\nloss = (w * 3).sum()\nloss.backward()",
+]
+
+
 @pytest.fixture(scope="module")
 def jupyter(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebooks")
     for kind in ("lab", "notebook"):
         write_notebook(root / f"cells_{kind}.ipynb", _seed_000_first_part())
+    write_notebook(root / "rebound.ipynb", REBOUND)
     with jupyter_server(root, tmp_path_factory.mktemp("jupyter_state")) as server:
         yield server
 
@@ -73,5 +83,31 @@ def test_the_backward_cell_shows_the_intermediates_of_earlier_cells(jupyter, bro
             assert view.locator(control).is_disabled(), control
         view.scroll_into_view_if_needed()
         view.screenshot(path=str(SCREENSHOTS / f"{kind}_cell_by_cell_backward.png"))
+    finally:
+        page.close()
+
+
+def test_the_leaf_a_rebinding_left_behind_is_the_earlier_w_in_the_next_cell(jupyter, browser):
+    """In JupyterLab, cell by cell: the last cell's view calls the first `w` "earlier w", with the
+    .grad plain torch gives it after both backward calls."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    first = torch.tensor([1.0, 2.0], requires_grad=True)
+    (first * 3).sum().backward()
+    ((first - 0.1 * first.grad) * 3).sum().backward()
+    page = browser.new_page()
+    try:
+        page.goto(jupyter.page_url("lab", "rebound.ipynb"))
+        wait_kernel_ready(page)
+        run_all(page)
+        views = page.locator(".jp-OutputArea-output .agm-root")
+        views.nth(2).wait_for(timeout=TIMEOUT)
+        view = views.nth(2)
+        view.locator("tr.agm-row").first.wait_for(timeout=TIMEOUT)
+        row = view.locator("tr.agm-row").filter(has=page.locator(".agm-c-label .agm-v", has_text=re.compile(r"^earlier w$")))
+        assert row.count() == 1, view.inner_text()
+        assert numbers(row.first.locator(".agm-c-grad .agm-v").inner_text()) == pytest.approx(first.grad.tolist())
+        assert "unnamed tensor" not in view.inner_text()
+        view.scroll_into_view_if_needed()
+        view.screenshot(path=str(SCREENSHOTS / "lab_rebound_earlier_w.png"))
     finally:
         page.close()
