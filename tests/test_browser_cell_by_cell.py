@@ -88,15 +88,16 @@ def test_the_backward_cell_shows_the_intermediates_of_earlier_cells(jupyter, bro
 
 
 def test_the_leaf_a_rebinding_left_behind_is_the_earlier_w_in_the_next_cell(jupyter, browser):
-    """In JupyterLab, cell by cell: the last cell's view calls the first `w` "earlier w", with the
-    .grad plain torch gives it after both backward calls."""
+    """In Notebook 7 (one notebook per page: Lab would reopen the earlier tests' tabs and kernels),
+    cell by cell: the last cell's view calls the first `w` "earlier w", with the .grad plain torch
+    gives it after both backward calls."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     first = torch.tensor([1.0, 2.0], requires_grad=True)
     (first * 3).sum().backward()
     ((first - 0.1 * first.grad) * 3).sum().backward()
     page = browser.new_page()
     try:
-        page.goto(jupyter.page_url("lab", "rebound.ipynb"))
+        page.goto(jupyter.page_url("notebook", "rebound.ipynb"))
         wait_kernel_ready(page)
         run_all(page)
         views = page.locator(".jp-OutputArea-output .agm-root")
@@ -108,6 +109,6 @@ def test_the_leaf_a_rebinding_left_behind_is_the_earlier_w_in_the_next_cell(jupy
         assert numbers(row.first.locator(".agm-c-grad .agm-v").inner_text()) == pytest.approx(first.grad.tolist())
         assert "unnamed tensor" not in view.inner_text()
         view.scroll_into_view_if_needed()
-        view.screenshot(path=str(SCREENSHOTS / "lab_rebound_earlier_w.png"))
+        view.screenshot(path=str(SCREENSHOTS / "notebook_rebound_earlier_w.png"))
     finally:
         page.close()
