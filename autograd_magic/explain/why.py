@@ -356,7 +356,7 @@ def _why_no_requires_grad(trace: Trace, r: Record) -> list[str]:
         if grad_inputs:
             # `x = x - lr * x.grad`: the name now holds the new tensor, the one it was computed from is another
             same = any(g.label == r.label for g in grad_inputs)
-            names = f"the {_quote(r)} it was computed from" if same else _names(grad_inputs)
+            names = f"{_quote(r) if _former(r) else 'the ' + _quote(r)} it was computed from" if same else _names(grad_inputs)
             why += f", so it does not require grad although {names} does; no gradient flows back through it."
         else:
             why += "."
