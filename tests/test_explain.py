@@ -565,6 +565,27 @@ def test_the_leaf_a_rebinding_left_behind_is_called_by_its_earlier_name_in_later
     assert not any(r.label.startswith("earlier") and r.former not in ("w", "w.grad") for r in t.records)
 
 
+def test_a_model_rebuilt_before_the_backward_cell_shows_the_earlier_parameters_that_got_the_gradient(shell):
+    """`model = Linear(...)` run again between the forward cell and the backward cell: the gradient
+    goes to the parameters of the model the loss was computed with, "earlier model.weight", and the
+    new model's .grad stays None (plain torch, the same seeds)."""
+    import torch
+
+    run(shell, "torch.manual_seed(0)\nmodel = torch.nn.Linear(3, 1)\nx = torch.randn(4, 3)\nloss = model(x).pow(2).mean()")
+    shell.run_cell("model = torch.nn.Linear(3, 1)")
+    t = run(shell, "loss.backward()", setup="")
+    torch.manual_seed(0)
+    old = torch.nn.Linear(3, 1)
+    x = torch.randn(4, 3)
+    old(x).pow(2).mean().backward()
+    labels = {r.label: r for r in t.records}
+    for name in ("weight", "bias"):
+        r = labels[f"earlier model.{name}"]
+        assert (r.attr_grad.values == getattr(old, name).grad.numpy()).all(), name
+        assert f"model.{name}" not in labels  # the model the name holds now is not in this graph
+    assert shell.user_ns["model"].weight.grad is None
+
+
 def test_a_rebinding_that_is_no_update_keeps_the_leaf_by_a_new_name(shell):
     t = run(shell, "x = torch.tensor([1.0, 2.0], requires_grad=True)\nx = x * 2\nx.sum().backward()")
     text = about(t, "x")
