@@ -658,3 +658,45 @@ def test_an_optimizer_steps_range_is_lifted_and_torchs_own_again_after_a_cell_th
     assert steps == [0] * 6 and len(seen) == 12  # and each zero_grad's range
     assert _ranges() == TORCH_RANGES and not steps_module._wrapped
     assert torch._C._len_torch_function_stack() == 0
+
+
+# ---- a step that changes nothing: the optimizer holds tensors without a gradient ----
+def _notes_of(shell, body: str) -> list[str]:
+    shell.user_ns.pop("t", None)
+    result = shell.run_cell("%%autograd --quiet -o t\n" + body)
+    assert result.error_in_exec is None, result.error_in_exec
+    return shell.user_ns["t"].notes
+
+
+def test_a_step_whose_optimizer_holds_an_earlier_models_parameters_says_it_changed_nothing(shell):
+    """The model's cell run again after the optimizer's: the loop trains nothing (plain torch: the
+    new model's weights stay as they were), and the view says why, once, naming what got gradients."""
+    shell.run_cell("import torch\ntorch.manual_seed(0)\nmodel = torch.nn.Linear(3, 1)\nx = torch.randn(4, 3)\n"
+                   "opt = torch.optim.SGD(model.parameters(), lr=0.1)\nmodel = torch.nn.Linear(3, 1)")
+    before = shell.user_ns["model"].weight.detach().clone()
+    loop = "for i in range(3):\n    opt.zero_grad()\n    loss = model(x).pow(2).mean()\n    loss.backward()\n    opt.step()"
+    notes = [n for n in _notes_of(shell, loop) if "changed nothing" in n]
+    assert len(notes) == 1, notes
+    assert "`opt.step()` on line 6" in notes[0] and "`model.weight`" in notes[0] and "`model.bias`" in notes[0]
+    assert "built again after the optimizer was made" in notes[0]
+    assert torch.equal(shell.user_ns["model"].weight, before)  # what the note says: nothing trained
+    # the same loop, plain: the same weights (the note is about the cell, not caused by the trace)
+    shell.run_cell("model2 = torch.nn.Linear(3, 1)\nw2 = model2.weight.detach().clone()\n" + loop.replace("model(", "model2("))
+    assert torch.equal(shell.user_ns["model2"].weight, shell.user_ns["w2"])
+
+
+def test_zero_grad_between_backward_and_step_is_said_to_leave_nothing_to_step(shell):
+    shell.run_cell("import torch\nmodel = torch.nn.Linear(3, 1)\nx = torch.randn(4, 3)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)")
+    notes = _notes_of(shell, "loss = model(x).pow(2).mean()\nloss.backward()\nopt.zero_grad()\nopt.step()")
+    hit = [n for n in notes if "changed nothing" in n]
+    assert len(hit) == 1 and "`model.weight`, `model.bias`" in hit[0] and "not between them" in hit[0], notes
+    assert shell.user_ns["model"].weight.grad is None
+
+
+def test_steps_that_update_something_get_no_such_note(shell):
+    shell.run_cell("import torch\nmodel = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))\nx = torch.randn(4, 3)\n"
+                   "opt = torch.optim.SGD(model.parameters(), lr=0.1)\nhead = torch.optim.SGD(model[1].parameters(), lr=0.1)")
+    loop = "for i in range(3):\n    opt.zero_grad()\n    loss = model(x).pow(2).mean()\n    loss.backward()\n    opt.step()"
+    assert not any("changed nothing" in n for n in _notes_of(shell, loop))
+    # an optimizer over part of the model (its head): some of its tensors have gradients
+    assert not any("changed nothing" in n for n in _notes_of(shell, loop.replace("opt.", "head.")))

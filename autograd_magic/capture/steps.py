@@ -139,6 +139,8 @@ class OptimizerSteps:
             if site is None:
                 site = self._sites[span] = _Site()
             site.calls += 1
+            if site.calls == 1:
+                self._check_updates(opt, span)
             if site.alike and self._may_lift(opt, args, kwargs, mode):
                 compat.pop_mode()
                 self._open = (site, span, ("lifted", mode, opt))
@@ -151,6 +153,47 @@ class OptimizerSteps:
         except Exception as exc:  # bookkeeping only: the step runs traced as before
             self._open = None
             tracer.note(f"an optimizer step was not counted: {type(exc).__name__}: {exc}")
+
+    def _check_updates(self, opt, span) -> None:
+        """A step none of whose parameters has a gradient changes nothing: said once per call site,
+        with what the cell's last backward call did give gradients to. The notebook's classic: the
+        model's cell run again after the optimizer's, so the optimizer holds the earlier model's
+        parameters; or `zero_grad()` between `backward()` and `step()`."""
+        tracer = self.tracer
+        try:
+            with compat.no_torch_function():
+                params = [p for g in opt.param_groups for p in g["params"] if isinstance(p, torch.Tensor)]
+                if not params or any(p.grad is not None for p in params):
+                    return
+                labels = [self._label(p) for p in params]
+                named = [label for label in labels if label is not None]
+                held = _some(named) + ("; " if named and len(named) < len(labels) else "")
+                if len(named) < len(labels):
+                    held += f"{len(labels) - len(named)} that no name holds now" if named else "no name holds them now"
+                recorder, records, ids = tracer.backward, tracer.trace.records, {id(p) for p in params}
+                got = [records[recorder.leaf_records[i][1][0]].label for i in recorder._new_grads
+                       if i not in ids and i in recorder.leaf_records and recorder.leaf_records[i][1]]
+        except Exception:  # a hint only
+            return
+        text = (f"`{tracer.source_map.text(span)}` on line {span[0]} changed nothing: none of the {len(params)} "
+                f"tensors its optimizer holds ({held}) has a gradient.")
+        if got:
+            text += (f" The backward call before it gave gradients to {_some(f'`{g}`' for g in got)}, which the optimizer "
+                     "does not hold: was the model built again after the optimizer was made? Make the optimizer "
+                     "again from the model's parameters.")
+        else:
+            text += " Call backward() on the loss before step(), and zero_grad() before the next backward(), not between them."
+        tracer.note(text)
+
+    def _label(self, p: torch.Tensor) -> Optional[str]:
+        """`model.weight`, or "the earlier `model.weight`" for one no name holds now that an earlier
+        traced cell knew by that name; None for one no name holds."""
+        tracer = self.tracer
+        name = tracer.names.tensor_name(p)
+        if name is not None:
+            return f"`{name}`"
+        former = tracer.earlier.name_of(p) if tracer.earlier is not None else None
+        return f"the earlier `{former}`" if former else None
 
     def in_step(self) -> bool:
         """An optimizer step's call is running, traced (its ops are seen)."""
@@ -292,6 +335,13 @@ def _lifted_range(original: Callable) -> Callable:
         return _run_lifted(mode, original, args, kwargs)
 
     return profiler_range
+
+
+def _some(labels) -> str:
+    """The first three of `labels`, joined, and how many more."""
+    labels = list(labels)
+    shown = ", ".join(labels[:3])
+    return shown + (f" and {len(labels) - 3} more" if len(labels) > 3 else "")
 
 
 #: our wrapper of each of torch's methods, made once (`functools.wraps` per tracer start costs
