@@ -662,10 +662,7 @@ def test_an_optimizer_steps_range_is_lifted_and_torchs_own_again_after_a_cell_th
 
 # ---- a step that changes nothing: the optimizer holds tensors without a gradient ----
 def _notes_of(shell, body: str) -> list[str]:
-    shell.user_ns.pop("t", None)
-    result = shell.run_cell("%%autograd --quiet -o t\n" + body)
-    assert result.error_in_exec is None, result.error_in_exec
-    return shell.user_ns["t"].notes
+    return _traced(shell, body).notes
 
 
 def test_a_step_whose_optimizer_holds_an_earlier_models_parameters_says_it_changed_nothing(shell):
