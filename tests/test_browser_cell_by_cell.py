@@ -49,12 +49,22 @@ REBOUND = [
 ]
 
 
+# the model's cell run again after the optimizer's, then the training loop
+STALE_OPTIMIZER = [
+    "%load_ext autograd_magic\nimport torch\nmodel = torch.nn.Linear(3, 1)\nx = torch.randn(4, 3)",
+    "opt = torch.optim.SGD(model.parameters(), lr=0.1)",
+    "model = torch.nn.Linear(3, 1)",
+    "%%autograd\nfor i in range(5):\n    opt.zero_grad()\n    loss = model(x).pow(2).mean()\n    loss.backward()\n    opt.step()",
+]
+
+
 @pytest.fixture(scope="module")
 def jupyter(tmp_path_factory):
     root = tmp_path_factory.mktemp("notebooks")
     for kind in ("lab", "notebook"):
         write_notebook(root / f"cells_{kind}.ipynb", _seed_000_first_part())
     write_notebook(root / "rebound.ipynb", REBOUND)
+    write_notebook(root / "stale_optimizer.ipynb", STALE_OPTIMIZER)
     with jupyter_server(root, tmp_path_factory.mktemp("jupyter_state")) as server:
         yield server
 
@@ -110,5 +120,25 @@ def test_the_leaf_a_rebinding_left_behind_is_the_earlier_w_in_the_next_cell(jupy
         assert "unnamed tensor" not in view.inner_text()
         view.scroll_into_view_if_needed()
         view.screenshot(path=str(SCREENSHOTS / "notebook_rebound_earlier_w.png"))
+    finally:
+        page.close()
+
+
+def test_a_loop_whose_optimizer_holds_an_earlier_model_says_its_step_changed_nothing(jupyter, browser):
+    """Notebook 7: the loop's view says above its table, in one line, that `opt.step()` changed nothing and why."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = browser.new_page()
+    try:
+        page.goto(jupyter.page_url("notebook", "stale_optimizer.ipynb"))
+        wait_kernel_ready(page)
+        run_all(page)
+        view = page.locator(".jp-OutputArea-output .agm-root").first
+        view.locator("tr.agm-row").first.wait_for(timeout=TIMEOUT)
+        text = view.inner_text()
+        assert "opt.step() on line 6 changed nothing" in text and "built again after the optimizer was made" in text, text
+        banner = view.locator(".agm-banner")
+        assert "changed nothing" in banner.inner_text()  # the view's line of notes, above the table
+        banner.scroll_into_view_if_needed()
+        banner.screenshot(path=str(SCREENSHOTS / "notebook_stale_optimizer.png"))
     finally:
         page.close()

@@ -674,7 +674,7 @@ def test_a_step_whose_optimizer_holds_an_earlier_models_parameters_says_it_chang
     loop = "for i in range(3):\n    opt.zero_grad()\n    loss = model(x).pow(2).mean()\n    loss.backward()\n    opt.step()"
     notes = [n for n in _notes_of(shell, loop) if "changed nothing" in n]
     assert len(notes) == 1, notes
-    assert "`opt.step()` on line 6" in notes[0] and "`model.weight`" in notes[0] and "`model.bias`" in notes[0]
+    assert "opt.step() on line 6" in notes[0] and "model.weight" in notes[0] and "model.bias" in notes[0]
     assert "built again after the optimizer was made" in notes[0]
     assert torch.equal(shell.user_ns["model"].weight, before)  # what the note says: nothing trained
     # the same loop, plain: the same weights (the note is about the cell, not caused by the trace)
@@ -686,7 +686,7 @@ def test_zero_grad_between_backward_and_step_is_said_to_leave_nothing_to_step(sh
     shell.run_cell("import torch\nmodel = torch.nn.Linear(3, 1)\nx = torch.randn(4, 3)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)")
     notes = _notes_of(shell, "loss = model(x).pow(2).mean()\nloss.backward()\nopt.zero_grad()\nopt.step()")
     hit = [n for n in notes if "changed nothing" in n]
-    assert len(hit) == 1 and "`model.weight`, `model.bias`" in hit[0] and "not between them" in hit[0], notes
+    assert len(hit) == 1 and "(model.weight, model.bias)" in hit[0] and "not between them" in hit[0], notes
     assert shell.user_ns["model"].weight.grad is None
 
 

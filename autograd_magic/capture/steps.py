@@ -175,10 +175,10 @@ class OptimizerSteps:
                        if i not in ids and i in recorder.leaf_records and recorder.leaf_records[i][1]]
         except Exception:  # a hint only
             return
-        text = (f"`{tracer.source_map.text(span)}` on line {span[0]} changed nothing: none of the {len(params)} "
+        text = (f"{tracer.source_map.text(span)} on line {span[0]} changed nothing: none of the {len(params)} "
                 f"tensors its optimizer holds ({held}) has a gradient.")
         if got:
-            text += (f" The backward call before it gave gradients to {_some(f'`{g}`' for g in got)}, which the optimizer "
+            text += (f" The backward call before it gave gradients to {_some(got)}, which the optimizer "
                      "does not hold: was the model built again after the optimizer was made? Make the optimizer "
                      "again from the model's parameters.")
         else:
@@ -186,14 +186,14 @@ class OptimizerSteps:
         tracer.note(text)
 
     def _label(self, p: torch.Tensor) -> Optional[str]:
-        """`model.weight`, or "the earlier `model.weight`" for one no name holds now that an earlier
-        traced cell knew by that name; None for one no name holds."""
+        """"model.weight", or "the earlier model.weight" for one no name holds now that an earlier
+        traced cell knew by that name; None for one no name holds (a note is plain text: no backticks)."""
         tracer = self.tracer
         name = tracer.names.tensor_name(p)
         if name is not None:
-            return f"`{name}`"
+            return name
         former = tracer.earlier.name_of(p) if tracer.earlier is not None else None
-        return f"the earlier `{former}`" if former else None
+        return f"the earlier {former}" if former else None
 
     def in_step(self) -> bool:
         """An optimizer step's call is running, traced (its ops are seen)."""
