@@ -697,3 +697,9 @@ def test_steps_that_update_something_get_no_such_note(shell):
     assert not any("changed nothing" in n for n in _notes_of(shell, loop))
     # an optimizer over part of the model (its head): some of its tensors have gradients
     assert not any("changed nothing" in n for n in _notes_of(shell, loop.replace("opt.", "head.")))
+    # a closure makes the gradients inside the step (LBFGS): none before it, and the step trains
+    shell.run_cell("lbfgs = torch.optim.LBFGS(model.parameters())\nw0 = model[0].weight.detach().clone()")
+    closure = ("def closure():\n    lbfgs.zero_grad()\n    loss = model(x).pow(2).mean()\n    loss.backward()\n    return loss\n"
+               "lbfgs.zero_grad(set_to_none=True)\nlbfgs.step(closure)")
+    assert not any("changed nothing" in n for n in _notes_of(shell, closure))
+    assert not torch.equal(shell.user_ns["model"][0].weight, shell.user_ns["w0"])

@@ -139,7 +139,7 @@ class OptimizerSteps:
             if site is None:
                 site = self._sites[span] = _Site()
             site.calls += 1
-            if site.calls == 1:
+            if site.calls == 1 and len(args) <= 1 and not kwargs:  # a closure (LBFGS) makes the gradients in the step
                 self._check_updates(opt, span)
             if site.alike and self._may_lift(opt, args, kwargs, mode):
                 compat.pop_mode()
